@@ -1,0 +1,265 @@
+"""The event contract: what may be written to tailstream's topics, and the decoder
+that turns raw message bytes into a validated :class:`Event` or a :class:`Rejection`.
+
+Shared by producers (which build events) and streams (which validate them), so the
+two never disagree. The JSON Schema files in ``docs/schemas/`` describe the same
+contract for non-Python producers; ``tests/unit/test_contract.py`` checks they agree.
+
+Size limits are enforced *before* parsing so hostile input cannot make the
+decoder allocate without bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA_VERSION = 1
+"""Current event schema version (field ``v``; absent means 1)."""
+
+INTERACTION_KINDS: frozenset[str] = frozenset({"click", "cart", "fav", "purchase"})
+EVENT_KINDS: frozenset[str] = INTERACTION_KINDS | {"search"}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied by the decoder (taken from :class:`~tailstream.settings.Settings`)."""
+
+    max_event_bytes: int = 16_384
+    max_string_chars: int = 512
+    max_list_items: int = 100
+    max_future_skew_s: float = 86_400.0
+    min_ts: float = 946_684_800.0  # 2000-01-01: older stamps are almost surely a unit bug
+    max_price: float = 1e7
+    max_quantity: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated user event. ``kind`` is one of :data:`EVENT_KINDS`."""
+
+    kind: str
+    event_id: str
+    user_id: str
+    ts: float
+    item_id: str | None = None
+    category: str | None = None
+    price: float | None = None
+    quantity: int | None = None
+    source: str | None = None
+    query: str | None = None
+    result_item_ids: tuple[str, ...] = ()
+    clicked_item_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (optional fields left out when unset)."""
+        out: dict[str, Any] = {"event_id": self.event_id, "user_id": self.user_id, "ts": self.ts}
+        for name in ("item_id", "category", "price", "quantity", "source", "query",
+                     "clicked_item_id"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.result_item_ids:
+            out["result_item_ids"] = list(self.result_item_ids)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A catalogue record from the ``items`` topic (compacted, key = item_id)."""
+
+    item_id: str
+    title: str
+    category: str
+    brand: str = ""
+    price: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"item_id": self.item_id, "title": self.title,
+                               "category": self.category, "brand": self.brand}
+        if self.price is not None:
+            out["price"] = self.price
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a message was refused. ``reason`` is a short, low-cardinality code."""
+
+    reason: str
+    detail: str = ""
+
+
+class InvalidEvent(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------
+def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
+    """Parse message bytes into one or more JSON values.
+
+    A JSON array is a *batched envelope*: each element is one event.
+
+    >>> decode_payload(b'{"a": 1}', Limits())
+    [{'a': 1}]
+    >>> decode_payload(b'not json', Limits()).reason
+    'not_json'
+    """
+    if raw is None:
+        return Rejection("empty", "message has no value")
+    if len(raw) > limits.max_event_bytes:
+        return Rejection("oversize", f"{len(raw)} bytes > {limits.max_event_bytes}")
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        return Rejection("not_json", str(exc)[:200])
+    if isinstance(value, list):
+        return value
+    return [value]
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN / Infinity are not JSON; Python's json accepts them by default.
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def validate_event(kind: str, value: Any, limits: Limits, now: float | None = None) -> Event:
+    """Check one decoded JSON value against the contract for ``kind``.
+
+    Raises :class:`InvalidEvent` with a reason code on the first problem.
+
+    >>> validate_event("click", {"event_id": "e1", "user_id": "u1", "ts": 1.7e9,
+    ...                          "item_id": "i9"}, Limits()).item_id
+    'i9'
+    >>> try:
+    ...     validate_event("click", {"event_id": "e1", "user_id": "u1", "ts": 1.7e9}, Limits())
+    ... except InvalidEvent as e:
+    ...     print(e.reason)
+    missing_field
+    """
+    if kind not in EVENT_KINDS:
+        raise InvalidEvent("unknown_kind", kind)
+    if not isinstance(value, dict):
+        raise InvalidEvent("not_object", type(value).__name__)
+    version = value.get("v", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise InvalidEvent("unknown_version", repr(version)[:40])
+    event_id = _req_str(value, "event_id", limits)
+    user_id = _req_str(value, "user_id", limits)
+    ts = _req_number(value, "ts")
+    now = time.time() if now is None else now
+    if ts < limits.min_ts or ts > now + limits.max_future_skew_s:
+        raise InvalidEvent("bad_value", f"ts {ts} outside [{limits.min_ts}, now+skew]")
+    price = _opt_number(value, "price")
+    if price is not None and not (0 <= price <= limits.max_price):
+        raise InvalidEvent("bad_value", f"price {price}")
+    quantity = value.get("quantity")
+    if quantity is not None:
+        if not isinstance(quantity, int) or isinstance(quantity, bool):
+            raise InvalidEvent("wrong_type", "quantity must be an integer")
+        if not 1 <= quantity <= limits.max_quantity:
+            raise InvalidEvent("bad_value", f"quantity {quantity}")
+    source = _opt_str(value, "source", limits)
+    category = _opt_str(value, "category", limits)
+    if kind == "search":
+        query = _req_str(value, "query", limits)
+        results = value.get("result_item_ids", [])
+        if not isinstance(results, list):
+            raise InvalidEvent("wrong_type", "result_item_ids must be a list")
+        if len(results) > limits.max_list_items:
+            raise InvalidEvent("oversize", f"result_item_ids has {len(results)} items")
+        result_ids = tuple(_as_id(r, "result_item_ids", limits) for r in results)
+        clicked = _opt_str(value, "clicked_item_id", limits)
+        return Event(kind, event_id, user_id, ts, query=query, result_item_ids=result_ids,
+                     clicked_item_id=clicked, source=source, category=category)
+    item_id = _req_str(value, "item_id", limits)
+    return Event(kind, event_id, user_id, ts, item_id=item_id, category=category, price=price,
+                 quantity=quantity, source=source)
+
+
+def validate_item(value: Any, limits: Limits) -> Item:
+    """Check a catalogue record.
+
+    >>> validate_item({"item_id": "i1", "title": "Red shoe", "category": "shoes"}, Limits()).title
+    'Red shoe'
+    """
+    if not isinstance(value, dict):
+        raise InvalidEvent("not_object", type(value).__name__)
+    price = _opt_number(value, "price")
+    if price is not None and not (0 <= price <= limits.max_price):
+        raise InvalidEvent("bad_value", f"price {price}")
+    return Item(
+        item_id=_req_str(value, "item_id", limits),
+        title=_req_str(value, "title", limits),
+        category=_req_str(value, "category", limits),
+        brand=_opt_str(value, "brand", limits) or "",
+        price=price,
+    )
+
+
+def _req_str(value: dict[str, Any], name: str, limits: Limits) -> str:
+    if name not in value or value[name] is None:
+        raise InvalidEvent("missing_field", name)
+    return _as_id(value[name], name, limits)
+
+
+def _opt_str(value: dict[str, Any], name: str, limits: Limits) -> str | None:
+    if value.get(name) is None:
+        return None
+    return _as_id(value[name], name, limits)
+
+
+def _as_id(raw: Any, name: str, limits: Limits) -> str:
+    # Integer ids are common in real logs (Taobao); they are normalised to strings.
+    if isinstance(raw, bool):
+        raise InvalidEvent("wrong_type", f"{name} must be a string")
+    if isinstance(raw, int):
+        raw = str(raw)
+    if not isinstance(raw, str):
+        raise InvalidEvent("wrong_type", f"{name} must be a string")
+    if not raw or not raw.strip():
+        raise InvalidEvent("bad_value", f"{name} is empty")
+    if len(raw) > limits.max_string_chars:
+        raise InvalidEvent("oversize", f"{name} has {len(raw)} chars")
+    return raw
+
+
+def _req_number(value: dict[str, Any], name: str) -> float:
+    if name not in value or value[name] is None:
+        raise InvalidEvent("missing_field", name)
+    out = _opt_number(value, name)
+    assert out is not None
+    return out
+
+
+def _opt_number(value: dict[str, Any], name: str) -> float | None:
+    raw = value.get(name)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise InvalidEvent("wrong_type", f"{name} must be a number")
+    out = float(raw)
+    if not math.isfinite(out):
+        raise InvalidEvent("bad_value", f"{name} is not finite")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Encoding (producers)
+# ---------------------------------------------------------------------------
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(value: dict[str, Any] | list[dict[str, Any]]) -> bytes:
+    """Compact JSON bytes for the wire."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,223 @@
+"""The one settings object.
+
+Built once at each entry point from ``TAILSTREAM_*`` environment variables
+(:meth:`Settings.from_env`), then overridden by CLI flags
+(:meth:`Settings.replace`), then passed down explicitly. Nothing else in the
+code base reads the environment.
+
+Each field's env var is ``TAILSTREAM_`` + the field name in upper case, e.g.
+``kafka_bootstrap`` → ``TAILSTREAM_KAFKA_BOOTSTRAP``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "TAILSTREAM_"
+
+
+class Secret(str):
+    """A string that never shows itself in ``repr``/logs (passwords, tokens)."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+EVENT_KINDS: tuple[str, ...] = ("click", "cart", "fav", "purchase", "search")
+"""Event classes; each has its own input topic (see :attr:`Settings.topic_for`)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of tailstream. Env var: ``TAILSTREAM_<FIELD>``."""
+
+    # --- Kafka -----------------------------------------------------------
+    kafka_bootstrap: str = ""
+    """Bootstrap servers, ``host:port[,host:port]``. Empty: start the embedded Tansu broker."""
+    kafka_security_protocol: str = "PLAINTEXT"
+    """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (passed to the Kafka clients)."""
+    kafka_sasl_mechanism: str = ""
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when a SASL protocol is used."""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: Secret = Secret("")
+    kafka_ssl_cafile: str = ""
+    """CA bundle for SSL/SASL_SSL."""
+    topic_prefix: str = ""
+    """Prepended to every topic name (lets several deployments or tests share a broker)."""
+    partitions: int = 4
+    """Partitions of the input topics (and of the worker's tables)."""
+    topic_clicks: str = "clicks"
+    topic_carts: str = "carts"
+    topic_favs: str = "favs"
+    topic_purchases: str = "purchases"
+    topic_searches: str = "searches"
+    topic_items: str = "items"
+    topic_recommendations: str = "recommendations"
+    topic_dlq: str = "events.dlq"
+    app_id: str = "tailstream"
+    """Faust app id: the consumer group and the prefix of changelog topics."""
+
+    # --- Redis -----------------------------------------------------------
+    redis_url: Secret = Secret("")
+    """``redis://[user:password@]host:port/db`` (``rediss://`` for TLS). Empty: embedded redis-server."""
+    redis_prefix: str = "tailstream"
+    """Key prefix in Redis: ``{prefix}:recs:{user_id}``."""
+    recs_ttl_s: int = 86_400
+    """TTL of a user's recommendation list in Redis."""
+
+    # --- Recommendations -------------------------------------------------
+    recs_k: int = 20
+    """Items per published list."""
+    tail_share: float = 0.3
+    """Minimum share of tail items in each list (when the tail has candidates)."""
+    recent_items: int = 20
+    """Recent items and queries kept per user."""
+
+    # --- Input hygiene ---------------------------------------------------
+    max_event_bytes: int = 16_384
+    """Messages larger than this go to the DLQ unparsed."""
+    max_string_chars: int = 512
+    dedupe_ttl_s: int = 86_400
+    """How long an event_id is remembered for de-duplication."""
+    max_future_skew_s: int = 86_400
+    """Events whose ``ts`` is further in the future are rejected."""
+
+    # --- Worker ----------------------------------------------------------
+    web_host: str = "127.0.0.1"
+    """Bind address of the worker's HTTP server (/metrics, /recommendations)."""
+    web_port: int = 6066
+    batch_size: int = 500
+    """Events per processing batch (``stream.take``)."""
+    batch_within_s: float = 0.05
+    """Max wait to fill a batch; bounds the added latency."""
+    data_dir: Path = Path("var")
+    """Where processes keep local state (embedded service logs, tables, model store)."""
+    device: str = "auto"
+    """Torch device: auto, cpu or cuda."""
+    log_level: str = "info"
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``TAILSTREAM_*`` variables; unknown ones are an error (typos hide bugs).
+
+        >>> Settings.from_env({"TAILSTREAM_PARTITIONS": "8"}).partitions
+        8
+        """
+        env = os.environ if env is None else env
+        known = {f.name for f in fields(cls)}
+        values: dict[str, str] = {}
+        for key, raw in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in known:
+                if name in _NOT_SETTINGS:
+                    continue
+                raise ValueError(f"unknown setting {key}; known: {sorted(known)}")
+            values[name] = raw
+        return cls().replace(**values)
+
+    def replace(self, **overrides: Any) -> Settings:
+        """Copy with overrides; strings are converted to the field's type. ``None`` is ignored."""
+        hints = get_type_hints(type(self))
+        converted: dict[str, Any] = {}
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name not in hints:
+                raise ValueError(f"unknown setting {name!r}")
+            converted[name] = _convert(hints[name], value, name)
+        return dataclasses.replace(self, **converted)
+
+    # ---- derived values ---------------------------------------------------
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def topic_for(self, kind: str) -> str:
+        """Input topic of an event kind (click → clicks, …)."""
+        attr = {
+            "click": self.topic_clicks,
+            "cart": self.topic_carts,
+            "fav": self.topic_favs,
+            "purchase": self.topic_purchases,
+            "search": self.topic_searches,
+            "item": self.topic_items,
+        }[kind]
+        return self.topic(attr)
+
+    @property
+    def input_topics(self) -> list[str]:
+        return [self.topic_for(k) for k in EVENT_KINDS]
+
+    @property
+    def all_topics(self) -> list[str]:
+        return [
+            *self.input_topics,
+            self.topic_for("item"),
+            self.topic(self.topic_recommendations),
+            self.topic(self.topic_dlq),
+        ]
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security options in kafka-python/aiokafka spelling (both accept these names)."""
+        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            opts["sasl_mechanism"] = self.kafka_sasl_mechanism
+            opts["sasl_plain_username"] = self.kafka_sasl_username
+            opts["sasl_plain_password"] = self.kafka_sasl_password.reveal()
+        if self.kafka_ssl_cafile:
+            opts["ssl_cafile"] = self.kafka_ssl_cafile
+        return opts
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as ``TAILSTREAM_*`` variables, to hand to a child process."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                value = value.reveal()
+            out[ENV_PREFIX + f.name.upper()] = str(value)
+        return out
+
+    def redacted(self) -> dict[str, Any]:
+        """For logs: secrets (and passwords inside URLs) hidden."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = repr(value) if isinstance(value, Secret) else str(value)
+        return out
+
+
+# Env vars with the prefix that are read by other tools, not settings.
+_NOT_SETTINGS: frozenset[str] = frozenset({"home"})
+
+
+def _convert(tp: Any, value: Any, name: str) -> Any:
+    if isinstance(value, str):
+        try:
+            if tp is int:
+                return int(value)
+            if tp is float:
+                return float(value)
+            if tp is bool:
+                return value.strip().lower() in {"1", "true", "yes", "on"}
+            if tp is Path:
+                return Path(value)
+            if tp is Secret:
+                return Secret(value)
+        except ValueError as exc:
+            raise ValueError(f"setting {name}: cannot read {value!r} as {tp.__name__}") from exc
+        return value
+    if tp is Secret and isinstance(value, str):
+        return Secret(value)
+    return value
+
