@@ -62,12 +62,15 @@ class Settings:
     topic_items: str = "items"
     topic_recommendations: str = "recommendations"
     topic_dlq: str = "events.dlq"
+    kafka_max_poll_interval_s: float = 0.0
+    """Consumer max poll interval (0: client default). Tansu holds a JoinGroup for this long,
+    so the embedded stack sets 3 s; leave 0 for Apache Kafka."""
     app_id: str = "tailstream"
     """Faust app id: the consumer group and the prefix of changelog topics."""
 
     # --- Redis -----------------------------------------------------------
     redis_url: Secret = Secret("")
-    """``redis://[user:password@]host:port/db`` (``rediss://`` for TLS). Empty: embedded redis-server."""
+    """``redis://[user:password@]host:port/db`` (``rediss://``: TLS). Empty: embedded server."""
     redis_prefix: str = "tailstream"
     """Key prefix in Redis: ``{prefix}:recs:{user_id}``."""
     recs_ttl_s: int = 86_400

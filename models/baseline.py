@@ -1,0 +1,169 @@
+"""Baseline recommender: decayed category affinity × popularity, with a guaranteed tail share.
+
+Stands in until the transformer scorer lands; it goes through the same publish path.
+
+User profile (a plain dict, so it serialises into a Faust table):
+``{"cats": {category: weight}, "why": {category: reason}, "items": [recent item ids],
+"queries": [recent queries], "ts": last event time}``.
+
+Score of item *i* in category *c* for user *u*:
+``s(u, i) = a_u(c) / max_c a_u(c) · (0.5 + 0.5 · pop(i))`` with ``pop`` the decayed
+count relative to the most popular item. Affinity ``a_u`` decays with a half-life, so
+interests follow the session. Event classes weigh more the deeper in the funnel they are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from tailstream.contract import Event
+from tailstream.models.popularity import PopularityTracker
+
+EVENT_WEIGHT: dict[str, float] = {"click": 1.0, "search": 1.0, "fav": 2.0, "cart": 3.0,
+                                  "purchase": 4.0}
+"""How much one event of each class moves the user's category affinity."""
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-case alphanumeric tokens of at least 3 characters.
+
+    >>> tokens("Aurora Wireless ear-buds X2")
+    ['aurora', 'wireless', 'ear', 'buds']
+    """
+    return [t for t in _TOKEN.findall(text.lower()) if len(t) >= 3]
+
+
+class QueryIndex:
+    """Token → category counts from catalogue titles, to read intent from search queries."""
+
+    def __init__(self) -> None:
+        self._cats: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def add(self, title: str, category: str) -> None:
+        for tok in set(tokens(title)) | set(tokens(category)):
+            self._cats[tok][category] += 1
+
+    def categories(self, query: str, n: int = 3) -> list[str]:
+        """Most likely categories for a query (prefix match tolerates short typos)."""
+        scores: Counter[str] = Counter()
+        for tok in tokens(query):
+            hits = self._cats.get(tok)
+            if hits is None and len(tok) >= 4:
+                prefix = tok[:4]
+                for known, cats in self._cats.items():
+                    if known.startswith(prefix):
+                        hits = cats
+                        break
+            if hits:
+                total = sum(hits.values())
+                for cat, c in hits.items():
+                    scores[cat] += c / total
+        return [c for c, _ in scores.most_common(n)]
+
+
+def new_profile() -> dict[str, Any]:
+    return {"cats": {}, "why": {}, "items": [], "queries": [], "ts": 0.0}
+
+
+def update_profile(profile: dict[str, Any], event: Event, category: str | None,
+                   query_categories: list[str], *, keep: int = 20,
+                   half_life_s: float = 1800.0) -> dict[str, Any]:
+    """Fold one event into a profile (returns a new dict; the input is not modified).
+
+    >>> p = update_profile(new_profile(), Event("click", "e1", "u1", 100.0, item_id="i1"),
+    ...                    "shoes", [])
+    >>> p["cats"], p["items"]
+    ({'shoes': 1.0}, ['i1'])
+    """
+    last = float(profile.get("ts", 0.0)) or event.ts
+    decay = math.pow(2.0, -max(0.0, event.ts - last) / half_life_s)
+    cats = {c: w * decay for c, w in profile.get("cats", {}).items() if w * decay > 0.01}
+    why = dict(profile.get("why", {}))
+    items = list(profile.get("items", []))
+    queries = list(profile.get("queries", []))
+    weight = EVENT_WEIGHT.get(event.kind, 1.0)
+    if event.kind == "search" and event.query is not None:
+        queries = ([event.query] + [q for q in queries if q != event.query])[:keep]
+        for rank, cat in enumerate(query_categories):
+            cats[cat] = cats.get(cat, 0.0) + weight / (rank + 1)
+            why[cat] = f"matches your search '{event.query[:40]}'"
+    elif event.item_id is not None:
+        items = ([event.item_id] + [i for i in items if i != event.item_id])[:keep]
+        if category is not None:
+            cats[category] = cats.get(category, 0.0) + weight
+            why[category] = f"similar to item {event.item_id} you viewed"
+    # Bound the profile: keep the strongest categories only.
+    if len(cats) > keep:
+        cats = dict(sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:keep])
+    why = {c: r for c, r in why.items() if c in cats}
+    return {"cats": cats, "why": why, "items": items, "queries": queries,
+            "ts": max(event.ts, last)}
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    item_id: str
+    score: float
+    tier: str
+    reason: str
+    category: str | None
+
+    def to_dict(self, rank: int) -> dict[str, Any]:
+        return {"item_id": self.item_id, "score": round(self.score, 6), "rank": rank,
+                "tier": self.tier, "reason": self.reason, "category": self.category}
+
+
+def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
+              tail_share: float = 0.3) -> list[Recommendation]:
+    """Top-``k`` list for a profile, at least ``ceil(tail_share·k)`` tail items when
+    the user's categories have any.
+
+    Tail slots are filled with the best-scoring tail items; the remaining slots take
+    the best items overall, so a clearly better head item is never displaced by
+    more than the tail quota.
+    """
+    cats: dict[str, float] = profile.get("cats", {})
+    why: dict[str, str] = profile.get("why", {})
+    seen = set(profile.get("items", [])[:5])  # do not echo what the user just looked at
+    candidates: dict[str, Recommendation] = {}
+    top_aff = max(cats.values(), default=0.0)
+    for cat, aff in sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:5]:
+        rel = aff / top_aff if top_aff else 0.0
+        reason = why.get(cat, f"trending in {cat}")
+        for item in pop.top_in(cat)[: 2 * k] + pop.tail_in(cat)[: 2 * k]:
+            if item in seen or item in candidates:
+                continue
+            score = rel * (0.5 + 0.5 * pop.relative(item))
+            candidates[item] = Recommendation(item, score, pop.tier(item), reason, cat)
+    if len(candidates) < k:  # cold or narrow user: fill from what is trending overall
+        for item in pop.global_top[: 2 * k] + pop.global_tail[:k]:
+            if item in seen or item in candidates:
+                continue
+            cat = pop.category(item)
+            score = 0.1 * (0.5 + 0.5 * pop.relative(item))
+            candidates[item] = Recommendation(
+                item, score, pop.tier(item), f"trending in {cat}" if cat else "trending", cat)
+    ranked = sorted(candidates.values(), key=lambda r: (-r.score, r.item_id))
+    return with_tail_share(ranked, k, tail_share)
+
+
+def with_tail_share(ranked: list[Recommendation], k: int,
+                    tail_share: float) -> list[Recommendation]:
+    """Take the top ``k`` of ``ranked`` but reserve ``ceil(tail_share·k)`` slots for tail items.
+
+    >>> r = [Recommendation(str(i), 1 - i / 10, "head" if i < 8 else "tail", "", None)
+    ...      for i in range(10)]
+    >>> [x.item_id for x in with_tail_share(r, 4, 0.5)]
+    ['0', '1', '8', '9']
+    """
+    quota = math.ceil(tail_share * k)
+    tail = [r for r in ranked if r.tier == "tail"][:quota]
+    chosen = {r.item_id for r in tail}
+    rest = [r for r in ranked if r.item_id not in chosen][: k - len(tail)]
+    return sorted(tail + rest, key=lambda r: (-r.score, r.item_id))

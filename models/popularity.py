@@ -1,0 +1,153 @@
+"""Item popularity with exponential time decay, popularity tiers, and per-category rankings.
+
+Decay uses the forward-decay trick (Cormode et al., "Forward Decay: A Practical Time
+Decay Model for Streaming Systems", ICDE 2009): an event at time t adds
+``w · 2^((t − t0)/h)`` to its item; comparing these boosted sums ranks items exactly as
+the decayed counts ``Σ w · 2^(−(now − t)/h)`` would, without touching every item on
+every tick. The decayed count is recovered by multiplying with ``2^(−(now − t0)/h)``.
+
+Tiers follow the cumulative share of interactions: items sorted by decayed count,
+the smallest set holding ``head_share`` of all interactions is *head*, the next
+``torso_share`` is *torso*, the rest (and every item never interacted with) is *tail*.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+TIERS = ("head", "torso", "tail")
+
+
+class PopularityTracker:
+    """Decayed item counts → tiers and per-category top lists.
+
+    >>> p = PopularityTracker(half_life_s=3600, head_share=0.5, torso_share=0.3)
+    >>> for item, n in [("a", 6), ("b", 2), ("c", 1), ("d", 1)]:
+    ...     for _ in range(n):
+    ...         p.observe(item, "shoes", 1.0, ts=0.0)
+    >>> p.refresh(now=0.0)
+    >>> [p.tier(i) for i in "abcde"]
+    ['head', 'torso', 'tail', 'tail', 'tail']
+    """
+
+    def __init__(self, half_life_s: float = 3600.0, head_share: float = 0.5,
+                 torso_share: float = 0.3, per_category: int = 100) -> None:
+        if not 0 < head_share < 1 or not 0 <= torso_share < 1 - head_share + 1e-12:
+            raise ValueError("need 0 < head_share < 1 and head_share + torso_share <= 1")
+        self.half_life_s = half_life_s
+        self.head_share = head_share
+        self.torso_share = torso_share
+        self.per_category = per_category
+        self._t0: float | None = None
+        self._boosted: dict[str, float] = {}
+        self._category: dict[str, str] = {}
+        self._tier: dict[str, str] = {}
+        self._top: dict[str, list[str]] = {}
+        self._tail: dict[str, list[str]] = {}
+        self._global_top: list[str] = []
+        self._global_tail: list[str] = []
+        self._total_boosted = 0.0
+
+    # -- updates ---------------------------------------------------------------
+    def set_category(self, item_id: str, category: str) -> None:
+        self._category[item_id] = category
+
+    def observe(self, item_id: str, category: str | None, weight: float, ts: float) -> None:
+        if self._t0 is None:
+            self._t0 = ts
+        exponent = (ts - self._t0) / self.half_life_s
+        if exponent > 500:  # keep boosted values finite: rebase everything
+            self._rebase(ts)
+            exponent = 0.0
+        boost = weight * math.pow(2.0, exponent)
+        self._boosted[item_id] = self._boosted.get(item_id, 0.0) + boost
+        self._total_boosted += boost
+        if category is not None:
+            self._category[item_id] = category
+
+    def _rebase(self, ts: float) -> None:
+        assert self._t0 is not None
+        factor = math.pow(2.0, -(ts - self._t0) / self.half_life_s)
+        self._boosted = {k: v * factor for k, v in self._boosted.items()}
+        self._total_boosted *= factor
+        self._t0 = ts
+
+    def refresh(self, now: float) -> None:
+        """Recompute tiers and rankings (O(n log n); call at most every second or so)."""
+        ranked = sorted(self._boosted.items(), key=lambda kv: kv[1], reverse=True)
+        total = sum(v for _, v in ranked) or 1.0
+        tier: dict[str, str] = {}
+        cum = 0.0
+        head_cut, torso_cut = self.head_share, self.head_share + self.torso_share
+        for item, value in ranked:
+            # An item is head while the share *before* it is under the cut, so the
+            # single most popular item is head even if it alone exceeds the cut.
+            share_before = cum / total
+            tier[item] = ("head" if share_before < head_cut
+                          else "torso" if share_before < torso_cut else "tail")
+            cum += value
+        top: dict[str, list[str]] = defaultdict(list)
+        tail: dict[str, list[str]] = defaultdict(list)
+        for item, _ in ranked:
+            cat = self._category.get(item)
+            if cat is None:
+                continue
+            if tier[item] == "tail":
+                if len(tail[cat]) < self.per_category:
+                    tail[cat].append(item)
+            elif len(top[cat]) < self.per_category:
+                top[cat].append(item)
+        # Catalogue items never interacted with are the deepest tail: still recommendable.
+        for item, cat in self._category.items():
+            if item not in self._boosted and len(tail[cat]) < self.per_category:
+                tail[cat].append(item)
+        self._tier = tier
+        self._top = dict(top)
+        self._tail = dict(tail)
+        self._global_top = [i for i, _ in ranked[: self.per_category]]
+        self._global_tail = [i for i, _ in ranked if tier[i] == "tail"][: self.per_category]
+
+    # -- reads -------------------------------------------------------------------
+    def tier(self, item_id: str) -> str:
+        return self._tier.get(item_id, "tail")
+
+    def category(self, item_id: str) -> str | None:
+        return self._category.get(item_id)
+
+    def decayed_count(self, item_id: str, now: float) -> float:
+        if self._t0 is None:
+            return 0.0
+        return self._boosted.get(item_id, 0.0) * math.pow(2.0, -(now - self._t0) / self.half_life_s)
+
+    def relative(self, item_id: str) -> float:
+        """Count relative to the most popular item, in [0, 1]."""
+        if not self._global_top:
+            return 0.0
+        top = self._boosted.get(self._global_top[0], 0.0) or 1.0
+        return min(1.0, self._boosted.get(item_id, 0.0) / top)
+
+    def top_in(self, category: str) -> list[str]:
+        return self._top.get(category, [])
+
+    def tail_in(self, category: str) -> list[str]:
+        return self._tail.get(category, [])
+
+    @property
+    def global_top(self) -> list[str]:
+        return self._global_top
+
+    @property
+    def global_tail(self) -> list[str]:
+        return self._global_tail
+
+    @property
+    def known_items(self) -> int:
+        return len(self._category.keys() | self._boosted.keys())
+
+    def tier_sizes(self) -> dict[str, int]:
+        sizes = dict.fromkeys(TIERS, 0)
+        for t in self._tier.values():
+            sizes[t] += 1
+        sizes["tail"] += len(self._category.keys() - self._boosted.keys())
+        return sizes

@@ -1,0 +1,318 @@
+"""``tailstream``: the one command line.
+
+Every flag falls back to a ``TAILSTREAM_*`` environment variable (named in ``--help``);
+settings are read once here and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tailstream.settings import ENV_PREFIX, Secret, Settings
+
+log = logging.getLogger("tailstream")
+
+# CLI flag → settings field, shared by every subcommand.
+_COMMON = [
+    ("--kafka-bootstrap", "kafka_bootstrap", "Kafka bootstrap servers (empty: embedded Tansu)"),
+    ("--redis-url", "redis_url", "Redis URL (empty: embedded redis-server)"),
+    ("--topic-prefix", "topic_prefix", "prefix of every topic name"),
+    ("--partitions", "partitions", "partitions of the input topics"),
+    ("--data-dir", "data_dir", "folder for logs and local state"),
+    ("--web-port", "web_port", "worker HTTP port (/metrics, /recommendations/{user})"),
+    ("--log-level", "log_level", "debug, info, warning"),
+]
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("settings (flags override env vars)")
+    for flag, name, text in _COMMON:
+        g.add_argument(flag, dest=f"set_{name}", default=None,
+                       help=f"{text} [env {ENV_PREFIX}{name.upper()}]")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    return Settings.from_env().replace(**overrides)
+
+
+def _with_running_stack(settings: Settings) -> Settings:
+    """Fill endpoints from ``{data_dir}/stack.json`` written by a running ``tailstream up``."""
+    if settings.kafka_bootstrap and settings.redis_url:
+        return settings
+    path = settings.data_dir / "stack.json"
+    if path.exists():
+        info = json.loads(path.read_text())
+        settings = settings.replace(
+            kafka_bootstrap=settings.kafka_bootstrap or info["kafka_bootstrap"],
+            redis_url=settings.redis_url or Secret(info["redis_url"]),
+        )
+    if not settings.kafka_bootstrap:
+        raise SystemExit("no broker: run `tailstream up` first, or set TAILSTREAM_KAFKA_BOOTSTRAP")
+    return settings
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_worker(args: argparse.Namespace) -> int:
+    from faust import Worker
+
+    from tailstream.streams.app import create_app
+
+    settings = _with_running_stack(_settings(args))
+    worker = create_app(settings)
+    Worker(worker.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tailstream.embedded import ServiceStack, StackInfo
+    from tailstream.kafka_io import create_topics
+    from tailstream.workers import metrics_url, start_worker, wait_ready
+
+    settings = _settings(args)
+    if not settings.kafka_bootstrap and settings.kafka_max_poll_interval_s == 0:
+        settings = settings.replace(kafka_max_poll_interval_s=3.0)
+    embedded = not (settings.kafka_bootstrap and settings.redis_url)
+    stopping = threading.Event()
+    _on_signals(lambda: stopping.set())
+    with ServiceStack(settings) as s:
+        create_topics(s)
+        workers = []
+        try:
+            for i in range(args.workers):
+                proc, ws = start_worker(s, i)
+                workers.append((proc, ws))
+            for proc, ws in workers:
+                wait_ready(proc, ws)
+            info = StackInfo(s.kafka_bootstrap, s.redis_url.reveal(), embedded,
+                             {p.name: p.pid for p, _ in workers})
+            info.write(s.data_dir / "stack.json")
+            print(f"tailstream is up.\n"
+                  f"  export TAILSTREAM_KAFKA_BOOTSTRAP={s.kafka_bootstrap}\n"
+                  f"  export TAILSTREAM_REDIS_URL={s.redis_url.reveal()}\n"
+                  + "".join(f"  metrics: {metrics_url(ws)}\n" for _, ws in workers)
+                  + "  feed it:   tailstream produce synthetic --rate 200\n"
+                    "  watch it:  tailstream subscribe\n"
+                    "Ctrl-C stops everything.", flush=True)
+            while not stopping.is_set():
+                for proc, _ in workers:
+                    if not proc.alive():
+                        log.error("worker %s exited:\n%s", proc.name, proc.tail(30))
+                        return 1
+                stopping.wait(1.0)
+        finally:
+            for proc, _ in workers:
+                proc.stop()
+            (s.data_dir / "stack.json").unlink(missing_ok=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tailstream.demo import run_demo, synthetic_records
+
+    settings = _settings(args)
+    _on_signals(_raise_keyboard_interrupt)
+    if args.replay:
+        from tailstream.producers.replay import pace, read_log
+
+        records: Any = pace(read_log(args.replay, args.format), args.speed)
+        source = f"replay {args.replay} ({args.format})"
+        rate = None
+        seconds = args.seconds
+    else:
+        records = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
+        source = f"synthetic shop ({args.users} users, {args.items} items)"
+        rate = args.rate
+        seconds = args.seconds if args.seconds is not None else 60.0
+    summary = run_demo(settings, seconds=seconds, summary_json=args.summary_json,
+                       records=records, rate=rate, ui=not args.no_ui, source=source)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from tailstream.producers.sender import send_records
+
+    settings = _with_running_stack(_settings(args))
+    if args.source == "synthetic":
+        from tailstream.demo import synthetic_records
+
+        records: Any = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
+        rate = args.rate
+    else:
+        from tailstream.producers.replay import pace, read_log
+
+        records = pace(read_log(args.file, args.format), args.speed)
+        rate = None
+    _on_signals(_raise_keyboard_interrupt)
+    stats = send_records(records, settings, rate=rate, max_events=args.max_events,
+                         duration_s=args.seconds, progress=not args.no_progress)
+    print(json.dumps({"sent": stats.sent, "by_kind": stats.by_kind,
+                      "malformed": stats.malformed, "seconds": round(stats.seconds, 2)}))
+    return 0
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from tailstream.kafka_io import iter_messages, reader
+
+    settings = _with_running_stack(_settings(args))
+    consumer = reader(settings, [settings.topic(settings.topic_recommendations)],
+                      from_beginning=args.from_beginning)
+    _on_signals(_raise_keyboard_interrupt)
+    shown = 0
+    try:
+        for record in iter_messages(consumer):
+            if args.user and record.key != args.user.encode():
+                continue
+            msg = json.loads(record.value)
+            if args.json:
+                print(json.dumps(msg), flush=True)
+            else:
+                items = ", ".join(f"{it['item_id']}({it['tier'][0]})" for it in msg["items"][:8])
+                print(f"{msg['user_id']:>12} [{msg['model_version']}, {msg['trigger']}] {items}",
+                      flush=True)
+            shown += 1
+            if args.limit and shown >= args.limit:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return 0
+
+
+def cmd_recs(args: argparse.Namespace) -> int:
+    import redis
+
+    from tailstream.streams.publish import meta_key
+
+    settings = _with_running_stack(_settings(args))
+    client = redis.Redis.from_url(settings.redis_url.reveal())
+    try:
+        meta = client.hgetall(meta_key(settings.redis_prefix, args.user))
+    finally:
+        client.close()
+    if not meta:
+        print(f"no recommendations for user {args.user!r}", file=sys.stderr)
+        return 1
+    out = {"user_id": args.user, "model_version": meta[b"model_version"].decode(),
+           "generated_at": float(meta[b"generated_at"]), "trigger": meta[b"trigger"].decode(),
+           "items": json.loads(meta[b"items"])}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _on_signals(handler: Callable[[], None]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: handler())
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_parser()
+    parser = argparse.ArgumentParser(
+        prog="tailstream",
+        description="Streaming, event-driven e-commerce recommender that keeps the long tail "
+                    "alive. Settings come from TAILSTREAM_* env vars; flags override them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", parents=[common], help="run the whole embedded system for a while",
+                       description="Start the embedded broker and Redis (unless configured), a "
+                                   "worker and a producer; show a live view; print a summary.")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="how long to produce (default: 60 s synthetic, replay until the file ends)")
+    p.add_argument("--summary-json", type=Path, default=None, help="write the summary here")
+    p.add_argument("--replay", type=Path, default=None, help="replay this event log instead")
+    p.add_argument("--format", choices=["taobao", "rees46", "csv"], default="taobao")
+    p.add_argument("--speed", type=float, default=None,
+                   help="replay speed factor over event time (default: as fast as possible)")
+    _synthetic_flags(p, rate=500.0, malformed_every=500)
+    p.add_argument("--no-ui", action="store_true", help="log lines instead of the live view")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("up", parents=[common], help="start broker, Redis and workers; keep running",
+                       description="Start the embedded services (unless configured) and worker "
+                                   "processes; write {data-dir}/stack.json for other commands.")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (same group)")
+    p.add_argument("--no-ui", action="store_true", help="accepted for symmetry with demo")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("worker", parents=[common], help="run one Faust worker in the foreground",
+                       description="Consume the input topics, keep state, publish lists. Needs "
+                                   "TAILSTREAM_KAFKA_BOOTSTRAP and TAILSTREAM_REDIS_URL (or a "
+                                   "running `tailstream up`).")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("produce", parents=[common], help="send events to the input topics")
+    src = p.add_subparsers(dest="source", required=True)
+    ps = src.add_parser("synthetic", parents=[common], help="a simulated shop")
+    _synthetic_flags(ps, rate=200.0)
+    _produce_flags(ps)
+    pr = src.add_parser("replay", parents=[common], help="replay an event log file")
+    pr.add_argument("file", type=Path)
+    pr.add_argument("--format", choices=["taobao", "rees46", "csv"], required=True)
+    pr.add_argument("--speed", type=float, default=None,
+                    help="speed factor over event time (default: as fast as possible)")
+    _produce_flags(pr)
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("subscribe", parents=[common], help="print recommendation lists live")
+    p.add_argument("--user", default=None, help="only this user's lists")
+    p.add_argument("--from-beginning", action="store_true", help="start at the oldest list")
+    p.add_argument("--json", action="store_true", help="print the full JSON messages")
+    p.add_argument("--limit", type=int, default=0, help="stop after this many lists")
+    p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser("recs", parents=[common], help="read a user's current list from Redis")
+    p.add_argument("user")
+    p.set_defaults(func=cmd_recs)
+    return parser
+
+
+def _synthetic_flags(p: argparse.ArgumentParser, rate: float, malformed_every: int = 0) -> None:
+    p.add_argument("--rate", type=float, default=rate, help=f"events/s (default {rate:g})")
+    p.add_argument("--users", type=int, default=2000, help="simulated users")
+    p.add_argument("--items", type=int, default=5000, help="catalogue size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malformed-every", type=int, default=malformed_every,
+                   help=f"inject one malformed event every N (0: none; default {malformed_every})")
+
+
+def _produce_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--max-events", type=int, default=None, help="stop after this many events")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "set_log_level", None) or Settings.from_env().log_level
+    _logging(level)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""``tailstream demo``: the whole embedded system for N seconds, with a live view and a summary.
+
+Broker and Redis (embedded unless configured) → worker process → producer thread
+(synthetic shop or a replayed log) → recommendations on Kafka and in Redis →
+metrics. The summary JSON is computed from what actually arrived: the
+recommendations and DLQ topics are read back, Redis is scanned, the worker's
+/metrics page is scraped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tailstream.embedded import ServiceStack
+from tailstream.kafka_io import TopicCounter, create_topics
+from tailstream.producers.records import ProducedRecord
+from tailstream.producers.sender import SendStats, send_records
+from tailstream.settings import Settings
+from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecsWatcher:
+    """Collects latency and model versions from the recommendations topic."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    versions: Counter[str] = field(default_factory=Counter)
+    users: set[str] = field(default_factory=set)
+
+    def __call__(self, record: Any) -> None:
+        try:
+            msg = json.loads(record.value)
+        except (TypeError, ValueError):
+            return
+        self.versions[str(msg.get("model_version"))] += 1
+        self.users.add(str(msg.get("user_id")))
+        if msg.get("event_ts") is not None and msg.get("published_at") is not None:
+            self.latencies_ms.append(1000.0 * (msg["published_at"] - msg["event_ts"]))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no data.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50)
+    2.0
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, int(-(-q * len(ordered) // 100)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def count_users_in_redis(settings: Settings) -> int:
+    client = redis.Redis.from_url(settings.redis_url.reveal())
+    try:
+        pattern = f"{settings.redis_prefix}:recs:*:meta"
+        return sum(1 for _ in client.scan_iter(match=pattern, count=1000))
+    finally:
+        client.close()
+
+
+def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | None,
+             records: Iterable[ProducedRecord], rate: float | None, ui: bool,
+             source: str) -> dict[str, Any]:
+    """Run the embedded system until ``seconds`` pass or the source ends; return the summary."""
+    if not settings.kafka_bootstrap and settings.kafka_max_poll_interval_s == 0:
+        settings = settings.replace(kafka_max_poll_interval_s=3.0)
+    with ServiceStack(settings) as s:
+        create_topics(s)
+        watcher = RecsWatcher()
+        recs = TopicCounter(s, [s.topic(s.topic_recommendations)], on_record=watcher)
+        dlq = TopicCounter(s, [s.topic(s.topic_dlq)])
+        recs.start()
+        dlq.start()
+        worker, ws = start_worker(s)
+        try:
+            log.info("waiting for the worker to join its group …")
+            wait_ready(worker, ws)
+            stop = threading.Event()
+            result: dict[str, SendStats] = {}
+
+            def produce() -> None:
+                result["stats"] = send_records(records, s, rate=rate, duration_s=seconds,
+                                               stop=stop)
+
+            producer = threading.Thread(target=produce, name="producer", daemon=True)
+            started = time.monotonic()
+            producer.start()
+            view = LiveView(ws, watcher, recs, dlq, ui=ui, source=source)
+            try:
+                while producer.is_alive():
+                    view.update(time.monotonic() - started)
+                    producer.join(1.0)
+                    if not worker.alive():
+                        raise RuntimeError(f"the worker died:\n{worker.tail(40)}")
+            finally:
+                stop.set()
+                producer.join(30)
+            stats = result.get("stats")
+            if stats is None:
+                raise RuntimeError("the producer failed; see the log above")
+            _drain(ws, stats, worker, view, started)
+            summary = _summary(ws, stats, watcher, recs, dlq, time.monotonic() - started)
+        finally:
+            view_close = locals().get("view")
+            if isinstance(view_close, LiveView):
+                view_close.close()
+            worker.stop()
+            recs.stop()
+            dlq.stop()
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started: float,
+           timeout: float = 60.0) -> None:
+    """Wait until the worker has read every event produced (or stops making progress)."""
+    deadline = time.monotonic() + timeout
+    last, last_change = -1.0, time.monotonic()
+    while time.monotonic() < deadline and worker.alive():
+        consumed = scrape(metrics_url(ws)).get("tailstream_events_in_total", 0.0)
+        view.update(time.monotonic() - started)
+        if consumed >= stats.sent:
+            time.sleep(1.0)  # let the last batch's lists reach the topic readers
+            return
+        if consumed != last:
+            last, last_change = consumed, time.monotonic()
+        elif time.monotonic() - last_change > 15:
+            log.warning("worker stopped making progress at %d of %d events", consumed, stats.sent)
+            return
+        time.sleep(0.5)
+
+
+def _summary(ws: Settings, stats: SendStats, watcher: RecsWatcher, recs: TopicCounter,
+             dlq: TopicCounter, elapsed: float) -> dict[str, Any]:
+    m = scrape(metrics_url(ws))
+    lat = watcher.latencies_ms
+    by_class = {k: int(m.get(f"tailstream_events_processed_total{{kind={k}}}", 0))
+                for k in ("click", "cart", "fav", "purchase", "search")}
+    return {
+        "seconds": round(elapsed, 1),
+        "events_produced": stats.sent,
+        "events_by_kind": {k: v for k, v in stats.by_kind.items() if k != "item"},
+        "catalogue_items_produced": stats.by_kind.get("item", 0),
+        "events_consumed": int(m.get("tailstream_events_in_total", 0)),
+        "events_processed": by_class,
+        "duplicates": int(m.get("tailstream_duplicates_total", 0)),
+        "malformed_injected": stats.malformed,
+        "dlq": dlq.count,
+        "recommendations_published": recs.count,
+        "users_with_recs_in_redis": count_users_in_redis(ws),
+        "model_versions_published": sorted(watcher.versions),
+        "latency_ms_p50": _round(percentile(lat, 50)),
+        "latency_ms_p99": _round(percentile(lat, 99)),
+        "events_per_s": round(int(m.get("tailstream_events_in_total", 0)) / max(elapsed, 1e-9), 1),
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+class LiveView:
+    """A terminal view refreshed every second (rich), or a log line every 5 s with --no-ui."""
+
+    def __init__(self, ws: Settings, watcher: RecsWatcher, recs: TopicCounter,
+                 dlq: TopicCounter, *, ui: bool, source: str) -> None:
+        self.ws, self.watcher, self.recs, self.dlq = ws, watcher, recs, dlq
+        self.ui = ui
+        self.source = source
+        self._prev: tuple[float, float] | None = None
+        self._last_log = 0.0
+        self._live: Any = None
+        if ui:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(stderr=True), refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def update(self, elapsed: float) -> None:
+        try:
+            m = scrape(metrics_url(self.ws))
+        except OSError:
+            return
+        consumed = m.get("tailstream_events_in_total", 0.0)
+        rate = 0.0
+        if self._prev is not None and elapsed > self._prev[0]:
+            rate = (consumed - self._prev[1]) / (elapsed - self._prev[0])
+        self._prev = (elapsed, consumed)
+        lat = self.watcher.latencies_ms[-5000:]
+        rows = [
+            ("source", self.source),
+            ("elapsed", f"{elapsed:6.1f} s"),
+            ("events consumed", f"{int(consumed):,} ({rate:,.0f}/s)"),
+            ("by class", ", ".join(
+                f"{k} {int(m.get(f'tailstream_events_processed_total{{kind={k}}}', 0)):,}"
+                for k in ("click", "cart", "fav", "purchase", "search"))),
+            ("dead-lettered", f"{self.dlq.count:,}"),
+            ("duplicates skipped", f"{int(m.get('tailstream_duplicates_total', 0)):,}"),
+            ("lists published", f"{self.recs.count:,} for {len(self.watcher.users):,} users"),
+            ("latency event→Redis", f"p50 {percentile(lat, 50) or 0:.0f} ms, "
+                                    f"p99 {percentile(lat, 99) or 0:.0f} ms"),
+            ("metrics", metrics_url(self.ws)),
+        ]
+        if self._live is not None:
+            from rich.table import Table
+
+            table = Table(title="tailstream demo", show_header=False)
+            for k, v in rows:
+                table.add_row(k, v)
+            self._live.update(table)
+        elif elapsed - self._last_log >= 5:
+            self._last_log = elapsed
+            log.info(" | ".join(f"{k}: {v}" for k, v in rows[1:8]))
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def synthetic_records(n_users: int, n_items: int, seed: int,
+                      malformed_every: int) -> Iterable[ProducedRecord]:
+    from tailstream.producers.synthetic import ShopSimulator
+
+    sim = ShopSimulator(n_users=n_users, n_items=n_items, seed=seed,
+                        malformed_every=malformed_every)
+    return itertools.chain(sim.catalogue(), sim.events())

@@ -1,0 +1,131 @@
+"""Small kafka-python helpers shared by the CLI, the demo and the tests.
+
+Consumers here use *manual partition assignment* rather than a consumer group:
+they are readers (subscribe, demo counters, verifiers) that each want every
+message, and kafka-python group consumers stall on Tansu's JoinGroup unless
+``max_poll_interval_ms`` is tiny.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from tailstream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COMPACTED = {"cleanup.policy": "compact"}
+
+
+def admin(settings: Settings) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                            client_id="tailstream-admin", **settings.kafka_client_options())
+
+
+def create_topics(settings: Settings, replication: int = 1, timeout: float = 30.0) -> None:
+    """Create tailstream's topics if missing (idempotent). ``items`` is compacted."""
+    wanted = {t: settings.partitions for t in settings.all_topics}
+    items = settings.topic_for("item")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = admin(settings)
+            try:
+                existing = set(client.list_topics())
+                new = [
+                    NewTopic(name, n, replication,
+                             topic_configs=COMPACTED if name == items else {})
+                    for name, n in wanted.items() if name not in existing
+                ]
+                if new:
+                    try:
+                        client.create_topics(new)
+                    except TopicAlreadyExistsError:
+                        pass
+                return
+            finally:
+                client.close()
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not create topics on {settings.kafka_bootstrap}: "
+                                   f"{exc}") from exc
+            time.sleep(0.5)
+
+
+def reader(settings: Settings, topics: Iterable[str], from_beginning: bool = True,
+           **extra: Any) -> KafkaConsumer:
+    """A group-less consumer assigned every partition of ``topics``."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                             enable_auto_commit=False, group_id=None,
+                             **settings.kafka_client_options(), **extra)
+    parts: list[TopicPartition] = []
+    for topic in topics:
+        found = None
+        deadline = time.monotonic() + 10
+        while not found and time.monotonic() < deadline:
+            found = consumer.partitions_for_topic(topic)
+            if not found:
+                time.sleep(0.2)
+        if not found:
+            consumer.close()
+            raise RuntimeError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap}")
+        parts.extend(TopicPartition(topic, p) for p in sorted(found))
+    consumer.assign(parts)
+    if from_beginning:
+        consumer.seek_to_beginning(*parts)
+    else:
+        consumer.seek_to_end(*parts)
+    return consumer
+
+
+def iter_messages(consumer: KafkaConsumer, stop: threading.Event | None = None,
+                  poll_ms: int = 200, idle_timeout: float | None = None) -> Iterator[Any]:
+    """Yield records until ``stop`` is set or nothing arrived for ``idle_timeout`` s."""
+    last = time.monotonic()
+    while stop is None or not stop.is_set():
+        batch = consumer.poll(timeout_ms=poll_ms)
+        if batch:
+            last = time.monotonic()
+            for records in batch.values():
+                yield from records
+        elif idle_timeout is not None and time.monotonic() - last > idle_timeout:
+            return
+
+
+class TopicCounter(threading.Thread):
+    """Counts (and optionally inspects) every record of some topics in the background."""
+
+    def __init__(self, settings: Settings, topics: Iterable[str],
+                 on_record: Callable[[Any], None] | None = None) -> None:
+        super().__init__(daemon=True, name="topic-counter")
+        self.consumer = reader(settings, list(topics))
+        self.on_record = on_record
+        self.count = 0
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for record in iter_messages(self.consumer, self.stop_event):
+                self.count += 1
+                if self.on_record is not None:
+                    self.on_record(record)
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+        finally:
+            self.consumer.close()
+
+    def stop(self) -> int:
+        self.stop_event.set()
+        self.join(10)
+        if self.error is not None:
+            log.error("topic counter failed: %r", self.error)
+        return self.count

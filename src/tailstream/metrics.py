@@ -1,0 +1,83 @@
+"""Every Prometheus metric tailstream exports, in one place.
+
+Created against a registry passed in, so tests stay isolated. Labels are fixed
+and low-cardinality: never a user or item id. docs/metrics.md lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Event → Redis latency is tens of ms on a laptop, seconds when something backs up.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class Metrics:
+    """The worker's metrics. One instance per process (per registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter(
+            "tailstream_events_in_total",
+            "Messages read from the input topics, valid or not, by topic kind and event class.",
+            ["kind"], registry=r)
+        self.events_processed = Counter(
+            "tailstream_events_processed_total",
+            "Valid, de-duplicated events applied to the state, by event class.",
+            ["kind"], registry=r)
+        self.dlq = Counter(
+            "tailstream_dlq_total",
+            "Messages sent to the dead-letter topic, by reason code.",
+            ["reason"], registry=r)
+        self.duplicates = Counter(
+            "tailstream_duplicates_total",
+            "Events skipped because their event_id was already processed.", registry=r)
+        self.items_in = Counter(
+            "tailstream_catalogue_items_total",
+            "Catalogue records applied from the items topic.", registry=r)
+        self.catalogue_size = Gauge(
+            "tailstream_catalogue_items",
+            "Items known to this worker (catalogue records plus items seen in events).",
+            registry=r)
+        self.recs_published = Counter(
+            "tailstream_recommendations_published_total",
+            "Recommendation lists published, by sink (kafka, redis) and trigger.",
+            ["sink", "trigger"], registry=r)
+        self.publish_errors = Counter(
+            "tailstream_publish_errors_total",
+            "Failed publish attempts (retried), by sink.", ["sink"], registry=r)
+        self.rec_latency = Histogram(
+            "tailstream_recommendation_latency_seconds",
+            "Time from an event's Kafka timestamp to its user's list being written to Redis.",
+            ["trigger"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "tailstream_batch_events",
+            "Messages per processing batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(
+            "tailstream_batch_duration_seconds",
+            "Time to process one batch (validate, state, score, publish).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.assigned_partitions = Gauge(
+            "tailstream_assigned_partitions",
+            "Input partitions assigned to this worker.", registry=r)
+        self.tail_items_published = Counter(
+            "tailstream_recommended_items_total",
+            "Items placed in published lists, by popularity tier.", ["tier"], registry=r)
+        self.rss = Gauge(
+            "tailstream_process_resident_memory_bytes",
+            "Resident set size of this process.", registry=r)
+        self.rss.set_function(_rss_bytes)
+
+
+def _rss_bytes() -> float:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return float(pages * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

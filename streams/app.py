@@ -1,0 +1,199 @@
+"""The Faust app: topics, tables, the agents, and the worker's web pages.
+
+Built by :func:`create_app` from a :class:`~tailstream.settings.Settings`, so tests and
+several deployments can run side by side. The app does not know whether its broker is
+the embedded Tansu or Apache Kafka: it only sees a bootstrap address.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from faust.types import EventT
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tailstream.contract import Rejection
+from tailstream.metrics import Metrics
+from tailstream.settings import Settings
+from tailstream.streams.dedupe import Deduper
+from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
+from tailstream.streams.publish import Publisher, meta_key, recs_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    """Everything a worker process holds, for tests and the CLI."""
+
+    app: faust.App
+    pipeline: Pipeline
+    metrics: Metrics
+    redis: aioredis.Redis
+
+
+def faust_broker_options(settings: Settings) -> dict[str, Any]:
+    """Broker URL, credentials and consumer timing for faust.App."""
+    opts: dict[str, Any] = {
+        "broker": ",".join(f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")),
+        # A new worker reads its partitions from the start; committed offsets win after.
+        "consumer_auto_offset_reset": "earliest",
+    }
+    if settings.kafka_max_poll_interval_s > 0:
+        # Tansu holds JoinGroup for the rebalance/poll interval: keep it short there.
+        opts["broker_max_poll_interval"] = settings.kafka_max_poll_interval_s
+        opts["broker_rebalance_timeout"] = settings.kafka_max_poll_interval_s
+    proto = settings.kafka_security_protocol.upper()
+    if proto != "PLAINTEXT":
+        import ssl
+
+        ssl_context = None
+        if "SSL" in proto:
+            ssl_context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+        if proto.startswith("SASL"):
+            opts["broker_credentials"] = faust.SASLCredentials(
+                username=settings.kafka_sasl_username,
+                password=settings.kafka_sasl_password.reveal(),
+                mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+                ssl_context=ssl_context,
+            )
+        elif ssl_context is not None:
+            opts["broker_credentials"] = ssl_context
+    return opts
+
+
+def create_app(settings: Settings) -> Worker:
+    if not settings.kafka_bootstrap or not settings.redis_url:
+        raise ValueError("the worker needs TAILSTREAM_KAFKA_BOOTSTRAP and TAILSTREAM_REDIS_URL "
+                         "(`tailstream up` sets both for the embedded stack)")
+    app = faust.App(
+        settings.app_id,
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_allow_declare=True,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+        value_serializer="raw",
+        key_serializer="raw",
+        producer_linger=0.005,
+        stream_buffer_maxsize=max(4 * settings.batch_size, 4096),
+        **faust_broker_options(settings),
+    )
+    metrics = Metrics()
+    redis = aioredis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5,
+                                    socket_connect_timeout=2, health_check_interval=10)
+
+    input_topic = app.topic(*settings.input_topics, settings.topic_for("item"),
+                            key_type=bytes, value_type=bytes,
+                            key_serializer="raw", value_serializer="raw")
+    recs_topic = app.topic(settings.topic(settings.topic_recommendations),
+                           key_serializer="raw", value_serializer="raw")
+    dlq_topic = app.topic(settings.topic(settings.topic_dlq),
+                          key_serializer="raw", value_serializer="raw")
+    # Keyed by user_id like the input topics, so the partitioner keeps each profile
+    # beside its events; changelog-backed, so a restarted worker recovers it.
+    profiles_table = app.Table("user-profiles", default=None, partitions=settings.partitions,
+                               use_partitioner=True, key_serializer="raw",
+                               value_serializer="json")
+
+    async def send_to_dlq(msg: RawMessage, why: Rejection) -> None:
+        await dlq_topic.send(key=msg.key, value=msg.value if msg.value is not None else b"",
+                             headers=dlq_headers(msg, why))
+
+    async def send_recs(user_id: str, payload: bytes) -> None:
+        await recs_topic.send(key=user_id.encode(), value=payload)
+
+    pipeline = Pipeline(
+        settings,
+        profiles=_StrKeyed(profiles_table),
+        deduper=Deduper(redis, prefix=settings.redis_prefix, ttl_s=settings.dedupe_ttl_s),
+        publisher=Publisher(redis, send_recs, metrics, prefix=settings.redis_prefix,
+                            ttl_s=settings.recs_ttl_s),
+        send_to_dlq=send_to_dlq,
+        metrics=metrics,
+    )
+
+    @app.agent(input_topic)
+    async def process_events(stream: faust.StreamT[bytes]) -> None:
+        """Validate, de-duplicate, update state and refresh the acting users' lists."""
+        async for events in stream.take_events(settings.batch_size,
+                                               within=settings.batch_within_s):
+            batch = [_raw(e) for e in events]
+            try:
+                await pipeline.process(batch)
+            except Exception as exc:
+                # The pipeline handles per-event errors itself; this is a batch-level
+                # failure (a bug). Dead-letter the batch rather than let Faust ack it away.
+                log.exception("batch of %d failed; dead-lettering it", len(batch))
+                for msg in batch:
+                    try:
+                        await pipeline._dead_letter(
+                            msg, Rejection("processing_error", repr(exc)[:200]))
+                    except Exception:
+                        log.exception("dead-lettering failed")
+
+    @app.timer(interval=1.0)
+    async def report_assignment() -> None:
+        assigned = [tp for tp in app.consumer.assignment()
+                    if tp.topic in settings.input_topics]
+        metrics.assigned_partitions.set(len(assigned))
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    @app.page("/recommendations/{user_id}")
+    async def recommendations_page(web: Any, request: Any, user_id: str) -> Any:
+        meta = await redis.hgetall(meta_key(settings.redis_prefix, user_id))
+        if not meta:
+            return web.json({"user_id": user_id, "items": [], "found": False}, status=404)
+        return web.json({
+            "user_id": user_id,
+            "found": True,
+            "model_version": meta.get(b"model_version", b"").decode(),
+            "generated_at": float(meta.get(b"generated_at", b"0")),
+            "trigger": meta.get(b"trigger", b"").decode(),
+            "items": json.loads(meta.get(b"items", b"[]")),
+            "key": recs_key(settings.redis_prefix, user_id),
+        })
+
+    return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis)
+
+
+def _raw(event: EventT) -> RawMessage:
+    m = event.message
+    return RawMessage(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key,
+                      value=m.value, timestamp=m.timestamp)
+
+
+class _StrKeyed(MutableMapping[str, Any]):
+    """Adapts the bytes-keyed Faust table to the str-keyed mapping the pipeline uses."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._table.get(key.encode())
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._table[key.encode()]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._table[key.encode()] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._table[key.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k in self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)

@@ -1,0 +1,185 @@
+"""The per-batch work of the worker, independent of Faust so it can be tested alone.
+
+ingest (decode, validate, dead-letter) → de-duplicate → state (user profiles,
+popularity, catalogue) → score the users who acted → publish.
+
+Nothing here raises into the stream: a message that cannot be processed is
+dead-lettered with its reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from tailstream.contract import (
+    Event,
+    InvalidEvent,
+    Limits,
+    Rejection,
+    decode_payload,
+    validate_event,
+    validate_item,
+)
+from tailstream.metrics import Metrics
+from tailstream.models.baseline import QueryIndex, new_profile, recommend, update_profile
+from tailstream.models.popularity import PopularityTracker
+from tailstream.settings import Settings
+from tailstream.streams.dedupe import Deduper
+from tailstream.streams.publish import Publisher, RecList
+
+log = logging.getLogger(__name__)
+
+BASELINE_VERSION = "baseline-1"
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """What the pipeline needs of a Kafka record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float | None  # seconds; the producer's create time
+
+
+SendToDlq = Callable[[RawMessage, Rejection], Awaitable[None]]
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, *, profiles: MutableMapping[str, Any],
+                 deduper: Deduper, publisher: Publisher, send_to_dlq: SendToDlq,
+                 metrics: Metrics, popularity: PopularityTracker | None = None,
+                 refresh_every_s: float = 1.0) -> None:
+        self.settings = settings
+        self.limits = Limits(max_event_bytes=settings.max_event_bytes,
+                             max_string_chars=settings.max_string_chars,
+                             max_future_skew_s=float(settings.max_future_skew_s))
+        self.kind_of_topic = {settings.topic_for(k): k
+                              for k in ("click", "cart", "fav", "purchase", "search")}
+        self.items_topic = settings.topic_for("item")
+        self.profiles = profiles
+        self.deduper = deduper
+        self.publisher = publisher
+        self.send_to_dlq = send_to_dlq
+        self.metrics = metrics
+        self.popularity = popularity or PopularityTracker()
+        self.query_index = QueryIndex()
+        self.refresh_every_s = refresh_every_s
+        self._last_refresh = 0.0
+
+    # ------------------------------------------------------------------ ingest
+    async def process(self, batch: list[RawMessage]) -> None:
+        """Process one batch. Every message ends processed, skipped as duplicate, or in the DLQ."""
+        started = time.perf_counter()
+        self.metrics.batch_size.observe(len(batch))
+        events: list[tuple[Event, RawMessage]] = []
+        for msg in batch:
+            if msg.topic == self.items_topic:
+                await self._apply_item(msg)
+                continue
+            kind = self.kind_of_topic.get(msg.topic, "unknown")
+            self.metrics.events_in.labels(kind).inc()
+            decoded = decode_payload(msg.value, self.limits)
+            if isinstance(decoded, Rejection):
+                await self._dead_letter(msg, decoded)
+                continue
+            for value in decoded:
+                try:
+                    events.append((validate_event(kind, value, self.limits), msg))
+                except InvalidEvent as exc:
+                    await self._dead_letter(msg, Rejection(exc.reason, exc.detail))
+        if events:
+            fresh = await self.deduper.first_seen([e.event_id for e, _ in events])
+            acted: dict[str, tuple[Event, RawMessage]] = {}
+            for (event, msg), is_new in zip(events, fresh, strict=True):
+                if not is_new:
+                    self.metrics.duplicates.inc()
+                    continue
+                try:
+                    self._apply_event(event)
+                except Exception as exc:  # never let one bad event take the stream down
+                    log.exception("processing event %s failed", event.event_id)
+                    await self._dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
+                    continue
+                self.metrics.events_processed.labels(event.kind).inc()
+                acted[event.user_id] = (event, msg)
+            self._maybe_refresh()
+            await self._refresh_users(acted)
+        elif self.publisher.pending:
+            await self.publisher.publish([])
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _apply_item(self, msg: RawMessage) -> None:
+        decoded = decode_payload(msg.value, self.limits)
+        if isinstance(decoded, Rejection):
+            await self._dead_letter(msg, decoded)
+            return
+        for value in decoded:
+            try:
+                item = validate_item(value, self.limits)
+            except InvalidEvent as exc:
+                await self._dead_letter(msg, Rejection(exc.reason, exc.detail))
+                continue
+            self.popularity.set_category(item.item_id, item.category)
+            self.query_index.add(item.title, item.category)
+            self.metrics.items_in.inc()
+        self.metrics.catalogue_size.set(self.popularity.known_items)
+
+    def _apply_event(self, event: Event) -> None:
+        category = event.category
+        if event.item_id is not None:
+            category = category or self.popularity.category(event.item_id)
+            self.popularity.observe(event.item_id, category, 1.0, event.ts)
+        query_cats: list[str] = []
+        if event.kind == "search" and event.query:
+            query_cats = self.query_index.categories(event.query)
+            if event.clicked_item_id is not None:
+                clicked = self.popularity.category(event.clicked_item_id)
+                if clicked is not None:
+                    query_cats = [clicked, *[c for c in query_cats if c != clicked]]
+        profile = self.profiles.get(event.user_id) or new_profile()
+        self.profiles[event.user_id] = update_profile(
+            profile, event, category, query_cats, keep=self.settings.recent_items)
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._last_refresh >= self.refresh_every_s:
+            self.popularity.refresh(time.time())
+            self._last_refresh = now
+            self.metrics.catalogue_size.set(self.popularity.known_items)
+
+    # ------------------------------------------------------------------ score
+    async def _refresh_users(self, acted: dict[str, tuple[Event, RawMessage]]) -> None:
+        now = time.time()
+        lists: list[RecList] = []
+        for user_id, (event, msg) in acted.items():
+            profile = self.profiles.get(user_id) or new_profile()
+            recs = recommend(profile, self.popularity, k=self.settings.recs_k,
+                             tail_share=self.settings.tail_share)
+            lists.append(RecList(
+                user_id=user_id, items=[r.to_dict(i + 1) for i, r in enumerate(recs)],
+                model_version=BASELINE_VERSION, trigger="event", generated_at=now,
+                event_id=event.event_id, source_ts=msg.timestamp))
+        await self.publisher.publish(lists)
+
+    async def _dead_letter(self, msg: RawMessage, why: Rejection) -> None:
+        self.metrics.dlq.labels(why.reason).inc()
+        await self.send_to_dlq(msg, why)
+
+
+def dlq_headers(msg: RawMessage, why: Rejection) -> list[tuple[str, bytes]]:
+    """Headers carried by a dead-lettered message (the value is the original bytes)."""
+    return [
+        ("tailstream-reason", why.reason.encode()),
+        ("tailstream-detail", why.detail.encode("utf-8", "replace")[:500]),
+        ("tailstream-source-topic", msg.topic.encode()),
+        ("tailstream-source-partition", str(msg.partition).encode()),
+        ("tailstream-source-offset", str(msg.offset).encode()),
+    ]
+
