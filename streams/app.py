@@ -49,6 +49,8 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
         # Tansu holds JoinGroup for the rebalance/poll interval: keep it short there.
         opts["broker_max_poll_interval"] = settings.kafka_max_poll_interval_s
         opts["broker_rebalance_timeout"] = settings.kafka_max_poll_interval_s
+        opts["broker_session_timeout"] = max(6.0, 2 * settings.kafka_max_poll_interval_s)
+        opts["broker_heartbeat_interval"] = 1.0
     proto = settings.kafka_security_protocol.upper()
     if proto != "PLAINTEXT":
         import ssl
@@ -100,8 +102,8 @@ def create_app(settings: Settings) -> Worker:
     # Keyed by user_id like the input topics, so the partitioner keeps each profile
     # beside its events; changelog-backed, so a restarted worker recovers it.
     profiles_table = app.Table("user-profiles", default=None, partitions=settings.partitions,
-                               use_partitioner=True, key_serializer="raw",
-                               value_serializer="json")
+                               use_partitioner=True,
+                               schema=faust.Schema(key_serializer="raw", value_serializer="json"))
 
     async def send_to_dlq(msg: RawMessage, why: Rejection) -> None:
         await dlq_topic.send(key=msg.key, value=msg.value if msg.value is not None else b"",
@@ -147,7 +149,8 @@ def create_app(settings: Settings) -> Worker:
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        return web.bytes(generate_latest(metrics.registry),
+                         content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
 
     @app.page("/recommendations/{user_id}")
     async def recommendations_page(web: Any, request: Any, user_id: str) -> Any:

@@ -80,7 +80,9 @@ class Item:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"item_id": self.item_id, "title": self.title,
-                               "category": self.category, "brand": self.brand}
+                               "category": self.category}
+        if self.brand:
+            out["brand"] = self.brand
         if self.price is not None:
             out["price"] = self.price
         return out
@@ -114,7 +116,7 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
     >>> decode_payload(b'not json', Limits()).reason
     'not_json'
     """
-    if raw is None:
+    if not raw:
         return Rejection("empty", "message has no value")
     if len(raw) > limits.max_event_bytes:
         return Rejection("oversize", f"{len(raw)} bytes > {limits.max_event_bytes}")
@@ -123,6 +125,8 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
     except (ValueError, RecursionError) as exc:
         return Rejection("not_json", str(exc)[:200])
     if isinstance(value, list):
+        if not value:
+            return Rejection("empty", "batched envelope has no events")
         return value
     return [value]
 
@@ -172,7 +176,7 @@ def validate_event(kind: str, value: Any, limits: Limits, now: float | None = No
     category = _opt_str(value, "category", limits)
     if kind == "search":
         query = _req_str(value, "query", limits)
-        results = value.get("result_item_ids", [])
+        results = value.get("result_item_ids") or []
         if not isinstance(results, list):
             raise InvalidEvent("wrong_type", "result_item_ids must be a list")
         if len(results) > limits.max_list_items:
@@ -230,6 +234,11 @@ def _as_id(raw: Any, name: str, limits: Limits) -> str:
         raise InvalidEvent("bad_value", f"{name} is empty")
     if len(raw) > limits.max_string_chars:
         raise InvalidEvent("oversize", f"{name} has {len(raw)} chars")
+    if not raw.isascii():
+        try:  # lone surrogates survive json.loads but break every later encode
+            raw.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidEvent("bad_value", f"{name} is not valid unicode") from exc
     return raw
 
 
@@ -247,7 +256,10 @@ def _opt_number(value: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise InvalidEvent("wrong_type", f"{name} must be a number")
-    out = float(raw)
+    try:
+        out = float(raw)
+    except OverflowError as exc:  # a 400-digit integer literal is legal JSON
+        raise InvalidEvent("bad_value", f"{name} is out of range") from exc
     if not math.isfinite(out):
         raise InvalidEvent("bad_value", f"{name} is not finite")
     return out

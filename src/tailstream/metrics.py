@@ -38,7 +38,7 @@ class Metrics:
             "tailstream_duplicates_total",
             "Events skipped because their event_id was already processed.", registry=r)
         self.items_in = Counter(
-            "tailstream_catalogue_items_total",
+            "tailstream_catalogue_updates_total",
             "Catalogue records applied from the items topic.", registry=r)
         self.catalogue_size = Gauge(
             "tailstream_catalogue_items",
