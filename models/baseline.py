@@ -63,7 +63,7 @@ class QueryIndex:
             if hits:
                 total = sum(hits.values())
                 for cat, c in hits.items():
-                    scores[cat] += c / total
+                    scores[cat] += round(1000 * c / total)
         return [c for c, _ in scores.most_common(n)]
 
 
@@ -145,10 +145,11 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
         for item in pop.global_top[: 2 * k] + pop.global_tail[:k]:
             if item in seen or item in candidates:
                 continue
-            cat = pop.category(item)
+            item_cat = pop.category(item)
             score = 0.1 * (0.5 + 0.5 * pop.relative(item))
             candidates[item] = Recommendation(
-                item, score, pop.tier(item), f"trending in {cat}" if cat else "trending", cat)
+                item, score, pop.tier(item),
+                f"trending in {item_cat}" if item_cat else "trending", item_cat)
     ranked = sorted(candidates.values(), key=lambda r: (-r.score, r.item_id))
     return with_tail_share(ranked, k, tail_share)
 

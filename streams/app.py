@@ -7,11 +7,10 @@ the embedded Tansu or Apache Kafka: it only sees a bootstrap address.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
 import redis.asyncio as aioredis
@@ -23,7 +22,7 @@ from tailstream.metrics import Metrics
 from tailstream.settings import Settings
 from tailstream.streams.dedupe import Deduper
 from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
-from tailstream.streams.publish import Publisher, meta_key, recs_key
+from tailstream.streams.publish import Publisher, meta_key, parse_meta
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +124,10 @@ def create_app(settings: Settings) -> Worker:
     @app.agent(input_topic)
     async def process_events(stream: faust.StreamT[bytes]) -> None:
         """Validate, de-duplicate, update state and refresh the acting users' lists."""
-        async for events in stream.take_events(settings.batch_size,
-                                               within=settings.batch_within_s):
+        # take_events (not take): it acks each batch only after this loop body ran.
+        batches = cast(faust.Stream[bytes], stream).take_events(
+            settings.batch_size, within=settings.batch_within_s)
+        async for events in batches:
             batch = [_raw(e) for e in events]
             try:
                 await pipeline.process(batch)
@@ -154,18 +155,11 @@ def create_app(settings: Settings) -> Worker:
 
     @app.page("/recommendations/{user_id}")
     async def recommendations_page(web: Any, request: Any, user_id: str) -> Any:
-        meta = await redis.hgetall(meta_key(settings.redis_prefix, user_id))
-        if not meta:
+        found = parse_meta(user_id, await redis.hgetall(meta_key(settings.redis_prefix,
+                                                                  user_id)))
+        if found is None:
             return web.json({"user_id": user_id, "items": [], "found": False}, status=404)
-        return web.json({
-            "user_id": user_id,
-            "found": True,
-            "model_version": meta.get(b"model_version", b"").decode(),
-            "generated_at": float(meta.get(b"generated_at", b"0")),
-            "trigger": meta.get(b"trigger", b"").decode(),
-            "items": json.loads(meta.get(b"items", b"[]")),
-            "key": recs_key(settings.redis_prefix, user_id),
-        })
+        return web.json({**found, "found": True})
 
     return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis)
 

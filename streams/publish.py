@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,17 @@ def recs_key(prefix: str, user_id: str) -> str:
 
 def meta_key(prefix: str, user_id: str) -> str:
     return f"{prefix}:recs:{user_id}:meta"
+
+
+def parse_meta(user_id: str, meta: Mapping[Any, Any]) -> dict[str, Any] | None:
+    """A user's list as JSON-ready dict, from the raw meta hash (None when absent)."""
+    if not meta:
+        return None
+    text = {(k.decode() if isinstance(k, bytes) else str(k)):
+            (v.decode() if isinstance(v, bytes) else str(v)) for k, v in meta.items()}
+    return {"user_id": user_id, "model_version": text.get("model_version", ""),
+            "generated_at": float(text.get("generated_at", "0")),
+            "trigger": text.get("trigger", ""), "items": json.loads(text.get("items", "[]"))}
 
 
 SendToKafka = Callable[[str, bytes], Awaitable[None]]

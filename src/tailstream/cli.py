@@ -199,7 +199,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def cmd_recs(args: argparse.Namespace) -> int:
     import redis
 
-    from tailstream.streams.publish import meta_key
+    from tailstream.streams.publish import meta_key, parse_meta
 
     settings = _with_running_stack(_settings(args))
     client = redis.Redis.from_url(settings.redis_url.reveal())
@@ -207,13 +207,11 @@ def cmd_recs(args: argparse.Namespace) -> int:
         meta = client.hgetall(meta_key(settings.redis_prefix, args.user))
     finally:
         client.close()
-    if not meta:
+    found = parse_meta(args.user, meta)
+    if found is None:
         print(f"no recommendations for user {args.user!r}", file=sys.stderr)
         return 1
-    out = {"user_id": args.user, "model_version": meta[b"model_version"].decode(),
-           "generated_at": float(meta[b"generated_at"]), "trigger": meta[b"trigger"].decode(),
-           "items": json.loads(meta[b"items"])}
-    print(json.dumps(out, indent=2))
+    print(json.dumps(found, indent=2))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Shared test settings: nothing here starts a service (see tests/integration/conftest.py)."""

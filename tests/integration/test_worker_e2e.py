@@ -1,0 +1,184 @@
+"""The worker end to end on the real broker and redis-server: events in, lists out."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from jsonschema import Draft202012Validator
+from kafka import KafkaProducer
+
+from tailstream.contract import Item, encode
+from tailstream.embedded import ManagedProcess
+from tailstream.kafka_io import reader
+from tailstream.settings import Settings
+from tailstream.streams.publish import meta_key, recs_key
+from tailstream.workers import metrics_url, scrape
+
+pytestmark = pytest.mark.integration
+SCHEMAS = Path(__file__).parents[2] / "docs" / "schemas"
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Return the first truthy value of ``check()``; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what} (last value {value!r})")
+        time.sleep(0.1)
+
+
+def producer(s: Settings) -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=2)
+
+
+def send(p: KafkaProducer, s: Settings, kind: str, key: str, value: bytes | dict[str, Any]
+         ) -> None:
+    raw = value if isinstance(value, bytes) else encode(value)
+    p.send(s.topic_for(kind), key=key.encode(), value=raw)
+
+
+def click(event_id: str, user: str, item: str) -> dict[str, Any]:
+    return {"event_id": event_id, "user_id": user, "ts": time.time(), "item_id": item}
+
+
+def read_all(s: Settings, topic: str, expect: int, timeout: float = 30.0) -> list[Any]:
+    consumer = reader(s, [topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expect and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                out.extend(batch)
+    finally:
+        consumer.close()
+    return out
+
+
+def metric(ws: Settings, name: str) -> float:
+    return scrape(metrics_url(ws)).get(name, 0.0)
+
+
+def seed_catalogue(p: KafkaProducer, s: Settings, n: int = 40) -> None:
+    for i in range(n):
+        cat = "shoes" if i % 2 else "hats"
+        send(p, s, "item", f"i{i}", Item(f"i{i}", f"blue {cat[:-1]} {i}", cat, "acme", 10.0 + i)
+             .to_dict())
+
+
+def test_lists_reach_the_topic_and_redis(worker: tuple[ManagedProcess, Settings]) -> None:
+    _, ws = worker
+    p = producer(ws)
+    seed_catalogue(p, ws)
+    users = [f"u{n}" for n in range(20)]
+    for n in range(400):
+        send(p, ws, "click", users[n % 20], click(f"e{n}", users[n % 20], f"i{(n * 7) % 40}"))
+    p.flush()
+    p.close()
+
+    r = redis.Redis.from_url(ws.redis_url.reveal())
+    poll(lambda: all(r.exists(meta_key(ws.redis_prefix, u)) for u in users), what="lists")
+    for u in users:
+        items = r.zrevrange(recs_key(ws.redis_prefix, u), 0, -1)
+        assert 0 < len(items) <= ws.recs_k
+    r.close()
+
+    messages = read_all(ws, ws.topic(ws.topic_recommendations), expect=20)
+    schema = Draft202012Validator(json.loads((SCHEMAS / "recommendation.json").read_text()))
+    seen = set()
+    for m in messages:
+        value = json.loads(m.value)
+        assert not list(schema.iter_errors(value)), value
+        assert m.key.decode() == value["user_id"]
+        seen.add(value["user_id"])
+    assert seen == set(users)
+    poll(lambda: metric(ws, "tailstream_events_processed_total") == 400, what="all events")
+
+
+def test_malformed_events_go_to_the_dlq_with_reason(
+        worker: tuple[ManagedProcess, Settings]) -> None:
+    _, ws = worker
+    p = producer(ws)
+    seed_catalogue(p, ws, 10)
+    bad = {
+        b"this is not json": "not_json",
+        encode({"event_id": "x1", "ts": time.time(), "item_id": "i1"}): "missing_field",
+        encode({"event_id": "x2", "user_id": "u", "ts": "yesterday", "item_id": "i1"}):
+            "wrong_type",
+        encode({**click("x3", "u", "i1"), "v": 99}): "unknown_version",
+        b"{" + b" " * 20_000 + b"}": "oversize",
+    }
+    for n in range(30):  # healthy events around the poison ones keep flowing
+        send(p, ws, "click", "good", click(f"g{n}", "good", f"i{n % 10}"))
+        if n % 6 == 0 and bad:
+            raw, _ = bad_item = next(iter(bad.items()))
+            send(p, ws, "click", "bad", raw)
+            bad.pop(bad_item[0])
+    p.flush()
+    p.close()
+
+    dead = read_all(ws, ws.topic(ws.topic_dlq), expect=5)
+    assert len(dead) == 5
+    reasons = sorted(dict(m.headers)["tailstream-reason"].decode() for m in dead)
+    assert reasons == sorted(["not_json", "missing_field", "wrong_type", "unknown_version",
+                              "oversize"])
+    for m in dead:
+        headers = dict(m.headers)
+        assert headers["tailstream-source-topic"].decode() == ws.topic_for("click")
+        assert int(headers["tailstream-source-offset"]) >= 0
+    assert any(m.value == b"this is not json" for m in dead)  # the original bytes
+    poll(lambda: metric(ws, "tailstream_events_processed_total") == 30, what="good events")
+    assert metric(ws, "tailstream_dlq_total") == 5
+
+
+def test_duplicate_event_ids_are_processed_once(
+        worker: tuple[ManagedProcess, Settings]) -> None:
+    _, ws = worker
+    p = producer(ws)
+    seed_catalogue(p, ws, 10)
+    for _ in range(3):
+        send(p, ws, "click", "u1", click("same-id", "u1", "i1"))
+    # A batched envelope repeating an id, and one new event inside it.
+    send(p, ws, "cart", "u1", encode([click("same-cart", "u1", "i2"),
+                                      click("same-cart", "u1", "i2"),
+                                      click("other-cart", "u1", "i3")]))
+    p.flush()
+    p.close()
+    poll(lambda: metric(ws, "tailstream_duplicates_total") >= 3, what="duplicates counted")
+    time.sleep(0.5)
+    assert metric(ws, "tailstream_events_processed_total{kind=click}") == 1
+    assert metric(ws, "tailstream_events_processed_total{kind=cart}") == 2
+    assert metric(ws, "tailstream_duplicates_total") == 3
+
+
+def test_http_endpoint_serves_lists(worker: tuple[ManagedProcess, Settings]) -> None:
+    _, ws = worker
+    p = producer(ws)
+    seed_catalogue(p, ws, 10)
+    send(p, ws, "purchase", "buyer", {**click("b1", "buyer", "i3"), "price": 12.5,
+                                      "quantity": 1})
+    p.flush()
+    p.close()
+    base = f"http://{ws.web_host}:{ws.web_port}"
+    r = redis.Redis.from_url(ws.redis_url.reveal())
+    poll(lambda: r.exists(meta_key(ws.redis_prefix, "buyer")), what="buyer's list")
+    r.close()
+    with urllib.request.urlopen(f"{base}/recommendations/buyer", timeout=5) as resp:
+        body = json.loads(resp.read())
+    assert body["found"] is True and body["items"]
+    assert {"item_id", "score", "tier", "reason"} <= set(body["items"][0])
+    try:
+        urllib.request.urlopen(f"{base}/recommendations/nobody", timeout=5)
+        pytest.fail("expected 404")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
