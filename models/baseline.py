@@ -4,7 +4,7 @@ Stands in until the transformer scorer lands; it goes through the same publish p
 
 User profile (a plain dict, so it serialises into a Faust table):
 ``{"cats": {category: weight}, "why": {category: reason}, "items": [recent item ids],
-"queries": [recent queries], "ts": last event time}``.
+"queries": [recent queries], "ts": last event time or None}``.
 
 Score of item *i* in category *c* for user *u*:
 ``s(u, i) = a_u(c) / max_c a_u(c) · (0.5 + 0.5 · pop(i))`` with ``pop`` the decayed
@@ -68,7 +68,7 @@ class QueryIndex:
 
 
 def new_profile() -> dict[str, Any]:
-    return {"cats": {}, "why": {}, "items": [], "queries": [], "ts": 0.0}
+    return {"cats": {}, "why": {}, "items": [], "queries": [], "ts": None}
 
 
 def update_profile(profile: dict[str, Any], event: Event, category: str | None,
@@ -81,7 +81,7 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     >>> p["cats"], p["items"]
     ({'shoes': 1.0}, ['i1'])
     """
-    last = float(profile.get("ts", 0.0)) or event.ts
+    last = event.ts if profile.get("ts") is None else float(profile["ts"])
     decay = math.pow(2.0, -max(0.0, event.ts - last) / half_life_s)
     cats = {c: w * decay for c, w in profile.get("cats", {}).items() if w * decay > 0.01}
     why = dict(profile.get("why", {}))

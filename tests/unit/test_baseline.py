@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from tailstream.contract import Event
+from tailstream.models.baseline import (
+    QueryIndex,
+    Recommendation,
+    new_profile,
+    recommend,
+    update_profile,
+    with_tail_share,
+)
+from tailstream.models.popularity import PopularityTracker
+
+
+def _shop() -> PopularityTracker:
+    p = PopularityTracker(half_life_s=1e9, head_share=0.5, torso_share=0.3, per_category=50)
+    for cat in ("shoes", "hats"):
+        for i in range(30):
+            item = f"{cat}-{i}"
+            p.set_category(item, cat)
+            for _ in range(max(0, 30 - i) ** 2 // 30):  # skewed: low ids are popular
+                p.observe(item, cat, 1.0, ts=0.0)
+    p.refresh(now=0.0)
+    return p
+
+
+def test_profile_accumulates_and_decays() -> None:
+    p = new_profile()
+    p = update_profile(p, Event("click", "1", "u", 0.0, item_id="shoes-1"), "shoes", [],
+                       half_life_s=100.0)
+    p = update_profile(p, Event("purchase", "2", "u", 100.0, item_id="hats-1"), "hats", [],
+                       half_life_s=100.0)
+    assert p["cats"] == {"shoes": 0.5, "hats": 4.0}
+    assert p["items"] == ["hats-1", "shoes-1"]
+
+
+def test_profile_is_bounded_and_input_untouched() -> None:
+    p = new_profile()
+    for n in range(100):
+        q = update_profile(p, Event("click", str(n), "u", float(n), item_id=f"i{n}"),
+                           f"c{n}", [], keep=5)
+        assert p is not q
+        p = q
+    assert len(p["items"]) == 5 and len(p["cats"]) <= 5
+
+
+def test_recommend_follows_interest_and_keeps_a_tail_share() -> None:
+    pop = _shop()
+    p = update_profile(new_profile(), Event("click", "1", "u", 0.0, item_id="shoes-0"),
+                       "shoes", [])
+    recs = recommend(p, pop, k=10, tail_share=0.3)
+    assert len(recs) == 10
+    assert all(r.category == "shoes" for r in recs)
+    assert sum(r.tier == "tail" for r in recs) >= 3
+    assert "shoes-0" not in {r.item_id for r in recs}  # not echoing what was just seen
+    assert recs[0].reason.startswith("similar to item shoes-0")
+
+
+def test_cold_user_gets_trending_items() -> None:
+    recs = recommend(new_profile(), _shop(), k=5, tail_share=0.2)
+    assert len(recs) == 5 and all(r.reason.startswith("trending") for r in recs)
+
+
+def test_search_reads_intent_from_the_query() -> None:
+    index = QueryIndex()
+    index.add("Red running shoe", "shoes")
+    index.add("Wool winter hat", "hats")
+    assert index.categories("runing shoes")[0] == "shoes"  # typo tolerated by prefix
+    p = update_profile(new_profile(), Event("search", "1", "u", 0.0, query="wool hat"), None,
+                       index.categories("wool hat"))
+    recs = recommend(p, _shop(), k=10, tail_share=0.3)
+    assert all(r.category == "hats" for r in recs)
+    assert recs[0].reason == "matches your search 'wool hat'"
+
+
+def test_tail_quota_never_exceeded_when_tail_is_worse() -> None:
+    ranked = [Recommendation(str(i), 1 - i / 100, "head" if i < 50 else "tail", "", None)
+              for i in range(100)]
+    out = with_tail_share(ranked, 10, 0.2)
+    assert [r.item_id for r in out][:8] == [str(i) for i in range(8)]
+    assert sum(r.tier == "tail" for r in out) == 2
