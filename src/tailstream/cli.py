@@ -90,7 +90,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     embedded = not (settings.kafka_bootstrap and settings.redis_url)
     stopping = threading.Event()
     _on_signals(lambda: stopping.set())
-    with ServiceStack(settings) as s:
+    stack = ServiceStack(settings)
+    with stack as s:
         create_topics(s)
         workers = []
         try:
@@ -100,7 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             for proc, ws in workers:
                 wait_ready(proc, ws)
             info = StackInfo(s.kafka_bootstrap, s.redis_url.reveal(), embedded,
-                             {p.name: p.pid for p, _ in workers})
+                             {p.name: p.pid for p in [*stack.processes, *(w for w, _ in workers)]})
             info.write(s.data_dir / "stack.json")
             print(f"tailstream is up.\n"
                   f"  export TAILSTREAM_KAFKA_BOOTSTRAP={s.kafka_bootstrap}\n"
