@@ -13,6 +13,7 @@ MODULES = [
     "tailstream.demo",
     "tailstream.models.popularity",
     "tailstream.models.baseline",
+    "tailstream.models.weights",
     "tailstream.streams.dedupe",
 ]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tailstream.cli import build_parser, _settings
+from tailstream.cli import _settings, build_parser
 from tailstream.settings import Secret, Settings
 
 
