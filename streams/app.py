@@ -44,12 +44,11 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
         # A new worker reads its partitions from the start; committed offsets win after.
         "consumer_auto_offset_reset": "earliest",
     }
-    if settings.kafka_max_poll_interval_s > 0:
-        # Tansu holds JoinGroup for the rebalance/poll interval: keep it short there.
-        opts["broker_max_poll_interval"] = settings.kafka_max_poll_interval_s
-        opts["broker_rebalance_timeout"] = settings.kafka_max_poll_interval_s
-        opts["broker_session_timeout"] = max(6.0, 2 * settings.kafka_max_poll_interval_s)
-        opts["broker_heartbeat_interval"] = 1.0
+    if settings.kafka_session_timeout_s > 0:
+        opts["broker_session_timeout"] = settings.kafka_session_timeout_s
+        opts["broker_heartbeat_interval"] = min(3.0, settings.kafka_session_timeout_s / 5)
+    if settings.kafka_rebalance_timeout_s > 0:
+        opts["broker_rebalance_timeout"] = settings.kafka_rebalance_timeout_s
     proto = settings.kafka_security_protocol.upper()
     if proto != "PLAINTEXT":
         import ssl

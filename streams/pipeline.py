@@ -72,6 +72,10 @@ class Pipeline:
         self.query_index = QueryIndex()
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
+        # Label lookups cost more than the increments: resolve each child once.
+        kinds = [*self.kind_of_topic.values(), "unknown"]
+        self._events_in = {k: metrics.events_in.labels(k) for k in kinds}
+        self._processed = {k: metrics.events_processed.labels(k) for k in kinds}
 
     # ------------------------------------------------------------------ ingest
     async def process(self, batch: list[RawMessage]) -> None:
@@ -84,7 +88,7 @@ class Pipeline:
                 await self._apply_item(msg)
                 continue
             kind = self.kind_of_topic.get(msg.topic, "unknown")
-            self.metrics.events_in.labels(kind).inc()
+            self._events_in[kind].inc()
             decoded = decode_payload(msg.value, self.limits)
             if isinstance(decoded, Rejection):
                 await self._dead_letter(msg, decoded)
@@ -107,7 +111,7 @@ class Pipeline:
                     log.exception("processing event %s failed", event.event_id)
                     await self._dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
                     continue
-                self.metrics.events_processed.labels(event.kind).inc()
+                self._processed[event.kind].inc()
                 acted[event.user_id] = (event, msg)
             self._maybe_refresh()
             await self._refresh_users(acted)

@@ -5,8 +5,9 @@ Redis layout (see docs/events.md):
 * ``{prefix}:recs:{user_id}``: sorted set item_id → score.
 * ``{prefix}:recs:{user_id}:meta``: hash with model_version, generated_at, trigger, items (JSON).
 
-A batch of lists is written in one MULTI/EXEC transaction: each user's key is deleted
-and rewritten inside it, so a reader never sees a half-written list. Failed writes are
+Each list is replaced by one server-side script (:data:`REPLACE_LIST_LUA`): Redis runs a
+script atomically, so a reader sees the old list or the new one, never a mix. The scripts
+of a batch go in one pipelined round trip, one reply per user. Failed writes are
 retried with backoff; lists that still fail are kept (latest per user, bounded) and
 retried with the next batch, so a Redis outage costs freshness, not ingest.
 """
@@ -17,9 +18,10 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -30,7 +32,7 @@ from tailstream.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+@dataclass
 class RecList:
     """One user's list, ready to publish."""
 
@@ -42,11 +44,34 @@ class RecList:
     event_id: str | None
     source_ts: float | None  # Kafka timestamp of the triggering event (latency origin)
 
-    def to_message(self, published_at: float) -> dict[str, Any]:
-        return {"user_id": self.user_id, "items": self.items, "model_version": self.model_version,
-                "generated_at": self.generated_at, "trigger": self.trigger,
-                "event_id": self.event_id, "event_ts": self.source_ts,
-                "published_at": published_at}
+    @cached_property
+    def items_json(self) -> str:
+        return json.dumps(self.items, separators=(",", ":"))
+
+    def message_bytes(self, published_at: float) -> bytes:
+        """The recommendations-topic value (docs/schemas/recommendation.json)."""
+        head = json.dumps({"user_id": self.user_id, "model_version": self.model_version,
+                           "generated_at": self.generated_at, "trigger": self.trigger,
+                           "event_id": self.event_id, "event_ts": self.source_ts,
+                           "published_at": published_at}, separators=(",", ":"))
+        # Splice the items in rather than re-encoding a dict that holds them.
+        return f'{head[:-1]},"items":{self.items_json}}}'.encode()
+
+
+REPLACE_LIST_LUA = """
+-- KEYS[1] sorted set, KEYS[2] meta hash
+-- ARGV: ttl, model_version, generated_at, trigger, items_json, then score, member pairs
+redis.call('DEL', KEYS[1])
+if #ARGV > 5 then
+  redis.call('ZADD', KEYS[1], unpack(ARGV, 6))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'model_version', ARGV[2], 'generated_at', ARGV[3],
+           'trigger', ARGV[4], 'items', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 def recs_key(prefix: str, user_id: str) -> str:
@@ -86,6 +111,7 @@ class Publisher:
         self.backoff_s = backoff_s
         self.max_pending = max_pending
         self._pending: OrderedDict[str, RecList] = OrderedDict()
+        self._replace = redis.register_script(REPLACE_LIST_LUA)
 
     @property
     def pending(self) -> int:
@@ -105,42 +131,44 @@ class Publisher:
             return 0
         self._pending.clear()
         published_at = time.time()
+        tiers: Counter[str] = Counter()
+        triggers: Counter[str] = Counter()
         for rec in batch:
             if rec.source_ts is not None:
                 self.metrics.rec_latency.labels(rec.trigger).observe(
                     max(0.0, published_at - rec.source_ts))
-            self.metrics.recs_published.labels("redis", rec.trigger).inc()
-            for item in rec.items:
-                self.metrics.tail_items_published.labels(item.get("tier", "tail")).inc()
+            triggers[rec.trigger] += 1
+            tiers.update(item.get("tier", "tail") for item in rec.items)
+        for tier, n in tiers.items():
+            self.metrics.tail_items_published.labels(tier).inc(n)
+        for trigger, n in triggers.items():
+            self.metrics.recs_published.labels("redis", trigger).inc(n)
+        sent: Counter[str] = Counter()
         for rec in batch:
-            payload = json.dumps(rec.to_message(published_at), separators=(",", ":")).encode()
             try:
-                await self.send_to_kafka(rec.user_id, payload)
-                self.metrics.recs_published.labels("kafka", rec.trigger).inc()
+                await self.send_to_kafka(rec.user_id, rec.message_bytes(published_at))
+                sent[rec.trigger] += 1
             except Exception:  # a lost notification; Redis already holds the list
                 self.metrics.publish_errors.labels("kafka").inc()
                 log.exception("publishing a list to Kafka failed")
+        for trigger, n in sent.items():
+            self.metrics.recs_published.labels("kafka", trigger).inc(n)
         return len(batch)
 
     async def _write_redis(self, batch: list[RecList]) -> bool:
         delay = self.backoff_s
         for attempt in range(self.retries):
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
+                async with self.redis.pipeline(transaction=False) as pipe:
                     for rec in batch:
-                        key, meta = recs_key(self.prefix, rec.user_id), meta_key(
-                            self.prefix, rec.user_id)
-                        pipe.delete(key)
-                        if rec.items:
-                            pipe.zadd(key, {it["item_id"]: float(it["score"]) for it in rec.items})
-                        pipe.hset(meta, mapping={
-                            "model_version": rec.model_version,
-                            "generated_at": repr(rec.generated_at),
-                            "trigger": rec.trigger,
-                            "items": json.dumps(rec.items, separators=(",", ":")),
-                        })
-                        pipe.expire(key, self.ttl_s)
-                        pipe.expire(meta, self.ttl_s)
+                        args: list[Any] = [self.ttl_s, rec.model_version, repr(rec.generated_at),
+                                           rec.trigger, rec.items_json]
+                        for it in rec.items:
+                            args.append(float(it["score"]))
+                            args.append(it["item_id"])
+                        await self._replace(keys=[recs_key(self.prefix, rec.user_id),
+                                                  meta_key(self.prefix, rec.user_id)],
+                                            args=args, client=pipe)
                     await pipe.execute()
                 return True
             except (RedisError, OSError) as exc:

@@ -85,8 +85,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tailstream.workers import metrics_url, start_worker, wait_ready
 
     settings = _settings(args)
-    if not settings.kafka_bootstrap and settings.kafka_max_poll_interval_s == 0:
-        settings = settings.replace(kafka_max_poll_interval_s=3.0)
+    if not settings.kafka_bootstrap:
+        settings = settings.with_embedded_group_timing()
     embedded = not (settings.kafka_bootstrap and settings.redis_url)
     stopping = threading.Event()
     _on_signals(lambda: stopping.set())

@@ -77,8 +77,8 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
              records: Iterable[ProducedRecord], rate: float | None, ui: bool,
              source: str) -> dict[str, Any]:
     """Run the embedded system until ``seconds`` pass or the source ends; return the summary."""
-    if not settings.kafka_bootstrap and settings.kafka_max_poll_interval_s == 0:
-        settings = settings.replace(kafka_max_poll_interval_s=3.0)
+    if not settings.kafka_bootstrap:
+        settings = settings.with_embedded_group_timing()
     with ServiceStack(settings) as s:
         create_topics(s)
         watcher = RecsWatcher()

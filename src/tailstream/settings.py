@@ -62,9 +62,12 @@ class Settings:
     topic_items: str = "items"
     topic_recommendations: str = "recommendations"
     topic_dlq: str = "events.dlq"
-    kafka_max_poll_interval_s: float = 0.0
-    """Consumer max poll interval (0: client default). Tansu holds a JoinGroup for this long,
-    so the embedded stack sets 3 s; leave 0 for Apache Kafka."""
+    kafka_session_timeout_s: float = 0.0
+    """Consumer-group session timeout (0: client default)."""
+    kafka_rebalance_timeout_s: float = 0.0
+    """How long the coordinator waits for members to rejoin (0: client default). Tansu holds
+    a JoinGroup that long, so the embedded stack uses short timings (see
+    :meth:`with_embedded_group_timing`); leave both at 0 for Apache Kafka."""
     app_id: str = "tailstream"
     """Faust app id: the consumer group and the prefix of changelog topics."""
 
@@ -140,6 +143,13 @@ class Settings:
                 raise ValueError(f"unknown setting {name!r}")
             converted[name] = _convert(hints[name], value, name)
         return dataclasses.replace(self, **converted)
+
+    def with_embedded_group_timing(self) -> Settings:
+        """Short group timings for the embedded Tansu broker, unless set explicitly."""
+        return self.replace(
+            kafka_session_timeout_s=self.kafka_session_timeout_s or 10.0,
+            kafka_rebalance_timeout_s=self.kafka_rebalance_timeout_s or 3.0,
+        )
 
     # ---- derived values ---------------------------------------------------
     def topic(self, name: str) -> str:

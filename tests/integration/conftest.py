@@ -52,10 +52,9 @@ def settings(broker: str, redis_url: str, tmp_path: Path) -> Settings:
         redis_prefix=f"ts{ns}",
         data_dir=tmp_path,
         partitions=2,
-        kafka_max_poll_interval_s=3.0,
         web_port=0,
         batch_within_s=0.02,
-    )
+    ).with_embedded_group_timing()
 
 
 @pytest.fixture
