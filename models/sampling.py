@@ -305,7 +305,7 @@ def augment_text(text: str, rng: random.Random, p_swap: float = 0.1, p_delete: f
 
     Blank input is returned unchanged. Same ``rng`` state → same output.
 
-    >>> augment_text("cheap red tee", random.Random(1), p_swap=0.0, p_delete=0.0)
+    >>> augment_text("cheap red tee", random.Random(1), p_swap=0, p_delete=0, n_synonym=2)
     'affordable red t-shirt'
     """
     tokens = text.split()

@@ -14,6 +14,8 @@ MODULES = [
     "tailstream.models.popularity",
     "tailstream.models.baseline",
     "tailstream.models.weights",
+    "tailstream.models.sketch",
+    "tailstream.models.rolling",
     "tailstream.streams.dedupe",
 ]
 
