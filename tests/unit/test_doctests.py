@@ -16,6 +16,8 @@ MODULES = [
     "tailstream.models.weights",
     "tailstream.models.sketch",
     "tailstream.models.rolling",
+    "tailstream.models.buffer",
+    "tailstream.models.sampling",
     "tailstream.streams.dedupe",
 ]
 

@@ -1,0 +1,193 @@
+"""A simulated shop: realistic enough to exercise imbalance and the long tail.
+
+* Catalogue: items with generated titles, categories, brands and log-normal prices.
+* Popularity: Zipf (exponent ``zipf_s``) over items within each category and over
+  categories, so a few head items take most interactions and most items are tail.
+* Users: 1-3 interest categories each; sessions of search → clicks → (cart → purchase).
+* Funnel: the class shares come out near the figures of real shops (Taobao: click 89 %,
+  cart 5.5 %, fav 3 %, purchase 2.2 %): roughly click 86 %, search 6 %, cart 4.5 %,
+  fav 2 %, purchase 1.5 % with the defaults (``tests/unit/test_synthetic.py`` pins them).
+* Searches: queries made from item titles, with typos (a dropped or swapped character).
+* Drift: every ``drift_every`` events the popularity ranks rotate, so trending items change.
+* Malformed: every ``malformed_every``-th record is deliberately broken (if > 0), in one of
+  several ways the decoder must reject.
+
+Deterministic for a seed and a clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tailstream.contract import Item, encode
+from tailstream.producers.records import ProducedRecord
+
+DEPARTMENTS: dict[str, list[str]] = {
+    "electronics": ["earbuds", "headphones", "phone case", "charger", "smartwatch", "speaker"],
+    "home": ["kettle", "mug", "blanket", "lamp", "pillow", "frying pan"],
+    "fashion": ["sneakers", "t-shirt", "jeans", "jacket", "scarf", "backpack"],
+    "beauty": ["lipstick", "face cream", "shampoo", "perfume", "nail polish"],
+    "sports": ["yoga mat", "dumbbell", "water bottle", "running shorts", "tennis racket"],
+    "toys": ["puzzle", "building blocks", "plush bear", "board game", "kite"],
+}
+ADJECTIVES = ["aurora", "classic", "compact", "deluxe", "eco", "nova", "pro", "retro",
+              "silky", "smart", "sturdy", "ultra", "vivid", "wireless", "cozy", "matte"]
+COLOURS = ["black", "white", "red", "blue", "green", "pink", "grey", "gold"]
+BRANDS = ["acme", "borealis", "corvid", "dune", "elara", "fjord", "gala", "helix", "ionic",
+          "juno", "kestrel", "lumen"]
+
+# Funnel: per viewed item, the chance of going deeper.
+P_FAV = 0.025
+P_CART = 0.055
+P_PURCHASE_GIVEN_CART = 0.33
+
+
+class ShopSimulator:
+    def __init__(self, n_users: int = 2000, n_items: int = 5000, seed: int = 0,
+                 malformed_every: int = 0, drift_every: int = 20_000, zipf_s: float = 1.1,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.n_users = n_users
+        self.n_items = n_items
+        self.seed = seed
+        self.malformed_every = malformed_every
+        self.drift_every = drift_every
+        self.zipf_s = zipf_s
+        self.clock = clock
+        self._rng = random.Random(seed)
+        self.items: list[Item] = []
+        self.categories: list[str] = [f"{d}/{c.replace(' ', '-')}"
+                                      for d, cs in DEPARTMENTS.items() for c in cs]
+        self._by_cat: dict[str, list[int]] = {c: [] for c in self.categories}
+        self._make_catalogue()
+        self._users = [self._rng.sample(self.categories, self._rng.randint(1, 3))
+                       for _ in range(n_users)]
+        self._user_weights = _cumulative([1.0 / (r + 1) ** 0.6 for r in range(n_users)])
+        self._rank_offset = 0  # drift rotates popularity ranks within each category
+        self._emitted = 0
+        self._counter = itertools.count()
+        self._new_items = 0
+
+    # -- catalogue ----------------------------------------------------------------
+    def _make_catalogue(self) -> None:
+        rng = self._rng
+        cat_weights = _cumulative([1.0 / (r + 1) ** 0.8 for r in range(len(self.categories))])
+        for i in range(self.n_items):
+            cat = self.categories[_draw(rng, cat_weights)] if i >= len(self.categories) \
+                else self.categories[i]
+            self.items.append(self._new_item(f"i{i}", cat))
+            self._by_cat[cat].append(i)
+        self._cat_cum = {c: _cumulative([1.0 / (r + 1) ** self.zipf_s for r in range(len(ids))])
+                         for c, ids in self._by_cat.items()}
+        self._cat_weights = cat_weights
+
+    def _new_item(self, item_id: str, cat: str) -> Item:
+        rng = self._rng
+        noun = cat.split("/")[1].replace("-", " ")
+        title = f"{rng.choice(ADJECTIVES)} {rng.choice(COLOURS)} {noun}"
+        base = {"electronics": 60, "home": 25, "fashion": 40, "beauty": 18, "sports": 30,
+                "toys": 20}[cat.split("/")[0]]
+        price = round(base * rng.lognormvariate(0, 0.6), 2)
+        return Item(item_id, title, cat, rng.choice(BRANDS), price)
+
+    def catalogue(self) -> Iterator[ProducedRecord]:
+        for item in self.items:
+            yield ProducedRecord("item", item.item_id, encode(item.to_dict()))
+
+    def new_items(self, n: int, category: str | None = None) -> list[ProducedRecord]:
+        """Brand-new items (cold start): announced on the items topic, never seen in events."""
+        out = []
+        for _ in range(n):
+            self._new_items += 1
+            cat = category or self._rng.choice(self.categories)
+            item = self._new_item(f"new{self.seed}-{self._new_items}", cat)
+            self.items.append(item)
+            out.append(ProducedRecord("item", item.item_id, encode(item.to_dict())))
+        return out
+
+    # -- events -------------------------------------------------------------------
+    def events(self) -> Iterator[ProducedRecord]:
+        """An endless stream of sessions."""
+        while True:
+            yield from self._session()
+
+    def _session(self) -> Iterator[ProducedRecord]:
+        rng = self._rng
+        u = _draw(rng, self._user_weights)
+        user = f"u{u}"
+        cat = rng.choice(self._users[u]) if rng.random() < 0.85 else \
+            self.categories[_draw(rng, self._cat_weights)]
+        if rng.random() < 0.35:
+            target = self.items[self._pick(cat)]
+            yield from self._emit("search", user, {"query": _typo(rng, target.title)})
+        for _ in range(rng.randint(1, 8)):
+            idx = self._pick(cat)
+            item = self.items[idx]
+            yield from self._emit("click", user, {"item_id": item.item_id, "category": cat,
+                                                  "source": "browse"})
+            if rng.random() < P_FAV:
+                yield from self._emit("fav", user, {"item_id": item.item_id, "category": cat})
+            if rng.random() < P_CART:
+                yield from self._emit("cart", user, {"item_id": item.item_id, "category": cat,
+                                                     "price": item.price})
+                if rng.random() < P_PURCHASE_GIVEN_CART:
+                    yield from self._emit("purchase", user, {
+                        "item_id": item.item_id, "category": cat, "price": item.price,
+                        "quantity": rng.choice([1, 1, 1, 2, 3])})
+
+    def _pick(self, cat: str) -> int:
+        ids = self._by_cat[cat]
+        rank = _draw(self._rng, self._cat_cum[cat])
+        return ids[(rank + self._rank_offset) % len(ids)]
+
+    def _emit(self, kind: str, user: str, fields: dict[str, Any]) -> Iterator[ProducedRecord]:
+        self._emitted += 1
+        if self.drift_every and self._emitted % self.drift_every == 0:
+            self._rank_offset += 1  # yesterday's second-best is today's best seller
+        if self.malformed_every and self._emitted % self.malformed_every == 0:
+            yield self._malformed(kind, user)
+        n = next(self._counter)
+        value = {"event_id": f"s{self.seed}-{n}", "user_id": user, "ts": self.clock(), **fields}
+        yield ProducedRecord(kind, user, encode(value), ts=value["ts"])
+
+    def _malformed(self, kind: str, user: str) -> ProducedRecord:
+        n = next(self._counter)
+        ts = self.clock()
+        variants: list[bytes] = [
+            b"{not json",
+            encode({"event_id": f"bad-{self.seed}-{n}", "ts": ts, "item_id": "i1",
+                    "query": "x"}),  # no user_id
+            encode({"event_id": f"bad-{self.seed}-{n}", "user_id": user, "ts": "yesterday",
+                    "item_id": "i1", "query": "x"}),
+            encode({"event_id": f"bad-{self.seed}-{n}", "user_id": "u" * 5000, "ts": ts,
+                    "item_id": "i1", "query": "x"}),
+            encode({"v": 99, "event_id": f"bad-{self.seed}-{n}", "user_id": user, "ts": ts,
+                    "item_id": "i1", "query": "x"}),
+        ]
+        return ProducedRecord(kind, user, variants[n % len(variants)], malformed=True, ts=ts)
+
+
+def _cumulative(weights: list[float]) -> list[float]:
+    return list(itertools.accumulate(weights))
+
+
+def _draw(rng: random.Random, cum: list[float]) -> int:
+    return bisect.bisect_right(cum, rng.random() * cum[-1])
+
+
+def _typo(rng: random.Random, text: str) -> str:
+    """Most queries are typed right; some drop or swap a character."""
+    words = text.split()
+    query = " ".join(words[-2:]) if rng.random() < 0.7 else text
+    r = rng.random()
+    if r < 0.15 and len(query) > 4:
+        i = rng.randrange(1, len(query) - 1)
+        return query[:i] + query[i + 1:]
+    if r < 0.25 and len(query) > 4:
+        i = rng.randrange(1, len(query) - 2)
+        return query[:i] + query[i + 1] + query[i] + query[i + 2:]
+    return query

@@ -1,0 +1,53 @@
+"""`tailstream demo` as a user runs it: its own embedded services, a summary that adds up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _service_pids() -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"tansu" in cmd or b"redis-server" in cmd or b"tailstream.cli\x00worker" in cmd:
+            out.add(int(entry.name))
+    return out
+
+
+def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
+    before = _service_pids()
+    summary_path = tmp_path / "s.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAILSTREAM_")}
+    env["TAILSTREAM_DATA_DIR"] = str(tmp_path / "var")
+    env["TAILSTREAM_WEB_PORT"] = "0"
+    done = subprocess.run(
+        [sys.executable, "-m", "tailstream.cli", "demo", "--seconds", "15", "--rate", "300",
+         "--users", "300", "--items", "2000", "--malformed-every", "200", "--no-ui",
+         "--summary-json", str(summary_path)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    s = json.loads(summary_path.read_text())
+    for key in ("events_produced", "events_consumed", "dlq", "malformed_injected",
+                "recommendations_published", "users_with_recs_in_redis", "latency_ms_p50",
+                "latency_ms_p99"):
+        assert key in s, key
+    assert s["events_produced"] >= 3000
+    assert s["events_consumed"] == s["events_produced"]
+    assert s["malformed_injected"] > 0 and s["dlq"] == s["malformed_injected"]
+    assert s["recommendations_published"] > 0
+    assert s["users_with_recs_in_redis"] > 0
+    assert 0 < s["latency_ms_p50"] <= s["latency_ms_p99"]
+    assert _service_pids() <= before, "the demo left processes behind"
