@@ -120,8 +120,9 @@ class LogReader:
                 continue
             cat = row.get(col.get("category", ""), "") or "unknown"
             item = row.get(col["item_id"], "")
+            price = _float(row.get(col.get("price", "")))
             yield from self._event(n, kind, row.get(col["user_id"], ""), item, cat, when,
-                                   title=f"item {item}", price=_float(row.get(col.get("price", ""))))
+                                   title=f"item {item}", price=price)
 
     def _event(self, line: int, kind: str, user: str, item: str, cat: str, ts: float, *,
                title: str, brand: str = "", price: float | None = None

@@ -23,6 +23,7 @@ from tailstream.settings import Settings
 from tailstream.streams.dedupe import Deduper
 from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
 from tailstream.streams.publish import Publisher, meta_key, parse_meta
+from tailstream.streams.transport import app_class
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def create_app(settings: Settings) -> Worker:
     if not settings.kafka_bootstrap or not settings.redis_url:
         raise ValueError("the worker needs TAILSTREAM_KAFKA_BOOTSTRAP and TAILSTREAM_REDIS_URL "
                          "(`tailstream up` sets both for the embedded stack)")
-    app = faust.App(
+    app = app_class(settings.kafka_fetch_max_wait_ms)(
         settings.app_id,
         store="memory://",
         topic_partitions=settings.partitions,

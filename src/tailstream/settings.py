@@ -68,6 +68,8 @@ class Settings:
     """How long the coordinator waits for members to rejoin (0: client default). Tansu holds
     a JoinGroup that long, so the embedded stack uses short timings (see
     :meth:`with_embedded_group_timing`); leave both at 0 for Apache Kafka."""
+    kafka_fetch_max_wait_ms: int = 100
+    """Longest a worker's fetch waits on the broker (bounds added latency; 0: Faust's 1500)."""
     app_id: str = "tailstream"
     """Faust app id: the consumer group and the prefix of changelog topics."""
 
