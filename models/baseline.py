@@ -4,7 +4,7 @@ Stands in until the transformer scorer lands; it goes through the same publish p
 
 User profile (a plain dict, so it serialises into a Faust table):
 ``{"cats": {category: weight}, "why": {category: reason}, "items": [recent item ids],
-"queries": [recent queries], "ts": last event time or None}``.
+"queries": [recent queries], "ts": last event time or None, "n": {class: events}}``.
 
 Score of item *i* in category *c* for user *u*:
 ``s(u, i) = a_u(c) / max_c a_u(c) · (0.5 + 0.5 · pop(i))`` with ``pop`` the decayed
@@ -68,7 +68,7 @@ class QueryIndex:
 
 
 def new_profile() -> dict[str, Any]:
-    return {"cats": {}, "why": {}, "items": [], "queries": [], "ts": None}
+    return {"cats": {}, "why": {}, "items": [], "queries": [], "ts": None, "n": {}}
 
 
 def update_profile(profile: dict[str, Any], event: Event, category: str | None,
@@ -102,8 +102,10 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     if len(cats) > keep:
         cats = dict(sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:keep])
     why = {c: r for c, r in why.items() if c in cats}
+    n = dict(profile.get("n", {}))
+    n[event.kind] = n.get(event.kind, 0) + 1
     return {"cats": cats, "why": why, "items": items, "queries": queries,
-            "ts": max(event.ts, last)}
+            "ts": max(event.ts, last), "n": n}
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,6 +100,9 @@ class MinorityBuffer:
         self._reservoir: dict[str, list[Sample]] = {}
         self._seen: dict[str, int] = {}  # samples offered to each reservoir so far (Alg. R's n)
         self.new_since_last_take = 0
+        # Where the last offered sample went: ("minority" | "tail" | "reservoir", slot).
+        # Lets a store mirror each change (append, or overwrite of a reservoir slot).
+        self.last_route: tuple[str, int | None] | None = None
 
     # -- updates ---------------------------------------------------------------
     def is_minority(self, label: str, class_shares: Mapping[str, float]) -> bool:
@@ -113,9 +116,11 @@ class MinorityBuffer:
                 q = self._minority[sample.label] = deque(maxlen=self.capacity_per_class)
             q.append(sample)
             self.new_since_last_take += 1
+            self.last_route = ("minority", None)
             return True
         if sample.tier == TAIL and self.tail_capacity > 0:
             self._tail.append(sample)
+            self.last_route = ("tail", None)
             return True
         return self._reservoir_offer(sample)
 
@@ -126,11 +131,14 @@ class MinorityBuffer:
         self._seen[label] = n
         if len(res) < self.capacity_per_class:
             res.append(sample)
+            self.last_route = ("reservoir", len(res) - 1)
             return True
         j = self._rng.randrange(n)  # Algorithm R: keep with probability capacity / n
         if j < self.capacity_per_class:
             res[j] = sample
+            self.last_route = ("reservoir", j)
             return True
+        self.last_route = None
         return False
 
     def mark_consumed(self) -> None:

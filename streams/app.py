@@ -7,6 +7,7 @@ the embedded Tansu or Apache Kafka: it only sees a bootstrap address.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tailstream.contract import Rejection
 from tailstream.metrics import Metrics
 from tailstream.settings import Settings
+from tailstream.streams.buffer_store import RedisBufferStore
 from tailstream.streams.dedupe import Deduper
 from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
 from tailstream.streams.publish import Publisher, meta_key, parse_meta
@@ -104,6 +106,40 @@ def create_app(settings: Settings) -> Worker:
                                use_partitioner=True,
                                schema=faust.Schema(key_serializer="raw", value_serializer="json"))
 
+    # Per source partition, written with that partition's number so the counts move with
+    # the partition when a rebalance hands it to another worker.
+    counts_table = app.Table("imbalance-counts", default=None, partitions=settings.partitions,
+                             schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+    requests_topic = app.topic(settings.topic(settings.topic_training_requests),
+                               key_serializer="raw", value_serializer="raw")
+    buffer_store = RedisBufferStore(redis, settings.redis_prefix)
+
+    def save_counts(states: dict[int, dict[str, Any]]) -> None:
+        for partition, state in states.items():
+            key = f"p{partition}".encode()
+            counts_table.data[key] = state
+            counts_table.send_changelog(partition, key, state)
+
+    async def send_training_request(request: dict[str, Any]) -> None:
+        await requests_topic.send(key=settings.app_id.encode(),
+                                  value=json.dumps(request, default=float).encode())
+
+    @counts_table.on_recover
+    async def restore_imbalance_state() -> None:
+        """After (re)assignment: counts from the changelog, the buffer from Redis."""
+        loop = pipeline.imbalance
+        for key, state in counts_table.items():
+            if state:
+                loop.load_partition(int(key.decode()[1:]), state)
+        try:
+            loop.buffer = await buffer_store.load(settings.buffer_capacity,
+                                                  settings.minority_share,
+                                                  settings.tail_capacity)
+        except Exception:
+            log.exception("could not restore the minority buffer from redis; starting empty")
+        log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),
+                 loop.buffer.sizes())
+
     async def send_to_dlq(msg: RawMessage, why: Rejection) -> None:
         await dlq_topic.send(key=msg.key, value=msg.value if msg.value is not None else b"",
                              headers=dlq_headers(msg, why))
@@ -119,6 +155,9 @@ def create_app(settings: Settings) -> Worker:
                             ttl_s=settings.recs_ttl_s),
         send_to_dlq=send_to_dlq,
         metrics=metrics,
+        buffer_store=buffer_store,
+        send_training_request=send_training_request,
+        save_counts=save_counts,
     )
 
     @app.agent(input_topic)
@@ -152,6 +191,10 @@ def create_app(settings: Settings) -> Worker:
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(metrics.registry),
                          content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
+
+    @app.page("/imbalance")
+    async def imbalance_page(web: Any, request: Any) -> Any:
+        return web.json(json.loads(json.dumps(pipeline.imbalance.snapshot(), default=float)))
 
     @app.page("/recommendations/{user_id}")
     async def recommendations_page(web: Any, request: Any, user_id: str) -> Any:

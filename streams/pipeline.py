@@ -18,6 +18,7 @@ from typing import Any
 from tailstream.contract import (
     Event,
     InvalidEvent,
+    Item,
     Limits,
     Rejection,
     decode_payload,
@@ -28,7 +29,9 @@ from tailstream.metrics import Metrics
 from tailstream.models.baseline import QueryIndex, new_profile, recommend, update_profile
 from tailstream.models.popularity import PopularityTracker
 from tailstream.settings import Settings
+from tailstream.streams.buffer_store import RedisBufferStore
 from tailstream.streams.dedupe import Deduper
+from tailstream.streams.imbalance import ImbalanceLoop
 from tailstream.streams.publish import Publisher, RecList
 
 log = logging.getLogger(__name__)
@@ -49,12 +52,18 @@ class RawMessage:
 
 
 SendToDlq = Callable[[RawMessage, Rejection], Awaitable[None]]
+SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
+SaveCounts = Callable[[dict[int, dict[str, Any]]], None]
 
 
 class Pipeline:
     def __init__(self, settings: Settings, *, profiles: MutableMapping[str, Any],
                  deduper: Deduper, publisher: Publisher, send_to_dlq: SendToDlq,
                  metrics: Metrics, popularity: PopularityTracker | None = None,
+                 imbalance: ImbalanceLoop | None = None,
+                 buffer_store: RedisBufferStore | None = None,
+                 send_training_request: SendRequest | None = None,
+                 save_counts: SaveCounts | None = None,
                  refresh_every_s: float = 1.0) -> None:
         self.settings = settings
         self.limits = Limits(max_event_bytes=settings.max_event_bytes,
@@ -70,6 +79,11 @@ class Pipeline:
         self.metrics = metrics
         self.popularity = popularity or PopularityTracker()
         self.query_index = QueryIndex()
+        self.imbalance = imbalance or ImbalanceLoop(settings)
+        self.buffer_store = buffer_store
+        self.send_training_request = send_training_request
+        self.save_counts = save_counts
+        self.item_text: dict[str, str] = {}
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
         # Label lookups cost more than the increments: resolve each child once.
@@ -106,7 +120,7 @@ class Pipeline:
                     self.metrics.duplicates.inc()
                     continue
                 try:
-                    self._apply_event(event)
+                    self._apply_event(event, msg.partition)
                 except Exception as exc:  # never let one bad event take the stream down
                     log.exception("processing event %s failed", event.event_id)
                     await self._dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
@@ -115,9 +129,30 @@ class Pipeline:
                 acted[event.user_id] = (event, msg)
             self._maybe_refresh()
             await self._refresh_users(acted)
+            await self._close_imbalance_batch()
         elif self.publisher.pending:
             await self.publisher.publish([])
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _close_imbalance_batch(self) -> None:
+        """Weights, triggers, persistence and metrics of the imbalance loop, once per batch."""
+        loop = self.imbalance
+        request = loop.end_batch()
+        if self.save_counts is not None:
+            self.save_counts(loop.take_touched())
+        changes = loop.take_buffer_changes()
+        if self.buffer_store is not None:
+            try:
+                await self.buffer_store.apply(changes, loop.buffer)
+                if request is not None:
+                    await self.buffer_store.mark_consumed()
+            except Exception:  # the buffer is a cache of the stream: log, keep going
+                log.exception("writing the minority buffer to redis failed")
+        if request is not None:
+            self.metrics.triggers.labels(request["reason"]).inc()
+            if self.send_training_request is not None:
+                await self.send_training_request(request)
+        self.metrics.observe_imbalance(loop)
 
     async def _apply_item(self, msg: RawMessage) -> None:
         decoded = decode_payload(msg.value, self.limits)
@@ -132,10 +167,11 @@ class Pipeline:
                 continue
             self.popularity.set_category(item.item_id, item.category)
             self.query_index.add(item.title, item.category)
+            self.item_text[item.item_id] = item_text(item)
             self.metrics.items_in.inc()
         self.metrics.catalogue_size.set(self.popularity.known_items)
 
-    def _apply_event(self, event: Event) -> None:
+    def _apply_event(self, event: Event, partition: int = 0) -> None:
         category = event.category
         if event.item_id is not None:
             category = category or self.popularity.category(event.item_id)
@@ -148,8 +184,26 @@ class Pipeline:
                 if clicked is not None:
                     query_cats = [clicked, *[c for c in query_cats if c != clicked]]
         profile = self.profiles.get(event.user_id) or new_profile()
+        if event.item_id is not None:
+            cats = profile.get("cats", {})
+            top = max(cats.values(), default=0.0)
+            self.imbalance.observe(
+                event, partition, user_class_counts=profile.get("n", {}),
+                category_affinity=cats.get(category, 0.0) / top if top else 0.0,
+                repeat=event.item_id in profile.get("items", ()),
+                item_text=self.item_text.get(event.item_id) or _fallback_text(event, category),
+                user_text=self._user_text(profile))
+        else:
+            self.imbalance.observe(event, partition, user_class_counts={},
+                                   category_affinity=0.0, repeat=False)
         self.profiles[event.user_id] = update_profile(
             profile, event, category, query_cats, keep=self.settings.recent_items)
+
+    def _user_text(self, profile: dict[str, Any]) -> str:
+        """The user's recent context as text: last queries, then last items' texts."""
+        parts = [f"search: {q}" for q in profile.get("queries", [])[:3]]
+        parts += [self.item_text.get(i, f"item {i}") for i in profile.get("items", [])[:3]]
+        return " ; ".join(parts)
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
@@ -175,6 +229,33 @@ class Pipeline:
     async def _dead_letter(self, msg: RawMessage, why: Rejection) -> None:
         self.metrics.dlq.labels(why.reason).inc()
         await self.send_to_dlq(msg, why)
+
+
+def item_text(item: Item) -> str:
+    """The item as text for the item tower: title, category, brand, price bucket.
+
+    >>> item_text(Item("i1", "Red tee", "fashion/t-shirt", "acme", 18.0))
+    'Red tee | fashion/t-shirt | acme | price 10-25'
+    """
+    parts = [item.title, item.category]
+    if item.brand:
+        parts.append(item.brand)
+    if item.price is not None:
+        parts.append(f"price {price_bucket(item.price)}")
+    return " | ".join(parts)
+
+
+def price_bucket(price: float) -> str:
+    """Coarse, stable price band (text models read bands better than raw numbers)."""
+    for lo, hi in ((0, 10), (10, 25), (25, 50), (50, 100), (100, 250), (250, 500)):
+        if price < hi:
+            return f"{lo}-{hi}"
+    return "500+"
+
+
+def _fallback_text(event: Event, category: str | None) -> str:
+    # Logs without a catalogue (Taobao): a stable textual form of the ids.
+    return f"item {event.item_id} | category {category or 'unknown'}"
 
 
 def dlq_headers(msg: RawMessage, why: Rejection) -> list[tuple[str, bytes]]:

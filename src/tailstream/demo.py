@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -149,6 +150,7 @@ def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started:
 def _summary(ws: Settings, stats: SendStats, watcher: RecsWatcher, recs: TopicCounter,
              dlq: TopicCounter, elapsed: float) -> dict[str, Any]:
     m = scrape(metrics_url(ws))
+    imbalance = fetch_json(f"http://{ws.web_host}:{ws.web_port}/imbalance")
     lat = watcher.latencies_ms
     by_class = {k: int(m.get(f"tailstream_events_processed_total{{kind={k}}}", 0))
                 for k in ("click", "cart", "fav", "purchase", "search")}
@@ -168,7 +170,20 @@ def _summary(ws: Settings, stats: SendStats, watcher: RecsWatcher, recs: TopicCo
         "latency_ms_p50": _round(percentile(lat, 50)),
         "latency_ms_p99": _round(percentile(lat, 99)),
         "events_per_s": round(int(m.get("tailstream_events_in_total", 0)) / max(elapsed, 1e-9), 1),
+        "class_counts": imbalance["class_counts"],
+        "class_shares": imbalance["class_shares"],
+        "loss_weights": imbalance["loss_weights"],
+        "buffer_sizes": imbalance["buffer_sizes"],
+        "triggers_fired": imbalance["triggers_fired"],
+        "drift_detections": imbalance["drift_detections"],
+        "item_tiers": imbalance["item_tiers"],
+        "online_model": imbalance["online"],
     }
+
+
+def fetch_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL
+        return json.loads(resp.read())
 
 
 def _round(x: float | None) -> float | None:

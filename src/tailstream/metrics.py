@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -68,10 +69,70 @@ class Metrics:
         self.tail_items_published = Counter(
             "tailstream_recommended_items_total",
             "Items placed in published lists, by popularity tier.", ["tier"], registry=r)
+        # --- imbalance control loop ---
+        self.class_share = Gauge(
+            "tailstream_class_share_ratio",
+            "Share of each event class in the decayed counts (the mix the weights use).",
+            ["event_class"], registry=r)
+        self.class_window_events = Gauge(
+            "tailstream_class_window_events",
+            "Events of each class in the current hopping window.", ["event_class"], registry=r)
+        self.loss_weight = Gauge(
+            "tailstream_loss_weight_ratio",
+            "Current loss weight per class (mean 1 over the class mix), by policy.",
+            ["event_class", "policy"], registry=r)
+        self.buffer_samples = Gauge(
+            "tailstream_buffer_samples",
+            "Samples held in the minority buffer, by class (and 'tail').", ["bucket"],
+            registry=r)
+        self.triggers = Counter(
+            "tailstream_finetune_requests_total",
+            "Fine-tune requests published, by trigger reason.", ["reason"], registry=r)
+        self.drift = Gauge(
+            "tailstream_drift_detections",
+            "ADWIN drift detections so far, by signal.", ["signal"], registry=r)
+        self.item_tier_size = Gauge(
+            "tailstream_item_tier_items",
+            "Items per popularity tier (among tracked heavy hitters; the rest is tail).",
+            ["tier"], registry=r)
+        self.online_macro_f1 = Gauge(
+            "tailstream_online_macro_f1_ratio",
+            "Prequential macro-F1 of the river fast path.", registry=r)
+        self.online_recall = Gauge(
+            "tailstream_online_recall_ratio",
+            "Prequential recall of the river fast path, by class.", ["event_class"], registry=r)
+        self.online_purchase_auc = Gauge(
+            "tailstream_online_purchase_roc_auc_ratio",
+            "Prequential ROC-AUC of the river fast path's p(purchase).", registry=r)
         self.rss = Gauge(
             "tailstream_process_resident_memory_bytes",
             "Resident set size of this process.", registry=r)
         self.rss.set_function(_rss_bytes)
+
+
+    def observe_imbalance(self, loop: Any) -> None:
+        """Copy the imbalance loop's state into the gauges (once per batch)."""
+        snap_weights = loop.weights
+        policy = loop.policy.name
+        decayed = loop.decayed_counts()
+        total = sum(decayed.values()) or 1.0
+        for c, n in decayed.items():
+            self.class_share.labels(c).set(n / total)
+        for c, n in loop.window_counts().items():
+            self.class_window_events.labels(c).set(n)
+        for c, w in snap_weights.items():
+            self.loss_weight.labels(c, policy).set(w)
+        for bucket, n in loop.buffer.sizes().items():
+            self.buffer_samples.labels(bucket).set(n)
+        for signal, n in loop.drift.detections.items():
+            self.drift.labels(signal).set(n)
+        for tier, n in loop.items.tier_sizes().items():
+            self.item_tier_size.labels(tier).set(n)
+        report = loop.online.report()
+        self.online_macro_f1.set(report["macro_f1"])
+        for c, v in report["recall"].items():
+            self.online_recall.labels(c).set(v)
+        self.online_purchase_auc.set(float(report["purchase_roc_auc"]))
 
 
 def _rss_bytes() -> float:

@@ -89,6 +89,49 @@ class Settings:
     recent_items: int = 20
     """Recent items and queries kept per user."""
 
+    # --- Imbalance control loop ------------------------------------------
+    weight_policy: str = "class_balanced"
+    """none, inverse, sqrt_inverse, class_balanced, focal or logit_adjusted."""
+    weight_beta: float = 0.9999
+    """β of the class-balanced (effective number) weights, Cui et al. 2019."""
+    weight_gamma: float = 2.0
+    """γ of the focal loss, Lin et al. 2017."""
+    weight_tau: float = 1.0
+    """τ of logit adjustment, Menon et al. 2021."""
+    weight_min: float = 0.05
+    weight_max: float = 50.0
+    """Bounds of any class weight (after normalising to mean 1 over the class mix)."""
+    window_size_s: float = 3600.0
+    window_step_s: float = 300.0
+    """Hopping window of the class counts (event time)."""
+    counts_half_life_s: float = 3600.0
+    """Half-life of the decayed class and item counts (event time); weights use these."""
+    minority_share: float = 0.10
+    """Classes whose share is below this are minority classes (buffered in full)."""
+    buffer_capacity: int = 5000
+    """Samples kept per class in the buffer (minority FIFO / majority reservoir)."""
+    tail_capacity: int = 5000
+    """Tail-item interactions of majority classes kept in the buffer."""
+    head_share: float = 0.5
+    torso_share: float = 0.3
+    """Item tiers: head holds this share of interactions, torso the next; the rest is tail."""
+    sketch_width: int = 65_536
+    sketch_depth: int = 4
+    """Count-min sketch size: error ≤ e/width · N with probability 1 − e^−depth."""
+    heavy_hitters: int = 5000
+    """Most frequent items tracked exactly enough to assign tiers."""
+    trigger_min_samples: int = 2000
+    """New minority samples that trigger a fine-tune request."""
+    trigger_max_interval_s: float = 3600.0
+    """A request fires at least this often while new data arrives."""
+    trigger_cooldown_s: float = 60.0
+    """Minimum wall time between two requests."""
+    drift_delta: float = 0.002
+    """ADWIN confidence (smaller: fewer, surer detections)."""
+    online_imbalance: str = "weights"
+    """River fast path imbalance handling: weights, oversample or none."""
+    topic_training_requests: str = "training-requests"
+
     # --- Input hygiene ---------------------------------------------------
     max_event_bytes: int = 16_384
     """Messages larger than this go to the DLQ unparsed."""
@@ -180,6 +223,7 @@ class Settings:
             self.topic_for("item"),
             self.topic(self.topic_recommendations),
             self.topic(self.topic_dlq),
+            self.topic(self.topic_training_requests),
         ]
 
     def kafka_client_options(self) -> dict[str, Any]:

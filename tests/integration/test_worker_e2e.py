@@ -70,10 +70,14 @@ def metric(ws: Settings, name: str) -> float:
 
 
 def seed_catalogue(p: KafkaProducer, s: Settings, n: int = 40) -> None:
+    """Send a catalogue and wait until the worker applied it (topics are read in parallel,
+    so without the wait the first events may overtake their items)."""
     for i in range(n):
         cat = "shoes" if i % 2 else "hats"
         send(p, s, "item", f"i{i}", Item(f"i{i}", f"blue {cat[:-1]} {i}", cat, "acme", 10.0 + i)
              .to_dict())
+    p.flush()
+    poll(lambda: metric(s, "tailstream_catalogue_updates_total") >= n, what="catalogue")
 
 
 def test_lists_reach_the_topic_and_redis(worker: tuple[ManagedProcess, Settings]) -> None:

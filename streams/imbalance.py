@@ -1,0 +1,210 @@
+"""The imbalance control loop: counts → weights → minority buffer → fine-tune triggers.
+
+One :class:`ImbalanceLoop` per worker, fed every valid interaction by the pipeline:
+
+* **Class counts** per source partition (hopping window, decayed, whole-run totals), so
+  each partition's counts travel with it through the changelog when partitions move
+  between workers. Shares and weights use the sum over this worker's partitions.
+* **Item frequency**: a count-min sketch with heavy hitters (bounded memory) gives the
+  item tier (head / torso / tail) and ``q(item)`` for logQ correction; a second sketch
+  over ``class:item`` keys gives each item's past cart / fav / purchase rates.
+* **Weights**: the configured policy (:mod:`tailstream.models.weights`) over the
+  *decayed* class counts, which change smoothly, so the weights never jump when a window
+  rolls. The hopping-window counts are reported beside them.
+* **Online model**: river, prequential, weighted by the live class weights.
+* **Buffer**: minority classes and tail items kept, majority by reservoir.
+* **Triggers**: buffer growth, ADWIN drift on class mix or error, max interval; cooldown.
+
+Event time (``event.ts``) drives windows and decay, so a replay at any speed counts the
+same; wall time drives trigger cooldowns, because fine-tuning costs wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tailstream.contract import INTERACTION_KINDS, Event
+from tailstream.models.buffer import MinorityBuffer, Sample
+from tailstream.models.online import CLASSES, OnlineOutcomeModel, interaction_features
+from tailstream.models.rolling import DecayedCounts, HoppingWindowCounts, class_shares
+from tailstream.models.sketch import CountMinSketch, ItemFrequency
+from tailstream.models.triggers import DriftMonitor, TriggerPolicy
+from tailstream.models.weights import Policy, class_weights
+from tailstream.settings import Settings
+
+
+@dataclass
+class PartitionCounts:
+    """Counts of one source partition (persisted in the ``imbalance-counts`` table)."""
+
+    window: HoppingWindowCounts
+    decayed: DecayedCounts
+    totals: Counter[str] = field(default_factory=Counter)
+    last_ts: float = 0.0
+
+    def to_state(self) -> dict[str, Any]:
+        return {"window": self.window.to_state(), "decayed": self.decayed.to_state(),
+                "totals": dict(self.totals), "last_ts": self.last_ts}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PartitionCounts:
+        return cls(HoppingWindowCounts.from_state(state["window"]),
+                   DecayedCounts.from_state(state["decayed"]),
+                   Counter({k: float(v) for k, v in state["totals"].items()}),
+                   float(state.get("last_ts", 0.0)))
+
+
+def policy_from(settings: Settings) -> Policy:
+    return Policy(settings.weight_policy, beta=settings.weight_beta,
+                  gamma=settings.weight_gamma, tau=settings.weight_tau,
+                  min_weight=settings.weight_min, max_weight=settings.weight_max)
+
+
+class ImbalanceLoop:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.policy = policy_from(settings)
+        self.partitions: dict[int, PartitionCounts] = {}
+        self.items = ItemFrequency(capacity=settings.heavy_hitters,
+                                   width=settings.sketch_width, depth=settings.sketch_depth,
+                                   half_life_s=settings.counts_half_life_s)
+        self.item_classes = CountMinSketch(settings.sketch_width, settings.sketch_depth, seed=7)
+        self.online = OnlineOutcomeModel(imbalance=settings.online_imbalance)
+        self.drift = DriftMonitor([c for c in CLASSES if c != "click"],
+                                  delta=settings.drift_delta)
+        self.triggers = TriggerPolicy(settings.trigger_min_samples,
+                                      settings.trigger_max_interval_s,
+                                      settings.trigger_cooldown_s)
+        self.buffer = MinorityBuffer(settings.buffer_capacity, settings.minority_share,
+                                     settings.tail_capacity)
+        self.buffer_changes: list[tuple[str, int | None, Sample]] = []
+        self.touched: set[int] = set()
+        self.weights: dict[str, float] = dict.fromkeys(CLASSES, 1.0)
+        self.searches = 0
+        self._shares: dict[str, float] = {}
+        self._last_ts = 0.0
+        self.requests_made = 0
+
+    # ------------------------------------------------------------------ per event
+    def partition(self, p: int) -> PartitionCounts:
+        pc = self.partitions.get(p)
+        if pc is None:
+            s = self.settings
+            pc = self.partitions[p] = PartitionCounts(
+                HoppingWindowCounts(s.window_size_s, s.window_step_s),
+                DecayedCounts(s.counts_half_life_s))
+        return pc
+
+    def observe(self, event: Event, partition: int, *, user_class_counts: dict[str, float],
+                category_affinity: float, repeat: bool, item_text: str = "",
+                user_text: str = "") -> None:
+        """Count one event, learn from it, and offer it to the buffer."""
+        if event.kind not in INTERACTION_KINDS or event.item_id is None:
+            self.searches += event.kind == "search"
+            return
+        pc = self.partition(partition)
+        pc.window.add(event.kind, event.ts)
+        pc.decayed.add(event.kind, event.ts)
+        pc.totals[event.kind] += 1
+        pc.last_ts = max(pc.last_ts, event.ts)
+        self._last_ts = max(self._last_ts, event.ts)
+        self.touched.add(partition)
+
+        item = event.item_id
+        tier = self.items.tier(item, self.settings.head_share, self.settings.torso_share)
+        x = interaction_features(
+            item_count=self.items.estimate(item),
+            item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
+                               for c in CLASSES[1:]},
+            user_class_counts=user_class_counts, tier=tier,
+            category_affinity=category_affinity, repeat=repeat, price=event.price)
+        weight = self.weights.get(event.kind, 1.0)
+        seen_before = self.online.n > 0
+        proba = self.online.predict_then_learn(x, event.kind, weight)
+        predicted = max(proba, key=lambda c: proba[c])
+        self.drift.update(event.kind, (predicted != event.kind) if seen_before else None)
+        self.items.observe(item, 1.0, ts=event.ts)
+        if event.kind != "click":
+            self.item_classes.add(f"{event.kind}:{item}")
+
+        sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
+                        weight=weight, user_text=user_text, item_text=item_text)
+        if self.buffer.offer(sample, self._shares or {c: 0.0 for c in CLASSES}) and \
+                self.buffer.last_route is not None:
+            route, slot = self.buffer.last_route
+            self.buffer_changes.append((route, slot, sample))
+
+    # ------------------------------------------------------------------ per batch
+    def end_batch(self) -> dict[str, Any] | None:
+        """Refresh shares and weights; return a training request if a trigger fires."""
+        decayed = self.decayed_counts()
+        self._shares = class_shares(decayed)
+        if any(decayed.values()):
+            self.weights = class_weights(self.policy, {c: decayed.get(c, 0.0) for c in CLASSES})
+        signals = self.drift.take()
+        reason = self.triggers.check(self.clock(), self.buffer.new_since_last_take, signals)
+        if reason is None:
+            return None
+        self.requests_made += 1
+        request = {"reason": reason, "signals": signals, "requested_at": self.clock(),
+                   "event_time": self._last_ts, **self.snapshot()}
+        self.buffer.mark_consumed()
+        return request
+
+    # ------------------------------------------------------------------ reads
+    def decayed_counts(self) -> dict[str, float]:
+        out: Counter[str] = Counter()
+        for pc in self.partitions.values():
+            out.update(pc.decayed.counts(self._last_ts))
+        return {c: out.get(c, 0.0) for c in CLASSES}
+
+    def window_counts(self) -> dict[str, float]:
+        out: Counter[str] = Counter()
+        for pc in self.partitions.values():
+            out.update(pc.window.counts(self._last_ts))
+        return {c: out.get(c, 0.0) for c in CLASSES}
+
+    def totals(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for pc in self.partitions.values():
+            out.update(pc.totals)
+        return {c: int(out.get(c, 0)) for c in CLASSES}
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the summary, the metrics and a training request report."""
+        totals = self.totals()
+        decayed = self.decayed_counts()
+        return {
+            "class_counts": totals,
+            "class_shares": {c: round(v, 6) for c, v in class_shares(totals).items()},
+            "window_counts": self.window_counts(),
+            "loss_weights": {**self.policy.describe(), "counts_used": "decayed",
+                             "counts": decayed, "weights": dict(self.weights)},
+            "buffer_sizes": self.buffer.sizes(),
+            "triggers_fired": {r: self.triggers.fired.get(r, 0)
+                               for r in ("buffer", "drift", "interval")},
+            "drift_detections": dict(self.drift.detections),
+            "item_tiers": self.items.tier_sizes(),
+            "online": self.online.report(),
+        }
+
+    # ------------------------------------------------------------------ state
+    def load_partition(self, p: int, state: dict[str, Any]) -> None:
+        pc = PartitionCounts.from_state(state)
+        self.partitions[p] = pc
+        self._last_ts = max(self._last_ts, pc.last_ts)
+
+    def take_touched(self) -> dict[int, dict[str, Any]]:
+        """States of partitions changed since the last call (to write to the changelog)."""
+        out = {p: self.partitions[p].to_state() for p in self.touched}
+        self.touched.clear()
+        return out
+
+    def take_buffer_changes(self) -> list[tuple[str, int | None, Sample]]:
+        out, self.buffer_changes = self.buffer_changes, []
+        return out
