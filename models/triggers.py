@@ -7,7 +7,7 @@ Windowing", SDM 2007) from river, on two signals:
 
 * the class mix: one detector per minority class on the indicator ``1[y = c]``, so a
   change of that class's share is detected (e.g. purchases halving);
-* the prequential error of the online model: ``1[ŷ ≠ y]``.
+* the prequential error of the online model: ``1[ŷ ≠ y]`` (rises only).
 """
 
 from __future__ import annotations
@@ -23,22 +23,31 @@ REASONS = ("buffer", "drift", "interval")
 class DriftMonitor:
     """ADWIN detectors over the class mix and the prequential error."""
 
-    def __init__(self, classes: Iterable[str], delta: float = 0.002) -> None:
+    def __init__(self, classes: Iterable[str], delta: float = 0.002, warmup: int = 2000) -> None:
         self.delta = delta
+        self.warmup = warmup
+        self.n = 0
         self._mix = {c: drift.ADWIN(delta=delta) for c in classes}
         self._error = drift.ADWIN(delta=delta)
         self.detections: Counter[str] = Counter()
         self._pending: list[str] = []
 
     def update(self, y: str, error: bool | None) -> None:
+        self.n += 1
+        # While the stream warms up the online model's error falls fast and the class mix
+        # estimate is noisy: detectors learn, but report nothing.
+        report = self.n > self.warmup
         for c, detector in self._mix.items():
             detector.update(1.0 if y == c else 0.0)
-            if detector.drift_detected:
+            if detector.drift_detected and report:
                 self.detections[f"mix:{c}"] += 1
                 self._pending.append(f"mix:{c}")
         if error is not None:
+            before = self._error.estimation
             self._error.update(1.0 if error else 0.0)
-            if self._error.drift_detected:
+            # Only a *rise* of the error is drift worth a fine-tune; a fall is the model
+            # getting better.
+            if self._error.drift_detected and report and self._error.estimation > before:
                 self.detections["error"] += 1
                 self._pending.append("error")
 

@@ -9,9 +9,19 @@ Mappings to tailstream's classes:
 
 * Taobao ``behavior_type``: pv → click, cart → cart, fav → fav, buy → purchase.
 * REES46 ``event_type``: view → click, cart → cart, purchase → purchase;
-  ``remove_from_cart`` is skipped (counted in :attr:`LogReader.skipped`).
-* Generic CSV: ``columns`` maps contract fields to CSV columns, ``kind_map`` raw kinds
-  to classes.
+  ``remove_from_cart`` is skipped (counted in ``LogReader.stats.skipped``).
+* Generic CSV (header row): ``columns`` maps contract fields to CSV columns (``user_id``,
+  ``item_id``, ``kind`` and ``ts`` required; ``category``, ``price`` optional),
+  ``kind_map`` raw kinds to classes (unmapped values are used as they are). Searches
+  cannot be replayed (a log has no result lists); such rows are skipped.
+
+Timestamps: unix seconds, or ISO 8601 / REES46's ``2019-10-01 00:00:00 UTC`` *with* a
+zone; a naive time is skipped (``bad_ts``) rather than guessed, since a wrong zone would
+silently shift every event. Rows that cannot be mapped are skipped and counted in
+:class:`ReplayStats` (``LogReader.stats``), never sent as broken events.
+
+Event ids are ``{format}-{tag}-{line}`` with ``tag`` a hash of the file name: stable
+across replays, yet two different files cannot de-duplicate each other's events.
 
 The Taobao log has no item text: with ``emit_items`` the first sighting of an item
 produces a catalogue record with a stable textual form (``item 123 in category 456``).
@@ -21,23 +31,41 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tailstream.contract import EVENT_KINDS, Item, encode
-from tailstream.producers.records import ProducedRecord
+from tailstream.contract import EVENT_KINDS, Item
+from tailstream.producers.records import ProducedRecord, wire_bytes
 
 TAOBAO_KINDS = {"pv": "click", "cart": "cart", "fav": "fav", "buy": "purchase"}
 REES46_KINDS = {"view": "click", "cart": "cart", "purchase": "purchase"}
 FORMATS = ("taobao", "rees46", "csv")
 
 
+@dataclass
+class ReplayStats:
+    """What a :class:`LogReader` read: data rows, events per class, items, skipped rows."""
+
+    rows: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    items: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Rows not replayed, by reason: the raw kind (``remove_from_cart``), ``unmappable``,
+    ``bad_ts`` or ``missing_id``."""
+
+
 class LogReader:
-    """Iterates a log as :class:`ProducedRecord` values; counts what it read and skipped."""
+    """Iterates a log as :class:`ProducedRecord` values; counts what it read and skipped.
+
+    Iterating twice reads the file twice (counts keep adding up). ``stats`` is filled as
+    the records are consumed, so read it after the iteration ends.
+    """
 
     def __init__(self, path: str | Path, fmt: str, *, columns: Mapping[str, str] | None = None,
                  kind_map: Mapping[str, str] | None = None, emit_items: bool = True) -> None:
@@ -48,13 +76,27 @@ class LogReader:
         self.path = Path(path)
         self.fmt = fmt
         self.columns = dict(columns or {})
+        missing = [f for f in ("user_id", "item_id", "kind", "ts") if f not in self.columns]
+        if fmt == "csv" and missing:
+            raise ValueError(f"column mapping lacks {missing}")
         self.kind_map = dict(kind_map or {})
         self.emit_items = emit_items
-        self.rows = 0
-        self.events: Counter[str] = Counter()
-        self.skipped: Counter[str] = Counter()
+        self.stats = ReplayStats()
         self._seen_items: set[str] = set()
         self._tag = hashlib.sha1(self.path.name.encode()).hexdigest()[:6]  # noqa: S324 - an id
+
+    # Shorthands for the counters (kept for callers that read them directly).
+    @property
+    def rows(self) -> int:
+        return self.stats.rows
+
+    @property
+    def events(self) -> Counter[str]:
+        return self.stats.events
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.stats.skipped
 
     def __iter__(self) -> Iterator[ProducedRecord]:
         with self.path.open(newline="", encoding="utf-8") as fh:
@@ -67,31 +109,31 @@ class LogReader:
 
     def _taobao(self, lines: Iterable[str]) -> Iterator[ProducedRecord]:
         for n, line in enumerate(lines, 1):
-            self.rows += 1
-            parts = line.rstrip("\n").split(",")
+            self.stats.rows += 1
+            parts = line.rstrip("\r\n").split(",")
             if len(parts) != 5 or parts[3] not in TAOBAO_KINDS:
-                self.skipped["unmappable"] += 1
+                self.stats.skipped["unmappable"] += 1
                 continue
             user, item, cat, behaviour, ts = parts
             try:
                 when = float(ts)
             except ValueError:
-                self.skipped["bad_ts"] += 1
+                self.stats.skipped["bad_ts"] += 1
                 continue
             yield from self._event(n, TAOBAO_KINDS[behaviour], user, item, cat, when,
                                    title=f"item {item} in category {cat}")
 
     def _rees46(self, rows: Iterable[dict[str, str]]) -> Iterator[ProducedRecord]:
         for n, row in enumerate(rows, 2):
-            self.rows += 1
+            self.stats.rows += 1
             kind = REES46_KINDS.get(row.get("event_type", ""))
             if kind is None:
-                self.skipped[row.get("event_type", "") or "unmappable"] += 1
+                self.stats.skipped[row.get("event_type", "") or "unmappable"] += 1
                 continue
             try:
                 when = _parse_ts(row["event_time"])
             except (KeyError, ValueError):
-                self.skipped["bad_ts"] += 1
+                self.stats.skipped["bad_ts"] += 1
                 continue
             cat = row.get("category_code") or row.get("category_id") or "unknown"
             brand = row.get("brand") or ""
@@ -103,20 +145,17 @@ class LogReader:
 
     def _generic(self, rows: Iterable[dict[str, str]]) -> Iterator[ProducedRecord]:
         col = self.columns
-        for field in ("user_id", "item_id", "kind", "ts"):
-            if field not in col:
-                raise ValueError(f"column mapping lacks {field!r}")
         for n, row in enumerate(rows, 2):
-            self.rows += 1
+            self.stats.rows += 1
             raw_kind = row.get(col["kind"], "")
             kind = self.kind_map.get(raw_kind, raw_kind)
             if kind not in EVENT_KINDS or kind == "search":
-                self.skipped[raw_kind or "unmappable"] += 1
+                self.stats.skipped[raw_kind or "unmappable"] += 1
                 continue
             try:
                 when = _parse_ts(row[col["ts"]])
             except (KeyError, ValueError):
-                self.skipped["bad_ts"] += 1
+                self.stats.skipped["bad_ts"] += 1
                 continue
             cat = row.get(col.get("category", ""), "") or "unknown"
             item = row.get(col["item_id"], "")
@@ -128,18 +167,19 @@ class LogReader:
                title: str, brand: str = "", price: float | None = None
                ) -> Iterator[ProducedRecord]:
         if not user or not item:
-            self.skipped["missing_id"] += 1
+            self.stats.skipped["missing_id"] += 1
             return
         if self.emit_items and item not in self._seen_items:
             self._seen_items.add(item)
-            yield ProducedRecord("item", item, encode(Item(item, title, cat, brand, price)
+            self.stats.items += 1
+            yield ProducedRecord("item", item, wire_bytes(Item(item, title, cat, brand, price)
                                                       .to_dict()), ts=ts)
         value: dict[str, Any] = {"event_id": f"{self.fmt}-{self._tag}-{line}", "user_id": user,
                                  "ts": ts, "item_id": item, "category": cat}
         if price is not None and kind in ("cart", "purchase"):
             value["price"] = price
-        self.events[kind] += 1
-        yield ProducedRecord(kind, user, encode(value), ts=ts)
+        self.stats.events[kind] += 1
+        yield ProducedRecord(kind, user, wire_bytes(value), ts=ts)
 
 
 def read_log(path: str | Path, fmt: str, *, columns: Mapping[str, str] | None = None,
@@ -154,6 +194,8 @@ def pace(records: Iterable[ProducedRecord], speed: float | None) -> Iterator[Pro
 
     ``None`` or 0: as fast as possible. Sleeps in chunks of at least 5 ms, not per record.
     """
+    if speed is not None and speed < 0:
+        raise ValueError("speed must be positive (or None/0 for as fast as possible)")
     if not speed:
         yield from records
         return
@@ -189,6 +231,8 @@ def _float(raw: str | None) -> float | None:
     if not raw:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         return None
+    # NaN/inf would encode as non-JSON and negative prices are refused: drop the price only.
+    return value if math.isfinite(value) and value >= 0 else None

@@ -4,13 +4,23 @@
 * Popularity: Zipf (exponent ``zipf_s``) over items within each category and over
   categories, so a few head items take most interactions and most items are tail.
 * Users: 1-3 interest categories each; sessions of search → clicks → (cart → purchase).
-* Funnel: the class shares come out near the figures of real shops (Taobao: click 89 %,
-  cart 5.5 %, fav 3 %, purchase 2.2 %): roughly click 86 %, search 6 %, cart 4.5 %,
-  fav 2 %, purchase 1.5 % with the defaults (``tests/unit/test_synthetic.py`` pins them).
-* Searches: queries made from item titles, with typos (a dropped or swapped character).
-* Drift: every ``drift_every`` events the popularity ranks rotate, so trending items change.
-* Malformed: every ``malformed_every``-th record is deliberately broken (if > 0), in one of
-  several ways the decoder must reject.
+* Funnel: per viewed item a fav (2.5 %) or cart (5.5 %), a third of carts bought.
+  Measured with the defaults over 200 k events (seeds 0-2): among interactions
+  click 91.1 %, cart 5.0 %, fav 2.2 %, purchase 1.6 % (Taobao: 89 / 5.5 / 3 / 2.2 %);
+  searches come on top, 6.6 % of all records (then click 85.1 %, cart 4.7 %, fav 2.1 %,
+  purchase 1.5 %). ``tests/unit/test_synthetic.py`` pins these within tolerances.
+* Searches: a third of sessions start with one; the query comes from an item title, with
+  typos (a dropped or swapped character); results are popular items of the category, and
+  when the user clicks the searched item the first click has ``source="search"``.
+* Drift: every ``drift_every`` records the popularity ranks within each category rotate by
+  one, so the trending items change slowly.
+* Malformed: exactly every ``malformed_every``-th record (if > 0) is deliberately broken,
+  cycling through: not JSON, no ``user_id``, a string ``ts``, an oversize ``user_id``,
+  ``v=99``. The decoder rejects each (``not_json``, ``missing_field``, ``wrong_type``,
+  ``oversize``, ``unknown_version``).
+* Cold start: :meth:`ShopSimulator.new_items` adds items at the tail of their category.
+* Speed: ≈ 60 k events/s on one core (one ``random.Random``, cumulative weights + bisect,
+  a reused JSON encoder).
 
 Deterministic for a seed and a clock.
 """
@@ -19,14 +29,13 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from tailstream.contract import Item
-from tailstream.producers.records import ProducedRecord
+from tailstream.producers.records import ProducedRecord, wire_bytes
 
 DEPARTMENTS: dict[str, list[str]] = {
     "electronics": ["earbuds", "headphones", "phone case", "charger", "smartwatch", "speaker"],
@@ -90,6 +99,7 @@ class ShopSimulator:
         self._emitted = 0  # records so far, malformed included (drives drift and injection)
         self._counter = itertools.count()
         self._new_items = 0
+        self._malformed_n = 0
 
     # -- catalogue ----------------------------------------------------------------
     def _make_catalogue(self) -> None:
@@ -121,7 +131,7 @@ class ShopSimulator:
     def catalogue(self) -> Iterator[ProducedRecord]:
         """One ``item`` record per catalogue item (send before the events)."""
         for item in self.items:
-            yield ProducedRecord("item", item.item_id, _encode(item.to_dict()))
+            yield ProducedRecord("item", item.item_id, wire_bytes(item.to_dict()))
 
     def new_items(self, n: int, category: str | None = None) -> list[ProducedRecord]:
         """Brand-new items (cold start), announced on the items topic.
@@ -140,7 +150,7 @@ class ShopSimulator:
             self._by_cat[cat].append(len(self.items))
             self.items.append(item)
             touched.add(cat)
-            out.append(ProducedRecord("item", item.item_id, _encode(item.to_dict())))
+            out.append(ProducedRecord("item", item.item_id, wire_bytes(item.to_dict())))
         for cat in sorted(touched):
             self._reweigh(cat)
         return out
@@ -208,7 +218,7 @@ class ShopSimulator:
         ts = self.clock()
         value = {"event_id": f"s{self.seed}-{next(self._counter)}", "user_id": user, "ts": ts,
                  **fields}
-        out.append(ProducedRecord(kind, user, _encode(value), ts=ts))
+        out.append(ProducedRecord(kind, user, wire_bytes(value), ts=ts))
 
     def _malformed(self, kind: str, user: str) -> ProducedRecord:
         """A record the decoder must refuse; the variants cycle so each reason shows up."""
@@ -217,23 +227,17 @@ class ShopSimulator:
         eid = f"bad-{self.seed}-{n}"
         variants: list[bytes] = [
             b"{not json",
-            _encode({"event_id": eid, "ts": ts, "item_id": "i1", "query": "x"}),  # no user
-            _encode({"event_id": eid, "user_id": user, "ts": "yesterday", "item_id": "i1",
+            wire_bytes({"event_id": eid, "ts": ts, "item_id": "i1", "query": "x"}),  # no user
+            wire_bytes({"event_id": eid, "user_id": user, "ts": "yesterday", "item_id": "i1",
                      "query": "x"}),
-            _encode({"event_id": eid, "user_id": "u" * 5000, "ts": ts, "item_id": "i1",
+            wire_bytes({"event_id": eid, "user_id": "u" * 5000, "ts": ts, "item_id": "i1",
                      "query": "x"}),
-            _encode({"v": 99, "event_id": eid, "user_id": user, "ts": ts, "item_id": "i1",
+            wire_bytes({"v": 99, "event_id": eid, "user_id": user, "ts": ts, "item_id": "i1",
                      "query": "x"}),
         ]
-        return ProducedRecord(kind, user, variants[n % len(variants)], malformed=True, ts=ts)
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def _encode(value: dict[str, Any]) -> bytes:
-    """Same bytes as :func:`tailstream.contract.encode`, minus building an encoder per call."""
-    return _ENCODER.encode(value).encode()
+        self._malformed_n += 1
+        return ProducedRecord(kind, user, variants[self._malformed_n % len(variants)],
+                              malformed=True, ts=ts)
 
 
 def _cumulative(weights: list[float]) -> list[float]:

@@ -88,6 +88,7 @@ class ImbalanceLoop:
         self.searches = 0
         self._shares: dict[str, float] = {}
         self._last_ts = 0.0
+        self._events = 0
         self.requests_made = 0
 
     # ------------------------------------------------------------------ per event
@@ -112,6 +113,11 @@ class ImbalanceLoop:
         pc.decayed.add(event.kind, event.ts)
         pc.totals[event.kind] += 1
         pc.last_ts = max(pc.last_ts, event.ts)
+        self._events += 1
+        if self._events <= 1024 and self._events % 64 == 1:
+            # Until batches have set them, shares come from what was seen so far: an
+            # unknown mix would make every class look like a minority.
+            self._shares = class_shares(self.totals())
         self._last_ts = max(self._last_ts, event.ts)
         self.touched.add(partition)
 
@@ -134,8 +140,7 @@ class ImbalanceLoop:
 
         sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
                         weight=weight, user_text=user_text, item_text=item_text)
-        if self.buffer.offer(sample, self._shares or {c: 0.0 for c in CLASSES}) and \
-                self.buffer.last_route is not None:
+        if self.buffer.offer(sample, self._shares) and self.buffer.last_route is not None:
             route, slot = self.buffer.last_route
             self.buffer_changes.append((route, slot, sample))
 

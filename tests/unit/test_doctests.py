@@ -18,6 +18,9 @@ MODULES = [
     "tailstream.models.rolling",
     "tailstream.models.buffer",
     "tailstream.models.sampling",
+    "tailstream.models.online",
+    "tailstream.models.triggers",
+    "tailstream.streams.pipeline",
     "tailstream.streams.dedupe",
 ]
 

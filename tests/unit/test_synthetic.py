@@ -8,7 +8,15 @@ from collections import Counter
 
 import pytest
 
-from tailstream.contract import InvalidEvent, Limits, Rejection, decode_payload, validate_event
+from tailstream.contract import (
+    InvalidEvent,
+    Limits,
+    Rejection,
+    decode_payload,
+    encode,
+    validate_event,
+    validate_item,
+)
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.synthetic import ShopSimulator
 
@@ -71,8 +79,7 @@ def test_same_seed_same_stream_and_other_seed_differs() -> None:
 def test_malformed_records_are_all_rejected_and_valid_ones_accepted() -> None:
     sim = ShopSimulator(seed=1, malformed_every=50, clock=lambda: NOW)
     recs = take(sim, 5000)
-    bad = [r for r in recs if r.malformed]
-    assert len(bad) == pytest.approx(5000 / 51, abs=3)
+    assert [n for n, r in enumerate(recs, 1) if r.malformed] == list(range(50, 5001, 50))
     reasons = Counter()
     for rec in recs:
         values = decode_payload(rec.value, Limits())
@@ -111,3 +118,69 @@ def test_catalogue_and_new_items() -> None:
     new = sim.new_items(3, category=items[0]["category"])
     assert [r.kind for r in new] == ["item"] * 3
     assert all(json.loads(r.value)["category"] == items[0]["category"] for r in new)
+
+
+def test_bytes_are_the_contract_encoding(stream: list[ProducedRecord]) -> None:
+    for rec in stream[:200]:
+        assert rec.value == encode(json.loads(rec.value))
+        assert rec.ts == NOW
+
+
+def test_searches_lead_to_the_searched_item(stream: list[ProducedRecord]) -> None:
+    searches = clicked = followed = 0
+    for rec, nxt in itertools.pairwise(stream):
+        if rec.kind != "search":
+            continue
+        searches += 1
+        value = json.loads(rec.value)
+        assert value["category"] and 1 <= len(value["result_item_ids"]) <= 8
+        if "clicked_item_id" in value:
+            clicked += 1
+            assert value["clicked_item_id"] in value["result_item_ids"]
+            nv = json.loads(nxt.value)
+            if nxt.kind == "click" and nv["item_id"] == value["clicked_item_id"]:
+                followed += 1
+                assert nv["source"] == "search"
+    assert searches > 1000
+    assert 0.6 < clicked / searches < 0.8
+    assert followed >= clicked - 5  # only an injected record could come between
+
+
+def test_search_queries_come_from_titles_with_some_typos() -> None:
+    sim = ShopSimulator(seed=4, clock=lambda: NOW)
+    words = {w for item in sim.items for w in item.title.lower().split()}
+    queries = [json.loads(r.value)["query"] for r in take(sim, 20_000) if r.kind == "search"]
+    exact = sum(all(w in words for w in q.split()) for q in queries)
+    assert 0.6 < exact / len(queries) < 0.95  # most are typed right, some are not
+
+
+def test_catalogue_is_valid_with_many_categories_and_priced_by_category() -> None:
+    sim = ShopSimulator(seed=0)
+    items = [validate_item(json.loads(r.value), Limits()) for r in sim.catalogue()]
+    cats = {i.category for i in items}
+    assert 20 <= len(cats) <= 40
+    assert all(i.title[0].isupper() and i.brand for i in items)
+
+    def median_price(dept: str) -> float:
+        prices = sorted(i.price or 0.0 for i in items if i.category.startswith(dept))
+        return prices[len(prices) // 2]
+
+    assert median_price("electronics/") > 2 * median_price("beauty/")
+
+
+def test_new_items_join_the_tail_of_their_category() -> None:
+    sim = ShopSimulator(n_items=200, seed=5, clock=lambda: NOW, drift_every=0)
+    cat = sim.items[0].category
+    new = {r.key for r in sim.new_items(2, category=cat)}
+    clicks = Counter(json.loads(r.value)["item_id"] for r in take(sim, 25_000)
+                     if r.kind == "click")
+    assert all(0 < clicks[i] < clicks.most_common(1)[0][1] / 5 for i in new)
+    with pytest.raises(ValueError, match="unknown category"):
+        sim.new_items(1, category="nope/none")
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        ShopSimulator(malformed_every=1)
+    with pytest.raises(ValueError):
+        ShopSimulator(n_items=0)

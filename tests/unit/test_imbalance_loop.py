@@ -1,0 +1,150 @@
+"""The imbalance loop without Kafka: counts → weights → buffer → triggers, and drift."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from tailstream.contract import Event
+from tailstream.models.triggers import DriftMonitor, TriggerPolicy
+from tailstream.settings import Settings
+from tailstream.streams.imbalance import ImbalanceLoop
+
+MIX = {"click": 0.89, "cart": 0.055, "fav": 0.03, "purchase": 0.025}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def feed(loop: ImbalanceLoop, n: int, mix: dict[str, float], rng: random.Random,
+         start: int = 0, ts0: float = 1.7e9) -> list[dict[str, Any]]:
+    """Feed n events in batches of 200; return the training requests that fired."""
+    kinds, weights = list(mix), list(mix.values())
+    requests = []
+    for i in range(start, start + n):
+        kind = rng.choices(kinds, weights)[0]
+        item = f"i{int(rng.paretovariate(1.2)) % 5000}"
+        event = Event(kind, f"e{i}", f"u{i % 500}", ts0 + i * 0.1, item_id=item)
+        loop.observe(event, partition=i % 4, user_class_counts={}, category_affinity=0.5,
+                     repeat=False)
+        if i % 200 == 199:
+            request = loop.end_batch()
+            if request is not None:
+                requests.append(request)
+    return requests
+
+
+def make_loop(**overrides: object) -> tuple[ImbalanceLoop, Clock]:
+    clock = Clock()
+    base: dict[str, object] = {"trigger_min_samples": 10**9, "trigger_max_interval_s": 1e12,
+                               "trigger_cooldown_s": 0.0}
+    settings = Settings().replace(**{**base, **overrides})
+    return ImbalanceLoop(settings, clock=clock), clock
+
+
+def test_counts_shares_and_class_balanced_weights() -> None:
+    loop, _ = make_loop(weight_policy="class_balanced", weight_beta=0.999)
+    feed(loop, 20_000, MIX, random.Random(1))
+    loop.end_batch()
+    snap = loop.snapshot()
+    totals = snap["class_counts"]
+    assert sum(totals.values()) == 20_000
+    for c, share in MIX.items():
+        assert snap["class_shares"][c] == pytest.approx(share, abs=0.01)
+    # The weights are the policy applied to the decayed counts they report.
+    lw = snap["loss_weights"]
+    n = lw["counts"]
+    beta = lw["beta"]
+    expected = (1 - beta ** n["click"]) / (1 - beta ** n["purchase"])
+    assert lw["weights"]["purchase"] / lw["weights"]["click"] == pytest.approx(expected, rel=1e-9)
+    assert lw["weights"]["purchase"] > lw["weights"]["cart"] > lw["weights"]["click"]
+
+
+def test_minority_samples_are_buffered_and_trigger_a_request() -> None:
+    loop, clock = make_loop(trigger_min_samples=300, buffer_capacity=1000)
+    feed(loop, 5_000, MIX, random.Random(2))
+    sizes = loop.buffer.sizes()
+    # Every minority event is held; clicks by reservoir (plus the few that arrived in the
+    # first 64 events, before the mix was known).
+    assert sizes["purchase"] >= 0.9 * loop.totals()["purchase"]
+    assert sizes["click"] <= 1000 + 64
+    assert loop.triggers.fired["buffer"] >= 1
+    clock.now += 1
+    requests = feed(loop, 6_000, MIX, random.Random(3), start=10_000)
+    assert [r["reason"] for r in requests].count("buffer") >= 1
+    request = requests[-1]
+    assert set(request) >= {"class_counts", "loss_weights", "buffer_sizes", "triggers_fired"}
+    assert request["buffer_sizes"]["purchase"] > 0
+
+
+def test_purchase_share_halving_fires_drift_and_weights_follow() -> None:
+    loop, clock = make_loop(weight_policy="inverse", counts_half_life_s=120.0)
+    rng = random.Random(4)
+    before = {"click": 0.86, "cart": 0.06, "fav": 0.03, "purchase": 0.05}
+    after = {"click": 0.885, "cart": 0.06, "fav": 0.03, "purchase": 0.025}
+    feed(loop, 20_000, before, rng)
+    loop.end_batch()
+    w_before = loop.weights["purchase"]
+    loop.drift.take()
+    fired_before = loop.triggers.fired["drift"]
+    detected_at = None
+    for i in range(20_000, 40_000, 200):
+        feed(loop, 200, after, rng, start=i)
+        clock.now += 1
+        if loop.triggers.fired["drift"] > fired_before:
+            detected_at = i + 200 - 20_000
+            break
+    assert detected_at is not None, "no drift trigger after the purchase share halved"
+    assert detected_at <= 10_000
+    feed(loop, 10_000, after, rng, start=60_000)
+    loop.end_batch()
+    assert loop.weights["purchase"] > 1.5 * w_before  # rarer purchases weigh more
+
+
+def test_partition_state_round_trip() -> None:
+    loop, _ = make_loop()
+    feed(loop, 3_000, MIX, random.Random(5))
+    states = loop.take_touched()
+    assert set(states) == {0, 1, 2, 3}
+    fresh, _ = make_loop()
+    for p, state in states.items():
+        fresh.load_partition(p, state)
+    assert fresh.totals() == loop.totals()
+    assert fresh.decayed_counts() == pytest.approx(loop.decayed_counts())
+    assert fresh.window_counts() == pytest.approx(loop.window_counts())
+    assert loop.take_touched() == {}
+
+
+def test_searches_are_counted_apart() -> None:
+    loop, _ = make_loop()
+    loop.observe(Event("search", "s1", "u", 1.7e9, query="red shoe"), 0,
+                 user_class_counts={}, category_affinity=0.0, repeat=False)
+    assert loop.searches == 1 and sum(loop.totals().values()) == 0
+
+
+def test_drift_monitor_ignores_a_stationary_stream() -> None:
+    rng = random.Random(6)
+    monitor = DriftMonitor(["purchase"], delta=0.002)
+    for _ in range(30_000):
+        monitor.update("purchase" if rng.random() < 0.03 else "click", None)
+    assert monitor.detections["mix:purchase"] <= 1
+
+
+def test_trigger_cooldown_and_interval() -> None:
+    t = TriggerPolicy(min_new_samples=10, max_interval_s=100, cooldown_s=5)
+    assert t.check(0, 0, []) is None
+    assert t.check(1, 10, []) == "buffer"
+    assert t.check(2, 50, ["error"]) is None  # cooldown; the drift is remembered
+    assert t.check(7, 0, []) == "drift"
+    assert t.check(50, 0, []) is None  # nothing new
+    assert t.check(120, 1, []) == "interval"
+    restored = TriggerPolicy(10, 100, 5)
+    restored.load_state(t.to_state())
+    assert restored.fired == t.fired and restored.last_fired == 120
