@@ -19,7 +19,7 @@ Prequential metrics: macro-F1, recall per class, ROC-AUC of ``p(purchase)``.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,13 +63,13 @@ class PerClassRecall:
     """Recall of each class: correct predictions of c / true occurrences of c."""
 
     def __init__(self, classes: Sequence[str]) -> None:
-        self.hits: Counter[str] = Counter()
-        self.total: Counter[str] = Counter()
+        self.hits: defaultdict[str, float] = defaultdict(float)  # weighted counts
+        self.total: defaultdict[str, float] = defaultdict(float)
         self.classes = tuple(classes)
 
-    def update(self, y_true: str, y_pred: str | None) -> None:
-        self.total[y_true] += 1
-        self.hits[y_true] += y_true == y_pred
+    def update(self, y_true: str, y_pred: str | None, w: float = 1.0) -> None:
+        self.total[y_true] += w
+        self.hits[y_true] += (y_true == y_pred) * w
 
     def get(self) -> dict[str, float]:
         return {c: self.hits[c] / self.total[c] if self.total[c] else 0.0 for c in self.classes}
@@ -103,7 +103,8 @@ class OnlineOutcomeModel:
         self.recall = PerClassRecall(self.classes)
         self.purchase_auc = metrics.ROCAUC()
         self.n = 0
-        self.errors = 0
+        self.weighted_n = 0.0
+        self.errors = 0.0
 
     def predict_proba(self, x: Features) -> dict[str, float]:
         proba = self.model.predict_proba_one(x) if self.n else {}
@@ -113,16 +114,21 @@ class OnlineOutcomeModel:
             return {c: 1.0 / len(self.classes) for c in self.classes}
         return {c: p / total for c, p in out.items()}
 
-    def predict_then_learn(self, x: Features, y: str, weight: float = 1.0) -> dict[str, float]:
-        """Prequential step: predict ``x``, score the prediction against ``y``, then learn."""
+    def predict_then_learn(self, x: Features, y: str, weight: float = 1.0,
+                           metric_weight: float = 1.0) -> dict[str, float]:
+        """Prequential step: predict ``x``, score the prediction against ``y``, then learn.
+
+        ``metric_weight`` counts this event that many times in the metrics (1/rate when
+        the caller subsamples a class)."""
         proba = self.predict_proba(x)
         y_pred = max(proba, key=lambda c: proba[c]) if self.n else None
         if y_pred is not None:
-            self.macro_f1.update(y, y_pred)
-            self.errors += y_pred != y
-        self.recall.update(y, y_pred)
+            self.macro_f1.update(y, y_pred, w=metric_weight)
+            self.errors += (y_pred != y) * metric_weight
+        self.recall.update(y, y_pred, metric_weight)
         if "purchase" in self.classes:
             self.purchase_auc.update(y == "purchase", proba["purchase"])
+        self.weighted_n += metric_weight
         if self.imbalance == "weights":
             self.model.learn_one(x, y, w=weight)
         else:
@@ -133,4 +139,4 @@ class OnlineOutcomeModel:
     def report(self) -> dict[str, Any]:
         return {"events": self.n, "macro_f1": self.macro_f1.get(),
                 "recall": self.recall.get(), "purchase_roc_auc": self.purchase_auc.get(),
-                "error_rate": self.errors / self.n if self.n else 0.0}
+                "error_rate": self.errors / self.weighted_n if self.weighted_n else 0.0}

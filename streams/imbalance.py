@@ -21,6 +21,7 @@ same; wall time drives trigger cooldowns, because fine-tuning costs wall time.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -86,6 +87,8 @@ class ImbalanceLoop:
         self.touched: set[int] = set()
         self.weights: dict[str, float] = dict.fromkeys(CLASSES, 1.0)
         self.searches = 0
+        self._tiers: dict[str, str] = {}  # snapshot, refreshed per batch (a sort of the HH)
+        self._online_rng = random.Random(0)
         self._shares: dict[str, float] = {}
         self._last_ts = 0.0
         self._events = 0
@@ -122,18 +125,27 @@ class ImbalanceLoop:
         self.touched.add(partition)
 
         item = event.item_id
-        tier = self.items.tier(item, self.settings.head_share, self.settings.torso_share)
-        x = interaction_features(
-            item_count=self.items.estimate(item),
-            item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
-                               for c in CLASSES[1:]},
-            user_class_counts=user_class_counts, tier=tier,
-            category_affinity=category_affinity, repeat=repeat, price=event.price)
+        tier = self._tiers.get(item, "tail")
         weight = self.weights.get(event.kind, 1.0)
-        seen_before = self.online.n > 0
-        proba = self.online.predict_then_learn(x, event.kind, weight)
-        predicted = max(proba, key=lambda c: proba[c])
-        self.drift.update(event.kind, (predicted != event.kind) if seen_before else None)
+        error: bool | None = None
+        # The river fast path learns from every minority event and from a random share of
+        # majority ones (reweighted by 1/rate, so estimates stay unbiased): most of its
+        # cost is saved where data is plentiful.
+        rate = 1.0 if self._shares.get(event.kind, 0.0) < self.settings.minority_share \
+            else self.settings.online_majority_rate
+        if rate >= 1.0 or self._online_rng.random() < rate:
+            x = interaction_features(
+                item_count=self.items.estimate(item),
+                item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
+                                   for c in CLASSES[1:]},
+                user_class_counts=user_class_counts, tier=tier,
+                category_affinity=category_affinity, repeat=repeat, price=event.price)
+            seen_before = self.online.n > 0
+            proba = self.online.predict_then_learn(x, event.kind, weight / rate,
+                                                   metric_weight=1.0 / rate)
+            if seen_before:
+                error = max(proba, key=lambda c: proba[c]) != event.kind
+        self.drift.update(event.kind, error)
         self.items.observe(item, 1.0, ts=event.ts)
         if event.kind != "click":
             self.item_classes.add(f"{event.kind}:{item}")
@@ -149,6 +161,7 @@ class ImbalanceLoop:
         """Refresh shares and weights; return a training request if a trigger fires."""
         decayed = self.decayed_counts()
         self._shares = class_shares(decayed)
+        self._tiers = self.items.tiers(self.settings.head_share, self.settings.torso_share)
         if any(decayed.values()):
             self.weights = class_weights(self.policy, {c: decayed.get(c, 0.0) for c in CLASSES})
         signals = self.drift.take()

@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["taobao", "rees46", "csv"], default="taobao")
     p.add_argument("--speed", type=float, default=None,
                    help="replay speed factor over event time (default: as fast as possible)")
-    _synthetic_flags(p, rate=500.0, malformed_every=500)
+    _synthetic_flags(p, rate=300.0, malformed_every=300)
     p.add_argument("--no-ui", action="store_true", help="log lines instead of the live view")
     p.set_defaults(func=cmd_demo)
 

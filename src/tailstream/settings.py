@@ -128,6 +128,8 @@ class Settings:
     """Minimum wall time between two requests."""
     drift_delta: float = 0.002
     """ADWIN confidence (smaller: fewer, surer detections)."""
+    online_majority_rate: float = 0.2
+    """Share of majority-class events the river fast path learns from (all minority ones)."""
     online_imbalance: str = "weights"
     """River fast path imbalance handling: weights, oversample or none."""
     topic_training_requests: str = "training-requests"
