@@ -169,7 +169,6 @@ class Pipeline:
             self.query_index.add(item.title, item.category)
             self.item_text[item.item_id] = item_text(item)
             self.metrics.items_in.inc()
-        self.metrics.catalogue_size.set(self.popularity.known_items)
 
     def _apply_event(self, event: Event, partition: int = 0) -> None:
         category = event.category

@@ -129,8 +129,8 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
 
 
 def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started: float,
-           timeout: float = 60.0) -> None:
-    """Wait until the worker has read every event produced (or stops making progress)."""
+           timeout: float = 1800.0, stall_s: float = 30.0) -> None:
+    """Wait until the worker has read every event produced, as long as it makes progress."""
     deadline = time.monotonic() + timeout
     last, last_change = -1.0, time.monotonic()
     while time.monotonic() < deadline and worker.alive():
@@ -141,7 +141,7 @@ def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started:
             return
         if consumed != last:
             last, last_change = consumed, time.monotonic()
-        elif time.monotonic() - last_change > 15:
+        elif time.monotonic() - last_change > stall_s:
             log.warning("worker stopped making progress at %d of %d events", consumed, stats.sent)
             return
         time.sleep(0.5)
