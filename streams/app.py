@@ -104,12 +104,12 @@ def create_app(settings: Settings) -> Worker:
     # beside its events; changelog-backed, so a restarted worker recovers it.
     profiles_table = app.Table("user-profiles", default=None, partitions=settings.partitions,
                                use_partitioner=True,
-                               schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+                               key_type=bytes, value_type=bytes, schema=_RAW_SCHEMA)
 
     # Per source partition, written with that partition's number so the counts move with
     # the partition when a rebalance hands it to another worker.
     counts_table = app.Table("imbalance-counts", default=None, partitions=settings.partitions,
-                             schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+                             key_type=bytes, value_type=bytes, schema=_RAW_SCHEMA)
     requests_topic = app.topic(settings.topic(settings.topic_training_requests),
                                key_serializer="raw", value_serializer="raw")
     buffer_store = RedisBufferStore(redis, settings.redis_prefix)
@@ -117,8 +117,9 @@ def create_app(settings: Settings) -> Worker:
     def save_counts(states: dict[int, dict[str, Any]]) -> None:
         for partition, state in states.items():
             key = f"p{partition}".encode()
-            counts_table.data[key] = state
-            counts_table.send_changelog(partition, key, state)
+            blob = json.dumps(state, separators=(",", ":")).encode()
+            counts_table.data[key] = blob
+            counts_table.send_changelog(partition, key, blob)
 
     async def send_training_request(request: dict[str, Any]) -> None:
         await requests_topic.send(key=settings.app_id.encode(),
@@ -128,9 +129,9 @@ def create_app(settings: Settings) -> Worker:
     async def restore_imbalance_state() -> None:
         """After (re)assignment: counts from the changelog, the buffer from Redis."""
         loop = pipeline.imbalance
-        for key, state in counts_table.items():
-            if state:
-                loop.load_partition(int(key.decode()[1:]), state)
+        for key, blob in counts_table.items():
+            if blob:
+                loop.load_partition(int(key.decode()[1:]), json.loads(blob))
         try:
             loop.buffer = await buffer_store.load(settings.buffer_capacity,
                                                   settings.minority_share,
@@ -207,6 +208,14 @@ def create_app(settings: Settings) -> Worker:
     return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis)
 
 
+# Table keys and values are bytes we encode ourselves (JSON). Faust writes a changelog with
+# the table's schema but reads it back with a codec derived from key_type (JSON unless bytes), so a
+# mismatch loses the state on recovery ("Error in recovery: Expecting value"). Tables take
+# their changelog codec from key_type/value_type: bytes means raw on both paths.
+_RAW_SCHEMA: faust.Schema[bytes, bytes] = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+                           value_serializer="raw")
+
+
 def _raw(event: EventT) -> RawMessage:
     m = event.message
     return RawMessage(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key,
@@ -214,20 +223,20 @@ def _raw(event: EventT) -> RawMessage:
 
 
 class _StrKeyed(MutableMapping[str, Any]):
-    """Adapts the bytes-keyed Faust table to the str-keyed mapping the pipeline uses."""
+    """Adapts the bytes-in, bytes-out Faust table to the str → dict mapping of the pipeline."""
 
     def __init__(self, table: Any) -> None:
         self._table = table
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self._table.get(key.encode())
-        return default if value is None else value
+        return default if value is None else json.loads(value)
 
     def __getitem__(self, key: str) -> Any:
-        return self._table[key.encode()]
+        return json.loads(self._table[key.encode()])
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._table[key.encode()] = value
+        self._table[key.encode()] = json.dumps(value, separators=(",", ":")).encode()
 
     def __delitem__(self, key: str) -> None:
         del self._table[key.encode()]

@@ -117,10 +117,6 @@ class ImbalanceLoop:
         pc.totals[event.kind] += 1
         pc.last_ts = max(pc.last_ts, event.ts)
         self._events += 1
-        if self._events <= 1024 and self._events % 64 == 1:
-            # Until batches have set them, shares come from what was seen so far: an
-            # unknown mix would make every class look like a minority.
-            self._shares = class_shares(self.totals())
         self._last_ts = max(self._last_ts, event.ts)
         self.touched.add(partition)
 
@@ -152,7 +148,11 @@ class ImbalanceLoop:
 
         sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
                         weight=weight, user_text=user_text, item_text=item_text)
-        if self.buffer.offer(sample, self._shares) and self.buffer.last_route is not None:
+        # Until the mix is known from enough events, keep everything as if it were rare:
+        # topics are consumed in parallel, so an early batch can hold mostly carts and
+        # make them look like a majority class.
+        shares = self._shares if self._events > self.settings.mix_warmup_events else {}
+        if self.buffer.offer(sample, shares) and self.buffer.last_route is not None:
             route, slot = self.buffer.last_route
             self.buffer_changes.append((route, slot, sample))
 

@@ -108,6 +108,8 @@ class Settings:
     """Half-life of the decayed class and item counts (event time); weights use these."""
     minority_share: float = 0.10
     """Classes whose share is below this are minority classes (buffered in full)."""
+    mix_warmup_events: int = 2000
+    """Interactions seen before the class mix decides what is a minority (before: all are)."""
     buffer_capacity: int = 5000
     """Samples kept per class in the buffer (minority FIFO / majority reservoir)."""
     tail_capacity: int = 5000
