@@ -212,8 +212,8 @@ def create_app(settings: Settings) -> Worker:
 # the table's schema but reads it back with a codec derived from key_type (JSON unless bytes), so a
 # mismatch loses the state on recovery ("Error in recovery: Expecting value"). Tables take
 # their changelog codec from key_type/value_type: bytes means raw on both paths.
-_RAW_SCHEMA: faust.Schema[bytes, bytes] = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
-                           value_serializer="raw")
+_RAW_SCHEMA: faust.Schema[bytes, bytes] = faust.Schema(
+    key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
 def _raw(event: EventT) -> RawMessage:

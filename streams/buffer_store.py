@@ -6,7 +6,8 @@ Layout (``{p}`` = ``TAILSTREAM_REDIS_PREFIX``):
 * ``{p}:buffer:tail``: list of tail-item interactions of majority classes, trimmed;
 * ``{p}:buffer:reservoir:{class}``: hash slot → sample (Algorithm R overwrites slots);
 * ``{p}:buffer:meta``: hash with ``seen:{class}`` (reservoir counters) and
-  ``new_since_last_take``.
+  ``new_since_last_take``;
+* ``{p}:weights``: the loss weights in force (policy, weights, counts used, updated_at).
 
 Every batch's changes go in one pipelined round trip, so the lists are bounded by LTRIM
 and never grow past the buffer's own capacity.
@@ -58,6 +59,13 @@ class RedisBufferStore:
                 pipe.hset(k["meta"], f"seen:{label}", buffer.seen(label))
             pipe.hset(k["meta"], "new_since_last_take", buffer.new_since_last_take)
             await pipe.execute()
+
+    async def write_weights(self, policy: dict[str, Any], weights: dict[str, float],
+                            counts: dict[str, float], at: float) -> None:
+        """The weights in force, for the trainer: hash ``{prefix}:weights``."""
+        await self.redis.hset(f"{self.prefix}:weights", mapping={
+            "policy": json.dumps(policy), "weights": json.dumps(weights),
+            "counts": json.dumps(counts), "updated_at": repr(at)})
 
     async def mark_consumed(self) -> None:
         await self.redis.hset(self.keys["meta"], "new_since_last_take", 0)

@@ -84,6 +84,7 @@ class Pipeline:
         self.send_training_request = send_training_request
         self.save_counts = save_counts
         self.item_text: dict[str, str] = {}
+        self._weights_written = 0.0
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
         # Label lookups cost more than the increments: resolve each child once.
@@ -146,6 +147,11 @@ class Pipeline:
                 await self.buffer_store.apply(changes, loop.buffer)
                 if request is not None:
                     await self.buffer_store.mark_consumed()
+                now = time.monotonic()
+                if now - self._weights_written >= 1.0:
+                    self._weights_written = now
+                    await self.buffer_store.write_weights(
+                        loop.policy.describe(), loop.weights, loop.decayed_counts(), time.time())
             except Exception:  # the buffer is a cache of the stream: log, keep going
                 log.exception("writing the minority buffer to redis failed")
         if request is not None:

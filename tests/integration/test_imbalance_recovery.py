@@ -66,3 +66,23 @@ def test_counts_and_buffer_recovered_after_kill_9(
         assert total > sum(before["class_counts"].values())
     finally:
         again.stop()
+
+
+def test_weights_are_readable_by_the_trainer_from_redis(
+        worker: tuple[ManagedProcess, Settings]) -> None:
+    import redis
+
+    _, ws = worker
+    sim = ShopSimulator(n_users=100, n_items=200, seed=12)
+    stats = send_records(itertools.islice(sim.events(), 1500), ws)
+    wait_processed(ws, stats.sent)
+    r = redis.Redis.from_url(ws.redis_url.reveal(), decode_responses=True)
+    deadline = time.monotonic() + 10
+    while not r.exists(f"{ws.redis_prefix}:weights") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stored = r.hgetall(f"{ws.redis_prefix}:weights")
+    r.close()
+    weights = json.loads(stored["weights"])
+    assert json.loads(stored["policy"])["policy"] == ws.weight_policy
+    assert weights["purchase"] > weights["click"]
+    assert set(json.loads(stored["counts"])) == {"click", "cart", "fav", "purchase"}
