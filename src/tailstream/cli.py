@@ -65,6 +65,9 @@ def _with_running_stack(settings: Settings) -> Settings:
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The Kafka clients narrate every connection at INFO: keep their warnings only.
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 # --------------------------------------------------------------------------- commands
