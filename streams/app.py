@@ -183,6 +183,10 @@ def create_app(settings: Settings) -> Worker:
                         log.exception("dead-lettering failed")
 
     @app.timer(interval=1.0)
+    async def publish_loss_weights() -> None:
+        await pipeline.publish_weights()
+
+    @app.timer(interval=1.0)
     async def report_assignment() -> None:
         assigned = [tp for tp in app.consumer.assignment()
                     if tp.topic in settings.input_topics]

@@ -9,11 +9,12 @@ dead-lettered with its reason, never dropped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tailstream.contract import (
     Event,
@@ -51,6 +52,7 @@ class RawMessage:
     timestamp: float | None  # seconds; the producer's create time
 
 
+T = TypeVar("T")
 SendToDlq = Callable[[RawMessage, Rejection], Awaitable[None]]
 SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
 SaveCounts = Callable[[dict[int, dict[str, Any]]], None]
@@ -85,6 +87,7 @@ class Pipeline:
         self.save_counts = save_counts
         self.item_text: dict[str, str] = {}
         self._weights_written = 0.0
+        self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
         # Label lookups cost more than the increments: resolve each child once.
@@ -104,15 +107,8 @@ class Pipeline:
                 continue
             kind = self.kind_of_topic.get(msg.topic, "unknown")
             self._events_in[kind].inc()
-            decoded = decode_payload(msg.value, self.limits)
-            if isinstance(decoded, Rejection):
-                await self._dead_letter(msg, decoded)
-                continue
-            for value in decoded:
-                try:
-                    events.append((validate_event(kind, value, self.limits), msg))
-                except InvalidEvent as exc:
-                    await self._dead_letter(msg, Rejection(exc.reason, exc.detail))
+            events.extend((event, msg) for event in await self._valid(
+                msg, functools.partial(validate_event, kind, limits=self.limits)))
         if events:
             fresh = await self.deduper.first_seen([e.event_id for e, _ in events])
             acted: dict[str, tuple[Event, RawMessage]] = {}
@@ -147,30 +143,50 @@ class Pipeline:
                 await self.buffer_store.apply(changes, loop.buffer)
                 if request is not None:
                     await self.buffer_store.mark_consumed()
-                now = time.monotonic()
-                if now - self._weights_written >= 1.0:
-                    self._weights_written = now
-                    await self.buffer_store.write_weights(
-                        loop.policy.describe(), loop.weights, loop.decayed_counts(), time.time())
             except Exception:  # the buffer is a cache of the stream: log, keep going
                 log.exception("writing the minority buffer to redis failed")
+        self._weights_dirty = True
+        if time.monotonic() - self._weights_written >= 1.0:
+            await self.publish_weights()
         if request is not None:
             self.metrics.triggers.labels(request["reason"]).inc()
             if self.send_training_request is not None:
                 await self.send_training_request(request)
         self.metrics.observe_imbalance(loop)
 
-    async def _apply_item(self, msg: RawMessage) -> None:
+    async def publish_weights(self) -> None:
+        """Write the weights in force to Redis for the trainer, if they changed since the
+        last write. Called at most once a second per batch, and by a timer, so the stored
+        weights are never more than a second behind the last batch."""
+        if not self._weights_dirty or self.buffer_store is None:
+            return
+        loop = self.imbalance
+        self._weights_written = time.monotonic()
+        self._weights_dirty = False
+        try:
+            await self.buffer_store.write_weights(
+                loop.policy.describe(), loop.weights, loop.decayed_counts(), time.time())
+        except Exception:
+            self._weights_dirty = True
+            log.exception("writing the loss weights to redis failed")
+
+    async def _valid(self, msg: RawMessage, validate: Callable[[Any], T]) -> list[T]:
+        """The valid values of a message (one, or several in an envelope); the rest are
+        dead-lettered, one DLQ record per rejected value."""
         decoded = decode_payload(msg.value, self.limits)
         if isinstance(decoded, Rejection):
             await self._dead_letter(msg, decoded)
-            return
+            return []
+        out: list[T] = []
         for value in decoded:
             try:
-                item = validate_item(value, self.limits)
+                out.append(validate(value))
             except InvalidEvent as exc:
                 await self._dead_letter(msg, Rejection(exc.reason, exc.detail))
-                continue
+        return out
+
+    async def _apply_item(self, msg: RawMessage) -> None:
+        for item in await self._valid(msg, lambda v: validate_item(v, self.limits)):
             self.popularity.set_category(item.item_id, item.category)
             self.query_index.add(item.title, item.category)
             self.item_text[item.item_id] = item_text(item)

@@ -76,12 +76,23 @@ def test_weights_are_readable_by_the_trainer_from_redis(
     sim = ShopSimulator(n_users=100, n_items=200, seed=12)
     stats = send_records(itertools.islice(sim.events(), 1500), ws)
     wait_processed(ws, stats.sent)
+    m = scrape(metrics_url(ws))
+    interactions = sum(m.get(f"tailstream_events_processed_total{{kind={k}}}", 0)
+                       for k in ("click", "cart", "fav", "purchase"))
     r = redis.Redis.from_url(ws.redis_url.reveal(), decode_responses=True)
+
+    def stored_counts() -> float:
+        raw = r.hget(f"{ws.redis_prefix}:weights", "counts")
+        return sum(json.loads(raw).values()) if raw else 0.0
+
+    # The stored weights trail the last batch by at most a second (timer): wait for the
+    # ones computed from every event (decayed counts: a hair under the raw total).
     deadline = time.monotonic() + 10
-    while not r.exists(f"{ws.redis_prefix}:weights") and time.monotonic() < deadline:
+    while stored_counts() < 0.99 * interactions and time.monotonic() < deadline:
         time.sleep(0.2)
     stored = r.hgetall(f"{ws.redis_prefix}:weights")
     r.close()
+    assert sum(json.loads(stored["counts"]).values()) >= 0.99 * interactions
     weights = json.loads(stored["weights"])
     assert json.loads(stored["policy"])["policy"] == ws.weight_policy
     assert weights["purchase"] > weights["click"]
