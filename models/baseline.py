@@ -68,7 +68,7 @@ class QueryIndex:
 
 
 def new_profile() -> dict[str, Any]:
-    return {"cats": {}, "why": {}, "items": [], "queries": [], "ts": None, "n": {}}
+    return {"cats": {}, "why": {}, "items": [], "queries": [], "ctx": [], "ts": None, "n": {}}
 
 
 def update_profile(profile: dict[str, Any], event: Event, category: str | None,
@@ -78,8 +78,8 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
 
     >>> p = update_profile(new_profile(), Event("click", "e1", "u1", 100.0, item_id="i1"),
     ...                    "shoes", [])
-    >>> p["cats"], p["items"]
-    ({'shoes': 1.0}, ['i1'])
+    >>> p["cats"], p["items"], p["ctx"]
+    ({'shoes': 1.0}, ['i1'], [['i', 'i1']])
     """
     last = event.ts if profile.get("ts") is None else float(profile["ts"])
     decay = math.pow(2.0, -max(0.0, event.ts - last) / half_life_s)
@@ -88,6 +88,10 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     items = list(profile.get("items", []))
     queries = list(profile.get("queries", []))
     weight = EVENT_WEIGHT.get(event.kind, 1.0)
+    # Queries and items in one recency order: what the user tower reads.
+    entry = ["q", event.query] if event.kind == "search" else ["i", event.item_id]
+    ctx = [entry] + [e for e in profile.get("ctx", []) if e != entry]
+    ctx = ctx[:keep] if entry[1] is not None else ctx[1:keep + 1]
     if event.kind == "search" and event.query is not None:
         queries = ([event.query] + [q for q in queries if q != event.query])[:keep]
         for rank, cat in enumerate(query_categories):
@@ -104,7 +108,7 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     why = {c: r for c, r in why.items() if c in cats}
     n = dict(profile.get("n", {}))
     n[event.kind] = n.get(event.kind, 0) + 1
-    return {"cats": cats, "why": why, "items": items, "queries": queries,
+    return {"cats": cats, "why": why, "items": items, "queries": queries, "ctx": ctx,
             "ts": max(event.ts, last), "n": n}
 
 

@@ -7,6 +7,7 @@ the embedded Tansu or Apache Kafka: it only sees a bootstrap address.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator, MutableMapping
@@ -23,8 +24,10 @@ from tailstream.metrics import Metrics
 from tailstream.settings import Settings
 from tailstream.streams.buffer_store import RedisBufferStore
 from tailstream.streams.dedupe import Deduper
+from tailstream.streams.model_updates import follow_model_updates
 from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
 from tailstream.streams.publish import Publisher, meta_key, parse_meta
+from tailstream.streams.scoring import ScoringService
 from tailstream.streams.transport import app_class
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class Worker:
     pipeline: Pipeline
     metrics: Metrics
     redis: aioredis.Redis
+    scoring: ScoringService | None
 
 
 def faust_broker_options(settings: Settings) -> dict[str, Any]:
@@ -90,6 +94,7 @@ def create_app(settings: Settings) -> Worker:
         **faust_broker_options(settings),
     )
     metrics = Metrics()
+    scoring = ScoringService(settings, metrics) if settings.scorer == "transformer" else None
     redis = aioredis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5,
                                     socket_connect_timeout=2, health_check_interval=10)
 
@@ -159,7 +164,28 @@ def create_app(settings: Settings) -> Worker:
         buffer_store=buffer_store,
         send_training_request=send_training_request,
         save_counts=save_counts,
+        scoring=scoring,
     )
+
+    if scoring is not None:
+        @app.task
+        async def serve_transformer() -> None:
+            """Load the served model version, then embed catalogue items as they arrive."""
+            await scoring.start()
+            while scoring.scorer is not None:
+                if not await scoring.embed_pending(settings.embed_chunk):
+                    await asyncio.sleep(0.1)
+
+        async def on_model_update(update: dict[str, Any]) -> None:
+            version = str(update.get("version", ""))
+            log.info("model update: %s %s", update.get("action"), version)
+            await scoring.swap_to(version, lambda ids: [
+                pipeline.item_text.get(i) or f"item {i}" for i in ids])
+
+        @app.task
+        async def follow_promotions() -> None:
+            """Swap to each promoted version without a restart (every worker)."""
+            await follow_model_updates(settings, on_model_update)
 
     @app.agent(input_topic)
     async def process_events(stream: faust.StreamT[bytes]) -> None:
@@ -209,7 +235,7 @@ def create_app(settings: Settings) -> Worker:
             return web.json({"user_id": user_id, "items": [], "found": False}, status=404)
         return web.json({**found, "found": True})
 
-    return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis)
+    return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis, scoring=scoring)
 
 
 # Table keys and values are bytes we encode ourselves (JSON). Faust writes a changelog with

@@ -175,6 +175,11 @@ class ImbalanceLoop:
         return request
 
     # ------------------------------------------------------------------ reads
+    @property
+    def tiers(self) -> dict[str, str]:
+        """Tier of each tracked item as of the last batch (absent: tail)."""
+        return self._tiers
+
     def decayed_counts(self) -> dict[str, float]:
         out: Counter[str] = Counter()
         for pc in self.partitions.values():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,11 +29,14 @@ from tailstream.contract import (
 from tailstream.metrics import Metrics
 from tailstream.models.baseline import QueryIndex, new_profile, recommend, update_profile
 from tailstream.models.popularity import PopularityTracker
+from tailstream.models.scorer import ContextEntry, UserRequest
+from tailstream.models.two_tower import CONTEXT_SEPARATOR
 from tailstream.settings import Settings
 from tailstream.streams.buffer_store import RedisBufferStore
 from tailstream.streams.dedupe import Deduper
 from tailstream.streams.imbalance import ImbalanceLoop
 from tailstream.streams.publish import Publisher, RecList
+from tailstream.streams.scoring import ScoringService
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class Pipeline:
                  buffer_store: RedisBufferStore | None = None,
                  send_training_request: SendRequest | None = None,
                  save_counts: SaveCounts | None = None,
+                 scoring: ScoringService | None = None,
                  refresh_every_s: float = 1.0) -> None:
         self.settings = settings
         self.limits = Limits(max_event_bytes=settings.max_event_bytes,
@@ -86,6 +90,7 @@ class Pipeline:
         self.send_training_request = send_training_request
         self.save_counts = save_counts
         self.item_text: dict[str, str] = {}
+        self.scoring = scoring
         self._weights_written = 0.0
         self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
@@ -189,7 +194,10 @@ class Pipeline:
         for item in await self._valid(msg, lambda v: validate_item(v, self.limits)):
             self.popularity.set_category(item.item_id, item.category)
             self.query_index.add(item.title, item.category)
-            self.item_text[item.item_id] = item_text(item)
+            text = item_text(item)
+            self.item_text[item.item_id] = text
+            if self.scoring is not None:
+                self.scoring.queue_item(item.item_id, text)
             self.metrics.items_in.inc()
 
     def _apply_event(self, event: Event, partition: int = 0) -> None:
@@ -206,25 +214,43 @@ class Pipeline:
                     query_cats = [clicked, *[c for c in query_cats if c != clicked]]
         profile = self.profiles.get(event.user_id) or new_profile()
         if event.item_id is not None:
+            text = self.item_text.get(event.item_id)
+            if text is None:
+                # An item seen in events before (or without) a catalogue record: index it
+                # under a stable textual form so it can be recommended too.
+                text = self.item_text[event.item_id] = _fallback_text(event, category)
+                if self.scoring is not None:
+                    self.scoring.queue_item(event.item_id, text)
             cats = profile.get("cats", {})
             top = max(cats.values(), default=0.0)
             self.imbalance.observe(
                 event, partition, user_class_counts=profile.get("n", {}),
                 category_affinity=cats.get(category, 0.0) / top if top else 0.0,
                 repeat=event.item_id in profile.get("items", ()),
-                item_text=self.item_text.get(event.item_id) or _fallback_text(event, category),
-                user_text=self._user_text(profile))
+                item_text=text,
+                user_text=CONTEXT_SEPARATOR.join(e.text for e in self.context(profile)))
         else:
             self.imbalance.observe(event, partition, user_class_counts={},
                                    category_affinity=0.0, repeat=False)
         self.profiles[event.user_id] = update_profile(
             profile, event, category, query_cats, keep=self.settings.recent_items)
 
-    def _user_text(self, profile: dict[str, Any]) -> str:
-        """The user's recent context as text: last queries, then last items' texts."""
-        parts = [f"search: {q}" for q in profile.get("queries", [])[:3]]
-        parts += [self.item_text.get(i, f"item {i}") for i in profile.get("items", [])[:3]]
-        return " ; ".join(parts)
+    def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
+        """The user's recent searches and items, most recent first, as the user tower reads
+        them (profiles written before ``ctx`` existed fall back to queries, then items)."""
+        n = self.settings.max_context
+        raw = profile.get("ctx")
+        if raw is None:
+            raw = ([["q", q] for q in profile.get("queries", [])[:n]]
+                   + [["i", i] for i in profile.get("items", [])[:n]])
+        out: list[ContextEntry] = []
+        for kind, value in raw[:n]:
+            if kind == "q":
+                out.append(ContextEntry("q", f"search: {value}", value))
+            else:
+                text = self.item_text.get(value) or f"item {value}"
+                out.append(ContextEntry("i", text, text.split(" | ")[0], value))
+        return out
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
@@ -235,17 +261,35 @@ class Pipeline:
 
     # ------------------------------------------------------------------ score
     async def _refresh_users(self, acted: dict[str, tuple[Event, RawMessage]]) -> None:
+        if not acted:
+            await self.publisher.publish([])
+            return
+        profiles = {u: self.profiles.get(u) or new_profile() for u in acted}
+        items: list[list[dict[str, Any]]]
+        if self.scoring is not None and self.scoring.ready:
+            version = self.scoring.version
+            requests = [UserRequest(u, self.context(p), set(p.get("items", [])[:5]))
+                        for u, p in profiles.items()]
+            ranked = await self.scoring.recommend(requests, self.item_info)
+            items = [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
+        else:
+            version = BASELINE_VERSION
+            items = [[r.to_dict(i + 1) for i, r in enumerate(
+                recommend(p, self.popularity, k=self.settings.recs_k,
+                          tail_share=self.settings.tail_share))] for p in profiles.values()]
         now = time.time()
-        lists: list[RecList] = []
-        for user_id, (event, msg) in acted.items():
-            profile = self.profiles.get(user_id) or new_profile()
-            recs = recommend(profile, self.popularity, k=self.settings.recs_k,
-                             tail_share=self.settings.tail_share)
-            lists.append(RecList(
-                user_id=user_id, items=[r.to_dict(i + 1) for i, r in enumerate(recs)],
-                model_version=BASELINE_VERSION, trigger="event", generated_at=now,
-                event_id=event.event_id, source_ts=msg.timestamp))
+        lists = [RecList(user_id=u, items=its, model_version=version, trigger="event",
+                         generated_at=now, event_id=event.event_id, source_ts=msg.timestamp)
+                 for (u, (event, msg)), its in zip(acted.items(), items, strict=True)]
         await self.publisher.publish(lists)
+
+    def item_info(self, item_ids: Sequence[str]
+                  ) -> tuple[list[str], list[str | None], list[float]]:
+        """Tier, category and log q of items, from the live popularity state."""
+        tiers = self.imbalance.tiers
+        return ([tiers.get(i, "tail") for i in item_ids],
+                [self.popularity.category(i) for i in item_ids],
+                self.imbalance.items.log_q(item_ids))
 
     async def _dead_letter(self, msg: RawMessage, why: Rejection) -> None:
         self.metrics.dlq.labels(why.reason).inc()

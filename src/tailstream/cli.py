@@ -28,6 +28,10 @@ _COMMON = [
     ("--partitions", "partitions", "partitions of the input topics"),
     ("--data-dir", "data_dir", "folder for logs and local state"),
     ("--web-port", "web_port", "worker HTTP port (/metrics, /recommendations/{user})"),
+    ("--device", "device", "torch device: auto, cpu or cuda"),
+    ("--weight-policy", "weight_policy", "loss weight policy (none, inverse, sqrt_inverse, "
+                                         "class_balanced, focal, logit_adjusted, importance)"),
+    ("--model-dir", "model_dir", "model store folder (default {data-dir}/models)"),
     ("--log-level", "log_level", "debug, info, warning"),
 ]
 
@@ -82,10 +86,87 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trainer(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from tailstream.streams.training import run_trainer
+
+    settings = _with_running_stack(_settings(args))
+    if settings.trainer_nice:
+        os.nice(settings.trainer_nice)  # fine-tuning yields the CPU to the stream
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    stopping = threading.Event()
+    _on_signals(stopping.set)
+    run_trainer(settings, stopping)
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from tailstream.models.store import ModelStore
+
+    settings = _settings(args)
+    store = ModelStore(settings.model_store_dir)
+    if args.action == "list":
+        current = store.current()
+        rows = store.versions()
+        if args.json:
+            print(json.dumps({"current": current, "versions": rows}, indent=2, default=str))
+            return 0
+        print(f"serving: {current}   (store: {store.root})")
+        for m in rows:
+            cand = m.get("metrics", {}).get("candidate", {})
+            print(f"{m['version']:>7}  {m.get('status', '?'):<11} parent {m.get('parent', '?'):<7}"
+                  f" {m.get('policy', {}).get('policy', '?'):<15}"
+                  f" recall cart {cand.get('recall_cart', 0):.3f}"
+                  f" purchase {cand.get('recall_purchase', 0):.3f}"
+                  f" hit@10 {cand.get('hit_at_10', 0):.3f}  {m.get('reason', '')}")
+        return 0
+    if args.action == "promote":
+        if not args.version:
+            raise SystemExit("model promote needs a VERSION")
+        entry = store.promote(args.version, args.reason or "manual promotion")
+    else:
+        entry = store.rollback(args.reason or "manual rollback")
+    print(f"{entry['action']}: now serving {entry['version']} (was {entry['previous']})")
+    _announce(settings, {"version": entry["version"], "action": entry["action"],
+                         "reason": entry["reason"], "promoted_at": entry["at"]})
+    return 0
+
+
+def _announce(settings: Settings, update: dict[str, Any]) -> None:
+    """Tell running workers about a manual promote/rollback (they also read the store's
+    CURRENT pointer at start, so a stack that is down learns it then)."""
+    try:
+        settings = _with_running_stack(settings)
+    except SystemExit:
+        print("no broker known: workers pick the change up when they start")
+        return
+    from tailstream.producers.sender import make_producer
+
+    producer = make_producer(settings)
+    try:
+        producer.send(settings.topic(settings.topic_model_updates), key=b"model",
+                      value=json.dumps(update).encode())
+        producer.flush(10)
+    finally:
+        producer.close()
+    print("announced on", settings.topic(settings.topic_model_updates))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from tailstream.embedded import ServiceStack, StackInfo
     from tailstream.kafka_io import create_topics
-    from tailstream.workers import metrics_url, start_worker, wait_ready
+    from tailstream.workers import (
+        metrics_url,
+        start_trainer,
+        start_worker,
+        trainer_metrics_url,
+        wait_ready,
+        wait_trainer_ready,
+    )
 
     settings = _settings(args)
     if not settings.kafka_bootstrap:
@@ -97,29 +178,45 @@ def cmd_up(args: argparse.Namespace) -> int:
     with stack as s:
         create_topics(s)
         workers = []
+        trainer = None
         try:
             for i in range(args.workers):
                 proc, ws = start_worker(s, i)
                 workers.append((proc, ws))
+            if not args.no_trainer:
+                trainer = start_trainer(s)
             for proc, ws in workers:
                 wait_ready(proc, ws)
+            if trainer is not None:
+                wait_trainer_ready(*trainer)
+            children = [*stack.processes, *(w for w, _ in workers),
+                        *([trainer[0]] if trainer else [])]
             info = StackInfo(s.kafka_bootstrap, s.redis_url.reveal(), embedded,
-                             {p.name: p.pid for p in [*stack.processes, *(w for w, _ in workers)]})
+                             {p.name: p.pid for p in children})
             info.write(s.data_dir / "stack.json")
             print(f"tailstream is up.\n"
                   f"  export TAILSTREAM_KAFKA_BOOTSTRAP={s.kafka_bootstrap}\n"
                   f"  export TAILSTREAM_REDIS_URL={s.redis_url.reveal()}\n"
                   + "".join(f"  metrics: {metrics_url(ws)}\n" for _, ws in workers)
+                  + (f"  trainer:  {trainer_metrics_url(trainer[1])}\n" if trainer else "")
                   + "  feed it:   tailstream produce synthetic --rate 200\n"
                     "  watch it:  tailstream subscribe\n"
                     "Ctrl-C stops everything.", flush=True)
+            trainer_down = False
             while not stopping.is_set():
                 for proc, _ in workers:
                     if not proc.alive():
                         log.error("worker %s exited:\n%s", proc.name, proc.tail(30))
                         return 1
+                if trainer is not None and not trainer[0].alive() and not trainer_down:
+                    # The stream goes on without fine-tuning; the workers keep serving.
+                    trainer_down = True
+                    log.error("the trainer exited; recommendations keep flowing with the "
+                              "current model:\n%s", trainer[0].tail(30))
                 stopping.wait(1.0)
         finally:
+            if trainer is not None:
+                trainer[0].stop()
             for proc, _ in workers:
                 proc.stop()
             (s.data_dir / "stack.json").unlink(missing_ok=True)
@@ -256,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "processes; write {data-dir}/stack.json for other commands.")
     p.add_argument("--workers", type=int, default=1, help="worker processes (same group)")
     p.add_argument("--no-ui", action="store_true", help="accepted for symmetry with demo")
+    p.add_argument("--no-trainer", action="store_true", help="run without the fine-tuning "
+                                                             "process (workers keep scoring)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("worker", parents=[common], help="run one Faust worker in the foreground",
@@ -263,6 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TAILSTREAM_KAFKA_BOOTSTRAP and TAILSTREAM_REDIS_URL (or a "
                                    "running `tailstream up`).")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("trainer", parents=[common], help="run the fine-tuning process",
+                       description="Consume training requests, fine-tune the recommender "
+                                   "(GPU when present), gate, store and announce versions. "
+                                   "Needs the broker and Redis (or a running `tailstream up`).")
+    p.set_defaults(func=cmd_trainer)
+
+    p = sub.add_parser("model", parents=[common], help="list, promote or roll back versions",
+                       description="The model store under TAILSTREAM_MODEL_DIR "
+                                   "(default {data-dir}/models).")
+    p.add_argument("action", choices=["list", "promote", "rollback"])
+    p.add_argument("version", nargs="?", help="the version to promote (vNNNNN or base)")
+    p.add_argument("--reason", default=None, help="recorded in the manifest and history")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("produce", parents=[common], help="send events to the input topics")
     src = p.add_subparsers(dest="source", required=True)

@@ -121,8 +121,12 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
     if len(raw) > limits.max_event_bytes:
         return Rejection("oversize", f"{len(raw)} bytes > {limits.max_event_bytes}")
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        # Decode strictly first: json.loads(bytes) also accepts UTF-16/32 and decodes with
+        # "surrogatepass", so invalid UTF-8 (encoded lone surrogates) got through. The
+        # contract is UTF-8 only; a leading BOM is still ignored, as before.
+        text = raw.decode("utf-8-sig")
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         return Rejection("not_json", str(exc)[:200])
     if isinstance(value, list):
         if not value:
@@ -156,7 +160,7 @@ def validate_event(kind: str, value: Any, limits: Limits, now: float | None = No
         raise InvalidEvent("not_object", type(value).__name__)
     version = value.get("v", SCHEMA_VERSION)
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise InvalidEvent("unknown_version", repr(version)[:40])
+        raise InvalidEvent("unknown_version", _describe(version))
     event_id = _req_str(value, "event_id", limits)
     user_id = _req_str(value, "user_id", limits)
     ts = _req_number(value, "ts")
@@ -176,7 +180,9 @@ def validate_event(kind: str, value: Any, limits: Limits, now: float | None = No
     category = _opt_str(value, "category", limits)
     if kind == "search":
         query = _req_str(value, "query", limits)
-        results = value.get("result_item_ids") or []
+        results = value.get("result_item_ids")
+        if results is None:  # absent or null: no results. (`or []` let {}, "", 0, false in)
+            results = []
         if not isinstance(results, list):
             raise InvalidEvent("wrong_type", "result_item_ids must be a list")
         if len(results) > limits.max_list_items:
@@ -208,6 +214,14 @@ def validate_item(value: Any, limits: Limits) -> Item:
         brand=_opt_str(value, "brand", limits) or "",
         price=price,
     )
+
+
+def _describe(value: Any) -> str:
+    # Not repr() of a list or object: repr() recurses once per level, as the parser does, so
+    # a value nested just shallowly enough to be parsed could make it raise RecursionError.
+    if value is None or isinstance(value, bool | int | float | str):
+        return repr(value)[:40]
+    return type(value).__name__
 
 
 def _req_str(value: dict[str, Any], name: str, limits: Limits) -> str:

@@ -104,10 +104,30 @@ class Metrics:
         self.online_purchase_auc = Gauge(
             "tailstream_online_purchase_roc_auc_ratio",
             "Prequential ROC-AUC of the river fast path's p(purchase).", registry=r)
-        self.rss = Gauge(
-            "tailstream_process_resident_memory_bytes",
-            "Resident set size of this process.", registry=r)
-        self.rss.set_function(_rss_bytes)
+        # --- transformer scoring ---
+        self.serving_version = Gauge(
+            "tailstream_serving_model_version_number",
+            "Model version this worker scores with (v00012 → 12; 0 = the untrained base).",
+            registry=r)
+        self.model_loads = Counter(
+            "tailstream_model_loads_total",
+            "Model versions this worker tried to load, by outcome (loaded, failed).",
+            ["outcome"], registry=r)
+        self.index_items = Gauge(
+            "tailstream_index_items",
+            "Catalogue items in this worker's item-vector index.", registry=r)
+        self.index_bytes = Gauge(
+            "tailstream_index_memory_bytes",
+            "Memory held by the item index and the items' text vectors.", registry=r)
+        self.scoring_seconds = Histogram(
+            "tailstream_scoring_duration_seconds",
+            "Time to score one micro-batch of users with the transformer.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.texts_encoded = Counter(
+            "tailstream_texts_encoded_total",
+            "Texts run through the encoder (cache misses), by purpose (item, query).",
+            ["purpose"], registry=r)
+        self.rss = process_rss_gauge(r)
 
 
     def observe_imbalance(self, loop: Any) -> None:
@@ -142,3 +162,62 @@ def _rss_bytes() -> float:
         return float(pages * os.sysconf("SC_PAGE_SIZE"))
     except (OSError, ValueError, IndexError):
         return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def process_rss_gauge(registry: CollectorRegistry) -> Gauge:
+    g = Gauge("tailstream_process_resident_memory_bytes",
+              "Resident set size of this process.", registry=registry)
+    g.set_function(_rss_bytes)
+    return g
+
+
+FINETUNE_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+
+class TrainerMetrics:
+    """The trainer process's metrics (its own registry and /metrics port)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tailstream_trainer_requests_total",
+            "Fine-tune requests read from the training-requests topic (coalesced ones too).",
+            registry=r)
+        self.runs = Counter(
+            "tailstream_finetune_runs_total",
+            "Fine-tune runs by outcome: promoted, rejected, failed, skipped.",
+            ["outcome"], registry=r)
+        self.failures = Counter(
+            "tailstream_finetune_failures_total",
+            "Failed fine-tune runs by cause: nan_loss, cuda_oom, corrupt_checkpoint, error.",
+            ["cause"], registry=r)
+        self.duration = Histogram(
+            "tailstream_finetune_duration_seconds",
+            "Wall time of a fine-tune run (data, training, evaluation, checkpoint).",
+            buckets=FINETUNE_BUCKETS, registry=r)
+        self.pairs_per_s = Gauge(
+            "tailstream_finetune_samples_per_second",
+            "Training pairs (user context + item) per second in the last run.", registry=r)
+        self.loss = Gauge(
+            "tailstream_finetune_loss",
+            "Mean unweighted cross-entropy of the outcome head per class in the last run.",
+            ["event_class"], registry=r)
+        self.running = Gauge(
+            "tailstream_finetune_running",
+            "1 while a fine-tune is running.", registry=r)
+        self.version = Gauge(
+            "tailstream_model_version_number",
+            "The promoted (served) model version (v00012 → 12; 0 = base).", registry=r)
+        self.decisions = Counter(
+            "tailstream_promotion_decisions_total",
+            "Promotion gate decisions by decision and reason code.",
+            ["decision", "reason"], registry=r)
+        self.gate_metric = Gauge(
+            "tailstream_gate_metric_ratio",
+            "Held-out metrics of the current and the candidate model at the last gate.",
+            ["model", "metric"], registry=r)
+        self.last_promotion = Gauge(
+            "tailstream_last_promotion_timestamp_seconds",
+            "Unix time of the last promotion (0: none since the trainer started).", registry=r)
+        self.rss = process_rss_gauge(r)

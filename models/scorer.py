@@ -1,0 +1,292 @@
+"""Scoring with the transformer: retrieve from the item index, rank with the outcome head,
+correct for popularity, keep the tail in every list, say why.
+
+For each user (a micro-batch of users at a time):
+
+1. **User vector** from the user tower over their recent context texts (queries and
+   viewed items; vectors cached by text, so only new texts hit the encoder).
+2. **Retrieval**: exact top-``candidates`` items by cosine over the whole index,
+   excluding what the user just interacted with.
+3. **Ranking** of the candidates::
+
+       score_i = cos(u, v_i) + λ_e · E_i − α · log q_i
+
+   ``E_i = Σ_c value_c · p_c(i) / max value`` is the expected engagement from the outcome
+   head's class probabilities (optionally blended with the river fast path's), and
+   ``−α log q_i`` is a post-hoc logit adjustment for item popularity (Menon et al., ICLR
+   2021, applied to items; ``q`` is the streaming sampling probability of Yi et al. 2019).
+   ``α = 0`` turns it off.
+4. **Diversity**: at most ``max(1, ⌈max_per_category · k⌉)`` items per category, taken in
+   score order (a category cap is the simplest rule that keeps one hot category from
+   taking a whole list; skipped items fill the list only if nothing else is left).
+5. **Tail exposure**: ``⌈tail_share · k⌉`` slots are reserved for tail-tier items, but a
+   tail item takes one only if its score is within ``tail_margin`` of the k-th best
+   unconstrained score, so a clearly better head item is never displaced.
+6. **Reasons**: the context text most similar to the item in the item space explains it
+   ("matches your search '…'", "similar to '…' you viewed"); otherwise "trending in …".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tailstream.models.index import ItemIndex
+from tailstream.models.loading import ServedModel
+from tailstream.models.text_vectors import TextVectors, VectorStore
+from tailstream.models.two_tower import TextBatch, pack_contexts
+
+CLASS_VALUE: dict[str, float] = {"click": 1.0, "fav": 2.0, "cart": 3.0, "purchase": 5.0}
+"""Relative value of each outcome for the expected-engagement term."""
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    k: int = 20
+    candidates: int = 200
+    engagement_weight: float = 0.3
+    popularity_correction: float = 0.01
+    online_blend: float = 0.0
+    tail_share: float = 0.3
+    tail_margin: float = 0.15
+    max_per_category: float = 0.5
+    reason_min_similarity: float = 0.2
+
+
+@dataclass
+class ContextEntry:
+    """One recent thing the user did: a search (``kind="q"``) or an item (``"i"``)."""
+
+    kind: str
+    text: str  # what the encoder reads
+    label: str  # the query, or the item's short title, for reasons
+    item_id: str | None = None
+
+
+@dataclass
+class UserRequest:
+    user_id: str
+    context: list[ContextEntry]
+    exclude: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    item_id: str
+    score: float
+    tier: str
+    reason: str
+    category: str | None
+    p_purchase: float
+    p_cart: float
+
+    def to_dict(self, rank: int) -> dict[str, Any]:
+        return {"item_id": self.item_id, "score": round(self.score, 6), "rank": rank,
+                "tier": self.tier, "reason": self.reason, "category": self.category,
+                "p_purchase": round(self.p_purchase, 6), "p_cart": round(self.p_cart, 6)}
+
+
+ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[float]]]
+"""``item_ids → (tiers, categories, log q)``, supplied by the stream's popularity state."""
+OnlineProba = Callable[[str, Sequence[str]], torch.Tensor]
+"""``(user_id, item_ids) → [N, K]`` class probabilities of the river fast path."""
+
+
+class Scorer:
+    """Holds the served model, the text-vector cache and the item index of one worker."""
+
+    def __init__(self, served: ServedModel, *, device: torch.device, max_len: int,
+                 cache_size: int, ranking: RankingConfig,
+                 shared: VectorStore | None = None) -> None:
+        self.device = device
+        self.max_len = max_len
+        self.ranking = ranking
+        self.served = served
+        self.shared = shared
+        self.texts = TextVectors(served.model, served.tokenizer, device=device, max_len=max_len,
+                                 fingerprint=served.text_fingerprint, cache_size=cache_size,
+                                 shared=shared)
+        hidden = served.model.item_proj.in_features
+        # Text vectors of catalogue items, kept beside the index so a promotion that leaves
+        # the encoder alone re-projects the catalogue with one matrix product.
+        self.item_texts = ItemIndex(hidden, device, torch.float16)
+        self.index = ItemIndex(served.model.config.embed_dim, device)
+        self.index.version = served.version
+        classes = list(served.model.config.classes)
+        top = max(CLASS_VALUE.values())
+        self._value = torch.tensor([CLASS_VALUE.get(c, 0.0) / top for c in classes],
+                                   device=device)
+        self._purchase = classes.index("purchase") if "purchase" in classes else None
+        self._cart = classes.index("cart") if "cart" in classes else None
+
+    @property
+    def version(self) -> str:
+        return self.served.version
+
+    # ------------------------------------------------------------------ catalogue
+    @torch.inference_mode()
+    def add_items(self, item_ids: Sequence[str], texts: Sequence[str]) -> None:
+        """Embed catalogue items (new or changed) and make them searchable at once."""
+        if not item_ids:
+            return
+        vecs = self.texts.vectors(texts)
+        self.item_texts.upsert(item_ids, vecs)
+        self.index.upsert(item_ids, self.served.model.item_vectors(vecs))
+
+    def needs_reencode(self, served: ServedModel) -> bool:
+        """Whether ``served`` changed the encoder (text vectors must be recomputed)."""
+        return served.text_fingerprint != self.texts.fingerprint
+
+    @torch.inference_mode()
+    def swap_model(self, served: ServedModel,
+                   item_texts: Callable[[Sequence[str]], list[str]] | None = None,
+                   chunk: int = 4096) -> None:
+        """Serve ``served`` from now on: re-project (same encoder) or re-encode (new encoder)
+        every catalogue item, then swap the index in one assignment."""
+        ids = self.item_texts.ids
+        if self.needs_reencode(served):
+            if item_texts is None:
+                raise ValueError("a new encoder needs the items' texts to re-encode them")
+            fresh = TextVectors(served.model, served.tokenizer, device=self.device,
+                                max_len=self.max_len, fingerprint=served.text_fingerprint,
+                                cache_size=self.texts.cache_size, shared=self.shared)
+            text_vecs = fresh.vectors(item_texts(ids)) if ids else None
+            new_texts = ItemIndex(self.item_texts.dim, self.device, torch.float16)
+            if text_vecs is not None:
+                new_texts.upsert(ids, text_vecs)
+        else:
+            fresh = self.texts
+            fresh.model = served.model
+            new_texts = self.item_texts
+        rows = [served.model.item_vectors(new_texts.matrix[i:i + chunk].float())
+                for i in range(0, len(ids), chunk)]
+        vectors = torch.cat(rows) if rows else torch.empty(0, self.index.dim)
+        self.index.replace_all(ids, vectors, served.version)
+        self.item_texts = new_texts
+        self.texts = fresh
+        self.served = served
+
+    # ------------------------------------------------------------------ users
+    @torch.inference_mode()
+    def user_vectors(self, requests: Sequence[UserRequest]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """User vectors ``[B, d]``, their context in the item space ``[B, C, d]`` and its
+        mask ``[B, C]`` (for the head's target attention and for reasons)."""
+        model = self.served.model
+        c = model.config.max_context
+        contexts = [[e.text for e in r.context[:c]] for r in requests]
+        batch = TextBatch([t for ctx in contexts for t in ctx])
+        vecs = self.texts.vectors(batch.texts) if batch.texts else None
+        ctx_t, mask = pack_contexts(contexts, vecs, batch, c, model.empty_context.shape[0],
+                                    self.device)
+        return model.user_vectors(ctx_t, mask), model.context_items(ctx_t), mask
+
+    @torch.inference_mode()
+    def recommend(self, requests: Sequence[UserRequest], item_info: ItemInfo,
+                  online: OnlineProba | None = None) -> list[list[Ranked]]:
+        """A ranked list per request (empty when the index is)."""
+        cfg = self.ranking
+        if not requests or len(self.index) == 0:
+            return [[] for _ in requests]
+        users, ctx_items, ctx_mask = self.user_vectors(requests)
+        _, cand_ids = self.index.search(users, cfg.candidates,
+                                        exclude=[r.exclude for r in requests])
+        model = self.served.model
+        out: list[list[Ranked]] = []
+        for b, req in enumerate(requests):
+            ids = cand_ids[b]
+            if not ids:
+                out.append([])
+                continue
+            v = self.index.vectors(ids)
+            u = users[b:b + 1]
+            n = len(ids)
+            sim = (v @ u.T).squeeze(1)
+            proba = torch.softmax(model.outcome_logits(
+                u.expand(n, -1), v, ctx_items[b:b + 1].expand(n, -1, -1),
+                ctx_mask[b:b + 1].expand(n, -1)), dim=-1)
+            if online is not None and cfg.online_blend > 0:
+                proba = (1 - cfg.online_blend) * proba + cfg.online_blend * online(
+                    req.user_id, ids).to(proba)
+            engagement = proba @ self._value
+            tiers, cats, log_q = item_info(ids)
+            lq = torch.tensor(log_q, device=self.device, dtype=sim.dtype)
+            score = sim + cfg.engagement_weight * engagement - cfg.popularity_correction * lq
+            reasons = self._reasons(req, ctx_items[b][ctx_mask[b]], v, cats)
+            p_buy = proba[:, self._purchase] if self._purchase is not None else None
+            p_cart = proba[:, self._cart] if self._cart is not None else None
+            ranked = [Ranked(i, float(score[j]), tiers[j], reasons[j], cats[j],
+                             float(p_buy[j]) if p_buy is not None else 0.0,
+                             float(p_cart[j]) if p_cart is not None else 0.0)
+                      for j, i in enumerate(ids)]
+            ranked.sort(key=lambda r: (-r.score, r.item_id))
+            out.append(select(ranked, cfg.k, cfg.tail_share, cfg.tail_margin,
+                              cfg.max_per_category))
+        return out
+
+    def _reasons(self, req: UserRequest, ctx: torch.Tensor, items: torch.Tensor,
+                 cats: Sequence[str | None]) -> list[str]:
+        trending = [f"trending in {c}" if c else "popular right now" for c in cats]
+        if ctx.shape[0] == 0:
+            return trending
+        sims = items @ ctx.T  # [N, C]
+        best_val, best = sims.max(dim=1)
+        entries = req.context[: ctx.shape[0]]
+        out = []
+        for j in range(items.shape[0]):
+            if float(best_val[j]) < self.ranking.reason_min_similarity:
+                out.append(trending[j])
+                continue
+            e = entries[int(best[j])]
+            out.append(f"matches your search '{e.label[:40]}'" if e.kind == "q"
+                       else f"similar to '{e.label[:40]}' you viewed")
+        return out
+
+
+def select(ranked: Sequence[Ranked], k: int, tail_share: float, tail_margin: float,
+           max_per_category: float) -> list[Ranked]:
+    """The final list from candidates sorted best first: category cap, then tail quota
+    (see the module docstring), returned best first.
+
+    >>> r = [Ranked(str(i), 1 - i / 10, "head" if i < 6 else "tail", "", None, 0, 0)
+    ...      for i in range(8)]
+    >>> [x.item_id for x in select(r, 4, 0.5, tail_margin=0.4, max_per_category=1.0)]
+    ['0', '1', '6', '7']
+    >>> [x.item_id for x in select(r, 4, 0.5, tail_margin=0.05, max_per_category=1.0)]
+    ['0', '1', '2', '3']
+    """
+    if k <= 0 or not ranked:
+        return []
+    cap = max(1, math.ceil(max_per_category * k))
+    per_cat: dict[str | None, int] = {}
+    diverse: list[Ranked] = []
+    overflow: list[Ranked] = []
+    for r in ranked:
+        key = r.category
+        if key is not None and per_cat.get(key, 0) >= cap:
+            overflow.append(r)
+            continue
+        per_cat[key] = per_cat.get(key, 0) + 1
+        diverse.append(r)
+    pool = diverse + overflow  # capped items only if nothing else is left
+    top = pool[:k]
+    if not top:
+        return []
+    threshold = top[-1].score - tail_margin
+    quota = math.ceil(tail_share * k)
+    have = sum(1 for r in top if r.tier == "tail")
+    if have < quota:
+        chosen = {r.item_id for r in top}
+        extra = [r for r in pool[k:] if r.tier == "tail" and r.score >= threshold
+                 and r.item_id not in chosen][: quota - have]
+        if extra:
+            # Displace the lowest non-tail items, never a tail item already chosen.
+            keep_head = [r for r in top if r.tier != "tail"]
+            keep_tail = [r for r in top if r.tier == "tail"]
+            keep_head = keep_head[: max(0, k - len(keep_tail) - len(extra))]
+            top = keep_head + keep_tail + extra
+    return sorted(top, key=lambda r: (-r.score, r.item_id))

@@ -1,0 +1,227 @@
+"""The transformer recommender: two towers over one shared pretrained encoder, plus an
+outcome head.
+
+* **Text → vector.** Every text (an item's title/category/brand/price band, a search
+  query) goes through the shared encoder and is mean-pooled over its tokens, as
+  sentence-transformers does for all-MiniLM-L6-v2.
+* **Item tower.** ``v = normalise(W_item · e(item text))``.
+* **User tower.** The user's recent context texts (queries, viewed items' texts; most
+  recent first) are encoded, pooled with learned attention plus a learned recency bias
+  per position, and projected: ``u = normalise(W_user · Σ_j a_j e(ctx_j))``. Pooling
+  cached text vectors, rather than encoding one long user string, keeps serving O(1) per
+  event: item and query vectors are computed once and reused (YouTube DNN, Covington et
+  al., RecSys 2016, averages watched-item embeddings the same way).
+* **Retrieval score** ``s(u, i) = u·v / T`` (cosine over a temperature), trained with an
+  in-batch sampled softmax and logQ correction (Yi et al., RecSys 2019).
+* **Outcome head.** ``z = MLP([u, v, u ⊙ v, max_j s_j, Σ_j α_j s_j])`` → logits over
+  click / cart / fav / purchase: CTR- and CVR-like probabilities from one model, trained
+  with the imbalance loop's loss. ``s_j = cos(W_item e(ctx_j), v)`` compares the candidate
+  with each recent context item in the item space (target attention, as in DIN: Zhou et
+  al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018, with
+  ``α = softmax(s / T)``): whether the user just looked at this very item, or at close
+  ones, is the strongest single signal of a cart or a purchase.
+
+Both projections start as the *same* random orthogonal map, so before any fine-tuning the
+user and item spaces coincide and pretrained similarity already works (cold start from
+text). Initialisation is seeded, so every process builds the identical base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASSES: tuple[str, ...] = ("click", "cart", "fav", "purchase")
+CONTEXT_SEPARATOR = " ; "
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Shape of the towers and heads (stored in every checkpoint manifest)."""
+
+    embed_dim: int = 128
+    """Size of user and item vectors (index memory: 4 · embed_dim bytes per item in fp32)."""
+    max_context: int = 4
+    """Recent texts pooled by the user tower."""
+    max_len: int = 48
+    """Tokens per text (titles and queries are short; longer texts are truncated)."""
+    temperature: float = 0.05
+    head_hidden: int = 256
+    classes: tuple[str, ...] = field(default=CLASSES)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["classes"] = list(self.classes)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "classes" in known:
+            known["classes"] = tuple(known["classes"])
+        return cls(**known)
+
+
+def split_context(user_text: str, max_context: int) -> list[str]:
+    """The user's context texts from a sample's ``user_text`` (most recent first).
+
+    >>> split_context("search: red mug ; Kettle | home ; Lamp | home", 2)
+    ['search: red mug', 'Kettle | home']
+    """
+    return [t for t in (p.strip() for p in user_text.split(CONTEXT_SEPARATOR)) if t][
+        :max_context]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token vectors where ``mask`` is 1 (sentence-transformers' pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class TwoTowerRecommender(nn.Module):
+    def __init__(self, encoder: nn.Module, hidden_size: int, config: TowerConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = config
+        d, k = config.embed_dim, len(config.classes)
+        gen = torch.Generator().manual_seed(config.seed)
+        shared = torch.empty(d, hidden_size)
+        _orthogonal_(shared, gen)
+        self.item_proj = nn.Linear(hidden_size, d, bias=False)
+        self.user_proj = nn.Linear(hidden_size, d, bias=False)
+        with torch.no_grad():
+            self.item_proj.weight.copy_(shared)
+            self.user_proj.weight.copy_(shared)
+        # Zero attention and recency bias: the user tower starts as a plain mean.
+        self.context_attn = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.context_attn.weight)
+        nn.init.zeros_(self.context_attn.bias)
+        self.recency_bias = nn.Parameter(torch.zeros(config.max_context))
+        # A user with no context yet (first event) gets a learned vector.
+        self.empty_context = nn.Parameter(torch.zeros(hidden_size))
+        self.outcome_head = nn.Sequential(nn.Linear(3 * d + 2, config.head_hidden), nn.GELU(),
+                                          nn.Linear(config.head_hidden, k))
+        with torch.no_grad():
+            for layer in (self.outcome_head[0], self.outcome_head[2]):
+                assert isinstance(layer, nn.Linear)
+                bound = 1.0 / layer.in_features ** 0.5
+                layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound
+                                   - bound)
+                layer.bias.zero_()
+
+    # ------------------------------------------------------------------ encoder
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> torch.Tensor:
+        """Mean-pooled encoder output, ``[N, hidden]`` (float32)."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(out.last_hidden_state.float(), attention_mask)
+
+    # ------------------------------------------------------------------ towers
+    def item_vectors(self, text_vectors: torch.Tensor) -> torch.Tensor:
+        """Unit item vectors ``[N, d]`` from pooled item-text vectors ``[N, hidden]``."""
+        return F.normalize(self.item_proj(text_vectors.float()), dim=-1)
+
+    def user_vectors(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit user vectors ``[B, d]`` from context vectors ``[B, C, hidden]`` and a
+        ``[B, C]`` mask of real positions (rows without any fall back to the learned
+        empty-context vector)."""
+        context = context.float()
+        b, c, _ = context.shape
+        empty = ~mask.any(dim=1)
+        if empty.any():
+            context = context.clone()
+            mask = mask.clone()
+            context[empty, 0] = self.empty_context
+            mask[empty, 0] = True
+        scores = self.context_attn(context).squeeze(-1) + self.recency_bias[:c]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(scores, dim=-1)
+        pooled = torch.einsum("bc,bch->bh", attn, context)
+        return F.normalize(self.user_proj(pooled), dim=-1)
+
+    def context_items(self, context: torch.Tensor) -> torch.Tensor:
+        """Context texts in the item space, ``[B, C, d]`` unit vectors (for the head's
+        target attention and for explaining recommendations)."""
+        return F.normalize(self.item_proj(context.float()), dim=-1)
+
+    def outcome_logits(self, user: torch.Tensor, item: torch.Tensor,
+                       ctx_items: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K]`` over :attr:`TowerConfig.classes` for (user, item) pairs, with
+        each pair's context in the item space ``[B, C, d]`` and its mask ``[B, C]``."""
+        return self.outcome_head(self.pair_features(user, item, ctx_items, ctx_mask))
+
+    def pair_features(self, user: torch.Tensor, item: torch.Tensor, ctx_items: torch.Tensor,
+                      ctx_mask: torch.Tensor) -> torch.Tensor:
+        """The outcome head's input ``[B, 3d + 2]`` (SMOTE interpolates these)."""
+        sims = torch.einsum("bcd,bd->bc", ctx_items.float(), item.float())
+        has = ctx_mask.any(dim=1, keepdim=True)
+        top = sims.masked_fill(~ctx_mask, float("-inf")).max(dim=1, keepdim=True).values
+        top = torch.where(has, top, torch.zeros_like(top))
+        attn = torch.softmax((sims / self.config.temperature).masked_fill(~ctx_mask, -1e4),
+                             dim=1)
+        soft = torch.where(has, (attn * sims).sum(1, keepdim=True), torch.zeros_like(top))
+        return torch.cat([user, item, user * item, top, soft], dim=-1)
+
+    def retrieval_scores(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` cosine similarities over the temperature."""
+        return user @ items.T / self.config.temperature
+
+    # ------------------------------------------------------------------ parameters
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything but the encoder (always trained)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self.state_dict().items() if not n.startswith("encoder.")}
+
+
+def _orthogonal_(t: torch.Tensor, gen: torch.Generator) -> None:
+    """Seeded (semi-)orthogonal init (rows or columns orthonormal, whichever fit)."""
+    nn.init.orthogonal_(t, generator=gen)
+
+
+def pack_contexts(contexts: Sequence[Sequence[str]], vectors: torch.Tensor | None,
+                  texts: TextBatch, max_context: int, hidden: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context vectors ``[B, C, hidden]`` and mask ``[B, C]`` from each row's texts, whose
+    vectors are rows of ``vectors`` as numbered by ``texts``."""
+    ctx = torch.zeros(len(contexts), max_context, hidden, device=device)
+    mask = torch.zeros(len(contexts), max_context, dtype=torch.bool, device=device)
+    for b, parts in enumerate(contexts):
+        parts = list(parts)[:max_context]
+        if parts and vectors is not None:
+            rows = torch.tensor(texts.rows(parts), device=vectors.device)
+            ctx[b, :len(parts)] = vectors[rows].to(device)
+            mask[b, :len(parts)] = True
+    return ctx, mask
+
+
+class TextBatch:
+    """Unique texts of a batch, tokenised once; rows of the batch index into them."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.index: dict[str, int] = {}
+        for t in texts:
+            self.index.setdefault(t, len(self.index))
+
+    @property
+    def texts(self) -> list[str]:
+        return list(self.index)
+
+    def rows(self, texts: Sequence[str]) -> list[int]:
+        return [self.index[t] for t in texts]
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_len: int,
+             fixed_length: bool = False) -> dict[str, torch.Tensor]:
+    """Token ids and mask, padded to the longest text (or to ``max_len`` when
+    ``fixed_length``, for benchmarks at a set sequence length)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_len,
+                    padding="max_length" if fixed_length else "longest", return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

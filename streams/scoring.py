@@ -1,0 +1,168 @@
+"""The worker's transformer scoring, off the event loop.
+
+All torch work (loading a version, embedding catalogue items and queries, scoring users,
+re-projecting the catalogue after a promotion) runs on one dedicated thread, so Faust's
+event loop keeps fetching, heartbeating and committing while the CPU encodes. The
+pipeline awaits each scoring call, so the popularity state it reads is not being
+mutated at the same time.
+
+Until the first version is loaded (a few seconds at start) and while the item index is
+empty, :meth:`ScoringService.ready` is false and the pipeline publishes baseline lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import redis
+import torch
+
+from tailstream.metrics import Metrics
+from tailstream.models.loading import ServedModel, load_served, pick_device
+from tailstream.models.scorer import Ranked, RankingConfig, Scorer, UserRequest
+from tailstream.models.store import ModelStore
+from tailstream.settings import Settings
+from tailstream.streams.training import tower_config, version_number
+from tailstream.streams.vector_cache import RedisVectorStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[float]]]
+
+
+def shared_vectors(settings: Settings) -> RedisVectorStore | None:
+    """The Redis text-vector cache shared with the trainer (if enabled)."""
+    if not settings.text_vectors_shared or not settings.redis_url:
+        return None
+    client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5,
+                                  socket_connect_timeout=2)
+    return RedisVectorStore(client, settings.redis_prefix, settings.text_vectors_ttl_s)
+
+
+def ranking_config(settings: Settings) -> RankingConfig:
+    return RankingConfig(k=settings.recs_k, candidates=settings.rank_candidates,
+                         engagement_weight=settings.rank_engagement_weight,
+                         popularity_correction=settings.rank_popularity_correction,
+                         online_blend=settings.rank_online_blend,
+                         tail_share=settings.tail_share, tail_margin=settings.tail_margin,
+                         max_per_category=settings.max_per_category)
+
+
+class ScoringService:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = ModelStore(settings.model_store_dir)
+        self.device = pick_device(settings.device)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.scorer: Scorer | None = None
+        self.failed: str | None = None
+        self._pending: dict[str, str] = {}  # item_id → text, waiting to be embedded
+        self.shared = shared_vectors(settings)
+        self._lock = asyncio.Lock()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the store's current version (the base model before any promotion)."""
+        threads = self.settings.torch_threads
+
+        def load() -> Scorer:
+            if threads > 0:
+                torch.set_num_threads(threads)
+            served = self._load(self.store.current())
+            return Scorer(served, device=self.device, max_len=self.settings.text_max_len,
+                          cache_size=self.settings.text_cache_size,
+                          ranking=ranking_config(self.settings), shared=self.shared)
+
+        try:
+            self.scorer = await self._run(load)
+        except Exception as exc:  # no model: the worker keeps serving baseline lists
+            self.failed = repr(exc)
+            self.metrics.model_loads.labels("failed").inc()
+            log.exception("could not load the recommender; serving baseline lists")
+            return
+        self.metrics.model_loads.labels("loaded").inc()
+        self.metrics.serving_version.set(version_number(self.scorer.version))
+        log.info("scoring with %s on %s", self.scorer.version, self.device)
+
+    def _load(self, version: str) -> ServedModel:
+        return load_served(self.store, version, self.settings.encoder_path or None,
+                           tower_config(self.settings), self.device)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.scorer is not None and len(self.scorer.index) > 0
+
+    @property
+    def version(self) -> str:
+        return self.scorer.version if self.scorer is not None else ""
+
+    # ------------------------------------------------------------------ catalogue
+    def queue_item(self, item_id: str, text: str) -> None:
+        """Remember an item to embed (a newer text for the same item replaces the older)."""
+        self._pending[item_id] = text
+
+    @property
+    def pending_items(self) -> int:
+        return len(self._pending)
+
+    async def embed_pending(self, max_items: int) -> int:
+        """Embed up to ``max_items`` queued items (oldest first); returns how many."""
+        scorer = self.scorer
+        if scorer is None or not self._pending:
+            return 0
+        ids = list(self._pending)[:max_items]
+        texts = [self._pending.pop(i) for i in ids]
+        async with self._lock:
+            before = scorer.texts.encoded
+            await self._run(scorer.add_items, ids, texts)
+        self.metrics.texts_encoded.labels("item").inc(scorer.texts.encoded - before)
+        self.metrics.index_items.set(len(scorer.index))
+        self.metrics.index_bytes.set(scorer.index.memory_bytes + scorer.item_texts.memory_bytes)
+        return len(ids)
+
+    # ------------------------------------------------------------------ users
+    async def recommend(self, requests: list[UserRequest], item_info: ItemInfo
+                        ) -> list[list[Ranked]]:
+        scorer = self.scorer
+        assert scorer is not None
+        started = time.perf_counter()
+        async with self._lock:
+            before = scorer.texts.encoded
+            lists = await self._run(scorer.recommend, requests, item_info)
+        self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
+        self.metrics.scoring_seconds.observe(time.perf_counter() - started)
+        return lists
+
+    # ------------------------------------------------------------------ model updates
+    async def swap_to(self, version: str, item_texts: Callable[[Sequence[str]], list[str]]
+                      ) -> bool:
+        """Load ``version`` and serve it: the catalogue is re-projected (or re-encoded if
+        the encoder changed) before the swap, so no list mixes two versions. A version
+        that fails its integrity check is refused and the current one keeps serving."""
+        scorer = self.scorer
+        if scorer is None or version == scorer.version:
+            return False
+        try:
+            served = await self._run(self._load, version)
+            async with self._lock:
+                await self._run(scorer.swap_model, served, item_texts)
+        except Exception:
+            self.metrics.model_loads.labels("failed").inc()
+            log.exception("could not load model %s; %s keeps serving", version, scorer.version)
+            return False
+        self.metrics.model_loads.labels("loaded").inc()
+        self.metrics.serving_version.set(version_number(version))
+        log.info("now scoring with %s (%d items re-indexed)", version, len(scorer.index))
+        return True

@@ -1,0 +1,204 @@
+"""The trainer's run on CPU with a tiny random BERT: store, gate, rollback, failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tailstream.metrics import TrainerMetrics
+from tailstream.models.buffer import Sample
+from tailstream.models.gate import decide
+from tailstream.models.loading import load_served
+from tailstream.models.store import BASE_VERSION, CorruptCheckpoint, ModelStore, StoreError
+from tailstream.models.weights import LOSS_MAPPING
+from tailstream.settings import Settings
+from tailstream.streams.training import InMemorySource, Trainer, tower_config
+
+CPU = torch.device("cpu")
+
+
+def settings_for(encoder: Path, tmp: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = dict(
+        encoder_path=str(encoder), data_dir=tmp, embed_dim=32, text_max_len=32,
+        finetune_max_steps=60, finetune_batch_size=128, finetune_lr=3e-3,
+        finetune_min_samples=50, weight_policy="class_balanced", weight_beta=0.999)
+    base.update(overrides)
+    return Settings().replace(**base)
+
+
+def make_trainer(s: Settings, samples: list[Sample]
+                 ) -> tuple[Trainer, ModelStore, list[dict[str, Any]]]:
+    store = ModelStore(s.model_store_dir)
+    updates: list[dict[str, Any]] = []
+    trainer = Trainer(s, store, TrainerMetrics(), InMemorySource(samples), updates.append,
+                      device=CPU)
+    return trainer, store, updates
+
+
+def sample_value(metrics: TrainerMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_gate_promotes_improvements_and_rejects_regressions() -> None:
+    cur = {"recall_cart": 0.2, "recall_purchase": 0.3, "macro_f1": 0.4, "hit_at_10": 0.3,
+           "support_cart": 40, "support_purchase": 20}
+    assert decide(cur, {**cur, "recall_cart": 0.5}).promote
+    held = decide(cur, {**cur, "recall_cart": 0.5, "recall_purchase": 0.295})
+    assert held.promote  # within the recall tolerance: "holds"
+    fell = decide(cur, {**cur, "recall_cart": 0.5, "recall_purchase": 0.25})
+    assert not fell.promote and fell.code == "minority_recall_fell"
+    assert "purchase recall fell 0.300 → 0.250" in fell.reason
+    worse = decide(cur, {**cur, "recall_cart": 0.5, "hit_at_10": 0.2})
+    assert not worse.promote and worse.code == "quality_fell"
+    same = decide(cur, dict(cur))
+    assert not same.promote and same.code == "no_improvement"
+
+
+def test_a_better_candidate_is_promoted_and_announced(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = settings_for(tiny_encoder, tmp_path)
+    trainer, store, updates = make_trainer(s, shop_samples(2000))
+    report = trainer.handle({"reason": "buffer", "requested_at": 1.0})
+    assert report.outcome == "promoted", report.reason
+    assert store.current() == report.version == "v00001"
+    assert updates == [{"version": "v00001", "parent": "base", "action": "promote",
+                        "reason": report.reason, "promoted_at": updates[0]["promoted_at"],
+                        "encoder_changed": False}]
+    manifest = store.manifest("v00001")
+    assert manifest["status"] == "promoted" and manifest["parent"] == BASE_VERSION
+    assert manifest["policy"]["policy"] == "class_balanced"
+    assert set(manifest["weights_used"]) == {"click", "cart", "fav", "purchase"}
+    assert manifest["data_window"]["holdout"] > 0
+    assert manifest["metrics"]["candidate"]["recall_purchase"] > \
+        manifest["metrics"]["current"]["recall_purchase"]
+    assert len(manifest["files"]["model.safetensors"]) == 64
+    assert sample_value(trainer.metrics, "tailstream_finetune_runs_total",
+                        outcome="promoted") == 1
+    assert sample_value(trainer.metrics, "tailstream_model_version_number") == 1
+    # The trainer remembers what the promoted model learned, for replay next time.
+    assert trainer.data.replay()
+
+
+def test_checkpoint_round_trip_gives_the_same_scores(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = settings_for(tiny_encoder, tmp_path)
+    trainer, store, _ = make_trainer(s, shop_samples(1500))
+    report = trainer.handle({"reason": "buffer"})
+    assert report.version is not None
+    served, vectors = trainer.served()  # the promoted version, as the trainer holds it
+    loaded = load_served(store, report.version, tiny_encoder, tower_config(s), CPU)
+    texts = ["deluxe mug 3 | home/mug", "eco lamp 1 | home/lamp"]
+    a = served.model.item_vectors(vectors.vectors(texts))
+    b = loaded.model.item_vectors(vectors.vectors(texts))
+    assert torch.allclose(a, b, atol=1e-6)
+    assert loaded.text_fingerprint == served.text_fingerprint  # head-only: encoder unchanged
+
+
+def test_a_tampered_checkpoint_is_refused(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = settings_for(tiny_encoder, tmp_path)
+    trainer, store, _ = make_trainer(s, shop_samples(1500))
+    version = trainer.handle({"reason": "buffer"}).version
+    assert version is not None
+    weights = store.root / "versions" / version / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CorruptCheckpoint, match="sha256"):
+        store.load(version)
+    with pytest.raises(CorruptCheckpoint):
+        load_served(store, version, tiny_encoder, tower_config(s), CPU)
+    # The next run cannot start from a corrupt parent: it fails, nothing changes.
+    trainer._served = None
+    report = trainer.handle({"reason": "buffer"})
+    assert report.outcome == "failed" and report.cause == "corrupt_checkpoint"
+    assert store.current() == version
+    assert len(store.versions()) == 1
+
+
+def test_store_paths_cannot_escape(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    for bad in ("../x", "v1/../../etc", "/etc/passwd", "v0001", "latest"):
+        with pytest.raises(StoreError):
+            store.manifest(bad)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "CURRENT").write_text("../../etc/passwd")
+    with pytest.raises(StoreError):
+        store.current()
+
+
+def test_a_candidate_that_is_worse_is_rejected_with_its_reason(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = settings_for(tiny_encoder, tmp_path)
+    trainer, store, updates = make_trainer(s, shop_samples(2000))
+    assert trainer.handle({"reason": "buffer"}).outcome == "promoted"
+    # Then someone switches the policy to unweighted cross-entropy: on the stream's mix
+    # it learns to say "click", minority recall falls, and the gate keeps v00001.
+    trainer.cfg = replace(trainer.cfg, policy="none")
+    trainer.settings = trainer.settings.replace(weight_policy="none")
+    report = trainer.handle({"reason": "drift"})
+    assert report.outcome == "rejected", report.reason
+    assert report.reason.startswith("rejected: ") and "recall fell" in report.reason
+    assert store.current() == "v00001" and len(updates) == 1
+    manifest = store.manifest(report.version or "")
+    assert manifest["status"] == "rejected" and manifest["reason"] == report.reason
+    assert manifest["parent"] == "v00001"
+    runs = [json.loads(x) for x in (store.root / "runs.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in runs] == ["promoted", "rejected"]
+    assert sample_value(trainer.metrics, "tailstream_promotion_decisions_total",
+                        decision="rejected", reason="minority_recall_fell") == 1
+
+
+def test_rollback_walks_back_through_promotions(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = settings_for(tiny_encoder, tmp_path)
+    store = ModelStore(s.model_store_dir)
+    trainer, _, _ = make_trainer(s, shop_samples(1500))
+    first = trainer.handle({"reason": "buffer"}).version
+    assert first == "v00001"
+    store.promote(first, "manual")  # promoting the served version again changes nothing
+    trainer.data = InMemorySource(shop_samples(1500, seed=5))
+    trainer.settings = trainer.settings.replace(gate_quality_tolerance=1.0,
+                                                gate_recall_tolerance=1.0)
+    trainer.handle({"reason": "buffer"})
+    versions = [m["version"] for m in store.versions()]
+    assert versions == ["v00001", "v00002"]
+    store.promote("v00002", "manual")
+    assert store.rollback("test")["version"] == "v00001"
+    assert store.current() == "v00001"
+    assert store.manifest("v00002")["status"] == "rolled_back"
+    trainer._served = None
+    served, _ = trainer.served()
+    assert served.version == "v00001"
+
+
+def test_a_nan_loss_keeps_the_served_model(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = settings_for(tiny_encoder, tmp_path)
+    trainer, store, updates = make_trainer(s, shop_samples(1500))
+    monkeypatch.setitem(LOSS_MAPPING, "class_balanced",
+                        lambda logits, target, x: logits.sum(-1) * float("nan"))
+    report = trainer.handle({"reason": "buffer"})
+    assert report.outcome == "failed" and report.cause == "nan_loss"
+    assert store.current() == BASE_VERSION and store.versions() == [] and updates == []
+    assert sample_value(trainer.metrics, "tailstream_finetune_failures_total",
+                        cause="nan_loss") == 1
+    assert sample_value(trainer.metrics, "tailstream_finetune_running") == 0
+    runs = [json.loads(x) for x in (store.root / "runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["cause"] == "nan_loss"
+
+
+def test_too_few_samples_skip_the_run(tiny_encoder: Path, tmp_path: Path,
+                                      shop_samples: Callable[..., list[Sample]]) -> None:
+    s = settings_for(tiny_encoder, tmp_path, finetune_min_samples=500)
+    trainer, store, _ = make_trainer(s, shop_samples(100))
+    assert trainer.handle({"reason": "interval"}).outcome == "skipped"
+    assert store.versions() == []
