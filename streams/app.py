@@ -179,8 +179,10 @@ def create_app(settings: Settings) -> Worker:
         async def on_model_update(update: dict[str, Any]) -> None:
             version = str(update.get("version", ""))
             log.info("model update: %s %s", update.get("action"), version)
-            await scoring.swap_to(version, lambda ids: [
-                pipeline.item_text.get(i) or f"item {i}" for i in ids])
+            if await scoring.swap_to(version, lambda ids: [
+                    pipeline.item_text.get(i) or f"item {i}" for i in ids]):
+                n = await pipeline.refresh_active("promotion")
+                log.info("refreshed %d active users with %s", n, version)
 
         @app.task
         async def follow_promotions() -> None:

@@ -9,9 +9,11 @@ dead-lettered with its reason, never dropped.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -95,6 +97,8 @@ class Pipeline:
         self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
+        # Users who acted recently (newest last), for refreshes after a promotion.
+        self.active: OrderedDict[str, float] = OrderedDict()
         # Label lookups cost more than the increments: resolve each child once.
         kinds = [*self.kind_of_topic.values(), "unknown"]
         self._events_in = {k: metrics.events_in.labels(k) for k in kinds}
@@ -129,6 +133,7 @@ class Pipeline:
                     continue
                 self._processed[event.kind].inc()
                 acted[event.user_id] = (event, msg)
+                self._mark_active(event.user_id)
             self._maybe_refresh()
             await self._refresh_users(acted)
             await self._close_imbalance_batch()
@@ -260,28 +265,60 @@ class Pipeline:
             self.metrics.catalogue_size.set(self.popularity.known_items)
 
     # ------------------------------------------------------------------ score
+    def _mark_active(self, user_id: str) -> None:
+        self.active.pop(user_id, None)
+        self.active[user_id] = time.time()
+        while len(self.active) > self.settings.active_users_max:
+            self.active.popitem(last=False)
+
+    async def _score(self, users: Sequence[str]) -> tuple[str, list[list[dict[str, Any]]]]:
+        """Lists for users from their profiles: the transformer when it is ready, else the
+        baseline. Returns the version that made them."""
+        profiles = [self.profiles.get(u) or new_profile() for u in users]
+        if self.scoring is not None and self.scoring.ready:
+            version = self.scoring.version
+            requests = [UserRequest(u, self.context(p), set(p.get("items", [])[:5]))
+                        for u, p in zip(users, profiles, strict=True)]
+            ranked = await self.scoring.recommend(requests, self.item_info)
+            return version, [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
+        return BASELINE_VERSION, [[r.to_dict(i + 1) for i, r in enumerate(
+            recommend(p, self.popularity, k=self.settings.recs_k,
+                      tail_share=self.settings.tail_share))] for p in profiles]
+
     async def _refresh_users(self, acted: dict[str, tuple[Event, RawMessage]]) -> None:
         if not acted:
             await self.publisher.publish([])
             return
-        profiles = {u: self.profiles.get(u) or new_profile() for u in acted}
-        items: list[list[dict[str, Any]]]
-        if self.scoring is not None and self.scoring.ready:
-            version = self.scoring.version
-            requests = [UserRequest(u, self.context(p), set(p.get("items", [])[:5]))
-                        for u, p in profiles.items()]
-            ranked = await self.scoring.recommend(requests, self.item_info)
-            items = [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
-        else:
-            version = BASELINE_VERSION
-            items = [[r.to_dict(i + 1) for i, r in enumerate(
-                recommend(p, self.popularity, k=self.settings.recs_k,
-                          tail_share=self.settings.tail_share))] for p in profiles.values()]
+        version, items = await self._score(list(acted))
         now = time.time()
         lists = [RecList(user_id=u, items=its, model_version=version, trigger="event",
                          generated_at=now, event_id=event.event_id, source_ts=msg.timestamp)
                  for (u, (event, msg)), its in zip(acted.items(), items, strict=True)]
         await self.publisher.publish(lists)
+
+    async def refresh_active(self, trigger: str, *, chunk: int = 100) -> int:
+        """Republish the lists of users active within ``active_window_s``, newest first, at
+        most ``refresh_rate`` users/s (a promotion must not flood Redis or starve
+        ingest). Returns how many were refreshed."""
+        cutoff = time.time() - self.settings.active_window_s
+        users = [u for u, t in reversed(self.active.items()) if t >= cutoff]
+        self.metrics.refresh_pending.labels(trigger).set(len(users))
+        done = 0
+        for start in range(0, len(users), chunk):
+            began = time.monotonic()
+            part = users[start:start + chunk]
+            version, items = await self._score(part)
+            now = time.time()
+            await self.publisher.publish([
+                RecList(user_id=u, items=its, model_version=version, trigger=trigger,
+                        generated_at=now, event_id=None, source_ts=None)
+                for u, its in zip(part, items, strict=True)])
+            done += len(part)
+            self.metrics.refresh_pending.labels(trigger).set(len(users) - done)
+            self.metrics.refreshed_users.labels(trigger).inc(len(part))
+            pause = len(part) / max(self.settings.refresh_rate, 1e-9) - (time.monotonic() - began)
+            await asyncio.sleep(max(pause, 0.0))
+        return done
 
     def item_info(self, item_ids: Sequence[str]
                   ) -> tuple[list[str], list[str | None], list[float]]:

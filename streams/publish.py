@@ -111,6 +111,8 @@ class Publisher:
         self.backoff_s = backoff_s
         self.max_pending = max_pending
         self._pending: OrderedDict[str, RecList] = OrderedDict()
+        # The agent and bulk refreshes publish concurrently; one batch at a time.
+        self._lock = asyncio.Lock()
         self._replace = redis.register_script(REPLACE_LIST_LUA)
 
     @property
@@ -119,6 +121,10 @@ class Publisher:
 
     async def publish(self, lists: list[RecList]) -> int:
         """Publish lists (plus any left over from a failed batch); returns lists written."""
+        async with self._lock:
+            return await self._publish(lists)
+
+    async def _publish(self, lists: list[RecList]) -> int:
         for rec in lists:
             self._pending.pop(rec.user_id, None)
             self._pending[rec.user_id] = rec

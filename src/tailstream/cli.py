@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -224,9 +225,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tailstream.demo import run_demo, synthetic_records
+    from tailstream.demo import DEMO_DEFAULTS, run_demo, synthetic_records
 
     settings = _settings(args)
+    # A demo lasts a minute: faster fine-tune triggers than production, unless the user
+    # set them (flag or env var).
+    settings = settings.replace(**{
+        k: v for k, v in DEMO_DEFAULTS.items()
+        if ENV_PREFIX + k.upper() not in os.environ and getattr(args, f"set_{k}", None) is None})
     _on_signals(_raise_keyboard_interrupt)
     if args.replay:
         from tailstream.producers.replay import pace, read_log
@@ -241,7 +247,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rate = args.rate
         seconds = args.seconds if args.seconds is not None else 60.0
     summary = run_demo(settings, seconds=seconds, summary_json=args.summary_json,
-                       records=records, rate=rate, ui=not args.no_ui, source=source)
+                       records=records, rate=rate, ui=not args.no_ui, source=source,
+                       trainer=not args.no_trainer)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -346,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay speed factor over event time (default: as fast as possible)")
     _synthetic_flags(p, rate=300.0, malformed_every=300)
     p.add_argument("--no-ui", action="store_true", help="log lines instead of the live view")
+    p.add_argument("--no-trainer", action="store_true", help="no fine-tuning process")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("up", parents=[common], help="start broker, Redis and workers; keep running",

@@ -23,14 +23,26 @@ from typing import Any
 
 import redis
 
-from tailstream.embedded import ServiceStack
+from tailstream.embedded import ManagedProcess, ServiceStack
 from tailstream.kafka_io import TopicCounter, create_topics
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import SendStats, send_records
 from tailstream.settings import Settings
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.workers import (
+    metrics_url,
+    scrape,
+    start_trainer,
+    start_worker,
+    trainer_metrics_url,
+    wait_ready,
+    wait_trainer_ready,
+)
 
 log = logging.getLogger(__name__)
+
+DEMO_DEFAULTS: dict[str, Any] = {"trigger_min_samples": 1000, "trigger_cooldown_s": 20.0}
+"""Settings a one-minute demo changes (unless set by env var or flag), so fine-tunes
+happen within it: production defaults wait for 2,000 new minority samples and a minute."""
 
 
 @dataclass
@@ -40,6 +52,7 @@ class RecsWatcher:
     latencies_ms: list[float] = field(default_factory=list)
     versions: Counter[str] = field(default_factory=Counter)
     users: set[str] = field(default_factory=set)
+    triggers: Counter[str] = field(default_factory=Counter)
 
     def __call__(self, record: Any) -> None:
         try:
@@ -48,6 +61,7 @@ class RecsWatcher:
             return
         self.versions[str(msg.get("model_version"))] += 1
         self.users.add(str(msg.get("user_id")))
+        self.triggers[str(msg.get("trigger"))] += 1
         if msg.get("event_ts") is not None and msg.get("published_at") is not None:
             self.latencies_ms.append(1000.0 * (msg["published_at"] - msg["event_ts"]))
 
@@ -76,7 +90,7 @@ def count_users_in_redis(settings: Settings) -> int:
 
 def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | None,
              records: Iterable[ProducedRecord], rate: float | None, ui: bool,
-             source: str) -> dict[str, Any]:
+             source: str, trainer: bool = True) -> dict[str, Any]:
     """Run the embedded system until ``seconds`` pass or the source ends; return the summary."""
     if not settings.kafka_bootstrap:
         settings = settings.with_embedded_group_timing()
@@ -88,9 +102,13 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
         recs.start()
         dlq.start()
         worker, ws = start_worker(s)
+        tr: tuple[ManagedProcess, Settings] | None = start_trainer(ws) if trainer else None
+        view: LiveView | None = None
         try:
             log.info("waiting for the worker to join its group …")
             wait_ready(worker, ws)
+            if tr is not None:
+                wait_trainer_ready(*tr)
             stop = threading.Event()
             result: dict[str, SendStats] = {}
 
@@ -101,7 +119,7 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
             producer = threading.Thread(target=produce, name="producer", daemon=True)
             started = time.monotonic()
             producer.start()
-            view = LiveView(ws, watcher, recs, dlq, ui=ui, source=source)
+            view = LiveView(ws, tr[1] if tr else None, watcher, recs, dlq, ui=ui, source=source)
             try:
                 while producer.is_alive():
                     view.update(time.monotonic() - started)
@@ -115,11 +133,15 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
             if stats is None:
                 raise RuntimeError("the producer failed; see the log above")
             _drain(ws, stats, worker, view, started)
-            summary = _summary(ws, stats, watcher, recs, dlq, time.monotonic() - started)
+            if tr is not None:
+                _settle_finetunes(ws, tr[1], view, started)
+            summary = _summary(ws, tr[1] if tr else None, stats, watcher, recs, dlq, view,
+                               time.monotonic() - started)
         finally:
-            view_close = locals().get("view")
-            if isinstance(view_close, LiveView):
-                view_close.close()
+            if view is not None:
+                view.close()
+            if tr is not None:
+                tr[0].stop()
             worker.stop()
             recs.stop()
             dlq.stop()
@@ -147,13 +169,42 @@ def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started:
         time.sleep(0.5)
 
 
-def _summary(ws: Settings, stats: SendStats, watcher: RecsWatcher, recs: TopicCounter,
-             dlq: TopicCounter, elapsed: float) -> dict[str, Any]:
+def _settle_finetunes(ws: Settings, ts: Settings, view: LiveView, started: float) -> None:
+    """Let a fine-tune that is still running finish, and the worker swap to what it
+    promoted and refresh active users, so the summary reports whole runs."""
+    deadline = time.monotonic() + ts.finetune_max_seconds + 120.0
+    while time.monotonic() < deadline:
+        view.update(time.monotonic() - started)
+        t = _scrape_or_empty(trainer_metrics_url(ts))
+        w = _scrape_or_empty(metrics_url(ws))
+        running = t.get("tailstream_finetune_running", 0.0) > 0
+        promoted = t.get("tailstream_model_version_number", 0.0)
+        serving = w.get("tailstream_serving_model_version_number", 0.0)
+        refreshing = w.get("tailstream_refresh_pending_users", 0.0) > 0
+        if not running and serving >= promoted and not refreshing:
+            time.sleep(1.0)  # the refreshed lists reach the topic readers
+            return
+        time.sleep(0.5)
+    log.warning("gave up waiting for the fine-tune to settle")
+
+
+def _scrape_or_empty(url: str) -> dict[str, float]:
+    try:
+        return scrape(url)
+    except (OSError, ValueError):
+        return {}
+
+
+def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsWatcher,
+             recs: TopicCounter, dlq: TopicCounter, view: LiveView,
+             elapsed: float) -> dict[str, Any]:
     m = scrape(metrics_url(ws))
+    t = _scrape_or_empty(trainer_metrics_url(ts)) if ts is not None else {}
     imbalance = fetch_json(f"http://{ws.web_host}:{ws.web_port}/imbalance")
     lat = watcher.latencies_ms
     by_class = {k: int(m.get(f"tailstream_events_processed_total{{kind={k}}}", 0))
                 for k in ("click", "cart", "fav", "purchase", "search")}
+    during, outside = view.rates()
     return {
         "seconds": round(elapsed, 1),
         "events_produced": stats.sent,
@@ -167,9 +218,17 @@ def _summary(ws: Settings, stats: SendStats, watcher: RecsWatcher, recs: TopicCo
         "recommendations_published": recs.count,
         "users_with_recs_in_redis": count_users_in_redis(ws),
         "model_versions_published": sorted(watcher.versions),
+        "lists_by_model_version": dict(sorted(watcher.versions.items())),
+        "lists_by_trigger": dict(sorted(watcher.triggers.items())),
+        "serving_model_version": int(m.get("tailstream_serving_model_version_number", 0)),
         "latency_ms_p50": _round(percentile(lat, 50)),
         "latency_ms_p99": _round(percentile(lat, 99)),
         "events_per_s": round(int(m.get("tailstream_events_in_total", 0)) / max(elapsed, 1e-9), 1),
+        "finetunes": {k: int(t.get(f"tailstream_finetune_runs_total{{outcome={k}}}", 0))
+                      for k in ("promoted", "rejected", "failed", "skipped")}
+                     | {"runs": int(t.get("tailstream_finetune_runs_total", 0))},
+        "events_per_s_during_finetune": _round(during),
+        "events_per_s_outside_finetune": _round(outside),
         "class_counts": imbalance["class_counts"],
         "class_shares": imbalance["class_shares"],
         "loss_weights": imbalance["loss_weights"],
@@ -191,16 +250,24 @@ def _round(x: float | None) -> float | None:
 
 
 class LiveView:
-    """A terminal view refreshed every second (rich), or a log line every 5 s with --no-ui."""
+    """A terminal view refreshed every second (rich), or a log line every 5 s with --no-ui.
 
-    def __init__(self, ws: Settings, watcher: RecsWatcher, recs: TopicCounter,
-                 dlq: TopicCounter, *, ui: bool, source: str) -> None:
-        self.ws, self.watcher, self.recs, self.dlq = ws, watcher, recs, dlq
+    It also samples the consumed-events counter together with the trainer's "running"
+    gauge, so the summary can compare events/s during fine-tunes with events/s outside
+    them, measured in the same run.
+    """
+
+    def __init__(self, ws: Settings, ts: Settings | None, watcher: RecsWatcher,
+                 recs: TopicCounter, dlq: TopicCounter, *, ui: bool, source: str) -> None:
+        self.ws, self.ts, self.watcher, self.recs, self.dlq = ws, ts, watcher, recs, dlq
         self.ui = ui
         self.source = source
         self._prev: tuple[float, float] | None = None
         self._last_log = 0.0
         self._live: Any = None
+        # (seconds, events) accumulated while a fine-tune ran / while none did.
+        self.during = [0.0, 0.0]
+        self.outside = [0.0, 0.0]
         if ui:
             from rich.console import Console
             from rich.live import Live
@@ -208,17 +275,29 @@ class LiveView:
             self._live = Live(console=Console(stderr=True), refresh_per_second=2, transient=False)
             self._live.start()
 
+    def rates(self) -> tuple[float | None, float | None]:
+        """Events/s while a fine-tune was running, and while none was."""
+        return tuple(  # type: ignore[return-value]
+            (n / sec if sec > 0 else None) for sec, n in (self.during, self.outside))
+
     def update(self, elapsed: float) -> None:
         try:
             m = scrape(metrics_url(self.ws))
         except OSError:
             return
+        t = _scrape_or_empty(trainer_metrics_url(self.ts)) if self.ts is not None else {}
+        running = t.get("tailstream_finetune_running", 0.0) > 0
         consumed = m.get("tailstream_events_in_total", 0.0)
         rate = 0.0
         if self._prev is not None and elapsed > self._prev[0]:
             rate = (consumed - self._prev[1]) / (elapsed - self._prev[0])
+            bucket = self.during if running else self.outside
+            bucket[0] += elapsed - self._prev[0]
+            bucket[1] += consumed - self._prev[1]
         self._prev = (elapsed, consumed)
         lat = self.watcher.latencies_ms[-5000:]
+        runs = {k: int(t.get(f"tailstream_finetune_runs_total{{outcome={k}}}", 0))
+                for k in ("promoted", "rejected", "failed")}
         rows = [
             ("source", self.source),
             ("elapsed", f"{elapsed:6.1f} s"),
@@ -226,6 +305,16 @@ class LiveView:
             ("by class", ", ".join(
                 f"{k} {int(m.get(f'tailstream_events_processed_total{{kind={k}}}', 0)):,}"
                 for k in ("click", "cart", "fav", "purchase", "search"))),
+            ("loss weights", ", ".join(
+                f"{k} {m.get(f'tailstream_loss_weight_ratio{{event_class={k}}}', 0):.2f}"
+                for k in ("click", "cart", "fav", "purchase"))),
+            ("buffer", ", ".join(
+                f"{k} {int(m.get(f'tailstream_buffer_samples{{bucket={k}}}', 0)):,}"
+                for k in ("cart", "fav", "purchase", "tail"))),
+            ("fine-tunes", ("running, " if running else "") + ", ".join(
+                f"{k} {v}" for k, v in runs.items())
+                + f"; serving v{int(m.get('tailstream_serving_model_version_number', 0))}"),
+            ("items indexed", f"{int(m.get('tailstream_index_items', 0)):,}"),
             ("dead-lettered", f"{self.dlq.count:,}"),
             ("duplicates skipped", f"{int(m.get('tailstream_duplicates_total', 0)):,}"),
             ("lists published", f"{self.recs.count:,} for {len(self.watcher.users):,} users"),
@@ -242,7 +331,8 @@ class LiveView:
             self._live.update(table)
         elif elapsed - self._last_log >= 5:
             self._last_log = elapsed
-            log.info(" | ".join(f"{k}: {v}" for k, v in rows[1:8]))
+            log.info(" | ".join(f"{k}: {v}" for k, v in rows[1:]
+                                if k not in ("by class", "metrics")))
 
     def close(self) -> None:
         if self._live is not None:

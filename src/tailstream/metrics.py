@@ -123,6 +123,14 @@ class Metrics:
             "tailstream_scoring_duration_seconds",
             "Time to score one micro-batch of users with the transformer.",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.refreshed_users = Counter(
+            "tailstream_refreshed_users_total",
+            "Lists republished without a user event, by trigger (promotion, ttl).",
+            ["trigger"], registry=r)
+        self.refresh_pending = Gauge(
+            "tailstream_refresh_pending_users",
+            "Users still to refresh in the current bulk refresh, by trigger.",
+            ["trigger"], registry=r)
         self.texts_encoded = Counter(
             "tailstream_texts_encoded_total",
             "Texts run through the encoder (cache misses), by purpose (item, query).",

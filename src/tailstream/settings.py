@@ -92,6 +92,12 @@ class Settings:
     """transformer (the two-tower model) or baseline (category affinity × popularity)."""
     embed_chunk: int = 16
     """Catalogue items embedded per step in the worker (bounds how long scoring waits)."""
+    active_window_s: float = 1800.0
+    """Users who acted this recently get fresh lists after a promotion."""
+    active_users_max: int = 100_000
+    """Recently active users remembered per worker (oldest forgotten first)."""
+    refresh_rate: float = 500.0
+    """Users/s refreshed after a promotion (bounded so ingest keeps its share)."""
     rank_candidates: int = 200
     """Items retrieved from the index per user before ranking."""
     rank_engagement_weight: float = 0.3
