@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.tailstream-installed
 # The editable install maps streams/, models/, producers/ into `tailstream.*` through a
 # link farm (setuptools strict mode): it must be redone when modules are added or removed.
-MODULES := $(shell find src streams models producers -name '*.py' 2>/dev/null | sort)
+MODULES := $(shell find src streams models producers bench -name '*.py' 2>/dev/null | sort)
 MODLIST := $(VENV)/.tailstream-modules
 SECONDS ?= 60
 ARGS    ?=

@@ -36,26 +36,26 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], classes:
     >>> r["recall_a"], r["precision_b"], round(r["macro_f1"], 4)
     (0.5, 0.6666666666666666, 0.7333)
     """
-    w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = [1.0] * len(y_true) if weights is None else [float(x) for x in weights]
     out: dict[str, float] = {}
     f1s: list[float] = []
     correct = 0.0
     for c in classes:
-        tp = sum(wi for t, p, wi in zip(y_true, y_pred, w, strict=True) if t == c and p == c)
-        pos = sum(wi for t, wi in zip(y_true, w, strict=True) if t == c)
-        pred = sum(wi for p, wi in zip(y_pred, w, strict=True) if p == c)
+        tp = sum((wi for t, p, wi in zip(y_true, y_pred, w, strict=True) if t == c == p), 0.0)
+        pos = sum((wi for t, wi in zip(y_true, w, strict=True) if t == c), 0.0)
+        pred = sum((wi for p, wi in zip(y_pred, w, strict=True) if p == c), 0.0)
         precision = tp / pred if pred else 0.0
         recall = tp / pos if pos else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         out[f"precision_{c}"] = precision
         out[f"recall_{c}"] = recall
         out[f"f1_{c}"] = f1
-        out[f"support_{c}"] = float(pos)
+        out[f"support_{c}"] = pos
         correct += tp
         if pos:
             f1s.append(f1)
     out["macro_f1"] = float(np.mean(f1s)) if f1s else 0.0
-    out["accuracy"] = correct / float(w.sum()) if len(w) else 0.0
+    out["accuracy"] = correct / sum(w) if w else 0.0
     return out
 
 

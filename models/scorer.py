@@ -7,20 +7,25 @@ For each user (a micro-batch of users at a time):
    viewed items; vectors cached by text, so only new texts hit the encoder).
 2. **Retrieval**: exact top-``candidates`` items by cosine over the whole index,
    excluding what the user just interacted with.
-3. **Ranking** of the candidates::
+3. **Ranking** of the candidates, in logit units::
 
-       score_i = cos(u, v_i) + λ_e · E_i − α · log q_i
+       score_i = cos(u, v_i) / T + γ · log q_i + λ_e · E_i
 
-   ``E_i = Σ_c value_c · p_c(i) / max value`` is the expected engagement from the outcome
-   head's class probabilities (optionally blended with the river fast path's), and
-   ``−α log q_i`` is a post-hoc logit adjustment for item popularity (Menon et al., ICLR
-   2021, applied to items; ``q`` is the streaming sampling probability of Yi et al. 2019).
-   ``α = 0`` turns it off.
+   The retrieval logit ``cos/T`` was trained with logQ correction (Yi et al., RecSys
+   2019), so it estimates how much more likely the user is to pick item i than its
+   popularity alone says (a pointwise mutual information), free of popularity bias.
+   Adding ``γ · log q_i`` back is the popularity prior: ``γ = 1`` ranks by the full
+   ``log p(i | u)`` (accurate on head items), ``γ = 0`` by the debiased score (the tail's
+   best chance) — the head/tail trade-off as one parameter (``TAILSTREAM_RANK_POPULARITY_
+   WEIGHT``), measured by ``tailstream eval``. ``q`` is smoothed, so a brand-new item has
+   the prior of one interaction rather than of none. ``E_i = Σ_c value_c · p_c(i) /
+   max value`` is the expected engagement from the outcome head (optionally blended with
+   the river fast path's probabilities).
 4. **Diversity**: at most ``max(1, ⌈max_per_category · k⌉)`` items per category, taken in
    score order (a category cap is the simplest rule that keeps one hot category from
    taking a whole list; skipped items fill the list only if nothing else is left).
 5. **Tail exposure**: ``⌈tail_share · k⌉`` slots are reserved for tail-tier items, but a
-   tail item takes one only if its score is within ``tail_margin`` of the k-th best
+   tail item takes one only if its score is within ``tail_margin`` (logits) of the k-th best
    unconstrained score, so a clearly better head item is never displaced.
 6. **Reasons**: the context text most similar to the item in the item space explains it
    ("matches your search '…'", "similar to '…' you viewed"); otherwise "trending in …".
@@ -29,7 +34,7 @@ For each user (a micro-batch of users at a time):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +53,11 @@ CLASS_VALUE: dict[str, float] = {"click": 1.0, "fav": 2.0, "cart": 3.0, "purchas
 class RankingConfig:
     k: int = 20
     candidates: int = 200
-    engagement_weight: float = 0.3
-    popularity_correction: float = 0.01
+    engagement_weight: float = 1.0
+    popularity_weight: float = 0.5
     online_blend: float = 0.0
     tail_share: float = 0.3
-    tail_margin: float = 0.15
+    tail_margin: float = 2.0
     max_per_category: float = 0.5
     reason_min_similarity: float = 0.2
 
@@ -65,6 +70,29 @@ class ContextEntry:
     text: str  # what the encoder reads
     label: str  # the query, or the item's short title, for reasons
     item_id: str | None = None
+
+
+def context_entries(profile: Mapping[str, Any], item_text: Mapping[str, str],
+                    max_context: int) -> list[ContextEntry]:
+    """A profile's recent searches and items, most recent first, as the user tower reads
+    them (profiles written before ``ctx`` existed fall back to queries, then items).
+
+    >>> p = {"ctx": [["q", "red mug"], ["i", "i9"]]}
+    >>> [e.text for e in context_entries(p, {"i9": "Mug | home/mug"}, 4)]
+    ['search: red mug', 'Mug | home/mug']
+    """
+    raw = profile.get("ctx")
+    if raw is None:
+        raw = ([["q", q] for q in profile.get("queries", [])[:max_context]]
+               + [["i", i] for i in profile.get("items", [])[:max_context]])
+    out: list[ContextEntry] = []
+    for kind, value in raw[:max_context]:
+        if kind == "q":
+            out.append(ContextEntry("q", f"search: {value}", value))
+        else:
+            text = item_text.get(value) or f"item {value}"
+            out.append(ContextEntry("i", text, text.split(" | ")[0], value))
+    return out
 
 
 @dataclass
@@ -215,7 +243,8 @@ class Scorer:
             engagement = proba @ self._value
             tiers, cats, log_q = item_info(ids)
             lq = torch.tensor(log_q, device=self.device, dtype=sim.dtype)
-            score = sim + cfg.engagement_weight * engagement - cfg.popularity_correction * lq
+            score = (sim / model.config.temperature + cfg.popularity_weight * lq
+                     + cfg.engagement_weight * engagement)
             reasons = self._reasons(req, ctx_items[b][ctx_mask[b]], v, cats)
             p_buy = proba[:, self._purchase] if self._purchase is not None else None
             p_cart = proba[:, self._cart] if self._cart is not None else None

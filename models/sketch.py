@@ -452,6 +452,23 @@ class ItemFrequency:
         est = self.sketch.estimate_many(ids) / total
         return [math.log(min(1.0, max(float(q), self.q_floor))) for q in est]
 
+    def log_q_smoothed(self, item_ids: Iterable[str], n_items: int,
+                       pseudo: float = 1.0) -> list[float]:
+        """``log((c_i + a) / (N + a·n))``: additive smoothing over ``n_items`` items, so an
+        item never seen has the prior of ``a`` interactions (cold start), not ``−inf``.
+
+        >>> f = ItemFrequency(width=64, depth=3, half_life_s=None)
+        >>> f.observe("a", 3.0)
+        >>> [round(x, 4) for x in f.log_q_smoothed(["a", "new"], n_items=2)]
+        [-0.2231, -1.6094]
+        """
+        ids = list(item_ids)
+        if not ids:
+            return []
+        total = self.sketch.total + pseudo * max(n_items, 1)
+        est = self.sketch.estimate_many(ids) if self.sketch.total > 0 else np.zeros(len(ids))
+        return [math.log((float(c) + pseudo) / total) for c in est]
+
     def heavy_hitters(self, k: int | None = None, now: float | None = None
                       ) -> list[tuple[str, float]]:
         """The kept items with their decayed estimates, largest first."""

@@ -18,8 +18,9 @@ outcome head.
   with the imbalance loop's loss. ``s_j = cos(W_item e(ctx_j), v)`` compares the candidate
   with each recent context item in the item space (target attention, as in DIN: Zhou et
   al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018, with
-  ``α = softmax(s / T)``): whether the user just looked at this very item, or at close
-  ones, is the strongest single signal of a cart or a purchase.
+  ``α = softmax(s / T)``; both enter as ``(s − 1) / T``, logits below "same item"): whether
+  the user just looked at this very item, or at close ones, is the strongest single
+  signal of a cart or a purchase.
 
 Both projections start as the *same* random orthogonal map, so before any fine-tuning the
 user and item spaces coincide and pretrained similarity already works (cold start from
@@ -166,6 +167,12 @@ class TwoTowerRecommender(nn.Module):
         attn = torch.softmax((sims / self.config.temperature).masked_fill(~ctx_mask, -1e4),
                              dim=1)
         soft = torch.where(has, (attn * sims).sum(1, keepdim=True), torch.zeros_like(top))
+        # In logit units from "the very same item" (0) down (a near-duplicate title is
+        # -1 or -2, an unrelated item -15): the head can then tell a repeat from a close
+        # neighbour, which on raw cosines (1.0 vs 0.95) it learns only slowly.
+        t = self.config.temperature
+        top = torch.where(has, (top - 1.0) / t, torch.full_like(top, -1.0 / t))
+        soft = torch.where(has, (soft - 1.0) / t, torch.full_like(soft, -1.0 / t))
         return torch.cat([user, item, user * item, top, soft], dim=-1)
 
     def retrieval_scores(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,8 @@ class ImbalanceLoop:
         self._last_ts = 0.0
         self._events = 0
         self.requests_made = 0
+        self.last_proba: dict[str, float] | None = None
+        """The fast path's prediction for the last event, made before learning from it."""
 
     # ------------------------------------------------------------------ per event
     def partition(self, p: int) -> PartitionCounts:
@@ -106,11 +108,12 @@ class ImbalanceLoop:
 
     def observe(self, event: Event, partition: int, *, user_class_counts: dict[str, float],
                 category_affinity: float, repeat: bool, item_text: str = "",
-                user_text: str = "") -> None:
-        """Count one event, learn from it, and offer it to the buffer."""
+                user_text: str = "") -> Sample | None:
+        """Count one event, learn from it, and offer it to the buffer; returns the training
+        sample it made (None for a search)."""
         if event.kind not in INTERACTION_KINDS or event.item_id is None:
             self.searches += event.kind == "search"
-            return
+            return None
         pc = self.partition(partition)
         pc.window.add(event.kind, event.ts)
         pc.decayed.add(event.kind, event.ts)
@@ -124,6 +127,7 @@ class ImbalanceLoop:
         tier = self._tiers.get(item, "tail")
         weight = self.weights.get(event.kind, 1.0)
         error: bool | None = None
+        self.last_proba = None
         # The river fast path learns from every minority event and from a random share of
         # majority ones (reweighted by 1/rate, so estimates stay unbiased): most of its
         # cost is saved where data is plentiful.
@@ -139,6 +143,7 @@ class ImbalanceLoop:
             seen_before = self.online.n > 0
             proba = self.online.predict_then_learn(x, event.kind, weight / rate,
                                                    metric_weight=1.0 / rate)
+            self.last_proba = proba
             if seen_before:
                 error = max(proba, key=lambda c: proba[c]) != event.kind
         self.drift.update(event.kind, error)
@@ -155,6 +160,7 @@ class ImbalanceLoop:
         if self.buffer.offer(sample, shares) and self.buffer.last_route is not None:
             route, slot = self.buffer.last_route
             self.buffer_changes.append((route, slot, sample))
+        return sample
 
     # ------------------------------------------------------------------ per batch
     def end_batch(self) -> dict[str, Any] | None:
@@ -175,6 +181,11 @@ class ImbalanceLoop:
         return request
 
     # ------------------------------------------------------------------ reads
+    @property
+    def shares(self) -> dict[str, float]:
+        """Class shares of the decayed counts as of the last batch."""
+        return dict(self._shares)
+
     @property
     def tiers(self) -> dict[str, str]:
         """Tier of each tracked item as of the last batch (absent: tail)."""

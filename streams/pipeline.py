@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 from tailstream.contract import (
     Event,
     InvalidEvent,
-    Item,
     Limits,
     Rejection,
     decode_payload,
@@ -29,16 +28,16 @@ from tailstream.contract import (
     validate_item,
 )
 from tailstream.metrics import Metrics
-from tailstream.models.baseline import QueryIndex, new_profile, recommend, update_profile
+from tailstream.models.baseline import new_profile, recommend
 from tailstream.models.popularity import PopularityTracker
 from tailstream.models.scorer import ContextEntry, UserRequest
-from tailstream.models.two_tower import CONTEXT_SEPARATOR
 from tailstream.settings import Settings
 from tailstream.streams.buffer_store import RedisBufferStore
 from tailstream.streams.dedupe import Deduper
 from tailstream.streams.imbalance import ImbalanceLoop
 from tailstream.streams.publish import Publisher, RecList
 from tailstream.streams.scoring import ScoringService
+from tailstream.streams.state import StreamState
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +79,19 @@ class Pipeline:
         self.kind_of_topic = {settings.topic_for(k): k
                               for k in ("click", "cart", "fav", "purchase", "search")}
         self.items_topic = settings.topic_for("item")
+        self.state = StreamState(settings, profiles, popularity=popularity, imbalance=imbalance,
+                                 on_new_item=scoring.queue_item if scoring is not None else None)
         self.profiles = profiles
         self.deduper = deduper
         self.publisher = publisher
         self.send_to_dlq = send_to_dlq
         self.metrics = metrics
-        self.popularity = popularity or PopularityTracker()
-        self.query_index = QueryIndex()
-        self.imbalance = imbalance or ImbalanceLoop(settings)
+        self.popularity = self.state.popularity
+        self.imbalance = self.state.imbalance
         self.buffer_store = buffer_store
         self.send_training_request = send_training_request
         self.save_counts = save_counts
-        self.item_text: dict[str, str] = {}
+        self.item_text = self.state.item_text
         self.scoring = scoring
         self._weights_written = 0.0
         self._weights_dirty = False
@@ -126,7 +126,7 @@ class Pipeline:
                     self.metrics.duplicates.inc()
                     continue
                 try:
-                    self._apply_event(event, msg.partition)
+                    self.state.apply_event(event, msg.partition)
                 except Exception as exc:  # never let one bad event take the stream down
                     log.exception("processing event %s failed", event.event_id)
                     await self._dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
@@ -197,65 +197,11 @@ class Pipeline:
 
     async def _apply_item(self, msg: RawMessage) -> None:
         for item in await self._valid(msg, lambda v: validate_item(v, self.limits)):
-            self.popularity.set_category(item.item_id, item.category)
-            self.query_index.add(item.title, item.category)
-            text = item_text(item)
-            self.item_text[item.item_id] = text
-            if self.scoring is not None:
-                self.scoring.queue_item(item.item_id, text)
+            self.state.apply_item(item)
             self.metrics.items_in.inc()
 
-    def _apply_event(self, event: Event, partition: int = 0) -> None:
-        category = event.category
-        if event.item_id is not None:
-            category = category or self.popularity.category(event.item_id)
-            self.popularity.observe(event.item_id, category, 1.0, event.ts)
-        query_cats: list[str] = []
-        if event.kind == "search" and event.query:
-            query_cats = self.query_index.categories(event.query)
-            if event.clicked_item_id is not None:
-                clicked = self.popularity.category(event.clicked_item_id)
-                if clicked is not None:
-                    query_cats = [clicked, *[c for c in query_cats if c != clicked]]
-        profile = self.profiles.get(event.user_id) or new_profile()
-        if event.item_id is not None:
-            text = self.item_text.get(event.item_id)
-            if text is None:
-                # An item seen in events before (or without) a catalogue record: index it
-                # under a stable textual form so it can be recommended too.
-                text = self.item_text[event.item_id] = _fallback_text(event, category)
-                if self.scoring is not None:
-                    self.scoring.queue_item(event.item_id, text)
-            cats = profile.get("cats", {})
-            top = max(cats.values(), default=0.0)
-            self.imbalance.observe(
-                event, partition, user_class_counts=profile.get("n", {}),
-                category_affinity=cats.get(category, 0.0) / top if top else 0.0,
-                repeat=event.item_id in profile.get("items", ()),
-                item_text=text,
-                user_text=CONTEXT_SEPARATOR.join(e.text for e in self.context(profile)))
-        else:
-            self.imbalance.observe(event, partition, user_class_counts={},
-                                   category_affinity=0.0, repeat=False)
-        self.profiles[event.user_id] = update_profile(
-            profile, event, category, query_cats, keep=self.settings.recent_items)
-
     def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
-        """The user's recent searches and items, most recent first, as the user tower reads
-        them (profiles written before ``ctx`` existed fall back to queries, then items)."""
-        n = self.settings.max_context
-        raw = profile.get("ctx")
-        if raw is None:
-            raw = ([["q", q] for q in profile.get("queries", [])[:n]]
-                   + [["i", i] for i in profile.get("items", [])[:n]])
-        out: list[ContextEntry] = []
-        for kind, value in raw[:n]:
-            if kind == "q":
-                out.append(ContextEntry("q", f"search: {value}", value))
-            else:
-                text = self.item_text.get(value) or f"item {value}"
-                out.append(ContextEntry("i", text, text.split(" | ")[0], value))
-        return out
+        return self.state.context(profile)
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
@@ -326,38 +272,11 @@ class Pipeline:
         tiers = self.imbalance.tiers
         return ([tiers.get(i, "tail") for i in item_ids],
                 [self.popularity.category(i) for i in item_ids],
-                self.imbalance.items.log_q(item_ids))
+                self.imbalance.items.log_q_smoothed(item_ids, len(self.item_text)))
 
     async def _dead_letter(self, msg: RawMessage, why: Rejection) -> None:
         self.metrics.dlq.labels(why.reason).inc()
         await self.send_to_dlq(msg, why)
-
-
-def item_text(item: Item) -> str:
-    """The item as text for the item tower: title, category, brand, price bucket.
-
-    >>> item_text(Item("i1", "Red tee", "fashion/t-shirt", "acme", 18.0))
-    'Red tee | fashion/t-shirt | acme | price 10-25'
-    """
-    parts = [item.title, item.category]
-    if item.brand:
-        parts.append(item.brand)
-    if item.price is not None:
-        parts.append(f"price {price_bucket(item.price)}")
-    return " | ".join(parts)
-
-
-def price_bucket(price: float) -> str:
-    """Coarse, stable price band (text models read bands better than raw numbers)."""
-    for lo, hi in ((0, 10), (10, 25), (25, 50), (50, 100), (100, 250), (250, 500)):
-        if price < hi:
-            return f"{lo}-{hi}"
-    return "500+"
-
-
-def _fallback_text(event: Event, category: str | None) -> str:
-    # Logs without a catalogue (Taobao): a stable textual form of the ids.
-    return f"item {event.item_id} | category {category or 'unknown'}"
 
 
 def dlq_headers(msg: RawMessage, why: Rejection) -> list[tuple[str, bytes]]:

@@ -47,7 +47,7 @@ def shared_vectors(settings: Settings) -> RedisVectorStore | None:
 def ranking_config(settings: Settings) -> RankingConfig:
     return RankingConfig(k=settings.recs_k, candidates=settings.rank_candidates,
                          engagement_weight=settings.rank_engagement_weight,
-                         popularity_correction=settings.rank_popularity_correction,
+                         popularity_weight=settings.rank_popularity_weight,
                          online_blend=settings.rank_online_blend,
                          tail_share=settings.tail_share, tail_margin=settings.tail_margin,
                          max_per_category=settings.max_per_category)

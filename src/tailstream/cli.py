@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,100 @@ def cmd_model(args: argparse.Namespace) -> int:
     print(f"{entry['action']}: now serving {entry['version']} (was {entry['previous']})")
     _announce(settings, {"version": entry["version"], "action": entry["action"],
                          "reason": entry["reason"], "promoted_at": entry["at"]})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import itertools
+    import shlex
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from tailstream import prequential, report
+
+    settings = _settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in prequential.STRATEGIES]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; known: {list(prequential.STRATEGIES)}")
+    if args.file is not None:
+        from tailstream.producers.replay import read_log
+
+        records: Any = read_log(args.file, args.format)
+        dataset = f"{args.file.name} ({args.format})"
+    else:
+        from tailstream.producers.synthetic import ShopSimulator
+
+        tick = itertools.count()
+        sim = ShopSimulator(n_users=args.users, n_items=args.items, seed=args.seed,
+                            clock=lambda: 1.7e9 + next(tick) / 300.0)
+        records = itertools.chain(sim.catalogue(), sim.events())
+        dataset = f"synthetic shop ({args.users} users, {args.items} items, seed {args.seed})"
+        args.events = args.events or 60_000
+    cfg = prequential.EvalConfig(strategies=strategies, blocks=args.blocks,
+                                 rank_every=args.rank_every, steps=args.steps,
+                                 batch_size=args.batch, tiny=args.tiny, seed=args.seed)
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    columns = (*Progress.get_default_columns()[:2], BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("replaying through the worker state", total=args.events)
+        stream = prequential.collect(records, settings, blocks=cfg.blocks,
+                                     rank_every=cfg.rank_every, max_events=args.events,
+                                     progress=lambda n: bar.advance(task, n))
+        bar.update(task, total=len(stream.interactions), completed=len(stream.interactions))
+        harness = prequential.Harness(stream, settings, cfg, out_dir)
+        if any(prequential.STRATEGIES[s].kind == "transformer" for s in strategies):
+            texts = len(set(stream.item_text.values())) + len(stream.interactions)
+            task = bar.add_task("encoding texts (frozen encoder, shared)", total=texts)
+            harness.encode_all(lambda n: bar.advance(task, n))
+            bar.update(task, completed=texts)
+        task = bar.add_task("strategies", total=len(strategies))
+        results = {}
+        for name in strategies:
+            bar.update(task, description=f"strategy {name}")
+            results[name] = harness.run(name)
+            bar.advance(task)
+    command = "tailstream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = prequential.summarise(stream, results, dataset, cfg,
+                                   {"seconds": round(time.monotonic() - started, 1)})
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    charts = report.charts(result, out_dir)
+    md = report.markdown(result, command)
+    md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in charts) + "\n"
+    (out_dir / "report.md").write_text(md)
+    if args.json is not None:
+        args.json.write_text(json.dumps(
+            {k: result[k] for k in ("dataset", "events", "strategies")}, indent=2))
+    print(md)
+    print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'report.md'} and {len(charts)} charts "
+          f"in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.what == "finetune":
+        from tailstream.bench import finetune
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = finetune.run(settings.device, tuple(int(x) for x in args.seq_len.split(",")),
+                              batch=args.batch, steps=args.steps, compile_=args.compile,
+                              encoder_path=settings.encoder_path or None)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise SystemExit(f"unknown benchmark {args.what}")
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
     return 0
 
 
@@ -385,6 +480,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default=None, help="recorded in the manifest and history")
     p.add_argument("--json", action="store_true", help="list as JSON")
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("eval", parents=[common], help="prequential comparison of strategies",
+                       description="Replay a log (or the synthetic shop) through the worker's "
+                                   "state, then test-then-train every strategy block by block; "
+                                   "write eval.json, report.md and PNG charts.")
+    p.add_argument("file", nargs="?", type=Path, default=None,
+                   help="event log to replay (default: the synthetic shop)")
+    p.add_argument("--format", choices=["taobao", "rees46", "csv"], default="taobao")
+    p.add_argument("--events", type=int, default=None, help="stop after this many events "
+                                                            "(synthetic default 60,000)")
+    p.add_argument("--strategies", default=",".join(
+        ["popularity", "river", "ce", "inverse", "class_balanced", "focal", "logit_adjusted",
+         "oversample", "undersample", "smote", "importance", "adaptive"]))
+    p.add_argument("--blocks", type=int, default=12, help="prequential blocks")
+    p.add_argument("--rank-every", type=int, default=5, help="score lists for every Nth "
+                                                            "interaction")
+    p.add_argument("--steps", type=int, default=150, help="steps per fine-tune")
+    p.add_argument("--batch", type=int, default=256, help="pairs per step")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny random BERT instead of MiniLM for the transformer strategies")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", parents=[common], help="benchmarks that print JSON",
+                       description="finetune: trainer pairs/s beside a bare encoder loop "
+                                   "(real MiniLM, full fine-tuning, fixed sequence length).")
+    p.add_argument("what", choices=["finetune"])
+    p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--seq-len", default="64,128", help="sequence lengths, comma-separated")
+    p.add_argument("--batch", type=int, default=None, help="pairs per step (default: 1024 "
+                                                           "on CUDA, 16 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (30 GPU / 3 CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("produce", parents=[common], help="send events to the input topics")
     src = p.add_subparsers(dest="source", required=True)

@@ -100,14 +100,16 @@ class Settings:
     """Users/s refreshed after a promotion (bounded so ingest keeps its share)."""
     rank_candidates: int = 200
     """Items retrieved from the index per user before ranking."""
-    rank_engagement_weight: float = 0.3
-    """Weight of the outcome head's expected engagement in the ranking score."""
-    rank_popularity_correction: float = 0.01
-    """α of the popularity correction −α·log q(item) at ranking time (0: off)."""
+    rank_engagement_weight: float = 1.0
+    """Weight (logits) of the outcome head's expected engagement in the ranking score."""
+    rank_popularity_weight: float = 0.5
+    """γ of the popularity prior γ·log q(item) added to the debiased retrieval logit:
+    1 = rank by full p(item|user) (head-friendly), 0 = debiased (tail-friendly)."""
     rank_online_blend: float = 0.0
     """Share of the river fast path's class probabilities blended into the head's."""
-    tail_margin: float = 0.15
-    """A tail item takes a reserved slot only if its score is within this of the k-th best."""
+    tail_margin: float = 2.0
+    """A tail item takes a reserved slot only if its score is within this many logits of
+    the k-th best (so a clearly better head item is never displaced)."""
     max_per_category: float = 0.5
     """At most this share of a list from one category (1: no cap)."""
 

@@ -28,7 +28,8 @@ def start_worker(settings: Settings, index: int = 0) -> tuple[ManagedProcess, Se
 
 def start_trainer(settings: Settings) -> tuple[ManagedProcess, Settings]:
     """Run ``tailstream trainer`` as a child process; returns it and its settings."""
-    port = settings.trainer_port if _free(settings, settings.trainer_port) else free_port()
+    wanted = settings.trainer_port
+    port = wanted if wanted and _free(settings, wanted) else free_port()
     s = settings.replace(trainer_port=port)
     env = {**os.environ, **s.to_env()}
     proc = ManagedProcess("trainer", [sys.executable, "-m", "tailstream.cli", "trainer"],

@@ -1,0 +1,205 @@
+"""``tailstream bench finetune``: trainer throughput beside a bare encoder training loop.
+
+Both loops run in the same process, on the same device, with the real all-MiniLM-L6-v2
+weights, fully fine-tuned (every layer trains: the GPU default), at a fixed sequence
+length (texts are padded to exactly ``seq_len`` tokens, so the numbers mean what they say):
+
+* **trainer**: :class:`~tailstream.models.finetune.FineTuner` steps on batches of
+  ``batch`` (user text, item text) pairs, all distinct — two sequences per pair — through
+  the two towers, the outcome head, the class-weighted loss and the in-batch sampled
+  softmax with logQ correction. ``pairs_per_s`` counts pairs.
+* **bare encoder**: a plain loop over the same number of sequences per step: encoder
+  forward, mean pooling, a trivial loss, backward, AdamW. ``bare_encoder_seq_per_s``
+  counts sequences; the trainer's overhead is ``1 − 2·pairs_per_s / bare_encoder_seq_per_s``.
+
+``mfu`` is the model-FLOPs utilisation of the trainer: ``6·N + 12·L·H·T`` FLOPs per token
+for training (Kaplan et al. 2020; Chowdhery et al. 2022, appendix B; N = non-embedding
+parameters, L layers, H hidden size, T tokens) over the device's peak: the datasheet bf16
+dense peak for known GPUs, or on a CPU the fp32 matrix-multiply rate measured in the same
+run (so a CPU "MFU" is against what this machine can actually do).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import torch
+
+from tailstream.models.adapters import configure_trainable
+from tailstream.models.buffer import Sample
+from tailstream.models.encoder import encoder_config, load_encoder
+from tailstream.models.finetune import FineTuneConfig, FineTuner, prepare_data, sampling_plan
+from tailstream.models.loading import build_model, pick_device
+from tailstream.models.two_tower import CLASSES, TowerConfig, tokenize
+
+GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12,
+                 "L40S": 362e12, "A10": 125e12}
+"""Dense bf16 peak FLOP/s by device-name substring (NVIDIA datasheets, SXM parts)."""
+WORDS = ("aurora wireless earbuds kettle mug lamp deluxe retro compact black white red "
+         "blue green sneakers jeans jacket scarf backpack perfume shampoo lipstick puzzle "
+         "kite yoga mat dumbbell bottle charger speaker smartwatch blanket pillow").split()
+
+
+def flops_per_token(encoder: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: ``6·N + 12·L·H·T`` (N: non-embedding parameters)."""
+    n = sum(p.numel() for name, p in encoder.named_parameters()
+            if not name.startswith("embeddings."))
+    layers = encoder_config(encoder, "num_hidden_layers")
+    hidden = encoder_config(encoder, "hidden_size")
+    return 6.0 * n + 12.0 * layers * hidden * seq_len
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"datasheet bf16 dense ({name})"
+        return float("nan"), f"unknown GPU {name}"
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    started = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    rate = reps * 2 * n**3 / (time.perf_counter() - started)
+    return rate, f"measured fp32 matmul {n}x{n} on {torch.get_num_threads()} threads"
+
+
+def _texts(rng: random.Random, n: int, seq_len: int, tag: str) -> list[str]:
+    # Enough words to overflow seq_len tokens: truncation then pads nothing, every text
+    # is exactly seq_len tokens.
+    return [f"{tag}{i} " + " ".join(rng.choice(WORDS) for _ in range(seq_len)) for i in range(n)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_trainer(device: torch.device, seq_len: int, batch: int, steps: int, warmup: int,
+                  bf16: bool, compile_: bool, encoder_path: str | None) -> float:
+    enc = load_encoder(encoder_path)
+    model = build_model(enc, TowerConfig(max_len=seq_len, max_context=1)).to(device)
+    configure_trainable(model.encoder, -1)
+    cfg = FineTuneConfig(policy="class_balanced", batch_size=batch, max_steps=steps,
+                         replay_share=0.0, holdout_share=0.0, bf16=bf16, compile=compile_)
+    tuner = FineTuner(model, enc.tokenizer, cfg, device=device, text_vectors=None,
+                      class_weight={"click": 0.5, "cart": 2.0, "fav": 3.0, "purchase": 4.0},
+                      max_len=seq_len)
+    # Pad every text to exactly seq_len tokens, as the bare loop does.
+    tuner.text_matrix = _fixed_length(tuner, seq_len)  # type: ignore[method-assign]
+    rng = random.Random(0)
+    n = batch * (steps + warmup)
+    users = _texts(rng, n, seq_len, "user")
+    items = _texts(rng, n, seq_len, "item")
+    labels = rng.choices(CLASSES, weights=[0.85, 0.07, 0.03, 0.05], k=n)
+    samples = [Sample(f"e{i}", f"u{i}", f"i{i}", labels[i], float(i), user_text=users[i],
+                      item_text=items[i]) for i in range(n)]
+    data = prepare_data(samples, {"click": 85, "cart": 7, "fav": 3, "purchase": 5}, 0.0)
+    plan = sampling_plan(data, cfg, CLASSES)
+    batches = [samples[i * batch:(i + 1) * batch] for i in range(steps + warmup)]
+    for b in batches[:warmup]:
+        tuner.step(b, plan)
+    _sync(device)
+    started = time.perf_counter()
+    for b in batches[warmup:]:
+        tuner.step(b, plan)
+    _sync(device)
+    return steps * batch / (time.perf_counter() - started)
+
+
+def _fixed_length(tuner: FineTuner, seq_len: int) -> Any:
+    from tailstream.models.text_vectors import autocast_for
+
+    def text_matrix(texts: list[str]) -> torch.Tensor:
+        enc = tokenize(tuner.tokenizer, texts, seq_len, fixed_length=True)
+        pin = tuner.device.type == "cuda"
+        ids = (enc["input_ids"].pin_memory() if pin else enc["input_ids"]).to(
+            tuner.device, non_blocking=True)
+        mask = (enc["attention_mask"].pin_memory() if pin else enc["attention_mask"]).to(
+            tuner.device, non_blocking=True)
+        with autocast_for(tuner.device, tuner.cfg.bf16):
+            return tuner._encode(ids, mask).float()
+
+    return text_matrix
+
+
+def bench_bare(device: torch.device, seq_len: int, sequences: int, steps: int, warmup: int,
+               bf16: bool, encoder_path: str | None) -> float:
+    from tailstream.models.text_vectors import autocast_for
+    from tailstream.models.two_tower import mean_pool
+
+    enc = load_encoder(encoder_path)
+    model = enc.model.to(device).train()
+    fused = device.type == "cuda"
+    opt = (torch.optim.AdamW(model.parameters(), lr=3e-5, fused=True) if fused
+           else torch.optim.AdamW(model.parameters(), lr=3e-5))
+    rng = random.Random(1)
+    batches = []
+    for _ in range(steps + warmup):
+        t = tokenize(enc.tokenizer, _texts(rng, sequences, seq_len, "s"), seq_len,
+                     fixed_length=True)
+        batches.append((t["input_ids"].to(device), t["attention_mask"].to(device)))
+
+    def step(ids: torch.Tensor, mask: torch.Tensor) -> None:
+        with autocast_for(device, bf16):
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            loss = mean_pool(out.float(), mask).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for ids, mask in batches[:warmup]:
+        step(ids, mask)
+    _sync(device)
+    started = time.perf_counter()
+    for ids, mask in batches[warmup:]:
+        step(ids, mask)
+    _sync(device)
+    return steps * sequences / (time.perf_counter() - started)
+
+
+def run(device_setting: str = "auto", seq_lens: tuple[int, ...] = (64, 128),
+        batch: int | None = None, steps: int | None = None, warmup: int | None = None,
+        compile_: bool = False, encoder_path: str | None = None) -> dict[str, Any]:
+    device = pick_device(device_setting)
+    gpu = device.type == "cuda"
+    batch = batch or (1024 if gpu else 16)
+    steps = steps or (30 if gpu else 3)
+    warmup = warmup if warmup is not None else (5 if gpu else 1)
+    bf16 = gpu
+    peak, peak_source = peak_flops(device)
+    enc = load_encoder(encoder_path)
+    results = []
+    for seq_len in seq_lens:
+        pairs = bench_trainer(device, seq_len, batch, steps, warmup, bf16, compile_,
+                              encoder_path)
+        bare = bench_bare(device, seq_len, 2 * batch, steps, warmup, bf16, encoder_path)
+        flops = flops_per_token(enc.model, seq_len) * seq_len * 2  # two sequences per pair
+        results.append({
+            "seq_len": seq_len, "pairs_per_s": round(pairs, 1),
+            "bare_encoder_seq_per_s": round(bare, 1),
+            "trainer_seq_per_s": round(2 * pairs, 1),
+            "trainer_over_bare": round(2 * pairs / bare, 3) if bare else None,
+            "mfu": round(pairs * flops / peak, 4) if math.isfinite(peak) else None,
+        })
+        if gpu:
+            torch.cuda.empty_cache()
+    first = results[0]
+    name = (torch.cuda.get_device_name(device) if gpu
+            else f"cpu ({torch.get_num_threads()} threads)")
+    return {
+        "device": name,
+        "torch": torch.__version__, "dtype": "bf16 autocast" if bf16 else "fp32",
+        "batch_pairs": batch, "steps": steps, "warmup": warmup, "compile": compile_,
+        "peak_flops": peak, "peak_source": peak_source,
+        # The first sequence length at top level, all of them under "by_seq_len".
+        "seq_len": first["seq_len"], "pairs_per_s": first["pairs_per_s"],
+        "bare_encoder_seq_per_s": first["bare_encoder_seq_per_s"], "mfu": first["mfu"],
+        "by_seq_len": results,
+    }

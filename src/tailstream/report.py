@@ -1,0 +1,122 @@
+"""The evaluation report: a markdown table and PNG charts from ``tailstream eval`` JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TABLE_METRICS = (
+    ("macro_f1", "macro-F1"), ("minority_macro_recall", "minority macro-recall"),
+    ("recall_cart", "recall cart"), ("recall_fav", "recall fav"),
+    ("recall_purchase", "recall purchase"), ("purchase_pr_auc", "PR-AUC purchase"),
+    ("hit_at_20", "HitRate@20"), ("hit_at_20_tail", "HitRate@20 tail"),
+    ("ndcg_at_20", "NDCG@20"), ("mrr", "MRR@20"), ("coverage", "coverage"),
+    ("tail_exposure_share", "tail share"), ("exposure_gini", "Gini"),
+    ("ms_per_event", "ms/event"),
+)
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    """The strategy table, best value per column in bold (lower is better for Gini, time)."""
+    strategies: dict[str, dict[str, Any]] = result["strategies"]
+    lower_better = {"exposure_gini", "ms_per_event"}
+    best: dict[str, float] = {}
+    for key, _ in TABLE_METRICS:
+        values = [m.get(key, 0.0) for m in strategies.values()]
+        best[key] = min(values) if key in lower_better else max(values)
+    head = "| strategy | " + " | ".join(label for _, label in TABLE_METRICS) + " |"
+    rule = "|---|" + "---:|" * len(TABLE_METRICS)
+    rows = []
+    for name, m in strategies.items():
+        cells = []
+        for key, _ in TABLE_METRICS:
+            v = m.get(key, 0.0)
+            text = f"{v:.3f}" if key != "ms_per_event" else f"{v:.2f}"
+            cells.append(f"**{text}**" if v == best[key] and len(strategies) > 1 else text)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    cfg = result["config"]
+    shares = ", ".join(f"{c} {100 * v:.2f} %" for c, v in result["class_shares"].items())
+    return "\n".join([
+        f"### {result['dataset']}",
+        "",
+        f"{result['events']:,} interactions, {result['catalogue_items']:,} items, "
+        f"{result['blocks']} prequential blocks (first {cfg['warm_blocks']} not scored); "
+        f"class shares: {shares}. Encoder: "
+        f"{'tiny random BERT (--tiny)' if cfg['tiny_encoder'] else 'all-MiniLM-L6-v2'}, "
+        f"{cfg['steps_per_finetune']} steps × {cfg['batch_size']} per fine-tune; lists "
+        f"scored on every {cfg['rank_every']}th interaction.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        head, rule, *rows, "",
+    ])
+
+
+def charts(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """class shares & loop weights over time, recall over time, head/tail HitRate, Lorenz."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    over = result["over_time"]
+    classes = ["click", "cart", "fav", "purchase"]
+    name = result["dataset"].split()[0].replace("/", "_")
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for c in classes:
+        a.plot([s.get(c, 0.0) for s in over["class_shares"]], label=c)
+        b.plot([w.get(c, 0.0) for w in over["loop_weights"]], label=c)
+    a.set_title("class shares (decayed counts)")
+    a.set_yscale("log")
+    b.set_title("loss weights in force (imbalance loop)")
+    for ax in (a, b):
+        ax.set_xlabel("block")
+        ax.legend()
+    paths.append(_save(fig, out_dir / f"{name}-shares-weights.png"))
+
+    recall = over["recall_by_block"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for ax, c in zip(axes, ("cart", "fav", "purchase"), strict=True):
+        for strategy, per_class in recall.items():
+            ax.plot(per_class[c], label=strategy)
+        ax.set_title(f"recall {c} per block")
+        ax.set_xlabel("block")
+    axes[-1].legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, out_dir / f"{name}-recall-over-time.png"))
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    names = list(result["strategies"])
+    width = 0.27
+    for k, tier in enumerate(("head", "torso", "tail")):
+        ax.bar([i + (k - 1) * width for i in range(len(names))],
+               [result["strategies"][n][f"hit_at_20_{tier}"] for n in names], width,
+               label=tier)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_title("HitRate@20 by tier of the interacted item")
+    ax.legend()
+    paths.append(_save(fig, out_dir / f"{name}-hitrate-by-tier.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for strategy, (x, y) in over["lorenz"].items():
+        ax.plot(x, y, label=strategy)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_title("exposure Lorenz curve")
+    ax.set_xlabel("share of items (least shown first)")
+    ax.set_ylabel("share of exposure")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir / f"{name}-lorenz.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,117 @@
+"""The per-event state of a worker, without any I/O: what one valid event changes.
+
+Catalogue records update item texts, categories and the query index; interactions and
+searches update the user's profile (a changelog-backed table in the worker, a dict
+offline), item popularity and the imbalance loop, which turns each interaction into a
+training sample. The pipeline wraps this with decoding, de-duplication and publishing;
+the offline evaluation (``tailstream eval``) drives it directly, so both see the same
+contexts, tiers and samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from tailstream.contract import Event, Item
+from tailstream.models.baseline import QueryIndex, new_profile, update_profile
+from tailstream.models.buffer import Sample
+from tailstream.models.popularity import PopularityTracker
+from tailstream.models.scorer import ContextEntry, context_entries
+from tailstream.models.two_tower import CONTEXT_SEPARATOR
+from tailstream.settings import Settings
+from tailstream.streams.imbalance import ImbalanceLoop
+
+NewItem = Callable[[str, str], None]
+
+
+class StreamState:
+    def __init__(self, settings: Settings, profiles: MutableMapping[str, Any], *,
+                 popularity: PopularityTracker | None = None,
+                 imbalance: ImbalanceLoop | None = None,
+                 on_new_item: NewItem | None = None) -> None:
+        self.settings = settings
+        self.profiles = profiles
+        self.popularity = popularity or PopularityTracker()
+        self.imbalance = imbalance or ImbalanceLoop(settings)
+        self.query_index = QueryIndex()
+        self.item_text: dict[str, str] = {}
+        self.on_new_item = on_new_item
+
+    def apply_item(self, item: Item) -> str:
+        """A catalogue record; returns the item's text (what the item tower reads)."""
+        self.popularity.set_category(item.item_id, item.category)
+        self.query_index.add(item.title, item.category)
+        text = item_text(item)
+        self.item_text[item.item_id] = text
+        if self.on_new_item is not None:
+            self.on_new_item(item.item_id, text)
+        return text
+
+    def apply_event(self, event: Event, partition: int = 0) -> Sample | None:
+        """A valid, de-duplicated event; returns its training sample (None for searches)."""
+        category = event.category
+        if event.item_id is not None:
+            category = category or self.popularity.category(event.item_id)
+            self.popularity.observe(event.item_id, category, 1.0, event.ts)
+        query_cats: list[str] = []
+        if event.kind == "search" and event.query:
+            query_cats = self.query_index.categories(event.query)
+            if event.clicked_item_id is not None:
+                clicked = self.popularity.category(event.clicked_item_id)
+                if clicked is not None:
+                    query_cats = [clicked, *[c for c in query_cats if c != clicked]]
+        profile = self.profiles.get(event.user_id) or new_profile()
+        sample: Sample | None = None
+        if event.item_id is not None:
+            text = self.item_text.get(event.item_id)
+            if text is None:
+                # An item seen in events before (or without) a catalogue record: index it
+                # under a stable textual form so it can be recommended too.
+                text = self.item_text[event.item_id] = fallback_text(event, category)
+                if self.on_new_item is not None:
+                    self.on_new_item(event.item_id, text)
+            cats = profile.get("cats", {})
+            top = max(cats.values(), default=0.0)
+            sample = self.imbalance.observe(
+                event, partition, user_class_counts=profile.get("n", {}),
+                category_affinity=cats.get(category, 0.0) / top if top else 0.0,
+                repeat=event.item_id in profile.get("items", ()),
+                item_text=text,
+                user_text=CONTEXT_SEPARATOR.join(e.text for e in self.context(profile)))
+        else:
+            self.imbalance.observe(event, partition, user_class_counts={},
+                                   category_affinity=0.0, repeat=False)
+        self.profiles[event.user_id] = update_profile(
+            profile, event, category, query_cats, keep=self.settings.recent_items)
+        return sample
+
+    def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
+        return context_entries(profile, self.item_text, self.settings.max_context)
+
+
+def item_text(item: Item) -> str:
+    """The item as text for the item tower: title, category, brand, price bucket.
+
+    >>> item_text(Item("i1", "Red tee", "fashion/t-shirt", "acme", 18.0))
+    'Red tee | fashion/t-shirt | acme | price 10-25'
+    """
+    parts = [item.title, item.category]
+    if item.brand:
+        parts.append(item.brand)
+    if item.price is not None:
+        parts.append(f"price {price_bucket(item.price)}")
+    return " | ".join(parts)
+
+
+def price_bucket(price: float) -> str:
+    """Coarse, stable price band (text models read bands better than raw numbers)."""
+    for lo, hi in ((0, 10), (10, 25), (25, 50), (50, 100), (100, 250), (250, 500)):
+        if price < hi:
+            return f"{lo}-{hi}"
+    return "500+"
+
+
+def fallback_text(event: Event, category: str | None) -> str:
+    """Logs without a catalogue (Taobao): a stable textual form of the ids."""
+    return f"item {event.item_id} | category {category or 'unknown'}"
