@@ -12,7 +12,7 @@ MODLIST := $(VENV)/.tailstream-modules
 SECONDS ?= 60
 ARGS    ?=
 
-.PHONY: install demo test lint unit integration bench clean FORCE
+.PHONY: install demo test lint unit integration bench services clean FORCE
 
 install: $(STAMP)
 
@@ -36,7 +36,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p tailstream
 
-test: lint
+# Services the suite runs for real that no wheel ships (Prometheus, promtool): installed
+# with apt-get when missing and possible, else the tests that need them say so and skip.
+services:
+	@./.ci/install-services
+
+test: lint services
 	$(BIN)/pytest $(ARGS)
 
 unit: install
@@ -44,6 +49,11 @@ unit: install
 
 integration: install
 	$(BIN)/pytest tests/integration $(ARGS)
+
+bench: install
+	mkdir -p bench-out
+	$(BIN)/tailstream bench finetune --json bench-out/finetune.json
+	$(BIN)/tailstream bench serve --json bench-out/serve.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache var demo-summary.json

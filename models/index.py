@@ -102,6 +102,25 @@ class ItemIndex:
         return (u @ self.matrix.T).float()
 
     @torch.inference_mode()
+    def search_rows(self, users: torch.Tensor, k: int,
+                    exclude: Sequence[set[str]] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` rows per user: scores ``[B, k']`` (−inf where fewer than k' items
+        were eligible) and row indices ``[B, k']`` into :attr:`matrix`."""
+        n = len(self._ids)
+        s = self.scores(users)
+        if exclude:
+            for b, items in enumerate(exclude):
+                rows = [self._row[i] for i in items if i in self._row]
+                if rows:
+                    s[b, rows] = float("-inf")
+        top = torch.topk(s, min(k, n), dim=1)
+        return top.values, top.indices
+
+    def id_of(self, row: int) -> str:
+        return self._ids[row]
+
+    @torch.inference_mode()
     def search(self, users: torch.Tensor, k: int,
                exclude: Sequence[set[str]] | None = None,
                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[str]]]:

@@ -52,7 +52,8 @@ CLASS_VALUE: dict[str, float] = {"click": 1.0, "fav": 2.0, "cart": 3.0, "purchas
 @dataclass(frozen=True)
 class RankingConfig:
     k: int = 20
-    candidates: int = 200
+    candidates: int = 100
+    head_candidates: int = 40
     engagement_weight: float = 1.0
     popularity_weight: float = 0.5
     online_blend: float = 0.0
@@ -216,64 +217,94 @@ class Scorer:
     @torch.inference_mode()
     def recommend(self, requests: Sequence[UserRequest], item_info: ItemInfo,
                   online: OnlineProba | None = None) -> list[list[Ranked]]:
-        """A ranked list per request (empty when the index is)."""
+        """A ranked list per request (empty when the index is).
+
+        Everything numeric is done for the whole micro-batch at once (one retrieval
+        product, one head call over every user's candidates); per user, Python only walks
+        the best few candidates to apply the category cap and the tail quota.
+        """
         cfg = self.ranking
         if not requests or len(self.index) == 0:
             return [[] for _ in requests]
-        users, ctx_items, ctx_mask = self.user_vectors(requests)
-        _, cand_ids = self.index.search(users, cfg.candidates,
-                                        exclude=[r.exclude for r in requests])
         model = self.served.model
+        users, ctx_items, ctx_mask = self.user_vectors(requests)
+        sim, rows = self.index.search_rows(users, cfg.candidates,
+                                           exclude=[r.exclude for r in requests])
+        # Item facts for the distinct candidates of the whole batch, looked up once.
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        uniq_ids = [self.index.id_of(int(r)) for r in uniq.tolist()]
+        tiers, cats, log_q = item_info(uniq_ids)
+        lq = torch.tensor(log_q, device=self.device, dtype=sim.dtype)[inverse]
+        # The outcome head is the expensive part: only the best `head_candidates` by
+        # retrieval logit + popularity prior go through it.
+        prior = sim / model.config.temperature + cfg.popularity_weight * lq
+        h = min(cfg.head_candidates, rows.shape[1])
+        prior, keep = torch.topk(prior, h, dim=1)
+        sim, rows, inverse = sim.gather(1, keep), rows.gather(1, keep), inverse.gather(1, keep)
+        b, c = rows.shape
+        valid = torch.isfinite(sim)
+        v = self.index.matrix[rows.reshape(-1)].float().reshape(b, c, -1)
+        cx = ctx_items.shape[1]
+        logits = model.outcome_logits(
+            users[:, None, :].expand(b, c, -1).reshape(b * c, -1), v.reshape(b * c, -1),
+            ctx_items[:, None].expand(b, c, cx, -1).reshape(b * c, cx, -1),
+            ctx_mask[:, None, :].expand(b, c, cx).reshape(b * c, cx))
+        proba = torch.softmax(logits, dim=-1).reshape(b, c, -1)
+        if online is not None and cfg.online_blend > 0:
+            blended = []
+            for i, req in enumerate(requests):
+                ids = [uniq_ids[int(k)] for k in inverse[i].tolist()]
+                blended.append((1 - cfg.online_blend) * proba[i]
+                               + cfg.online_blend * online(req.user_id, ids).to(proba))
+            proba = torch.stack(blended)
+        engagement = proba @ self._value
+        score = (prior + cfg.engagement_weight * engagement).masked_fill(~valid, float("-inf"))
+        # Which context entry explains each candidate best (for the reasons).
+        ctx_sim = torch.einsum("bcd,bxd->bcx", v, ctx_items).masked_fill(
+            ~ctx_mask[:, None, :], float("-inf"))
+        best_val, best_ctx = ctx_sim.max(dim=2)
+        order = torch.argsort(score, dim=1, descending=True)
+        k = cfg.k
+        prefix = min(c, 4 * k)
+        score_l, order_l = score.tolist(), order.tolist()
+        inv_l, best_val_l, best_ctx_l = inverse.tolist(), best_val.tolist(), best_ctx.tolist()
+        p_buy = proba[..., self._purchase].tolist() if self._purchase is not None else None
+        p_cart = proba[..., self._cart].tolist() if self._cart is not None else None
         out: list[list[Ranked]] = []
-        for b, req in enumerate(requests):
-            ids = cand_ids[b]
-            if not ids:
+        for i, req in enumerate(requests):
+            ranked_rows = [j for j in order_l[i] if score_l[i][j] != float("-inf")]
+            if not ranked_rows:
                 out.append([])
                 continue
-            v = self.index.vectors(ids)
-            u = users[b:b + 1]
-            n = len(ids)
-            sim = (v @ u.T).squeeze(1)
-            proba = torch.softmax(model.outcome_logits(
-                u.expand(n, -1), v, ctx_items[b:b + 1].expand(n, -1, -1),
-                ctx_mask[b:b + 1].expand(n, -1)), dim=-1)
-            if online is not None and cfg.online_blend > 0:
-                proba = (1 - cfg.online_blend) * proba + cfg.online_blend * online(
-                    req.user_id, ids).to(proba)
-            engagement = proba @ self._value
-            tiers, cats, log_q = item_info(ids)
-            lq = torch.tensor(log_q, device=self.device, dtype=sim.dtype)
-            score = (sim / model.config.temperature + cfg.popularity_weight * lq
-                     + cfg.engagement_weight * engagement)
-            reasons = self._reasons(req, ctx_items[b][ctx_mask[b]], v, cats)
-            p_buy = proba[:, self._purchase] if self._purchase is not None else None
-            p_cart = proba[:, self._cart] if self._cart is not None else None
-            ranked = [Ranked(i, float(score[j]), tiers[j], reasons[j], cats[j],
-                             float(p_buy[j]) if p_buy is not None else 0.0,
-                             float(p_cart[j]) if p_cart is not None else 0.0)
-                      for j, i in enumerate(ids)]
-            ranked.sort(key=lambda r: (-r.score, r.item_id))
-            out.append(select(ranked, cfg.k, cfg.tail_share, cfg.tail_margin,
-                              cfg.max_per_category))
+            # The best few, plus tail items deeper down that could still take a reserved
+            # slot (within tail_margin of the k-th best score).
+            kth = score_l[i][ranked_rows[min(k, len(ranked_rows)) - 1]]
+            chosen = ranked_rows[:prefix] + [
+                j for j in ranked_rows[prefix:]
+                if tiers[inv_l[i][j]] == "tail" and score_l[i][j] >= kth - cfg.tail_margin]
+            inv = inv_l[i]
+            picked = select_positions([score_l[i][j] for j in chosen],
+                                      [tiers[inv[j]] for j in chosen],
+                                      [cats[inv[j]] for j in chosen], k, cfg.tail_share,
+                                      cfg.tail_margin, cfg.max_per_category)
+            lst = []
+            for pos in picked:
+                j = chosen[pos]
+                lst.append(Ranked(uniq_ids[inv[j]], score_l[i][j], tiers[inv[j]],
+                                  self._reason(req, best_val_l[i][j], best_ctx_l[i][j],
+                                               cats[inv[j]]),
+                                  cats[inv[j]], p_buy[i][j] if p_buy is not None else 0.0,
+                                  p_cart[i][j] if p_cart is not None else 0.0))
+            out.append(lst)
         return out
 
-    def _reasons(self, req: UserRequest, ctx: torch.Tensor, items: torch.Tensor,
-                 cats: Sequence[str | None]) -> list[str]:
-        trending = [f"trending in {c}" if c else "popular right now" for c in cats]
-        if ctx.shape[0] == 0:
-            return trending
-        sims = items @ ctx.T  # [N, C]
-        best_val, best = sims.max(dim=1)
-        entries = req.context[: ctx.shape[0]]
-        out = []
-        for j in range(items.shape[0]):
-            if float(best_val[j]) < self.ranking.reason_min_similarity:
-                out.append(trending[j])
-                continue
-            e = entries[int(best[j])]
-            out.append(f"matches your search '{e.label[:40]}'" if e.kind == "q"
-                       else f"similar to '{e.label[:40]}' you viewed")
-        return out
+    def _reason(self, req: UserRequest, similarity: float, entry: int,
+                category: str | None) -> str:
+        if similarity < self.ranking.reason_min_similarity or entry >= len(req.context):
+            return f"trending in {category}" if category else "popular right now"
+        e = req.context[entry]
+        return (f"matches your search '{e.label[:40]}'" if e.kind == "q"
+                else f"similar to '{e.label[:40]}' you viewed")
 
 
 def select(ranked: Sequence[Ranked], k: int, tail_share: float, tail_margin: float,
@@ -288,34 +319,46 @@ def select(ranked: Sequence[Ranked], k: int, tail_share: float, tail_margin: flo
     >>> [x.item_id for x in select(r, 4, 0.5, tail_margin=0.05, max_per_category=1.0)]
     ['0', '1', '2', '3']
     """
-    if k <= 0 or not ranked:
+    picked = select_positions([r.score for r in ranked], [r.tier for r in ranked],
+                              [r.category for r in ranked], k, tail_share, tail_margin,
+                              max_per_category)
+    return [ranked[j] for j in picked]
+
+
+def select_positions(scores: Sequence[float], tiers: Sequence[str],
+                     categories: Sequence[str | None], k: int, tail_share: float,
+                     tail_margin: float, max_per_category: float) -> list[int]:
+    """:func:`select` on parallel lists (best first); returns the chosen positions, best
+    first. Works on plain lists so the serving path builds objects for the k winners only.
+
+    >>> select_positions([3.0, 2.0, 1.9, 1.0], ["head", "head", "head", "tail"],
+    ...                  ["a", "a", "b", "b"], 2, 0.5, 2.0, 0.5)
+    [0, 3]
+    """
+    if k <= 0 or not scores:
         return []
     cap = max(1, math.ceil(max_per_category * k))
     per_cat: dict[str | None, int] = {}
-    diverse: list[Ranked] = []
-    overflow: list[Ranked] = []
-    for r in ranked:
-        key = r.category
+    diverse: list[int] = []
+    overflow: list[int] = []
+    for j, key in enumerate(categories):
         if key is not None and per_cat.get(key, 0) >= cap:
-            overflow.append(r)
+            overflow.append(j)
             continue
         per_cat[key] = per_cat.get(key, 0) + 1
-        diverse.append(r)
+        diverse.append(j)
     pool = diverse + overflow  # capped items only if nothing else is left
     top = pool[:k]
-    if not top:
-        return []
-    threshold = top[-1].score - tail_margin
+    threshold = scores[top[-1]] - tail_margin
     quota = math.ceil(tail_share * k)
-    have = sum(1 for r in top if r.tier == "tail")
+    have = sum(1 for j in top if tiers[j] == "tail")
     if have < quota:
-        chosen = {r.item_id for r in top}
-        extra = [r for r in pool[k:] if r.tier == "tail" and r.score >= threshold
-                 and r.item_id not in chosen][: quota - have]
+        extra = [j for j in pool[k:] if tiers[j] == "tail" and scores[j] >= threshold][
+            : quota - have]
         if extra:
             # Displace the lowest non-tail items, never a tail item already chosen.
-            keep_head = [r for r in top if r.tier != "tail"]
-            keep_tail = [r for r in top if r.tier == "tail"]
+            keep_head = [j for j in top if tiers[j] != "tail"]
+            keep_tail = [j for j in top if tiers[j] == "tail"]
             keep_head = keep_head[: max(0, k - len(keep_tail) - len(extra))]
             top = keep_head + keep_tail + extra
-    return sorted(top, key=lambda r: (-r.score, r.item_id))
+    return sorted(top, key=lambda j: (-scores[j], j))

@@ -49,6 +49,8 @@ _HEADER = struct.Struct("<4sBBIIQd")
 _FLAG_CONSERVATIVE = 1
 _FLAG_ZLIB = 2
 _WORDS_PER_DIGEST = 8  # BLAKE2b digests are at most 64 bytes = 8 uint64 words
+CELL_CACHE_SIZE = 65_536
+"""Keys whose counter positions are remembered (≈ 200 bytes each)."""
 
 
 class CountMinSketch:
@@ -94,6 +96,7 @@ class CountMinSketch:
             for j in range(n_digests)
         ]
         self._unpack = {n: struct.Struct(f"<{n}Q").unpack for n, _ in self._digests}
+        self._cell_cache: dict[str, list[int]] = {}
 
     @classmethod
     def from_error(cls, epsilon: float, delta: float, seed: int = 0,
@@ -135,7 +138,18 @@ class CountMinSketch:
 
     # -- hashing -----------------------------------------------------------------
     def _cells_of(self, key: str) -> list[int]:
-        """Flat counter index of ``key`` in each row."""
+        """Flat counter index of ``key`` in each row (memoised: item ids repeat endlessly
+        and a BLAKE2b digest costs more than the counter update)."""
+        cached = self._cell_cache.get(key)
+        if cached is not None:
+            return cached
+        if len(self._cell_cache) >= CELL_CACHE_SIZE:
+            self._cell_cache.clear()  # cheaper than LRU bookkeeping; refills in a moment
+        cells = self._hash_cells(key)
+        self._cell_cache[key] = cells
+        return cells
+
+    def _hash_cells(self, key: str) -> list[int]:
         data = key.encode("utf-8")
         words: list[int] = []
         for n, salt in self._digests:

@@ -79,9 +79,13 @@ def create_app(settings: Settings) -> Worker:
     if not settings.kafka_bootstrap or not settings.redis_url:
         raise ValueError("the worker needs TAILSTREAM_KAFKA_BOOTSTRAP and TAILSTREAM_REDIS_URL "
                          "(`tailstream up` sets both for the embedded stack)")
+    datadir = settings.data_dir / "faust" / settings.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = app_class(settings.kafka_fetch_max_wait_ms)(
         settings.app_id,
         store="memory://",
+        # Faust keeps small local files; under the data dir, not the working directory.
+        datadir=str(datadir),
         topic_partitions=settings.partitions,
         topic_allow_declare=True,
         web_host=settings.web_host,
@@ -158,7 +162,9 @@ def create_app(settings: Settings) -> Worker:
         profiles=_StrKeyed(profiles_table),
         deduper=Deduper(redis, prefix=settings.redis_prefix, ttl_s=settings.dedupe_ttl_s),
         publisher=Publisher(redis, send_recs, metrics, prefix=settings.redis_prefix,
-                            ttl_s=settings.recs_ttl_s),
+                            ttl_s=settings.recs_ttl_s,
+                            max_backoff_s=settings.redis_retry_max_s,
+                            remember_users=settings.active_users_max),
         send_to_dlq=send_to_dlq,
         metrics=metrics,
         buffer_store=buffer_store,
@@ -215,10 +221,48 @@ def create_app(settings: Settings) -> Worker:
         await pipeline.publish_weights()
 
     @app.timer(interval=1.0)
+    async def flush_waiting_lists() -> None:
+        """Retry lists a Redis outage held back, even when no events arrive; report
+        exposure over the recent window."""
+        if pipeline.publisher.pending:
+            await pipeline.publisher.publish([])
+        exposure = pipeline.publisher.exposure
+        metrics.coverage.set(exposure.distinct / max(len(pipeline.item_text), 1))
+        metrics.tail_exposure.set(exposure.tail_share)
+
+    @app.timer(interval=settings.refresh_check_s)
+    async def refresh_aged_lists() -> None:
+        n = await pipeline.refresh_aged()
+        if n:
+            log.info("refreshed %d lists older than %.0fs", n, settings.list_max_age_s)
+
+    lag_labels: set[tuple[str, str]] = set()
+
+    @app.timer(interval=1.0)
     async def report_assignment() -> None:
-        assigned = [tp for tp in app.consumer.assignment()
-                    if tp.topic in settings.input_topics]
-        metrics.assigned_partitions.set(len(assigned))
+        """Assigned input partitions and each one's consumer lag."""
+        consumer: Any = app.consumer
+        assigned = [tp for tp in consumer.assignment()
+                    if tp.topic in settings.input_topics or tp.topic == settings.topic_for("item")]
+        metrics.assigned_partitions.set(sum(tp.topic in settings.input_topics
+                                            for tp in assigned))
+        now: set[tuple[str, str]] = set()
+        for tp in assigned:
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: S112 - not known yet for this partition
+                continue
+            if high is None:
+                continue
+            read = consumer._read_offset.get(tp)  # last offset handed to the stream
+            labels = (tp.topic, str(tp.partition))
+            metrics.consumer_lag.labels(*labels).set(max(0, high - (read + 1 if read is not None
+                                                                    else 0)))
+            now.add(labels)
+        for labels in lag_labels - now:  # partitions that moved to another worker
+            metrics.consumer_lag.remove(*labels)
+        lag_labels.clear()
+        lag_labels.update(now)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

@@ -57,6 +57,15 @@ class RawMessage:
 
 
 T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _ScoringJob:
+    """One batch's users to score: their requests, and (user, event id, event time)."""
+
+    requests: list[UserRequest]
+    meta: list[tuple[str, str, float | None]]
+
 SendToDlq = Callable[[RawMessage, Rejection], Awaitable[None]]
 SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
 SaveCounts = Callable[[dict[int, dict[str, Any]]], None]
@@ -97,6 +106,8 @@ class Pipeline:
         self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
+        self._jobs: asyncio.Queue[_ScoringJob] | None = None
+        self._job_task: asyncio.Task[None] | None = None
         # Users who acted recently (newest last), for refreshes after a promotion.
         self.active: OrderedDict[str, float] = OrderedDict()
         # Label lookups cost more than the increments: resolve each child once.
@@ -233,7 +244,19 @@ class Pipeline:
 
     async def _refresh_users(self, acted: dict[str, tuple[Event, RawMessage]]) -> None:
         if not acted:
-            await self.publisher.publish([])
+            if self._jobs is None or self._jobs.empty():
+                await self.publisher.publish([])  # retries lists a failed write kept
+            return
+        if self.scoring is not None and self.scoring.ready:
+            # The transformer scores on its own thread while the next batch is ingested:
+            # the user contexts are taken now, the lists follow in batch order. A bounded
+            # queue makes ingest wait when scoring falls behind.
+            profiles = [self.profiles.get(u) or new_profile() for u in acted]
+            job = _ScoringJob(
+                [UserRequest(u, self.context(p), set(p.get("items", [])[:5]))
+                 for u, p in zip(acted, profiles, strict=True)],
+                [(u, event.event_id, msg.timestamp) for u, (event, msg) in acted.items()])
+            await self._enqueue(job)
             return
         version, items = await self._score(list(acted))
         now = time.time()
@@ -242,12 +265,71 @@ class Pipeline:
                  for (u, (event, msg)), its in zip(acted.items(), items, strict=True)]
         await self.publisher.publish(lists)
 
-    async def refresh_active(self, trigger: str, *, chunk: int = 100) -> int:
-        """Republish the lists of users active within ``active_window_s``, newest first, at
-        most ``refresh_rate`` users/s (a promotion must not flood Redis or starve
-        ingest). Returns how many were refreshed."""
+    async def _enqueue(self, job: _ScoringJob) -> None:
+        if self._jobs is None:
+            self._jobs = asyncio.Queue(maxsize=max(1, self.settings.scoring_queue))
+            self._job_task = asyncio.get_running_loop().create_task(self._score_jobs())
+        await self._jobs.put(job)
+
+    async def _score_jobs(self) -> None:
+        assert self._jobs is not None and self.scoring is not None
+        while True:
+            jobs = [await self._jobs.get()]
+            # Whatever queued up meanwhile is scored in the same call: bigger batches are
+            # far cheaper per user, and a user's newest context supersedes older ones.
+            while not self._jobs.empty():
+                jobs.append(self._jobs.get_nowait())
+            latest: dict[str, tuple[UserRequest, tuple[str, str, float | None]]] = {}
+            for j in jobs:
+                for req, meta in zip(j.requests, j.meta, strict=True):
+                    latest.pop(req.user_id, None)
+                    latest[req.user_id] = (req, meta)
+            job = _ScoringJob([r for r, _ in latest.values()], [m for _, m in latest.values()])
+            try:
+                ranked = await self.scoring.recommend(job.requests, self.item_info)
+                now = time.time()
+                version = self.scoring.version
+                await self.publisher.publish([
+                    RecList(user_id=u, items=[r.to_dict(i + 1) for i, r in enumerate(lst)],
+                            model_version=version, trigger="event", generated_at=now,
+                            event_id=event_id, source_ts=ts)
+                    for (u, event_id, ts), lst in zip(job.meta, ranked, strict=True)])
+            except Exception:  # lists are derived data: log, count, keep serving
+                self.metrics.publish_errors.labels("scoring").inc()
+                log.exception("scoring a batch of %d users failed", len(job.requests))
+            finally:
+                for _ in jobs:
+                    self._jobs.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every queued scoring job has published its lists."""
+        if self._jobs is not None:
+            await self._jobs.join()
+
+    async def refresh_active(self, trigger: str = "promotion") -> int:
+        """Republish the lists of users active within ``active_window_s``, newest first."""
         cutoff = time.time() - self.settings.active_window_s
-        users = [u for u, t in reversed(self.active.items()) if t >= cutoff]
+        return await self.refresh_users(
+            [u for u, t in reversed(self.active.items()) if t >= cutoff], trigger)
+
+    async def refresh_aged(self, limit: int = 10_000) -> int:
+        """Republish lists older than ``list_max_age_s`` of users active within the list
+        TTL, oldest first (``trigger: "ttl"``): a returning user finds a fresh list."""
+        now = time.time()
+        too_old = now - self.settings.list_max_age_s
+        active_since = now - self.settings.recs_ttl_s
+        users: list[str] = []
+        for user, published in self.publisher.last_published.items():  # oldest first
+            if published > too_old or len(users) >= limit:
+                break
+            if self.active.get(user, 0.0) >= active_since:
+                users.append(user)
+        return await self.refresh_users(users, "ttl")
+
+    async def refresh_users(self, users: Sequence[str], trigger: str, *,
+                            chunk: int = 100) -> int:
+        """Republish the lists of ``users`` at most ``refresh_rate`` users/s (a bulk refresh
+        must not flood Redis or starve ingest). Returns how many were refreshed."""
         self.metrics.refresh_pending.labels(trigger).set(len(users))
         done = 0
         for start in range(0, len(users), chunk):

@@ -8,8 +8,8 @@ Redis layout (see docs/events.md):
 Each list is replaced by one server-side script (:data:`REPLACE_LIST_LUA`): Redis runs a
 script atomically, so a reader sees the old list or the new one, never a mix. The scripts
 of a batch go in one pipelined round trip, one reply per user. Failed writes are
-retried with backoff; lists that still fail are kept (latest per user, bounded) and
-retried with the next batch, so a Redis outage costs freshness, not ingest.
+retried after a backoff (a circuit breaker: no I/O while it is open); lists that wait are
+kept (latest per user, bounded), so a Redis outage costs freshness, not ingest.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -96,31 +96,88 @@ def parse_meta(user_id: str, meta: Mapping[Any, Any]) -> dict[str, Any] | None:
 SendToKafka = Callable[[str, bytes], Awaitable[None]]
 
 
+class ExposureWindow:
+    """What the last ``slots`` recommended items were: catalogue coverage and the tail's
+    share of exposure over a sliding window (bounded memory).
+
+    >>> w = ExposureWindow(slots=4)
+    >>> w.add([("a", "head"), ("b", "tail"), ("a", "head"), ("c", "tail"), ("d", "tail")])
+    >>> w.distinct, w.tail_share
+    (4, 0.75)
+    """
+
+    def __init__(self, slots: int = 50_000) -> None:
+        self._items: deque[tuple[str, bool]] = deque()
+        self._counts: Counter[str] = Counter()
+        self._tail = 0
+        self.slots = slots
+
+    def add(self, shown: Iterable[tuple[str, str]]) -> None:
+        for item, tier in shown:
+            is_tail = tier == "tail"
+            self._items.append((item, is_tail))
+            self._counts[item] += 1
+            self._tail += is_tail
+            if len(self._items) > self.slots:
+                old, old_tail = self._items.popleft()
+                self._tail -= old_tail
+                self._counts[old] -= 1
+                if not self._counts[old]:
+                    del self._counts[old]
+
+    @property
+    def distinct(self) -> int:
+        return len(self._counts)
+
+    @property
+    def tail_share(self) -> float:
+        return self._tail / len(self._items) if self._items else 0.0
+
+
 class Publisher:
-    """Writes lists to Redis then to Kafka; never raises into the caller's stream."""
+    """Writes lists to Redis then to Kafka; never raises into, nor stalls, the stream.
+
+    Redis failures open a circuit: while it is open (exponential backoff from
+    ``backoff_s`` up to ``max_backoff_s``), publishing only queues the newest list of each
+    user (bounded by ``max_pending``) and returns at once, so ingest keeps its pace during
+    an outage. The next publish after the backoff tries again; a timer in the worker calls
+    :meth:`publish` with nothing new every second, so lists are current again within
+    about ``max_backoff_s`` of Redis coming back.
+    """
 
     def __init__(self, redis: aioredis.Redis, send_to_kafka: SendToKafka, metrics: Metrics, *,
-                 prefix: str = "tailstream", ttl_s: int = 86_400, retries: int = 3,
-                 backoff_s: float = 0.05, max_pending: int = 50_000) -> None:
+                 prefix: str = "tailstream", ttl_s: int = 86_400, backoff_s: float = 0.1,
+                 max_backoff_s: float = 2.0, max_pending: int = 50_000,
+                 remember_users: int = 100_000) -> None:
         self.redis = redis
         self.send_to_kafka = send_to_kafka
         self.metrics = metrics
         self.prefix = prefix
         self.ttl_s = ttl_s
-        self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.max_pending = max_pending
+        self.remember_users = remember_users
         self._pending: OrderedDict[str, RecList] = OrderedDict()
+        self._failures = 0
+        self._retry_at = 0.0
         # The agent and bulk refreshes publish concurrently; one batch at a time.
         self._lock = asyncio.Lock()
         self._replace = redis.register_script(REPLACE_LIST_LUA)
+        self.exposure = ExposureWindow()
+        # When each user's list was last written (oldest first), for TTL refreshes.
+        self.last_published: OrderedDict[str, float] = OrderedDict()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def healthy(self) -> bool:
+        return self._failures == 0
+
     async def publish(self, lists: list[RecList]) -> int:
-        """Publish lists (plus any left over from a failed batch); returns lists written."""
+        """Publish lists (plus any left over from failed writes); returns lists written."""
         async with self._lock:
             return await self._publish(lists)
 
@@ -130,12 +187,15 @@ class Publisher:
             self._pending[rec.user_id] = rec
         while len(self._pending) > self.max_pending:  # bounded memory: drop the oldest
             self._pending.popitem(last=False)
-        if not self._pending:
+            self.metrics.publish_dropped.inc()
+        self.metrics.publish_pending.set(len(self._pending))
+        if not self._pending or time.monotonic() < self._retry_at:
             return 0
         batch = list(self._pending.values())
         if not await self._write_redis(batch):
             return 0
         self._pending.clear()
+        self.metrics.publish_pending.set(0)
         published_at = time.time()
         tiers: Counter[str] = Counter()
         triggers: Counter[str] = Counter()
@@ -144,7 +204,13 @@ class Publisher:
                 self.metrics.rec_latency.labels(rec.trigger).observe(
                     max(0.0, published_at - rec.source_ts))
             triggers[rec.trigger] += 1
-            tiers.update(item.get("tier", "tail") for item in rec.items)
+            shown = [(item["item_id"], item.get("tier", "tail")) for item in rec.items]
+            tiers.update(t for _, t in shown)
+            self.exposure.add(shown)
+            self.last_published.pop(rec.user_id, None)
+            self.last_published[rec.user_id] = published_at
+        while len(self.last_published) > self.remember_users:
+            self.last_published.popitem(last=False)
         for tier, n in tiers.items():
             self.metrics.tail_items_published.labels(tier).inc(n)
         for trigger, n in triggers.items():
@@ -162,27 +228,31 @@ class Publisher:
         return len(batch)
 
     async def _write_redis(self, batch: list[RecList]) -> bool:
-        delay = self.backoff_s
-        for attempt in range(self.retries):
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for rec in batch:
-                        args: list[Any] = [self.ttl_s, rec.model_version, repr(rec.generated_at),
-                                           rec.trigger, rec.items_json]
-                        for it in rec.items:
-                            args.append(float(it["score"]))
-                            args.append(it["item_id"])
-                        await self._replace(keys=[recs_key(self.prefix, rec.user_id),
-                                                  meta_key(self.prefix, rec.user_id)],
-                                            args=args, client=pipe)
-                    await pipe.execute()
-                return True
-            except (RedisError, OSError) as exc:
-                self.metrics.publish_errors.labels("redis").inc()
-                if attempt + 1 < self.retries:
-                    await asyncio.sleep(delay)
-                    delay *= 4
-                else:
-                    log.warning("redis write failed %d times (%s); %d lists kept for retry",
-                                self.retries, exc, len(self._pending))
-        return False
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rec in batch:
+                    args: list[Any] = [self.ttl_s, rec.model_version, repr(rec.generated_at),
+                                       rec.trigger, rec.items_json]
+                    for it in rec.items:
+                        args.append(float(it["score"]))
+                        args.append(it["item_id"])
+                    await self._replace(keys=[recs_key(self.prefix, rec.user_id),
+                                              meta_key(self.prefix, rec.user_id)],
+                                        args=args, client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failures += 1
+            delay = min(self.backoff_s * 2 ** (self._failures - 1), self.max_backoff_s)
+            self._retry_at = time.monotonic() + delay
+            self.metrics.publish_errors.labels("redis").inc()
+            self.metrics.redis_up.set(0)
+            if self._failures in (1, 10) or self._failures % 100 == 0:
+                log.warning("redis write failed (%s, %d in a row); %d lists kept, next try in "
+                            "%.1fs", exc, self._failures, len(self._pending), delay)
+            return False
+        if self._failures:
+            log.info("redis writes work again after %d failures", self._failures)
+        self._failures = 0
+        self._retry_at = 0.0
+        self.metrics.redis_up.set(1)
+        return True

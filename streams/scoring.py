@@ -46,6 +46,7 @@ def shared_vectors(settings: Settings) -> RedisVectorStore | None:
 
 def ranking_config(settings: Settings) -> RankingConfig:
     return RankingConfig(k=settings.recs_k, candidates=settings.rank_candidates,
+                         head_candidates=settings.rank_head_candidates,
                          engagement_weight=settings.rank_engagement_weight,
                          popularity_weight=settings.rank_popularity_weight,
                          online_blend=settings.rank_online_blend,

@@ -223,6 +223,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = finetune.run(settings.device, tuple(int(x) for x in args.seq_len.split(",")),
                               batch=args.batch, steps=args.steps, compile_=args.compile,
                               encoder_path=settings.encoder_path or None)
+    elif args.what == "serve":
+        from tailstream.bench import serve
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = serve.run(settings, rate=args.rate, items=args.items, users=args.users,
+                           seconds=args.seconds, warmup_s=args.warmup,
+                           device_setting=settings.device, topk_items=args.topk_items,
+                           topk_users=args.topk_users,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown benchmark {args.what}")
     text = json.dumps(result, indent=2)
@@ -510,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks that print JSON",
                        description="finetune: trainer pairs/s beside a bare encoder loop "
-                                   "(real MiniLM, full fine-tuning, fixed sequence length).")
-    p.add_argument("what", choices=["finetune"])
+                                   "(real MiniLM, full fine-tuning, fixed sequence length). "
+                                   "serve: event→Redis latency at a steady rate over a 50k "
+                                   "catalogue, scorer lists/s, exact top-100 time.")
+    p.add_argument("what", choices=["finetune", "serve"])
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--seq-len", default="64,128", help="sequence lengths, comma-separated")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default: 1024 "
@@ -519,6 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps (30 GPU / 3 CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    g = p.add_argument_group("serve")
+    g.add_argument("--rate", type=float, default=1000.0, help="events/s sent (default 1000)")
+    g.add_argument("--items", type=int, default=50_000, help="catalogue size (default 50k)")
+    g.add_argument("--users", type=int, default=5000)
+    g.add_argument("--seconds", type=float, default=30.0, help="measured window")
+    g.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
+    g.add_argument("--topk-items", type=int, default=None,
+                   help="items for the top-100 timing (1M on CUDA, 100k on CPU)")
+    g.add_argument("--topk-users", type=int, default=1000)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("produce", parents=[common], help="send events to the input topics")

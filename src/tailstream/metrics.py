@@ -49,6 +49,25 @@ class Metrics:
             "tailstream_recommendations_published_total",
             "Recommendation lists published, by sink (kafka, redis) and trigger.",
             ["sink", "trigger"], registry=r)
+        self.publish_pending = Gauge(
+            "tailstream_publish_pending_lists",
+            "Lists waiting to be written (Redis unavailable or slow), newest per user.",
+            registry=r)
+        self.publish_dropped = Counter(
+            "tailstream_publish_dropped_total",
+            "Waiting lists dropped because the pending queue was full (oldest first).",
+            registry=r)
+        self.redis_up = Gauge(
+            "tailstream_redis_up",
+            "1 if the last Redis write of lists succeeded, 0 while writes fail.", registry=r)
+        self.coverage = Gauge(
+            "tailstream_catalogue_coverage_ratio",
+            "Distinct items among the last 50,000 recommended slots over the items known.",
+            registry=r)
+        self.tail_exposure = Gauge(
+            "tailstream_tail_exposure_ratio",
+            "Share of the last 50,000 recommended slots that went to tail-tier items.",
+            registry=r)
         self.publish_errors = Counter(
             "tailstream_publish_errors_total",
             "Failed publish attempts (retried), by sink.", ["sink"], registry=r)
@@ -63,6 +82,10 @@ class Metrics:
             "tailstream_batch_duration_seconds",
             "Time to process one batch (validate, state, score, publish).",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.consumer_lag = Gauge(
+            "tailstream_consumer_lag_messages",
+            "Messages in an assigned input partition not read yet (high watermark − next "
+            "offset to read), by topic and partition.", ["topic", "partition"], registry=r)
         self.assigned_partitions = Gauge(
             "tailstream_assigned_partitions",
             "Input partitions assigned to this worker.", registry=r)

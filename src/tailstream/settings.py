@@ -90,6 +90,8 @@ class Settings:
     """Recent items and queries kept per user."""
     scorer: str = "transformer"
     """transformer (the two-tower model) or baseline (category affinity × popularity)."""
+    scoring_queue: int = 4
+    """Batches that may wait for the scoring thread before ingest waits too."""
     embed_chunk: int = 16
     """Catalogue items embedded per step in the worker (bounds how long scoring waits)."""
     active_window_s: float = 1800.0
@@ -98,8 +100,17 @@ class Settings:
     """Recently active users remembered per worker (oldest forgotten first)."""
     refresh_rate: float = 500.0
     """Users/s refreshed after a promotion (bounded so ingest keeps its share)."""
-    rank_candidates: int = 200
+    list_max_age_s: float = 3600.0
+    """Lists older than this are refreshed (trigger "ttl") if the user was active within
+    TAILSTREAM_RECS_TTL_S, so returning users find fresh lists."""
+    refresh_check_s: float = 30.0
+    """How often the worker looks for aged lists."""
+    redis_retry_max_s: float = 2.0
+    """Longest wait between retries of list writes while Redis is unavailable."""
+    rank_candidates: int = 100
     """Items retrieved from the index per user before ranking."""
+    rank_head_candidates: int = 40
+    """Of those, the best by retrieval logit + popularity prior scored by the outcome head."""
     rank_engagement_weight: float = 1.0
     """Weight (logits) of the outcome head's expected engagement in the ranking score."""
     rank_popularity_weight: float = 0.5
