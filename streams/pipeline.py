@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,6 +42,8 @@ from tailstream.streams.state import StreamState
 log = logging.getLogger(__name__)
 
 BASELINE_VERSION = "baseline-1"
+YIELD_EVERY = 2000
+"""Events applied between two yields to the event loop."""
 
 
 @dataclass(slots=True)
@@ -58,13 +60,6 @@ class RawMessage:
 
 T = TypeVar("T")
 
-
-@dataclass(slots=True)
-class _ScoringJob:
-    """One batch's users to score: their requests, and (user, event id, event time)."""
-
-    requests: list[UserRequest]
-    meta: list[tuple[str, str, float | None]]
 
 SendToDlq = Callable[[RawMessage, Rejection], Awaitable[None]]
 SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
@@ -83,14 +78,19 @@ class Pipeline:
                  refresh_every_s: float = 1.0) -> None:
         self.settings = settings
         self.limits = Limits(max_event_bytes=settings.max_event_bytes,
+                             max_envelope_bytes=settings.max_envelope_bytes,
+                             max_envelope_events=settings.max_envelope_events,
                              max_string_chars=settings.max_string_chars,
                              max_future_skew_s=float(settings.max_future_skew_s))
         self.kind_of_topic = {settings.topic_for(k): k
                               for k in ("click", "cart", "fav", "purchase", "search")}
         self.items_topic = settings.topic_for("item")
-        self.state = StreamState(settings, profiles, popularity=popularity, imbalance=imbalance,
+        # Profiles are written back once per user per batch: a table write is a changelog
+        # message, and a user often has several events in one batch.
+        self.profiles = WriteBehind(profiles)
+        self.state = StreamState(settings, self.profiles, popularity=popularity,
+                                 imbalance=imbalance,
                                  on_new_item=scoring.queue_item if scoring is not None else None)
-        self.profiles = profiles
         self.deduper = deduper
         self.publisher = publisher
         self.send_to_dlq = send_to_dlq
@@ -106,13 +106,16 @@ class Pipeline:
         self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
-        self._jobs: asyncio.Queue[_ScoringJob] | None = None
-        self._job_task: asyncio.Task[None] | None = None
+        # Users waiting for the transformer, newest request per user, oldest user first.
+        self._waiting: OrderedDict[str, tuple[UserRequest, str, float | None]] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._scorer_task: asyncio.Task[None] | None = None
         # Users who acted recently (newest last), for refreshes after a promotion.
         self.active: OrderedDict[str, float] = OrderedDict()
         # Label lookups cost more than the increments: resolve each child once.
         kinds = [*self.kind_of_topic.values(), "unknown"]
         self._events_in = {k: metrics.events_in.labels(k) for k in kinds}
+        self._messages_in = {k: metrics.messages_in.labels(k) for k in kinds}
         self._processed = {k: metrics.events_processed.labels(k) for k in kinds}
 
     # ------------------------------------------------------------------ ingest
@@ -126,13 +129,18 @@ class Pipeline:
                 await self._apply_item(msg)
                 continue
             kind = self.kind_of_topic.get(msg.topic, "unknown")
-            self._events_in[kind].inc()
+            self._messages_in[kind].inc()
             events.extend((event, msg) for event in await self._valid(
-                msg, functools.partial(validate_event, kind, limits=self.limits)))
+                msg, functools.partial(validate_event, kind, limits=self.limits),
+                counted=self._events_in[kind]))
         if events:
             fresh = await self.deduper.first_seen([e.event_id for e, _ in events])
             acted: dict[str, tuple[Event, RawMessage]] = {}
-            for (event, msg), is_new in zip(events, fresh, strict=True):
+            for n, ((event, msg), is_new) in enumerate(zip(events, fresh, strict=True)):
+                if n % YIELD_EVERY == YIELD_EVERY - 1:
+                    # A batch of envelopes can hold tens of thousands of events: let the
+                    # web server and timers run now and then.
+                    await asyncio.sleep(0)
                 if not is_new:
                     self.metrics.duplicates.inc()
                     continue
@@ -147,6 +155,7 @@ class Pipeline:
                 self._mark_active(event.user_id)
             self._maybe_refresh()
             await self._refresh_users(acted)
+            self.profiles.flush()
             await self._close_imbalance_batch()
         elif self.publisher.pending:
             await self.publisher.publish([])
@@ -191,10 +200,14 @@ class Pipeline:
             self._weights_dirty = True
             log.exception("writing the loss weights to redis failed")
 
-    async def _valid(self, msg: RawMessage, validate: Callable[[Any], T]) -> list[T]:
+    async def _valid(self, msg: RawMessage, validate: Callable[[Any], T],
+                     counted: Any = None) -> list[T]:
         """The valid values of a message (one, or several in an envelope); the rest are
-        dead-lettered, one DLQ record per rejected value."""
+        dead-lettered, one DLQ record per rejected value. ``counted`` (a counter) is
+        increased by the number of events the message carried (1 if it is unreadable)."""
         decoded = decode_payload(msg.value, self.limits)
+        if counted is not None:
+            counted.inc(1 if isinstance(decoded, Rejection) else len(decoded))
         if isinstance(decoded, Rejection):
             await self._dead_letter(msg, decoded)
             return []
@@ -244,19 +257,25 @@ class Pipeline:
 
     async def _refresh_users(self, acted: dict[str, tuple[Event, RawMessage]]) -> None:
         if not acted:
-            if self._jobs is None or self._jobs.empty():
+            if not self._waiting:
                 await self.publisher.publish([])  # retries lists a failed write kept
             return
         if self.scoring is not None and self.scoring.ready:
-            # The transformer scores on its own thread while the next batch is ingested:
-            # the user contexts are taken now, the lists follow in batch order. A bounded
-            # queue makes ingest wait when scoring falls behind.
-            profiles = [self.profiles.get(u) or new_profile() for u in acted]
-            job = _ScoringJob(
-                [UserRequest(u, self.context(p), set(p.get("items", [])[:5]))
-                 for u, p in zip(acted, profiles, strict=True)],
-                [(u, event.event_id, msg.timestamp) for u, (event, msg) in acted.items()])
-            await self._enqueue(job)
+            # The transformer scores on its own thread while the next batches are
+            # ingested. Users waiting for a list are *conflated*: a newer event replaces
+            # the older one's request, so under load each user gets one list from their
+            # latest context and ingest never waits for scoring — unless the waiting set
+            # outgrows its bound (back-pressure, bounded memory).
+            for u, (event, msg) in acted.items():
+                p = self.profiles.get(u) or new_profile()
+                self._waiting.pop(u, None)
+                self._waiting[u] = (UserRequest(u, self.context(p), set(p.get("items", [])[:5])),
+                                    event.event_id, msg.timestamp)
+            self.metrics.scoring_waiting.set(len(self._waiting))
+            self._ensure_scorer_task()
+            self._wake.set()
+            while len(self._waiting) > self.settings.scoring_max_waiting:
+                await asyncio.sleep(0.01)
             return
         version, items = await self._score(list(acted))
         now = time.time()
@@ -265,46 +284,40 @@ class Pipeline:
                  for (u, (event, msg)), its in zip(acted.items(), items, strict=True)]
         await self.publisher.publish(lists)
 
-    async def _enqueue(self, job: _ScoringJob) -> None:
-        if self._jobs is None:
-            self._jobs = asyncio.Queue(maxsize=max(1, self.settings.scoring_queue))
-            self._job_task = asyncio.get_running_loop().create_task(self._score_jobs())
-        await self._jobs.put(job)
+    def _ensure_scorer_task(self) -> None:
+        if self._scorer_task is None or self._scorer_task.done():
+            self._scorer_task = asyncio.get_running_loop().create_task(self._score_waiting())
 
-    async def _score_jobs(self) -> None:
-        assert self._jobs is not None and self.scoring is not None
+    async def _score_waiting(self) -> None:
+        """Score waiting users, oldest first, ``scoring_batch`` at a time, forever."""
+        assert self.scoring is not None
         while True:
-            jobs = [await self._jobs.get()]
-            # Whatever queued up meanwhile is scored in the same call: bigger batches are
-            # far cheaper per user, and a user's newest context supersedes older ones.
-            while not self._jobs.empty():
-                jobs.append(self._jobs.get_nowait())
-            latest: dict[str, tuple[UserRequest, tuple[str, str, float | None]]] = {}
-            for j in jobs:
-                for req, meta in zip(j.requests, j.meta, strict=True):
-                    latest.pop(req.user_id, None)
-                    latest[req.user_id] = (req, meta)
-            job = _ScoringJob([r for r, _ in latest.values()], [m for _, m in latest.values()])
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            take = min(len(self._waiting), self.settings.scoring_batch)
+            batch = [self._waiting.popitem(last=False) for _ in range(take)]
+            self.metrics.scoring_waiting.set(len(self._waiting))
             try:
-                ranked = await self.scoring.recommend(job.requests, self.item_info)
+                ranked = await self.scoring.recommend([req for _, (req, _, _) in batch],
+                                                      self.item_info)
                 now = time.time()
                 version = self.scoring.version
                 await self.publisher.publish([
                     RecList(user_id=u, items=[r.to_dict(i + 1) for i, r in enumerate(lst)],
                             model_version=version, trigger="event", generated_at=now,
                             event_id=event_id, source_ts=ts)
-                    for (u, event_id, ts), lst in zip(job.meta, ranked, strict=True)])
+                    for (u, (_, event_id, ts)), lst in zip(batch, ranked, strict=True)])
             except Exception:  # lists are derived data: log, count, keep serving
                 self.metrics.publish_errors.labels("scoring").inc()
-                log.exception("scoring a batch of %d users failed", len(job.requests))
-            finally:
-                for _ in jobs:
-                    self._jobs.task_done()
+                log.exception("scoring a batch of %d users failed", len(batch))
 
-    async def drain(self) -> None:
-        """Wait until every queued scoring job has published its lists."""
-        if self._jobs is not None:
-            await self._jobs.join()
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every waiting user has been scored and published (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def refresh_active(self, trigger: str = "promotion") -> int:
         """Republish the lists of users active within ``active_window_s``, newest first."""
@@ -359,6 +372,52 @@ class Pipeline:
     async def _dead_letter(self, msg: RawMessage, why: Rejection) -> None:
         self.metrics.dlq.labels(why.reason).inc()
         await self.send_to_dlq(msg, why)
+
+
+class WriteBehind(MutableMapping[str, Any]):
+    """A mapping over another whose writes wait in memory until :meth:`flush`.
+
+    >>> table = {"a": 1}
+    >>> wb = WriteBehind(table)
+    >>> wb["a"] = 2; wb["a"] = 3; wb["b"] = 4
+    >>> table, wb["a"], len(wb.dirty)
+    ({'a': 1}, 3, 2)
+    >>> wb.flush(); table
+    {'a': 3, 'b': 4}
+    """
+
+    def __init__(self, backing: MutableMapping[str, Any]) -> None:
+        self.backing = backing
+        self.dirty: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self.dirty:
+            return self.dirty[key]
+        return self.backing.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.dirty:
+            return self.dirty[key]
+        return self.backing[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.dirty[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self.dirty.pop(key, None)
+        self.backing.pop(key, None)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.dirty
+        yield from (k for k in self.backing if k not in self.dirty)
+
+    def __len__(self) -> int:
+        return len(self.backing) + sum(1 for k in self.dirty if k not in self.backing)
+
+    def flush(self) -> None:
+        for key, value in self.dirty.items():
+            self.backing[key] = value
+        self.dirty.clear()
 
 
 def dlq_headers(msg: RawMessage, why: Rejection) -> list[tuple[str, bytes]]:

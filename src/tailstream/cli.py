@@ -235,6 +235,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            device_setting=settings.device, topk_items=args.topk_items,
                            topk_users=args.topk_users,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    elif args.what == "ingest":
+        from tailstream.bench import ingest
+
+        result = ingest.run(settings, events=args.events, partitions=args.partitions_bench,
+                            envelope_size=args.envelope, workers_scorer=settings.scorer,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown benchmark {args.what}")
     text = json.dumps(result, indent=2)
@@ -524,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="finetune: trainer pairs/s beside a bare encoder loop "
                                    "(real MiniLM, full fine-tuning, fixed sequence length). "
                                    "serve: event→Redis latency at a steady rate over a 50k "
-                                   "catalogue, scorer lists/s, exact top-100 time.")
-    p.add_argument("what", choices=["finetune", "serve"])
+                                   "catalogue, scorer lists/s, exact top-100 time. ingest: "
+                                   "events/s of raw aiokafka, a bare Faust agent and the "
+                                   "pipeline, single events and batched envelopes.")
+    p.add_argument("what", choices=["finetune", "serve", "ingest"])
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--seq-len", default="64,128", help="sequence lengths, comma-separated")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default: 1024 "
@@ -542,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--topk-items", type=int, default=None,
                    help="items for the top-100 timing (1M on CUDA, 100k on CPU)")
     g.add_argument("--topk-users", type=int, default=1000)
+    g = p.add_argument_group("ingest")
+    g.add_argument("--events", type=int, default=100_000, help="backlog of events")
+    g.add_argument("--bench-partitions", dest="partitions_bench", type=int, default=4,
+                   help="partitions of the input topics")
+    g.add_argument("--envelope", type=int, default=100, help="events per batched envelope")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("produce", parents=[common], help="send events to the input topics")

@@ -30,6 +30,8 @@ class Limits:
     """Bounds applied by the decoder (taken from :class:`~tailstream.settings.Settings`)."""
 
     max_event_bytes: int = 16_384
+    max_envelope_bytes: int = 1_048_576
+    max_envelope_events: int = 1000
     max_string_chars: int = 512
     max_list_items: int = 100
     max_future_skew_s: float = 86_400.0
@@ -118,8 +120,9 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
     """
     if not raw:
         return Rejection("empty", "message has no value")
-    if len(raw) > limits.max_event_bytes:
-        return Rejection("oversize", f"{len(raw)} bytes > {limits.max_event_bytes}")
+    limit = size_limit(raw, limits)
+    if len(raw) > limit:
+        return Rejection("oversize", f"{len(raw)} bytes > {limit}")
     try:
         # Decode strictly first: json.loads(bytes) also accepts UTF-16/32 and decodes with
         # "surrogatepass", so invalid UTF-8 (encoded lone surrogates) got through. The
@@ -131,8 +134,28 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
     if isinstance(value, list):
         if not value:
             return Rejection("empty", "batched envelope has no events")
+        if len(value) > limits.max_envelope_events:
+            return Rejection("oversize", f"envelope of {len(value)} events > "
+                                         f"{limits.max_envelope_events}")
+        if len(raw) > limits.max_event_bytes * len(value):
+            return Rejection("oversize", f"envelope of {len(raw)} bytes for {len(value)} events")
         return value
     return [value]
+
+
+def size_limit(raw: bytes, limits: Limits) -> int:
+    """The byte bound a message is held to *before* parsing: ``max_event_bytes``, or
+    ``max_envelope_bytes`` for a batched envelope (a JSON array). After parsing, an
+    envelope must also average at most ``max_event_bytes`` per event and hold at most
+    ``max_envelope_events``.
+
+    >>> big = b' [' + b'{"a": 1},' * 2000 + b'{"a": 1}]'
+    >>> size_limit(b'{"a": 1}', Limits()), size_limit(big, Limits())
+    (16384, 1048576)
+    """
+    if len(raw) > limits.max_event_bytes and raw.lstrip()[:1] == b"[":
+        return max(limits.max_event_bytes, limits.max_envelope_bytes)
+    return limits.max_event_bytes
 
 
 def _reject_constant(name: str) -> Any:

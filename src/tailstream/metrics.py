@@ -25,7 +25,12 @@ class Metrics:
         r = self.registry
         self.events_in = Counter(
             "tailstream_events_in_total",
-            "Messages read from the input topics, valid or not, by topic kind and event class.",
+            "Events read from the input topics, valid or not (each value of a batched "
+            "envelope counts; an unreadable message counts one), by topic kind.",
+            ["kind"], registry=r)
+        self.messages_in = Counter(
+            "tailstream_messages_in_total",
+            "Kafka messages read from the input topics (an envelope is one), by topic kind.",
             ["kind"], registry=r)
         self.events_processed = Counter(
             "tailstream_events_processed_total",
@@ -146,6 +151,10 @@ class Metrics:
             "tailstream_scoring_duration_seconds",
             "Time to score one micro-batch of users with the transformer.",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.scoring_waiting = Gauge(
+            "tailstream_scoring_waiting_users",
+            "Users whose event is applied and whose new list is not computed yet.",
+            registry=r)
         self.refreshed_users = Counter(
             "tailstream_refreshed_users_total",
             "Lists republished without a user event, by trigger (promotion, ttl).",

@@ -148,6 +148,8 @@ def collect(records: Iterable[ProducedRecord], settings: Settings, *, blocks: in
             progress: Callable[[int], None] | None = None) -> Stream:
     """Replay ``records`` through the worker's state once; cut into ``blocks``."""
     limits = Limits(max_event_bytes=settings.max_event_bytes,
+                             max_envelope_bytes=settings.max_envelope_bytes,
+                             max_envelope_events=settings.max_envelope_events,
                     max_string_chars=settings.max_string_chars,
                     max_future_skew_s=float("inf"))
     events: list[Any] = []

@@ -90,8 +90,10 @@ class Settings:
     """Recent items and queries kept per user."""
     scorer: str = "transformer"
     """transformer (the two-tower model) or baseline (category affinity × popularity)."""
-    scoring_queue: int = 4
-    """Batches that may wait for the scoring thread before ingest waits too."""
+    scoring_batch: int = 256
+    """Users scored per call of the transformer (bigger is cheaper per user)."""
+    scoring_max_waiting: int = 50_000
+    """Users waiting for a list before ingest waits too (bounded memory)."""
     embed_chunk: int = 16
     """Catalogue items embedded per step in the worker (bounds how long scoring waits)."""
     active_window_s: float = 1800.0
@@ -236,6 +238,10 @@ class Settings:
     # --- Input hygiene ---------------------------------------------------
     max_event_bytes: int = 16_384
     """Messages larger than this go to the DLQ unparsed."""
+    max_envelope_bytes: int = 1_048_576
+    """A batched envelope (JSON array of events) may be up to this large."""
+    max_envelope_events: int = 1000
+    """Events per batched envelope at most."""
     max_string_chars: int = 512
     dedupe_ttl_s: int = 86_400
     """How long an event_id is remembered for de-duplication."""

@@ -336,7 +336,8 @@ def raw_event(kind: str = "click", **fields: Any) -> bytes:
         pytest.param(b'[{"event_id": "e", "price": NaN}]', "not_json", id="nan-in-batch"),
         pytest.param(b"{'event_id': 'e'}", "not_json", id="single-quotes"),
         pytest.param(b'{"a": 1,}', "not_json", id="trailing-comma"),
-        pytest.param(b"[" * 10_000 + b"]" * 10_000, "oversize", id="deep-nesting-oversize"),
+        pytest.param(b"[" * 600_000 + b"]" * 600_000, "oversize", id="deep-nesting-oversize"),
+        pytest.param(b"[" * 10_000 + b"]" * 10_000, "not_json", id="deep-nesting-envelope"),
         pytest.param(b"[" * 8_000 + b"]" * 8_000, "not_json", id="deep-nesting"),
         pytest.param(b'{"n": ' + b"9" * 5_000 + b"}", "not_json", id="5000-digit-int"),
         pytest.param(
@@ -413,10 +414,21 @@ def test_batched_envelope_edge_cases() -> None:
     with pytest.raises(InvalidEvent) as info:
         validate_event("click", values[0], LIMITS, now=NOW)
     assert info.value.reason == "not_object"
-    # The size limit applies to the whole message, not per element.
+    # An envelope may exceed one event's bound, up to its own bounds.
     many = encode([event("click", event_id=f"e-{n}") for n in range(500)])
-    assert len(many) > LIMITS.max_event_bytes
-    result = decode_payload(many, LIMITS)
+    assert LIMITS.max_event_bytes < len(many) <= LIMITS.max_envelope_bytes
+    ok = decode_payload(many, LIMITS)
+    assert isinstance(ok, list) and len(ok) == 500
+    too_many = encode([event("click", event_id=f"e-{n}") for n in range(1001)])
+    result = decode_payload(too_many, LIMITS)
+    assert isinstance(result, Rejection) and result.reason == "oversize"
+    # Bigger than an envelope may be: refused before parsing.
+    huge = b"[" + b" " * LIMITS.max_envelope_bytes + b"]"
+    result = decode_payload(huge, LIMITS)
+    assert isinstance(result, Rejection) and result.reason == "oversize"
+    # One fat event wrapped in an array gains nothing: the average bound still holds.
+    fat = encode([event("click", pad="x" * (LIMITS.max_event_bytes + 10))])
+    result = decode_payload(fat, LIMITS)
     assert isinstance(result, Rejection) and result.reason == "oversize"
 
 

@@ -61,6 +61,7 @@ from tailstream.contract import (
     Rejection,
     decode_payload,
     encode,
+    size_limit,
     validate_event,
     validate_item,
 )
@@ -213,10 +214,12 @@ def check_decoded(raw: bytes | None, decoded: Rejection | list[Any], limits: Lim
         check_rejection(decoded, DECODE_REASONS)
         if not raw:
             assert decoded.reason == "empty"
-        elif len(raw) > limits.max_event_bytes:
+        elif len(raw) > size_limit(raw, limits):
             assert decoded.reason == "oversize"
         return
-    assert raw is not None and 0 < len(raw) <= limits.max_event_bytes
+    assert raw is not None and 0 < len(raw) <= size_limit(raw, limits)
+    assert len(decoded) <= limits.max_envelope_events
+    assert len(raw) <= limits.max_event_bytes * len(decoded)
     raw.decode("utf-8")  # documented: anything that is not UTF-8 is not_json
     assert type(decoded) is list and decoded
 
@@ -555,12 +558,13 @@ class JsonSpy:
 def test_oversize_is_rejected_before_parsing(limits: Limits, seed: bytes, delta: int) -> None:
     size = max(1, limits.max_event_bytes + delta)
     raw = (seed * (size // len(seed) + 1))[:size]
-    over = size > limits.max_event_bytes
+    bound = size_limit(raw, limits)
+    over = size > bound
     spy = JsonSpy(forbid=over)
     with mock.patch.object(contract, "json", spy):
         result = decode_payload(raw, limits)
     if over:
-        assert result == Rejection("oversize", f"{size} bytes > {limits.max_event_bytes}")
+        assert result == Rejection("oversize", f"{size} bytes > {bound}")
         assert spy.calls == 0
     else:
         check_decoded(raw, result, limits)
@@ -582,7 +586,7 @@ def _is_utf8(raw: bytes) -> bool:
 def test_ten_thousand_nested_values(style: str, limits: Limits) -> None:
     raw = nested(10_000, style)
     result = check_outcome("click", raw, limits)
-    over = len(raw) > limits.max_event_bytes
+    over = len(raw) > size_limit(raw, limits)
     assert isinstance(result, Rejection)
     assert result.reason == ("oversize" if over else "not_json")
     # Already decoded (e.g. by a json with no recursion limit), the validators cope too.
