@@ -137,27 +137,33 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
     cats: dict[str, float] = profile.get("cats", {})
     why: dict[str, str] = profile.get("why", {})
     seen = set(profile.get("items", [])[:5])  # do not echo what the user just looked at
-    candidates: dict[str, Recommendation] = {}
+    # Plain tuples while ranking (hundreds of candidates per user, on the ingest path);
+    # Recommendation objects only for the k chosen.
+    candidates: dict[str, tuple[float, str, str | None]] = {}  # item → (score, reason, cat)
+    rel_of = pop.relative_many
     top_aff = max(cats.values(), default=0.0)
     for cat, aff in sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:5]:
         rel = aff / top_aff if top_aff else 0.0
         reason = why.get(cat, f"trending in {cat}")
-        for item in pop.top_in(cat)[: 2 * k] + pop.tail_in(cat)[: 2 * k]:
-            if item in seen or item in candidates:
-                continue
-            score = rel * (0.5 + 0.5 * pop.relative(item))
-            candidates[item] = Recommendation(item, score, pop.tier(item), reason, cat)
+        items = [i for i in dict.fromkeys(pop.top_in(cat)[: 2 * k] + pop.tail_in(cat)[: 2 * k])
+                 if i not in seen and i not in candidates]
+        for item, r in zip(items, rel_of(items), strict=True):
+            candidates[item] = (rel * (0.5 + 0.5 * r), reason, cat)
     if len(candidates) < k:  # cold or narrow user: fill from what is trending overall
-        for item in pop.global_top[: 2 * k] + pop.global_tail[:k]:
-            if item in seen or item in candidates:
-                continue
+        items = [i for i in dict.fromkeys(pop.global_top[: 2 * k] + pop.global_tail[:k])
+                 if i not in seen and i not in candidates]
+        for item, r in zip(items, rel_of(items), strict=True):
             item_cat = pop.category(item)
-            score = 0.1 * (0.5 + 0.5 * pop.relative(item))
-            candidates[item] = Recommendation(
-                item, score, pop.tier(item),
-                f"trending in {item_cat}" if item_cat else "trending", item_cat)
-    ranked = sorted(candidates.values(), key=lambda r: (-r.score, r.item_id))
-    return with_tail_share(ranked, k, tail_share)
+            candidates[item] = (0.1 * (0.5 + 0.5 * r),
+                                f"trending in {item_cat}" if item_cat else "trending", item_cat)
+    order = sorted(candidates, key=lambda i: (-candidates[i][0], i))
+    quota = math.ceil(tail_share * k)
+    tier = pop.tier
+    tail = [i for i in order if tier(i) == "tail"][:quota]
+    chosen = set(tail)
+    picked = set(tail + [i for i in order if i not in chosen][: k - len(tail)])
+    return [Recommendation(i, candidates[i][0], tier(i), candidates[i][1], candidates[i][2])
+            for i in order if i in picked]
 
 
 def with_tail_share(ranked: list[Recommendation], k: int,

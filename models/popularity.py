@@ -127,6 +127,18 @@ class PopularityTracker:
         top = self._boosted.get(self._global_top[0], 0.0) or 1.0
         return min(1.0, self._boosted.get(item_id, 0.0) / top)
 
+    def relative_many(self, item_ids: list[str]) -> list[float]:
+        """:meth:`relative` of several items (one lookup of the top count).
+
+        >>> p = PopularityTracker(); p.relative_many(["x"])
+        [0.0]
+        """
+        if not self._global_top:
+            return [0.0] * len(item_ids)
+        boosted = self._boosted
+        top = boosted.get(self._global_top[0], 0.0) or 1.0
+        return [min(1.0, boosted.get(i, 0.0) / top) for i in item_ids]
+
     def top_in(self, category: str) -> list[str]:
         return self._top.get(category, [])
 

@@ -14,7 +14,8 @@ Layout under the store root (``TAILSTREAM_MODEL_DIR``, default ``{data_dir}/mode
 * **Integrity**: every load recomputes the sha256 of the weight file and compares it with
   the manifest; a mismatch raises :class:`CorruptCheckpoint` and nothing is loaded.
 * **Paths cannot escape the root**: version names must match ``v\\d{5}`` (or ``base``) and
-  resolved paths are checked to lie inside the root.
+  resolved paths (symlinks followed) are checked to lie inside the root: a version folder
+  inside ``versions/``, and its weight file and manifest inside that folder.
 * **Atomic writes**: files are written to a temporary name and renamed, so a crash never
   leaves a half-written manifest or pointer behind; a version directory without a
   manifest is ignored.
@@ -38,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from tailstream.models.encoder import file_sha256
 
 BASE_VERSION = "base"
-_VERSION = re.compile(r"^v\d{5}$")
+_VERSION = re.compile(r"v\d{5}")  # always fullmatch: "$" would allow a trailing newline
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 STATUSES = ("candidate", "promoted", "rejected", "failed", "rolled_back")
@@ -62,7 +63,7 @@ def check_version(version: str) -> str:
     ...
     tailstream.models.store.StoreError: invalid model version '../etc'
     """
-    if version != BASE_VERSION and not _VERSION.match(version):
+    if version != BASE_VERSION and not _VERSION.fullmatch(version):
         raise StoreError(f"invalid model version {version!r}")
     return version
 
@@ -83,8 +84,18 @@ class ModelStore:
     def _dir(self, version: str) -> Path:
         check_version(version)
         path = (self.versions_dir / version).resolve()
-        if not path.is_relative_to(self.versions_dir.resolve()):
+        if not path.is_relative_to(self.versions_dir.resolve()) or \
+                not path.is_relative_to(self.root):
             raise StoreError(f"version path escapes the store: {path}")
+        return path
+
+    def _file(self, version: str, name: str) -> Path:
+        """A file of a version, checked to lie in the version's folder (a symlink to
+        anywhere else is refused)."""
+        folder = self._dir(version)
+        path = (folder / name).resolve()
+        if path.parent != folder:
+            raise StoreError(f"{version}/{name} points outside its version folder: {path}")
         return path
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
@@ -102,7 +113,8 @@ class ModelStore:
 
     # ------------------------------------------------------------------ versions
     def next_version(self) -> str:
-        taken = [int(p.name[1:]) for p in self.versions_dir.glob("v*") if _VERSION.match(p.name)]
+        taken = [int(p.name[1:]) for p in self.versions_dir.glob("v*")
+                 if _VERSION.fullmatch(p.name)]
         return f"v{max(taken, default=0) + 1:05d}"
 
     def save(self, tensors: Mapping[str, torch.Tensor], manifest: Mapping[str, Any],
@@ -126,7 +138,7 @@ class ModelStore:
         return version
 
     def manifest(self, version: str) -> dict[str, Any]:
-        path = self._dir(version) / MANIFEST_FILE
+        path = self._file(version, MANIFEST_FILE)
         try:
             return dict(json.loads(path.read_text()))
         except FileNotFoundError:
@@ -143,8 +155,12 @@ class ModelStore:
     def load(self, version: str) -> Checkpoint:
         """Weights and manifest of a version, after the sha256 check."""
         manifest = self.manifest(version)
-        path = self._dir(version) / WEIGHTS_FILE
-        expected = manifest.get("files", {}).get(WEIGHTS_FILE)
+        path = self._file(version, WEIGHTS_FILE)
+        files = manifest.get("files")
+        expected = files.get(WEIGHTS_FILE) if isinstance(files, dict) else None
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise CorruptCheckpoint(f"{version}: the manifest holds no sha256 of "
+                                    f"{WEIGHTS_FILE}; refusing to load it")
         try:
             actual = file_sha256(path)
         except OSError as exc:
@@ -162,7 +178,7 @@ class ModelStore:
         """Manifests of every version, oldest first (folders without one are skipped)."""
         out = []
         for p in sorted(self.versions_dir.glob("v*")):
-            if _VERSION.match(p.name) and (p / MANIFEST_FILE).exists():
+            if _VERSION.fullmatch(p.name) and (p / MANIFEST_FILE).exists():
                 try:
                     out.append(self.manifest(p.name))
                 except StoreError:

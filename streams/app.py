@@ -109,6 +109,8 @@ def create_app(settings: Settings) -> Worker:
                            key_serializer="raw", value_serializer="raw")
     dlq_topic = app.topic(settings.topic(settings.topic_dlq),
                           key_serializer="raw", value_serializer="raw")
+    audit_topic = app.topic(settings.topic(settings.topic_processed),
+                            key_serializer="raw", value_serializer="raw")
     # Keyed by user_id like the input topics, so the partitioner keeps each profile
     # beside its events; changelog-backed, so a restarted worker recovers it.
     profiles_table = app.Table("user-profiles", default=None, partitions=settings.partitions,
@@ -154,6 +156,10 @@ def create_app(settings: Settings) -> Worker:
         await dlq_topic.send(key=msg.key, value=msg.value if msg.value is not None else b"",
                              headers=dlq_headers(msg, why))
 
+    async def send_audit(applied: list[str], replayed: list[str]) -> None:
+        await audit_topic.send(key=settings.app_id.encode(), value=json.dumps(
+            {"applied": applied, "replayed": replayed}, separators=(",", ":")).encode())
+
     async def send_recs(user_id: str, payload: bytes) -> None:
         await recs_topic.send(key=user_id.encode(), value=payload)
 
@@ -171,6 +177,7 @@ def create_app(settings: Settings) -> Worker:
         send_training_request=send_training_request,
         save_counts=save_counts,
         scoring=scoring,
+        send_audit=send_audit if settings.audit_processed else None,
     )
 
     if scoring is not None:

@@ -11,17 +11,39 @@ Layout (``{p}`` = ``TAILSTREAM_REDIS_PREFIX``):
 
 Every batch's changes go in one pipelined round trip, so the lists are bounded by LTRIM
 and never grow past the buffer's own capacity.
+
+Writes never raise and never wait on an unavailable Redis: changes are queued (bounded:
+at most the buffer's capacity per list and reservoir, the latest meta values and weights),
+the client's circuit breaker (:class:`~tailstream.streams.publish.RedisHealth`, shared
+with the publisher and de-dup) decides when to try again, and a background retry flushes
+the queue with backoff even when no new batch arrives. Each flush applies the queued
+changes in order (RPUSH then LTRIM, HSET of the latest values), so the result in Redis is
+what the writes would have made one by one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import random
+from collections import deque
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from tailstream.models.buffer import STATE_VERSION, MinorityBuffer, Sample
+from tailstream.streams.publish import RedisConfigError, RedisHealth, is_credentials_error
+
+log = logging.getLogger(__name__)
+
+
+_Value = bytes | bytearray | memoryview | str | int | float
+
+
+def _mapping(values: dict[str, str] | dict[str, int]) -> dict[_Value, _Value]:
+    return {k: v for k, v in values.items()}
 
 
 def _keys(prefix: str) -> dict[str, str]:
@@ -30,49 +52,172 @@ def _keys(prefix: str) -> dict[str, str]:
 
 
 class RedisBufferStore:
-    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, *,
+                 health: RedisHealth | None = None, timeout_s: float = 5.0) -> None:
         self.redis = redis
         self.prefix = prefix
         self.keys = _keys(prefix)
+        self.health = health if health is not None else RedisHealth.of(redis)
+        self.timeout_s = timeout_s
+        # Writes waiting for Redis (all bounded, see the module docstring).
+        self._lists: dict[str, deque[str]] = {}
+        self._slots: dict[str, dict[str, str]] = {}
+        self._meta: dict[str, int] = {}
+        self._weights: dict[str, str] | None = None
+        self._lock = asyncio.Lock()
+        self._retry: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Writes waiting for Redis (list entries, reservoir slots, meta fields, weights)."""
+        return (sum(len(q) for q in self._lists.values())
+                + sum(len(d) for d in self._slots.values()) + len(self._meta)
+                + (self._weights is not None))
+
+    def _queue_list(self, key: str, blob: str, capacity: int) -> None:
+        q = self._lists.get(key)
+        if q is None or q.maxlen != capacity:
+            q = self._lists[key] = deque(q or (), maxlen=max(capacity, 1))
+        q.append(blob)  # past capacity the oldest goes: LTRIM would drop it anyway
 
     async def apply(self, changes: list[tuple[str, int | None, Sample]],
                     buffer: MinorityBuffer) -> None:
-        if not changes:
+        """Queue one batch's buffer changes and write what is queued (never raises for
+        Redis: a failed write stays queued and is retried)."""
+        if not changes and not self.pending:
             return
         k = self.keys
-        trims: dict[str, int] = {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for route, slot, sample in changes:
-                blob = json.dumps(sample.to_dict(), separators=(",", ":"))
-                if route == "minority":
-                    key = k["minority"] + sample.label
-                    pipe.rpush(key, blob)
-                    trims[key] = buffer.capacity_per_class
-                elif route == "tail":
-                    pipe.rpush(k["tail"], blob)
-                    trims[k["tail"]] = buffer.tail_capacity
-                else:
-                    pipe.hset(k["reservoir"] + sample.label, str(slot), blob)
-            for key, cap in trims.items():
-                pipe.ltrim(key, -cap, -1)
-            for label in {s.label for _, _, s in changes}:
-                pipe.hset(k["meta"], f"seen:{label}", buffer.seen(label))
-            pipe.hset(k["meta"], "new_since_last_take", buffer.new_since_last_take)
-            await pipe.execute()
+        for route, slot, sample in changes:
+            blob = json.dumps(sample.to_dict(), separators=(",", ":"))
+            if route == "minority":
+                self._queue_list(k["minority"] + sample.label, blob, buffer.capacity_per_class)
+            elif route == "tail":
+                self._queue_list(k["tail"], blob, buffer.tail_capacity)
+            else:
+                self._slots.setdefault(k["reservoir"] + sample.label, {})[str(slot)] = blob
+        for label in {s.label for _, _, s in changes}:
+            self._meta[f"seen:{label}"] = buffer.seen(label)
+        if changes:
+            self._meta["new_since_last_take"] = buffer.new_since_last_take
+        await self.flush()
 
     async def write_weights(self, policy: dict[str, Any], weights: dict[str, float],
                             counts: dict[str, float], at: float) -> None:
-        """The weights in force, for the trainer: hash ``{prefix}:weights``."""
-        await self.redis.hset(f"{self.prefix}:weights", mapping={
-            "policy": json.dumps(policy), "weights": json.dumps(weights),
-            "counts": json.dumps(counts), "updated_at": repr(at)})
+        """The weights in force, for the trainer: hash ``{prefix}:weights`` (queued and
+        retried like the buffer while Redis is unavailable; the latest weights win)."""
+        self._weights = {"policy": json.dumps(policy), "weights": json.dumps(weights),
+                         "counts": json.dumps(counts), "updated_at": repr(at)}
+        await self.flush()
 
     async def mark_consumed(self) -> None:
-        await self.redis.hset(self.keys["meta"], "new_since_last_take", 0)
+        self._meta["new_since_last_take"] = 0
+        await self.flush()
+
+    async def flush(self) -> bool:
+        """Write every queued change in one round trip; True when nothing is left queued."""
+        if not self.pending:
+            return True
+        if not self.health.allow():
+            self._schedule_retry()
+            self._report()
+            return False
+        async with self._lock:
+            if not self.pending:  # another flush wrote it meanwhile
+                return True
+            lists, slots, meta, weights = self._lists, self._slots, self._meta, self._weights
+            self._lists, self._slots, self._meta, self._weights = {}, {}, {}, None
+            was_down = self.health.is_down
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, blobs in lists.items():
+                        if blobs:
+                            pipe.rpush(key, *blobs)
+                            pipe.ltrim(key, -(blobs.maxlen or len(blobs)), -1)
+                    for key, by_slot in slots.items():
+                        if by_slot:
+                            pipe.hset(key, mapping=_mapping(by_slot))
+                    if meta:
+                        pipe.hset(self.keys["meta"], mapping=_mapping(meta))
+                    if weights is not None:
+                        pipe.hset(f"{self.prefix}:weights", mapping=_mapping(weights))
+                    await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            except (TimeoutError, RedisError, OSError) as exc:
+                self._requeue(lists, slots, meta, weights)
+                self.health.failed("buffer", exc)
+                self._schedule_retry()
+                self._report()
+                return False
+        self.health.succeeded()
+        if was_down:
+            log.info("minority buffer and loss weights written to redis again")
+        self._report()
+        return not self.pending
+
+    def _requeue(self, lists: dict[str, deque[str]], slots: dict[str, dict[str, str]],
+                 meta: dict[str, int], weights: dict[str, str] | None) -> None:
+        """Put back what a failed flush took, in front of what was queued meanwhile."""
+        for key, newer in self._lists.items():
+            older = lists.get(key)
+            if older is None:
+                lists[key] = newer
+            else:
+                lists[key] = deque([*older, *newer], maxlen=newer.maxlen)
+        self._lists = lists
+        for key, newer_slots in self._slots.items():
+            slots.setdefault(key, {}).update(newer_slots)
+        self._slots = slots
+        meta.update(self._meta)
+        self._meta = meta
+        self._weights = self._weights if self._weights is not None else weights
+
+    def _report(self) -> None:
+        metrics = self.health.metrics
+        if metrics is not None:
+            metrics.buffer_pending.set(self.pending)
+
+    def _schedule_retry(self) -> None:
+        if self._retry is not None and not self._retry.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): the next write retries
+            return
+        self._retry = loop.create_task(self._retry_until_flushed())
+
+    async def _retry_until_flushed(self) -> None:
+        """Flush queued writes with backoff until they are written (no batch needed)."""
+        try:
+            while self.pending:
+                await asyncio.sleep(max(self.health.retry_in(), 0.05)
+                                    + 0.05 * random.random())  # noqa: S311 - jitter
+                await self.flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug, not an outage: say so once; the next batch retries
+            log.exception("retrying minority-buffer writes failed")
 
     async def load(self, capacity_per_class: int, minority_share: float, tail_capacity: int,
                    seed: int = 0) -> MinorityBuffer:
-        """Rebuild the buffer from Redis (empty if nothing is stored)."""
+        """Rebuild the buffer from Redis (empty if nothing is stored).
+
+        Raises :class:`~tailstream.streams.publish.RedisConfigError` (a clear message
+        naming the user, never the password) when Redis refuses the credentials, and the
+        Redis error when it is unavailable."""
+        try:
+            await self.flush()  # queued writes first, so the rebuilt buffer includes them
+            return await self._load(capacity_per_class, minority_share, tail_capacity, seed)
+        except RedisError as exc:
+            self.health.failed("buffer", exc)
+            if is_credentials_error(exc):
+                h = self.health
+                raise RedisConfigError(
+                    f"redis at {h.where} refused the credentials or permissions of user "
+                    f"{h.user!r} ({h.describe(exc)}): check the user and password in "
+                    "TAILSTREAM_REDIS_URL") from None
+            raise
+
+    async def _load(self, capacity_per_class: int, minority_share: float, tail_capacity: int,
+                    seed: int) -> MinorityBuffer:
         k = self.keys
         minority: dict[str, list[dict[str, Any]]] = {}
         reservoir: dict[str, list[dict[str, Any]]] = {}

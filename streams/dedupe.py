@@ -3,62 +3,168 @@
 Redis holds the shared memory of seen ids (``SET key 1 NX EX ttl``, one pipelined round
 trip per batch), so duplicates are caught across workers and restarts. A local LRU in
 front absorbs duplicates within a process and keeps working while Redis is down.
+
+During a Redis outage the check is local only, and fast: the client's circuit breaker
+(:class:`~tailstream.streams.publish.RedisHealth`, shared with the publisher and the
+buffer) skips Redis until its next retry, and each round trip has a deadline, so a hung
+Redis costs one deadline per backoff, not a timeout per batch. Ids seen during the outage
+are remembered (bounded) and marked in Redis when it is back, so a duplicate that reaches
+another worker after a rebalance is still caught.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from tailstream.streams.publish import RedisHealth
 
 log = logging.getLogger(__name__)
 
 
 class LocalSeen:
-    """A bounded set of recently seen ids (least recently seen evicted first).
+    """A bounded map of recently seen ids to the message that carried them (least recently
+    seen evicted first).
+
+    ``add(id)`` is true the first time. With a ``source`` (the carrying message,
+    ``topic/partition/offset``), it is also true when the id comes again *from the same
+    message*: a redelivery after a crash, whose effects may not be in the state yet.
 
     >>> s = LocalSeen(capacity=2)
     >>> [s.add(x) for x in ["a", "b", "a", "c", "b"]]
     [True, True, False, True, True]
+    >>> s.add("d", "t/0/7"), s.add("d", "t/0/7"), s.add("d", "t/1/3")
+    (True, True, False)
     """
 
     def __init__(self, capacity: int = 200_000) -> None:
         self.capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[str, str | None] = OrderedDict()
 
-    def add(self, event_id: str) -> bool:
-        """True if the id was not in the set (it is now)."""
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._ids
+
+    def remember(self, event_id: str, source: str | None) -> None:
+        """Record which message an id belongs to (what Redis says, when it knew first)."""
+        if event_id in self._ids:
+            self._ids[event_id] = source
+
+    def add(self, event_id: str, source: str | None = None) -> bool:
+        """True if the id was not in the set (it is now), or came from the same source."""
         if event_id in self._ids:
             self._ids.move_to_end(event_id)
-            return False
-        self._ids[event_id] = None
+            return source is not None and self._ids[event_id] == source
+        self._ids[event_id] = source
         if len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
         return True
 
 
 class Deduper:
+    """``first_seen(ids, sources)``: the local window, then Redis (shared across workers).
+
+    Redis stores, per id, the message that first carried it (``SET key source NX EX``),
+    so an id is a duplicate when it comes again from *another* message, and not when the
+    same message is redelivered (at-least-once after a crash: its effects may be missing).
+    An id repeated within one call is always a duplicate (the same event twice in one
+    envelope).
+
+    ``timeout_s`` (+ ``per_id_s`` per id) bounds one Redis round trip; ``backfill_max``
+    bounds the ids kept for marking in Redis after an outage (oldest forgotten first).
+    """
+
     def __init__(self, redis: aioredis.Redis | None, *, prefix: str = "tailstream",
-                 ttl_s: int = 86_400, local_capacity: int = 200_000) -> None:
+                 ttl_s: int = 86_400, local_capacity: int = 200_000, timeout_s: float = 1.0,
+                 per_id_s: float = 2e-5, backfill_max: int = 50_000,
+                 backfill_per_batch: int = 2000, health: RedisHealth | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.local = LocalSeen(local_capacity)
+        self.timeout_s = timeout_s
+        self.per_id_s = per_id_s
+        self.health = health if health is not None or redis is None else RedisHealth.of(redis)
+        self._backfill: deque[tuple[str, str]] = deque(maxlen=backfill_max)
+        self.backfill_per_batch = backfill_per_batch
 
-    async def first_seen(self, event_ids: list[str]) -> list[bool]:
-        """For each id, whether this is its first occurrence (marks them all seen)."""
-        local = [self.local.add(e) for e in event_ids]
-        if self.redis is None:
-            return local
+    @property
+    def backfill_pending(self) -> int:
+        """Ids seen while Redis was unavailable, not marked there yet."""
+        return len(self._backfill)
+
+    def _local_only(self, fresh: list[tuple[int, str, str]]) -> None:
+        self._backfill.extend((e, src) for _, e, src in fresh)
+        metrics = self.health.metrics if self.health is not None else None
+        if metrics is not None:
+            metrics.dedupe_local_only.inc(len(fresh))
+
+    async def first_seen(self, event_ids: list[str],
+                         sources: list[str] | None = None) -> list[bool]:
+        """For each id, whether to apply it: its first occurrence, or a redelivery of the
+        message (``sources[i]``) that first carried it. Marks them all seen."""
+        if sources is not None and len(sources) != len(event_ids):
+            raise ValueError("one source per event id")
+        out: list[bool] = []
+        fresh: list[tuple[int, str, str]] = []  # (position, id, source): ask Redis
+        in_call: set[str] = set()
+        for n, event_id in enumerate(event_ids):
+            source = sources[n] if sources is not None else None
+            if event_id in in_call:  # the same event twice in one batch or envelope
+                self.local.add(event_id, None)
+                out.append(False)
+                continue
+            in_call.add(event_id)
+            known = event_id in self.local
+            new = self.local.add(event_id, source)
+            out.append(new)
+            if new and not known:
+                fresh.append((n, event_id, source or "1"))
+        if self.redis is None or self.health is None or not fresh:
+            return out
+        if not self.health.allow():  # circuit open: no I/O until the next retry
+            self._local_only(fresh)
+            return out
+        backfill = list(itertools.islice(self._backfill, self.backfill_per_batch))
+        key = f"{self.prefix}:seen:"
+        check_source = sources is not None
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for event_id, new in zip(event_ids, local, strict=True):
-                    if new:
-                        pipe.set(f"{self.prefix}:seen:{event_id}", 1, nx=True, ex=self.ttl_s)
-                results = iter(await pipe.execute())
-        except (RedisError, OSError) as exc:
-            log.warning("dedupe falls back to the local window: redis unavailable (%s)", exc)
-            return local
-        return [bool(next(results)) if new else False for new in local]
+                for _, event_id, source in fresh:
+                    pipe.set(key + event_id, source, nx=True, ex=self.ttl_s)
+                    if check_source:
+                        pipe.get(key + event_id)
+                for event_id, source in backfill:
+                    pipe.set(key + event_id, source, nx=True, ex=self.ttl_s)
+                deadline = self.timeout_s + self.per_id_s * (len(fresh) + len(backfill))
+                replies = await asyncio.wait_for(pipe.execute(), deadline)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.health.failed("dedupe", exc)
+            self._local_only(fresh)
+            return out
+        self.health.succeeded()
+        if backfill:
+            for _ in range(len(backfill)):
+                self._backfill.popleft()
+            if not self._backfill:
+                log.info("de-duplication uses redis again; event ids seen during the outage "
+                         "are marked there")
+        step = 2 if check_source else 1
+        for k, (n, event_id, source) in enumerate(fresh):
+            if replies[k * step]:
+                continue  # first time anywhere
+            stored = _text(replies[k * step + 1]) if check_source else None
+            out[n] = stored is not None and stored == source
+            if not out[n]:  # another message carried it first: a redelivery of *this*
+                self.local.remember(event_id, stored)  # message is a duplicate too
+        return out
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)

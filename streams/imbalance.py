@@ -46,17 +46,23 @@ class PartitionCounts:
     decayed: DecayedCounts
     totals: Counter[str] = field(default_factory=Counter)
     last_ts: float = 0.0
+    offsets: dict[str, int] = field(default_factory=dict)
+    """Per input topic, the last offset of this partition whose events are in the counts.
+    Stored in the same changelog record as the counts, so a replay after a crash knows
+    exactly which messages the recovered counts already hold (effectively-once counts)."""
 
     def to_state(self) -> dict[str, Any]:
         return {"window": self.window.to_state(), "decayed": self.decayed.to_state(),
-                "totals": dict(self.totals), "last_ts": self.last_ts}
+                "totals": dict(self.totals), "last_ts": self.last_ts,
+                "offsets": self.offsets}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PartitionCounts:
         return cls(HoppingWindowCounts.from_state(state["window"]),
                    DecayedCounts.from_state(state["decayed"]),
                    Counter({k: float(v) for k, v in state["totals"].items()}),
-                   float(state.get("last_ts", 0.0)))
+                   float(state.get("last_ts", 0.0)),
+                   {str(t): int(o) for t, o in state.get("offsets", {}).items()})
 
 
 def policy_from(settings: Settings) -> Policy:
@@ -228,6 +234,19 @@ class ImbalanceLoop:
         }
 
     # ------------------------------------------------------------------ state
+    def counted(self, partition: int, topic: str, offset: int) -> bool:
+        """Whether the counts of ``partition`` already hold the message at ``offset`` of
+        ``topic`` (a replay after a crash: its effects were recovered from the changelog)."""
+        pc = self.partitions.get(partition)
+        return pc is not None and offset <= pc.offsets.get(topic, -1)
+
+    def mark_counted(self, partition: int, topic: str, offset: int) -> None:
+        """Advance the watermark: the message at ``offset`` has been applied."""
+        pc = self.partition(partition)
+        if offset > pc.offsets.get(topic, -1):
+            pc.offsets[topic] = offset
+            self.touched.add(partition)
+
     def load_partition(self, p: int, state: dict[str, Any]) -> None:
         pc = PartitionCounts.from_state(state)
         self.partitions[p] = pc

@@ -64,6 +64,17 @@ T = TypeVar("T")
 SendToDlq = Callable[[RawMessage, Rejection], Awaitable[None]]
 SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
 SaveCounts = Callable[[dict[int, dict[str, Any]]], None]
+SendAudit = Callable[[list[str], list[str]], Awaitable[None]]
+"""(event_ids applied now, event_ids of replayed messages the state already held)."""
+
+
+def _event_ids(value: bytes | None, limits: Limits) -> list[str]:
+    """The event_ids a (replayed) message carries, for the audit; unreadable ones: none."""
+    decoded = decode_payload(value, limits)
+    if isinstance(decoded, Rejection):
+        return []
+    return [v["event_id"] for v in decoded
+            if isinstance(v, dict) and isinstance(v.get("event_id"), str)]
 
 
 class Pipeline:
@@ -75,6 +86,7 @@ class Pipeline:
                  send_training_request: SendRequest | None = None,
                  save_counts: SaveCounts | None = None,
                  scoring: ScoringService | None = None,
+                 send_audit: SendAudit | None = None,
                  refresh_every_s: float = 1.0) -> None:
         self.settings = settings
         self.limits = Limits(max_event_bytes=settings.max_event_bytes,
@@ -102,12 +114,13 @@ class Pipeline:
         self.save_counts = save_counts
         self.item_text = self.state.item_text
         self.scoring = scoring
+        self.send_audit = send_audit
         self._weights_written = 0.0
         self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
-        # Users waiting for the transformer, newest request per user, oldest user first.
-        self._waiting: OrderedDict[str, tuple[UserRequest, str, float | None]] = OrderedDict()
+        # Users waiting for a list: the event that asked for it, oldest user first.
+        self._waiting: OrderedDict[str, tuple[str, float | None]] = OrderedDict()
         self._wake = asyncio.Event()
         self._scorer_task: asyncio.Task[None] | None = None
         # Users who acted recently (newest last), for refreshes after a promotion.
@@ -120,21 +133,36 @@ class Pipeline:
 
     # ------------------------------------------------------------------ ingest
     async def process(self, batch: list[RawMessage]) -> None:
-        """Process one batch. Every message ends processed, skipped as duplicate, or in the DLQ."""
+        """Process one batch. Every message ends processed, skipped as duplicate, or in the DLQ.
+
+        Effectively-once counts under at-least-once delivery: a message at or below its
+        partition's offset watermark is a replay whose effects the recovered state holds
+        already; an event_id seen before from *another* message is a duplicate.
+        """
         started = time.perf_counter()
         self.metrics.batch_size.observe(len(batch))
         events: list[tuple[Event, RawMessage]] = []
+        replayed: list[str] = []
+        counted = self.imbalance.counted
         for msg in batch:
             if msg.topic == self.items_topic:
                 await self._apply_item(msg)
+                continue
+            if counted(msg.partition, msg.topic, msg.offset):
+                self.metrics.replays_skipped.inc()
+                if self.send_audit is not None:
+                    replayed.extend(_event_ids(msg.value, self.limits))
                 continue
             kind = self.kind_of_topic.get(msg.topic, "unknown")
             self._messages_in[kind].inc()
             events.extend((event, msg) for event in await self._valid(
                 msg, functools.partial(validate_event, kind, limits=self.limits),
                 counted=self._events_in[kind]))
+        applied: list[str] = []
         if events:
-            fresh = await self.deduper.first_seen([e.event_id for e, _ in events])
+            fresh = await self.deduper.first_seen(
+                [e.event_id for e, _ in events],
+                [f"{m.topic}/{m.partition}/{m.offset}" for _, m in events])
             acted: dict[str, tuple[Event, RawMessage]] = {}
             for n, ((event, msg), is_new) in enumerate(zip(events, fresh, strict=True)):
                 if n % YIELD_EVERY == YIELD_EVERY - 1:
@@ -151,14 +179,21 @@ class Pipeline:
                     await self._dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
                     continue
                 self._processed[event.kind].inc()
+                applied.append(event.event_id)
                 acted[event.user_id] = (event, msg)
                 self._mark_active(event.user_id)
             self._maybe_refresh()
             await self._refresh_users(acted)
             self.profiles.flush()
+        for msg in batch:
+            if msg.topic != self.items_topic:
+                self.imbalance.mark_counted(msg.partition, msg.topic, msg.offset)
+        if events or self.imbalance.touched:
             await self._close_imbalance_batch()
         elif self.publisher.pending:
             await self.publisher.publish([])
+        if self.send_audit is not None and (applied or replayed):
+            await self.send_audit(applied, replayed)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     async def _close_imbalance_batch(self) -> None:
@@ -256,33 +291,24 @@ class Pipeline:
                       tail_share=self.settings.tail_share))] for p in profiles]
 
     async def _refresh_users(self, acted: dict[str, tuple[Event, RawMessage]]) -> None:
+        """Queue the users who acted for a fresh list. Scoring runs beside ingest (the
+        transformer on its own thread), and users waiting for a list are *conflated*: a
+        newer event replaces the older one's place, and the list is made from the profile
+        as it is when the user's turn comes. Under load each user gets one list from their
+        latest context and ingest never waits for scoring — unless the waiting set
+        outgrows its bound (back-pressure, bounded memory)."""
         if not acted:
             if not self._waiting:
                 await self.publisher.publish([])  # retries lists a failed write kept
             return
-        if self.scoring is not None and self.scoring.ready:
-            # The transformer scores on its own thread while the next batches are
-            # ingested. Users waiting for a list are *conflated*: a newer event replaces
-            # the older one's request, so under load each user gets one list from their
-            # latest context and ingest never waits for scoring — unless the waiting set
-            # outgrows its bound (back-pressure, bounded memory).
-            for u, (event, msg) in acted.items():
-                p = self.profiles.get(u) or new_profile()
-                self._waiting.pop(u, None)
-                self._waiting[u] = (UserRequest(u, self.context(p), set(p.get("items", [])[:5])),
-                                    event.event_id, msg.timestamp)
-            self.metrics.scoring_waiting.set(len(self._waiting))
-            self._ensure_scorer_task()
-            self._wake.set()
-            while len(self._waiting) > self.settings.scoring_max_waiting:
-                await asyncio.sleep(0.01)
-            return
-        version, items = await self._score(list(acted))
-        now = time.time()
-        lists = [RecList(user_id=u, items=its, model_version=version, trigger="event",
-                         generated_at=now, event_id=event.event_id, source_ts=msg.timestamp)
-                 for (u, (event, msg)), its in zip(acted.items(), items, strict=True)]
-        await self.publisher.publish(lists)
+        for u, (event, msg) in acted.items():
+            self._waiting.pop(u, None)
+            self._waiting[u] = (event.event_id, msg.timestamp)
+        self.metrics.scoring_waiting.set(len(self._waiting))
+        self._ensure_scorer_task()
+        self._wake.set()
+        while len(self._waiting) > self.settings.scoring_max_waiting:
+            await asyncio.sleep(0.01)
 
     def _ensure_scorer_task(self) -> None:
         if self._scorer_task is None or self._scorer_task.done():
@@ -290,7 +316,6 @@ class Pipeline:
 
     async def _score_waiting(self) -> None:
         """Score waiting users, oldest first, ``scoring_batch`` at a time, forever."""
-        assert self.scoring is not None
         while True:
             if not self._waiting:
                 self._wake.clear()
@@ -300,18 +325,17 @@ class Pipeline:
             batch = [self._waiting.popitem(last=False) for _ in range(take)]
             self.metrics.scoring_waiting.set(len(self._waiting))
             try:
-                ranked = await self.scoring.recommend([req for _, (req, _, _) in batch],
-                                                      self.item_info)
+                version, ranked = await self._score([u for u, _ in batch])
                 now = time.time()
-                version = self.scoring.version
                 await self.publisher.publish([
-                    RecList(user_id=u, items=[r.to_dict(i + 1) for i, r in enumerate(lst)],
-                            model_version=version, trigger="event", generated_at=now,
-                            event_id=event_id, source_ts=ts)
-                    for (u, (_, event_id, ts)), lst in zip(batch, ranked, strict=True)])
+                    RecList(user_id=u, items=items, model_version=version, trigger="event",
+                            generated_at=now, event_id=event_id, source_ts=ts)
+                    for (u, (event_id, ts)), items in zip(batch, ranked, strict=True)])
             except Exception:  # lists are derived data: log, count, keep serving
                 self.metrics.publish_errors.labels("scoring").inc()
                 log.exception("scoring a batch of %d users failed", len(batch))
+            # The baseline scores on this loop: let the next ingest batch in between.
+            await asyncio.sleep(0)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until every waiting user has been scored and published (tests, shutdown)."""

@@ -273,6 +273,7 @@ def _announce(settings: Settings, update: dict[str, Any]) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from tailstream.embedded import ServiceStack, StackInfo
     from tailstream.kafka_io import create_topics
+    from tailstream.liveview import LiveMonitor, ui_wanted
     from tailstream.workers import (
         metrics_url,
         start_trainer,
@@ -293,6 +294,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         create_topics(s)
         workers = []
         trainer = None
+        view: LiveMonitor | None = None
         try:
             for i in range(args.workers):
                 proc, ws = start_worker(s, i)
@@ -316,6 +318,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                   + "  feed it:   tailstream produce synthetic --rate 200\n"
                     "  watch it:  tailstream subscribe\n"
                     "Ctrl-C stops everything.", flush=True)
+            if ui_wanted(args.ui, sys.stdout):
+                view = LiveMonitor([metrics_url(ws) for _, ws in workers],
+                                   trainer_metrics_url(trainer[1]) if trainer else None,
+                                   title="tailstream up").start()
             trainer_down = False
             while not stopping.is_set():
                 for proc, _ in workers:
@@ -329,6 +335,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                               "current model:\n%s", trainer[0].tail(30))
                 stopping.wait(1.0)
         finally:
+            if view is not None:
+                view.stop()
             if trainer is not None:
                 trainer[0].stop()
             for proc, _ in workers:
@@ -339,6 +347,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tailstream.demo import DEMO_DEFAULTS, run_demo, synthetic_records
+    from tailstream.liveview import LiveMonitor, pin_ports, ui_wanted
+    from tailstream.workers import metrics_url, trainer_metrics_url
 
     settings = _settings(args)
     # A demo lasts a minute: faster fine-tune triggers than production, unless the user
@@ -359,9 +369,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         source = f"synthetic shop ({args.users} users, {args.items} items)"
         rate = args.rate
         seconds = args.seconds if args.seconds is not None else 60.0
-    summary = run_demo(settings, seconds=seconds, summary_json=args.summary_json,
-                       records=records, rate=rate, ui=not args.no_ui, source=source,
-                       trainer=not args.no_trainer)
+    view: LiveMonitor | None = None
+    if ui_wanted(args.ui, sys.stdout):  # the view scrapes /metrics: fix the ports first
+        settings = pin_ports(settings)
+        view = LiveMonitor([metrics_url(settings)],
+                           None if args.no_trainer else trainer_metrics_url(settings),
+                           title=f"tailstream demo · {source}", quiet=["tailstream.demo"])
+    try:
+        if view is not None:
+            view.start()
+        summary = run_demo(settings, seconds=seconds, summary_json=args.summary_json,
+                           records=records, rate=rate, ui=False, source=source,
+                           trainer=not args.no_trainer)
+    finally:
+        if view is not None:
+            view.stop()
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -465,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=None,
                    help="replay speed factor over event time (default: as fast as possible)")
     _synthetic_flags(p, rate=300.0, malformed_every=300)
-    p.add_argument("--no-ui", action="store_true", help="log lines instead of the live view")
+    _ui_flag(p)
     p.add_argument("--no-trainer", action="store_true", help="no fine-tuning process")
     p.set_defaults(func=cmd_demo)
 
@@ -473,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the embedded services (unless configured) and worker "
                                    "processes; write {data-dir}/stack.json for other commands.")
     p.add_argument("--workers", type=int, default=1, help="worker processes (same group)")
-    p.add_argument("--no-ui", action="store_true", help="accepted for symmetry with demo")
+    _ui_flag(p)
     p.add_argument("--no-trainer", action="store_true", help="run without the fine-tuning "
                                                              "process (workers keep scoring)")
     p.set_defaults(func=cmd_up)
@@ -590,6 +612,12 @@ def _synthetic_flags(p: argparse.ArgumentParser, rate: float, malformed_every: i
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malformed-every", type=int, default=malformed_every,
                    help=f"inject one malformed event every N (0: none; default {malformed_every})")
+
+
+def _ui_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ui", action=argparse.BooleanOptionalAction, default=None,
+                   help="live terminal view from the /metrics pages, or (--no-ui) log lines "
+                        "only (default: the view when stdout is a terminal)")
 
 
 def _produce_flags(p: argparse.ArgumentParser) -> None:

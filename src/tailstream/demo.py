@@ -250,7 +250,7 @@ def _round(x: float | None) -> float | None:
 
 
 class LiveView:
-    """A terminal view refreshed every second (rich), or a log line every 5 s with --no-ui.
+    """A log line every 5 s (quiet while the rich view of :mod:`tailstream.liveview` runs).
 
     It also samples the consumed-events counter together with the trainer's "running"
     gauge, so the summary can compare events/s during fine-tunes with events/s outside
@@ -264,16 +264,9 @@ class LiveView:
         self.source = source
         self._prev: tuple[float, float] | None = None
         self._last_log = 0.0
-        self._live: Any = None
         # (seconds, events) accumulated while a fine-tune ran / while none did.
         self.during = [0.0, 0.0]
         self.outside = [0.0, 0.0]
-        if ui:
-            from rich.console import Console
-            from rich.live import Live
-
-            self._live = Live(console=Console(stderr=True), refresh_per_second=2, transient=False)
-            self._live.start()
 
     def rates(self) -> tuple[float | None, float | None]:
         """Events/s while a fine-tune was running, and while none was."""
@@ -322,22 +315,13 @@ class LiveView:
                                     f"p99 {percentile(lat, 99) or 0:.0f} ms"),
             ("metrics", metrics_url(self.ws)),
         ]
-        if self._live is not None:
-            from rich.table import Table
-
-            table = Table(title="tailstream demo", show_header=False)
-            for k, v in rows:
-                table.add_row(k, v)
-            self._live.update(table)
-        elif elapsed - self._last_log >= 5:
+        if elapsed - self._last_log >= 5:
             self._last_log = elapsed
             log.info(" | ".join(f"{k}: {v}" for k, v in rows[1:]
                                 if k not in ("by class", "metrics")))
 
     def close(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        """Nothing to release (kept for symmetry with the callers' try/finally)."""
 
 
 def synthetic_records(n_users: int, n_items: int, seed: int,

@@ -43,6 +43,10 @@ class Metrics:
         self.duplicates = Counter(
             "tailstream_duplicates_total",
             "Events skipped because their event_id was already processed.", registry=r)
+        self.replays_skipped = Counter(
+            "tailstream_replayed_messages_total",
+            "Messages re-read after a crash or rebalance whose effects the recovered state "
+            "already held (at or below the counts' offset watermark).", registry=r)
         self.items_in = Counter(
             "tailstream_catalogue_updates_total",
             "Catalogue records applied from the items topic.", registry=r)
@@ -65,6 +69,29 @@ class Metrics:
         self.redis_up = Gauge(
             "tailstream_redis_up",
             "1 if the last Redis write of lists succeeded, 0 while writes fail.", registry=r)
+        self.redis_errors = Counter(
+            "tailstream_redis_errors_total",
+            "Failed Redis operations (each opens the circuit for a backoff), by component: "
+            "lists, dedupe, buffer.", ["component"], registry=r)
+        self.redis_circuit_open = Gauge(
+            "tailstream_redis_circuit_open",
+            "1 while Redis is treated as unavailable (operations skipped or queued until "
+            "the next retry), else 0.", registry=r)
+        self.redis_outages = Counter(
+            "tailstream_redis_outages_total",
+            "Redis outages (a run of failed operations ended by a success counts once).",
+            registry=r)
+        self.redis_last_outage = Gauge(
+            "tailstream_redis_last_outage_seconds",
+            "How long the last Redis outage that ended lasted.", registry=r)
+        self.dedupe_local_only = Counter(
+            "tailstream_dedupe_local_only_total",
+            "Event ids de-duplicated by the local window only (Redis unavailable); they are "
+            "marked in Redis once it is back (bounded).", registry=r)
+        self.buffer_pending = Gauge(
+            "tailstream_buffer_pending_writes",
+            "Minority-buffer and loss-weight writes waiting for Redis (bounded by the "
+            "buffer's capacity).", registry=r)
         self.coverage = Gauge(
             "tailstream_catalogue_coverage_ratio",
             "Distinct items among the last 50,000 recommended slots over the items known.",

@@ -278,10 +278,11 @@ class StrategyResult:
             [y == "cart" for y in self.y_true], self.p_cart), 6)
         ranked = rank_metrics(self.ranks, (10, 20))
         out.update({k: round(v, 6) for k, v in ranked.items()})
+        out["ranked"] = len(self.ranks)
         for tier in ("head", "torso", "tail"):
             sel = [r for r, t in zip(self.ranks, self.rank_tiers, strict=True) if t == tier]
-            sub = rank_metrics(sel, (20,))
-            out[f"hit_at_20_{tier}"] = round(sub["hit_at_20"], 6)
+            sub = rank_metrics(sel, (10, 20))
+            out.update({f"{k}_{tier}": round(v, 6) for k, v in sub.items()})
             out[f"ranked_{tier}"] = len(sel)
         shown = sum(self.exposure_tiers.values())
         out["coverage"] = round(coverage(self.exposure, catalogue_size), 6)

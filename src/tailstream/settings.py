@@ -62,6 +62,11 @@ class Settings:
     topic_items: str = "items"
     topic_recommendations: str = "recommendations"
     topic_dlq: str = "events.dlq"
+    topic_processed: str = "events.processed"
+    """Audit topic: per batch, the event_ids whose effects are in the state (with
+    ``audit_processed``). Lets an outside verifier prove no event was lost."""
+    audit_processed: bool = False
+    """Publish processed event_ids to ``topic_processed`` (one record per batch)."""
     kafka_session_timeout_s: float = 0.0
     """Consumer-group session timeout (0: client default)."""
     kafka_rebalance_timeout_s: float = 0.0
@@ -338,6 +343,7 @@ class Settings:
             self.topic_for("item"),
             self.topic(self.topic_recommendations),
             self.topic(self.topic_dlq),
+            self.topic(self.topic_processed),
             self.topic(self.topic_training_requests),
             self.topic(self.topic_model_updates),
         ]
