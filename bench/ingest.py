@@ -144,42 +144,72 @@ def faust_bare(settings: Settings, expected: int) -> float:
     return float(json.loads(out.read_text())["eps"])
 
 
-def worker_eps(settings: Settings, expected: int, timeout: float = 900.0) -> dict[str, Any]:
-    """Run a worker over the backlog; events/s from its first to its last event (events,
-    not messages: each value of an envelope counts)."""
-    proc, ws = start_worker(settings)
+def worker_eps(settings: Settings, expected: int, timeout: float = 900.0,
+               workers: int = 1) -> dict[str, Any]:
+    """Run ``workers`` worker processes (one consumer group) over the backlog; events/s
+    from the first consumed event to the last, summed over the workers (events, not
+    messages: each value of an envelope counts)."""
+    started = [start_worker(settings, index=i) for i in range(workers)]
     try:
-        wait_ready(proc, ws, timeout=180)
-        url = metrics_url(ws)
+        for proc, ws in started:
+            wait_ready(proc, ws, timeout=180)
+        urls = [metrics_url(ws) for _, ws in started]
+        last: dict[str, dict[str, float]] = {}
         first_t: float | None = None
         first_n = 0.0
         deadline = time.monotonic() + timeout
         n = 0.0
-        m: dict[str, float] = {}
         while time.monotonic() < deadline:
-            try:
-                m = scrape(url, timeout=10.0)
-            except OSError:  # a busy worker answers late: ask again
-                continue
-            n = m.get("tailstream_events_in_total", 0.0)
+            for url in urls:
+                try:
+                    last[url] = scrape(url, timeout=10.0)
+                except OSError:  # a busy worker answers late: keep its last page
+                    pass
+            n = sum(m.get("tailstream_events_in_total", 0.0) for m in last.values())
             now = time.perf_counter()
             if first_t is None and n > 0:
                 first_t, first_n = now, n
             if n >= expected:
                 break
-            if not proc.alive():
-                raise RuntimeError(f"worker died:\n{proc.tail(30)}")
+            for proc, _ in started:
+                if not proc.alive():
+                    raise RuntimeError(f"worker died:\n{proc.tail(30)}")
             time.sleep(0.2)
         if first_t is None or n < expected:
-            raise RuntimeError(f"worker read {n} of {expected} events:\n{proc.tail(20)}")
+            raise RuntimeError(f"workers read {n} of {expected} events:\n"
+                               f"{started[0][0].tail(20)}")
         elapsed = time.perf_counter() - first_t
-        batches = m.get("tailstream_batch_events_count", 0.0)
+        batches = sum(m.get("tailstream_batch_events_count", 0.0) for m in last.values())
         return {"eps": (n - first_n) / elapsed if elapsed > 0 else float("nan"),
                 "events_per_batch": round(n / batches, 1) if batches else None,
-                "lists": int(m.get("tailstream_recommendations_published_total{sink=redis}",
-                                   0))}
+                "lists": int(sum(m.get("tailstream_recommendations_published_total{sink=redis}",
+                                       0) for m in last.values()))}
     finally:
-        proc.stop()
+        for proc, _ in started:
+            proc.stop()
+
+
+def scaling(settings: Settings, *, events: int, layouts: list[tuple[int, int]],
+            workers_scorer: str = "baseline", log: Any = print) -> dict[str, Any]:
+    """Pipeline events/s for each (partitions, worker processes) layout, same backlog."""
+    settings = settings.replace(scorer=workers_scorer, web_port=free_port(), dedupe_ttl_s=1)
+    if not settings.kafka_bootstrap:
+        settings = settings.with_embedded_group_timing()
+    catalogue, records = shop(events)
+    rows = []
+    with ServiceStack(settings) as s:
+        for partitions, workers in layouts:
+            ns = s.replace(partitions=partitions, topic_prefix=f"scale{partitions}x{workers}-",
+                           app_id=f"bench-scale-{partitions}x{workers}")
+            create_topics(ns)
+            produce(ns, catalogue)
+            produce(ns, records)
+            log(f"{partitions} partitions, {workers} worker(s) …")
+            w = worker_eps(ns, events, workers=workers)
+            rows.append({"partitions": partitions, "workers": workers,
+                         "pipeline_eps": round(w["eps"], 1),
+                         "events_per_batch": w["events_per_batch"]})
+    return {"events": events, "scorer": workers_scorer, "cpus": os.cpu_count(), "layouts": rows}
 
 
 def run(settings: Settings, *, events: int = 100_000, partitions: int = 4,

@@ -84,7 +84,8 @@ def load_encoder(configured: str | Path | None = None) -> LoadedEncoder:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True,
+    # safetensors only: a pickled pytorch_model.bin could run code when loaded.
+    model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                       add_pooling_layer=False)
     return LoadedEncoder(tokenizer, model, path, weights_fingerprint(path))
 
@@ -92,10 +93,9 @@ def load_encoder(configured: str | Path | None = None) -> LoadedEncoder:
 def weights_fingerprint(path: Path) -> str:
     """sha256 (first 16 hex digits) of the encoder's weight file: names the base model in
     manifests and keys cached embeddings, so a different encoder never reuses them."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        f = path / name
-        if f.is_file():
-            return file_sha256(f)[:16]
+    f = path / "model.safetensors"
+    if f.is_file():
+        return file_sha256(f)[:16]
     raise EncoderNotFound(f"no model.safetensors in {path}")
 
 

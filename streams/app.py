@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tailstream.contract import Rejection
 from tailstream.metrics import Metrics
+from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
 from tailstream.streams.buffer_store import RedisBufferStore
 from tailstream.streams.dedupe import Deduper
@@ -89,6 +90,8 @@ def create_app(settings: Settings) -> Worker:
         topic_partitions=settings.partitions,
         topic_allow_declare=True,
         web_host=settings.web_host,
+        # Faust listens on web_bind (default 0.0.0.0); web_host is only the advertised name.
+        web_bind=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
         value_serializer="raw",
@@ -97,6 +100,11 @@ def create_app(settings: Settings) -> Worker:
         stream_buffer_maxsize=max(4 * settings.batch_size, 4096),
         **faust_broker_options(settings),
     )
+    # Table writes (one changelog record per user per batch) queue in Faust's producer
+    # buffer; past `max_messages` (100) the conductor stops feeding the stream and flushes
+    # them one at a time, logging a warning each time. A batch routinely writes hundreds
+    # of profiles, so the bound is set to a few batches' worth (still bounded memory).
+    app.producer.buffer.max_messages = 20 * settings.batch_size
     metrics = Metrics()
     scoring = ScoringService(settings, metrics) if settings.scorer == "transformer" else None
     redis = aioredis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5,
@@ -282,6 +290,9 @@ def create_app(settings: Settings) -> Worker:
 
     @app.page("/recommendations/{user_id}")
     async def recommendations_page(web: Any, request: Any, user_id: str) -> Any:
+        # Callers ask with the id they know; with pseudonymisation on, lists are stored
+        # under its pseudonym.
+        user_id = pseudonymize(user_id, settings.pseudonymize_key.reveal())
         found = parse_meta(user_id, await redis.hgetall(meta_key(settings.redis_prefix,
                                                                   user_id)))
         if found is None:

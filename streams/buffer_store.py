@@ -18,7 +18,9 @@ the client's circuit breaker (:class:`~tailstream.streams.publish.RedisHealth`, 
 with the publisher and de-dup) decides when to try again, and a background retry flushes
 the queue with backoff even when no new batch arrives. Each flush applies the queued
 changes in order (RPUSH then LTRIM, HSET of the latest values), so the result in Redis is
-what the writes would have made one by one.
+what the writes would have made one by one. If Redis comes back *empty* (restarted without
+persistence), the whole buffer is written again from the worker's memory, so the trainer
+does not see only the changes made since.
 """
 
 from __future__ import annotations
@@ -66,13 +68,17 @@ class RedisBufferStore:
         self._weights: dict[str, str] | None = None
         self._lock = asyncio.Lock()
         self._retry: asyncio.Task[None] | None = None
+        self._buffer: MinorityBuffer | None = None  # the live buffer, for a full rewrite
+        self._needs_rewrite = False
+        self._meta_written = False  # a flush wrote the meta hash: Redis holds a buffer
+        self._missed = False  # writes waited for Redis since the last successful flush
 
     @property
     def pending(self) -> int:
         """Writes waiting for Redis (list entries, reservoir slots, meta fields, weights)."""
         return (sum(len(q) for q in self._lists.values())
                 + sum(len(d) for d in self._slots.values()) + len(self._meta)
-                + (self._weights is not None))
+                + (self._weights is not None) + self._needs_rewrite)
 
     def _queue_list(self, key: str, blob: str, capacity: int) -> None:
         q = self._lists.get(key)
@@ -84,6 +90,7 @@ class RedisBufferStore:
                     buffer: MinorityBuffer) -> None:
         """Queue one batch's buffer changes and write what is queued (never raises for
         Redis: a failed write stays queued and is retried)."""
+        self._buffer = buffer
         if not changes and not self.pending:
             return
         k = self.keys
@@ -118,6 +125,7 @@ class RedisBufferStore:
         if not self.pending:
             return True
         if not self.health.allow():
+            self._missed = True
             self._schedule_retry()
             self._report()
             return False
@@ -126,9 +134,9 @@ class RedisBufferStore:
                 return True
             lists, slots, meta, weights = self._lists, self._slots, self._meta, self._weights
             self._lists, self._slots, self._meta, self._weights = {}, {}, {}, None
-            was_down = self.health.is_down
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.exists(self.keys["meta"])  # does Redis still hold the buffer?
                     for key, blobs in lists.items():
                         if blobs:
                             pipe.rpush(key, *blobs)
@@ -140,18 +148,66 @@ class RedisBufferStore:
                         pipe.hset(self.keys["meta"], mapping=_mapping(meta))
                     if weights is not None:
                         pipe.hset(f"{self.prefix}:weights", mapping=_mapping(weights))
-                    await asyncio.wait_for(pipe.execute(), self.timeout_s)
+                    replies = await asyncio.wait_for(pipe.execute(), self.timeout_s)
             except (TimeoutError, RedisError, OSError) as exc:
                 self._requeue(lists, slots, meta, weights)
+                self._missed = True
                 self.health.failed("buffer", exc)
                 self._schedule_retry()
                 self._report()
                 return False
+            if not replies[0] and self._meta_written and self._buffer is not None and \
+                    len(self._buffer):
+                self._needs_rewrite = True  # Redis lost it (restarted empty, flushed, …)
+            self._meta_written = self._meta_written or bool(meta)
+            if self._needs_rewrite and self._buffer is not None:
+                try:
+                    await self._rewrite(self._buffer)
+                except (TimeoutError, RedisError, OSError) as exc:
+                    self._missed = True
+                    self.health.failed("buffer", exc)
+                    self._schedule_retry()
+                    self._report()
+                    return False
+            self._needs_rewrite = False
         self.health.succeeded()
-        if was_down:
+        if self._missed:
+            self._missed = False
             log.info("minority buffer and loss weights written to redis again")
         self._report()
         return not self.pending
+
+    async def _rewrite(self, buffer: MinorityBuffer) -> None:
+        """Write the whole buffer (Redis lost it): lists and reservoirs replaced, meta set."""
+        state = buffer.to_state()
+        # The snapshot holds every change queued so far: writing those again would
+        # duplicate them (if this write fails, the next rewrite snapshots again).
+        self._lists, self._slots, self._meta = {}, {}, {}
+        k = self.keys
+
+        def blobs(rows: list[dict[str, Any]]) -> list[str]:
+            return [json.dumps(r, separators=(",", ":")) for r in rows]
+
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for label, rows in state["minority"].items():
+                pipe.delete(k["minority"] + label)
+                if rows:
+                    pipe.rpush(k["minority"] + label, *blobs(rows))
+            pipe.delete(k["tail"])
+            if state["tail"]:
+                pipe.rpush(k["tail"], *blobs(state["tail"]))
+            for label, rows in state["reservoir"].items():
+                pipe.delete(k["reservoir"] + label)
+                if rows:
+                    pipe.hset(k["reservoir"] + label, mapping=_mapping(
+                        {str(n): b for n, b in enumerate(blobs(rows))}))
+            meta = {f"seen:{label}": n for label, n in state["seen"].items()}
+            meta["new_since_last_take"] = state["new_since_last_take"]
+            pipe.hset(k["meta"], mapping=_mapping(meta))
+            await asyncio.wait_for(pipe.execute(), self.timeout_s)
+        log.warning("redis came back without the minority buffer (restarted without "
+                    "persistence?): wrote its %d samples again from this worker's memory",
+                    len(buffer))
 
     def _requeue(self, lists: dict[str, deque[str]], slots: dict[str, dict[str, str]],
                  meta: dict[str, int], weights: dict[str, str] | None) -> None:

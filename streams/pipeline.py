@@ -10,6 +10,7 @@ dead-lettered with its reason, never dropped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -31,6 +32,7 @@ from tailstream.metrics import Metrics
 from tailstream.models.baseline import new_profile, recommend
 from tailstream.models.popularity import PopularityTracker
 from tailstream.models.scorer import ContextEntry, UserRequest
+from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
 from tailstream.streams.buffer_store import RedisBufferStore
 from tailstream.streams.dedupe import Deduper
@@ -66,6 +68,12 @@ SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
 SaveCounts = Callable[[dict[int, dict[str, Any]]], None]
 SendAudit = Callable[[list[str], list[str]], Awaitable[None]]
 """(event_ids applied now, event_ids of replayed messages the state already held)."""
+
+
+def _pseudonymized(validate: Callable[[str, Any], Event], key: str, kind: str,
+                   value: Any) -> Event:
+    event = validate(kind, value)
+    return dataclasses.replace(event, user_id=pseudonymize(event.user_id, key))
 
 
 def _event_ids(value: bytes | None, limits: Limits) -> list[str]:
@@ -115,6 +123,7 @@ class Pipeline:
         self.item_text = self.state.item_text
         self.scoring = scoring
         self.send_audit = send_audit
+        self._pseudonym_key = settings.pseudonymize_key.reveal()
         self._weights_written = 0.0
         self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
@@ -144,6 +153,9 @@ class Pipeline:
         events: list[tuple[Event, RawMessage]] = []
         replayed: list[str] = []
         counted = self.imbalance.counted
+        validate = functools.partial(validate_event, limits=self.limits)
+        if self._pseudonym_key:
+            validate = functools.partial(_pseudonymized, validate, self._pseudonym_key)
         for msg in batch:
             if msg.topic == self.items_topic:
                 await self._apply_item(msg)
@@ -156,8 +168,7 @@ class Pipeline:
             kind = self.kind_of_topic.get(msg.topic, "unknown")
             self._messages_in[kind].inc()
             events.extend((event, msg) for event in await self._valid(
-                msg, functools.partial(validate_event, kind, limits=self.limits),
-                counted=self._events_in[kind]))
+                msg, functools.partial(validate, kind), counted=self._events_in[kind]))
         applied: list[str] = []
         if events:
             fresh = await self.deduper.first_seen(

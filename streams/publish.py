@@ -129,6 +129,9 @@ class RedisHealth:
         self.last_outage_s: float | None = None
         self._retry_at = 0.0
         self._lock = threading.Lock()
+        self.warn_every_s = 60.0
+        self._last_warned = -float("inf")
+        self._unwarned = 0
 
     @classmethod
     def of(cls, client: Any, **options: Any) -> RedisHealth:
@@ -189,17 +192,29 @@ class RedisHealth:
                 m.redis_outages.inc()
         if not starting:
             return
-        if is_credentials_error(exc):
+        # A flapping Redis starts many short outages: one warning a minute at most.
+        refused = is_credentials_error(exc)
+        if not refused and now - self._last_warned < self.warn_every_s:
+            self._unwarned += 1
+            log.debug("%s at %s unavailable again (%s)", self.name, self.where,
+                      self.describe(exc))
+            return
+        self._last_warned = now
+        also = (f"; {self._unwarned} more outages since the last warning"
+                if self._unwarned else "")
+        self._unwarned = 0
+        if refused:
             log.error("%s at %s refused the credentials or permissions of user %r (%s): %s; "
                       "until it accepts them, tailstream works without it (local "
-                      "de-duplication, lists and buffer writes held back)",
-                      self.name, self.where, self.user, self.describe(exc), CREDENTIALS_HINT)
+                      "de-duplication, lists and buffer writes held back)%s",
+                      self.name, self.where, self.user, self.describe(exc), CREDENTIALS_HINT,
+                      also)
         else:
             log.warning("%s at %s unavailable (%s, in %s); working without it: de-duplication "
                         "falls back to the local window, lists and buffer writes wait "
                         "(bounded) and are retried with backoff up to %.1fs. Logged once "
-                        "per outage.", self.name, self.where, self.describe(exc), component,
-                        self.max_backoff_s)
+                        "per outage%s.", self.name, self.where, self.describe(exc), component,
+                        self.max_backoff_s, also)
 
     def succeeded(self) -> None:
         """Record a successful operation; closes the circuit (logs the end of an outage)."""
@@ -220,9 +235,10 @@ class RedisHealth:
             self.last_outage_s = time.monotonic() - down_since
             if m is not None:
                 m.redis_last_outage.set(self.last_outage_s)
-            log.info("%s at %s available again after %.1fs (%d failed attempts, %d "
-                     "operations skipped meanwhile)", self.name, self.where,
-                     self.last_outage_s, failures, skipped)
+            log.log(logging.DEBUG if self._unwarned else logging.INFO,
+                    "%s at %s available again after %.1fs (%d failed attempts, %d "
+                    "operations skipped meanwhile)", self.name, self.where,
+                    self.last_outage_s, failures, skipped)
 
 
 def check_redis(url: str, *, prefix: str = "tailstream", timeout_s: float = 5.0) -> str:
@@ -393,6 +409,8 @@ class Publisher:
         self.health.metrics = metrics
         self._pending: OrderedDict[str, RecList] = OrderedDict()
         self._dropped_in_outage = 0
+        self._held_back = False  # lists waited for Redis since the last successful write
+        self._kafka_lost = 0  # notifications lost since the topic last worked
         # The agent and bulk refreshes publish concurrently; one batch at a time.
         self._lock = asyncio.Lock()
         self._replace = redis.register_script(REPLACE_LIST_LUA)
@@ -422,7 +440,10 @@ class Publisher:
             self.metrics.publish_dropped.inc()
             self._dropped_in_outage += 1
         self.metrics.publish_pending.set(len(self._pending))
-        if not self._pending or not self.health.allow():
+        if not self._pending:
+            return 0
+        if not self.health.allow():
+            self._held_back = True
             return 0
         batch = list(self._pending.values())
         if not await self._write_redis(batch):
@@ -455,15 +476,22 @@ class Publisher:
             try:
                 await self.send_to_kafka(rec.user_id, rec.message_bytes(published_at))
                 sent[rec.trigger] += 1
-            except Exception:  # a lost notification; Redis already holds the list
+            except Exception as exc:  # a lost notification; Redis already holds the list
                 self.metrics.publish_errors.labels("kafka").inc()
-                log.exception("publishing a list to Kafka failed")
+                self._kafka_lost += 1
+                if self._kafka_lost == 1:  # once per run of failures, not per list
+                    log.warning("publishing lists to the recommendations topic fails (%s: "
+                                "%s); the lists are in Redis, their notifications are lost "
+                                "until it works again", type(exc).__name__, exc)
+        if sent and self._kafka_lost:
+            log.info("the recommendations topic works again (%d notifications lost)",
+                     self._kafka_lost)
+            self._kafka_lost = 0
         for trigger, n in sent.items():
             self.metrics.recs_published.labels("kafka", trigger).inc(n)
         return len(batch)
 
     async def _write_redis(self, batch: list[RecList]) -> bool:
-        was_down = self.health.is_down
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for rec in batch:
@@ -478,10 +506,12 @@ class Publisher:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.metrics.publish_errors.labels("redis").inc()
+            self._held_back = True
             self.health.failed("lists", exc)
             return False
         self.health.succeeded()
-        if was_down:
+        if self._held_back:
+            self._held_back = False
             log.info("wrote %d lists held back during the redis outage (%d dropped: the "
                      "queue holds at most %d users)", len(batch), self._dropped_in_outage,
                      self.max_pending)

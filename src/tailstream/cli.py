@@ -77,12 +77,29 @@ def _logging(level: str) -> None:
 
 
 # --------------------------------------------------------------------------- commands
+def _preflight_redis(settings: Settings) -> None:
+    """Refuse to start with Redis credentials or ACL permissions that cannot work (a
+    clear error now rather than a worker that silently runs without Redis). An
+    unreachable Redis is not fatal: workers ride out Redis outages."""
+    from tailstream.streams.publish import RedisConfigError, check_redis
+
+    if not settings.redis_url:
+        return
+    try:
+        state = check_redis(settings.redis_url.reveal(), prefix=settings.redis_prefix)
+    except RedisConfigError as exc:
+        raise SystemExit(f"tailstream: {exc}") from None
+    if state != "ok":
+        log.warning("redis not reachable at start (%s); continuing, writes are retried", state)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
     from tailstream.streams.app import create_app
 
     settings = _with_running_stack(_settings(args))
+    _preflight_redis(settings)
     worker = create_app(settings)
     Worker(worker.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
     return 0
@@ -96,6 +113,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     from tailstream.streams.training import run_trainer
 
     settings = _with_running_stack(_settings(args))
+    _preflight_redis(settings)
     if settings.trainer_nice:
         os.nice(settings.trainer_nice)  # fine-tuning yields the CPU to the stream
     if settings.torch_threads > 0:
@@ -238,9 +256,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "ingest":
         from tailstream.bench import ingest
 
-        result = ingest.run(settings, events=args.events, partitions=args.partitions_bench,
-                            envelope_size=args.envelope, workers_scorer=settings.scorer,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if args.scaling:
+            layouts = [tuple(int(x) for x in part.split("x")) for part in args.scaling.split(",")]
+            result = ingest.scaling(settings, events=args.events,
+                                    layouts=[(p, w) for p, w in layouts],
+                                    workers_scorer=settings.scorer, log=say)
+        else:
+            result = ingest.run(settings, events=args.events,
+                                partitions=args.partitions_bench, envelope_size=args.envelope,
+                                workers_scorer=settings.scorer, log=say)
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown benchmark {args.what}")
     text = json.dumps(result, indent=2)
@@ -442,15 +467,17 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def cmd_recs(args: argparse.Namespace) -> int:
     import redis
 
+    from tailstream.privacy import pseudonymize
     from tailstream.streams.publish import meta_key, parse_meta
 
     settings = _with_running_stack(_settings(args))
     client = redis.Redis.from_url(settings.redis_url.reveal())
     try:
-        meta = client.hgetall(meta_key(settings.redis_prefix, args.user))
+        user = pseudonymize(args.user, settings.pseudonymize_key.reveal())
+        meta = client.hgetall(meta_key(settings.redis_prefix, user))
     finally:
         client.close()
-    found = parse_meta(args.user, meta)
+    found = parse_meta(user, meta)
     if found is None:
         print(f"no recommendations for user {args.user!r}", file=sys.stderr)
         return 1
@@ -577,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bench-partitions", dest="partitions_bench", type=int, default=4,
                    help="partitions of the input topics")
     g.add_argument("--envelope", type=int, default=100, help="events per batched envelope")
+    g.add_argument("--scaling", default="", metavar="PxW,...",
+                   help="instead: pipeline events/s per layout of P partitions and W worker "
+                        "processes, e.g. 1x1,4x1,4x2")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("produce", parents=[common], help="send events to the input topics")

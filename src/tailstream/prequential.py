@@ -258,6 +258,8 @@ class StrategyResult:
     finetunes: int = 0
     promotions: int = 0
     weights_over_time: list[dict[str, float]] = field(default_factory=list)
+    gate: list[dict[str, Any]] = field(default_factory=list)
+    """The promotion gate's decisions (``adaptive``): block, triggers, promote, reason."""
 
     def add_list(self, items: Sequence[str], tiers: Sequence[str], target: str,
                  target_tier: str) -> None:
@@ -451,6 +453,8 @@ class Harness:
             self._index(scorer, self.stream.items_by_block[b])
             if b >= self.cfg.warm_blocks:
                 self._predict(scorer, block, res, b)
+            if b == self.stream.n_blocks - 1:
+                break  # nothing left to predict: a fine-tune here could never be scored
             # Learn from the buffer as it stood at the end of the block.
             state = self.stream.blocks[b]
             if spec.adaptive and not state.requests:
@@ -481,9 +485,13 @@ class Harness:
             if spec.adaptive:
                 cur = evaluate(model, vectors.vectors, data.holdout, data.stream_mix)
                 cand = evaluate(candidate, vectors.vectors, data.holdout, data.stream_mix)
-                promote = decide(cur, cand, s.gated_classes,
-                                 recall_tolerance=s.gate_recall_tolerance,
-                                 quality_tolerance=s.gate_quality_tolerance).promote
+                decision = decide(cur, cand, s.gated_classes,
+                                  recall_tolerance=s.gate_recall_tolerance,
+                                  quality_tolerance=s.gate_quality_tolerance)
+                promote = decision.promote
+                res.gate.append({"block": b, "promote": promote, "reason": decision.reason,
+                                 "triggers": sorted({str(r.get("reason"))
+                                                     for r in state.requests})})
             if promote:
                 for p in candidate.parameters():
                     p.requires_grad_(False)
@@ -573,16 +581,31 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
         "class_shares": {c: round(v, 6) for c, v in
                          _shares(Counter(it.sample.label for it in stream.interactions)).items()},
         "strategies": {n: r.metrics(catalogue, events) for n, r in results.items()},
+        "gate": {n: r.gate for n, r in results.items() if r.gate},
         "over_time": {
             "class_shares": [b.shares for b in stream.blocks],
             "loop_weights": [b.weights for b in stream.blocks],
             "recall_by_block": {n: r.recall_by_block(stream.n_blocks)
                                 for n, r in results.items()},
-            "lorenz": {n: lorenz_curve(list(r.exposure.values())
-                                       + [0] * max(0, catalogue - len(r.exposure)))
+            "lorenz": {n: thin_curve(*lorenz_curve(list(r.exposure.values())
+                                                   + [0] * max(0, catalogue - len(r.exposure))))
                        for n, r in results.items()},
         },
     }
+
+
+def thin_curve(x: Sequence[float], y: Sequence[float],
+               points: int = 201) -> tuple[list[float], list[float]]:
+    """At most ``points`` points of a curve, first and last kept (a Lorenz curve over a
+    75k-item catalogue would otherwise put 150k numbers per strategy into eval.json).
+
+    >>> thin_curve([0.0, 0.25, 0.5, 0.75, 1.0], [0.0, 0.1, 0.2, 0.5, 1.0], points=3)
+    ([0.0, 0.5, 1.0], [0.0, 0.2, 1.0])
+    """
+    if len(x) <= points:
+        return [round(v, 6) for v in x], [round(v, 6) for v in y]
+    idx = sorted({int(round(v)) for v in np.linspace(0, len(x) - 1, points)})
+    return [round(x[i], 6) for i in idx], [round(y[i], 6) for i in idx]
 
 
 def _shares(counts: Counter[str]) -> dict[str, float]:

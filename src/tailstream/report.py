@@ -16,24 +16,65 @@ TABLE_METRICS = (
 )
 
 
-def markdown(result: dict[str, Any], command: str) -> str:
-    """The strategy table, best value per column in bold (lower is better for Gini, time)."""
-    strategies: dict[str, dict[str, Any]] = result["strategies"]
-    lower_better = {"exposure_gini", "ms_per_event"}
+CLASSES = ("click", "cart", "fav", "purchase")
+TIERS = ("head", "torso", "tail")
+
+CLASS_METRICS = (
+    *((f"{m}_{c}", f"{m[0].upper()} {c}") for c in CLASSES
+      for m in ("precision", "recall", "f1")),
+    ("cart_pr_auc", "PR-AUC cart"), ("purchase_pr_auc", "PR-AUC purchase"),
+)
+
+RANK_METRICS = (
+    ("hit_at_10", "Hit@10"), ("hit_at_20", "Hit@20"), ("ndcg_at_10", "NDCG@10"),
+    ("ndcg_at_20", "NDCG@20"), ("mrr", "MRR@20"),
+    *((f"{m}_{t}", f"{label} {t}") for t in TIERS
+      for m, label in (("hit_at_10", "Hit@10"), ("hit_at_20", "Hit@20"),
+                       ("ndcg_at_20", "NDCG@20"), ("mrr", "MRR@20"))),
+)
+
+LOWER_BETTER = {"exposure_gini", "ms_per_event"}
+
+
+def table(strategies: dict[str, dict[str, Any]],
+          metrics: tuple[tuple[str, str], ...]) -> list[str]:
+    """One markdown table, a row per strategy, the best value of each column in bold
+    (lower is better for Gini and time). Metrics a result lacks show as "–".
+
+    >>> print("\\n".join(table({"a": {"x": 0.5}, "b": {"x": 0.25, "y": 1.0}},
+    ...                         (("x", "X"), ("y", "Y")))))
+    | strategy | X | Y |
+    |---|---:|---:|
+    | a | **0.500** | – |
+    | b | 0.250 | **1.000** |
+    """
     best: dict[str, float] = {}
-    for key, _ in TABLE_METRICS:
-        values = [m.get(key, 0.0) for m in strategies.values()]
-        best[key] = min(values) if key in lower_better else max(values)
-    head = "| strategy | " + " | ".join(label for _, label in TABLE_METRICS) + " |"
-    rule = "|---|" + "---:|" * len(TABLE_METRICS)
+    for key, _ in metrics:
+        values = [m[key] for m in strategies.values() if key in m]
+        if values:
+            best[key] = min(values) if key in LOWER_BETTER else max(values)
+    head = "| strategy | " + " | ".join(label for _, label in metrics) + " |"
+    rule = "|---|" + "---:|" * len(metrics)
     rows = []
     for name, m in strategies.items():
         cells = []
-        for key, _ in TABLE_METRICS:
-            v = m.get(key, 0.0)
+        for key, _ in metrics:
+            if key not in m:
+                cells.append("–")
+                continue
+            v = m[key]
             text = f"{v:.3f}" if key != "ms_per_event" else f"{v:.2f}"
             cells.append(f"**{text}**" if v == best[key] and len(strategies) > 1 else text)
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [head, rule, *rows]
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    """The strategy tables: the headline metrics, then per-class precision/recall/F1 with
+    PR-AUC, then ranking quality by tier of the interacted item; best per column in bold."""
+    strategies: dict[str, dict[str, Any]] = result["strategies"]
+    runs = " | ".join(f"{n}: {m.get('finetunes', 0)}/{m.get('promotions', 0)}"
+                      for n, m in strategies.items() if m.get("finetunes"))
     cfg = result["config"]
     shares = ", ".join(f"{c} {100 * v:.2f} %" for c, v in result["class_shares"].items())
     return "\n".join([
@@ -50,7 +91,20 @@ def markdown(result: dict[str, Any], command: str) -> str:
         command,
         "```",
         "",
-        head, rule, *rows, "",
+        *table(strategies, TABLE_METRICS), "",
+        "Per class (precision P, recall R, F1) and PR-AUC of p(cart), p(purchase):",
+        "",
+        *table(strategies, CLASS_METRICS), "",
+        "Ranking (MRR within the 20-item list) overall and by tier of the interacted item:",
+        "",
+        *table(strategies, RANK_METRICS), "",
+        f"Fine-tunes / promotions: {runs or 'none'}. Wall time "
+        f"{cfg.get('seconds', 0.0):.0f} s.",
+        "",
+        *(f"* promotion gate ({name}), after block {d['block']} "
+          f"({', '.join(d.get('triggers', [])) or 'no trigger'}): {d['reason']}"
+          for name, decisions in result.get("gate", {}).items() for d in decisions),
+        "",
     ])
 
 
@@ -63,6 +117,11 @@ def charts(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    tab20 = plt.get_cmap("tab20")  # 12 strategies: tab10 would repeat colours
+    shades = [2 * k for k in range(10)] + [2 * k + 1 for k in range(10)]  # dark, then light
+    style: dict[str, dict[str, Any]] = {
+        n: {"color": tab20(shades[i % 20]), "linestyle": ("-", "--", "-.", ":")[i % 4]}
+        for i, n in enumerate(result["strategies"])}
     over = result["over_time"]
     classes = ["click", "cart", "fav", "purchase"]
     name = result["dataset"].split()[0].replace("/", "_")
@@ -80,12 +139,14 @@ def charts(result: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(_save(fig, out_dir / f"{name}-shares-weights.png"))
 
     recall = over["recall_by_block"]
+    first = int(result.get("config", {}).get("warm_blocks", 0))  # earlier blocks: unscored
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     for ax, c in zip(axes, ("cart", "fav", "purchase"), strict=True):
         for strategy, per_class in recall.items():
-            ax.plot(per_class[c], label=strategy)
+            ax.plot(range(first, len(per_class[c])), per_class[c][first:], label=strategy,
+                    **style.get(strategy, {}))
         ax.set_title(f"recall {c} per block")
-        ax.set_xlabel("block")
+        ax.set_xlabel("block (predicted before training on it)")
     axes[-1].legend(fontsize=7, ncol=2)
     paths.append(_save(fig, out_dir / f"{name}-recall-over-time.png"))
 
@@ -103,7 +164,7 @@ def charts(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for strategy, (x, y) in over["lorenz"].items():
-        ax.plot(x, y, label=strategy)
+        ax.plot(x, y, label=strategy, **style.get(strategy, {}))
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set_title("exposure Lorenz curve")
     ax.set_xlabel("share of items (least shown first)")
@@ -115,7 +176,7 @@ def charts(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -248,6 +248,9 @@ class Settings:
     max_envelope_events: int = 1000
     """Events per batched envelope at most."""
     max_string_chars: int = 512
+    pseudonymize_key: Secret = Secret("")
+    """Key of the HMAC that replaces user ids before anything is stored or published
+    (empty: ids kept as sent). See :mod:`tailstream.privacy`."""
     dedupe_ttl_s: int = 86_400
     """How long an event_id is remembered for de-duplication."""
     max_future_skew_s: int = 86_400

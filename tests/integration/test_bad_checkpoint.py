@@ -66,7 +66,8 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
 def test_a_corrupt_announced_version_is_refused_and_the_current_one_keeps_serving(
         worker: tuple[ManagedProcess, Settings]) -> None:
     proc, ws = worker
-    assert metric(ws, "tailstream_serving_model_version_number") == 1
+    wait_for(lambda: metric(ws, "tailstream_model_loads_total") >= 1, 60, "the model loaded")
+    assert metric(ws, "tailstream_serving_model_version_number") == 1  # v00001
     sim = ShopSimulator(n_users=20, n_items=60, seed=4)
     send_records(sim.catalogue(), ws)
     wait_for(lambda: metric(ws, "tailstream_index_items") >= 60, 60, "the catalogue indexed")

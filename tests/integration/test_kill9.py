@@ -144,7 +144,7 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
         assert len(kills) == KILLS
         assert report["duplicates_skipped"] > 0  # the producer retries were seen and skipped
         assert lost == [], f"{len(lost)} event_ids never processed, e.g. {lost[:5]}"
-        assert counts == {c: expected.get(c, 0) for c in counts}, "counts differ from distinct events"
+        assert counts == {c: expected.get(c, 0) for c in counts}, "counts != distinct events"
     finally:
         stop.set()
         for p in procs:

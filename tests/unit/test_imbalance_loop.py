@@ -148,3 +148,24 @@ def test_trigger_cooldown_and_interval() -> None:
     restored = TriggerPolicy(10, 100, 5)
     restored.load_state(t.to_state())
     assert restored.fired == t.fired and restored.last_fired == 120
+
+
+def test_offset_watermark_travels_with_the_counts() -> None:
+    """The counts' changelog state carries, per topic, the last offset it holds: a
+    restored loop knows which replayed messages it must not count again."""
+    loop = ImbalanceLoop(Settings())
+    feed(loop, 50, MIX, random.Random(1))
+    assert not loop.counted(0, "clicks", 0)
+    loop.mark_counted(0, "clicks", 41)
+    loop.mark_counted(0, "clicks", 17)  # never moves back
+    loop.mark_counted(0, "carts", 3)
+    state = loop.take_touched()[0]
+
+    restored = ImbalanceLoop(Settings())
+    restored.load_partition(0, state)
+    assert restored.totals() != dict.fromkeys(restored.totals(), 0)
+    assert restored.counted(0, "clicks", 41) and restored.counted(0, "clicks", 0)
+    assert not restored.counted(0, "clicks", 42)
+    assert restored.counted(0, "carts", 3) and not restored.counted(0, "carts", 4)
+    assert not restored.counted(0, "purchases", 0)  # no watermark yet for that topic
+    assert not restored.counted(1, "clicks", 0)  # nor for another partition

