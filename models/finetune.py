@@ -478,7 +478,11 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         preds.extend(classes[int(k)] for k in logits.argmax(-1))
         scores = model.retrieval_scores(users, item_vecs)
         own = scores.gather(1, idx.unsqueeze(1))
-        ranks.extend(((scores > own).sum(1) + 1).tolist())
+        # Ties are broken at random in expectation: an untrained model scores every item
+        # 0 for a user without context, and counting ties as hits would rank each of
+        # their items first (a base model would then look unbeatable to the gate).
+        ties = (scores == own).sum(1) - 1
+        ranks.extend(((scores > own).sum(1) + 1 + ties // 2).tolist())
     truth = [s.label for s in samples]
     held_mix = Counter(truth)
     n = len(truth)

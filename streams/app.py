@@ -144,13 +144,54 @@ def create_app(settings: Settings) -> Worker:
         await requests_topic.send(key=settings.app_id.encode(),
                                   value=json.dumps(request, default=float).encode())
 
+    changelogs = {t.changelog_topic.get_topic_name(): t
+                  for t in (profiles_table, counts_table)}
+
+    def missing_changelogs() -> set[str]:
+        from tailstream.kafka_io import admin
+
+        client = admin(settings)
+        try:
+            return set(changelogs) - set(client.list_topics())
+        finally:
+            client.close()
+
     @counts_table.on_recover
     async def restore_imbalance_state() -> None:
         """After (re)assignment: counts from the changelog, the buffer from Redis."""
         loop = pipeline.imbalance
+        consumer: Any = app.consumer
+        consumer.input_topics = frozenset([*settings.input_topics, settings.topic_for("item")])
+        missing = await asyncio.to_thread(missing_changelogs)
+        reset = bool(missing and (loop.partitions or len(counts_table.data)))
+        pipeline.deduper.trust_seen = reset
+        if reset:
+            # Faust created them at start: a broker without them lost its log (a
+            # memory-storage broker restarted). Offsets restart at 0 there, so the
+            # watermarks would take new messages for replays, and the fetch positions
+            # and any offsets committed since point past records never read.
+            metrics.broker_resets.inc()
+            log.warning("the broker lost this worker's changelog topics %s (restarted "
+                        "without storage?): re-creating them and reading every input "
+                        "partition from its start; event_id de-duplication skips what "
+                        "was processed already", sorted(missing))
+            producer: Any = app.producer
+            for name in missing:
+                await changelogs[name].changelog_topic.declare()
+                # The producer must know the new topic before a table write partitions a
+                # key for it (aiokafka's partitioner fails on an unknown topic).
+                await producer._ensure_producer().client._wait_on_metadata(name)
+            consumer.rewind = {tp for tp in consumer.assignment()
+                               if tp.topic in consumer.input_topics}
         for key, blob in counts_table.items():
             if blob:
                 loop.load_partition(int(key.decode()[1:]), json.loads(blob))
+        if reset:
+            loop.forget_offsets()  # after loading: the table holds the old ones
+            # Make the state durable again: write it all to the new changelogs.
+            save_counts(loop.take_touched())
+            for key, value in list(profiles_table.data.items()):
+                profiles_table.send_changelog(None, key, value)
         try:
             loop.buffer = await buffer_store.load(settings.buffer_capacity,
                                                   settings.minority_share,

@@ -91,6 +91,10 @@ class Deduper:
         self.health = health if health is not None or redis is None else RedisHealth.of(redis)
         self._backfill: deque[tuple[str, str]] = deque(maxlen=backfill_max)
         self.backfill_per_batch = backfill_per_batch
+        #: Every id seen is in this process's state (no crash since): a redelivery of the
+        #: same message is a duplicate too. Set after a broker reset, until the next
+        #: assignment that recovers state from changelogs.
+        self.trust_seen = False
 
     @property
     def backfill_pending(self) -> int:
@@ -109,6 +113,8 @@ class Deduper:
         message (``sources[i]``) that first carried it. Marks them all seen."""
         if sources is not None and len(sources) != len(event_ids):
             raise ValueError("one source per event id")
+        if self.trust_seen:
+            sources = None
         out: list[bool] = []
         fresh: list[tuple[int, str, str]] = []  # (position, id, source): ask Redis
         in_call: set[str] = set()

@@ -247,6 +247,13 @@ class ImbalanceLoop:
             pc.offsets[topic] = offset
             self.touched.add(partition)
 
+    def forget_offsets(self) -> None:
+        """The broker lost its log (offsets restart at 0): no message is a replay now."""
+        for p, pc in self.partitions.items():
+            if pc.offsets:
+                pc.offsets.clear()
+                self.touched.add(p)
+
     def load_partition(self, p: int, state: dict[str, Any]) -> None:
         pc = PartitionCounts.from_state(state)
         self.partitions[p] = pc

@@ -77,6 +77,11 @@ class Metrics:
             "tailstream_redis_circuit_open",
             "1 while Redis is treated as unavailable (operations skipped or queued until "
             "the next retry), else 0.", registry=r)
+        self.broker_resets = Counter(
+            "tailstream_broker_resets_total",
+            "Times the broker came back without this worker's changelog topics (a "
+            "memory-storage broker restarted): offsets watermarks reset, inputs re-read.",
+            registry=r)
         self.redis_outages = Counter(
             "tailstream_redis_outages_total",
             "Redis outages (a run of failed operations ended by a success counts once).",

@@ -15,14 +15,26 @@ Two waves of new events follow, each with fresh event_ids, accounted for exactly
 the audit topic (``audit_processed``):
 
 * wave 1 is sent at once, while the worker still holds its pre-outage group membership,
-  fetch positions and per-partition offset watermarks; its records get offsets from 0
-  again on the new broker. Part of it, how much depends on timing, is lost (see the
-  xfail message and docs/reliability.md): read from the stale positions, discarded
-  during the rejoin with no committed offset to seek back to, or skipped as "replays"
-  at or below the old watermarks. The test reports which, and is an expected failure
-  until the worker detects a broker that lost its log.
+  fetch positions and per-partition offset watermarks; on the new broker its records get
+  offsets from 0 again. Which part of it is lost depends on timing, three ways seen:
+  the consumer fetches from its stale positions and never reads the records below them
+  (Faust then commits those positions to the new broker); or it reads records while it
+  rejoins the group, Faust drops them and its seek to committed offsets has none to go
+  back to (faust-streaming#216); or it reads from 0 and the worker's offset watermarks
+  (``ImbalanceLoop.counted``) take every record at or below the old offsets for a replay
+  (``tailstream_replayed_messages_total``). The test reports which, and is an expected
+  failure (xfail) while any is lost: the worker does not notice that the broker lost
+  its log.
 * wave 2 is sent after the worker rejoined the group on the new broker, above every old
   offset: all of it must be processed, by the same worker process, within a bound.
+
+No event may be applied twice, whatever a fix does to get wave 1 back (re-reading the
+partitions from 0 re-delivers what was processed from the stale positions).
+
+Not covered here (too slow for a test): five minutes after the rejoin, when the consumer
+refreshes its metadata, the changelog topics exist again (auto-created by the broker; the
+trigger was not pinned down) and the worker rebalances into a changelog recovery that
+never ends ("No event received for active tp ..."), processing nothing from then on.
 """
 
 from __future__ import annotations
@@ -121,9 +133,9 @@ def produce(ws: Settings, n: int) -> dict[str, tuple[int, int]]:
         producer.close()
 
 
-def audit(ws: Settings) -> tuple[set[str], set[str]]:
-    """Event_ids the worker applied, and those it skipped as replays (audit topic)."""
-    applied: set[str] = set()
+def audit(ws: Settings) -> tuple[Counter[str], set[str]]:
+    """Event_ids the worker applied (how often), and those it skipped as replays."""
+    applied: Counter[str] = Counter()
     replayed: set[str] = set()
     consumer = reader(ws, [ws.topic(ws.topic_processed)])
     try:
@@ -207,7 +219,6 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnBroker, redis_url: str
         # --- the broker comes back, empty, on the same port; wave 1 at once --------------
         own_broker.start()
         back_at, back_wall = time.monotonic(), time.time()
-        worker_made = topics_on(ws)  # anything the worker re-created by itself
         create_topics(ws)  # the operator's step for a memory-storage broker
         wave1 = produce(ws, WAVE1)
         first_new = None
@@ -234,9 +245,9 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnBroker, redis_url: str
                 break
             time.sleep(0.05)
         applied, replayed = audit(ws)  # the audit, for which events exactly
-        while not set(wave2) <= applied and time.monotonic() < deadline:
+        while not set(wave2) <= set(applied) and time.monotonic() < deadline:
             applied, replayed = audit(ws)
-        if not set(wave2) <= applied:
+        if not set(wave2) <= set(applied):
             wave2_s = None
         m_after = snapshot(ws) or {}
         deadline = time.monotonic() + COMMIT_WAIT_S  # does the worker commit to it again?
@@ -249,6 +260,7 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnBroker, redis_url: str
         proc.stop()
 
     lost = [e for e in wave1 if e not in applied]
+    twice = sorted(e for e, n in applied.items() if n > 1)
     as_replay = [e for e in lost if e in replayed]
     below_watermark = [e for e in wave1 if wave1[e][1] <= watermark.get(wave1[e][0], -1)]
     lines = proc.log_path.read_text(errors="replace").splitlines()
@@ -262,19 +274,19 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnBroker, redis_url: str
         f"\nbefore: {BEFORE} events processed; offset watermarks per partition {watermark}"
         f"\nduring: assigned partitions {m_out.get('tailstream_assigned_partitions')}, lag "
         f"{m_out.get('tailstream_consumer_lag_messages')}: no metric shows the outage"
-        f"\nafter: topics the worker re-created itself: {sorted(worker_made) or 'none'}; "
-        f"worker rejoined the group {joined[0]:.1f} s after the broker was back; first new "
-        f"event processed at {first_new and round(first_new, 2)} s"
+        f"\nafter: worker rejoined the group {joined[0]:.1f} s after the broker was back; "
+        f"first new event processed at {first_new and round(first_new, 2)} s"
         f"\n  wave 1 ({WAVE1} sent at once): applied {WAVE1 - len(lost)}, lost {len(lost)} "
         f"(skipped as replays {len(as_replay)}, never handed to the pipeline "
         f"{len(lost) - len(as_replay)}); {len(below_watermark)} had offsets at or below "
         f"the old watermarks"
         f"\n  wave 2 ({WAVE2} sent after the rejoin): applied "
-        f"{len(set(wave2) & applied)} in {wave2_s and round(wave2_s, 2)} s"
+        f"{len(set(wave2) & set(applied))} in {wave2_s and round(wave2_s, 2)} s"
+        f"\n  events applied more than once: {len(twice)}"
         f"\n  replayed_messages_total {m_after.get('tailstream_replayed_messages_total')}, "
         f"duplicates_total {m_after.get('tailstream_duplicates_total')}"
-        f"\n  on the new broker at the end: worker-internal topics (changelogs) "
-        f"{own_topics or 'none'}; committed offsets of clicks {committed}"
+        f"\n  on the new broker at the end: topics the worker declares itself (changelogs, "
+        f"assignor) {own_topics or 'none'}; committed offsets of clicks {committed}"
         f"\nworker log: {len(problems)} WARNING/ERROR lines "
         f"({len(problems) / OUTAGE_S:.0f}/s of outage), by kind:")
     for text, n in kinds.most_common(8):
@@ -285,6 +297,7 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnBroker, redis_url: str
     assert served == polls, "/metrics must keep answering while the broker is down"
     assert wave2_s is not None, \
         f"events sent after the rejoin not all processed within {WAVE2_BOUND_S:.0f} s"
+    assert not twice, f"{len(twice)} events applied twice, e.g. {twice[:3]}"
     if lost:
         pytest.xfail(
             f"{len(lost)} of {WAVE1} events sent right after the broker came back were "

@@ -33,8 +33,8 @@ from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
 pytestmark = pytest.mark.integration
 
 KILLS = 3
-EVENTS = 15_000
-RATE = 300.0  # events/s: about 50 s of load, the kills (and restarts) fall inside it
+EVENTS = 21_000
+RATE = 300.0  # events/s: about 70 s of load, the kills (and restarts) fall inside it
 DUPLICATE_EVERY = 40  # a producer retry: the same record (same event_id) sent again
 
 

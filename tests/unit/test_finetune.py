@@ -227,3 +227,21 @@ def test_augmentation_rewrites_only_minority_texts(
     batch = t.draw(data, sampling_plan(data, t.cfg, CLASSES))
     changed = {s.label for s in batch if s.item_text != "cheap phone case"}
     assert changed == {"purchase"}
+
+
+def test_ties_do_not_count_as_hits_in_the_gate(
+        tiny_encoder: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    """A model that scores every item the same (an untrained one, for users without
+    context) must not get HitRate@10 = 1 from the gate: ties rank in the middle."""
+    samples = shop_samples(600)
+    data = prepare_data(samples, counts_of(samples), 0.3)
+    t = tuner(tiny_encoder, FineTuneConfig(max_steps=1, batch_size=32))
+    assert t.text_vectors is not None
+
+    def flat(texts: list[str]) -> torch.Tensor:  # every text the same vector: all scores tie
+        return torch.ones(len(texts), t.model.empty_context.shape[0])
+
+    result = evaluate(t.model, flat, data.holdout, data.stream_mix)
+    items = len({s.item_id for s in data.holdout})
+    assert items > 40
+    assert result["hit_at_10"] < 0.5, result["hit_at_10"]
