@@ -156,6 +156,8 @@ def create_app(settings: Settings) -> Worker:
         finally:
             client.close()
 
+    buffer_restored: list[bool] = []
+
     @counts_table.on_recover
     async def restore_imbalance_state() -> None:
         """After (re)assignment: counts from the changelog, the buffer from Redis."""
@@ -192,12 +194,18 @@ def create_app(settings: Settings) -> Worker:
             save_counts(loop.take_touched())
             for key, value in list(profiles_table.data.items()):
                 profiles_table.send_changelog(None, key, value)
-        try:
-            loop.buffer = await buffer_store.load(settings.buffer_capacity,
-                                                  settings.minority_share,
-                                                  settings.tail_capacity)
-        except Exception:
-            log.exception("could not restore the minority buffer from redis; starting empty")
+        # The buffer is restored from Redis once per process. On later rebalances the
+        # in-memory buffer is the newer copy: a batch still in flight has added samples
+        # to it whose Redis writes may land after a reload would have read Redis.
+        if not buffer_restored:
+            try:
+                loop.buffer = await buffer_store.load(settings.buffer_capacity,
+                                                      settings.minority_share,
+                                                      settings.tail_capacity)
+                buffer_restored.append(True)
+            except Exception:
+                log.exception("could not restore the minority buffer from redis; starting "
+                              "empty")
         log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),
                  loop.buffer.sizes())
 
