@@ -245,3 +245,16 @@ def test_ties_do_not_count_as_hits_in_the_gate(
     items = len({s.item_id for s in data.holdout})
     assert items > 40
     assert result["hit_at_10"] < 0.5, result["hit_at_10"]
+
+
+def test_a_pickled_encoder_is_never_loaded(tiny_encoder: Path, tmp_path: Path) -> None:
+    """Only model.safetensors is read: a folder whose weights are a pickle is refused."""
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_encoder, pickled)
+    state = load_encoder(tiny_encoder).model.state_dict()
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises((EncoderNotFound, OSError)):
+        load_encoder(pickled)
