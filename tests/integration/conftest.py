@@ -8,12 +8,13 @@ Faust app id and Redis key prefix (``uuid4``), so tests never see each other's e
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tailstream.embedded import ManagedProcess, start_broker, start_redis
+from tailstream.embedded import ManagedProcess, free_port, start_broker, start_redis
 from tailstream.kafka_io import create_topics
 from tailstream.settings import Secret, Settings
 from tailstream.workers import start_worker, wait_ready
@@ -38,6 +39,53 @@ def redis_url(services_dir: Path) -> Iterator[str]:
     proc, url = start_redis(services_dir)
     yield url
     proc.stop()
+
+
+@dataclass
+class OwnService:
+    """A broker or redis-server of one test only (not the session's), restartable on the
+    same port: for outage tests that kill it and bring it back."""
+
+    starter: Callable[..., tuple[ManagedProcess, str]]
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: ManagedProcess | None = None
+    address: str = ""  # bootstrap servers, or the redis URL
+
+    def start(self) -> str:
+        self.proc, self.address = self.starter(self.root, port=self.port)
+        return self.address
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.stop()  # closes its log file
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[OwnService]:
+    """A Tansu broker (memory storage) of this test only."""
+    service = OwnService(start_broker, tmp_path / "own-broker")
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnService]:
+    """A redis-server of this test only."""
+    service = OwnService(start_redis, tmp_path / "own-redis")
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 @pytest.fixture

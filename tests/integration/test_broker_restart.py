@@ -44,8 +44,6 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -53,10 +51,12 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tailstream.contract import encode, new_event_id
-from tailstream.embedded import ManagedProcess, free_port, start_broker
+from tailstream.embedded import ManagedProcess
 from tailstream.kafka_io import admin, create_topics, iter_messages, reader
 from tailstream.settings import Secret, Settings
 from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+
+from .conftest import OwnService
 
 pytestmark = pytest.mark.integration
 
@@ -68,39 +68,6 @@ OUTAGE_S = 10.0
 REJOIN_BOUND_S = 20.0  # broker back → worker's group rejoined
 WAVE2_BOUND_S = 15.0  # wave 2 sent → all of it processed
 COMMIT_WAIT_S = 8.0  # a few commit intervals (2.8 s)
-
-
-@dataclass
-class OwnBroker:
-    """A Tansu broker of this test only, restartable on the same port (memory storage)."""
-
-    root: Path
-    port: int = field(default_factory=free_port)
-    proc: ManagedProcess | None = None
-    bootstrap: str = ""
-
-    def start(self) -> str:
-        self.proc, self.bootstrap = start_broker(self.root, port=self.port)
-        return self.bootstrap
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.stop()  # closes its log file
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
-    broker = OwnBroker(tmp_path / "own-broker")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def snapshot(ws: Settings) -> dict[str, float] | None:
@@ -179,11 +146,11 @@ def rejoins_after(proc: ManagedProcess, wall: float) -> list[float]:
     return out
 
 
-def test_worker_rides_out_a_broker_restart(own_broker: OwnBroker, redis_url: str,
+def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: str,
                                            tmp_path: Path) -> None:
     ns = uuid.uuid4().hex[:10]
     ws0 = Settings().replace(
-        kafka_bootstrap=own_broker.bootstrap, redis_url=Secret(redis_url),
+        kafka_bootstrap=own_broker.address, redis_url=Secret(redis_url),
         topic_prefix=f"t{ns}-", app_id=f"tailstream-test-{ns}", redis_prefix=f"ts{ns}",
         data_dir=tmp_path, partitions=2, web_port=0, batch_within_s=0.02,
         scorer="baseline", audit_processed=True).with_embedded_group_timing()

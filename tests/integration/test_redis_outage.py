@@ -14,8 +14,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ import redis
 from kafka import KafkaProducer
 
 from tailstream.contract import encode, new_event_id
-from tailstream.embedded import ManagedProcess, free_port, start_redis
 from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
@@ -32,45 +29,14 @@ from tailstream.settings import Secret, Settings
 from tailstream.streams.publish import meta_key, parse_meta
 from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
 
+from .conftest import OwnService
+
 pytestmark = pytest.mark.integration
 
 RATE = 400.0  # events/s sent by the producer, before, during and after the outage
 OUTAGE_S = 30.0
 BEFORE_S = 8.0
 RECOVERY_BOUND_S = 10.0
-
-
-@dataclass
-class OwnRedis:
-    """A redis-server of this test only, restartable on the same port."""
-
-    root: Path
-    port: int = field(default_factory=free_port)
-    proc: ManagedProcess | None = None
-    url: str = ""
-
-    def start(self) -> str:
-        self.proc, self.url = start_redis(self.root, port=self.port)
-        return self.url
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.stop()  # closes its log file
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path / "own-redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def worker_settings(broker: str, url: str, tmp_path: Path, **overrides: object) -> Settings:
@@ -134,8 +100,8 @@ def list_event_id(r: redis.Redis, ws: Settings, user: str) -> str | None:
 
 
 def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
-        broker: str, own_redis: OwnRedis, tmp_path: Path) -> None:
-    ws0 = worker_settings(broker, own_redis.url, tmp_path)
+        broker: str, own_redis: OwnService, tmp_path: Path) -> None:
+    ws0 = worker_settings(broker, own_redis.address, tmp_path)
     create_topics(ws0)
     proc, ws = start_worker(ws0)
     stop = threading.Event()
@@ -143,7 +109,7 @@ def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
     sender = threading.Thread(target=send_records, args=(sim.events(), ws),
                               kwargs={"rate": RATE, "stop": stop}, daemon=True)
     probes = KafkaProducer(bootstrap_servers=ws.kafka_bootstrap, linger_ms=1)
-    r = redis.Redis.from_url(own_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    r = redis.Redis.from_url(own_redis.address, socket_timeout=1, socket_connect_timeout=1)
     try:
         wait_ready(proc, ws)
         sender.start()
@@ -250,14 +216,14 @@ def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
 
 
 def test_the_text_vector_cache_skips_a_dead_redis_and_writes_later(
-        own_redis: OwnRedis) -> None:
+        own_redis: OwnService) -> None:
     """The scoring thread's cache: misses at once while Redis is down (no call per text
     waits on a socket), keeps what it computed (bounded), writes it when Redis is back."""
     import torch
 
     from tailstream.streams.vector_cache import RedisVectorStore, text_field
 
-    client = redis.Redis.from_url(own_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis.Redis.from_url(own_redis.address, socket_timeout=1, socket_connect_timeout=1)
     cache = RedisVectorStore(client, "vt", max_pending=3, max_backoff_s=0.5)
     try:
         cache.put_many("fp", {"a": torch.ones(4)})
@@ -281,7 +247,7 @@ def test_the_text_vector_cache_skips_a_dead_redis_and_writes_later(
         client.close()
 
 
-def test_dedupe_and_buffer_writes_never_wait_on_a_dead_redis(own_redis: OwnRedis) -> None:
+def test_dedupe_and_buffer_writes_never_wait_on_a_dead_redis(own_redis: OwnService) -> None:
     """Unit-sized check on the real server: with Redis gone, a batch's de-dup check and
     buffer write return at once (circuit open), and nothing queued is lost."""
     import asyncio
@@ -295,7 +261,7 @@ def test_dedupe_and_buffer_writes_never_wait_on_a_dead_redis(own_redis: OwnRedis
     from tailstream.streams.publish import Publisher
 
     async def scenario() -> tuple[float, list[bool], int, int]:
-        client = aioredis.Redis.from_url(own_redis.url, socket_timeout=2,
+        client = aioredis.Redis.from_url(own_redis.address, socket_timeout=2,
                                          socket_connect_timeout=1)
 
         async def nowhere(user: str, payload: bytes) -> None:
