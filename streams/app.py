@@ -157,6 +157,10 @@ def create_app(settings: Settings) -> Worker:
             client.close()
 
     buffer_restored: list[bool] = []
+    # Faust resumes the stream before the tables' on_recover callbacks have run: a batch
+    # processed in that gap would be counted into empty partitions that the restore then
+    # overwrites (its events lost from the counts, already read past). The agent waits.
+    counts_restored = asyncio.Event()
 
     @counts_table.on_recover
     async def restore_imbalance_state() -> None:
@@ -208,6 +212,7 @@ def create_app(settings: Settings) -> Worker:
                               "empty")
         log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),
                  loop.buffer.sizes())
+        counts_restored.set()
 
     async def send_to_dlq(msg: RawMessage, why: Rejection) -> None:
         await dlq_topic.send(key=msg.key, value=msg.value if msg.value is not None else b"",
@@ -266,6 +271,12 @@ def create_app(settings: Settings) -> Worker:
         batches = cast(faust.Stream[bytes], stream).take_events(
             settings.batch_size, within=settings.batch_within_s)
         async for events in batches:
+            if not counts_restored.is_set():
+                try:
+                    await asyncio.wait_for(counts_restored.wait(), 60.0)
+                except TimeoutError:
+                    log.warning("imbalance state not restored after 60 s; processing anyway")
+                    counts_restored.set()
             batch = [_raw(e) for e in events]
             try:
                 await pipeline.process(batch)
