@@ -65,27 +65,26 @@ class OwnService:
         if self.proc is not None:
             self.proc.stop()
 
+    def __enter__(self) -> OwnService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[OwnService]:
     """A Tansu broker (memory storage) of this test only."""
-    service = OwnService(start_broker, tmp_path / "own-broker")
-    service.start()
-    try:
+    with OwnService(start_broker, tmp_path / "own-broker") as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[OwnService]:
     """A redis-server of this test only."""
-    service = OwnService(start_redis, tmp_path / "own-redis")
-    service.start()
-    try:
+    with OwnService(start_redis, tmp_path / "own-redis") as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture
