@@ -107,15 +107,21 @@ class ItemIndex:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` rows per user: scores ``[B, k']`` (−inf where fewer than k' items
         were eligible) and row indices ``[B, k']`` into :attr:`matrix`."""
-        n = len(self._ids)
+        top = torch.topk(self._masked_scores(users, exclude), min(k, len(self._ids)), dim=1)
+        return top.values, top.indices
+
+    def _masked_scores(self, users: torch.Tensor, exclude: Sequence[set[str]] | None,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``[B, N]`` (+ ``bias``), −inf on each user's excluded items."""
         s = self.scores(users)
+        if bias is not None:
+            s = s + bias.to(s)
         if exclude:
             for b, items in enumerate(exclude):
                 rows = [self._row[i] for i in items if i in self._row]
                 if rows:
                     s[b, rows] = float("-inf")
-        top = torch.topk(s, min(k, n), dim=1)
-        return top.values, top.indices
+        return s
 
     def id_of(self, row: int) -> str:
         return self._ids[row]
@@ -132,15 +138,7 @@ class ItemIndex:
         n = len(self._ids)
         if n == 0 or users.shape[0] == 0:
             return torch.empty(users.shape[0], 0), [[] for _ in range(users.shape[0])]
-        s = self.scores(users)
-        if bias is not None:
-            s = s + bias.to(s)
-        if exclude:
-            for b, items in enumerate(exclude):
-                rows = [self._row[i] for i in items if i in self._row]
-                if rows:
-                    s[b, rows] = float("-inf")
-        top = torch.topk(s, min(k, n), dim=1)
+        top = torch.topk(self._masked_scores(users, exclude, bias), min(k, n), dim=1)
         vals = top.values.cpu()
         idx = top.indices.cpu().tolist()
         ids = [[self._ids[j] for j, v in zip(row, vrow, strict=True) if v != float("-inf")]
