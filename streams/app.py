@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,6 +30,7 @@ from tailstream.streams.model_updates import follow_model_updates
 from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
 from tailstream.streams.publish import Publisher, meta_key, parse_meta
 from tailstream.streams.scoring import ScoringService
+from tailstream.streams.stuck import StuckPartitions
 from tailstream.streams.transport import app_class
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,12 @@ def create_app(settings: Settings) -> Worker:
     # processed in that gap would be counted into empty partitions that the restore then
     # overwrites (its events lost from the counts, already read past). The agent waits.
     counts_restored = asyncio.Event()
+
+    @app.on_partitions_revoked.connect
+    def hold_until_restored(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Every rebalance restores the counts again (on_recover below): a batch applied
+        # between the new assignment and that restore would be overwritten by it.
+        counts_restored.clear()
 
     @counts_table.on_recover
     async def restore_imbalance_state() -> None:
@@ -312,6 +320,7 @@ def create_app(settings: Settings) -> Worker:
             log.info("refreshed %d lists older than %.0fs", n, settings.list_max_age_s)
 
     lag_labels: set[tuple[str, str]] = set()
+    held: list[frozenset[tuple[str, int]]] = [frozenset()]
 
     @app.timer(interval=1.0)
     async def report_assignment() -> None:
@@ -321,6 +330,13 @@ def create_app(settings: Settings) -> Worker:
                     if tp.topic in settings.input_topics or tp.topic == settings.topic_for("item")]
         metrics.assigned_partitions.set(sum(tp.topic in settings.input_topics
                                             for tp in assigned))
+        now_held = frozenset((tp.topic, tp.partition) for tp in assigned)
+        if now_held != held[0]:
+            # Which worker reads which partition, in its log: the first question when
+            # a partition's events stop arriving.
+            held[0] = now_held
+            log.info("holding input partitions: %s", ", ".join(
+                f"{t}[{p}]" for t, p in sorted(now_held)) or "none")
         now: set[tuple[str, str]] = set()
         for tp in assigned:
             try:
@@ -338,6 +354,35 @@ def create_app(settings: Settings) -> Worker:
             metrics.consumer_lag.remove(*labels)
         lag_labels.clear()
         lag_labels.update(now)
+
+    if settings.stuck_partition_s > 0:
+        watch: StuckPartitions[tuple[str, int]] = StuckPartitions(settings.stuck_partition_s)
+        positions = GroupPositions(settings)
+
+        @app.timer(interval=max(1.0, settings.stuck_partition_s / 5))
+        async def rejoin_if_partitions_stuck() -> None:
+            """Ask for a rebalance when a partition held elsewhere makes no progress."""
+            if app.rebalancing or not counts_restored.is_set():
+                return
+            consumer: Any = app.consumer
+            topics = [*settings.input_topics, settings.topic_for("item")]
+            try:
+                committed, ends = await asyncio.to_thread(positions.read, topics)
+            except Exception as exc:  # the broker may be away: the next tick tries again
+                log.debug("could not read the group's positions: %r", exc)
+                return
+            held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+            now = time.monotonic()
+            stuck = watch.observe(now, committed, ends, held)
+            metrics.stuck_partitions.set(len(stuck))
+            if stuck and watch.may_act(now):
+                log.warning("input partitions %s are held by another member but have not "
+                            "moved for %.0fs: rejoining the group so that a rebalance "
+                            "drops the member that does not answer",
+                            ", ".join(f"{t}[{p}]" for t, p in stuck),
+                            settings.stuck_partition_s)
+                metrics.group_rejoins.inc()
+                await request_rejoin(consumer)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
@@ -360,6 +405,63 @@ def create_app(settings: Settings) -> Worker:
         return web.json({**found, "found": True})
 
     return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis, scoring=scoring)
+
+
+class GroupPositions:
+    """The worker group's committed offset and the log end of each partition of some
+    topics (blocking kafka-python calls: run them in a thread). Clients are reused."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._admin: Any = None
+        self._reader: Any = None
+
+    def read(self, topics: list[str]) -> tuple[dict[tuple[str, int], int | None],
+                                               dict[tuple[str, int], int]]:
+        from kafka import KafkaConsumer
+        from kafka.structs import TopicPartition
+
+        from tailstream.kafka_io import admin
+
+        s = self.settings
+        try:
+            if self._admin is None:
+                self._admin = admin(s)
+            if self._reader is None:
+                self._reader = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap,
+                                             group_id=None, enable_auto_commit=False,
+                                             client_id="tailstream-stuck-watch",
+                                             **s.kafka_client_options())
+            parts = [TopicPartition(t, p) for t in topics
+                     for p in sorted(self._reader.partitions_for_topic(t) or ())]
+            ends = self._reader.end_offsets(parts)
+            offsets = self._admin.list_group_offsets({s.app_id: parts}).get(s.app_id, {})
+        except Exception:
+            self.close()  # a broker restart can leave a client unusable: start afresh
+            raise
+        return ({(tp.topic, tp.partition): (o.offset if (o := offsets.get(tp)) else None)
+                 for tp in parts},
+                {(tp.topic, tp.partition): int(end) for tp, end in ends.items()})
+
+    def close(self) -> None:
+        for client in (self._admin, self._reader):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: S110 - closing a broken client
+                    pass
+        self._admin = self._reader = None
+
+
+async def request_rejoin(consumer: Any) -> None:
+    """Make the aiokafka consumer under Faust rejoin its group (in the consumer's thread,
+    where its event loop runs)."""
+    thread = consumer._thread
+
+    async def rejoin() -> None:
+        thread._ensure_consumer()._coordinator.request_rejoin()
+
+    await thread.call_thread(rejoin)
 
 
 # Table keys and values are bytes we encode ourselves (JSON). Faust writes a changelog with

@@ -82,6 +82,13 @@ class Metrics:
             "Times the broker came back without this worker's changelog topics (a "
             "memory-storage broker restarted): offsets watermarks reset, inputs re-read.",
             registry=r)
+        self.stuck_partitions = Gauge(
+            "tailstream_stuck_partitions",
+            "Input partitions held by another group member whose committed offset has not "
+            "moved for TAILSTREAM_STUCK_PARTITION_S while events wait.", registry=r)
+        self.group_rejoins = Counter(
+            "tailstream_group_rejoins_total",
+            "Rebalances this worker asked for because partitions were stuck.", registry=r)
         self.redis_outages = Counter(
             "tailstream_redis_outages_total",
             "Redis outages (a run of failed operations ended by a success counts once).",

@@ -112,6 +112,10 @@ class Settings:
     TAILSTREAM_RECS_TTL_S, so returning users find fresh lists."""
     refresh_check_s: float = 30.0
     """How often the worker looks for aged lists."""
+    stuck_partition_s: float = 30.0
+    """An input partition held by another group member whose committed offset stands
+    still this long while events wait makes this worker rejoin the group (a rebalance
+    drops a hung or phantom member); 0 turns the watch off."""
     redis_retry_max_s: float = 2.0
     """Longest wait between retries of list writes while Redis is unavailable."""
     rank_candidates: int = 100
@@ -338,6 +342,11 @@ class Settings:
     @property
     def input_topics(self) -> list[str]:
         return [self.topic_for(k) for k in EVENT_KINDS]
+
+    @property
+    def input_partitions(self) -> int:
+        """Input topic-partitions in all: what one worker alone holds."""
+        return self.partitions * len(self.input_topics)
 
     @property
     def all_topics(self) -> list[str]:

@@ -86,17 +86,20 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
     return dict(out)
 
 
-def wait_ready(proc: ManagedProcess, settings: Settings, timeout: float = 90.0) -> None:
-    """Until the worker serves /metrics and holds all input partitions (or dies)."""
+def wait_ready(proc: ManagedProcess, settings: Settings, timeout: float = 90.0,
+               partitions: int = 1) -> None:
+    """Until the worker serves /metrics and holds at least ``partitions`` input partitions
+    (or dies). A lone worker should hold them all: ``settings.input_partitions``."""
     deadline = time.monotonic() + timeout
     url = metrics_url(settings)
     while time.monotonic() < deadline:
         if not proc.alive():
             raise RuntimeError(f"worker exited during start:\n{proc.tail(40)}")
         try:
-            if scrape(url).get("tailstream_assigned_partitions", 0) > 0:
+            if scrape(url).get("tailstream_assigned_partitions", 0) >= partitions:
                 return
         except (urllib.error.URLError, OSError, ValueError):
             pass
         time.sleep(0.25)
-    raise TimeoutError(f"worker not ready after {timeout:.0f}s:\n{proc.tail(40)}")
+    raise TimeoutError(f"worker not ready (holding {partitions} input partitions) after "
+                       f"{timeout:.0f}s:\n{proc.tail(40)}")

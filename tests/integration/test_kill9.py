@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kafka.partitioner.default import murmur2
 
 from tailstream.contract import INTERACTION_KINDS
 from tailstream.embedded import ManagedProcess
@@ -68,6 +69,13 @@ class Workload:
                 self.pulled.append(rec)
                 yield rec
 
+    def partition_of(self, n: int, partitions: int) -> dict[str, str]:
+        """``kind[partition]`` of each event_id among the first ``n`` records (as the
+        producer's default partitioner places its key): where a loss happened."""
+        return {json.loads(rec.value)["event_id"]:
+                f"{rec.kind}[{(murmur2(rec.key.encode()) & 0x7FFFFFFF) % partitions}]"
+                for rec in self.pulled[:n]}
+
     def sent(self, n: int) -> tuple[list[str], Counter[str]]:
         """Distinct event_ids of the first ``n`` records (the ones sent, in order) and the
         class counts they must produce."""
@@ -91,7 +99,7 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
         sent["stats"] = send_records(load, ws, rate=RATE, stop=stop)
 
     try:
-        wait_ready(proc, ws)
+        wait_ready(proc, ws, partitions=ws.input_partitions)
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
         kills: list[dict[str, float]] = []
@@ -104,7 +112,9 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
             t0 = time.monotonic()
             proc, ws = start_worker(ws)
             procs.append(proc)
-            wait_ready(proc, ws)
+            # A lone worker must hold every input partition: one left to the killed
+            # member would have its events silently never read.
+            wait_ready(proc, ws, partitions=ws.input_partitions)
             for name in ("tailstream_replayed_messages_total", "tailstream_duplicates_total"):
                 skipped[name] += int(last.get(name, 0))
             kills.append({"processed_by_killed_worker":
@@ -145,6 +155,7 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
         seen = set(applied) | replayed
         lost = [e for e in event_ids if e not in seen]
         reapplied = sum(1 for n in applied.values() if n > 1)
+        where = load.partition_of(stats.sent, ws.partitions)
         report = {
             "kills": kills, "records_sent": records_sent, "distinct_events": len(event_ids),
             "producer_duplicates": records_sent - len(event_ids),
@@ -156,6 +167,11 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
             + int(metrics.get("tailstream_replayed_messages_total", 0)),
             "duplicates_skipped": skipped["tailstream_duplicates_total"]
             + int(metrics.get("tailstream_duplicates_total", 0)),
+            "lost_by_partition": dict(Counter(where[e] for e in lost)),
+            "final_worker_partitions": metrics.get("tailstream_assigned_partitions"),
+            "final_worker_lag": {k: v for k, v in metrics.items()
+                                 if k.startswith("tailstream_consumer_lag") and v},
+            "worker_log": str(procs[-1].log_path),
         }
         print("\nkill -9 report:", json.dumps(report, indent=1))
         assert len(kills) == KILLS

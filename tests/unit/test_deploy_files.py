@@ -619,6 +619,11 @@ def _rule_tests() -> list[dict[str, Any]]:
                     {"severity": "warning", "cause": "cuda_oom"},
                     {"severity": "warning", "cause": "nan_loss"}),
              _alert("55m", "TailstreamFinetuneFailed")]},  # nothing new for 30 min
+        {"interval": "1m",  # stuck for 3 minutes (the rejoin cleared it), then for 10
+         "input_series": [_series("tailstream_stuck_partitions", "0x5 5x3 0x5 5x20", **W)],
+         "alert_rule_test": [
+             _alert("9m", "TailstreamPartitionsStuck"),
+             _alert("25m", "TailstreamPartitionsStuck", {"severity": "critical"})]},
         {"interval": "1m",  # promoted at t=60 s, events keep flowing
          "input_series": [_series(last, "60x500", **T),
                           _series(events, "0+600x500", kind="click", **W)],

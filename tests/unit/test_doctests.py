@@ -19,7 +19,7 @@ MUST_HAVE_EXAMPLES = {
     "tailstream.models.evaluation", "tailstream.models.gate", "tailstream.models.finetune",
     "tailstream.models.index", "tailstream.models.scorer", "tailstream.models.adapters",
     "tailstream.models.store", "tailstream.models.two_tower", "tailstream.models.loading",
-    "tailstream.streams.state", "tailstream.streams.dedupe",
+    "tailstream.streams.state", "tailstream.streams.dedupe", "tailstream.streams.stuck",
 }
 # Modules whose import starts or needs something a unit test must not (none today).
 SKIP: set[str] = set()
