@@ -28,7 +28,8 @@ class StuckPartitions(Generic[K]):
     offset has not moved past for ``after_s`` seconds.
 
     Only *growth* of the log end is compared, never its value against the committed
-    offset: brokers differ in what they report as the end (Tansu's is not comparable).
+    offset: Tansu reports the last record batch's base offset + 1 as a partition's end, which
+    grows with every batch but is not comparable with committed offsets.
 
     >>> w = StuckPartitions[str](after_s=10)
     >>> w.observe(0, committed={"p": 5}, ends={"p": 9}, held=set())
