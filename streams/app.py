@@ -21,6 +21,7 @@ from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tailstream.contract import Rejection
+from tailstream.kafka_io import GroupPositions, admin
 from tailstream.metrics import Metrics
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
@@ -31,7 +32,7 @@ from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
 from tailstream.streams.publish import Publisher, meta_key, parse_meta
 from tailstream.streams.scoring import ScoringService
 from tailstream.streams.stuck import StuckPartitions
-from tailstream.streams.transport import app_class
+from tailstream.streams.transport import app_class, request_rejoin
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,6 @@ def create_app(settings: Settings) -> Worker:
                   for t in (profiles_table, counts_table)}
 
     def missing_changelogs() -> set[str]:
-        from tailstream.kafka_io import admin
-
         client = admin(settings)
         try:
             return set(changelogs) - set(client.list_topics())
@@ -371,9 +370,9 @@ def create_app(settings: Settings) -> Worker:
             except Exception as exc:  # the broker may be away: the next tick tries again
                 log.debug("could not read the group's positions: %r", exc)
                 return
-            held = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+            mine = {(tp.topic, tp.partition) for tp in consumer.assignment()}
             now = time.monotonic()
-            stuck = watch.observe(now, committed, ends, held)
+            stuck = watch.observe(now, committed, ends, mine)
             metrics.stuck_partitions.set(len(stuck))
             if stuck and watch.may_act(now):
                 log.warning("input partitions %s are held by another member but have not "
@@ -405,63 +404,6 @@ def create_app(settings: Settings) -> Worker:
         return web.json({**found, "found": True})
 
     return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis, scoring=scoring)
-
-
-class GroupPositions:
-    """The worker group's committed offset and the log end of each partition of some
-    topics (blocking kafka-python calls: run them in a thread). Clients are reused."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._admin: Any = None
-        self._reader: Any = None
-
-    def read(self, topics: list[str]) -> tuple[dict[tuple[str, int], int | None],
-                                               dict[tuple[str, int], int]]:
-        from kafka import KafkaConsumer
-        from kafka.structs import TopicPartition
-
-        from tailstream.kafka_io import admin
-
-        s = self.settings
-        try:
-            if self._admin is None:
-                self._admin = admin(s)
-            if self._reader is None:
-                self._reader = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap,
-                                             group_id=None, enable_auto_commit=False,
-                                             client_id="tailstream-stuck-watch",
-                                             **s.kafka_client_options())
-            parts = [TopicPartition(t, p) for t in topics
-                     for p in sorted(self._reader.partitions_for_topic(t) or ())]
-            ends = self._reader.end_offsets(parts)
-            offsets = self._admin.list_group_offsets({s.app_id: parts}).get(s.app_id, {})
-        except Exception:
-            self.close()  # a broker restart can leave a client unusable: start afresh
-            raise
-        return ({(tp.topic, tp.partition): (o.offset if (o := offsets.get(tp)) else None)
-                 for tp in parts},
-                {(tp.topic, tp.partition): int(end) for tp, end in ends.items()})
-
-    def close(self) -> None:
-        for client in (self._admin, self._reader):
-            if client is not None:
-                try:
-                    client.close()
-                except Exception:  # noqa: S110 - closing a broken client
-                    pass
-        self._admin = self._reader = None
-
-
-async def request_rejoin(consumer: Any) -> None:
-    """Make the aiokafka consumer under Faust rejoin its group (in the consumer's thread,
-    where its event loop runs)."""
-    thread = consumer._thread
-
-    async def rejoin() -> None:
-        thread._ensure_consumer()._coordinator.request_rejoin()
-
-    await thread.call_thread(rejoin)
 
 
 # Table keys and values are bytes we encode ourselves (JSON). Faust writes a changelog with

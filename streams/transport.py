@@ -52,3 +52,14 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
             return Transport(self.conf.broker_consumer, self)
 
     return App
+
+
+async def request_rejoin(consumer: Any) -> None:
+    """Make the aiokafka consumer under Faust rejoin its group (in the consumer's thread,
+    where its event loop runs)."""
+    thread = consumer._thread
+
+    async def rejoin() -> None:
+        thread._ensure_consumer()._coordinator.request_rejoin()
+
+    await thread.call_thread(rejoin)

@@ -129,3 +129,44 @@ class TopicCounter(threading.Thread):
         if self.error is not None:
             log.error("topic counter failed: %r", self.error)
         return self.count
+
+
+class GroupPositions:
+    """The worker group's committed offset and the log end of each partition of some
+    topics (blocking kafka-python calls: run them in a thread). Clients are reused."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._admin: Any = None
+        self._reader: Any = None
+
+    def read(self, topics: list[str]) -> tuple[dict[tuple[str, int], int | None],
+                                               dict[tuple[str, int], int]]:
+        s = self.settings
+        try:
+            if self._admin is None:
+                self._admin = admin(s)
+            if self._reader is None:
+                self._reader = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap,
+                                             group_id=None, enable_auto_commit=False,
+                                             client_id="tailstream-stuck-watch",
+                                             **s.kafka_client_options())
+            parts = [TopicPartition(t, p) for t in topics
+                     for p in sorted(self._reader.partitions_for_topic(t) or ())]
+            ends = self._reader.end_offsets(parts)
+            offsets = self._admin.list_group_offsets({s.app_id: parts}).get(s.app_id, {})
+        except Exception:
+            self.close()  # a broker restart can leave a client unusable: start afresh
+            raise
+        return ({(tp.topic, tp.partition): (o.offset if (o := offsets.get(tp)) else None)
+                 for tp in parts},
+                {(tp.topic, tp.partition): int(end) for tp, end in ends.items()})
+
+    def close(self) -> None:
+        for client in (self._admin, self._reader):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: S110 - closing a broken client
+                    pass
+        self._admin = self._reader = None

@@ -100,13 +100,14 @@ def produce(ws: Settings, n: int) -> dict[str, tuple[int, int]]:
         producer.close()
 
 
-def audit(ws: Settings) -> tuple[Counter[str], set[str]]:
-    """Event_ids the worker applied (how often), and those it skipped as replays."""
+def audit(ws: Settings, idle_timeout: float = 1.5) -> tuple[Counter[str], set[str]]:
+    """Event_ids the workers applied (how often), and those skipped as replays, from the
+    audit topic (``TAILSTREAM_AUDIT_PROCESSED``)."""
     applied: Counter[str] = Counter()
     replayed: set[str] = set()
     consumer = reader(ws, [ws.topic(ws.topic_processed)])
     try:
-        for record in iter_messages(consumer, idle_timeout=1.5):
+        for record in iter_messages(consumer, idle_timeout=idle_timeout):
             body = json.loads(record.value)
             applied.update(body["applied"])
             replayed.update(body["replayed"])

@@ -24,12 +24,13 @@ from kafka.partitioner.default import murmur2
 
 from tailstream.contract import INTERACTION_KINDS
 from tailstream.embedded import ManagedProcess
-from tailstream.kafka_io import iter_messages, reader
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+
+from .test_broker_restart import audit
 
 pytestmark = pytest.mark.integration
 
@@ -142,16 +143,7 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
 
         # The verifier: every distinct event_id must be in the audit (applied, or held by
         # the recovered state when its message was replayed).
-        applied: Counter[str] = Counter()
-        replayed: set[str] = set()
-        consumer = reader(ws, [ws.topic(ws.topic_processed)])
-        try:
-            for record in iter_messages(consumer, idle_timeout=3.0):
-                body = json.loads(record.value)
-                applied.update(body["applied"])
-                replayed.update(body["replayed"])
-        finally:
-            consumer.close()
+        applied, replayed = audit(ws, idle_timeout=3.0)
         seen = set(applied) | replayed
         lost = [e for e in event_ids if e not in seen]
         reapplied = sum(1 for n in applied.values() if n > 1)
