@@ -119,6 +119,11 @@ class Metrics:
             "tailstream_recommendation_latency_seconds",
             "Time from an event's Kafka timestamp to its user's list being written to Redis.",
             ["trigger"], buckets=LATENCY_BUCKETS, registry=r)
+        for trigger in ("event", "promotion", "ttl"):
+            # Exported at zero from the first scrape: rate() needs a sample before the
+            # first list, or a burst that fits one scrape interval reads as no change
+            # (a quantile of NaN).
+            self.rec_latency.labels(trigger)
         self.batch_size = Histogram(
             "tailstream_batch_events",
             "Messages per processing batch.", buckets=BATCH_BUCKETS, registry=r)

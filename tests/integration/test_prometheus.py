@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import time
@@ -236,8 +237,12 @@ def test_prometheus_scrapes_a_running_worker(
     poll("events/s by class", has_rates, prometheus)
     (p50_expr, p99_expr) = [e for t, e in dashboard_exprs("5m")
                             if t == "Recommendation latency p50 / p99"]
-    p50 = poll("latency p50", lambda: prometheus.query(p50_expr) or None, prometheus)
-    p99 = poll("latency p99", lambda: prometheus.query(p99_expr) or None, prometheus)
+    def finite(expr: str) -> list[dict[str, Any]] | None:
+        found = prometheus.query(expr)
+        return found if found and math.isfinite(float(found[0]["value"][1])) else None
+
+    p50 = poll("latency p50", lambda: finite(p50_expr), prometheus)
+    p99 = poll("latency p99", lambda: finite(p99_expr), prometheus)
     assert 0 < float(p50[0]["value"][1]) <= float(p99[0]["value"][1])
     tiers = poll("tail exposure share",
                  lambda: prometheus.values(panels["Tail exposure share"], "tier") or None,
