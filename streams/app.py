@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -113,7 +113,7 @@ def create_app(settings: Settings) -> Worker:
     redis = aioredis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5,
                                     socket_connect_timeout=2, health_check_interval=10)
 
-    input_topic = app.topic(*settings.input_topics, settings.topic_for("item"),
+    input_topic = app.topic(*settings.consumed_topics,
                             key_type=bytes, value_type=bytes,
                             key_serializer="raw", value_serializer="raw")
     recs_topic = app.topic(settings.topic(settings.topic_recommendations),
@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> Worker:
         """After (re)assignment: counts from the changelog, the buffer from Redis."""
         loop = pipeline.imbalance
         consumer: Any = app.consumer
-        consumer.input_topics = frozenset([*settings.input_topics, settings.topic_for("item")])
+        consumer.input_topics = frozenset(settings.consumed_topics)
         missing = await asyncio.to_thread(missing_changelogs)
         reset = bool(missing and (loop.partitions or len(counts_table.data)))
         pipeline.deduper.trust_seen = reset
@@ -320,13 +320,13 @@ def create_app(settings: Settings) -> Worker:
 
     lag_labels: set[tuple[str, str]] = set()
     held: list[frozenset[tuple[str, int]]] = [frozenset()]
+    consumed = frozenset(settings.consumed_topics)
 
     @app.timer(interval=1.0)
     async def report_assignment() -> None:
         """Assigned input partitions and each one's consumer lag."""
         consumer: Any = app.consumer
-        assigned = [tp for tp in consumer.assignment()
-                    if tp.topic in settings.input_topics or tp.topic == settings.topic_for("item")]
+        assigned = [tp for tp in consumer.assignment() if tp.topic in consumed]
         metrics.assigned_partitions.set(sum(tp.topic in settings.input_topics
                                             for tp in assigned))
         now_held = frozenset((tp.topic, tp.partition) for tp in assigned)
@@ -334,8 +334,7 @@ def create_app(settings: Settings) -> Worker:
             # Which worker reads which partition, in its log: the first question when
             # a partition's events stop arriving.
             held[0] = now_held
-            log.info("holding input partitions: %s", ", ".join(
-                f"{t}[{p}]" for t, p in sorted(now_held)) or "none")
+            log.info("holding input partitions: %s", _names(sorted(now_held)) or "none")
         now: set[tuple[str, str]] = set()
         for tp in assigned:
             try:
@@ -364,9 +363,8 @@ def create_app(settings: Settings) -> Worker:
             if app.rebalancing or not counts_restored.is_set():
                 return
             consumer: Any = app.consumer
-            topics = [*settings.input_topics, settings.topic_for("item")]
             try:
-                committed, ends = await asyncio.to_thread(positions.read, topics)
+                committed, ends = await asyncio.to_thread(positions.read, settings.consumed_topics)
             except Exception as exc:  # the broker may be away: the next tick tries again
                 log.debug("could not read the group's positions: %r", exc)
                 return
@@ -378,7 +376,7 @@ def create_app(settings: Settings) -> Worker:
                 log.warning("input partitions %s are held by another member but have not "
                             "moved for %.0fs: rejoining the group so that a rebalance "
                             "drops the member that does not answer",
-                            ", ".join(f"{t}[{p}]" for t, p in stuck),
+                            _names(stuck),
                             settings.stuck_partition_s)
                 metrics.group_rejoins.inc()
                 await request_rejoin(consumer)
@@ -404,6 +402,11 @@ def create_app(settings: Settings) -> Worker:
         return web.json({**found, "found": True})
 
     return Worker(app=app, pipeline=pipeline, metrics=metrics, redis=redis, scoring=scoring)
+
+
+def _names(partitions: Iterable[tuple[str, int]]) -> str:
+    """``topic[partition], …`` for the logs."""
+    return ", ".join(f"{t}[{p}]" for t, p in partitions)
 
 
 # Table keys and values are bytes we encode ourselves (JSON). Faust writes a changelog with

@@ -344,6 +344,11 @@ class Settings:
         return [self.topic_for(k) for k in EVENT_KINDS]
 
     @property
+    def consumed_topics(self) -> list[str]:
+        """What a worker subscribes to: the event topics and the catalogue."""
+        return [*self.input_topics, self.topic_for("item")]
+
+    @property
     def input_partitions(self) -> int:
         """Input topic-partitions in all: what one worker alone holds."""
         return self.partitions * len(self.input_topics)
