@@ -18,8 +18,8 @@ from typing import Any, cast
 import faust
 
 from tailstream.settings import Settings
-from tailstream.streams.app import faust_broker_options
-from tailstream.streams.transport import app_class
+from tailstream.streams.worker.app import faust_broker_options
+from tailstream.streams.worker.transport import app_class
 
 BENCH_ENV = ("BENCH_EXPECTED", "BENCH_OUT")
 

@@ -4,7 +4,7 @@ Both loops run in the same process, on the same device, with the real all-MiniLM
 weights, fully fine-tuned (every layer trains: the GPU default), at a fixed sequence
 length (texts are padded to exactly ``seq_len`` tokens, so the numbers mean what they say):
 
-* **trainer**: :class:`~tailstream.models.finetune.FineTuner` steps on batches of
+* **trainer**: :class:`~tailstream.models.training.finetune.FineTuner` steps on batches of
   ``batch`` (user text, item text) pairs, all distinct — two sequences per pair — through
   the two towers, the outcome head, the class-weighted loss and the in-batch sampled
   softmax with logQ correction. ``pairs_per_s`` counts pairs.
@@ -28,12 +28,17 @@ from typing import Any
 
 import torch
 
-from tailstream.models.adapters import configure_trainable
-from tailstream.models.buffer import Sample
-from tailstream.models.encoder import encoder_config, load_encoder
-from tailstream.models.finetune import FineTuneConfig, FineTuner, prepare_data, sampling_plan
-from tailstream.models.loading import build_model, pick_device
-from tailstream.models.two_tower import CLASSES, TowerConfig, tokenize
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.towers.adapters import configure_trainable
+from tailstream.models.towers.encoder import encoder_config, load_encoder
+from tailstream.models.towers.loading import build_model, pick_device
+from tailstream.models.towers.two_tower import CLASSES, TowerConfig, tokenize
+from tailstream.models.training.finetune import (
+    FineTuneConfig,
+    FineTuner,
+    prepare_data,
+    sampling_plan,
+)
 
 GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12,
                  "L40S": 362e12, "A10": 125e12}
@@ -114,7 +119,7 @@ def bench_trainer(device: torch.device, seq_len: int, batch: int, steps: int, wa
 
 
 def _fixed_length(tuner: FineTuner, seq_len: int) -> Any:
-    from tailstream.models.text_vectors import autocast_for
+    from tailstream.models.towers.text_vectors import autocast_for
 
     def text_matrix(texts: list[str]) -> torch.Tensor:
         enc = tokenize(tuner.tokenizer, texts, seq_len, fixed_length=True)
@@ -131,8 +136,8 @@ def _fixed_length(tuner: FineTuner, seq_len: int) -> Any:
 
 def bench_bare(device: torch.device, seq_len: int, sequences: int, steps: int, warmup: int,
                bf16: bool, encoder_path: str | None) -> float:
-    from tailstream.models.text_vectors import autocast_for
-    from tailstream.models.two_tower import mean_pool
+    from tailstream.models.towers.text_vectors import autocast_for
+    from tailstream.models.towers.two_tower import mean_pool
 
     enc = load_encoder(encoder_path)
     model = enc.model.to(device).train()

@@ -31,14 +31,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka import KafkaProducer
 
-from tailstream.embedded import ServiceStack, free_port
 from tailstream.kafka_io import create_topics
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import KINDS
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
-from tailstream.streams.model_updates import aiokafka_options
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.embedded import ServiceStack, free_port
+from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.streams.worker.model_updates import aiokafka_options
 
 
 def shop(n: int, seed: int = 0) -> tuple[list[ProducedRecord], list[ProducedRecord]]:
@@ -51,12 +51,12 @@ def preencode(settings: Settings, catalogue: list[ProducedRecord]) -> None:
     """Put the catalogue's text vectors in the shared Redis cache, as a running system
     has them, so the workers' throughput is not their first encoding of 5,000 items."""
     from tailstream.contract import Limits, validate_item
-    from tailstream.models.loading import load_served, pick_device
-    from tailstream.models.store import ModelStore
-    from tailstream.models.text_vectors import TextVectors
-    from tailstream.streams.scoring import shared_vectors
-    from tailstream.streams.state import item_text
-    from tailstream.streams.training import tower_config
+    from tailstream.models.towers.loading import load_served, pick_device
+    from tailstream.models.towers.store import ModelStore
+    from tailstream.models.towers.text_vectors import TextVectors
+    from tailstream.streams.trainer.trainer import tower_config
+    from tailstream.streams.worker.scoring import shared_vectors
+    from tailstream.streams.worker.state import item_text
 
     device = pick_device(settings.device)
     served = load_served(ModelStore(settings.model_store_dir), "base",

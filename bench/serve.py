@@ -30,20 +30,20 @@ from typing import Any
 
 import torch
 
-from tailstream.demo import RecsWatcher, percentile
-from tailstream.embedded import ServiceStack
 from tailstream.kafka_io import TopicCounter, create_topics
-from tailstream.models.index import ItemIndex
-from tailstream.models.loading import load_served, pick_device
-from tailstream.models.scorer import ContextEntry, Scorer, UserRequest
-from tailstream.models.store import ModelStore
+from tailstream.models.serving.index import ItemIndex
+from tailstream.models.serving.scorer import ContextEntry, Scorer, UserRequest
+from tailstream.models.towers.loading import load_served, pick_device
+from tailstream.models.towers.store import ModelStore
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
-from tailstream.streams.scoring import ranking_config, shared_vectors
-from tailstream.streams.state import item_text
-from tailstream.streams.training import tower_config
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.demo import RecsWatcher, percentile
+from tailstream.stack.embedded import ServiceStack
+from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.streams.trainer.trainer import tower_config
+from tailstream.streams.worker.scoring import ranking_config, shared_vectors
+from tailstream.streams.worker.state import item_text
 
 
 def topk_ms(device: torch.device, n_items: int, n_users: int, k: int = 100,

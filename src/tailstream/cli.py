@@ -81,7 +81,7 @@ def _preflight_redis(settings: Settings) -> None:
     """Refuse to start with Redis credentials or ACL permissions that cannot work (a
     clear error now rather than a worker that silently runs without Redis). An
     unreachable Redis is not fatal: workers ride out Redis outages."""
-    from tailstream.streams.publish import RedisConfigError, check_redis
+    from tailstream.streams.stores.publisher import RedisConfigError, check_redis
 
     if not settings.redis_url:
         return
@@ -96,7 +96,7 @@ def _preflight_redis(settings: Settings) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
-    from tailstream.streams.app import create_app
+    from tailstream.streams.worker.app import create_app
 
     settings = _with_running_stack(_settings(args))
     _preflight_redis(settings)
@@ -110,7 +110,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
     import torch
 
-    from tailstream.streams.training import run_trainer
+    from tailstream.streams.trainer.trainer import run_trainer
 
     settings = _with_running_stack(_settings(args))
     _preflight_redis(settings)
@@ -125,7 +125,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from tailstream.models.store import ModelStore
+    from tailstream.models.towers.store import ModelStore
 
     settings = _settings(args)
     store = ModelStore(settings.model_store_dir)
@@ -163,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from tailstream import prequential, report
+    from tailstream.evaluation import prequential, report
 
     settings = _settings(args)
     if args.threads:
@@ -296,10 +296,10 @@ def _announce(settings: Settings, update: dict[str, Any]) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from tailstream.embedded import ServiceStack, StackInfo
     from tailstream.kafka_io import create_topics
-    from tailstream.liveview import LiveMonitor, ui_wanted
-    from tailstream.workers import (
+    from tailstream.stack.embedded import ServiceStack, StackInfo
+    from tailstream.stack.liveview import LiveMonitor, ui_wanted
+    from tailstream.stack.processes import (
         metrics_url,
         start_trainer,
         start_worker,
@@ -371,9 +371,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tailstream.demo import DEMO_DEFAULTS, run_demo, synthetic_records
-    from tailstream.liveview import LiveMonitor, pin_ports, ui_wanted
-    from tailstream.workers import metrics_url, trainer_metrics_url
+    from tailstream.stack.demo import DEMO_DEFAULTS, run_demo, synthetic_records
+    from tailstream.stack.liveview import LiveMonitor, pin_ports, ui_wanted
+    from tailstream.stack.processes import metrics_url, trainer_metrics_url
 
     settings = _settings(args)
     # A demo lasts a minute: faster fine-tune triggers than production, unless the user
@@ -399,7 +399,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings = pin_ports(settings)
         view = LiveMonitor([metrics_url(settings)],
                            None if args.no_trainer else trainer_metrics_url(settings),
-                           title=f"tailstream demo · {source}", quiet=["tailstream.demo"])
+                           title=f"tailstream demo · {source}", quiet=["tailstream.stack.demo"])
     try:
         if view is not None:
             view.start()
@@ -418,7 +418,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     settings = _with_running_stack(_settings(args))
     if args.source == "synthetic":
-        from tailstream.demo import synthetic_records
+        from tailstream.stack.demo import synthetic_records
 
         records: Any = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
         rate = args.rate
@@ -468,7 +468,7 @@ def cmd_recs(args: argparse.Namespace) -> int:
     import redis
 
     from tailstream.privacy import pseudonymize
-    from tailstream.streams.publish import meta_key, parse_meta
+    from tailstream.streams.stores.publisher import meta_key, parse_meta
 
     settings = _with_running_stack(_settings(args))
     client = redis.Redis.from_url(settings.redis_url.reveal())

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tailstream.embedded import ManagedProcess, free_port, start_broker, start_redis
 from tailstream.kafka_io import create_topics
 from tailstream.settings import Secret, Settings
-from tailstream.workers import start_worker, wait_ready
+from tailstream.stack.embedded import ManagedProcess, free_port, start_broker, start_redis
+from tailstream.stack.processes import start_worker, wait_ready
 
 
 @pytest.fixture(scope="session")

@@ -13,16 +13,16 @@ import redis
 from kafka import KafkaProducer
 
 from tailstream.contract import encode, new_event_id
-from tailstream.embedded import ManagedProcess
-from tailstream.models.encoder import load_encoder, write_tiny_encoder
-from tailstream.models.loading import build_model, checkpoint_tensors
-from tailstream.models.store import WEIGHTS_FILE, ModelStore
+from tailstream.models.towers.encoder import load_encoder, write_tiny_encoder
+from tailstream.models.towers.loading import build_model, checkpoint_tensors
+from tailstream.models.towers.store import WEIGHTS_FILE, ModelStore
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
-from tailstream.streams.publish import meta_key, parse_meta
-from tailstream.streams.training import tower_config
-from tailstream.workers import metrics_url, scrape
+from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import metrics_url, scrape
+from tailstream.streams.stores.publisher import meta_key, parse_meta
+from tailstream.streams.trainer.trainer import tower_config
 
 pytestmark = pytest.mark.integration
 

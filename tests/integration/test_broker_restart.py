@@ -51,10 +51,10 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tailstream.contract import encode, new_event_id
-from tailstream.embedded import ManagedProcess
 from tailstream.kafka_io import admin, create_topics, iter_messages, reader
 from tailstream.settings import Secret, Settings
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
 
 from .conftest import OwnService
 

@@ -23,12 +23,12 @@ import pytest
 from kafka.partitioner.default import murmur2
 
 from tailstream.contract import INTERACTION_KINDS
-from tailstream.embedded import ManagedProcess
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
 
 from .test_broker_restart import audit
 

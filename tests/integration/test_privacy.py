@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tailstream.embedded import ManagedProcess
 from tailstream.kafka_io import iter_messages, reader
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Secret, Settings
-from tailstream.workers import start_worker, wait_ready
+from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import start_worker, wait_ready
 
 from .test_worker_e2e import click, poll, producer, send
 

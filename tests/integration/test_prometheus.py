@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from tailstream.embedded import ManagedProcess, free_port
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
+from tailstream.stack.embedded import ManagedProcess, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from tailstream.embedded import ManagedProcess, free_port, start_redis
 from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Secret, Settings
-from tailstream.streams.publish import RedisConfigError, check_redis
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.embedded import ManagedProcess, free_port, start_redis
+from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.streams.stores.publisher import RedisConfigError, check_redis
 
 pytestmark = pytest.mark.integration
 

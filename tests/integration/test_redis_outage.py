@@ -26,8 +26,8 @@ from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Secret, Settings
-from tailstream.streams.publish import meta_key, parse_meta
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.streams.stores.publisher import meta_key, parse_meta
 
 from .conftest import OwnService
 
@@ -221,7 +221,7 @@ def test_the_text_vector_cache_skips_a_dead_redis_and_writes_later(
     waits on a socket), keeps what it computed (bounded), writes it when Redis is back."""
     import torch
 
-    from tailstream.streams.vector_cache import RedisVectorStore, text_field
+    from tailstream.streams.stores.vector_cache import RedisVectorStore, text_field
 
     client = redis.Redis.from_url(own_redis.address, socket_timeout=1, socket_connect_timeout=1)
     cache = RedisVectorStore(client, "vt", max_pending=3, max_backoff_s=0.5)
@@ -255,10 +255,10 @@ def test_dedupe_and_buffer_writes_never_wait_on_a_dead_redis(own_redis: OwnServi
     import redis.asyncio as aioredis
 
     from tailstream.metrics import Metrics
-    from tailstream.models.buffer import MinorityBuffer, Sample
-    from tailstream.streams.buffer_store import RedisBufferStore
-    from tailstream.streams.dedupe import Deduper
-    from tailstream.streams.publish import Publisher
+    from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
+    from tailstream.streams.stores.buffer_store import RedisBufferStore
+    from tailstream.streams.stores.deduper import Deduper
+    from tailstream.streams.stores.publisher import Publisher
 
     async def scenario() -> tuple[float, list[bool], int, int]:
         client = aioredis.Redis.from_url(own_redis.address, socket_timeout=2,

@@ -16,14 +16,14 @@ import redis.asyncio as aioredis
 from kafka import KafkaProducer
 
 from tailstream.contract import encode, new_event_id
-from tailstream.embedded import ManagedProcess
 from tailstream.kafka_io import reader
 from tailstream.metrics import Metrics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
-from tailstream.streams.publish import Publisher, RecList, meta_key, parse_meta, recs_key
-from tailstream.workers import metrics_url, scrape
+from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import metrics_url, scrape
+from tailstream.streams.stores.publisher import Publisher, RecList, meta_key, parse_meta, recs_key
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,11 @@ import time
 
 import pytest
 
-from tailstream.embedded import ManagedProcess
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
-from tailstream.workers import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
 
 pytestmark = pytest.mark.integration
 

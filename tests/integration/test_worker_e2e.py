@@ -15,11 +15,11 @@ from jsonschema import Draft202012Validator
 from kafka import KafkaProducer
 
 from tailstream.contract import Item, encode
-from tailstream.embedded import ManagedProcess
 from tailstream.kafka_io import reader
 from tailstream.settings import Settings
-from tailstream.streams.publish import meta_key, recs_key
-from tailstream.workers import metrics_url, scrape
+from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import metrics_url, scrape
+from tailstream.streams.stores.publisher import meta_key, recs_key
 
 pytestmark = pytest.mark.integration
 SCHEMAS = Path(__file__).parents[2] / "docs" / "schemas"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tailstream.models.buffer import Sample
-from tailstream.models.encoder import write_tiny_encoder
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.towers.encoder import write_tiny_encoder
 
 CATEGORIES = ("kettle", "mug", "lamp", "earbuds", "sneakers", "jeans")
 STYLES = ("deluxe", "eco", "retro", "basic")

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from tailstream.contract import Event
-from tailstream.models.baseline import (
+from tailstream.models.serving.baseline import (
     QueryIndex,
     Recommendation,
     new_profile,
@@ -9,7 +9,7 @@ from tailstream.models.baseline import (
     update_profile,
     with_tail_share,
 )
-from tailstream.models.popularity import PopularityTracker
+from tailstream.models.serving.popularity import PopularityTracker
 
 
 def _shop() -> PopularityTracker:

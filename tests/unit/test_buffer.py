@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-import tailstream.models.buffer as buffer_module
-from tailstream.models.buffer import MinorityBuffer, Sample
+import tailstream.models.imbalance.buffer as buffer_module
+from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
 
 # Taobao mix (click 89 %, cart 5.5 %, fav 3 %, purchase 2.2 %): only click is a majority.
 SHARES = {"click": 0.89, "cart": 0.055, "fav": 0.03, "purchase": 0.022}

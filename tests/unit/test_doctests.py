@@ -12,14 +12,30 @@ import pytest
 import tailstream
 
 MUST_HAVE_EXAMPLES = {
-    "tailstream.contract", "tailstream.settings", "tailstream.demo",
-    "tailstream.models.popularity", "tailstream.models.baseline", "tailstream.models.weights",
-    "tailstream.models.sketch", "tailstream.models.rolling", "tailstream.models.buffer",
-    "tailstream.models.sampling", "tailstream.models.online", "tailstream.models.triggers",
-    "tailstream.models.evaluation", "tailstream.models.gate", "tailstream.models.finetune",
-    "tailstream.models.index", "tailstream.models.scorer", "tailstream.models.adapters",
-    "tailstream.models.store", "tailstream.models.two_tower", "tailstream.models.loading",
-    "tailstream.streams.state", "tailstream.streams.dedupe", "tailstream.streams.stuck",
+    "tailstream.contract",
+    "tailstream.models.imbalance.buffer",
+    "tailstream.models.imbalance.online",
+    "tailstream.models.imbalance.policies",
+    "tailstream.models.imbalance.rolling",
+    "tailstream.models.imbalance.sketch",
+    "tailstream.models.imbalance.triggers",
+    "tailstream.models.serving.baseline",
+    "tailstream.models.serving.index",
+    "tailstream.models.serving.popularity",
+    "tailstream.models.serving.scorer",
+    "tailstream.models.towers.adapters",
+    "tailstream.models.towers.loading",
+    "tailstream.models.towers.store",
+    "tailstream.models.towers.two_tower",
+    "tailstream.models.training.finetune",
+    "tailstream.models.training.gate",
+    "tailstream.models.training.metrics",
+    "tailstream.models.training.sampling",
+    "tailstream.settings",
+    "tailstream.stack.demo",
+    "tailstream.streams.stores.deduper",
+    "tailstream.streams.worker.state",
+    "tailstream.streams.worker.stuck",
 }
 # Modules whose import starts or needs something a unit test must not (none today).
 SKIP: set[str] = set()

@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tailstream.models.adapters import configure_trainable, merge_lora
-from tailstream.models.buffer import Sample
-from tailstream.models.encoder import EncoderNotFound, load_encoder, resolve_encoder_path
-from tailstream.models.finetune import (
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.policies import LOSS_MAPPING, LossInputs, Policy, class_weights
+from tailstream.models.towers.adapters import configure_trainable, merge_lora
+from tailstream.models.towers.encoder import EncoderNotFound, load_encoder, resolve_encoder_path
+from tailstream.models.towers.loading import build_model
+from tailstream.models.towers.text_vectors import TextVectors
+from tailstream.models.towers.two_tower import CLASSES, TowerConfig
+from tailstream.models.training.finetune import (
     FineTuneConfig,
     FineTuner,
     evaluate,
@@ -22,10 +26,6 @@ from tailstream.models.finetune import (
     prepare_data,
     sampling_plan,
 )
-from tailstream.models.loading import build_model
-from tailstream.models.text_vectors import TextVectors
-from tailstream.models.two_tower import CLASSES, TowerConfig
-from tailstream.models.weights import LOSS_MAPPING, LossInputs, Policy, class_weights
 
 CPU = torch.device("cpu")
 

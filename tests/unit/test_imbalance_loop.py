@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from tailstream.contract import Event
-from tailstream.models.triggers import DriftMonitor, TriggerPolicy
+from tailstream.models.imbalance.triggers import DriftMonitor, TriggerPolicy
 from tailstream.settings import Settings
-from tailstream.streams.imbalance import ImbalanceLoop
+from tailstream.streams.worker.imbalance import ImbalanceLoop
 
 MIX = {"click": 0.89, "cart": 0.055, "fav": 0.03, "purchase": 0.025}
 

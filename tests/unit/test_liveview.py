@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tailstream.liveview import (
+from tailstream.metrics import Metrics, TrainerMetrics
+from tailstream.stack.liveview import (
     LATENCY,
     LiveMonitor,
     bucket_delta,
@@ -24,7 +25,6 @@ from tailstream.liveview import (
     render_text,
     ui_wanted,
 )
-from tailstream.metrics import Metrics, TrainerMetrics
 
 
 def page(m: Metrics | TrainerMetrics) -> str:

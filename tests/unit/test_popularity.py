@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tailstream.models.popularity import PopularityTracker
+from tailstream.models.serving.popularity import PopularityTracker
 
 
 def test_tiers_follow_cumulative_share() -> None:

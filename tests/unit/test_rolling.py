@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-import tailstream.models.rolling as rolling_module
-from tailstream.models.rolling import DecayedCounts, HoppingWindowCounts, class_shares
+import tailstream.models.imbalance.rolling as rolling_module
+from tailstream.models.imbalance.rolling import DecayedCounts, HoppingWindowCounts, class_shares
 
 # size 10, step 5: buckets [0,5) [5,10) [10,15) ...; the window at `now` is the bucket of
 # `now` and the one before it.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import tailstream.models.sampling as sampling_module
-from tailstream.models.buffer import Sample
-from tailstream.models.sampling import (
+import tailstream.models.training.sampling as sampling_module
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.training.sampling import (
     BATCH_BUILDERS,
     SYNONYMS,
     BatchBuilder,

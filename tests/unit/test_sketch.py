@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import tailstream.models.sketch as sketch_module
-from tailstream.models.sketch import CountMinSketch, ItemFrequency
+import tailstream.models.imbalance.sketch as sketch_module
+from tailstream.models.imbalance.sketch import CountMinSketch, ItemFrequency
 
 N_KEYS = 50_000
 N_EVENTS = 200_000

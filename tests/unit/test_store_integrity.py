@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tailstream.models.store import (
+from tailstream.models.towers.store import (
     BASE_VERSION,
     MANIFEST_FILE,
     WEIGHTS_FILE,

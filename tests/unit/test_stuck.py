@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tailstream.streams.stuck import StuckPartitions
+from tailstream.streams.worker.stuck import StuckPartitions
 
 
 def test_a_partition_held_here_is_never_stuck() -> None:

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from tailstream.metrics import TrainerMetrics
-from tailstream.models.buffer import Sample
-from tailstream.models.gate import decide
-from tailstream.models.loading import load_served
-from tailstream.models.store import BASE_VERSION, CorruptCheckpoint, ModelStore, StoreError
-from tailstream.models.weights import LOSS_MAPPING
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.policies import LOSS_MAPPING
+from tailstream.models.towers.loading import load_served
+from tailstream.models.towers.store import BASE_VERSION, CorruptCheckpoint, ModelStore, StoreError
+from tailstream.models.training.gate import decide
 from tailstream.settings import Settings
-from tailstream.streams.training import InMemorySource, Trainer, tower_config
+from tailstream.streams.trainer.trainer import InMemorySource, Trainer, tower_config
 
 CPU = torch.device("cpu")
 

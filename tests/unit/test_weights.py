@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tailstream.models.weights import (
+from tailstream.models.imbalance.policies import (
     POLICIES,
     Policy,
     class_weights,

@@ -22,7 +22,7 @@ keyed PRF its words are (computationally) independent, stronger than the pairwis
 independence the bound needs.
 
 :class:`ItemFrequency` adds exponential time decay (forward decay, as in
-:mod:`tailstream.models.popularity`) and a bounded set of heavy hitters, and exposes the
+:mod:`tailstream.models.serving.popularity`) and a bounded set of heavy hitters, and exposes the
 sampling probability ``q(item)`` for the logQ correction of sampled softmax (Yi et al.,
 "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations",
 RecSys 2019, who estimate ``q`` from streaming frequencies as well).
@@ -318,7 +318,7 @@ class ItemFrequency:
       ``s(x, i) − log q(i)``; ``log_q`` floors it at ``q_floor`` so it is never ``−inf``.
     * ``tier(i)`` — items sorted by estimate, the smallest prefix holding ``head_share``
       of all interactions is *head*, the next ``torso_share`` *torso*, the rest *tail*
-      (same rule as :class:`~tailstream.models.popularity.PopularityTracker`), computed
+      (same rule as :class:`~tailstream.models.serving.popularity.PopularityTracker`), computed
       over the heavy hitters only: an item not among them is tail.
 
     Decay is forward decay (Cormode et al., ICDE 2009): an event at ``t`` adds

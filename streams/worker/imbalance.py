@@ -8,7 +8,7 @@ One :class:`ImbalanceLoop` per worker, fed every valid interaction by the pipeli
 * **Item frequency**: a count-min sketch with heavy hitters (bounded memory) gives the
   item tier (head / torso / tail) and ``q(item)`` for logQ correction; a second sketch
   over ``class:item`` keys gives each item's past cart / fav / purchase rates.
-* **Weights**: the configured policy (:mod:`tailstream.models.weights`) over the
+* **Weights**: the configured policy (:mod:`tailstream.models.imbalance.policies`) over the
   *decayed* class counts, which change smoothly, so the weights never jump when a window
   rolls. The hopping-window counts are reported beside them.
 * **Online model**: river, prequential, weighted by the live class weights.
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailstream.contract import INTERACTION_KINDS, Event
-from tailstream.models.buffer import MinorityBuffer, Sample
-from tailstream.models.online import CLASSES, OnlineOutcomeModel, interaction_features
-from tailstream.models.rolling import DecayedCounts, HoppingWindowCounts, class_shares
-from tailstream.models.sketch import CountMinSketch, ItemFrequency
-from tailstream.models.triggers import DriftMonitor, TriggerPolicy
-from tailstream.models.weights import Policy, class_weights
+from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
+from tailstream.models.imbalance.online import CLASSES, OnlineOutcomeModel, interaction_features
+from tailstream.models.imbalance.policies import Policy, class_weights
+from tailstream.models.imbalance.rolling import DecayedCounts, HoppingWindowCounts, class_shares
+from tailstream.models.imbalance.sketch import CountMinSketch, ItemFrequency
+from tailstream.models.imbalance.triggers import DriftMonitor, TriggerPolicy
 from tailstream.settings import Settings
 
 

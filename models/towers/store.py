@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tailstream.models.encoder import file_sha256
+from tailstream.models.towers.encoder import file_sha256
 
 BASE_VERSION = "base"
 _VERSION = re.compile(r"v\d{5}")  # always fullmatch: "$" would allow a trailing newline
@@ -61,7 +61,7 @@ def check_version(version: str) -> str:
     >>> check_version("../etc")
     Traceback (most recent call last):
     ...
-    tailstream.models.store.StoreError: invalid model version '../etc'
+    tailstream.models.towers.store.StoreError: invalid model version '../etc'
     """
     if version != BASE_VERSION and not _VERSION.fullmatch(version):
         raise StoreError(f"invalid model version {version!r}")

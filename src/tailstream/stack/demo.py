@@ -23,12 +23,12 @@ from typing import Any
 
 import redis
 
-from tailstream.embedded import ManagedProcess, ServiceStack
 from tailstream.kafka_io import TopicCounter, create_topics
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import SendStats, send_records
 from tailstream.settings import Settings
-from tailstream.workers import (
+from tailstream.stack.embedded import ManagedProcess, ServiceStack
+from tailstream.stack.processes import (
     metrics_url,
     scrape,
     start_trainer,
@@ -250,7 +250,7 @@ def _round(x: float | None) -> float | None:
 
 
 class LiveView:
-    """A log line every 5 s (quiet while the rich view of :mod:`tailstream.liveview` runs).
+    """A log line every 5 s (quiet while the rich view of :mod:`tailstream.stack.liveview` runs).
 
     It also samples the consumed-events counter together with the trainer's "running"
     gauge, so the summary can compare events/s during fine-tunes with events/s outside

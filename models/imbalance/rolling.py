@@ -17,7 +17,7 @@ and a plain JSON-able state for a Faust changelog table:
   and with a half-life of ``h`` it weighs about the last ``h / ln 2`` seconds.
 
 :func:`class_shares` turns either's counts into the class mix ``π_c = n_c / Σ n``, which
-:func:`tailstream.models.weights.class_weights` consumes.
+:func:`tailstream.models.imbalance.policies.class_weights` consumes.
 """
 
 from __future__ import annotations

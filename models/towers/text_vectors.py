@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from tailstream.models.two_tower import TwoTowerRecommender, tokenize
+from tailstream.models.towers.two_tower import TwoTowerRecommender, tokenize
 
 
 def autocast_for(device: torch.device, bf16: bool) -> Any:

@@ -14,7 +14,7 @@ and never grow past the buffer's own capacity.
 
 Writes never raise and never wait on an unavailable Redis: changes are queued (bounded:
 at most the buffer's capacity per list and reservoir, the latest meta values and weights),
-the client's circuit breaker (:class:`~tailstream.streams.publish.RedisHealth`, shared
+the client's circuit breaker (:class:`~tailstream.streams.stores.publisher.RedisHealth`, shared
 with the publisher and de-dup) decides when to try again, and a background retry flushes
 the queue with backoff even when no new batch arrives. Each flush applies the queued
 changes in order (RPUSH then LTRIM, HSET of the latest values), so the result in Redis is
@@ -35,8 +35,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tailstream.models.buffer import STATE_VERSION, MinorityBuffer, Sample
-from tailstream.streams.publish import RedisConfigError, RedisHealth, is_credentials_error
+from tailstream.models.imbalance.buffer import STATE_VERSION, MinorityBuffer, Sample
+from tailstream.streams.stores.publisher import RedisConfigError, RedisHealth, is_credentials_error
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class RedisBufferStore:
                    seed: int = 0) -> MinorityBuffer:
         """Rebuild the buffer from Redis (empty if nothing is stored).
 
-        Raises :class:`~tailstream.streams.publish.RedisConfigError` (a clear message
+        Raises :class:`~tailstream.streams.stores.publisher.RedisConfigError` (a clear message
         naming the user, never the password) when Redis refuses the credentials, and the
         Redis error when it is unavailable."""
         try:

@@ -14,13 +14,13 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from tailstream.contract import Event, Item
-from tailstream.models.baseline import QueryIndex, new_profile, update_profile
-from tailstream.models.buffer import Sample
-from tailstream.models.popularity import PopularityTracker
-from tailstream.models.scorer import ContextEntry, context_entries
-from tailstream.models.two_tower import CONTEXT_SEPARATOR
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.serving.baseline import QueryIndex, new_profile, update_profile
+from tailstream.models.serving.popularity import PopularityTracker
+from tailstream.models.serving.scorer import ContextEntry, context_entries
+from tailstream.models.towers.two_tower import CONTEXT_SEPARATOR
 from tailstream.settings import Settings
-from tailstream.streams.imbalance import ImbalanceLoop
+from tailstream.streams.worker.imbalance import ImbalanceLoop
 
 NewItem = Callable[[str, str], None]
 

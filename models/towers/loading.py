@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from tailstream.models.adapters import encoder_trains, merge_lora
-from tailstream.models.encoder import LoadedEncoder, load_encoder
-from tailstream.models.store import BASE_VERSION, ModelStore, StoreError
-from tailstream.models.two_tower import TowerConfig, TwoTowerRecommender
+from tailstream.models.towers.adapters import encoder_trains, merge_lora
+from tailstream.models.towers.encoder import LoadedEncoder, load_encoder
+from tailstream.models.towers.store import BASE_VERSION, ModelStore, StoreError
+from tailstream.models.towers.two_tower import TowerConfig, TwoTowerRecommender
 
 
 @dataclass
@@ -72,7 +72,7 @@ def load_served(store: ModelStore, version: str, encoder_path: str | Path | None
                 tower_default: TowerConfig, device: torch.device) -> ServedModel:
     """Load ``version`` (or build the base model) on ``device`` in eval mode.
 
-    Raises :class:`~tailstream.models.store.CorruptCheckpoint` on an integrity failure and
+    Raises :class:`~tailstream.models.towers.store.CorruptCheckpoint` on an integrity failure and
     :class:`StoreError` when the checkpoint belongs to another encoder.
     """
     encoder = load_encoder(encoder_path)

@@ -23,12 +23,12 @@ import redis
 import torch
 
 from tailstream.metrics import Metrics
-from tailstream.models.loading import ServedModel, load_served, pick_device
-from tailstream.models.scorer import Ranked, RankingConfig, Scorer, UserRequest
-from tailstream.models.store import ModelStore
+from tailstream.models.serving.scorer import Ranked, RankingConfig, Scorer, UserRequest
+from tailstream.models.towers.loading import ServedModel, load_served, pick_device
+from tailstream.models.towers.store import ModelStore
 from tailstream.settings import Settings
-from tailstream.streams.training import tower_config, version_number
-from tailstream.streams.vector_cache import RedisVectorStore
+from tailstream.streams.stores.vector_cache import RedisVectorStore
+from tailstream.streams.trainer.trainer import tower_config, version_number
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

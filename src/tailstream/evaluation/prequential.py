@@ -1,7 +1,7 @@
 """``tailstream eval``: prequential (test-then-train) comparison of imbalance strategies.
 
 The event log is replayed in time order through the same per-event state as the worker
-(:class:`~tailstream.streams.state.StreamState`: profiles, contexts, popularity tiers,
+(:class:`~tailstream.streams.worker.state.StreamState`: profiles, contexts, popularity tiers,
 the imbalance loop and its minority buffer), once. The stream is cut into ``blocks`` of
 equal numbers of interactions. Every strategy then walks the blocks: it first **predicts**
 every interaction of block *b* with the model it has so far, then **learns** from what
@@ -48,11 +48,18 @@ import numpy as np
 import torch
 
 from tailstream.contract import Limits, validate_event, validate_item
-from tailstream.models.adapters import configure_trainable
-from tailstream.models.baseline import new_profile, recommend
-from tailstream.models.buffer import Sample
-from tailstream.models.encoder import load_encoder, write_tiny_encoder
-from tailstream.models.evaluation import (
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.policies import Policy, class_weights
+from tailstream.models.serving.baseline import new_profile, recommend
+from tailstream.models.serving.scorer import Scorer, UserRequest, context_entries
+from tailstream.models.towers.adapters import configure_trainable
+from tailstream.models.towers.encoder import load_encoder, write_tiny_encoder
+from tailstream.models.towers.loading import ServedModel, build_model
+from tailstream.models.towers.text_vectors import TextVectors
+from tailstream.models.towers.two_tower import CLASSES, TowerConfig
+from tailstream.models.training.finetune import FineTuneConfig, FineTuner, evaluate, prepare_data
+from tailstream.models.training.gate import decide
+from tailstream.models.training.metrics import (
     average_precision,
     classification_report,
     coverage,
@@ -61,17 +68,10 @@ from tailstream.models.evaluation import (
     macro_recall,
     rank_metrics,
 )
-from tailstream.models.finetune import FineTuneConfig, FineTuner, evaluate, prepare_data
-from tailstream.models.gate import decide
-from tailstream.models.loading import ServedModel, build_model
-from tailstream.models.scorer import Scorer, UserRequest, context_entries
-from tailstream.models.text_vectors import TextVectors
-from tailstream.models.two_tower import CLASSES, TowerConfig
-from tailstream.models.weights import Policy, class_weights
 from tailstream.producers.records import ProducedRecord
 from tailstream.settings import Settings
-from tailstream.streams.scoring import ranking_config
-from tailstream.streams.state import StreamState
+from tailstream.streams.worker.scoring import ranking_config
+from tailstream.streams.worker.state import StreamState
 
 log = logging.getLogger(__name__)
 
@@ -551,7 +551,7 @@ class Harness:
 
 
 def _outcome_probs(model: Any, scorer: Scorer, samples: Sequence[Sample]) -> np.ndarray:
-    from tailstream.models.two_tower import TextBatch, pack_contexts, split_context
+    from tailstream.models.towers.two_tower import TextBatch, pack_contexts, split_context
 
     c = model.config.max_context
     contexts = [split_context(s.user_text, c) for s in samples]

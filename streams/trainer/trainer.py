@@ -5,10 +5,10 @@ imbalance loop), and for each request — coalescing any that queued up during a
 
 1. reads the minority buffer (minority FIFOs, tail items, majority reservoirs) and the
    live loss weights from Redis, plus its replay memory of earlier training samples;
-2. fine-tunes a copy of the served model (:mod:`tailstream.models.finetune`), bounded in
+2. fine-tunes a copy of the served model (:mod:`tailstream.models.training.finetune`), bounded in
    steps and seconds, on the GPU when there is one;
 3. evaluates served and candidate models on the held-out recent window and asks the gate
-   (:mod:`tailstream.models.gate`);
+   (:mod:`tailstream.models.training.gate`);
 4. writes the candidate to the model store with its manifest; on promotion, points the
    store at it and publishes a ``model-updates`` event so workers swap without restart.
 
@@ -36,13 +36,11 @@ import redis.asyncio as aioredis
 import torch
 
 from tailstream.metrics import TrainerMetrics
-from tailstream.models.adapters import configure_trainable
-from tailstream.models.buffer import Sample
-from tailstream.models.encoder import encoder_config
-from tailstream.models.finetune import FineTuneConfig, FineTuner, NonFiniteLoss, prepare_data
-from tailstream.models.finetune import evaluate as evaluate_model
-from tailstream.models.gate import decide
-from tailstream.models.loading import (
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.policies import Policy, class_weights
+from tailstream.models.towers.adapters import configure_trainable
+from tailstream.models.towers.encoder import encoder_config
+from tailstream.models.towers.loading import (
     ServedModel,
     checkpoint_tensors,
     load_served,
@@ -50,12 +48,19 @@ from tailstream.models.loading import (
     resolve_finetune_layers,
     tensors_fingerprint,
 )
-from tailstream.models.store import BASE_VERSION, CorruptCheckpoint, ModelStore
-from tailstream.models.text_vectors import TextVectors, VectorStore
-from tailstream.models.two_tower import CLASSES, TowerConfig
-from tailstream.models.weights import Policy, class_weights
+from tailstream.models.towers.store import BASE_VERSION, CorruptCheckpoint, ModelStore
+from tailstream.models.towers.text_vectors import TextVectors, VectorStore
+from tailstream.models.towers.two_tower import CLASSES, TowerConfig
+from tailstream.models.training.finetune import (
+    FineTuneConfig,
+    FineTuner,
+    NonFiniteLoss,
+    prepare_data,
+)
+from tailstream.models.training.finetune import evaluate as evaluate_model
+from tailstream.models.training.gate import decide
 from tailstream.settings import Settings
-from tailstream.streams.buffer_store import RedisBufferStore
+from tailstream.streams.stores.buffer_store import RedisBufferStore
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +395,7 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
         producer.send(updates_topic, key=b"model", value=json.dumps(update).encode())
         producer.flush(10)
 
-    from tailstream.streams.vector_cache import RedisVectorStore
+    from tailstream.streams.stores.vector_cache import RedisVectorStore
 
     shared = (RedisVectorStore(data.redis, settings.redis_prefix, settings.text_vectors_ttl_s)
               if settings.text_vectors_shared else None)

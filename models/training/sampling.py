@@ -37,7 +37,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from tailstream.models.buffer import Sample
+from tailstream.models.imbalance.buffer import Sample
 
 BatchBuilder = Callable[[Sequence[Sample], Mapping[str, float], int, random.Random], list[Sample]]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)

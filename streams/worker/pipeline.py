@@ -29,17 +29,17 @@ from tailstream.contract import (
     validate_item,
 )
 from tailstream.metrics import Metrics
-from tailstream.models.baseline import new_profile, recommend
-from tailstream.models.popularity import PopularityTracker
-from tailstream.models.scorer import ContextEntry, UserRequest
+from tailstream.models.serving.baseline import new_profile, recommend
+from tailstream.models.serving.popularity import PopularityTracker
+from tailstream.models.serving.scorer import ContextEntry, UserRequest
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
-from tailstream.streams.buffer_store import RedisBufferStore
-from tailstream.streams.dedupe import Deduper
-from tailstream.streams.imbalance import ImbalanceLoop
-from tailstream.streams.publish import Publisher, RecList
-from tailstream.streams.scoring import ScoringService
-from tailstream.streams.state import StreamState
+from tailstream.streams.stores.buffer_store import RedisBufferStore
+from tailstream.streams.stores.deduper import Deduper
+from tailstream.streams.stores.publisher import Publisher, RecList
+from tailstream.streams.worker.imbalance import ImbalanceLoop
+from tailstream.streams.worker.scoring import ScoringService
+from tailstream.streams.worker.state import StreamState
 
 log = logging.getLogger(__name__)
 

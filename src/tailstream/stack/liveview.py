@@ -41,7 +41,7 @@ LATENCY = "tailstream_recommendation_latency_seconds"
 def parse_metrics(text: str) -> dict[str, float]:
     """Flatten a Prometheus text page: every sample summed by name, by ``name{label=value}``
     for each of its labels, and histogram buckets by ``name_bucket{le=bound}`` (summed over
-    their other labels). The same keys as :func:`tailstream.workers.scrape`, plus ``le``.
+    their other labels). The same keys as :func:`tailstream.stack.processes.scrape`, plus ``le``.
 
     >>> page = '''# TYPE lat_seconds histogram
     ... lat_seconds_bucket{trigger="event",le="0.1"} 3.0
@@ -382,7 +382,7 @@ def pin_ports(settings: Settings) -> Settings:
     """The settings with a worker and a trainer port that are free now, so a view started
     before the processes knows their /metrics URLs (they take a configured port when it
     is free, and any free one otherwise)."""
-    from tailstream.embedded import free_port
+    from tailstream.stack.embedded import free_port
 
     def free(port: int) -> bool:
         with socket.socket() as sock:

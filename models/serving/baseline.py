@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tailstream.contract import Event
-from tailstream.models.popularity import PopularityTracker
+from tailstream.models.serving.popularity import PopularityTracker
 
 EVENT_WEIGHT: dict[str, float] = {"click": 1.0, "search": 1.0, "fav": 2.0, "cart": 3.0,
                                   "purchase": 4.0}

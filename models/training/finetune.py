@@ -17,7 +17,7 @@ them, which is a storage decision, not a training objective. Each sample of clas
 is therefore weighted by ``π_ref(c) / π_batch(c)``, where ``π_batch`` is the expected class
 mix of the batches and ``π_ref`` the *stream's* mix (builder ``none``) or the builder's
 target mix (re-sampling builders). The outcome loss of the configured policy
-(:data:`~tailstream.models.weights.LOSS_MAPPING`) then applies its class weights on top:
+(:data:`~tailstream.models.imbalance.policies.LOSS_MAPPING`) then applies its class weights on top:
 unweighted cross-entropy learns the stream as it is, class-balanced or focal losses
 re-balance it, and re-sampling builders re-balance by drawing.
 
@@ -44,19 +44,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from tailstream.models.adapters import encoder_trains
-from tailstream.models.buffer import Sample
-from tailstream.models.evaluation import classification_report, macro_recall, rank_metrics
-from tailstream.models.sampling import augment_sample, build_batch, smote_embeddings
-from tailstream.models.text_vectors import TextVectors, autocast_for
-from tailstream.models.two_tower import (
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.policies import LossInputs, outcome_loss, sampled_softmax_loss
+from tailstream.models.towers.adapters import encoder_trains
+from tailstream.models.towers.text_vectors import TextVectors, autocast_for
+from tailstream.models.towers.two_tower import (
     TextBatch,
     TwoTowerRecommender,
     pack_contexts,
     split_context,
     tokenize,
 )
-from tailstream.models.weights import LossInputs, outcome_loss, sampled_softmax_loss
+from tailstream.models.training.metrics import classification_report, macro_recall, rank_metrics
+from tailstream.models.training.sampling import augment_sample, build_batch, smote_embeddings
 
 
 class NonFiniteLoss(RuntimeError):

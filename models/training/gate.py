@@ -1,7 +1,7 @@
 """The promotion gate: a candidate replaces the served model only if it is not worse.
 
 Both models are evaluated on the same held-out recent window (events the candidate did
-not train on, :func:`~tailstream.models.finetune.evaluate`). The candidate is promoted when
+not train on, :func:`~tailstream.models.training.finetune.evaluate`). The candidate is promoted when
 
 1. the recall of every gated minority class (``TAILSTREAM_GATE_CLASSES``, default cart
    and purchase) improves or holds: ``recall_c(cand) ≥ recall_c(cur) − ε_r``, with a small

@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from tailstream.models.index import ItemIndex
-from tailstream.models.loading import ServedModel
-from tailstream.models.text_vectors import TextVectors, VectorStore
-from tailstream.models.two_tower import TextBatch, pack_contexts
+from tailstream.models.serving.index import ItemIndex
+from tailstream.models.towers.loading import ServedModel
+from tailstream.models.towers.text_vectors import TextVectors, VectorStore
+from tailstream.models.towers.two_tower import TextBatch, pack_contexts
 
 CLASS_VALUE: dict[str, float] = {"click": 1.0, "fav": 2.0, "cart": 3.0, "purchase": 5.0}
 """Relative value of each outcome for the expected-engagement term."""

@@ -25,14 +25,14 @@ from tailstream.kafka_io import GroupPositions, admin
 from tailstream.metrics import Metrics
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
-from tailstream.streams.buffer_store import RedisBufferStore
-from tailstream.streams.dedupe import Deduper
-from tailstream.streams.model_updates import follow_model_updates
-from tailstream.streams.pipeline import Pipeline, RawMessage, dlq_headers
-from tailstream.streams.publish import Publisher, meta_key, parse_meta
-from tailstream.streams.scoring import ScoringService
-from tailstream.streams.stuck import StuckPartitions
-from tailstream.streams.transport import app_class, request_rejoin
+from tailstream.streams.stores.buffer_store import RedisBufferStore
+from tailstream.streams.stores.deduper import Deduper
+from tailstream.streams.stores.publisher import Publisher, meta_key, parse_meta
+from tailstream.streams.worker.model_updates import follow_model_updates
+from tailstream.streams.worker.pipeline import Pipeline, RawMessage, dlq_headers
+from tailstream.streams.worker.scoring import ScoringService
+from tailstream.streams.worker.stuck import StuckPartitions
+from tailstream.streams.worker.transport import app_class, request_rejoin
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tailstream.embedded import ManagedProcess, free_port
 from tailstream.settings import Settings
+from tailstream.stack.embedded import ManagedProcess, free_port
 
 
 def start_worker(settings: Settings, index: int = 0) -> tuple[ManagedProcess, Settings]:
