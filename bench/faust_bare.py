@@ -17,8 +17,8 @@ from typing import Any, cast
 
 import faust
 
+from tailstream.kafka_io import faust_broker_options
 from tailstream.settings import Settings
-from tailstream.streams.worker.app import faust_broker_options
 from tailstream.streams.worker.transport import app_class
 
 BENCH_ENV = ("BENCH_EXPECTED", "BENCH_OUT")

@@ -28,17 +28,14 @@ from typing import Any
 
 import torch
 
+from tailstream.configs import FineTuneConfig, TowerConfig
+from tailstream.contract import CLASSES
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.adapters import configure_trainable
 from tailstream.models.towers.encoder import encoder_config, load_encoder
 from tailstream.models.towers.loading import build_model, pick_device
-from tailstream.models.towers.two_tower import CLASSES, TowerConfig, tokenize
-from tailstream.models.training.finetune import (
-    FineTuneConfig,
-    FineTuner,
-    prepare_data,
-    sampling_plan,
-)
+from tailstream.models.towers.two_tower import tokenize
+from tailstream.models.training.finetune import FineTuner, prepare_data, sampling_plan
 
 GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12,
                  "L40S": 362e12, "A10": 125e12}
@@ -88,16 +85,17 @@ def _sync(device: torch.device) -> None:
 
 def bench_trainer(device: torch.device, seq_len: int, batch: int, steps: int, warmup: int,
                   bf16: bool, compile_: bool, encoder_path: str | None) -> float:
+    """Pairs/s of the trainer's own :class:`FineTuner` steps (nothing patched): every text
+    padded to exactly ``seq_len`` tokens by ``FineTuneConfig.pad_to_max_len``."""
     enc = load_encoder(encoder_path)
     model = build_model(enc, TowerConfig(max_len=seq_len, max_context=1)).to(device)
     configure_trainable(model.encoder, -1)
     cfg = FineTuneConfig(policy="class_balanced", batch_size=batch, max_steps=steps,
-                         replay_share=0.0, holdout_share=0.0, bf16=bf16, compile=compile_)
+                         replay_share=0.0, holdout_share=0.0, bf16=bf16, compile=compile_,
+                         pad_to_max_len=True)
     tuner = FineTuner(model, enc.tokenizer, cfg, device=device, text_vectors=None,
                       class_weight={"click": 0.5, "cart": 2.0, "fav": 3.0, "purchase": 4.0},
                       max_len=seq_len)
-    # Pad every text to exactly seq_len tokens, as the bare loop does.
-    tuner.text_matrix = _fixed_length(tuner, seq_len)  # type: ignore[method-assign]
     rng = random.Random(0)
     n = batch * (steps + warmup)
     users = _texts(rng, n, seq_len, "user")
@@ -116,22 +114,6 @@ def bench_trainer(device: torch.device, seq_len: int, batch: int, steps: int, wa
         tuner.step(b, plan)
     _sync(device)
     return steps * batch / (time.perf_counter() - started)
-
-
-def _fixed_length(tuner: FineTuner, seq_len: int) -> Any:
-    from tailstream.models.towers.text_vectors import autocast_for
-
-    def text_matrix(texts: list[str]) -> torch.Tensor:
-        enc = tokenize(tuner.tokenizer, texts, seq_len, fixed_length=True)
-        pin = tuner.device.type == "cuda"
-        ids = (enc["input_ids"].pin_memory() if pin else enc["input_ids"]).to(
-            tuner.device, non_blocking=True)
-        mask = (enc["attention_mask"].pin_memory() if pin else enc["attention_mask"]).to(
-            tuner.device, non_blocking=True)
-        with autocast_for(tuner.device, tuner.cfg.bf16):
-            return tuner._encode(ids, mask).float()
-
-    return text_matrix
 
 
 def bench_bare(device: torch.device, seq_len: int, sequences: int, steps: int, warmup: int,

@@ -31,14 +31,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka import KafkaProducer
 
-from tailstream.kafka_io import create_topics
+from tailstream.kafka_io import aiokafka_options, create_topics, kafka_python_options
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import KINDS
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ServiceStack, free_port
 from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
-from tailstream.streams.worker.model_updates import aiokafka_options
 
 
 def shop(n: int, seed: int = 0) -> tuple[list[ProducedRecord], list[ProducedRecord]]:
@@ -50,11 +49,11 @@ def shop(n: int, seed: int = 0) -> tuple[list[ProducedRecord], list[ProducedReco
 def preencode(settings: Settings, catalogue: list[ProducedRecord]) -> None:
     """Put the catalogue's text vectors in the shared Redis cache, as a running system
     has them, so the workers' throughput is not their first encoding of 5,000 items."""
+    from tailstream.configs import tower_config
     from tailstream.contract import Limits, validate_item
     from tailstream.models.towers.loading import load_served, pick_device
     from tailstream.models.towers.store import ModelStore
     from tailstream.models.towers.text_vectors import TextVectors
-    from tailstream.streams.trainer.trainer import tower_config
     from tailstream.streams.worker.scoring import shared_vectors
     from tailstream.streams.worker.state import item_text
 
@@ -72,7 +71,7 @@ def produce(settings: Settings, records: Iterable[ProducedRecord], envelope: int
     returns the number of events sent."""
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=20,
                              batch_size=512 * 1024, acks=1, max_request_size=8 * 1024 * 1024,
-                             **settings.kafka_client_options())
+                             **kafka_python_options(settings))
     topics = {k: settings.topic_for(k) for k in KINDS}
     sent = 0
     try:

@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 
+from tailstream.configs import ranking_config, tower_config
 from tailstream.kafka_io import TopicCounter, create_topics
 from tailstream.models.serving.index import ItemIndex
-from tailstream.models.serving.scorer import ContextEntry, Scorer, UserRequest
+from tailstream.models.serving.scorer import Scorer
+from tailstream.models.towers.context import ContextEntry, UserRequest
 from tailstream.models.towers.loading import load_served, pick_device
 from tailstream.models.towers.store import ModelStore
 from tailstream.producers.sender import send_records
@@ -41,8 +43,7 @@ from tailstream.settings import Settings
 from tailstream.stack.demo import RecsWatcher, percentile
 from tailstream.stack.embedded import ServiceStack
 from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
-from tailstream.streams.trainer.trainer import tower_config
-from tailstream.streams.worker.scoring import ranking_config, shared_vectors
+from tailstream.streams.worker.scoring import shared_vectors
 from tailstream.streams.worker.state import item_text
 
 

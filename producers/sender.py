@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tailstream.kafka_io import kafka_python_options
 from tailstream.producers.records import ProducedRecord
 from tailstream.settings import Settings
 
@@ -53,7 +54,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
     """
     return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks=1,
                          batch_size=64 * 1024, client_id="tailstream-producer",
-                         **settings.kafka_client_options())
+                         **kafka_python_options(settings))
 
 
 class _Bucket:

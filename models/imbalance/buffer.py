@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-LABELS = ("click", "cart", "fav", "purchase")
-TAIL = "tail"
+from tailstream.contract import TAIL
+
 STATE_VERSION = 1
 
 

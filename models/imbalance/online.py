@@ -25,8 +25,9 @@ from typing import Any
 
 from river import compose, imblearn, linear_model, metrics, multiclass, optim, preprocessing
 
+from tailstream.contract import CLASSES, RARE_CLASSES
+
 Features = dict[str, float]
-CLASSES: tuple[str, ...] = ("click", "cart", "fav", "purchase")
 
 
 def interaction_features(*, item_count: float, item_class_counts: Mapping[str, float],
@@ -53,7 +54,7 @@ def interaction_features(*, item_count: float, item_class_counts: Mapping[str, f
     }
     user_total = sum(user_class_counts.values())
     x["log_user_events"] = math.log1p(user_total)
-    for c in CLASSES[1:]:
+    for c in RARE_CLASSES:
         x[f"item_rate_{c}"] = (item_class_counts.get(c, 0.0) + 1) / (max(item_count, 0.0) + k)
         x[f"user_rate_{c}"] = (user_class_counts.get(c, 0.0) + 1) / (user_total + k)
     return x

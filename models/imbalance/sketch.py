@@ -40,7 +40,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-TIERS = ("head", "torso", "tail")
+from tailstream.contract import TIERS
 
 _MAGIC = b"TCMS"
 _VERSION = 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-TIERS = ("head", "torso", "tail")
+from tailstream.contract import TIERS
 
 
 class PopularityTracker:

@@ -34,73 +34,21 @@ For each user (a micro-batch of users at a time):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tailstream.configs import RankingConfig
 from tailstream.models.serving.index import ItemIndex
+from tailstream.models.towers.context import UserRequest
 from tailstream.models.towers.loading import ServedModel
 from tailstream.models.towers.text_vectors import TextVectors, VectorStore
 from tailstream.models.towers.two_tower import TextBatch, pack_contexts
 
 CLASS_VALUE: dict[str, float] = {"click": 1.0, "fav": 2.0, "cart": 3.0, "purchase": 5.0}
 """Relative value of each outcome for the expected-engagement term."""
-
-
-@dataclass(frozen=True)
-class RankingConfig:
-    k: int = 20
-    candidates: int = 100
-    head_candidates: int = 40
-    engagement_weight: float = 1.0
-    popularity_weight: float = 0.5
-    online_blend: float = 0.0
-    tail_share: float = 0.3
-    tail_margin: float = 2.0
-    max_per_category: float = 0.5
-    reason_min_similarity: float = 0.2
-
-
-@dataclass
-class ContextEntry:
-    """One recent thing the user did: a search (``kind="q"``) or an item (``"i"``)."""
-
-    kind: str
-    text: str  # what the encoder reads
-    label: str  # the query, or the item's short title, for reasons
-    item_id: str | None = None
-
-
-def context_entries(profile: Mapping[str, Any], item_text: Mapping[str, str],
-                    max_context: int) -> list[ContextEntry]:
-    """A profile's recent searches and items, most recent first, as the user tower reads
-    them (profiles written before ``ctx`` existed fall back to queries, then items).
-
-    >>> p = {"ctx": [["q", "red mug"], ["i", "i9"]]}
-    >>> [e.text for e in context_entries(p, {"i9": "Mug | home/mug"}, 4)]
-    ['search: red mug', 'Mug | home/mug']
-    """
-    raw = profile.get("ctx")
-    if raw is None:
-        raw = ([["q", q] for q in profile.get("queries", [])[:max_context]]
-               + [["i", i] for i in profile.get("items", [])[:max_context]])
-    out: list[ContextEntry] = []
-    for kind, value in raw[:max_context]:
-        if kind == "q":
-            out.append(ContextEntry("q", f"search: {value}", value))
-        else:
-            text = item_text.get(value) or f"item {value}"
-            out.append(ContextEntry("i", text, text.split(" | ")[0], value))
-    return out
-
-
-@dataclass
-class UserRequest:
-    user_id: str
-    context: list[ContextEntry]
-    exclude: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

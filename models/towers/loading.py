@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from tailstream.configs import BASE_VERSION, TowerConfig, base_version_name
 from tailstream.models.towers.adapters import encoder_trains, merge_lora
 from tailstream.models.towers.encoder import LoadedEncoder, load_encoder
-from tailstream.models.towers.store import BASE_VERSION, ModelStore, StoreError
-from tailstream.models.towers.two_tower import TowerConfig, TwoTowerRecommender
+from tailstream.models.towers.store import ModelStore, StoreError
+from tailstream.models.towers.two_tower import TwoTowerRecommender
 
 
 @dataclass
@@ -34,11 +35,6 @@ class ServedModel:
     tokenizer: Any
     text_fingerprint: str
     manifest: dict[str, Any]
-
-
-def base_version_name(fingerprint: str) -> str:
-    """How lists made by the untrained base model are labelled."""
-    return f"{BASE_VERSION}-{fingerprint[:8]}"
 
 
 def build_model(encoder: LoadedEncoder, tower: TowerConfig) -> TwoTowerRecommender:

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tailstream.configs import BASE_VERSION
 from tailstream.models.towers.encoder import file_sha256
 
-BASE_VERSION = "base"
 _VERSION = re.compile(r"v\d{5}")  # always fullmatch: "$" would allow a trailing newline
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"

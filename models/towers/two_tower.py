@@ -30,62 +30,21 @@ text). Initialisation is seeded, so every process builds the identical base mode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLASSES: tuple[str, ...] = ("click", "cart", "fav", "purchase")
-CONTEXT_SEPARATOR = " ; "
-HEAD_PRIOR: dict[str, float] = {"click": 0.9, "cart": 0.05, "fav": 0.03, "purchase": 0.02}
-"""A typical shop's interaction mix (Taobao: 89 / 5.5 / 3 / 2.2 %)."""
-
-
-@dataclass(frozen=True)
-class TowerConfig:
-    """Shape of the towers and heads (stored in every checkpoint manifest)."""
-
-    embed_dim: int = 128
-    """Size of user and item vectors (index memory: 4 · embed_dim bytes per item in fp32)."""
-    max_context: int = 4
-    """Recent texts pooled by the user tower."""
-    max_len: int = 48
-    """Tokens per text (titles and queries are short; longer texts are truncated)."""
-    temperature: float = 0.05
-    head_hidden: int = 256
-    classes: tuple[str, ...] = field(default=CLASSES)
-    head_prior: dict[str, float] = field(default_factory=lambda: dict(HEAD_PRIOR))
-    """Class mix the untrained outcome head starts from."""
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["classes"] = list(self.classes)
-        out["head_prior"] = dict(self.head_prior)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "classes" in known:
-            known["classes"] = tuple(known["classes"])
-        return cls(**known)
-
-
-def split_context(user_text: str, max_context: int) -> list[str]:
-    """The user's context texts from a sample's ``user_text`` (most recent first).
-
-    >>> split_context("search: red mug ; Kettle | home ; Lamp | home", 2)
-    ['search: red mug', 'Kettle | home']
-    """
-    return [t for t in (p.strip() for p in user_text.split(CONTEXT_SEPARATOR)) if t][
-        :max_context]
+from tailstream.configs import TowerConfig
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of token vectors where ``mask`` is 1 (sentence-transformers' pooling)."""
+    """Mean of token vectors where ``mask`` is 1 (sentence-transformers' pooling).
+
+    >>> mean_pool(torch.tensor([[[1.0], [3.0], [9.0]]]), torch.tensor([[1, 1, 0]])).tolist()
+    [[2.0]]
+    """
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 

@@ -1,9 +1,10 @@
 """Incremental fine-tuning of the two-tower recommender on buffered samples.
 
 A plain training loop (in the spirit of nanoGPT's ``train.py``): :func:`prepare_data`
-splits the buffer into a training pool and a held-out recent window, :class:`FineTuner`
-runs a bounded number of steps (or seconds) and :func:`evaluate` scores a model on the
-held-out window for the promotion gate.
+splits the buffer into a training pool and a held-out recent window and :class:`FineTuner`
+runs a bounded number of steps (or seconds); :mod:`~tailstream.models.training.evaluation`
+scores a model on the held-out window for the promotion gate, and
+:mod:`~tailstream.models.training.routine` is the one routine that puts them together.
 
 **What a batch is.** ``(1 − r)·B`` samples drawn from the pool (minority FIFO + tail +
 majority reservoir) by the configured batch builder (``none``: the pool's own mix,
@@ -32,7 +33,6 @@ come from a cache and a step costs only the towers and the head.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -44,59 +44,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from tailstream.configs import FineTuneConfig
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.imbalance.policies import LossInputs, outcome_loss, sampled_softmax_loss
 from tailstream.models.towers.adapters import encoder_trains
+from tailstream.models.towers.context import split_context
 from tailstream.models.towers.text_vectors import TextVectors, autocast_for
 from tailstream.models.towers.two_tower import (
     TextBatch,
     TwoTowerRecommender,
     pack_contexts,
-    split_context,
     tokenize,
 )
-from tailstream.models.training.metrics import classification_report, macro_recall, rank_metrics
+from tailstream.models.training.losses import LossInputs, outcome_loss, sampled_softmax_loss
 from tailstream.models.training.sampling import augment_sample, build_batch, smote_embeddings
 
 
 class NonFiniteLoss(RuntimeError):
     """A training step produced a NaN or infinite loss; the run is abandoned."""
-
-
-@dataclass(frozen=True)
-class FineTuneConfig:
-    """One run's knobs (from the settings; recorded in the checkpoint manifest)."""
-
-    policy: str = "class_balanced"
-    gamma: float = 2.0
-    tau: float = 1.0
-    builder: str = "none"
-    target_mix: str = "balanced"
-    """Target of re-sampling builders: ``balanced`` (uniform) or ``sqrt`` (∝ √π_c)."""
-    batch_size: int = 256
-    max_steps: int = 200
-    max_seconds: float = 120.0
-    lr: float = 1e-3
-    """Learning rate of the towers and the head."""
-    encoder_lr: float = 3e-5
-    weight_decay: float = 0.01
-    retrieval_weight: float = 1.0
-    replay_share: float = 0.25
-    holdout_share: float = 0.2
-    augment_share: float = 0.0
-    """Share of minority samples whose texts get EDA augmentation in a batch."""
-    smote_share: float = 0.0
-    """Synthetic minority pairs per batch (SMOTE on [u, v] pair vectors), as a share of B."""
-    minority_classes: tuple[str, ...] = ("cart", "fav", "purchase")
-    grad_clip: float = 1.0
-    bf16: bool = True
-    compile: bool = False
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["minority_classes"] = list(self.minority_classes)
-        return out
 
 
 # --------------------------------------------------------------------------- data
@@ -314,7 +278,8 @@ class FineTuner:
         if not self.encoder_trains:
             assert self.text_vectors is not None
             return self.text_vectors.vectors(texts)
-        enc = tokenize(self.tokenizer, texts, self.max_len)
+        enc = tokenize(self.tokenizer, texts, self.max_len,
+                       fixed_length=self.cfg.pad_to_max_len)
         pin = self.device.type == "cuda"
         ids = (enc["input_ids"].pin_memory() if pin else enc["input_ids"]).to(
             self.device, non_blocking=True)
@@ -441,55 +406,3 @@ class FineTuner:
         result.loss_by_class = {c: sums[c] / counts[c] for c in counts}
         result.trained_on = list(used.values())
         return result
-
-
-# --------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torch.Tensor],
-             samples: Sequence[Sample], stream_mix: Mapping[str, float], *,
-             minority_classes: Sequence[str] = ("cart", "fav", "purchase"),
-             ks: Sequence[int] = (10, 20), chunk: int = 512) -> dict[str, float]:
-    """Held-out metrics of ``model``: outcome-head precision/recall/F1 per class (counts
-    reweighted to the stream's class mix), ``macro_f1``, ``minority_macro_recall`` and
-    next-item ranking (``hit_at_K``, ``ndcg_at_K``, ``mrr``) of each sample's item among
-    all distinct held-out items. ``vectors`` maps texts to pooled encoder vectors."""
-    model.eval()
-    classes = list(model.config.classes)
-    if not samples:
-        return {"n": 0.0}
-    c = model.config.max_context
-    items = list(dict.fromkeys(s.item_id for s in samples))
-    text_of = {s.item_id: s.item_text or f"item {s.item_id}" for s in samples}
-    item_vecs = torch.cat([model.item_vectors(vectors([text_of[i] for i in items[k:k + chunk]]))
-                           for k in range(0, len(items), chunk)])
-    col = {i: k for k, i in enumerate(items)}
-    preds: list[str] = []
-    ranks: list[int] = []
-    for start in range(0, len(samples), chunk):
-        part = samples[start:start + chunk]
-        contexts = [split_context(s.user_text, c) for s in part]
-        flat = TextBatch([t for ctx in contexts for t in ctx])
-        vecs = vectors(flat.texts) if flat.texts else None
-        ctx_t, mask = pack_contexts(contexts, vecs, flat, c, model.empty_context.shape[0],
-                                    model.empty_context.device)
-        users = model.user_vectors(ctx_t, mask)
-        idx = torch.tensor([col[s.item_id] for s in part], device=item_vecs.device)
-        logits = model.outcome_logits(users, item_vecs[idx], model.context_items(ctx_t), mask)
-        preds.extend(classes[int(k)] for k in logits.argmax(-1))
-        scores = model.retrieval_scores(users, item_vecs)
-        own = scores.gather(1, idx.unsqueeze(1))
-        # Ties are broken at random in expectation: an untrained model scores every item
-        # 0 for a user without context, and counting ties as hits would rank each of
-        # their items first (a base model would then look unbeatable to the gate).
-        ties = (scores == own).sum(1) - 1
-        ranks.extend(((scores > own).sum(1) + 1 + ties // 2).tolist())
-    truth = [s.label for s in samples]
-    held_mix = Counter(truth)
-    n = len(truth)
-    weights = [stream_mix.get(y, 0.0) / (held_mix[y] / n) if stream_mix.get(y) else 1.0
-               for y in truth]
-    report = classification_report(truth, preds, classes, weights)
-    report["minority_macro_recall"] = macro_recall(report, minority_classes)
-    report.update(rank_metrics(ranks, ks))
-    report["n"] = float(n)
-    return report

@@ -21,8 +21,22 @@ from typing import Any
 SCHEMA_VERSION = 1
 """Current event schema version (field ``v``; absent means 1)."""
 
-INTERACTION_KINDS: frozenset[str] = frozenset({"click", "cart", "fav", "purchase"})
-EVENT_KINDS: frozenset[str] = INTERACTION_KINDS | {"search"}
+# --------------------------------------------------------------------------- vocabulary
+# The one definition of the event classes; every other module imports these.
+CLASSES: tuple[str, ...] = ("click", "cart", "fav", "purchase")
+"""The interaction classes, in the order of every per-class vector (counts, weights, the
+outcome head's logits). A typical shop's mix: click ≫ cart > fav > purchase."""
+RARE_CLASSES: tuple[str, ...] = CLASSES[1:]
+"""Every class but the click: the outcomes the imbalance loop exists for."""
+SEARCH = "search"
+EVENT_KINDS: tuple[str, ...] = (*CLASSES, SEARCH)
+"""Kinds of user events; each has its own input topic."""
+CATALOGUE = "item"
+"""Kind of the catalogue records (the compacted ``items`` topic)."""
+INTERACTION_KINDS: frozenset[str] = frozenset(CLASSES)
+TIERS: tuple[str, ...] = ("head", "torso", "tail")
+"""Item popularity tiers: the head holds the most interactions, the tail the fewest."""
+TAIL = "tail"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,14 @@
-"""Small kafka-python helpers shared by the CLI, the demo and the tests.
+"""Kafka clients in one place: the security translator every client uses, and small
+kafka-python helpers shared by the CLI, the demo and the tests.
 
-Consumers here use *manual partition assignment* rather than a consumer group:
+**One translator.** The security settings (``TAILSTREAM_KAFKA_SECURITY_PROTOCOL``,
+``…_SASL_*``, ``…_SSL_CAFILE``) reach three client libraries that spell them three ways:
+:func:`kafka_python_options` (kafka-python: producers, readers, admin),
+:func:`aiokafka_options` (aiokafka, with an SSL context instead of a CA file) and
+:func:`faust_broker_options` (Faust's broker URL, credentials and consumer timing). No
+other module reads those settings.
+
+Readers here use *manual partition assignment* rather than a consumer group:
 they are readers (subscribe, demo counters, verifiers) that each want every
 message, and kafka-python group consumers stall on Tansu's JoinGroup unless
 ``max_poll_interval_ms`` is tiny.
@@ -9,6 +17,7 @@ message, and kafka-python group consumers stall on Tansu's JoinGroup unless
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,9 +34,75 @@ log = logging.getLogger(__name__)
 COMPACTED = {"cleanup.policy": "compact"}
 
 
+# --------------------------------------------------------------------------- security
+def kafka_python_options(settings: Settings) -> dict[str, Any]:
+    """Security options in kafka-python's spelling.
+
+    >>> from tailstream.settings import Secret
+    >>> kafka_python_options(Settings().replace(kafka_security_protocol="SASL_SSL",
+    ...     kafka_sasl_mechanism="PLAIN", kafka_sasl_username="u",
+    ...     kafka_sasl_password=Secret("p")))["sasl_plain_username"]
+    'u'
+    """
+    opts: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl_mechanism:
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        opts["sasl_plain_username"] = settings.kafka_sasl_username
+        opts["sasl_plain_password"] = settings.kafka_sasl_password.reveal()
+    if settings.kafka_ssl_cafile:
+        opts["ssl_cafile"] = settings.kafka_ssl_cafile
+    return opts
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if "SSL" not in settings.kafka_security_protocol.upper():
+        return None
+    return ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+
+
+def aiokafka_options(settings: Settings) -> dict[str, Any]:
+    """Security options in aiokafka's spelling (an SSL context instead of a CA file)."""
+    opts: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl_mechanism:
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        opts["sasl_plain_username"] = settings.kafka_sasl_username
+        opts["sasl_plain_password"] = settings.kafka_sasl_password.reveal()
+    context = _ssl_context(settings)
+    if context is not None:
+        opts["ssl_context"] = context
+    return opts
+
+
+def faust_broker_options(settings: Settings) -> dict[str, Any]:
+    """Broker URL, credentials and consumer timing for ``faust.App``."""
+    import faust
+
+    opts: dict[str, Any] = {
+        "broker": ",".join(f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")),
+        # A new worker reads its partitions from the start; committed offsets win after.
+        "consumer_auto_offset_reset": "earliest",
+    }
+    if settings.kafka_session_timeout_s > 0:
+        opts["broker_session_timeout"] = settings.kafka_session_timeout_s
+        opts["broker_heartbeat_interval"] = min(3.0, settings.kafka_session_timeout_s / 5)
+    if settings.kafka_rebalance_timeout_s > 0:
+        opts["broker_rebalance_timeout"] = settings.kafka_rebalance_timeout_s
+    proto = settings.kafka_security_protocol.upper()
+    context = _ssl_context(settings)
+    if proto.startswith("SASL"):
+        opts["broker_credentials"] = faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.reveal(),
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN", ssl_context=context)
+    elif context is not None:
+        opts["broker_credentials"] = context
+    return opts
+
+
+# --------------------------------------------------------------------------- helpers
 def admin(settings: Settings) -> KafkaAdminClient:
     return KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                            client_id="tailstream-admin", **settings.kafka_client_options())
+                            client_id="tailstream-admin", **kafka_python_options(settings))
 
 
 def create_topics(settings: Settings, replication: int = 1, timeout: float = 30.0) -> None:
@@ -65,7 +140,7 @@ def reader(settings: Settings, topics: Iterable[str], from_beginning: bool = Tru
     """A group-less consumer assigned every partition of ``topics``."""
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                              enable_auto_commit=False, group_id=None,
-                             **settings.kafka_client_options(), **extra)
+                             **kafka_python_options(settings), **extra)
     parts: list[TopicPartition] = []
     for topic in topics:
         found = None
@@ -150,7 +225,7 @@ class GroupPositions:
                 self._reader = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap,
                                              group_id=None, enable_auto_commit=False,
                                              client_id="tailstream-stuck-watch",
-                                             **s.kafka_client_options())
+                                             **kafka_python_options(s))
             parts = [TopicPartition(t, p) for t in topics
                      for p in sorted(self._reader.partitions_for_topic(t) or ())]
             ends = self._reader.end_offsets(parts)

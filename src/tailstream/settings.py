@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from tailstream.contract import EVENT_KINDS
+
 ENV_PREFIX = "TAILSTREAM_"
 
 
@@ -29,10 +31,6 @@ class Secret(str):
 
     def reveal(self) -> str:
         return str.__str__(self)
-
-
-EVENT_KINDS: tuple[str, ...] = ("click", "cart", "fav", "purchase", "search")
-"""Event classes; each has its own input topic (see :attr:`Settings.topic_for`)."""
 
 
 @dataclass(frozen=True)
@@ -336,10 +334,6 @@ class Settings:
         return self.model_dir if str(self.model_dir) not in ("", ".") else self.data_dir / "models"
 
     @property
-    def gated_classes(self) -> tuple[str, ...]:
-        return tuple(c.strip() for c in self.gate_classes.split(",") if c.strip())
-
-    @property
     def input_topics(self) -> list[str]:
         return [self.topic_for(k) for k in EVENT_KINDS]
 
@@ -364,17 +358,6 @@ class Settings:
             self.topic(self.topic_training_requests),
             self.topic(self.topic_model_updates),
         ]
-
-    def kafka_client_options(self) -> dict[str, Any]:
-        """Security options in kafka-python/aiokafka spelling (both accept these names)."""
-        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
-        if self.kafka_sasl_mechanism:
-            opts["sasl_mechanism"] = self.kafka_sasl_mechanism
-            opts["sasl_plain_username"] = self.kafka_sasl_username
-            opts["sasl_plain_password"] = self.kafka_sasl_password.reveal()
-        if self.kafka_ssl_cafile:
-            opts["ssl_cafile"] = self.kafka_ssl_cafile
-        return opts
 
     def to_env(self) -> dict[str, str]:
         """The settings as ``TAILSTREAM_*`` variables, to hand to a child process."""

@@ -7,14 +7,14 @@ Layout (``{p}`` = ``TAILSTREAM_REDIS_PREFIX``):
 * ``{p}:buffer:reservoir:{class}``: hash slot → sample (Algorithm R overwrites slots);
 * ``{p}:buffer:meta``: hash with ``seen:{class}`` (reservoir counters) and
   ``new_since_last_take``;
-* ``{p}:weights``: the loss weights in force (policy, weights, counts used, updated_at).
+* ``{p}:weights``: the policy and loss weights in force (:class:`LiveWeights`).
 
 Every batch's changes go in one pipelined round trip, so the lists are bounded by LTRIM
 and never grow past the buffer's own capacity.
 
 Writes never raise and never wait on an unavailable Redis: changes are queued (bounded:
 at most the buffer's capacity per list and reservoir, the latest meta values and weights),
-the client's circuit breaker (:class:`~tailstream.streams.stores.publisher.RedisHealth`, shared
+the client's circuit breaker (:class:`~tailstream.redis_io.RedisHealth`, shared
 with the publisher and de-dup) decides when to try again, and a background retry flushes
 the queue with backoff even when no new batch arrives. Each flush applies the queued
 changes in order (RPUSH then LTRIM, HSET of the latest values), so the result in Redis is
@@ -30,13 +30,16 @@ import json
 import logging
 import random
 from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from tailstream.configs import Policy
 from tailstream.models.imbalance.buffer import STATE_VERSION, MinorityBuffer, Sample
-from tailstream.streams.stores.publisher import RedisConfigError, RedisHealth, is_credentials_error
+from tailstream.redis_io import Keys, RedisConfigError, RedisHealth, is_credentials_error
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,45 @@ def _mapping(values: dict[str, str] | dict[str, int]) -> dict[_Value, _Value]:
     return {k: v for k, v in values.items()}
 
 
+@dataclass(frozen=True)
+class LiveWeights:
+    """What the imbalance loop publishes for the trainer, and the trainer reads: the
+    policy the worker decided (all its parameters), the weights it computed with it and
+    the decayed class counts they came from. One hash, ``{prefix}:weights``.
+
+    >>> w = LiveWeights(Policy("focal", gamma=1.5), {"click": 0.5}, {"click": 9.0}, 1.0)
+    >>> LiveWeights.from_hash({k.encode(): v.encode() for k, v in w.to_hash().items()}) == w
+    True
+    """
+
+    policy: Policy
+    weights: dict[str, float]
+    counts: dict[str, float]
+    updated_at: float
+
+    def to_hash(self) -> dict[str, str]:
+        return {"policy": json.dumps(self.policy.to_dict()), "weights": json.dumps(self.weights),
+                "counts": json.dumps(self.counts), "updated_at": repr(self.updated_at)}
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> LiveWeights | None:
+        """The hash as read from Redis (bytes or str); None when nothing is published."""
+        if not raw:
+            return None
+        text = {_text(k): _text(v) for k, v in raw.items()}
+        return cls(Policy.from_dict(json.loads(text["policy"])), json.loads(text["weights"]),
+                   json.loads(text["counts"]), float(text.get("updated_at", "0")))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _keys(prefix: str) -> dict[str, str]:
-    return {"minority": f"{prefix}:buffer:minority:", "tail": f"{prefix}:buffer:tail",
-            "reservoir": f"{prefix}:buffer:reservoir:", "meta": f"{prefix}:buffer:meta"}
+    """The buffer's keys; ``minority`` and ``reservoir`` are prefixes (one key per class)."""
+    k = Keys(prefix)
+    return {"minority": k.minority(""), "tail": k.tail, "reservoir": k.reservoir(""),
+            "meta": k.buffer_meta, "weights": k.weights}
 
 
 class RedisBufferStore:
@@ -108,12 +147,10 @@ class RedisBufferStore:
             self._meta["new_since_last_take"] = buffer.new_since_last_take
         await self.flush()
 
-    async def write_weights(self, policy: dict[str, Any], weights: dict[str, float],
-                            counts: dict[str, float], at: float) -> None:
-        """The weights in force, for the trainer: hash ``{prefix}:weights`` (queued and
-        retried like the buffer while Redis is unavailable; the latest weights win)."""
-        self._weights = {"policy": json.dumps(policy), "weights": json.dumps(weights),
-                         "counts": json.dumps(counts), "updated_at": repr(at)}
+    async def write_weights(self, live: LiveWeights) -> None:
+        """The policy and weights in force, for the trainer: hash ``{prefix}:weights``
+        (queued and retried like the buffer while Redis is unavailable; the latest win)."""
+        self._weights = live.to_hash()
         await self.flush()
 
     async def mark_consumed(self) -> None:
@@ -147,7 +184,7 @@ class RedisBufferStore:
                     if meta:
                         pipe.hset(self.keys["meta"], mapping=_mapping(meta))
                     if weights is not None:
-                        pipe.hset(f"{self.prefix}:weights", mapping=_mapping(weights))
+                        pipe.hset(self.keys["weights"], mapping=_mapping(weights))
                     replies = await asyncio.wait_for(pipe.execute(), self.timeout_s)
             except (TimeoutError, RedisError, OSError) as exc:
                 self._requeue(lists, slots, meta, weights)
@@ -256,7 +293,7 @@ class RedisBufferStore:
                    seed: int = 0) -> MinorityBuffer:
         """Rebuild the buffer from Redis (empty if nothing is stored).
 
-        Raises :class:`~tailstream.streams.stores.publisher.RedisConfigError` (a clear message
+        Raises :class:`~tailstream.redis_io.RedisConfigError` (a clear message
         naming the user, never the password) when Redis refuses the credentials, and the
         Redis error when it is unavailable."""
         try:

@@ -5,7 +5,7 @@ trip per batch), so duplicates are caught across workers and restarts. A local L
 front absorbs duplicates within a process and keeps working while Redis is down.
 
 During a Redis outage the check is local only, and fast: the client's circuit breaker
-(:class:`~tailstream.streams.stores.publisher.RedisHealth`, shared with the publisher and the
+(:class:`~tailstream.redis_io.RedisHealth`, shared with the publisher and the
 buffer) skips Redis until its next retry, and each round trip has a deadline, so a hung
 Redis costs one deadline per backoff, not a timeout per batch. Ids seen during the outage
 are remembered (bounded) and marked in Redis when it is back, so a duplicate that reaches
@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tailstream.streams.stores.publisher import RedisHealth
+from tailstream.redis_io import Keys, RedisHealth
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Deduper:
             self._local_only(fresh)
             return out
         backfill = list(itertools.islice(self._backfill, self.backfill_per_batch))
-        key = f"{self.prefix}:seen:"
+        key = Keys(self.prefix).seen("")
         check_source = sources is not None
         try:
             async with self.redis.pipeline(transaction=False) as pipe:

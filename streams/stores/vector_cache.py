@@ -6,7 +6,7 @@ for MiniLM's 384 dimensions). The hash expires ``ttl_s`` after its last write. I
 cache: a Redis error is treated as a miss, never raised.
 
 While Redis is unavailable the cache costs nothing: a circuit breaker of its own
-(:class:`~tailstream.streams.stores.publisher.RedisHealth`, backing off up to ``max_backoff_s``,
+(:class:`~tailstream.redis_io.RedisHealth`, backing off up to ``max_backoff_s``,
 longer than the stream's writes since a cache can wait) skips Redis, so a hung server
 costs one socket timeout per backoff, not one per call; the outage is logged once, and
 again when it ends. Vectors computed meanwhile wait (at most ``max_pending``, oldest
@@ -24,7 +24,7 @@ import numpy as np
 import redis
 import torch
 
-from tailstream.streams.stores.publisher import RedisHealth
+from tailstream.redis_io import Keys, RedisHealth
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class RedisVectorStore:
         self._pending: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 
     def key(self, fingerprint: str) -> str:
-        return f"{self.prefix}:textvec:{fingerprint}"
+        return Keys(self.prefix).text_vectors(fingerprint)
 
     @property
     def pending(self) -> int:

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailstream.contract import INTERACTION_KINDS, Event
+from tailstream import configs
+from tailstream.contract import CLASSES, INTERACTION_KINDS, RARE_CLASSES, Event
 from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
-from tailstream.models.imbalance.online import CLASSES, OnlineOutcomeModel, interaction_features
-from tailstream.models.imbalance.policies import Policy, class_weights
+from tailstream.models.imbalance.online import OnlineOutcomeModel, interaction_features
+from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.imbalance.rolling import DecayedCounts, HoppingWindowCounts, class_shares
 from tailstream.models.imbalance.sketch import CountMinSketch, ItemFrequency
 from tailstream.models.imbalance.triggers import DriftMonitor, TriggerPolicy
@@ -65,24 +66,18 @@ class PartitionCounts:
                    {str(t): int(o) for t, o in state.get("offsets", {}).items()})
 
 
-def policy_from(settings: Settings) -> Policy:
-    return Policy(settings.weight_policy, beta=settings.weight_beta,
-                  gamma=settings.weight_gamma, tau=settings.weight_tau,
-                  min_weight=settings.weight_min, max_weight=settings.weight_max)
-
-
 class ImbalanceLoop:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
-        self.policy = policy_from(settings)
+        self.policy = configs.policy(settings)
         self.partitions: dict[int, PartitionCounts] = {}
         self.items = ItemFrequency(capacity=settings.heavy_hitters,
                                    width=settings.sketch_width, depth=settings.sketch_depth,
                                    half_life_s=settings.counts_half_life_s)
         self.item_classes = CountMinSketch(settings.sketch_width, settings.sketch_depth, seed=7)
         self.online = OnlineOutcomeModel(imbalance=settings.online_imbalance)
-        self.drift = DriftMonitor([c for c in CLASSES if c != "click"],
+        self.drift = DriftMonitor(RARE_CLASSES,
                                   delta=settings.drift_delta)
         self.triggers = TriggerPolicy(settings.trigger_min_samples,
                                       settings.trigger_max_interval_s,
@@ -143,7 +138,7 @@ class ImbalanceLoop:
             x = interaction_features(
                 item_count=self.items.estimate(item),
                 item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
-                                   for c in CLASSES[1:]},
+                                   for c in RARE_CLASSES},
                 user_class_counts=user_class_counts, tier=tier,
                 category_affinity=category_affinity, repeat=repeat, price=event.price)
             seen_before = self.online.n > 0

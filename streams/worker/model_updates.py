@@ -1,8 +1,13 @@
-"""Following the ``model-updates`` topic from every worker (a broadcast, not a queue).
+"""Following the ``model-updates`` topic from every worker (a broadcast, not a queue), and
+the worker's transformer tasks.
 
 A consumer group would hand each update to one worker only, so each worker reads every
 partition of the topic with a group-less aiokafka consumer, from the end: what happened
 before it started it learns from the model store's ``CURRENT`` pointer instead.
+
+:func:`add_model_tasks` adds the two Faust tasks of a transformer worker: load the served
+version and embed catalogue items as they arrive; swap to each promoted version (and
+refresh the active users' lists) without a restart.
 """
 
 from __future__ import annotations
@@ -10,28 +15,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from tailstream.kafka_io import aiokafka_options
 from tailstream.settings import Settings
+from tailstream.streams.worker.pipeline import Pipeline
+from tailstream.streams.worker.scoring import ScoringService
+from tailstream.streams.worker.transport import refresh_metadata
 
 log = logging.getLogger(__name__)
-
-
-def aiokafka_options(settings: Settings) -> dict[str, Any]:
-    """Security settings in aiokafka's spelling (an SSL context instead of a CA file)."""
-    opts: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
-    if settings.kafka_sasl_mechanism:
-        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        opts["sasl_plain_username"] = settings.kafka_sasl_username
-        opts["sasl_plain_password"] = settings.kafka_sasl_password.reveal()
-    if "SSL" in settings.kafka_security_protocol.upper():
-        opts["ssl_context"] = ssl.create_default_context(
-            cafile=settings.kafka_ssl_cafile or None)
-    return opts
 
 
 async def follow_model_updates(settings: Settings,
@@ -47,7 +43,7 @@ async def follow_model_updates(settings: Settings,
             parts = consumer.partitions_for_topic(topic)
             if not parts:
                 await asyncio.sleep(1.0)
-                await consumer._client.force_metadata_update()  # topic made after start
+                await refresh_metadata(consumer)  # the topic was made after the start
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
@@ -64,3 +60,29 @@ async def follow_model_updates(settings: Settings,
                     await on_update(update)
     finally:
         await consumer.stop()
+
+
+def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
+                    pipeline: Pipeline) -> None:
+    """The transformer worker's tasks: serve the current version, follow promotions."""
+
+    @app.task
+    async def serve_transformer() -> None:
+        """Load the served model version, then embed catalogue items as they arrive."""
+        await scoring.start()
+        while scoring.scorer is not None:
+            if not await scoring.embed_pending(settings.embed_chunk):
+                await asyncio.sleep(0.1)
+
+    async def on_model_update(update: dict[str, Any]) -> None:
+        version = str(update.get("version", ""))
+        log.info("model update: %s %s", update.get("action"), version)
+        if await scoring.swap_to(version, lambda ids: [
+                pipeline.item_text.get(i) or f"item {i}" for i in ids]):
+            n = await pipeline.refresh.refresh_active("promotion")
+            log.info("refreshed %d active users with %s", n, version)
+
+    @app.task
+    async def follow_promotions() -> None:
+        """Swap to each promoted version without a restart (every worker)."""
+        await follow_model_updates(settings, on_model_update)

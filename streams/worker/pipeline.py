@@ -1,7 +1,10 @@
-"""The per-batch work of the worker, independent of Faust so it can be tested alone.
+"""The per-batch work of the worker, independent of Faust so it can be tested alone
+(``tests/unit/test_pipeline.py`` drives it with in-memory fakes).
 
 ingest (decode, validate, dead-letter) → de-duplicate → state (user profiles,
-popularity, catalogue) → score the users who acted → publish.
+popularity, catalogue, the imbalance loop) → queue the users who acted for a fresh list
+(:mod:`~tailstream.streams.worker.refresh`) → once per batch: weights, triggers and the
+buffer's persistence.
 
 Nothing here raises into the stream: a message that cannot be processed is
 dead-lettered with its reason, never dropped.
@@ -14,12 +17,14 @@ import dataclasses
 import functools
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from tailstream import configs
 from tailstream.contract import (
+    CATALOGUE,
+    EVENT_KINDS,
     Event,
     InvalidEvent,
     Limits,
@@ -29,21 +34,20 @@ from tailstream.contract import (
     validate_item,
 )
 from tailstream.metrics import Metrics
-from tailstream.models.serving.baseline import new_profile, recommend
+from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
 from tailstream.models.serving.popularity import PopularityTracker
-from tailstream.models.serving.scorer import ContextEntry, UserRequest
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
-from tailstream.streams.stores.buffer_store import RedisBufferStore
-from tailstream.streams.stores.deduper import Deduper
-from tailstream.streams.stores.publisher import Publisher, RecList
+from tailstream.streams.stores.buffer_store import LiveWeights
 from tailstream.streams.worker.imbalance import ImbalanceLoop
-from tailstream.streams.worker.scoring import ScoringService
+from tailstream.streams.worker.refresh import ListSink, Refresher
 from tailstream.streams.worker.state import StreamState
+
+if TYPE_CHECKING:
+    from tailstream.streams.worker.scoring import ScoringService
 
 log = logging.getLogger(__name__)
 
-BASELINE_VERSION = "baseline-1"
 YIELD_EVERY = 2000
 """Events applied between two yields to the event loop."""
 
@@ -70,6 +74,27 @@ SendAudit = Callable[[list[str], list[str]], Awaitable[None]]
 """(event_ids applied now, event_ids of replayed messages the state already held)."""
 
 
+class SeenIds(Protocol):
+    """De-duplication by event_id (:class:`~tailstream.streams.stores.deduper.Deduper`)."""
+
+    trust_seen: bool
+
+    async def first_seen(self, event_ids: list[str],
+                         sources: list[str] | None = None) -> list[bool]: ...
+
+
+class BufferSink(Protocol):
+    """The minority buffer's and the live weights' home
+    (:class:`~tailstream.streams.stores.buffer_store.RedisBufferStore`)."""
+
+    async def apply(self, changes: list[tuple[str, int | None, Sample]],
+                    buffer: MinorityBuffer) -> None: ...
+
+    async def mark_consumed(self) -> None: ...
+
+    async def write_weights(self, live: LiveWeights) -> None: ...
+
+
 def _pseudonymized(validate: Callable[[str, Any], Event], key: str, kind: str,
                    value: Any) -> Event:
     event = validate(kind, value)
@@ -87,24 +112,19 @@ def _event_ids(value: bytes | None, limits: Limits) -> list[str]:
 
 class Pipeline:
     def __init__(self, settings: Settings, *, profiles: MutableMapping[str, Any],
-                 deduper: Deduper, publisher: Publisher, send_to_dlq: SendToDlq,
+                 deduper: SeenIds, publisher: ListSink, send_to_dlq: SendToDlq,
                  metrics: Metrics, popularity: PopularityTracker | None = None,
                  imbalance: ImbalanceLoop | None = None,
-                 buffer_store: RedisBufferStore | None = None,
+                 buffer_store: BufferSink | None = None,
                  send_training_request: SendRequest | None = None,
                  save_counts: SaveCounts | None = None,
                  scoring: ScoringService | None = None,
                  send_audit: SendAudit | None = None,
                  refresh_every_s: float = 1.0) -> None:
         self.settings = settings
-        self.limits = Limits(max_event_bytes=settings.max_event_bytes,
-                             max_envelope_bytes=settings.max_envelope_bytes,
-                             max_envelope_events=settings.max_envelope_events,
-                             max_string_chars=settings.max_string_chars,
-                             max_future_skew_s=float(settings.max_future_skew_s))
-        self.kind_of_topic = {settings.topic_for(k): k
-                              for k in ("click", "cart", "fav", "purchase", "search")}
-        self.items_topic = settings.topic_for("item")
+        self.limits = configs.limits(settings)
+        self.kind_of_topic = {settings.topic_for(k): k for k in EVENT_KINDS}
+        self.items_topic = settings.topic_for(CATALOGUE)
         # Profiles are written back once per user per batch: a table write is a changelog
         # message, and a user often has several events in one batch.
         self.profiles = WriteBehind(profiles)
@@ -123,17 +143,13 @@ class Pipeline:
         self.item_text = self.state.item_text
         self.scoring = scoring
         self.send_audit = send_audit
+        self.refresh = Refresher(settings, self.state, self.profiles, publisher, metrics,
+                                 scoring)
         self._pseudonym_key = settings.pseudonymize_key.reveal()
         self._weights_written = 0.0
         self._weights_dirty = False
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
-        # Users waiting for a list: the event that asked for it, oldest user first.
-        self._waiting: OrderedDict[str, tuple[str, float | None]] = OrderedDict()
-        self._wake = asyncio.Event()
-        self._scorer_task: asyncio.Task[None] | None = None
-        # Users who acted recently (newest last), for refreshes after a promotion.
-        self.active: OrderedDict[str, float] = OrderedDict()
         # Label lookups cost more than the increments: resolve each child once.
         kinds = [*self.kind_of_topic.values(), "unknown"]
         self._events_in = {k: metrics.events_in.labels(k) for k in kinds}
@@ -174,7 +190,7 @@ class Pipeline:
             fresh = await self.deduper.first_seen(
                 [e.event_id for e, _ in events],
                 [f"{m.topic}/{m.partition}/{m.offset}" for _, m in events])
-            acted: dict[str, tuple[Event, RawMessage]] = {}
+            acted: dict[str, tuple[str, float | None]] = {}
             for n, ((event, msg), is_new) in enumerate(zip(events, fresh, strict=True)):
                 if n % YIELD_EVERY == YIELD_EVERY - 1:
                     # A batch of envelopes can hold tens of thousands of events: let the
@@ -187,14 +203,14 @@ class Pipeline:
                     self.state.apply_event(event, msg.partition)
                 except Exception as exc:  # never let one bad event take the stream down
                     log.exception("processing event %s failed", event.event_id)
-                    await self._dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
+                    await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
                     continue
                 self._processed[event.kind].inc()
                 applied.append(event.event_id)
-                acted[event.user_id] = (event, msg)
-                self._mark_active(event.user_id)
+                acted[event.user_id] = (event.event_id, msg.timestamp)
+                self.refresh.mark_active(event.user_id)
             self._maybe_refresh()
-            await self._refresh_users(acted)
+            await self.refresh.enqueue(acted)
             self.profiles.flush()
         for msg in batch:
             if msg.topic != self.items_topic:
@@ -240,8 +256,8 @@ class Pipeline:
         self._weights_written = time.monotonic()
         self._weights_dirty = False
         try:
-            await self.buffer_store.write_weights(
-                loop.policy.describe(), loop.weights, loop.decayed_counts(), time.time())
+            await self.buffer_store.write_weights(LiveWeights(
+                loop.policy, dict(loop.weights), loop.decayed_counts(), time.time()))
         except Exception:
             self._weights_dirty = True
             log.exception("writing the loss weights to redis failed")
@@ -255,23 +271,20 @@ class Pipeline:
         if counted is not None:
             counted.inc(1 if isinstance(decoded, Rejection) else len(decoded))
         if isinstance(decoded, Rejection):
-            await self._dead_letter(msg, decoded)
+            await self.dead_letter(msg, decoded)
             return []
         out: list[T] = []
         for value in decoded:
             try:
                 out.append(validate(value))
             except InvalidEvent as exc:
-                await self._dead_letter(msg, Rejection(exc.reason, exc.detail))
+                await self.dead_letter(msg, Rejection(exc.reason, exc.detail))
         return out
 
     async def _apply_item(self, msg: RawMessage) -> None:
         for item in await self._valid(msg, lambda v: validate_item(v, self.limits)):
             self.state.apply_item(item)
             self.metrics.items_in.inc()
-
-    def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
-        return self.state.context(profile)
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
@@ -280,131 +293,8 @@ class Pipeline:
             self._last_refresh = now
             self.metrics.catalogue_size.set(self.popularity.known_items)
 
-    # ------------------------------------------------------------------ score
-    def _mark_active(self, user_id: str) -> None:
-        self.active.pop(user_id, None)
-        self.active[user_id] = time.time()
-        while len(self.active) > self.settings.active_users_max:
-            self.active.popitem(last=False)
-
-    async def _score(self, users: Sequence[str]) -> tuple[str, list[list[dict[str, Any]]]]:
-        """Lists for users from their profiles: the transformer when it is ready, else the
-        baseline. Returns the version that made them."""
-        profiles = [self.profiles.get(u) or new_profile() for u in users]
-        if self.scoring is not None and self.scoring.ready:
-            version = self.scoring.version
-            requests = [UserRequest(u, self.context(p), set(p.get("items", [])[:5]))
-                        for u, p in zip(users, profiles, strict=True)]
-            ranked = await self.scoring.recommend(requests, self.item_info)
-            return version, [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
-        return BASELINE_VERSION, [[r.to_dict(i + 1) for i, r in enumerate(
-            recommend(p, self.popularity, k=self.settings.recs_k,
-                      tail_share=self.settings.tail_share))] for p in profiles]
-
-    async def _refresh_users(self, acted: dict[str, tuple[Event, RawMessage]]) -> None:
-        """Queue the users who acted for a fresh list. Scoring runs beside ingest (the
-        transformer on its own thread), and users waiting for a list are *conflated*: a
-        newer event replaces the older one's place, and the list is made from the profile
-        as it is when the user's turn comes. Under load each user gets one list from their
-        latest context and ingest never waits for scoring — unless the waiting set
-        outgrows its bound (back-pressure, bounded memory)."""
-        if not acted:
-            if not self._waiting:
-                await self.publisher.publish([])  # retries lists a failed write kept
-            return
-        for u, (event, msg) in acted.items():
-            self._waiting.pop(u, None)
-            self._waiting[u] = (event.event_id, msg.timestamp)
-        self.metrics.scoring_waiting.set(len(self._waiting))
-        self._ensure_scorer_task()
-        self._wake.set()
-        while len(self._waiting) > self.settings.scoring_max_waiting:
-            await asyncio.sleep(0.01)
-
-    def _ensure_scorer_task(self) -> None:
-        if self._scorer_task is None or self._scorer_task.done():
-            self._scorer_task = asyncio.get_running_loop().create_task(self._score_waiting())
-
-    async def _score_waiting(self) -> None:
-        """Score waiting users, oldest first, ``scoring_batch`` at a time, forever."""
-        while True:
-            if not self._waiting:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            take = min(len(self._waiting), self.settings.scoring_batch)
-            batch = [self._waiting.popitem(last=False) for _ in range(take)]
-            self.metrics.scoring_waiting.set(len(self._waiting))
-            try:
-                version, ranked = await self._score([u for u, _ in batch])
-                now = time.time()
-                await self.publisher.publish([
-                    RecList(user_id=u, items=items, model_version=version, trigger="event",
-                            generated_at=now, event_id=event_id, source_ts=ts)
-                    for (u, (event_id, ts)), items in zip(batch, ranked, strict=True)])
-            except Exception:  # lists are derived data: log, count, keep serving
-                self.metrics.publish_errors.labels("scoring").inc()
-                log.exception("scoring a batch of %d users failed", len(batch))
-            # The baseline scores on this loop: let the next ingest batch in between.
-            await asyncio.sleep(0)
-
-    async def drain(self, timeout: float = 30.0) -> None:
-        """Wait until every waiting user has been scored and published (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while self._waiting and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-
-    async def refresh_active(self, trigger: str = "promotion") -> int:
-        """Republish the lists of users active within ``active_window_s``, newest first."""
-        cutoff = time.time() - self.settings.active_window_s
-        return await self.refresh_users(
-            [u for u, t in reversed(self.active.items()) if t >= cutoff], trigger)
-
-    async def refresh_aged(self, limit: int = 10_000) -> int:
-        """Republish lists older than ``list_max_age_s`` of users active within the list
-        TTL, oldest first (``trigger: "ttl"``): a returning user finds a fresh list."""
-        now = time.time()
-        too_old = now - self.settings.list_max_age_s
-        active_since = now - self.settings.recs_ttl_s
-        users: list[str] = []
-        for user, published in self.publisher.last_published.items():  # oldest first
-            if published > too_old or len(users) >= limit:
-                break
-            if self.active.get(user, 0.0) >= active_since:
-                users.append(user)
-        return await self.refresh_users(users, "ttl")
-
-    async def refresh_users(self, users: Sequence[str], trigger: str, *,
-                            chunk: int = 100) -> int:
-        """Republish the lists of ``users`` at most ``refresh_rate`` users/s (a bulk refresh
-        must not flood Redis or starve ingest). Returns how many were refreshed."""
-        self.metrics.refresh_pending.labels(trigger).set(len(users))
-        done = 0
-        for start in range(0, len(users), chunk):
-            began = time.monotonic()
-            part = users[start:start + chunk]
-            version, items = await self._score(part)
-            now = time.time()
-            await self.publisher.publish([
-                RecList(user_id=u, items=its, model_version=version, trigger=trigger,
-                        generated_at=now, event_id=None, source_ts=None)
-                for u, its in zip(part, items, strict=True)])
-            done += len(part)
-            self.metrics.refresh_pending.labels(trigger).set(len(users) - done)
-            self.metrics.refreshed_users.labels(trigger).inc(len(part))
-            pause = len(part) / max(self.settings.refresh_rate, 1e-9) - (time.monotonic() - began)
-            await asyncio.sleep(max(pause, 0.0))
-        return done
-
-    def item_info(self, item_ids: Sequence[str]
-                  ) -> tuple[list[str], list[str | None], list[float]]:
-        """Tier, category and log q of items, from the live popularity state."""
-        tiers = self.imbalance.tiers
-        return ([tiers.get(i, "tail") for i in item_ids],
-                [self.popularity.category(i) for i in item_ids],
-                self.imbalance.items.log_q_smoothed(item_ids, len(self.item_text)))
-
-    async def _dead_letter(self, msg: RawMessage, why: Rejection) -> None:
+    async def dead_letter(self, msg: RawMessage, why: Rejection) -> None:
+        """Send ``msg`` to the dead-letter topic with ``why`` (and count it)."""
         self.metrics.dlq.labels(why.reason).inc()
         await self.send_to_dlq(msg, why)
 

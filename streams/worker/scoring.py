@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 import redis
 import torch
 
+from tailstream.configs import ranking_config, tower_config, version_number
 from tailstream.metrics import Metrics
-from tailstream.models.serving.scorer import Ranked, RankingConfig, Scorer, UserRequest
+from tailstream.models.serving.scorer import Ranked, Scorer
+from tailstream.models.towers.context import UserRequest
 from tailstream.models.towers.loading import ServedModel, load_served, pick_device
 from tailstream.models.towers.store import ModelStore
 from tailstream.settings import Settings
 from tailstream.streams.stores.vector_cache import RedisVectorStore
-from tailstream.streams.trainer.trainer import tower_config, version_number
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,16 +43,6 @@ def shared_vectors(settings: Settings) -> RedisVectorStore | None:
     client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5,
                                   socket_connect_timeout=2)
     return RedisVectorStore(client, settings.redis_prefix, settings.text_vectors_ttl_s)
-
-
-def ranking_config(settings: Settings) -> RankingConfig:
-    return RankingConfig(k=settings.recs_k, candidates=settings.rank_candidates,
-                         head_candidates=settings.rank_head_candidates,
-                         engagement_weight=settings.rank_engagement_weight,
-                         popularity_weight=settings.rank_popularity_weight,
-                         online_blend=settings.rank_online_blend,
-                         tail_share=settings.tail_share, tail_margin=settings.tail_margin,
-                         max_per_category=settings.max_per_category)
 
 
 class ScoringService:

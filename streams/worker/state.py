@@ -17,8 +17,7 @@ from tailstream.contract import Event, Item
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.serving.baseline import QueryIndex, new_profile, update_profile
 from tailstream.models.serving.popularity import PopularityTracker
-from tailstream.models.serving.scorer import ContextEntry, context_entries
-from tailstream.models.towers.two_tower import CONTEXT_SEPARATOR
+from tailstream.models.towers.context import CONTEXT_SEPARATOR, ContextEntry, context_entries
 from tailstream.settings import Settings
 from tailstream.streams.worker.imbalance import ImbalanceLoop
 

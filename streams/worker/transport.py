@@ -1,9 +1,16 @@
-"""Faust's aiokafka transport with a configurable fetch wait.
+"""Faust's aiokafka transport, adapted — and the only module that touches Faust's,
+mode's or aiokafka's private attributes.
 
-faust-streaming creates its consumer with ``fetch_max_wait_ms=1500`` hard-coded. A
-broker that does not answer a pending fetch as soon as data arrives (Tansu, like some
-other Kafka-protocol brokers) then adds up to that wait to every event's latency: we
-measured a p50 of ~500 ms at 50 events/s. ``TAILSTREAM_KAFKA_FETCH_MAX_WAIT_MS`` bounds it.
+* **Fetch wait.** faust-streaming creates its consumer with ``fetch_max_wait_ms=1500``
+  hard-coded. A broker that does not answer a pending fetch as soon as data arrives
+  (Tansu, like some other Kafka-protocol brokers) then adds up to that wait to every
+  event's latency: we measured a p50 of ~500 ms at 50 events/s.
+  ``TAILSTREAM_KAFKA_FETCH_MAX_WAIT_MS`` bounds it (:func:`app_class`).
+* **Seeks.** With no committed offset, read from the start (faust-streaming#216), and
+  rewind every input after a broker lost its log (:meth:`perform_seek`).
+* **Small private accesses** the worker needs (rejoin the group, the last offset read, a
+  topic's metadata, the producer buffer's bound), each behind one function here, so an
+  upgrade of those libraries has one file to check.
 """
 
 from __future__ import annotations
@@ -63,3 +70,41 @@ async def request_rejoin(consumer: Any) -> None:
         thread._ensure_consumer()._coordinator.request_rejoin()
 
     await thread.call_thread(rejoin)
+
+
+# --------------------------------------------------------------------------- private access
+# Everything below reaches into Faust's, mode's or aiokafka's internals (attributes with a
+# leading underscore). This module is the only place that does; a test keeps it so.
+def set_producer_buffer(app: faust.App, max_messages: int) -> None:
+    """Bound of Faust's producer buffer before the conductor stops feeding the stream
+    (table writes queue there: one changelog record per user per batch)."""
+    app.producer.buffer.max_messages = max_messages
+
+
+def set_input_topics(consumer: Any, topics: frozenset[str]) -> None:
+    """The topics whose partitions :class:`FastFetchConsumer` reads from the start."""
+    consumer.input_topics = topics
+
+
+def rewind_inputs(consumer: Any) -> None:
+    """Read every assigned input partition from offset 0 at the next seek (the broker
+    lost its log: offsets restarted there)."""
+    consumer.rewind = {tp for tp in consumer.assignment() if tp.topic in consumer.input_topics}
+
+
+def read_offset(consumer: Any, tp: Any) -> int | None:
+    """The last offset of ``tp`` handed to the stream (None before the first)."""
+    value = consumer._read_offset.get(tp)
+    return None if value is None else int(value)
+
+
+async def wait_for_topic(producer: Any, topic: str) -> None:
+    """Make the producer learn a topic created after it started (aiokafka's partitioner
+    fails on an unknown topic)."""
+    await producer._ensure_producer().client._wait_on_metadata(topic)
+
+
+async def refresh_metadata(consumer: Any) -> None:
+    """Ask a plain aiokafka consumer to fetch cluster metadata now (a topic made after it
+    started)."""
+    await consumer._client.force_metadata_update()

@@ -12,17 +12,18 @@ import pytest
 import redis
 from kafka import KafkaProducer
 
+from tailstream.configs import tower_config
 from tailstream.contract import encode, new_event_id
 from tailstream.models.towers.encoder import load_encoder, write_tiny_encoder
 from tailstream.models.towers.loading import build_model, checkpoint_tensors
 from tailstream.models.towers.store import WEIGHTS_FILE, ModelStore
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
+from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
 from tailstream.stack.processes import metrics_url, scrape
-from tailstream.streams.stores.publisher import meta_key, parse_meta
-from tailstream.streams.trainer.trainer import tower_config
+from tailstream.streams.stores.publisher import parse_meta
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +108,7 @@ def test_a_corrupt_announced_version_is_refused_and_the_current_one_keeps_servin
             {"event_id": event_id, "user_id": user, "ts": time.time(),
              "item_id": sim.items[0].item_id}))
         producer.flush()
-        found = wait_for(lambda: parse_meta(user, r.hgetall(meta_key(ws.redis_prefix, user))),
+        found = wait_for(lambda: parse_meta(user, r.hgetall(Keys(ws.redis_prefix).meta(user))),
                          30, "the user's list")
     finally:
         producer.close()

@@ -18,10 +18,10 @@ import redis
 from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
+from tailstream.redis_io import RedisConfigError, check_redis
 from tailstream.settings import Secret, Settings
 from tailstream.stack.embedded import ManagedProcess, free_port, start_redis
 from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
-from tailstream.streams.stores.publisher import RedisConfigError, check_redis
 
 pytestmark = pytest.mark.integration
 

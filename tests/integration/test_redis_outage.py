@@ -25,9 +25,10 @@ from tailstream.contract import encode, new_event_id
 from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
+from tailstream.redis_io import Keys
 from tailstream.settings import Secret, Settings
 from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
-from tailstream.streams.stores.publisher import meta_key, parse_meta
+from tailstream.streams.stores.publisher import parse_meta
 
 from .conftest import OwnService
 
@@ -93,7 +94,7 @@ def send_probe(producer: KafkaProducer, ws: Settings, user: str) -> str:
 
 def list_event_id(r: redis.Redis, ws: Settings, user: str) -> str | None:
     try:
-        found = parse_meta(user, r.hgetall(meta_key(ws.redis_prefix, user)))
+        found = parse_meta(user, r.hgetall(Keys(ws.redis_prefix).meta(user)))
     except redis.RedisError:
         return None
     return None if found is None else found.get("event_id")

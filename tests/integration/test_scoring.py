@@ -20,10 +20,11 @@ from tailstream.kafka_io import reader
 from tailstream.metrics import Metrics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
+from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
 from tailstream.stack.processes import metrics_url, scrape
-from tailstream.streams.stores.publisher import Publisher, RecList, meta_key, parse_meta, recs_key
+from tailstream.streams.stores.publisher import Publisher, RecList, parse_meta
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +105,7 @@ def test_a_user_with_only_a_search_gets_lists_about_the_query(
                 {"event_id": new_event_id(), "user_id": user, "ts": time.time(),
                  "query": f"wireless black {noun}" if noun == "earbuds" else f"red {noun}"}))
             p.flush()
-            meta = wait_for(lambda u=user: r.hgetall(meta_key(ws.redis_prefix, u)), 20,
+            meta = wait_for(lambda u=user: r.hgetall(Keys(ws.redis_prefix).meta(u)), 20,
                             f"{user}'s list")
             found = parse_meta(user, meta)
             assert found is not None and found["items"]
@@ -153,8 +154,8 @@ def test_readers_never_see_a_partial_list(redis_url: str) -> None:
             nonlocal reads, mixed
             reader_client = aioredis.Redis.from_url(redis_url, decode_responses=True)
             while not stop.is_set():
-                members = await reader_client.zrange(recs_key("atomic", "u1"), 0, -1)
-                meta = await reader_client.hgetall(meta_key("atomic", "u1"))
+                members = await reader_client.zrange(Keys("atomic").recs("u1"), 0, -1)
+                meta = await reader_client.hgetall(Keys("atomic").meta("u1"))
                 reads += 1
                 if members and len({m[0] for m in members}) != 1 or members and len(members) != 20:
                     mixed += 1

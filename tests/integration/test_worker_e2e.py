@@ -16,10 +16,10 @@ from kafka import KafkaProducer
 
 from tailstream.contract import Item, encode
 from tailstream.kafka_io import reader
+from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
 from tailstream.stack.processes import metrics_url, scrape
-from tailstream.streams.stores.publisher import meta_key, recs_key
 
 pytestmark = pytest.mark.integration
 SCHEMAS = Path(__file__).parents[2] / "docs" / "schemas"
@@ -91,9 +91,9 @@ def test_lists_reach_the_topic_and_redis(worker: tuple[ManagedProcess, Settings]
     p.close()
 
     r = redis.Redis.from_url(ws.redis_url.reveal())
-    poll(lambda: all(r.exists(meta_key(ws.redis_prefix, u)) for u in users), what="lists")
+    poll(lambda: all(r.exists(Keys(ws.redis_prefix).meta(u)) for u in users), what="lists")
     for u in users:
-        items = r.zrevrange(recs_key(ws.redis_prefix, u), 0, -1)
+        items = r.zrevrange(Keys(ws.redis_prefix).recs(u), 0, -1)
         assert 0 < len(items) <= ws.recs_k
     r.close()
 
@@ -175,7 +175,7 @@ def test_http_endpoint_serves_lists(worker: tuple[ManagedProcess, Settings]) -> 
     p.close()
     base = f"http://{ws.web_host}:{ws.web_port}"
     r = redis.Redis.from_url(ws.redis_url.reveal())
-    poll(lambda: r.exists(meta_key(ws.redis_prefix, "buyer")), what="buyer's list")
+    poll(lambda: r.exists(Keys(ws.redis_prefix).meta("buyer")), what="buyer's list")
     r.close()
     with urllib.request.urlopen(f"{base}/recommendations/buyer", timeout=5) as resp:
         body = json.loads(resp.read())

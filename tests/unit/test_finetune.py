@@ -11,21 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from tailstream.configs import FineTuneConfig, Policy, TowerConfig
+from tailstream.contract import CLASSES
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.imbalance.policies import LOSS_MAPPING, LossInputs, Policy, class_weights
+from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.towers.adapters import configure_trainable, merge_lora
 from tailstream.models.towers.encoder import EncoderNotFound, load_encoder, resolve_encoder_path
 from tailstream.models.towers.loading import build_model
 from tailstream.models.towers.text_vectors import TextVectors
-from tailstream.models.towers.two_tower import CLASSES, TowerConfig
+from tailstream.models.training.evaluation import evaluate
 from tailstream.models.training.finetune import (
-    FineTuneConfig,
     FineTuner,
-    evaluate,
     item_sampling_probability,
     prepare_data,
     sampling_plan,
 )
+from tailstream.models.training.losses import LOSS_MAPPING, LossInputs
 
 CPU = torch.device("cpu")
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tailstream.cli import _settings, build_parser
+from tailstream.kafka_io import kafka_python_options
 from tailstream.settings import Secret, Settings
 
 
@@ -50,7 +51,7 @@ def test_cli_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sasl_options_pass_through() -> None:
     s = Settings().replace(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="PLAIN",
                            kafka_sasl_username="u", kafka_sasl_password=Secret("p"))
-    opts = s.kafka_client_options()
+    opts = kafka_python_options(s)
     assert opts == {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
                     "sasl_plain_username": "u", "sasl_plain_password": "p"}
 

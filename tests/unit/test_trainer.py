@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tailstream.configs import Policy, policy, tower_config
 from tailstream.metrics import TrainerMetrics
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.imbalance.policies import LOSS_MAPPING
 from tailstream.models.towers.loading import load_served
 from tailstream.models.towers.store import BASE_VERSION, CorruptCheckpoint, ModelStore, StoreError
 from tailstream.models.training.gate import decide
+from tailstream.models.training.losses import LOSS_MAPPING
 from tailstream.settings import Settings
-from tailstream.streams.trainer.trainer import InMemorySource, Trainer, tower_config
+from tailstream.streams.trainer.sources import InMemorySource
+from tailstream.streams.trainer.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -36,8 +37,9 @@ def make_trainer(s: Settings, samples: list[Sample]
                  ) -> tuple[Trainer, ModelStore, list[dict[str, Any]]]:
     store = ModelStore(s.model_store_dir)
     updates: list[dict[str, Any]] = []
-    trainer = Trainer(s, store, TrainerMetrics(), InMemorySource(samples), updates.append,
-                      device=CPU)
+    # The source stands in for the workers: it publishes their policy with its weights.
+    trainer = Trainer(s, store, TrainerMetrics(), InMemorySource(samples, policy=policy(s)),
+                      updates.append, device=CPU)
     return trainer, store, updates
 
 
@@ -139,10 +141,9 @@ def test_a_candidate_that_is_worse_is_rejected_with_its_reason(
     s = settings_for(tiny_encoder, tmp_path)
     trainer, store, updates = make_trainer(s, shop_samples(2000))
     assert trainer.handle({"reason": "buffer"}).outcome == "promoted"
-    # Then someone switches the policy to unweighted cross-entropy: on the stream's mix
-    # it learns to say "click", minority recall falls, and the gate keeps v00001.
-    trainer.cfg = replace(trainer.cfg, policy="none")
-    trainer.settings = trainer.settings.replace(weight_policy="none")
+    # Then the workers switch to unweighted cross-entropy: on the stream's mix it learns to
+    # say "click", minority recall falls, and the gate keeps v00001.
+    trainer.data = InMemorySource(shop_samples(2000), policy=Policy("none"))
     report = trainer.handle({"reason": "drift"})
     assert report.outcome == "rejected", report.reason
     assert report.reason.startswith("rejected: ") and "recall fell" in report.reason
@@ -164,7 +165,7 @@ def test_rollback_walks_back_through_promotions(
     first = trainer.handle({"reason": "buffer"}).version
     assert first == "v00001"
     store.promote(first, "manual")  # promoting the served version again changes nothing
-    trainer.data = InMemorySource(shop_samples(1500, seed=5))
+    trainer.data = InMemorySource(shop_samples(1500, seed=5), policy=policy(s))
     trainer.settings = trainer.settings.replace(gate_quality_tolerance=1.0,
                                                 gate_recall_tolerance=1.0)
     trainer.handle({"reason": "buffer"})

@@ -8,20 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tailstream.configs import Policy
 from tailstream.models.imbalance.policies import (
     POLICIES,
-    Policy,
     class_weights,
     effective_number_weights,
-    focal_loss,
-    importance_weights,
     inverse_frequency,
-    log_prior,
-    logit_adjusted_cross_entropy,
-    logq_correction,
     normalise,
     smooth,
     sqrt_inverse_frequency,
+)
+from tailstream.models.training.losses import (
+    focal_loss,
+    importance_weights,
+    log_prior,
+    logit_adjusted_cross_entropy,
+    logq_correction,
     weighted_cross_entropy,
 )
 

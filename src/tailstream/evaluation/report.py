@@ -1,9 +1,11 @@
-"""The evaluation report: a markdown table and PNG charts from ``tailstream eval`` JSON."""
+"""The evaluation report: markdown tables from ``tailstream eval`` JSON (the charts are in
+:mod:`~tailstream.evaluation.charts`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from tailstream.contract import CLASSES, TIERS
 
 TABLE_METRICS = (
     ("macro_f1", "macro-F1"), ("minority_macro_recall", "minority macro-recall"),
@@ -15,9 +17,6 @@ TABLE_METRICS = (
     ("ms_per_event", "ms/event"),
 )
 
-
-CLASSES = ("click", "cart", "fav", "purchase")
-TIERS = ("head", "torso", "tail")
 
 CLASS_METRICS = (
     *((f"{m}_{c}", f"{m[0].upper()} {c}") for c in CLASSES
@@ -106,87 +105,3 @@ def markdown(result: dict[str, Any], command: str) -> str:
           for name, decisions in result.get("gate", {}).items() for d in decisions),
         "",
     ])
-
-
-def charts(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """class shares & loop weights over time, recall over time, head/tail HitRate, Lorenz."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    tab20 = plt.get_cmap("tab20")  # 12 strategies: tab10 would repeat colours
-    shades = [2 * k for k in range(10)] + [2 * k + 1 for k in range(10)]  # dark, then light
-    style: dict[str, dict[str, Any]] = {
-        n: {"color": tab20(shades[i % 20]), "linestyle": ("-", "--", "-.", ":")[i % 4]}
-        for i, n in enumerate(result["strategies"])}
-    over = result["over_time"]
-    classes = ["click", "cart", "fav", "purchase"]
-    name = result["dataset"].split()[0].replace("/", "_")
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for c in classes:
-        a.plot([s.get(c, 0.0) for s in over["class_shares"]], label=c)
-        b.plot([w.get(c, 0.0) for w in over["loop_weights"]], label=c)
-    a.set_title("class shares (decayed counts)")
-    a.set_yscale("log")
-    b.set_title("loss weights in force (imbalance loop)")
-    for ax in (a, b):
-        ax.set_xlabel("block")
-        ax.legend()
-    paths.append(_save(fig, out_dir / f"{name}-shares-weights.png"))
-
-    recall = over["recall_by_block"]
-    first = int(result.get("config", {}).get("warm_blocks", 0))  # earlier blocks: unscored
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
-    for ax, c in zip(axes, ("cart", "fav", "purchase"), strict=True):
-        for strategy, per_class in recall.items():
-            ax.plot(range(first, len(per_class[c])), per_class[c][first:], label=strategy,
-                    **style.get(strategy, {}))
-        ax.set_title(f"recall {c} per block")
-        ax.set_xlabel("block (predicted before training on it)")
-    axes[-1].legend(fontsize=7, ncol=2)
-    paths.append(_save(fig, out_dir / f"{name}-recall-over-time.png"))
-
-    fig, ax = plt.subplots(figsize=(10, 4))
-    names = list(result["strategies"])
-    width = 0.27
-    for k, tier in enumerate(("head", "torso", "tail")):
-        ax.bar([i + (k - 1) * width for i in range(len(names))],
-               [result["strategies"][n][f"hit_at_20_{tier}"] for n in names], width,
-               label=tier)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_title("HitRate@20 by tier of the interacted item")
-    ax.legend()
-    paths.append(_save(fig, out_dir / f"{name}-hitrate-by-tier.png"))
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for strategy, (x, y) in over["lorenz"].items():
-        ax.plot(x, y, label=strategy, **style.get(strategy, {}))
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-    ax.set_title("exposure Lorenz curve")
-    ax.set_xlabel("share of items (least shown first)")
-    ax.set_ylabel("share of exposure")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / f"{name}-lorenz.png"))
-    return paths
-
-
-def _save(fig: Any, path: Path) -> Path:
-    """PNG at 90 dpi, quantised to a 256-colour palette: about a third of the bytes, no visible
-    change for line and bar charts (the charts are committed under docs/eval/)."""
-    import io
-
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    buf.seek(0)
-    with Image.open(buf) as img:
-        img.convert("RGB").quantize(colors=256).save(path, optimize=True)
-    return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import sys
 import threading
 import time
 import urllib.request
@@ -26,6 +27,7 @@ import redis
 from tailstream.kafka_io import TopicCounter, create_topics
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import SendStats, send_records
+from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess, ServiceStack
 from tailstream.stack.processes import (
@@ -82,10 +84,33 @@ def percentile(values: list[float], q: float) -> float | None:
 def count_users_in_redis(settings: Settings) -> int:
     client = redis.Redis.from_url(settings.redis_url.reveal())
     try:
-        pattern = f"{settings.redis_prefix}:recs:*:meta"
+        pattern = Keys(settings.redis_prefix).meta_pattern
         return sum(1 for _ in client.scan_iter(match=pattern, count=1000))
     finally:
         client.close()
+
+
+def run_demo_view(settings: Settings, *, records: Iterable[ProducedRecord], source: str,
+                  rate: float | None, seconds: float | None, summary_json: Path | None,
+                  ui: bool | None, trainer: bool) -> dict[str, Any]:
+    """:func:`run_demo` under the live terminal view when it is wanted (``ui``, or stdout
+    is a terminal): the view scrapes /metrics, so the ports are fixed first."""
+    from tailstream.stack.liveview import LiveMonitor, pin_ports, ui_wanted
+
+    view: LiveMonitor | None = None
+    if ui_wanted(ui, sys.stdout):
+        settings = pin_ports(settings)
+        view = LiveMonitor([metrics_url(settings)],
+                           trainer_metrics_url(settings) if trainer else None,
+                           title=f"tailstream demo · {source}", quiet=[__name__])
+    try:
+        if view is not None:
+            view.start()
+        return run_demo(settings, seconds=seconds, summary_json=summary_json, records=records,
+                        rate=rate, ui=False, source=source, trainer=trainer)
+    finally:
+        if view is not None:
+            view.stop()
 
 
 def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | None,

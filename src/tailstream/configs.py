@@ -1,0 +1,304 @@
+"""The one config boundary: :class:`~tailstream.settings.Settings` → the typed configs
+every stage takes.
+
+The settings object is flat (one ``TAILSTREAM_*`` variable per field); stages take small
+frozen configs instead, built here and nowhere else, so two processes built from the same
+settings can never disagree on a policy, a limit or a model shape:
+
+* :class:`~tailstream.contract.Limits` — what the event decoder accepts;
+* :class:`Policy` — the imbalance loop's loss-weight policy and its parameters;
+* :class:`TowerConfig` — the shape of the two-tower model (stored in every checkpoint);
+* :class:`RankingConfig` — how the scorer turns retrieval into a list;
+* :class:`FineTuneConfig` — one fine-tuning run's knobs (recorded in the manifest);
+* :class:`GateConfig` — what the promotion gate demands of a candidate.
+
+Also here: how model versions are named (:func:`version_number`,
+:func:`base_version_name`).
+
+This module imports nothing heavy (no torch, no Kafka or Redis client), so every stage
+can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tailstream.contract import CLASSES, RARE_CLASSES, Limits
+
+if TYPE_CHECKING:
+    from tailstream.settings import Settings
+
+BASE_VERSION = "base"
+"""The model store's name for the untrained base model (seeded towers, pretrained encoder)."""
+BASELINE_VERSION = "baseline-1"
+"""How lists made without the transformer (category affinity × popularity) are labelled."""
+HEAD_PRIOR: dict[str, float] = {"click": 0.9, "cart": 0.05, "fav": 0.03, "purchase": 0.02}
+"""A typical shop's interaction mix (Taobao: 89 / 5.5 / 3 / 2.2 %): the untrained outcome
+head starts from it."""
+
+
+# --------------------------------------------------------------------------- version names
+def version_number(version: str) -> int:
+    """``v00012`` → 12; anything else (the base) → 0.
+
+    >>> version_number("v00012"), version_number("base-53aa5117")
+    (12, 0)
+    """
+    return int(version[1:]) if version.startswith("v") and version[1:].isdigit() else 0
+
+
+def base_version_name(fingerprint: str) -> str:
+    """How lists made by the untrained base model are labelled: ``base-`` + the first 8
+    hex digits of the encoder's weights fingerprint.
+
+    >>> base_version_name("53aa5117c0ffee")
+    'base-53aa5117'
+    """
+    return f"{BASE_VERSION}-{fingerprint[:8]}"
+
+
+# --------------------------------------------------------------------------- the configs
+@dataclass(frozen=True)
+class Policy:
+    """A named loss-weight policy with its parameters (see
+    :mod:`tailstream.models.imbalance.policies` for the formulas).
+
+    The worker decides it and publishes it with its live weights; the trainer trains with
+    the published one (:meth:`to_dict` / :meth:`from_dict` round-trip).
+
+    >>> p = Policy("focal", gamma=1.5)
+    >>> Policy.from_dict(p.to_dict()) == p, p.describe()
+    (True, {'policy': 'focal', 'beta': 0.999, 'gamma': 1.5})
+    """
+
+    name: str
+    beta: float = 0.999
+    gamma: float = 2.0
+    tau: float = 1.0
+    min_weight: float = 0.05
+    max_weight: float = 50.0
+
+    def describe(self) -> dict[str, float | str]:
+        """Parameters that matter for this policy (for summaries and metrics)."""
+        out: dict[str, float | str] = {"policy": self.name}
+        if self.name in ("class_balanced", "focal"):
+            out["beta"] = self.beta
+        if self.name == "focal":
+            out["gamma"] = self.gamma
+        if self.name == "logit_adjusted":
+            out["tau"] = self.tau
+        return out
+
+    def to_dict(self) -> dict[str, float | str]:
+        """Every parameter, under the names of :meth:`describe` (``policy`` = the name)."""
+        return {"policy": self.name, "beta": self.beta, "gamma": self.gamma, "tau": self.tau,
+                "min_weight": self.min_weight, "max_weight": self.max_weight}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Policy:
+        """The inverse of :meth:`to_dict`; parameters left out take their defaults (what an
+        older worker published with :meth:`describe`)."""
+        if not isinstance(d.get("policy"), str) or not d["policy"]:
+            raise ValueError(f"a policy needs a name under 'policy': {dict(d)!r}")
+        defaults = cls(str(d["policy"]))
+        return cls(str(d["policy"]), **{f: float(d.get(f, getattr(defaults, f)))
+                                        for f in ("beta", "gamma", "tau", "min_weight",
+                                                  "max_weight")})
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Shape of the towers and heads (stored in every checkpoint manifest)."""
+
+    embed_dim: int = 128
+    """Size of user and item vectors (index memory: 4 · embed_dim bytes per item in fp32)."""
+    max_context: int = 4
+    """Recent texts pooled by the user tower."""
+    max_len: int = 48
+    """Tokens per text (titles and queries are short; longer texts are truncated)."""
+    temperature: float = 0.05
+    head_hidden: int = 256
+    classes: tuple[str, ...] = field(default=CLASSES)
+    head_prior: dict[str, float] = field(default_factory=lambda: dict(HEAD_PRIOR))
+    """Class mix the untrained outcome head starts from."""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["classes"] = list(self.classes)
+        out["head_prior"] = dict(self.head_prior)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
+        """A manifest's tower; unknown keys (from a newer version) are ignored.
+
+        >>> TowerConfig.from_dict(TowerConfig(embed_dim=32).to_dict()).embed_dim
+        32
+        """
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "classes" in known:
+            known["classes"] = tuple(known["classes"])
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """How the scorer ranks retrieved candidates (see :mod:`tailstream.models.serving.scorer`)."""
+
+    k: int = 20
+    candidates: int = 100
+    head_candidates: int = 40
+    engagement_weight: float = 1.0
+    popularity_weight: float = 0.5
+    online_blend: float = 0.0
+    tail_share: float = 0.3
+    tail_margin: float = 2.0
+    max_per_category: float = 0.5
+    reason_min_similarity: float = 0.2
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """One run's knobs (from the settings; recorded in the checkpoint manifest)."""
+
+    policy: str = "class_balanced"
+    gamma: float = 2.0
+    tau: float = 1.0
+    builder: str = "none"
+    target_mix: str = "balanced"
+    """Target of re-sampling builders: ``balanced`` (uniform) or ``sqrt`` (∝ √π_c)."""
+    batch_size: int = 256
+    max_steps: int = 200
+    max_seconds: float = 120.0
+    lr: float = 1e-3
+    """Learning rate of the towers and the head."""
+    encoder_lr: float = 3e-5
+    weight_decay: float = 0.01
+    retrieval_weight: float = 1.0
+    replay_share: float = 0.25
+    replay_capacity: int = 20_000
+    """Samples kept in the replay memory (a promotion adds a quarter of that at most)."""
+    holdout_share: float = 0.2
+    augment_share: float = 0.0
+    """Share of minority samples whose texts get EDA augmentation in a batch."""
+    smote_share: float = 0.0
+    """Synthetic minority pairs per batch (SMOTE on [u, v] pair vectors), as a share of B."""
+    minority_classes: tuple[str, ...] = RARE_CLASSES
+    layers: str = "auto"
+    """Encoder layers trained: ``auto`` (all on CUDA, 0 on CPU), ``all`` or a number."""
+    lora_rank: int = 0
+    """> 0: LoRA adapters of this rank on those layers instead of their weights."""
+    grad_clip: float = 1.0
+    bf16: bool = True
+    compile: bool = False
+    pad_to_max_len: bool = False
+    """Pad every text to exactly ``max_len`` tokens (benchmarks at a set sequence length)."""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["minority_classes"] = list(self.minority_classes)
+        return out
+
+    def with_policy(self, policy: Policy) -> FineTuneConfig:
+        """This config training with ``policy``'s loss (name, γ, τ).
+
+        >>> FineTuneConfig().with_policy(Policy("focal", gamma=1.0)).gamma
+        1.0
+        """
+        return dataclasses.replace(self, policy=policy.name, gamma=policy.gamma,
+                                   tau=policy.tau)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """What the promotion gate demands (see :mod:`tailstream.models.training.gate`)."""
+
+    classes: tuple[str, ...] = ("cart", "purchase")
+    """Minority classes whose held-out recall must improve or hold."""
+    recall_tolerance: float = 0.01
+    quality_tolerance: float = 0.02
+
+
+# --------------------------------------------------------------------------- from settings
+def limits(settings: Settings, *, future_skew: bool = True) -> Limits:
+    """The decoder's bounds. ``future_skew=False`` accepts any future timestamp (an
+    offline replay's "now" is the log's, not the wall clock's).
+
+    >>> from tailstream.settings import Settings
+    >>> limits(Settings().replace(max_string_chars=64)).max_string_chars
+    64
+    """
+    return Limits(max_event_bytes=settings.max_event_bytes,
+                  max_envelope_bytes=settings.max_envelope_bytes,
+                  max_envelope_events=settings.max_envelope_events,
+                  max_string_chars=settings.max_string_chars,
+                  max_future_skew_s=(float(settings.max_future_skew_s) if future_skew
+                                     else float("inf")))
+
+
+def policy(settings: Settings) -> Policy:
+    """The loss-weight policy a worker runs (``TAILSTREAM_WEIGHT_*``).
+
+    >>> from tailstream.settings import Settings
+    >>> policy(Settings().replace(weight_policy="focal", weight_gamma="1.5")).describe()
+    {'policy': 'focal', 'beta': 0.9999, 'gamma': 1.5}
+    """
+    return Policy(settings.weight_policy, beta=settings.weight_beta,
+                  gamma=settings.weight_gamma, tau=settings.weight_tau,
+                  min_weight=settings.weight_min, max_weight=settings.weight_max)
+
+
+def tower_config(settings: Settings, seed: int = 0) -> TowerConfig:
+    return TowerConfig(embed_dim=settings.embed_dim, max_context=settings.max_context,
+                       max_len=settings.text_max_len, seed=seed)
+
+
+def ranking_config(settings: Settings) -> RankingConfig:
+    return RankingConfig(k=settings.recs_k, candidates=settings.rank_candidates,
+                         head_candidates=settings.rank_head_candidates,
+                         engagement_weight=settings.rank_engagement_weight,
+                         popularity_weight=settings.rank_popularity_weight,
+                         online_blend=settings.rank_online_blend,
+                         tail_share=settings.tail_share, tail_margin=settings.tail_margin,
+                         max_per_category=settings.max_per_category)
+
+
+def finetune_config(settings: Settings, with_policy: Policy | None = None) -> FineTuneConfig:
+    """The trainer's run config; the loss follows ``with_policy`` (the policy the workers
+    published) when given, else the settings' own policy.
+
+    >>> from tailstream.settings import Settings
+    >>> finetune_config(Settings(), Policy("inverse")).policy
+    'inverse'
+    """
+    cfg = FineTuneConfig(
+        builder=settings.finetune_builder, target_mix=settings.finetune_target_mix,
+        batch_size=settings.finetune_batch_size, max_steps=settings.finetune_max_steps,
+        max_seconds=settings.finetune_max_seconds, lr=settings.finetune_lr,
+        encoder_lr=settings.finetune_encoder_lr,
+        retrieval_weight=settings.finetune_retrieval_weight,
+        replay_share=settings.finetune_replay_share,
+        replay_capacity=settings.finetune_replay_capacity,
+        holdout_share=settings.finetune_holdout_share,
+        augment_share=settings.finetune_augment_share,
+        smote_share=settings.finetune_smote_share, layers=settings.finetune_layers,
+        lora_rank=settings.finetune_lora_rank, bf16=settings.finetune_bf16,
+        compile=settings.finetune_compile)
+    return cfg.with_policy(with_policy or policy(settings))
+
+
+def gate_config(settings: Settings) -> GateConfig:
+    """The promotion gate's demands (``TAILSTREAM_GATE_*``).
+
+    >>> from tailstream.settings import Settings
+    >>> gate_config(Settings().replace(gate_classes="purchase, cart")).classes
+    ('purchase', 'cart')
+    """
+    return GateConfig(tuple(c.strip() for c in settings.gate_classes.split(",") if c.strip()),
+                      recall_tolerance=settings.gate_recall_tolerance,
+                      quality_tolerance=settings.gate_quality_tolerance)

@@ -1,0 +1,195 @@
+"""The replay of an event log through the worker's own per-event state, once, for every
+strategy of ``tailstream eval``.
+
+:func:`collect` drives :class:`~tailstream.streams.worker.state.StreamState` (profiles,
+contexts, popularity tiers, the imbalance loop and its minority buffer — the production
+code) over the log in time order, and cuts the interactions into ``blocks`` of equal
+size. For each interaction it keeps what a strategy may use when predicting it (the
+profile *before* the event, the river fast path's prediction made before learning from
+it, the baseline's list), and at the end of each block the loop's state
+(:class:`BlockState`: what the strategies train on, and the policy and weights the loop
+would have published).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tailstream import configs
+from tailstream.configs import Policy
+from tailstream.contract import CATALOGUE, SEARCH, Event, Item, validate_event, validate_item
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.serving.baseline import new_profile, recommend
+from tailstream.producers.records import ProducedRecord
+from tailstream.settings import Settings
+from tailstream.streams.stores.buffer_store import LiveWeights
+from tailstream.streams.worker.state import StreamState
+
+
+@dataclass
+class Interaction:
+    sample: Sample
+    block: int
+    tier: str
+    category: str | None
+    online: dict[str, float] | None  # the river fast path's prediction before learning
+    baseline_list: list[str] | None  # the baseline recommender's list (ranked events)
+    profile: dict[str, Any] | None  # the profile before the event (ranked events)
+    ranked: bool
+
+
+@dataclass
+class BlockState:
+    """The loop's state at the end of a block: what strategies train on."""
+
+    buffer: list[Sample]
+    decayed_counts: dict[str, float]
+    weights: dict[str, float]
+    shares: dict[str, float]
+    tiers: dict[str, str]
+    item_counts: dict[str, float]
+    requests: list[dict[str, Any]]
+    policy: Policy = field(default_factory=lambda: Policy("class_balanced"))
+
+    @property
+    def live(self) -> LiveWeights:
+        """What the worker would have published for the trainer at this moment."""
+        return LiveWeights(self.policy, dict(self.weights), dict(self.decayed_counts), 0.0)
+
+
+@dataclass
+class Stream:
+    interactions: list[Interaction]
+    blocks: list[BlockState]
+    item_text: dict[str, str]
+    categories: dict[str, str | None]
+    items_by_block: list[list[str]]  # items first seen in each block (catalogue growth)
+    catalogue: list[str]  # catalogue records known before the first event
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+
+def read_records(records: Iterable[ProducedRecord], settings: Settings,
+                 max_events: int | None = None) -> tuple[list[Event], list[tuple[int, Item]]]:
+    """Validated events, and catalogue records with the number of events before each."""
+    limits = configs.limits(settings, future_skew=False)
+    events: list[Event] = []
+    items: list[tuple[int, Item]] = []
+    for rec in records:
+        if rec.malformed:
+            continue
+        value = json.loads(rec.value)
+        if rec.kind == CATALOGUE:
+            items.append((len(events), validate_item(value, limits)))
+            continue
+        events.append(validate_event(rec.kind, value, limits))
+        if max_events is not None and len(events) >= max_events:
+            break
+    return events, items
+
+
+def collect(records: Iterable[ProducedRecord], settings: Settings, *, blocks: int,
+            rank_every: int, max_events: int | None = None,
+            progress: Callable[[int], None] | None = None) -> Stream:
+    """Replay ``records`` through the worker's state once; cut into ``blocks``."""
+    events, items = read_records(records, settings, max_events)
+    # Every event gets a fast-path prediction (the worker subsamples clicks to save CPU).
+    settings = settings.replace(online_majority_rate=1.0)
+    n_inter = sum(e.kind != SEARCH for e in events)
+    replay = _Replay(settings, blocks, max(1, math.ceil(n_inter / blocks)), rank_every,
+                     items)
+    for i, event in enumerate(events):
+        if replay.step(i, event) and progress is not None:
+            progress(1)
+    return replay.finish()
+
+
+class _Replay:
+    """The state of one :func:`collect`: per event, then per block."""
+
+    def __init__(self, settings: Settings, blocks: int, per_block: int, rank_every: int,
+                 items: list[tuple[int, Item]]) -> None:
+        self.settings = settings
+        self.blocks, self.per_block, self.rank_every = blocks, per_block, rank_every
+        self.now = 0.0
+        self.profiles: dict[str, Any] = {}
+        self.state = StreamState(settings, self.profiles)
+        self.state.imbalance.clock = lambda: self.now  # cooldowns in event time: replays agree
+        self.items = iter(items)
+        self.pending = next(self.items, None)
+        self.catalogue: list[str] = []
+        self.interactions: list[Interaction] = []
+        self.out_blocks: list[BlockState] = []
+        self.seen: set[str] = set()
+        self.items_by_block: list[list[str]] = [[]]
+        self.requests: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
+        self.k = 0  # interactions so far
+
+    def step(self, i: int, event: Event) -> bool:
+        """Apply the ``i``-th event (and the catalogue records before it); True when it
+        was an interaction."""
+        state, s = self.state, self.settings
+        while self.pending is not None and self.pending[0] <= i:
+            state.apply_item(self.pending[1])
+            if not self.interactions:
+                self.catalogue.append(self.pending[1].item_id)
+            self.pending = next(self.items, None)
+        self.now = event.ts
+        block = min(self.k // self.per_block, self.blocks - 1)
+        before = self.profiles.get(event.user_id) or new_profile()
+        # Lists leave out what the user just interacted with, so repeat interactions are
+        # not ranking targets (they are counted, not scored).
+        repeat = event.item_id in before.get("items", [])[:5]
+        ranked = event.kind != SEARCH and self.k % self.rank_every == 0 and not repeat
+        base_list = ([r.item_id for r in recommend(before, state.popularity, k=s.recs_k,
+                                                   tail_share=s.tail_share)]
+                     if ranked else None)
+        tier = state.imbalance.tiers.get(event.item_id or "", "tail")
+        sample = state.apply_event(event, partition=0)
+        if sample is not None:
+            if sample.item_id not in self.seen:
+                self.seen.add(sample.item_id)
+                self.items_by_block[-1].append(sample.item_id)
+            self.counts[sample.item_id] += 1
+            self.interactions.append(Interaction(
+                sample, block, tier, state.popularity.category(sample.item_id),
+                state.imbalance.last_proba, base_list, before if ranked else None, ranked))
+            self.k += 1
+        if i % s.batch_size == s.batch_size - 1:
+            state.popularity.refresh(event.ts)
+            self._end_batch()
+        if sample is not None and self.k % self.per_block == 0 and \
+                len(self.out_blocks) < self.blocks:
+            self._close_block()
+            self.items_by_block.append([])
+        return sample is not None
+
+    def _end_batch(self) -> None:
+        request = self.state.imbalance.end_batch()
+        if request is not None:
+            self.requests.append(request)
+
+    def _close_block(self) -> None:
+        self._end_batch()
+        loop = self.state.imbalance
+        self.out_blocks.append(BlockState(
+            buffer=loop.buffer.all(), decayed_counts=loop.decayed_counts(),
+            weights=dict(loop.weights), shares=loop.shares, tiers=dict(loop.tiers),
+            item_counts=dict(self.counts), requests=list(self.requests), policy=loop.policy))
+        self.requests = []
+
+    def finish(self) -> Stream:
+        if self.k % self.per_block and len(self.out_blocks) < self.blocks:
+            self._close_block()
+        state = self.state
+        return Stream(self.interactions, self.out_blocks, dict(state.item_text),
+                      {i: state.popularity.category(i) for i in state.item_text},
+                      self.items_by_block[:len(self.out_blocks)], self.catalogue)

@@ -1,0 +1,132 @@
+"""What a worker does when partitions are (re)assigned: restore the imbalance state, and
+recover from a broker that lost its log.
+
+* **Counts** come back from the ``imbalance-counts`` changelog (per source partition,
+  with the offset watermarks that make replays count once).
+* **The minority buffer** comes back from Redis, once per process: on later rebalances the
+  in-memory buffer is the newer copy (a batch in flight has added samples to it whose
+  Redis writes may land after a reload would have read Redis).
+* **A broker reset.** Faust created the changelog topics at start; a broker without them
+  lost its log (a memory-storage broker restarted). Offsets restart at 0 there, so the
+  watermarks would take new messages for replays, and positions and offsets committed
+  since point past records never read. The worker re-creates the changelogs, writes its
+  whole state to them again, forgets the watermarks and reads every input partition from
+  its start; event_id de-duplication skips what was processed already.
+
+Faust resumes the stream *before* the tables' ``on_recover`` callbacks run: a batch in that
+gap would be counted into empty partitions that the restore then overwrites. The agent
+therefore waits for :meth:`Recovery.wait_restored`, and every revocation closes that gate
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+
+from tailstream.kafka_io import admin
+from tailstream.metrics import Metrics
+from tailstream.settings import Settings
+from tailstream.streams.stores.buffer_store import RedisBufferStore
+from tailstream.streams.worker.pipeline import Pipeline
+from tailstream.streams.worker.tables import WorkerTables
+from tailstream.streams.worker.transport import rewind_inputs, set_input_topics, wait_for_topic
+
+log = logging.getLogger(__name__)
+
+RESTORE_WAIT_S = 60.0
+"""Longest the agent waits for a restore before it processes anyway (and says so)."""
+
+
+class Recovery:
+    def __init__(self, app: faust.App, settings: Settings, tables: WorkerTables,
+                 pipeline: Pipeline, buffer_store: RedisBufferStore, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.tables = tables
+        self.pipeline = pipeline
+        self.buffer_store = buffer_store
+        self.metrics = metrics
+        self.restored = asyncio.Event()
+        self._buffer_restored = False
+
+    def install(self) -> None:
+        """Hook into the app: close the gate on revocation, restore on recovery."""
+
+        @self.app.on_partitions_revoked.connect
+        def hold_until_restored(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+            # Every rebalance restores the counts again: a batch applied between the new
+            # assignment and that restore would be overwritten by it.
+            self.restored.clear()
+
+        @self.tables.counts.on_recover
+        async def restore_imbalance_state() -> None:
+            await self.restore()
+
+    async def wait_restored(self) -> None:
+        """Until the state is restored (at most :data:`RESTORE_WAIT_S`)."""
+        if self.restored.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.restored.wait(), RESTORE_WAIT_S)
+        except TimeoutError:
+            log.warning("imbalance state not restored after %.0f s; processing anyway",
+                        RESTORE_WAIT_S)
+            self.restored.set()
+
+    async def restore(self) -> None:
+        """After (re)assignment: counts from the changelog, the buffer from Redis."""
+        loop = self.pipeline.imbalance
+        consumer: Any = self.app.consumer
+        set_input_topics(consumer, frozenset(self.settings.consumed_topics))
+        missing = await asyncio.to_thread(self._missing_changelogs)
+        reset = bool(missing and (loop.partitions or len(self.tables.counts.data)))
+        self.pipeline.deduper.trust_seen = reset
+        if reset:
+            await self._recreate(missing, consumer)
+        for partition, state in self.tables.counts_by_partition():
+            loop.load_partition(partition, state)
+        if reset:
+            loop.forget_offsets()  # after loading: the table holds the old ones
+            # Make the state durable again: write it all to the new changelogs.
+            self.tables.save_counts(loop.take_touched())
+            for key, value in list(self.tables.profiles.data.items()):
+                self.tables.profiles.send_changelog(None, key, value)
+        if not self._buffer_restored:
+            await self._restore_buffer()
+        log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),
+                 loop.buffer.sizes())
+        self.restored.set()
+
+    def _missing_changelogs(self) -> set[str]:
+        client = admin(self.settings)
+        try:
+            return set(self.tables.changelogs()) - set(client.list_topics())
+        finally:
+            client.close()
+
+    async def _recreate(self, missing: set[str], consumer: Any) -> None:
+        self.metrics.broker_resets.inc()
+        log.warning("the broker lost this worker's changelog topics %s (restarted without "
+                    "storage?): re-creating them and reading every input partition from "
+                    "its start; event_id de-duplication skips what was processed already",
+                    sorted(missing))
+        changelogs = self.tables.changelogs()
+        for name in missing:
+            await changelogs[name].changelog_topic.declare()
+            # The producer must know the new topic before a table write partitions a key
+            # for it.
+            await wait_for_topic(self.app.producer, name)
+        rewind_inputs(consumer)
+
+    async def _restore_buffer(self) -> None:
+        s = self.settings
+        try:
+            self.pipeline.imbalance.buffer = await self.buffer_store.load(
+                s.buffer_capacity, s.minority_share, s.tail_capacity)
+            self._buffer_restored = True
+        except Exception:
+            log.exception("could not restore the minority buffer from redis; starting empty")

@@ -1,0 +1,109 @@
+"""The worker's topics and changelog-backed tables (Faust objects, declared once).
+
+* ``user-profiles``: keyed by user_id like the input topics, so the partitioner keeps each
+  profile beside its events; a restarted worker recovers it from the changelog.
+* ``imbalance-counts``: one record per *source* partition (``p{n}``), written with that
+  partition's number, so the class counts and their offset watermarks move with the
+  partition when a rebalance hands it to another worker.
+
+Keys and values are bytes we encode ourselves (JSON): see :data:`RAW_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from tailstream.settings import Settings
+
+# Faust writes a changelog with the table's schema but reads it back with a codec derived
+# from key_type (JSON unless bytes), so a mismatch loses the state on recovery ("Error in
+# recovery: Expecting value"). Tables take their changelog codec from key_type/value_type:
+# bytes means raw on both paths.
+RAW_SCHEMA: faust.Schema[bytes, bytes] = faust.Schema(
+    key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+
+@dataclass
+class WorkerTopics:
+    inputs: Any
+    """Every event topic and the catalogue, consumed by one agent."""
+    recommendations: Any
+    dlq: Any
+    audit: Any
+    training_requests: Any
+
+
+@dataclass
+class WorkerTables:
+    profiles: Any
+    counts: Any
+
+    def save_counts(self, states: dict[int, dict[str, Any]]) -> None:
+        """Write each source partition's counts to its own changelog partition."""
+        for partition, state in states.items():
+            key = f"p{partition}".encode()
+            blob = json.dumps(state, separators=(",", ":")).encode()
+            self.counts.data[key] = blob
+            self.counts.send_changelog(partition, key, blob)
+
+    def changelogs(self) -> dict[str, Any]:
+        """Changelog topic name → its table."""
+        return {t.changelog_topic.get_topic_name(): t for t in (self.profiles, self.counts)}
+
+    def counts_by_partition(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The stored counts of every source partition this worker holds."""
+        for key, blob in self.counts.items():
+            if blob:
+                yield int(key.decode()[1:]), json.loads(blob)
+
+
+def declare_topics(app: faust.App, settings: Settings) -> WorkerTopics:
+    def raw(name: str) -> Any:
+        return app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw")
+
+    return WorkerTopics(
+        inputs=app.topic(*settings.consumed_topics, key_type=bytes, value_type=bytes,
+                         key_serializer="raw", value_serializer="raw"),
+        recommendations=raw(settings.topic_recommendations), dlq=raw(settings.topic_dlq),
+        audit=raw(settings.topic_processed),
+        training_requests=raw(settings.topic_training_requests))
+
+
+def declare_tables(app: faust.App, settings: Settings) -> WorkerTables:
+    profiles = app.Table("user-profiles", default=None, partitions=settings.partitions,
+                         use_partitioner=True, key_type=bytes, value_type=bytes,
+                         schema=RAW_SCHEMA)
+    counts = app.Table("imbalance-counts", default=None, partitions=settings.partitions,
+                       key_type=bytes, value_type=bytes, schema=RAW_SCHEMA)
+    return WorkerTables(profiles, counts)
+
+
+class StrKeyed(MutableMapping[str, Any]):
+    """Adapts the bytes-in, bytes-out Faust table to the str → dict mapping of the pipeline."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._table.get(key.encode())
+        return default if value is None else json.loads(value)
+
+    def __getitem__(self, key: str) -> Any:
+        return json.loads(self._table[key.encode()])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._table[key.encode()] = json.dumps(value, separators=(",", ":")).encode()
+
+    def __delitem__(self, key: str) -> None:
+        del self._table[key.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k in self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)

@@ -1,0 +1,151 @@
+"""The worker's timers: what must happen even when no event arrives.
+
+* every second: publish the loss weights if they changed; retry lists a Redis outage held
+  back; report catalogue coverage and the tail's share of exposure; report the assigned
+  input partitions and each one's consumer lag (and log when the assignment changes);
+* every ``refresh_check_s``: refresh lists older than ``list_max_age_s`` of users still
+  active;
+* every ``stuck_partition_s / 5``: the stuck-partition watch (:mod:`~tailstream.streams.
+  worker.stuck`) — rejoin the group when partitions held elsewhere make no progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import faust
+
+from tailstream.kafka_io import GroupPositions
+from tailstream.metrics import Metrics
+from tailstream.settings import Settings
+from tailstream.streams.worker.pipeline import Pipeline
+from tailstream.streams.worker.recovery import Recovery
+from tailstream.streams.worker.stuck import StuckPartitions
+from tailstream.streams.worker.transport import read_offset, request_rejoin
+
+log = logging.getLogger(__name__)
+
+
+def names(partitions: Iterable[tuple[str, int]]) -> str:
+    """``topic[partition], …`` for the logs.
+
+    >>> names([("clicks", 0), ("carts", 3)])
+    'clicks[0], carts[3]'
+    """
+    return ", ".join(f"{t}[{p}]" for t, p in partitions)
+
+
+def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: Metrics,
+               recovery: Recovery) -> None:
+    @app.timer(interval=1.0)
+    async def publish_loss_weights() -> None:
+        await pipeline.publish_weights()
+
+    @app.timer(interval=1.0)
+    async def flush_waiting_lists() -> None:
+        """Retry lists a Redis outage held back, even when no events arrive; report
+        exposure over the recent window."""
+        if pipeline.publisher.pending:
+            await pipeline.publisher.publish([])
+        exposure = pipeline.publisher.exposure
+        metrics.coverage.set(exposure.distinct / max(len(pipeline.item_text), 1))
+        metrics.tail_exposure.set(exposure.tail_share)
+
+    @app.timer(interval=settings.refresh_check_s)
+    async def refresh_aged_lists() -> None:
+        n = await pipeline.refresh.refresh_aged()
+        if n:
+            log.info("refreshed %d lists older than %.0fs", n, settings.list_max_age_s)
+
+    assignment = AssignmentReport(settings, metrics)
+
+    @app.timer(interval=1.0)
+    async def report_assignment() -> None:
+        """Assigned input partitions and each one's consumer lag."""
+        assignment.report(app.consumer)
+
+    if settings.stuck_partition_s > 0:
+        watch = StuckWatch(app, settings, metrics, recovery)
+
+        @app.timer(interval=max(1.0, settings.stuck_partition_s / 5))
+        async def rejoin_if_partitions_stuck() -> None:
+            """Ask for a rebalance when a partition held elsewhere makes no progress."""
+            await watch.check()
+
+
+class AssignmentReport:
+    """The assigned input partitions (a gauge, and a log line when they change) and each
+    one's consumer lag (high watermark − next offset to read)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.consumed = frozenset(settings.consumed_topics)
+        self.inputs = frozenset(settings.input_topics)
+        self.held: frozenset[tuple[str, int]] = frozenset()
+        self.lag_labels: set[tuple[str, str]] = set()
+
+    def report(self, consumer: Any) -> None:
+        assigned = [tp for tp in consumer.assignment() if tp.topic in self.consumed]
+        self.metrics.assigned_partitions.set(sum(tp.topic in self.inputs for tp in assigned))
+        now_held = frozenset((tp.topic, tp.partition) for tp in assigned)
+        if now_held != self.held:
+            # Which worker reads which partition, in its log: the first question when a
+            # partition's events stop arriving.
+            self.held = now_held
+            log.info("holding input partitions: %s", names(sorted(now_held)) or "none")
+        now: set[tuple[str, str]] = set()
+        for tp in assigned:
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: S112 - not known yet for this partition
+                continue
+            if high is None:
+                continue
+            read = read_offset(consumer, tp)
+            labels = (tp.topic, str(tp.partition))
+            self.metrics.consumer_lag.labels(*labels).set(
+                max(0, high - (read + 1 if read is not None else 0)))
+            now.add(labels)
+        for labels in self.lag_labels - now:  # partitions that moved to another worker
+            self.metrics.consumer_lag.remove(*labels)
+        self.lag_labels = now
+
+
+class StuckWatch:
+    """Rejoin the group when input partitions held by another member make no progress."""
+
+    def __init__(self, app: faust.App, settings: Settings, metrics: Metrics,
+                 recovery: Recovery) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.recovery = recovery
+        self.watch: StuckPartitions[tuple[str, int]] = StuckPartitions(
+            settings.stuck_partition_s)
+        self.positions = GroupPositions(settings)
+
+    async def check(self) -> None:
+        if self.app.rebalancing or not self.recovery.restored.is_set():
+            return
+        consumer: Any = self.app.consumer
+        try:
+            committed, ends = await asyncio.to_thread(self.positions.read,
+                                                      self.settings.consumed_topics)
+        except Exception as exc:  # the broker may be away: the next tick tries again
+            log.debug("could not read the group's positions: %r", exc)
+            return
+        mine = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        now = time.monotonic()
+        stuck = self.watch.observe(now, committed, ends, mine)
+        self.metrics.stuck_partitions.set(len(stuck))
+        if stuck and self.watch.may_act(now):
+            log.warning("input partitions %s are held by another member but have not moved "
+                        "for %.0fs: rejoining the group so that a rebalance drops the member "
+                        "that does not answer", names(stuck), self.settings.stuck_partition_s)
+            self.metrics.group_rejoins.inc()
+            await request_rejoin(consumer)
