@@ -49,8 +49,8 @@ def shop(n: int, seed: int = 0) -> tuple[list[ProducedRecord], list[ProducedReco
 def preencode(settings: Settings, catalogue: list[ProducedRecord]) -> None:
     """Put the catalogue's text vectors in the shared Redis cache, as a running system
     has them, so the workers' throughput is not their first encoding of 5,000 items."""
-    from tailstream.configs import tower_config
-    from tailstream.contract import Limits, validate_item
+    from tailstream.configs import limits, tower_config
+    from tailstream.contract import validate_item
     from tailstream.models.towers.loading import load_served, pick_device
     from tailstream.models.towers.store import ModelStore
     from tailstream.models.towers.text_vectors import TextVectors
@@ -62,7 +62,7 @@ def preencode(settings: Settings, catalogue: list[ProducedRecord]) -> None:
                          settings.encoder_path or None, tower_config(settings), device)
     TextVectors(served.model, served.tokenizer, device=device, max_len=settings.text_max_len,
                 fingerprint=served.text_fingerprint, shared=shared_vectors(settings)
-                ).vectors([item_text(validate_item(json.loads(r.value), Limits()))
+                ).vectors([item_text(validate_item(json.loads(r.value), limits(settings)))
                            for r in catalogue])
 
 

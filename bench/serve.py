@@ -83,8 +83,7 @@ def scorer_lists_per_s(settings: Settings, device: torch.device, texts: list[str
     scorer = Scorer(served, device=device, max_len=settings.text_max_len,
                     cache_size=len(texts) + 10, ranking=ranking_config(settings))
     ids = [f"i{k}" for k in range(len(texts))]
-    for t, v in zip(texts, vectors, strict=True):
-        scorer.texts._cache[t] = v
+    scorer.texts.preload(dict(zip(texts, vectors, strict=True)))
     scorer.add_items(ids, texts)
     requests = [UserRequest(f"u{u}", [ContextEntry("i", texts[(u * 7 + j) % len(texts)],
                                                    "x", ids[(u * 7 + j) % len(texts)])

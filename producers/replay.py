@@ -40,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tailstream.contract import EVENT_KINDS, Item
+from tailstream.contract import EVENT_KINDS, TRANSACTION_CLASSES, Item
 from tailstream.producers.records import ProducedRecord, wire_bytes
 
 TAOBAO_KINDS = {"pv": "click", "cart": "cart", "fav": "fav", "buy": "purchase"}
@@ -176,7 +176,7 @@ class LogReader:
                                                       .to_dict()), ts=ts)
         value: dict[str, Any] = {"event_id": f"{self.fmt}-{self._tag}-{line}", "user_id": user,
                                  "ts": ts, "item_id": item, "category": cat}
-        if price is not None and kind in ("cart", "purchase"):
+        if price is not None and kind in TRANSACTION_CLASSES:
             value["price"] = price
         self.stats.events[kind] += 1
         yield ProducedRecord(kind, user, wire_bytes(value), ts=ts)

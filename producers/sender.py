@@ -25,11 +25,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tailstream.contract import CATALOGUE, EVENT_KINDS
 from tailstream.kafka_io import kafka_python_options
 from tailstream.producers.records import ProducedRecord
 from tailstream.settings import Settings
 
-KINDS = ("click", "cart", "fav", "purchase", "search", "item")
+KINDS = (*EVENT_KINDS, CATALOGUE)
 MIN_SLEEP_S = 0.005
 BURST_S = 0.02
 

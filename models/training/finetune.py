@@ -316,6 +316,10 @@ class FineTuner:
         the number of synthetic (SMOTE) pairs used."""
         cfg = self.cfg
         self.model.train()
+        if not self.encoder_trains:
+            # A frozen encoder feeds the text-vector cache (shared with the served model):
+            # with dropout on, a vector would depend on when its text was first encoded.
+            self.model.encoder.eval()
         users, items, cols, item_ids, ctx_items, mask = self.forward_batch(batch)
         target = torch.tensor([self.class_index[s.label] for s in batch], device=self.device)
         weights = torch.tensor([plan.sample_weight.get(s.label, 0.0) for s in batch],

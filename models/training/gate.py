@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tailstream.contract import TRANSACTION_CLASSES
+
 QUALITY_METRICS: tuple[str, ...] = ("macro_f1", "hit_at_10")
 
 
@@ -35,7 +37,7 @@ class GateDecision:
 
 
 def decide(current: Mapping[str, float], candidate: Mapping[str, float],
-           gated_classes: Sequence[str] = ("cart", "purchase"), *,
+           gated_classes: Sequence[str] = TRANSACTION_CLASSES, *,
            recall_tolerance: float = 0.01, quality_tolerance: float = 0.02,
            quality_metrics: Sequence[str] = QUALITY_METRICS) -> GateDecision:
     """Promote or reject, with a reason that names the numbers.

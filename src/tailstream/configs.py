@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tailstream.contract import CLASSES, RARE_CLASSES, Limits
+from tailstream.contract import CLASSES, RARE_CLASSES, TRANSACTION_CLASSES, Limits
 
 if TYPE_CHECKING:
     from tailstream.settings import Settings
@@ -218,7 +218,7 @@ class FineTuneConfig:
 class GateConfig:
     """What the promotion gate demands (see :mod:`tailstream.models.training.gate`)."""
 
-    classes: tuple[str, ...] = ("cart", "purchase")
+    classes: tuple[str, ...] = TRANSACTION_CLASSES
     """Minority classes whose held-out recall must improve or hold."""
     recall_tolerance: float = 0.01
     quality_tolerance: float = 0.02

@@ -28,6 +28,9 @@ CLASSES: tuple[str, ...] = ("click", "cart", "fav", "purchase")
 outcome head's logits). A typical shop's mix: click ≫ cart > fav > purchase."""
 RARE_CLASSES: tuple[str, ...] = CLASSES[1:]
 """Every class but the click: the outcomes the imbalance loop exists for."""
+TRANSACTION_CLASSES: tuple[str, ...] = (CLASSES[1], CLASSES[3])
+"""Cart and purchase: the classes that commit money (their events carry the price paid;
+the promotion gate guards their recall by default)."""
 SEARCH = "search"
 EVENT_KINDS: tuple[str, ...] = (*CLASSES, SEARCH)
 """Kinds of user events; each has its own input topic."""

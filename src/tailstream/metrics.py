@@ -23,6 +23,16 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._ingest(r)
+        self._publishing(r)
+        self._outages(r)
+        self._flow(r)
+        self._imbalance(r)
+        self._scoring(r)
+        self.rss = process_rss_gauge(r)
+
+    def _ingest(self, r: CollectorRegistry) -> None:
+        """Events and messages read, applied, skipped or dead-lettered."""
         self.events_in = Counter(
             "tailstream_events_in_total",
             "Events read from the input topics, valid or not (each value of a batched "
@@ -54,6 +64,9 @@ class Metrics:
             "tailstream_catalogue_items",
             "Items known to this worker (catalogue records plus items seen in events).",
             registry=r)
+
+    def _publishing(self, r: CollectorRegistry) -> None:
+        """Lists written to Redis and the recommendations topic."""
         self.recs_published = Counter(
             "tailstream_recommendations_published_total",
             "Recommendation lists published, by sink (kafka, redis) and trigger.",
@@ -66,6 +79,9 @@ class Metrics:
             "tailstream_publish_dropped_total",
             "Waiting lists dropped because the pending queue was full (oldest first).",
             registry=r)
+
+    def _outages(self, r: CollectorRegistry) -> None:
+        """Redis outages, broker resets and stuck partitions: how the worker copes."""
         self.redis_up = Gauge(
             "tailstream_redis_up",
             "1 if the last Redis write of lists succeeded, 0 while writes fail.", registry=r)
@@ -104,6 +120,9 @@ class Metrics:
             "tailstream_buffer_pending_writes",
             "Minority-buffer and loss-weight writes waiting for Redis (bounded by the "
             "buffer's capacity).", registry=r)
+
+    def _flow(self, r: CollectorRegistry) -> None:
+        """Exposure, latency, batches and consumer lag."""
         self.coverage = Gauge(
             "tailstream_catalogue_coverage_ratio",
             "Distinct items among the last 50,000 recommended slots over the items known.",
@@ -141,7 +160,9 @@ class Metrics:
         self.tail_items_published = Counter(
             "tailstream_recommended_items_total",
             "Items placed in published lists, by popularity tier.", ["tier"], registry=r)
-        # --- imbalance control loop ---
+
+    def _imbalance(self, r: CollectorRegistry) -> None:
+        """The imbalance control loop: class mix, weights, buffer, triggers, drift."""
         self.class_share = Gauge(
             "tailstream_class_share_ratio",
             "Share of each event class in the decayed counts (the mix the weights use).",
@@ -176,7 +197,9 @@ class Metrics:
         self.online_purchase_auc = Gauge(
             "tailstream_online_purchase_roc_auc_ratio",
             "Prequential ROC-AUC of the river fast path's p(purchase).", registry=r)
-        # --- transformer scoring ---
+
+    def _scoring(self, r: CollectorRegistry) -> None:
+        """Transformer scoring: served version, index, scoring time, refreshes."""
         self.serving_version = Gauge(
             "tailstream_serving_model_version_number",
             "Model version this worker scores with (v00012 → 12; 0 = the untrained base).",
@@ -211,8 +234,6 @@ class Metrics:
             "tailstream_texts_encoded_total",
             "Texts run through the encoder (cache misses), by purpose (item, query).",
             ["purpose"], registry=r)
-        self.rss = process_rss_gauge(r)
-
 
     def observe_imbalance(self, loop: Any) -> None:
         """Copy the imbalance loop's state into the gauges (once per batch)."""

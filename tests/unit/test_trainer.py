@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 from tailstream.configs import Policy, policy, tower_config
+from tailstream.evaluation.specs import STRATEGIES, EvalConfig
+from tailstream.evaluation.strategies import Harness
+from tailstream.evaluation.stream import BlockState, Stream
+from tailstream.evaluation.transformer import TransformerStrategy
 from tailstream.metrics import TrainerMetrics
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.loading import load_served
@@ -202,4 +207,59 @@ def test_too_few_samples_skip_the_run(tiny_encoder: Path, tmp_path: Path,
     s = settings_for(tiny_encoder, tmp_path, finetune_min_samples=500)
     trainer, store, _ = make_trainer(s, shop_samples(100))
     assert trainer.handle({"reason": "interval"}).outcome == "skipped"
+    assert store.versions() == []
+
+
+def test_the_trainer_and_the_evaluation_train_the_same_candidate(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    """Both call the one routine: the same buffer, weights and policy through the trainer's
+    path (a training request) and the evaluation's adaptive strategy (a block's end) give
+    the same candidate metrics and the same gate decision."""
+    s = settings_for(tiny_encoder, tmp_path, finetune_max_steps=40, finetune_max_seconds=1e6)
+    samples = shop_samples(1500)
+    live = InMemorySource(samples, policy=policy(s)).live_weights()
+    assert live is not None
+    trainer = Trainer(s, ModelStore(s.model_store_dir), TrainerMetrics(),
+                      InMemorySource(samples, weights=live), lambda update: None, device=CPU)
+    report = trainer.handle({"reason": "buffer"})
+    assert report.outcome in ("promoted", "rejected"), report.reason
+
+    block = BlockState(buffer=samples, decayed_counts=live.counts, weights=live.weights,
+                       shares={}, tiers={}, item_counts={}, requests=[{"reason": "buffer"}],
+                       policy=live.policy)
+    stream = Stream([], [block, block], {}, {}, [[], []], [])
+    harness = Harness(stream, s, EvalConfig(steps=s.finetune_max_steps,
+                                            batch_size=s.finetune_batch_size, seed=0), tmp_path)
+    candidate = TransformerStrategy(harness, "adaptive", STRATEGIES["adaptive"]).learn(block, 0)
+    assert candidate is not None
+    assert candidate.run.steps == report.steps == 40
+    assert candidate.metrics == pytest.approx(report.metrics["candidate"], abs=1e-6)
+    assert candidate.current == pytest.approx(report.metrics["current"], abs=1e-6)
+    assert candidate.decision.promote == (report.outcome == "promoted")
+    assert candidate.decision.reason == report.reason
+
+
+def test_the_trainer_trains_with_the_workers_policy_not_its_own(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    s = settings_for(tiny_encoder, tmp_path, weight_policy="focal", weight_gamma=3.0)
+    published = Policy("inverse", min_weight=0.1, max_weight=20.0)
+    trainer, store, _ = make_trainer(s, shop_samples(1500))
+    trainer.data = InMemorySource(shop_samples(1500), policy=published)
+    with caplog.at_level(logging.WARNING):
+        report = trainer.handle({"reason": "buffer"})
+    manifest = store.manifest(report.version or "")
+    assert manifest["policy"] == published.describe() == {"policy": "inverse"}
+    assert manifest["finetune"]["policy"] == "inverse"
+    assert manifest["weights_used"] == trainer.data.live_weights().weights  # type: ignore[union-attr]
+    assert "the workers published" in caplog.text and "focal" in caplog.text
+
+
+def test_nothing_is_trained_before_the_workers_publish_a_policy(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = settings_for(tiny_encoder, tmp_path)
+    trainer, store, _ = make_trainer(s, shop_samples(500))
+    trainer.data = InMemorySource(shop_samples(500))  # neither weights nor a policy
+    report = trainer.handle({"reason": "buffer"})
+    assert report.outcome == "skipped" and "not published" in report.reason
     assert store.versions() == []

@@ -17,7 +17,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tailstream import configs
@@ -54,7 +54,8 @@ class BlockState:
     tiers: dict[str, str]
     item_counts: dict[str, float]
     requests: list[dict[str, Any]]
-    policy: Policy = field(default_factory=lambda: Policy("class_balanced"))
+    policy: Policy
+    """The loop's policy (the settings' own: the worker decides it)."""
 
     @property
     def live(self) -> LiveWeights:

@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from tailstream.contract import CLASSES, EVENT_KINDS, RARE_CLASSES, TAIL
 from tailstream.kafka_io import TopicCounter, create_topics
 from tailstream.producers.records import ProducedRecord
 from tailstream.producers.sender import SendStats, send_records
@@ -228,7 +229,7 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
     imbalance = fetch_json(f"http://{ws.web_host}:{ws.web_port}/imbalance")
     lat = watcher.latencies_ms
     by_class = {k: int(m.get(f"tailstream_events_processed_total{{kind={k}}}", 0))
-                for k in ("click", "cart", "fav", "purchase", "search")}
+                for k in EVENT_KINDS}
     during, outside = view.rates()
     return {
         "seconds": round(elapsed, 1),
@@ -322,13 +323,13 @@ class LiveView:
             ("events consumed", f"{int(consumed):,} ({rate:,.0f}/s)"),
             ("by class", ", ".join(
                 f"{k} {int(m.get(f'tailstream_events_processed_total{{kind={k}}}', 0)):,}"
-                for k in ("click", "cart", "fav", "purchase", "search"))),
+                for k in EVENT_KINDS)),
             ("loss weights", ", ".join(
                 f"{k} {m.get(f'tailstream_loss_weight_ratio{{event_class={k}}}', 0):.2f}"
-                for k in ("click", "cart", "fav", "purchase"))),
+                for k in CLASSES)),
             ("buffer", ", ".join(
                 f"{k} {int(m.get(f'tailstream_buffer_samples{{bucket={k}}}', 0)):,}"
-                for k in ("cart", "fav", "purchase", "tail"))),
+                for k in (*RARE_CLASSES, TAIL))),
             ("fine-tunes", ("running, " if running else "") + ", ".join(
                 f"{k} {v}" for k, v in runs.items())
                 + f"; serving v{int(m.get('tailstream_serving_model_version_number', 0))}"),

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tailstream.contract import EVENT_KINDS
+
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
 
 Snapshot = Mapping[str, float]
 
-CLASSES = ("click", "cart", "fav", "purchase", "search")
 LATENCY = "tailstream_recommendation_latency_seconds"
 
 
@@ -259,7 +260,7 @@ def build_view(cur: Snapshot | None, prev: Snapshot | None = None, seconds: floa
     buffers = labelled(c, "tailstream_buffer_samples", "bucket")
     policies = labelled(c, "tailstream_loss_weight_ratio", "policy")
     classes = []
-    for k in CLASSES:
+    for k in EVENT_KINDS:
         key = f"tailstream_events_processed_total{{kind={k}}}"
         classes.append(ClassRow(k, rate(c, prev, key, seconds), c.get(key, 0.0),
                                 shares.get(k), weights.get(k),
