@@ -1,0 +1,206 @@
+"""The worker's parts around the pipeline, without a broker or Redis: how the app is wired,
+the transport's helpers, batch-level failures, the assignment report, the restore gate,
+and the transformer scoring service on a tiny random BERT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+
+from tailstream.configs import policy
+from tailstream.contract import Rejection
+from tailstream.metrics import Metrics, TrainerMetrics
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.towers.context import ContextEntry, UserRequest
+from tailstream.models.towers.store import ModelStore
+from tailstream.settings import Secret, Settings
+from tailstream.streams.trainer.sources import InMemorySource
+from tailstream.streams.trainer.trainer import Trainer
+from tailstream.streams.worker import recovery as recovery_module
+from tailstream.streams.worker.app import create_app, process_batch
+from tailstream.streams.worker.pipeline import RawMessage
+from tailstream.streams.worker.recovery import Recovery
+from tailstream.streams.worker.scoring import ScoringService
+from tailstream.streams.worker.timers import AssignmentReport
+from tailstream.streams.worker.transport import read_offset, rewind_inputs, set_input_topics
+
+NOWHERE = dict(kafka_bootstrap="127.0.0.1:1", redis_url=Secret("redis://127.0.0.1:1/0"))
+
+
+def worker_settings(tmp: Path, **overrides: Any) -> Settings:
+    return Settings().replace(**NOWHERE, data_dir=tmp, **overrides)
+
+
+# --------------------------------------------------------------------------- the app
+def test_the_app_has_one_agent_its_tables_timers_and_pages(tmp_path: Path) -> None:
+    w = create_app(worker_settings(tmp_path, scorer="baseline", batch_size=300))
+    app: Any = w.app
+    assert [a.rsplit(".", 1)[-1] for a in app.agents] == ["process_events"]
+    assert set(app.tables) == {"user-profiles", "imbalance-counts"}
+    timers = {f.__name__ for f in app._app_tasks}
+    assert timers == {"publish_loss_weights", "flush_waiting_lists", "refresh_aged_lists",
+                      "report_assignment", "rejoin_if_partitions_stuck"}
+    assert set(app.web.views) == {"/metrics", "/imbalance", "/recommendations/{user_id}"}
+    assert app.producer.buffer.max_messages == 20 * 300
+    assert w.scoring is None
+
+
+def test_a_transformer_worker_also_serves_and_follows_promotions(tmp_path: Path) -> None:
+    w = create_app(worker_settings(tmp_path, scorer="transformer", stuck_partition_s=0,
+                                   text_vectors_shared=False))
+    tasks = {f.__name__ for f in w.app._app_tasks}  # type: ignore[attr-defined]
+    assert {"serve_transformer", "follow_promotions"} <= tasks
+    assert "rejoin_if_partitions_stuck" not in tasks  # the watch is off at 0
+    assert w.scoring is not None
+    w.scoring.close()
+
+
+def test_the_worker_needs_both_endpoints(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="TAILSTREAM_KAFKA_BOOTSTRAP"):
+        create_app(Settings().replace(data_dir=tmp_path))
+
+
+# --------------------------------------------------------------------------- batches
+class FailingPipeline:
+    def __init__(self, dlq_fails_for: set[int] | None = None) -> None:
+        self.dead: list[tuple[int, Rejection]] = []
+        self.dlq_fails_for = dlq_fails_for or set()
+
+    async def process(self, batch: list[RawMessage]) -> None:
+        raise RuntimeError("a bug")
+
+    async def dead_letter(self, msg: RawMessage, why: Rejection) -> None:
+        if msg.offset in self.dlq_fails_for:
+            raise OSError("dlq down")
+        self.dead.append((msg.offset, why))
+
+
+def test_a_batch_level_failure_dead_letters_every_message_of_the_batch() -> None:
+    batch = [RawMessage("clicks", 0, n, b"u", b"{}", None) for n in range(3)]
+    pipeline = FailingPipeline(dlq_fails_for={1})
+    asyncio.run(process_batch(pipeline, batch))  # type: ignore[arg-type]
+    assert [o for o, _ in pipeline.dead] == [0, 2]  # one failed DLQ write stops nothing
+    assert {why.reason for _, why in pipeline.dead} == {"processing_error"}
+    assert "a bug" in pipeline.dead[0][1].detail
+
+
+# --------------------------------------------------------------------------- transport
+class FakeConsumer:
+    def __init__(self, assigned: list[TP], read: dict[Any, int]) -> None:
+        self._assigned = assigned
+        self._read_offset = read
+        self.high: dict[Any, int | None] = {}
+
+    def assignment(self) -> list[TP]:
+        return self._assigned
+
+    def highwater(self, tp: Any) -> int | None:
+        return self.high[tp]
+
+
+class TP(NamedTuple):
+    topic: str
+    partition: int
+
+
+def tp(topic: str, partition: int) -> TP:
+    return TP(topic, partition)
+
+
+def test_the_transport_reads_offsets_and_rewinds_input_partitions_only() -> None:
+    clicks, items = tp("clicks", 0), tp("items", 0)
+    consumer = FakeConsumer([clicks, items], {clicks: 41})
+    assert read_offset(consumer, clicks) == 41 and read_offset(consumer, items) is None
+    set_input_topics(consumer, frozenset({"clicks"}))
+    rewind_inputs(consumer)
+    assert consumer.rewind == {clicks}  # type: ignore[attr-defined]
+
+
+def test_the_assignment_report_sets_lag_and_forgets_partitions_that_moved(
+        tmp_path: Path) -> None:
+    s = Settings().replace(partitions=2)
+    metrics = Metrics()
+    report = AssignmentReport(s, metrics)
+    a, b = tp(s.topic_for("click"), 0), tp(s.topic_for("cart"), 1)
+    consumer = FakeConsumer([a, b], {a: 9})
+    consumer.high = {a: 15, b: 4}
+    report.report(consumer)
+
+    def lag(t: TP) -> float | None:
+        return metrics.registry.get_sample_value(
+            "tailstream_consumer_lag_messages", {"topic": t.topic, "partition": str(t.partition)})
+
+    assert lag(a) == 15 - 10 and lag(b) == 4  # nothing read yet from b
+    assert metrics.registry.get_sample_value("tailstream_assigned_partitions") == 2
+    consumer._assigned = [a]
+    report.report(consumer)
+    assert lag(b) is None and lag(a) == 5
+
+
+def test_the_agent_waits_for_the_restore_and_gives_up_after_the_bound(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(recovery_module, "RESTORE_WAIT_S", 0.05)
+    rec = Recovery.__new__(Recovery)
+
+    async def run() -> None:
+        rec.restored = asyncio.Event()
+        with caplog.at_level(logging.WARNING):
+            await rec.wait_restored()
+        assert rec.restored.is_set()
+
+    asyncio.run(run())
+    assert "not restored" in caplog.text
+
+
+# --------------------------------------------------------------------------- scoring
+def test_the_scoring_service_serves_the_base_then_swaps_to_a_promoted_version(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = worker_settings(tmp_path, encoder_path=str(tiny_encoder), embed_dim=32,
+                        text_max_len=32, text_vectors_shared=False, recs_k=5, device="cpu",
+                        finetune_max_steps=30, finetune_batch_size=64,
+                        finetune_min_samples=50, gate_quality_tolerance=1.0,
+                        gate_recall_tolerance=1.0)
+    metrics = Metrics()
+    service = ScoringService(s, metrics)
+    samples = shop_samples(600)
+    texts = {x.item_id: x.item_text for x in samples}
+
+    def item_info(ids: Any) -> tuple[list[str], list[str | None], list[float]]:
+        return (["tail"] * len(ids), [None] * len(ids), [0.0] * len(ids))
+
+    async def run() -> tuple[list[list[Any]], bool, bool]:
+        await service.start()
+        assert not service.ready  # nothing indexed yet: the pipeline serves the baseline
+        for item, text in texts.items():
+            service.queue_item(item, text)
+        while await service.embed_pending(64):
+            pass
+        assert service.ready and service.version.startswith("base-")
+        request = UserRequest("u1", [ContextEntry("i", samples[0].item_text, "x",
+                                                  samples[0].item_id)], set())
+        lists = await service.recommend([request], item_info)
+        refused = await service.swap_to("v00042", lambda ids: [texts[i] for i in ids])
+        Trainer(s, ModelStore(s.model_store_dir), TrainerMetrics(),
+                InMemorySource(samples, policy=policy(s)), lambda u: None,
+                device=torch.device("cpu")).handle({"reason": "buffer"})
+        swapped = await service.swap_to("v00001", lambda ids: [texts[i] for i in ids])
+        return lists, refused, swapped
+
+    try:
+        lists, refused, swapped = asyncio.run(run())
+    finally:
+        service.close()
+    assert len(lists) == 1 and len(lists[0]) == 5
+    assert lists[0][0].item_id in texts
+    assert not refused
+    assert metrics.registry.get_sample_value("tailstream_model_loads_total",
+                                             {"outcome": "failed"}) == 1
+    assert swapped and service.version == "v00001"
+    assert metrics.registry.get_sample_value("tailstream_serving_model_version_number") == 1
+    assert metrics.registry.get_sample_value("tailstream_index_items") == len(texts)
