@@ -55,7 +55,7 @@ class PartitionCounts:
     def to_state(self) -> dict[str, Any]:
         return {"window": self.window.to_state(), "decayed": self.decayed.to_state(),
                 "totals": dict(self.totals), "last_ts": self.last_ts,
-                "offsets": self.offsets}
+                "offsets": dict(self.offsets)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PartitionCounts:

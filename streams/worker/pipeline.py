@@ -349,7 +349,9 @@ def dlq_headers(msg: RawMessage, why: Rejection) -> list[tuple[str, bytes]]:
     """Headers carried by a dead-lettered message (the value is the original bytes)."""
     return [
         ("tailstream-reason", why.reason.encode()),
-        ("tailstream-detail", why.detail.encode("utf-8", "replace")[:500]),
+        # Cut at 500 bytes on a character boundary, so the header stays valid UTF-8.
+        ("tailstream-detail", why.detail.encode("utf-8", "replace")[:500]
+         .decode("utf-8", "ignore").encode()),
         ("tailstream-source-topic", msg.topic.encode()),
         ("tailstream-source-partition", str(msg.partition).encode()),
         ("tailstream-source-offset", str(msg.offset).encode()),

@@ -84,7 +84,8 @@ class Refresher:
                 await self.publisher.publish([])
             return
         for user, why in acted.items():
-            self.waiting.pop(user, None)
+            # A user already waiting keeps their place (assigning an existing key does not
+            # move it): one who acts faster than the queue drains is never pushed back.
             self.waiting[user] = why
         self.metrics.scoring_waiting.set(len(self.waiting))
         if self._task is None or self._task.done():
