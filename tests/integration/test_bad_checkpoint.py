@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -22,8 +21,9 @@ from tailstream.producers.synthetic import ShopSimulator
 from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
-from tailstream.stack.processes import metrics_url, scrape
 from tailstream.streams.stores.publisher import parse_meta
+
+from .conftest import metric, poll
 
 pytestmark = pytest.mark.integration
 
@@ -51,27 +51,14 @@ def save_version(s: Settings) -> str:
                     "fingerprint": enc.fingerprint}})
 
 
-def metric(ws: Settings, name: str) -> float:
-    return scrape(metrics_url(ws)).get(name, 0.0)
-
-
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-    return value
-
-
 def test_a_corrupt_announced_version_is_refused_and_the_current_one_keeps_serving(
         worker: tuple[ManagedProcess, Settings]) -> None:
     proc, ws = worker
-    wait_for(lambda: metric(ws, "tailstream_model_loads_total") >= 1, 60, "the model loaded")
+    poll(lambda: metric(ws, "tailstream_model_loads_total") >= 1, 60, "the model loaded")
     assert metric(ws, "tailstream_serving_model_version_number") == 1  # v00001
     sim = ShopSimulator(n_users=20, n_items=60, seed=4)
     send_records(sim.catalogue(), ws)
-    wait_for(lambda: metric(ws, "tailstream_index_items") >= 60, 60, "the catalogue indexed")
+    poll(lambda: metric(ws, "tailstream_index_items") >= 60, 60, "the catalogue indexed")
 
     # v00002: saved, then its weights altered on disk (a bad disk, a partial copy).
     store = ModelStore(ws.model_store_dir)
@@ -96,8 +83,7 @@ def test_a_corrupt_announced_version_is_refused_and_the_current_one_keeps_servin
             producer.flush()
             return False
 
-        wait_for(refused, 60, "the worker to read the announcement")
-        time.sleep(1.0)
+        poll(refused, 60, "the worker to read the announcement", interval=0.2)
         assert metric(ws, "tailstream_serving_model_version_number") == 1
         assert proc.alive()
 
@@ -108,8 +94,11 @@ def test_a_corrupt_announced_version_is_refused_and_the_current_one_keeps_servin
             {"event_id": event_id, "user_id": user, "ts": time.time(),
              "item_id": sim.items[0].item_id}))
         producer.flush()
-        found = wait_for(lambda: parse_meta(user, r.hgetall(Keys(ws.redis_prefix).meta(user))),
-                         30, "the user's list")
+        found = poll(lambda: parse_meta(user, r.hgetall(Keys(ws.redis_prefix).meta(user))),
+                     30, "the user's list")
+        # That list is the worker's work after the refusal: still alive, still on v00001.
+        assert metric(ws, "tailstream_serving_model_version_number") == 1
+        assert proc.alive()
     finally:
         producer.close()
         r.close()

@@ -39,10 +39,8 @@ with the re-declaration a 7-minute exploratory run processed all 1,100 events it
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import uuid
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -51,12 +49,12 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tailstream.contract import encode, new_event_id
-from tailstream.kafka_io import admin, create_topics, iter_messages, reader
-from tailstream.settings import Secret, Settings
+from tailstream.kafka_io import admin, create_topics
+from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
-from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.processes import start_worker, wait_ready
 
-from .conftest import OwnService
+from .conftest import OwnService, audit, metrics, own_settings, poll
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +71,7 @@ COMMIT_WAIT_S = 8.0  # a few commit intervals (2.8 s)
 def snapshot(ws: Settings) -> dict[str, float] | None:
     """The worker's metrics, or None when /metrics does not answer."""
     try:
-        return scrape(metrics_url(ws))
+        return metrics(ws)
     except OSError:
         return None
 
@@ -100,22 +98,6 @@ def produce(ws: Settings, n: int) -> dict[str, tuple[int, int]]:
         producer.close()
 
 
-def audit(ws: Settings, idle_timeout: float = 1.5) -> tuple[Counter[str], set[str]]:
-    """Event_ids the workers applied (how often), and those skipped as replays, from the
-    audit topic (``TAILSTREAM_AUDIT_PROCESSED``)."""
-    applied: Counter[str] = Counter()
-    replayed: set[str] = set()
-    consumer = reader(ws, [ws.topic(ws.topic_processed)])
-    try:
-        for record in iter_messages(consumer, idle_timeout=idle_timeout):
-            body = json.loads(record.value)
-            applied.update(body["applied"])
-            replayed.update(body["replayed"])
-    finally:
-        consumer.close()
-    return applied, replayed
-
-
 def topics_on(ws: Settings) -> set[str]:
     client = admin(ws)
     try:
@@ -135,11 +117,11 @@ def committed_offsets(ws: Settings) -> dict[int, int | None]:
         consumer.close()
 
 
-def rejoins_after(proc: ManagedProcess, wall: float) -> list[float]:
-    """Seconds after ``wall`` at which the worker got partitions assigned (its log)."""
+def logged_after(proc: ManagedProcess, wall: float, text: str) -> list[float]:
+    """Seconds after ``wall`` at which the worker logged a line containing ``text``."""
     out = []
     for line in proc.log_path.read_text(errors="replace").splitlines():
-        if "Executing _on_partitions_assigned" in line:
+        if text in line:
             stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").astimezone()
             at = stamp.timestamp() - wall
             if at > 0:
@@ -147,14 +129,15 @@ def rejoins_after(proc: ManagedProcess, wall: float) -> list[float]:
     return out
 
 
+def rejoins_after(proc: ManagedProcess, wall: float) -> list[float]:
+    """Seconds after ``wall`` at which the worker got partitions assigned (its log)."""
+    return logged_after(proc, wall, "Executing _on_partitions_assigned")
+
+
 def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: str,
                                            tmp_path: Path) -> None:
-    ns = uuid.uuid4().hex[:10]
-    ws0 = Settings().replace(
-        kafka_bootstrap=own_broker.address, redis_url=Secret(redis_url),
-        topic_prefix=f"t{ns}-", app_id=f"tailstream-test-{ns}", redis_prefix=f"ts{ns}",
-        data_dir=tmp_path, partitions=2, web_port=0, batch_within_s=0.02,
-        scorer="baseline", audit_processed=True).with_embedded_group_timing()
+    ws0 = own_settings(own_broker.address, redis_url, tmp_path, scorer="baseline",
+                       audit_processed=True)
     create_topics(ws0)
     proc, ws = start_worker(ws0)
     pid = proc.pid
@@ -162,10 +145,7 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: st
         wait_ready(proc, ws)
         # --- before: events in and processed --------------------------------------------
         before = produce(ws, BEFORE)
-        deadline = time.monotonic() + 30
-        while processed(ws) < BEFORE:
-            assert time.monotonic() < deadline, "events before the outage not processed"
-            time.sleep(0.2)
+        poll(lambda: processed(ws) >= BEFORE, 30, "events before the outage processed", 0.2)
         watermark: dict[int, int] = {}
         for p, o in before.values():
             watermark[p] = max(o, watermark.get(p, -1))
@@ -176,6 +156,7 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: st
         served = polls = 0
         m_out: dict[str, float] = {}
         while time.monotonic() - killed_at < OUTAGE_S:
+            # Not a wait for a condition: the outage lasts OUTAGE_S, sampled every 0.5 s.
             time.sleep(0.5)
             assert proc.alive(), f"worker exited during the outage:\n{proc.tail(40)}"
             polls += 1
@@ -196,7 +177,12 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: st
             assert time.monotonic() - back_at < REJOIN_BOUND_S, \
                 f"worker did not rejoin the group:\n{proc.tail(40)}"
             time.sleep(0.1)
-        time.sleep(1.0)  # the rejoin's recovery and seek
+        # The rejoin's recovery (and its seek back to the start of the inputs) is done once
+        # the worker says its state is restored, after that assignment.
+        poll(lambda: any(at >= joined[0] for at in
+                         logged_after(proc, back_wall, "imbalance state restored")),
+             REJOIN_BOUND_S, "the state restored after the rejoin",
+             detail=lambda: proc.tail(40))
 
         # --- wave 2, after the rejoin: all of it, promptly ------------------------------
         start = processed(ws)

@@ -4,33 +4,23 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
-import urllib.request
-from typing import Any
 
 import pytest
 
+from tailstream.contract import INTERACTION_KINDS
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
-from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.processes import start_worker, wait_ready
+
+from .conftest import imbalance, metrics, poll, read_until, wait_committed, wait_metric
 
 pytestmark = pytest.mark.integration
 
 
-def imbalance(ws: Settings) -> dict[str, Any]:
-    url = f"http://{ws.web_host}:{ws.web_port}/imbalance"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return dict(json.loads(resp.read()))
-
-
 def wait_processed(ws: Settings, n: int, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while scrape(metrics_url(ws)).get("tailstream_events_in_total", 0) < n:
-        if time.monotonic() > deadline:
-            pytest.fail(f"worker did not read {n} events")
-        time.sleep(0.2)
+    wait_metric(ws, "tailstream_events_in_total", n, timeout, f"the worker to read {n} events")
 
 
 def test_counts_and_buffer_recovered_after_kill_9(
@@ -39,7 +29,9 @@ def test_counts_and_buffer_recovered_after_kill_9(
     sim = ShopSimulator(n_users=300, n_items=500, seed=11)
     stats = send_records(itertools.islice(sim.events(), 4000), ws)
     wait_processed(ws, stats.sent)
-    time.sleep(4)  # past Faust's commit interval: offsets and changelog are flushed
+    # Every event applied and its offset committed (Faust flushes the changelog first):
+    # a restart recovers all of it.
+    wait_committed(ws)
     before = imbalance(ws)
     assert sum(before["class_counts"].values()) > 3000
     assert before["buffer_sizes"]["purchase"] > 0
@@ -48,22 +40,26 @@ def test_counts_and_buffer_recovered_after_kill_9(
     again, ws2 = start_worker(ws)
     try:
         wait_ready(again, ws2)
-        deadline = time.monotonic() + 30
-        after = imbalance(ws2)
-        while after["class_counts"] != before["class_counts"] and time.monotonic() < deadline:
-            time.sleep(0.5)
-            after = imbalance(ws2)
+        after = read_until(lambda: imbalance(ws2),
+                           lambda a: a["class_counts"] == before["class_counts"], timeout=30)
         print("\nbefore kill:", before["class_counts"], before["buffer_sizes"],
               "\nafter restart:", after["class_counts"], after["buffer_sizes"])
         assert after["class_counts"] == before["class_counts"]
         assert after["buffer_sizes"] == before["buffer_sizes"]
 
-        # And it keeps counting from there, not from zero.
+        # And it keeps counting from there, not from zero: until the new events' classes
+        # are in the counts.
         more = send_records(itertools.islice(sim.events(), 500), ws2)
         wait_processed(ws2, more.sent)
-        time.sleep(1)
-        total = sum(imbalance(ws2)["class_counts"].values())
-        assert total > sum(before["class_counts"].values())
+        counted = sum(before["class_counts"].values()) + sum(
+            n for kind, n in more.by_kind.items() if kind in INTERACTION_KINDS)
+
+        def total() -> int:
+            return int(sum(imbalance(ws2)["class_counts"].values()))
+
+        poll(lambda: total() >= counted, 30, f"class counts to reach {counted}",
+             detail=lambda: f"class counts {imbalance(ws2)['class_counts']}")
+        assert total() == counted > sum(before["class_counts"].values())
     finally:
         again.stop()
 
@@ -76,7 +72,7 @@ def test_weights_are_readable_by_the_trainer_from_redis(
     sim = ShopSimulator(n_users=100, n_items=200, seed=12)
     stats = send_records(itertools.islice(sim.events(), 1500), ws)
     wait_processed(ws, stats.sent)
-    m = scrape(metrics_url(ws))
+    m = metrics(ws)
     interactions = sum(m.get(f"tailstream_events_processed_total{{kind={k}}}", 0)
                        for k in ("click", "cart", "fav", "purchase"))
     r = redis.Redis.from_url(ws.redis_url.reveal(), decode_responses=True)
@@ -87,9 +83,7 @@ def test_weights_are_readable_by_the_trainer_from_redis(
 
     # The stored weights trail the last batch by at most a second (timer): wait for the
     # ones computed from every event (decayed counts: a hair under the raw total).
-    deadline = time.monotonic() + 10
-    while stored_counts() < 0.99 * interactions and time.monotonic() < deadline:
-        time.sleep(0.2)
+    read_until(stored_counts, lambda n: n >= 0.99 * interactions, timeout=10, interval=0.2)
     stored = r.hgetall(f"{ws.redis_prefix}:weights")
     r.close()
     assert sum(json.loads(stored["counts"]).values()) >= 0.99 * interactions

@@ -14,7 +14,6 @@ import json
 import random
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -28,9 +27,9 @@ from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
-from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.processes import start_worker, wait_ready
 
-from .test_broker_restart import audit
+from .conftest import audit, imbalance, metrics, read_until, wait_metric
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +39,13 @@ DUPLICATE_EVERY = 40  # a producer retry: the same record (same event_id) sent a
 
 
 def class_counts(ws: Settings) -> dict[str, int]:
-    url = f"http://{ws.web_host}:{ws.web_port}/imbalance"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return {k: int(v) for k, v in json.loads(resp.read())["class_counts"].items()}
+    return {k: int(v) for k, v in imbalance(ws)["class_counts"].items()}
 
 
 def wait_processing(ws: Settings, timeout: float = 60) -> None:
     """Until this worker process has processed events itself (it is mid-stream)."""
-    deadline = time.monotonic() + timeout
-    while scrape(metrics_url(ws)).get("tailstream_events_processed_total", 0) < 50:
-        if time.monotonic() > deadline:
-            pytest.fail("restarted worker processes nothing")
-        time.sleep(0.2)
+    wait_metric(ws, "tailstream_events_processed_total", 50, timeout,
+                "the restarted worker to process events")
 
 
 class Workload:
@@ -107,8 +101,9 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
         skipped: Counter[str] = Counter()  # summed over the killed processes
         for _ in range(KILLS):
             wait_processing(ws)
-            time.sleep(rng.uniform(1.0, 4.0))  # a random point in the stream
-            last = scrape(metrics_url(ws))
+            # Not a wait for a condition: the kill falls at a random point in the stream.
+            time.sleep(rng.uniform(1.0, 4.0))
+            last = metrics(ws)
             procs[-1].kill()  # SIGKILL: no shutdown code, no final commit or flush
             t0 = time.monotonic()
             proc, ws = start_worker(ws)
@@ -124,6 +119,8 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
         # The load runs until the last restarted worker has processed some of it, so
         # every kill falls inside it however long the restarts take.
         wait_processing(ws)
+        # Not a wait for a condition: the load runs on for 2 s more (scenario time), so
+        # the last worker reads live traffic, not only the backlog of the kills.
         time.sleep(2.0)
         stop.set()
         producer.join(timeout=60)
@@ -134,12 +131,11 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
         records_sent = stats.sent
         assert stats.failed == 0
 
-        deadline = time.monotonic() + 90
-        counts = class_counts(ws)
-        while counts != {c: expected.get(c, 0) for c in counts} and time.monotonic() < deadline:
-            time.sleep(0.5)
-            counts = class_counts(ws)
-        metrics = scrape(metrics_url(ws))
+        # Until the counts are the distinct events' (the report below says how they are
+        # not, if they never get there).
+        counts = read_until(lambda: class_counts(ws),
+                            lambda c: c == {k: expected.get(k, 0) for k in c}, timeout=90)
+        final = metrics(ws)
 
         # The verifier: every distinct event_id must be in the audit (applied, or held by
         # the recovered state when its message was replayed).
@@ -156,12 +152,12 @@ def test_kill_9_under_load_loses_nothing_and_counts_once(topics: Settings) -> No
             "double_counts": sum(counts.values()) - sum(expected.values()),
             "ids_reapplied_after_lost_state": reapplied,
             "replayed_messages_skipped": skipped["tailstream_replayed_messages_total"]
-            + int(metrics.get("tailstream_replayed_messages_total", 0)),
+            + int(final.get("tailstream_replayed_messages_total", 0)),
             "duplicates_skipped": skipped["tailstream_duplicates_total"]
-            + int(metrics.get("tailstream_duplicates_total", 0)),
+            + int(final.get("tailstream_duplicates_total", 0)),
             "lost_by_partition": dict(Counter(where[e] for e in lost)),
-            "final_worker_partitions": metrics.get("tailstream_assigned_partitions"),
-            "final_worker_lag": {k: v for k, v in metrics.items()
+            "final_worker_partitions": final.get("tailstream_assigned_partitions"),
+            "final_worker_lag": {k: v for k, v in final.items()
                                  if k.startswith("tailstream_consumer_lag") and v},
             "worker_log": str(procs[-1].log_path),
         }

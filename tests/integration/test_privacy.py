@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ from tailstream.settings import Secret, Settings
 from tailstream.stack.embedded import ManagedProcess
 from tailstream.stack.processes import start_worker, wait_ready
 
-from .test_worker_e2e import click, poll, producer, send
+from .conftest import click, poll, producer, send, wait_committed
 
 pytestmark = pytest.mark.integration
 KEY = "test-pseudonym-key"
@@ -49,7 +48,9 @@ def test_raw_user_ids_never_reach_redis_or_the_topics(
         return {u for u in pseudonyms if any(u in k for k in keys)}
 
     poll(lambda: stored_users() == pseudonyms, timeout=60, what="lists of every user")
-    time.sleep(3)  # past the commit interval: changelogs and the recs topic are written
+    # Every click applied and committed: Faust flushed the changelogs and the recs topic
+    # before it committed, so everything the worker wrote for them is there to check.
+    wait_committed(ws)
     keys = [k.decode() for k in r.scan_iter(f"{ws.redis_prefix}:*")]
     values = b"".join(r.dump(k) or b"" for k in keys)
     assert not any(u in k for k in keys for u in USERS), "a raw id in a Redis key"

@@ -28,6 +28,8 @@ from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess, free_port
 
+from .conftest import poll
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +74,13 @@ class PrometheusServer:
 
     def values(self, promql: str, label: str) -> dict[str, float]:
         return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(promql)}
+
+    def wait(self, what: str, check: Callable[[], T | None], timeout: float = 90.0) -> T:
+        """:func:`poll` ``check`` (a query: errors while series are missing count as not
+        yet), failing with the server's log tail after ``timeout`` s."""
+        return poll(check, timeout, what, 0.5,
+                    ignore=(AssertionError, urllib.error.URLError, OSError),
+                    detail=lambda: f"prometheus log:\n{self.proc.tail(20)}")
 
 
 def _prometheus_binary() -> str:
@@ -127,23 +136,6 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
         assert not proc.alive()
 
 
-def poll(what: str, check: Callable[[], T | None], server: PrometheusServer,
-         timeout: float = 90.0) -> T:
-    """Call ``check`` until it returns something, or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            found = check()
-            if found is not None:
-                return found
-        except (AssertionError, urllib.error.URLError, OSError) as exc:
-            last_error = exc
-        time.sleep(0.5)
-    pytest.fail(f"{what} not seen within {timeout:.0f} s (last error: {last_error!r}); "
-                f"prometheus log:\n{server.proc.tail(20)}")
-
-
 def dashboard_exprs(rate_interval: str) -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
     out: list[tuple[str, str]] = []
@@ -179,9 +171,9 @@ def test_prometheus_scrapes_a_running_worker(
     prometheus.set_targets([target])
     # Scraped at least once before any event, so counters have a zero to rise from
     # (rate() needs two samples).
-    poll("the idle worker scraped",
-         lambda: prometheus.values(f'up{{job="{JOB}"}} == 1', "instance").get(target),
-         prometheus, timeout=30)
+    prometheus.wait("the idle worker scraped",
+                    lambda: prometheus.values(f'up{{job="{JOB}"}} == 1', "instance").get(target),
+                    timeout=30)
     sim = ShopSimulator(n_users=200, n_items=400, seed=21)
     stats = send_records(itertools.islice(sim.events(), 3000), ws)
     assert stats.sent == 3000
@@ -199,8 +191,8 @@ def test_prometheus_scrapes_a_running_worker(
         return names if len(names) >= 10 else None
 
     started = time.monotonic()
-    names = poll("all events and 10 non-zero tailstream metrics in Prometheus",
-                 everything_scraped, prometheus)
+    names = prometheus.wait("all events and 10 non-zero tailstream metrics in Prometheus",
+                            everything_scraped)
     print(f"\n{len(names)} non-zero tailstream metrics read back from Prometheus after "
           f"{time.monotonic() - started:.1f} s: {sorted(names)}")
 
@@ -234,19 +226,19 @@ def test_prometheus_scrapes_a_running_worker(
         rates = prometheus.values(panels["Events/s by class"], "kind")
         return rates if rates.get("click", 0) > 0 else None
 
-    poll("events/s by class", has_rates, prometheus)
+    prometheus.wait("events/s by class", has_rates)
     (p50_expr, p99_expr) = [e for t, e in dashboard_exprs("5m")
                             if t == "Recommendation latency p50 / p99"]
     def finite(expr: str) -> list[dict[str, Any]] | None:
         found = prometheus.query(expr)
         return found if found and math.isfinite(float(found[0]["value"][1])) else None
 
-    p50 = poll("latency p50", lambda: finite(p50_expr), prometheus)
-    p99 = poll("latency p99", lambda: finite(p99_expr), prometheus)
+    p50 = prometheus.wait("latency p50", lambda: finite(p50_expr))
+    p99 = prometheus.wait("latency p99", lambda: finite(p99_expr))
     assert 0 < float(p50[0]["value"][1]) <= float(p99[0]["value"][1])
-    tiers = poll("tail exposure share",
-                 lambda: prometheus.values(panels["Tail exposure share"], "tier") or None,
-                 prometheus)
+    tiers = prometheus.wait(
+        "tail exposure share",
+        lambda: prometheus.values(panels["Tail exposure share"], "tier") or None)
     assert sum(tiers.values()) == pytest.approx(1.0, abs=1e-6), tiers
 
     # Every alert rule evaluates without error on real series.
@@ -255,6 +247,6 @@ def test_prometheus_scrapes_a_running_worker(
         done = all(r.get("lastEvaluation", "").startswith("2") for r in rules)
         return rules if rules and done else None
 
-    rules = poll("alert rules evaluated", rules_evaluated, prometheus, timeout=30)
+    rules = prometheus.wait("alert rules evaluated", rules_evaluated, timeout=30)
     bad = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
     assert not bad, bad

@@ -19,9 +19,11 @@ from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.redis_io import RedisConfigError, check_redis
-from tailstream.settings import Secret, Settings
+from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess, free_port, start_redis
-from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.processes import metrics_url, start_worker, wait_ready
+
+from .conftest import metrics, own_settings, poll, read_until, wait_metric
 
 pytestmark = pytest.mark.integration
 
@@ -64,12 +66,7 @@ def auth_redis(tmp_path: Path) -> Iterator[AuthRedis]:
 
 
 def auth_settings(broker: str, url: str, tmp_path: Path) -> Settings:
-    ns = uuid.uuid4().hex[:10]
-    return Settings().replace(
-        kafka_bootstrap=broker, redis_url=Secret(url), topic_prefix=f"t{ns}-",
-        app_id=f"tailstream-test-{ns}", redis_prefix=f"ts{ns}", data_dir=tmp_path,
-        partitions=2, web_port=0, batch_within_s=0.02, scorer="baseline",
-    ).with_embedded_group_timing()
+    return own_settings(broker, url, tmp_path, scorer="baseline")
 
 
 def listening_hosts(port: int) -> set[str]:
@@ -107,15 +104,11 @@ def test_worker_uses_an_acl_user_from_the_url_and_never_shows_the_password(
         assert auth_redis.password not in worker_cmdline(proc)
         sim = ShopSimulator(n_users=50, n_items=100, seed=3)
         stats = send_records(itertools.islice(sim.events(), 400), ws)
-        deadline = time.monotonic() + 60
-        while scrape(metrics_url(ws)).get("tailstream_events_in_total", 0) < stats.sent:
-            assert time.monotonic() < deadline, "the worker did not read the events"
-            time.sleep(0.2)
+        wait_metric(ws, "tailstream_events_in_total", stats.sent, 60,
+                    "the worker to read the events")
         admin = auth_redis.admin()
-        deadline = time.monotonic() + 20
-        while not (lists := list(admin.scan_iter(match=f"{ws.redis_prefix}:recs:*:meta"))):
-            assert time.monotonic() < deadline, "no lists in Redis"
-            time.sleep(0.2)
+        lists = poll(lambda: list(admin.scan_iter(match=f"{ws.redis_prefix}:recs:*:meta")),
+                     20, "lists in Redis", 0.2)
         user = lists[0].decode().split(":")[2]
         seen = sum(1 for _ in admin.scan_iter(match=f"{ws.redis_prefix}:seen:*", count=1000))
         admin.close()
@@ -124,7 +117,7 @@ def test_worker_uses_an_acl_user_from_the_url_and_never_shows_the_password(
         page = f"http://{ws.web_host}:{ws.web_port}/recommendations/{user}"
         with urllib.request.urlopen(page, timeout=5) as resp:  # noqa: S310 - loopback
             rec_page = resp.read().decode()
-        m = scrape(metrics_url(ws))
+        m = metrics(ws)
     finally:
         proc.stop()
     log_text = proc.log_path.read_text(errors="replace")
@@ -158,18 +151,20 @@ def test_a_wrong_password_is_a_clear_error_at_start(
     create_topics(s)
     proc, ws = start_worker(s)
     started = time.monotonic()
-    said = None
+
+    def refusal() -> tuple[str | None, bool]:
+        """The log's refusal line (if any yet), and whether the worker still runs."""
+        alive = proc.alive()  # first: the log of a worker that has exited is complete
+        text = proc.log_path.read_text(errors="replace")
+        return next((line for line in text.splitlines()
+                     if "refused the credentials" in line), None), alive
+
     try:
-        while time.monotonic() - started < 60:
-            text = proc.log_path.read_text(errors="replace")
-            said = next((line for line in text.splitlines()
-                         if "refused the credentials" in line), None)
-            if said or not proc.alive():
-                break
-            time.sleep(0.2)
+        said, _ = read_until(refusal, lambda seen: seen[0] is not None or not seen[1],
+                             timeout=60, interval=0.2)
         when = time.monotonic() - started
         try:  # the entry point refuses to start; if a worker runs on, it says so too
-            m = scrape(metrics_url(ws)) if proc.alive() else {}
+            m = metrics(ws) if proc.alive() else {}
         except OSError:
             m = {}
     finally:

@@ -8,14 +8,11 @@ the same port (no persistence: it comes back empty, like a crashed cache node).
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -26,11 +23,22 @@ from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.redis_io import Keys
-from tailstream.settings import Secret, Settings
-from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.settings import Settings
+from tailstream.stack.processes import start_worker, wait_ready
 from tailstream.streams.stores.publisher import parse_meta
 
-from .conftest import OwnService
+from .conftest import (
+    OwnService,
+    apoll,
+    imbalance,
+    metrics,
+    own_settings,
+    poll,
+    processed,
+    read_until,
+    wait_committed,
+    wait_metric,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -40,36 +48,18 @@ BEFORE_S = 8.0
 RECOVERY_BOUND_S = 10.0
 
 
-def worker_settings(broker: str, url: str, tmp_path: Path, **overrides: object) -> Settings:
-    ns = uuid.uuid4().hex[:10]
-    return Settings().replace(
-        kafka_bootstrap=broker, redis_url=Secret(url), topic_prefix=f"t{ns}-",
-        app_id=f"tailstream-test-{ns}", redis_prefix=f"ts{ns}", data_dir=tmp_path,
-        partitions=2, web_port=0, batch_within_s=0.02, scorer="baseline",
-        **overrides).with_embedded_group_timing()
-
-
-def processed(ws: Settings) -> float:
-    return scrape(metrics_url(ws)).get("tailstream_events_processed_total", 0.0)
-
-
 def rate_over(ws: Settings, seconds: float, samples: list[float] | None = None) -> float:
     """Events/s processed over the next ``seconds`` (per-second rates into ``samples``)."""
     start = last = processed(ws)
     began = prev = time.monotonic()
     while time.monotonic() - began < seconds:
+        # Not a wait for a condition: the rate is measured over a fixed span, per second.
         time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - began))))
         now, t = processed(ws), time.monotonic()
         if samples is not None and t > prev:
             samples.append((now - last) / (t - prev))
         last, prev = now, t
     return (last - start) / (prev - began)
-
-
-def imbalance(ws: Settings) -> dict[str, Any]:
-    url = f"http://{ws.web_host}:{ws.web_port}/imbalance"
-    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback URL
-        return dict(json.loads(resp.read()))
 
 
 def redis_buffer_size(r: redis.Redis, prefix: str) -> int:
@@ -102,7 +92,7 @@ def list_event_id(r: redis.Redis, ws: Settings, user: str) -> str | None:
 
 def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
         broker: str, own_redis: OwnService, tmp_path: Path) -> None:
-    ws0 = worker_settings(broker, own_redis.address, tmp_path)
+    ws0 = own_settings(broker, own_redis.address, tmp_path, scorer="baseline")
     create_topics(ws0)
     proc, ws = start_worker(ws0)
     stop = threading.Event()
@@ -114,10 +104,9 @@ def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
     try:
         wait_ready(proc, ws)
         sender.start()
-        deadline = time.monotonic() + 30
-        while processed(ws) < RATE and time.monotonic() < deadline:  # about a second in
-            time.sleep(0.2)
-        time.sleep(1.0)
+        # About two seconds into the load: past the start, at the producer's pace.
+        wait_metric(ws, "tailstream_events_processed_total", 2 * RATE, 30,
+                    "the worker to process the first events")
         before = rate_over(ws, BEFORE_S)
         assert before > 0.5 * RATE, f"the worker did not keep up before the outage: {before}"
 
@@ -130,7 +119,7 @@ def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
         outage_event = send_probe(probes, ws, outage_user)
         rate_over(ws, OUTAGE_S - (time.monotonic() - killed_at), per_second)
         during = (processed(ws) - at_kill) / (time.monotonic() - killed_at)
-        m_out = scrape(metrics_url(ws))
+        m_out = metrics(ws)
 
         # --- Redis returns (empty) on the same port; users act right after -------------
         own_redis.start()
@@ -145,15 +134,23 @@ def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
             time.sleep(0.05)
         recovery_s = (current_at or time.monotonic()) - back_at
         # The user who acted during the outage has the list the worker kept for them.
-        deadline = time.monotonic() + 10
-        while list_event_id(r, ws, outage_user) != outage_event and \
-                time.monotonic() < deadline:
-            time.sleep(0.1)
-        outage_list = list_event_id(r, ws, outage_user)
+        outage_list = read_until(lambda: list_event_id(r, ws, outage_user),
+                                 lambda e: e == outage_event, timeout=10, interval=0.1)
         stop.set()
         sender.join(10)
-        time.sleep(2.0)  # the last batches, the buffer's background retry, the weights timer
-        m_back = scrape(metrics_url(ws))
+        # The last batches applied and committed; then nothing waits for Redis: no list,
+        # no buffer or weights write (the buffer's background retry, the weights timer).
+        wait_committed(ws)
+
+        def nothing_waits() -> bool:
+            m = metrics(ws)
+            return (m.get("tailstream_publish_pending_lists", 0) == 0
+                    and m.get("tailstream_buffer_pending_writes", 0) == 0
+                    and bool(r.exists(f"{ws.redis_prefix}:weights")))
+
+        poll(nothing_waits, 30, "no list, buffer or weights write waiting for Redis",
+             detail=lambda: str({k: v for k, v in metrics(ws).items() if "pending" in k}))
+        m_back = metrics(ws)
         prefix = ws.redis_prefix
         buffer_keys = sorted(k.decode() for k in r.scan_iter(match=f"{prefix}:buffer:*"))
         in_memory = sum(imbalance(ws)["buffer_sizes"].values())
@@ -237,7 +234,7 @@ def test_the_text_vector_cache_skips_a_dead_redis_and_writes_later(
         assert time.monotonic() - started < 2.0
         assert cache.health.is_down and cache.pending == 3  # bounded: the newest 3
         own_redis.start()
-        time.sleep(0.6)  # past the cache's backoff
+        poll(lambda: cache.health.retry_in() == 0, 5, "the cache's backoff to end", 0.02)
         assert cache.get_many("fp", ["v4"]) == {}  # this call closes the circuit, then
         assert cache.pending == 0  # the waiting vectors are written
         got = cache.get_many("fp", ["v2", "v3", "v4", "v0"])
@@ -284,7 +281,8 @@ def test_dedupe_and_buffer_writes_never_wait_on_a_dead_redis(own_redis: OwnServi
                 [True, False]
         took = time.monotonic() - started
         own_redis.start()
-        await asyncio.sleep(1.0)  # the buffer's own retry flushes without a new batch
+        # The buffer's own retry flushes without a new batch.
+        await apoll(lambda: store.pending == 0, 10, "the buffer's queued writes flushed")
         again = await dedupe.first_seen(["e1", "e300", "fresh"], ["t/5/5", "t/0/300", "t/0/9"])
         stored = await client.llen("dd:buffer:minority:purchase")
         marked = await client.exists("dd:seen:e150")

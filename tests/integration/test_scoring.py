@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 from collections import Counter
-from typing import Any
+from functools import partial
 
 import pytest
 import redis
@@ -23,32 +23,18 @@ from tailstream.producers.synthetic import ShopSimulator
 from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
-from tailstream.stack.processes import metrics_url, scrape
 from tailstream.streams.stores.publisher import Publisher, RecList, parse_meta
 
+from .conftest import metric, poll
+
 pytestmark = pytest.mark.integration
-
-
-def metric(ws: Settings, name: str) -> float:
-    return scrape(metrics_url(ws)).get(name, 0.0)
-
-
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def indexed_shop(ws: Settings, n_items: int = 600, seed: int = 5) -> ShopSimulator:
     sim = ShopSimulator(n_users=200, n_items=n_items, seed=seed)
     send_records(sim.catalogue(), ws)
-    wait_for(lambda: metric(ws, "tailstream_index_items") >= n_items, 180,
-             "the worker to embed the catalogue")
+    poll(lambda: metric(ws, "tailstream_index_items") >= n_items, 180,
+         "the worker to embed the catalogue")
     return sim
 
 
@@ -67,7 +53,7 @@ def test_a_new_item_reaches_a_list_within_five_seconds(
         p.send(ws.topic_for("item"), key=new.key.encode(), value=new.value)
         p.flush()
         sent_at = time.monotonic()
-        wait_for(lambda: metric(ws, "tailstream_index_items") >= 601, 5, "the new item indexed")
+        poll(lambda: metric(ws, "tailstream_index_items") >= 601, 5, "the new item indexed")
         found_at = None
         users = itertools.cycle(f"cold{u}" for u in range(40))
         deadline = time.monotonic() + 5.0
@@ -105,8 +91,8 @@ def test_a_user_with_only_a_search_gets_lists_about_the_query(
                 {"event_id": new_event_id(), "user_id": user, "ts": time.time(),
                  "query": f"wireless black {noun}" if noun == "earbuds" else f"red {noun}"}))
             p.flush()
-            meta = wait_for(lambda u=user: r.hgetall(Keys(ws.redis_prefix).meta(u)), 20,
-                            f"{user}'s list")
+            meta = poll(partial(r.hgetall, Keys(ws.redis_prefix).meta(user)), 20,
+                        f"{user}'s list")
             found = parse_meta(user, meta)
             assert found is not None and found["items"]
             top = found["items"][:10]

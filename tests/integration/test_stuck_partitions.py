@@ -22,7 +22,9 @@ from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
-from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.processes import start_worker, wait_ready
+
+from .conftest import metric, poll, wait_metric
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +33,7 @@ STUCK_S = 4.0
 
 
 def held(ws: Settings) -> float:
-    return scrape(metrics_url(ws)).get("tailstream_assigned_partitions", 0)
+    return metric(ws, "tailstream_assigned_partitions")
 
 
 def test_a_frozen_member_loses_its_partitions_to_a_live_worker(topics: Settings) -> None:
@@ -50,35 +52,33 @@ def test_a_frozen_member_loses_its_partitions_to_a_live_worker(topics: Settings)
         frozen, ws2 = start_worker(base, 1)
         procs.append(frozen)
         wait_ready(frozen, ws2)  # the group is split between the two
-        deadline = time.monotonic() + 60
-        while held(ws1) + held(ws2) < base.input_partitions:
-            assert time.monotonic() < deadline, "the two workers never shared the inputs"
-            time.sleep(0.5)
+        poll(lambda: held(ws1) + held(ws2) >= base.input_partitions, 60,
+             "the two workers to share the inputs", 0.5)
         split = (held(ws1), held(ws2))
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
-        time.sleep(2.0)
+        # Both members are mid-stream (each has processed events of its partitions) when
+        # one is frozen.
+        for ws in (ws1, ws2):
+            wait_metric(ws, "tailstream_events_processed_total", 20, 30,
+                        f"worker on port {ws.web_port} to process events")
         os.kill(frozen.pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        while scrape(metrics_url(ws1)).get("tailstream_group_rejoins_total", 0) < 1:
-            assert time.monotonic() - t0 < STUCK_S * 4, "the stuck partitions went unseen"
-            time.sleep(0.5)
+        poll(lambda: metric(ws1, "tailstream_group_rejoins_total") >= 1, STUCK_S * 4,
+             "the stuck partitions to be seen (a rejoin asked for)", 0.5)
         seen = time.monotonic() - t0
-        while held(ws1) < base.input_partitions:
-            assert time.monotonic() - t0 < SESSION_S * 3, (
-                f"the live worker still holds {held(ws1)} of {base.input_partitions} "
-                f"partitions after {SESSION_S * 3:.0f}s")
-            time.sleep(0.5)
+        poll(lambda: held(ws1) >= base.input_partitions, SESSION_S * 3 - seen,
+             f"the live worker to hold all {base.input_partitions} partitions", 0.5,
+             detail=lambda: f"it holds {held(ws1)}")
         took = time.monotonic() - t0
         stop.set()
         producer.join(timeout=30)
         print(f"\nsplit {split}; stuck partitions seen {seen:.1f}s after the freeze, taken "
               f"over after {took:.1f}s (session timeout {SESSION_S:.0f}s)")
         # Every partition is read to its end by the live worker.
-        deadline = time.monotonic() + 60
-        while (lag := scrape(metrics_url(ws1)).get("tailstream_consumer_lag", 0)) > 0:
-            assert time.monotonic() < deadline, f"{lag} events left unread"
-            time.sleep(0.5)
+        lag = "tailstream_consumer_lag_messages"
+        poll(lambda: metric(ws1, lag, default=-1) == 0, 60, "every event read (no lag)", 0.5,
+             detail=lambda: f"{metric(ws1, lag):g} events left unread")
     finally:
         stop.set()
         for p in procs:
