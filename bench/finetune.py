@@ -4,8 +4,9 @@ Both loops run in the same process, on the same device, with the real all-MiniLM
 weights, fully fine-tuned (every layer trains: the GPU default), at a fixed sequence
 length (texts are padded to exactly ``seq_len`` tokens, so the numbers mean what they say):
 
-* **trainer**: :class:`~tailstream.models.training.finetune.FineTuner` steps on batches of
-  ``batch`` (user text, item text) pairs, all distinct — two sequences per pair — through
+* **trainer**: the trainer's own code path, unpatched — the one fine-tune routine
+  (:func:`~tailstream.models.training.routine.fine_tune`), whose ``FineTuner`` steps on
+  batches of ``batch`` (user text, item text) pairs, all distinct — two sequences per pair — through
   the two towers, the outcome head, the class-weighted loss and the in-batch sampled
   softmax with logQ correction. ``pairs_per_s`` counts pairs.
 * **bare encoder**: a plain loop over the same number of sequences per step: encoder
@@ -31,11 +32,12 @@ import torch
 from tailstream.configs import FineTuneConfig, TowerConfig
 from tailstream.contract import CLASSES
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.towers.adapters import configure_trainable
 from tailstream.models.towers.encoder import encoder_config, load_encoder
-from tailstream.models.towers.loading import build_model, pick_device
+from tailstream.models.towers.loading import ServedModel, build_model, pick_device
+from tailstream.models.towers.text_vectors import TextVectors
 from tailstream.models.towers.two_tower import tokenize
-from tailstream.models.training.finetune import FineTuner, prepare_data, sampling_plan
+from tailstream.models.training.finetune import prepare_data
+from tailstream.models.training.routine import fine_tune
 
 GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12,
                  "L40S": 362e12, "A10": 125e12}
@@ -85,17 +87,18 @@ def _sync(device: torch.device) -> None:
 
 def bench_trainer(device: torch.device, seq_len: int, batch: int, steps: int, warmup: int,
                   bf16: bool, compile_: bool, encoder_path: str | None) -> float:
-    """Pairs/s of the trainer's own :class:`FineTuner` steps (nothing patched): every text
-    padded to exactly ``seq_len`` tokens by ``FineTuneConfig.pad_to_max_len``."""
+    """Pairs/s of the trainer's own code path: the one fine-tune routine
+    (:func:`~tailstream.models.training.routine.fine_tune`, nothing patched) with every
+    encoder layer training and every text padded to exactly ``seq_len`` tokens
+    (``FineTuneConfig.pad_to_max_len``); the steps after ``warmup`` are timed."""
     enc = load_encoder(encoder_path)
     model = build_model(enc, TowerConfig(max_len=seq_len, max_context=1)).to(device)
-    configure_trainable(model.encoder, -1)
-    cfg = FineTuneConfig(policy="class_balanced", batch_size=batch, max_steps=steps,
-                         replay_share=0.0, holdout_share=0.0, bf16=bf16, compile=compile_,
-                         pad_to_max_len=True)
-    tuner = FineTuner(model, enc.tokenizer, cfg, device=device, text_vectors=None,
-                      class_weight={"click": 0.5, "cart": 2.0, "fav": 3.0, "purchase": 4.0},
-                      max_len=seq_len)
+    served = ServedModel("base", model, enc.tokenizer, enc.fingerprint, {"version": "base"})
+    vectors = TextVectors(model, enc.tokenizer, device=device, max_len=seq_len,
+                          fingerprint=enc.fingerprint)
+    cfg = FineTuneConfig(policy="class_balanced", batch_size=batch, max_steps=steps + warmup,
+                         max_seconds=math.inf, replay_share=0.0, holdout_share=0.0, bf16=bf16,
+                         compile=compile_, layers="all", pad_to_max_len=True)
     rng = random.Random(0)
     n = batch * (steps + warmup)
     users = _texts(rng, n, seq_len, "user")
@@ -104,16 +107,11 @@ def bench_trainer(device: torch.device, seq_len: int, batch: int, steps: int, wa
     samples = [Sample(f"e{i}", f"u{i}", f"i{i}", labels[i], float(i), user_text=users[i],
                       item_text=items[i]) for i in range(n)]
     data = prepare_data(samples, {"click": 85, "cart": 7, "fav": 3, "purchase": 5}, 0.0)
-    plan = sampling_plan(data, cfg, CLASSES)
-    batches = [samples[i * batch:(i + 1) * batch] for i in range(steps + warmup)]
-    for b in batches[:warmup]:
-        tuner.step(b, plan)
-    _sync(device)
-    started = time.perf_counter()
-    for b in batches[warmup:]:
-        tuner.step(b, plan)
-    _sync(device)
-    return steps * batch / (time.perf_counter() - started)
+    ends: list[float] = []  # on_step gets loss.item(): a step's work is done by then
+    fine_tune(served, vectors, data, cfg=cfg, device=device, gate=None,
+              class_weight={"click": 0.5, "cart": 2.0, "fav": 3.0, "purchase": 4.0},
+              on_step=lambda step, loss: ends.append(time.perf_counter()))
+    return steps * batch / (ends[-1] - ends[warmup - 1])
 
 
 def bench_bare(device: torch.device, seq_len: int, sequences: int, steps: int, warmup: int,
@@ -158,7 +156,7 @@ def run(device_setting: str = "auto", seq_lens: tuple[int, ...] = (64, 128),
     gpu = device.type == "cuda"
     batch = batch or (1024 if gpu else 16)
     steps = steps or (30 if gpu else 3)
-    warmup = warmup if warmup is not None else (5 if gpu else 1)
+    warmup = max(1, warmup if warmup is not None else (5 if gpu else 1))  # ≥ 1: timed from its end
     bf16 = gpu
     peak, peak_source = peak_flops(device)
     enc = load_encoder(encoder_path)

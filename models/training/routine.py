@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,10 +62,12 @@ class Candidate:
 
 def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
               cfg: FineTuneConfig, class_weight: Mapping[str, float], device: torch.device,
-              gate: GateConfig | None) -> Candidate:
+              gate: GateConfig | None,
+              on_step: Callable[[int, float], None] | None = None) -> Candidate:
     """Train a candidate from ``served`` on ``data`` and decide on it (see the module
-    docstring). Raises :class:`~tailstream.models.training.finetune.NonFiniteLoss` when a
-    step's loss is not finite; the served model is never modified."""
+    docstring). ``on_step(step, loss)`` is called after every step (the benchmark times
+    steps with it). Raises :class:`~tailstream.models.training.finetune.NonFiniteLoss` when
+    a step's loss is not finite; the served model is never modified."""
     layers = resolve_finetune_layers(cfg.layers, device,
                                      encoder_config(served.model.encoder, "num_hidden_layers"))
     # A frozen encoder is shared with the served model (and so are its cached text
@@ -78,7 +80,7 @@ def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     tuner = FineTuner(candidate, served.tokenizer, cfg, device=device,
                       text_vectors=vectors if layers == 0 else None,
                       class_weight=class_weight, max_len=served.model.config.max_len)
-    run = tuner.train(data)
+    run = tuner.train(data, on_step)
     candidate.eval()
     cand_vectors = vectors if layers == 0 else TextVectors(
         candidate, served.tokenizer, device=device, max_len=served.model.config.max_len,

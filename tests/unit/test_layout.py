@@ -160,3 +160,18 @@ def test_the_imbalance_math_and_the_worker_state_load_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_one_routine_builds_the_fine_tuner_and_asks_the_gate() -> None:
+    """The trainer, the evaluation and the benchmark all go through
+    models/training/routine.py; nothing else constructs a FineTuner or calls the gate."""
+    routine = ROOT / "models" / "training" / "routine.py"
+    calls: dict[str, list[str]] = {"FineTuner": [], "decide": []}
+    for path, tree in sources(*PACKAGES):
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Call):
+                name = n.func.id if isinstance(n.func, ast.Name) else (
+                    n.func.attr if isinstance(n.func, ast.Attribute) else "")
+                if name in calls:
+                    calls[name].append(rel(path))
+    assert calls == {"FineTuner": [rel(routine)], "decide": [rel(routine)]}
