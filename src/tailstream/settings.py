@@ -73,6 +73,11 @@ class Settings:
     :meth:`with_embedded_group_timing`); leave both at 0 for Apache Kafka."""
     kafka_fetch_max_wait_ms: int = 100
     """Longest a worker's fetch waits on the broker (bounds added latency; 0: Faust's 1500)."""
+    kafka_recovery_consistency_check: bool = True
+    """Faust's check, at each assignment, that no changelog partition ends before what this
+    worker already read of it (a crash if it does). Tansu reports a partition's log end as
+    its last record *batch's* base offset + 1, so on the embedded broker the check fails on
+    a healthy log; :meth:`with_embedded_group_timing` turns it off there."""
     app_id: str = "tailstream"
     """Faust app id: the consumer group and the prefix of changelog topics."""
 
@@ -307,10 +312,13 @@ class Settings:
         return dataclasses.replace(self, **converted)
 
     def with_embedded_group_timing(self) -> Settings:
-        """Short group timings for the embedded Tansu broker, unless set explicitly."""
+        """Settings for the embedded Tansu broker: short group timings (unless set
+        explicitly), and no changelog consistency check (Tansu's log ends are a batch
+        early, see :attr:`kafka_recovery_consistency_check`)."""
         return self.replace(
             kafka_session_timeout_s=self.kafka_session_timeout_s or 10.0,
             kafka_rebalance_timeout_s=self.kafka_rebalance_timeout_s or 3.0,
+            kafka_recovery_consistency_check=False,
         )
 
     # ---- derived values ---------------------------------------------------

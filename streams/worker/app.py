@@ -71,6 +71,7 @@ def faust_app(settings: Settings) -> faust.App:
         web_host=settings.web_host, web_bind=settings.web_host, web_port=settings.web_port,
         web_in_thread=False, value_serializer="raw", key_serializer="raw",
         producer_linger=0.005, stream_buffer_maxsize=max(4 * settings.batch_size, 4096),
+        recovery_consistency_check=settings.kafka_recovery_consistency_check,
         **faust_broker_options(settings))
     # A batch routinely writes hundreds of profiles (one changelog record each): past the
     # default bound (100) the conductor stops feeding the stream and flushes them one at a

@@ -61,6 +61,15 @@ def test_a_transformer_worker_also_serves_and_follows_promotions(tmp_path: Path)
     w.scoring.close()
 
 
+def test_the_changelog_consistency_check_is_off_on_the_embedded_broker_only(
+        tmp_path: Path) -> None:
+    kafka = create_app(worker_settings(tmp_path / "a", scorer="baseline"))
+    tansu = create_app(worker_settings(tmp_path / "b", scorer="baseline")
+                       .with_embedded_group_timing())
+    assert kafka.app.conf.recovery_consistency_check is True
+    assert tansu.app.conf.recovery_consistency_check is False
+
+
 def test_the_worker_needs_both_endpoints(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="TAILSTREAM_KAFKA_BOOTSTRAP"):
         create_app(Settings().replace(data_dir=tmp_path))
