@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from tailstream.contract import CATALOGUE, EVENT_KINDS
-from tailstream.kafka_io import kafka_python_options
+from tailstream.kafka_io import kafka_python_options, max_message_bytes
 from tailstream.producers.records import ProducedRecord
 from tailstream.settings import Settings
 
@@ -55,6 +55,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
     """
     return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks=1,
                          batch_size=64 * 1024, client_id="tailstream-producer",
+                         max_request_size=max_message_bytes(settings),
                          **kafka_python_options(settings))
 
 

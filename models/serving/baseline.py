@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from tailstream.contract import Event
+from tailstream.contract import Event, display_text
 from tailstream.models.serving.popularity import PopularityTracker
 
 EVENT_WEIGHT: dict[str, float] = {"click": 1.0, "search": 1.0, "fav": 2.0, "cart": 3.0,
@@ -96,12 +96,12 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
         queries = ([event.query] + [q for q in queries if q != event.query])[:keep]
         for rank, cat in enumerate(query_categories):
             cats[cat] = cats.get(cat, 0.0) + weight / (rank + 1)
-            why[cat] = f"matches your search '{event.query[:40]}'"
+            why[cat] = f"matches your search '{display_text(event.query, 40)}'"
     elif event.item_id is not None:
         items = ([event.item_id] + [i for i in items if i != event.item_id])[:keep]
         if category is not None:
             cats[category] = cats.get(category, 0.0) + weight
-            why[category] = f"similar to item {event.item_id} you viewed"
+            why[category] = f"similar to item {display_text(event.item_id, 40)} you viewed"
     # Bound the profile: keep the strongest categories only.
     if len(cats) > keep:
         cats = dict(sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:keep])
@@ -144,7 +144,7 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
     top_aff = max(cats.values(), default=0.0)
     for cat, aff in sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:5]:
         rel = aff / top_aff if top_aff else 0.0
-        reason = why.get(cat, f"trending in {cat}")
+        reason = why.get(cat, f"trending in {display_text(cat, 40)}")
         items = [i for i in dict.fromkeys(pop.top_in(cat)[: 2 * k] + pop.tail_in(cat)[: 2 * k])
                  if i not in seen and i not in candidates]
         for item, r in zip(items, rel_of(items), strict=True):
@@ -155,7 +155,8 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
         for item, r in zip(items, rel_of(items), strict=True):
             item_cat = pop.category(item)
             candidates[item] = (0.1 * (0.5 + 0.5 * r),
-                                f"trending in {item_cat}" if item_cat else "trending", item_cat)
+                                f"trending in {display_text(item_cat, 40)}" if item_cat
+                                else "trending", item_cat)
     order = sorted(candidates, key=lambda i: (-candidates[i][0], i))
     quota = math.ceil(tail_share * k)
     tier = pop.tier

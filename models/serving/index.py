@@ -87,6 +87,30 @@ class ItemIndex:
         self._matrix[torch.tensor(rows, device=self.device, dtype=torch.long)] = vectors.to(
             self.device, self.dtype)
 
+    def remove(self, item_ids: Sequence[str]) -> int:
+        """Take items out of the index (a catalogue tombstone); returns how many were in it.
+        Each removed row is filled with the last one, so rows stay contiguous.
+
+        >>> idx = ItemIndex(dim=2)
+        >>> idx.upsert(["a", "b", "c"], torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]))
+        >>> idx.remove(["a", "zz"]), idx.ids, idx.search(torch.tensor([[1.0, 0.1]]), k=3)[1]
+        (1, ['c', 'b'], [['c', 'b']])
+        """
+        removed = 0
+        for item in item_ids:
+            row = self._row.pop(item, None)
+            if row is None:
+                continue
+            last = len(self._ids) - 1
+            if row != last:
+                moved = self._ids[last]
+                self._matrix[row] = self._matrix[last]
+                self._ids[row] = moved
+                self._row[moved] = row
+            self._ids.pop()
+            removed += 1
+        return removed
+
     def replace_all(self, item_ids: Sequence[str], vectors: torch.Tensor, version: str) -> None:
         """Swap in a fully recomputed matrix (after a promotion) in one assignment, so a
         concurrent reader sees the old index or the new one."""

@@ -66,6 +66,25 @@ class PopularityTracker:
         if category is not None:
             self._category[item_id] = category
 
+    def forget(self, item_id: str) -> None:
+        """A deleted item: out of the counts, the tiers and every ranking at once.
+
+        >>> p = PopularityTracker()
+        >>> p.observe("a", "shoes", 1.0, ts=0.0); p.observe("b", "shoes", 1.0, ts=0.0)
+        >>> p.refresh(now=0.0); p.forget("a")
+        >>> p.global_top, p.top_in("shoes") + p.tail_in("shoes"), p.known_items
+        (['b'], ['b'], 1)
+        """
+        self._total_boosted -= self._boosted.pop(item_id, 0.0)
+        self._category.pop(item_id, None)
+        self._tier.pop(item_id, None)
+        for lists in (self._top, self._tail):
+            for cat, items in lists.items():
+                if item_id in items:
+                    lists[cat] = [i for i in items if i != item_id]
+        self._global_top = [i for i in self._global_top if i != item_id]
+        self._global_tail = [i for i in self._global_tail if i != item_id]
+
     def _rebase(self, ts: float) -> None:
         assert self._t0 is not None
         factor = math.pow(2.0, -(ts - self._t0) / self.half_life_s)

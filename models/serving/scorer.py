@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from tailstream.configs import RankingConfig
+from tailstream.contract import display_text
 from tailstream.models.serving.index import ItemIndex
 from tailstream.models.towers.context import UserRequest
 from tailstream.models.towers.loading import ServedModel
@@ -113,6 +114,11 @@ class Scorer:
         vecs = self.texts.vectors(texts)
         self.item_texts.upsert(item_ids, vecs)
         self.index.upsert(item_ids, self.served.model.item_vectors(vecs))
+
+    def remove_items(self, item_ids: Sequence[str]) -> int:
+        """Take deleted catalogue items out of retrieval (and their text vectors with them)."""
+        self.item_texts.remove(item_ids)
+        return self.index.remove(item_ids)
 
     def needs_reencode(self, served: ServedModel) -> bool:
         """Whether ``served`` changed the encoder (text vectors must be recomputed)."""
@@ -249,10 +255,12 @@ class Scorer:
     def _reason(self, req: UserRequest, similarity: float, entry: int,
                 category: str | None) -> str:
         if similarity < self.ranking.reason_min_similarity or entry >= len(req.context):
-            return f"trending in {category}" if category else "popular right now"
+            return (f"trending in {display_text(category, 40)}" if category
+                    else "popular right now")
         e = req.context[entry]
-        return (f"matches your search '{e.label[:40]}'" if e.kind == "q"
-                else f"similar to '{e.label[:40]}' you viewed")
+        label = display_text(e.label, 40)  # titles and queries come from outside
+        return (f"matches your search '{label}'" if e.kind == "q"
+                else f"similar to '{label}' you viewed")
 
 
 def select(ranked: Sequence[Ranked], k: int, tail_share: float, tail_margin: float,

@@ -212,16 +212,31 @@ class ModelStore:
             raise ValueError(f"unknown status {status!r}")
         self.update_manifest(version, status=status, reason=reason)
 
-    def rollback(self, reason: str = "manual rollback") -> dict[str, Any]:
-        """Serve the version that was current before the current one."""
-        history = self.history()
-        current = self.current()
+    def lineage(self) -> list[str]:
+        """The promotions still in force, oldest first (``base`` first): what a rollback
+        walks back through, and what a worker falls back on when the current version
+        cannot be loaded."""
         stack = [BASE_VERSION]
-        for entry in history:
+        for entry in self.history():
             if entry["action"] == "promote" and entry["version"] != stack[-1]:
                 stack.append(entry["version"])
             elif entry["action"] == "rollback" and len(stack) > 1:
                 stack.pop()
+        return stack
+
+    def fallbacks(self) -> list[str]:
+        """Versions to serve, best first: the current one, then the earlier promotions
+        still in force, newest first, then ``base``."""
+        out = [self.current()]
+        for version in reversed(self.lineage()):
+            if version not in out:
+                out.append(version)
+        return out if BASE_VERSION in out else [*out, BASE_VERSION]
+
+    def rollback(self, reason: str = "manual rollback") -> dict[str, Any]:
+        """Serve the version that was current before the current one."""
+        current = self.current()
+        stack = self.lineage()
         if len(stack) < 2 or stack[-1] != current:
             raise StoreError(f"nothing to roll back to from {current}")
         target = stack[-2]

@@ -448,11 +448,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "set_log_level", None) or Settings.from_env().log_level
     _logging(level)
+    from tailstream.stack.state import StackRunning
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except StackRunning as exc:  # a second stack in the same data folder
+        print(f"tailstream: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -134,6 +135,8 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
     [{'a': 1}]
     >>> decode_payload(b'not json', Limits()).reason
     'not_json'
+    >>> decode_payload(b'{"user_id": "a", "user_id": "b"}', Limits()).detail
+    "duplicate key 'user_id'"
     """
     if not raw:
         return Rejection("empty", "message has no value")
@@ -145,7 +148,7 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
         # "surrogatepass", so invalid UTF-8 (encoded lone surrogates) got through. The
         # contract is UTF-8 only; a leading BOM is still ignored, as before.
         text = raw.decode("utf-8-sig")
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         return Rejection("not_json", str(exc)[:200])
     if isinstance(value, list):
@@ -173,6 +176,18 @@ def size_limit(raw: bytes, limits: Limits) -> int:
     if len(raw) > limits.max_event_bytes and raw.lstrip()[:1] == b"[":
         return max(limits.max_event_bytes, limits.max_envelope_bytes)
     return limits.max_event_bytes
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key given twice is ambiguous: parsers disagree on which value wins (Python keeps the
+    # last, others the first), so a validator and a downstream reader could see different
+    # events. Refused as not JSON this contract accepts.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {twice[:40]!r}")
+    return out
 
 
 def _reject_constant(name: str) -> Any:
@@ -317,6 +332,24 @@ def _opt_number(value: dict[str, Any], name: str) -> float | None:
     if not math.isfinite(out):
         raise InvalidEvent("bad_value", f"{name} is not finite")
     return out
+
+
+_INVISIBLE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"        # ANSI CSI sequences (colours, cursor moves)
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # ANSI OSC sequences (titles, hyperlinks)
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # C0 and C1 controls (tab and newline handled below)
+    r"|[\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")  # zero-width, bidi controls
+
+
+def display_text(text: str, limit: int = 80) -> str:
+    r"""``text`` safe to show a user: no control characters, ANSI escapes, bidi overrides or
+    zero-width characters (an item title can carry any of them), whitespace collapsed, at
+    most ``limit`` characters.
+
+    >>> display_text("Red \x1b[31mmug\x1b[0m\u202e evil\nline")
+    'Red mug evil line'
+    """
+    return " ".join(_INVISIBLE.sub("", text).split())[:limit]
 
 
 # ---------------------------------------------------------------------------

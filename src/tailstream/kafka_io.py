@@ -32,6 +32,19 @@ from tailstream.settings import Settings
 log = logging.getLogger(__name__)
 
 COMPACTED = {"cleanup.policy": "compact"}
+RECORD_OVERHEAD = 64 * 1024
+"""Room for a record batch's headers beside the largest value the contract accepts."""
+
+
+def max_message_bytes(settings: Settings) -> int:
+    """The largest request a tailstream producer sends and the largest record its topics
+    accept: the envelope limit plus the record overhead, so the contract, the producers
+    and the topics agree (a 1 MiB envelope does not fit Kafka's default 1,048,588 bytes).
+
+    >>> max_message_bytes(Settings())
+    1114112
+    """
+    return max(settings.max_envelope_bytes, settings.max_event_bytes) + RECORD_OVERHEAD
 
 
 # --------------------------------------------------------------------------- security
@@ -106,9 +119,12 @@ def admin(settings: Settings) -> KafkaAdminClient:
 
 
 def create_topics(settings: Settings, replication: int = 1, timeout: float = 30.0) -> None:
-    """Create tailstream's topics if missing (idempotent). ``items`` is compacted."""
+    """Create tailstream's topics if missing (idempotent). ``items`` is compacted; the input
+    topics take records as large as the contract's envelopes (``max.message.bytes``)."""
     wanted = {t: settings.partitions for t in settings.all_topics}
     items = settings.topic_for("item")
+    inputs = set(settings.consumed_topics)
+    sized = {"max.message.bytes": str(max_message_bytes(settings))}
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -117,7 +133,8 @@ def create_topics(settings: Settings, replication: int = 1, timeout: float = 30.
                 existing = set(client.list_topics())
                 new = [
                     NewTopic(name, n, replication,
-                             topic_configs=COMPACTED if name == items else {})
+                             topic_configs={**(COMPACTED if name == items else {}),
+                                            **(sized if name in inputs else {})})
                     for name, n in wanted.items() if name not in existing
                 ]
                 if new:

@@ -60,6 +60,17 @@ class Metrics:
         self.items_in = Counter(
             "tailstream_catalogue_updates_total",
             "Catalogue records applied from the items topic.", registry=r)
+        self.items_deleted = Counter(
+            "tailstream_catalogue_deletions_total",
+            "Catalogue tombstones (null values on the items topic) applied: the item left "
+            "the catalogue, the index and future lists.", registry=r)
+        self.dlq_failures = Counter(
+            "tailstream_dlq_failures_total",
+            "Refused messages whose dead-letter record could not be written even bare "
+            "(the broker refused it): logged with their source offset.", registry=r)
+        self.audit_failures = Counter(
+            "tailstream_audit_failures_total",
+            "Audit records (processed event ids) that could not be published.", registry=r)
         self.catalogue_size = Gauge(
             "tailstream_catalogue_items",
             "Items known to this worker (catalogue records plus items seen in events).",
@@ -326,3 +337,20 @@ class TrainerMetrics:
             "tailstream_last_promotion_timestamp_seconds",
             "Unix time of the last promotion (0: none since the trainer started).", registry=r)
         self.rss = process_rss_gauge(r)
+
+
+class StackMetrics:
+    """``tailstream up``'s own metrics: how its children fare (its /metrics port is
+    ``TAILSTREAM_STACK_PORT``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.restarts = Counter(
+            "tailstream_stack_restarts_total",
+            "Children that died and were restarted by tailstream up, by process.",
+            ["process"], registry=r)
+        self.up = Gauge(
+            "tailstream_stack_child_up",
+            "1 while a child of tailstream up runs, 0 while it waits for its restart.",
+            ["process"], registry=r)

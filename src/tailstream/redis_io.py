@@ -2,11 +2,14 @@
 the start-up check, the errors that mean "fix the configuration", and the name of every
 key tailstream writes.
 
-Key layout (``{p}`` = ``TAILSTREAM_REDIS_PREFIX``), built only by :class:`Keys`:
+Key layout (``{p}`` = ``TAILSTREAM_REDIS_PREFIX``), built only by :class:`Keys`. Every key
+is ``{p}:{type}:{one name}``: the type comes before the only part a user controls, and no
+type is another's prefix, so no id — whatever it contains, ``:`` included — can make the key
+of another user, another type or another id.
 
 =================================  ====================================================
 ``{p}:recs:{user}``                sorted set item → score: the user's current list
-``{p}:recs:{user}:meta``           hash: model_version, generated_at, trigger, event_id,
+``{p}:recs-meta:{user}``           hash: model_version, generated_at, trigger, event_id,
                                    items (JSON)
 ``{p}:seen:{event_id}``            the message that first carried an event (de-dup)
 ``{p}:buffer:minority:{class}``    list of samples (JSON), newest last
@@ -52,7 +55,9 @@ class Keys:
 
     >>> k = Keys("ts")
     >>> k.recs("u1"), k.meta("u1"), k.seen("e9"), k.minority("cart"), k.weights
-    ('ts:recs:u1', 'ts:recs:u1:meta', 'ts:seen:e9', 'ts:buffer:minority:cart', 'ts:weights')
+    ('ts:recs:u1', 'ts:recs-meta:u1', 'ts:seen:e9', 'ts:buffer:minority:cart', 'ts:weights')
+    >>> k.meta("victim") != k.recs("victim:meta") != k.meta("victim:meta")
+    True
     """
 
     prefix: str
@@ -61,12 +66,12 @@ class Keys:
         return f"{self.prefix}:recs:{user_id}"
 
     def meta(self, user_id: str) -> str:
-        return f"{self.prefix}:recs:{user_id}:meta"
+        return f"{self.prefix}:recs-meta:{user_id}"
 
     @property
     def meta_pattern(self) -> str:
         """A SCAN pattern matching every user's list metadata."""
-        return f"{self.prefix}:recs:*:meta"
+        return f"{self.prefix}:recs-meta:*"
 
     def seen(self, event_id: str) -> str:
         return f"{self.prefix}:seen:{event_id}"

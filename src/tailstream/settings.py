@@ -247,6 +247,14 @@ class Settings:
     trainer_nice: int = 10
     """CPU niceness of the trainer process, so fine-tuning never starves the stream."""
 
+    # --- Supervision (tailstream up) ------------------------------------
+    stack_port: int = 6068
+    """``tailstream up``'s own /metrics (restarts of its children); taken: a free port."""
+    supervise_max_restarts: int = 5
+    supervise_window_s: float = 300.0
+    """``up`` restarts a crashed child with backoff; past this many restarts within the
+    window it stops the stack and says why."""
+
     # --- Input hygiene ---------------------------------------------------
     max_event_bytes: int = 16_384
     """Messages larger than this go to the DLQ unparsed."""
@@ -255,6 +263,9 @@ class Settings:
     max_envelope_events: int = 1000
     """Events per batched envelope at most."""
     max_string_chars: int = 512
+    dlq_max_value_bytes: int = 65_536
+    """A dead-letter record carries at most this much of the refused value (the rest is
+    described by its size and sha256), so a record always fits the producer's limit."""
     pseudonymize_key: Secret = Secret("")
     """Key of the HMAC that replaces user ids before anything is stored or published
     (empty: ids kept as sent). See :mod:`tailstream.privacy`."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import start_http_server
+from redis.exceptions import RedisError
 
 from tailstream.kafka_io import reader
 from tailstream.metrics import TrainerMetrics
@@ -61,7 +62,8 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
     trainer = Trainer(settings, store, metrics, data, publish, shared_vectors=shared)
     topic = settings.topic(settings.topic_training_requests)
     consumer = reader(settings, [topic], from_beginning=True)
-    _resume(consumer, data, topic)
+    position = Position(consumer, data, topic)
+    position.resume(stop)
     log.info("trainer ready on %s (device %s, serving %s); metrics on :%d", topic,
              trainer.device, store.current(), settings.trainer_port)
     try:
@@ -72,8 +74,7 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
                 continue
             metrics.requests.inc(len(requests))
             trainer.handle(coalesce(requests))
-            data.redis.hset(data.keys.trainer_offsets, mapping={
-                str(tp.partition): consumer.position(tp) for tp in consumer.assignment()})
+            position.save()
     finally:
         consumer.close()
         producer.close()
@@ -82,7 +83,45 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
         thread.join(5)
 
 
-def _resume(consumer: KafkaConsumer, data: TrainingData, topic: str) -> None:
-    """Seek to where this trainer last was (requests already answered stay answered)."""
-    for part, off in data.redis.hgetall(data.keys.trainer_offsets).items():
-        consumer.seek(TopicPartition(topic, int(part)), int(off))
+class Position:
+    """The trainer's position in training-requests, kept in Redis so a restart resumes
+    there. Redis being away never stops the trainer: the start waits for it (one log line),
+    a failed save is retried after the next run (at worst a request is answered twice)."""
+
+    def __init__(self, consumer: KafkaConsumer, data: TrainingData, topic: str) -> None:
+        self.consumer = consumer
+        self.data = data
+        self.topic = topic
+        self._saving_failed = False
+
+    def resume(self, stop: threading.Event, retry_s: float = 2.0) -> None:
+        """Seek to where this trainer last was (requests already answered stay answered)."""
+        warned = False
+        while not stop.is_set():
+            try:
+                stored = self.data.redis.hgetall(self.data.keys.trainer_offsets)
+            except RedisError as exc:
+                if not warned:
+                    log.warning("redis unavailable (%s): waiting for it to read the trainer's "
+                                "position; retrying every %.0fs", type(exc).__name__, retry_s)
+                    warned = True
+                stop.wait(retry_s)
+                continue
+            for part, off in stored.items():
+                self.consumer.seek(TopicPartition(self.topic, int(part)), int(off))
+            if warned:
+                log.info("redis is back: the trainer resumes from its stored position")
+            return
+
+    def save(self) -> None:
+        try:
+            self.data.redis.hset(self.data.keys.trainer_offsets, mapping={
+                str(tp.partition): self.consumer.position(tp)
+                for tp in self.consumer.assignment()})
+        except RedisError as exc:
+            if not self._saving_failed:
+                log.warning("could not save the trainer's position to redis (%s); retrying "
+                            "after the next run", type(exc).__name__)
+            self._saving_failed = True
+            return
+        self._saving_failed = False

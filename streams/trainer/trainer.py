@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from redis.exceptions import RedisError
 
 from tailstream import configs
 from tailstream.configs import BASE_VERSION, Policy, version_number
@@ -108,6 +109,9 @@ class Trainer:
             report = self._failed("cuda_oom", str(exc)[:300], request)
         except CorruptCheckpoint as exc:
             report = self._failed("corrupt_checkpoint", str(exc), request)
+        except RedisError as exc:  # the buffer or the weights could not be read: next time
+            report = self._failed("redis_unavailable", f"{type(exc).__name__}: {exc}"[:300],
+                                  request)
         except Exception as exc:  # a run must never take the trainer down
             log.exception("fine-tune failed")
             report = self._failed("error", repr(exc)[:300], request)
@@ -161,10 +165,13 @@ class Trainer:
                                    {"candidate": cand.metrics, "current": cand.current})
         self.metrics.version.set(version_number(version))
         self.metrics.last_promotion.set(time.time())
-        self.data.remember(cand.run.trained_on, self.rng)
         self.publish_update({"version": version, "parent": parent, "action": "promote",
                              "reason": decision.reason, "promoted_at": entry["at"],
                              "encoder_changed": included})
+        try:  # after the announcement: a replay memory that cannot be written loses little
+            self.data.remember(cand.run.trained_on, self.rng)
+        except RedisError as exc:
+            log.warning("could not keep the promoted run's samples for replay (%s)", exc)
         return report
 
     def _workers_policy(self, published: Policy) -> Policy:

@@ -31,9 +31,10 @@ from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import RedisBufferStore
 from tailstream.streams.stores.deduper import Deduper
 from tailstream.streams.stores.publisher import Publisher
+from tailstream.streams.worker.dead_letters import DeadLetter
 from tailstream.streams.worker.model_updates import add_model_tasks
 from tailstream.streams.worker.pages import add_pages
-from tailstream.streams.worker.pipeline import Pipeline, RawMessage, dlq_headers
+from tailstream.streams.worker.pipeline import Pipeline, RawMessage
 from tailstream.streams.worker.recovery import Recovery
 from tailstream.streams.worker.scoring import ScoringService
 from tailstream.streams.worker.tables import (
@@ -117,9 +118,8 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
                    scoring: ScoringService | None) -> Pipeline:
     """The pipeline over the worker's topics, tables and Redis-backed stores."""
 
-    async def send_to_dlq(msg: RawMessage, why: Rejection) -> None:
-        await topics.dlq.send(key=msg.key, value=msg.value if msg.value is not None else b"",
-                              headers=dlq_headers(msg, why))
+    async def send_to_dlq(letter: DeadLetter) -> None:
+        await topics.dlq.send(key=letter.key, value=letter.value, headers=letter.headers)
 
     async def send_audit(applied: list[str], replayed: list[str]) -> None:
         await topics.audit.send(key=settings.app_id.encode(), value=json.dumps(

@@ -39,6 +39,7 @@ from tailstream.models.serving.popularity import PopularityTracker
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
+from tailstream.streams.worker.dead_letters import DeadLetter, bare, dead_letter
 from tailstream.streams.worker.imbalance import ImbalanceLoop
 from tailstream.streams.worker.refresh import ListSink, Refresher
 from tailstream.streams.worker.state import StreamState
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 2000
 """Events applied between two yields to the event loop."""
+AUDIT_CHUNK = 5000
+"""Event ids per audit record (about 200 KB: far under any producer's request limit)."""
 
 
 @dataclass(slots=True)
@@ -67,7 +70,7 @@ class RawMessage:
 T = TypeVar("T")
 
 
-SendToDlq = Callable[[RawMessage, Rejection], Awaitable[None]]
+SendToDlq = Callable[[DeadLetter], Awaitable[None]]
 SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
 SaveCounts = Callable[[dict[int, dict[str, Any]]], None]
 SendAudit = Callable[[list[str], list[str]], Awaitable[None]]
@@ -128,9 +131,10 @@ class Pipeline:
         # Profiles are written back once per user per batch: a table write is a changelog
         # message, and a user often has several events in one batch.
         self.profiles = WriteBehind(profiles)
-        self.state = StreamState(settings, self.profiles, popularity=popularity,
-                                 imbalance=imbalance,
-                                 on_new_item=scoring.queue_item if scoring is not None else None)
+        self.state = StreamState(
+            settings, self.profiles, popularity=popularity, imbalance=imbalance,
+            on_new_item=scoring.queue_item if scoring is not None else None,
+            on_removed_item=scoring.remove_item if scoring is not None else None)
         self.deduper = deduper
         self.publisher = publisher
         self.send_to_dlq = send_to_dlq
@@ -162,56 +166,13 @@ class Pipeline:
 
         Effectively-once counts under at-least-once delivery: a message at or below its
         partition's offset watermark is a replay whose effects the recovered state holds
-        already; an event_id seen before from *another* message is a duplicate.
+        already; an event_id seen before from *another* message is a duplicate. One
+        message's failure never touches its neighbours: it is dead-lettered on its own.
         """
         started = time.perf_counter()
         self.metrics.batch_size.observe(len(batch))
-        events: list[tuple[Event, RawMessage]] = []
-        replayed: list[str] = []
-        counted = self.imbalance.counted
-        validate = functools.partial(validate_event, limits=self.limits)
-        if self._pseudonym_key:
-            validate = functools.partial(_pseudonymized, validate, self._pseudonym_key)
-        for msg in batch:
-            if msg.topic == self.items_topic:
-                await self._apply_item(msg)
-                continue
-            if counted(msg.partition, msg.topic, msg.offset):
-                self.metrics.replays_skipped.inc()
-                if self.send_audit is not None:
-                    replayed.extend(_event_ids(msg.value, self.limits))
-                continue
-            kind = self.kind_of_topic.get(msg.topic, "unknown")
-            self._messages_in[kind].inc()
-            events.extend((event, msg) for event in await self._valid(
-                msg, functools.partial(validate, kind), counted=self._events_in[kind]))
-        applied: list[str] = []
-        if events:
-            fresh = await self.deduper.first_seen(
-                [e.event_id for e, _ in events],
-                [f"{m.topic}/{m.partition}/{m.offset}" for _, m in events])
-            acted: dict[str, tuple[str, float | None]] = {}
-            for n, ((event, msg), is_new) in enumerate(zip(events, fresh, strict=True)):
-                if n % YIELD_EVERY == YIELD_EVERY - 1:
-                    # A batch of envelopes can hold tens of thousands of events: let the
-                    # web server and timers run now and then.
-                    await asyncio.sleep(0)
-                if not is_new:
-                    self.metrics.duplicates.inc()
-                    continue
-                try:
-                    self.state.apply_event(event, msg.partition)
-                except Exception as exc:  # never let one bad event take the stream down
-                    log.exception("processing event %s failed", event.event_id)
-                    await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
-                    continue
-                self._processed[event.kind].inc()
-                applied.append(event.event_id)
-                acted[event.user_id] = (event.event_id, msg.timestamp)
-                self.refresh.mark_active(event.user_id)
-            self._maybe_refresh()
-            await self.refresh.enqueue(acted)
-            self.profiles.flush()
+        events, replayed = await self._ingest(batch)
+        applied = await self._apply(events) if events else []
         for msg in batch:
             if msg.topic != self.items_topic:
                 self.imbalance.mark_counted(msg.partition, msg.topic, msg.offset)
@@ -220,8 +181,89 @@ class Pipeline:
         elif self.publisher.pending:
             await self.publisher.publish([])
         if self.send_audit is not None and (applied or replayed):
-            await self.send_audit(applied, replayed)
+            await self._audit(applied, replayed)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _ingest(self, batch: list[RawMessage]
+                      ) -> tuple[list[tuple[Event, RawMessage]], list[str]]:
+        """Decode and validate each message (catalogue records are applied here); returns
+        the valid events and the event_ids of replays the state already holds."""
+        events: list[tuple[Event, RawMessage]] = []
+        replayed: list[str] = []
+        counted = self.imbalance.counted
+        validate = functools.partial(validate_event, limits=self.limits)
+        if self._pseudonym_key:
+            validate = functools.partial(_pseudonymized, validate, self._pseudonym_key)
+        for msg in batch:
+            try:
+                if msg.topic == self.items_topic:
+                    await self._apply_item(msg)
+                    continue
+                if counted(msg.partition, msg.topic, msg.offset):
+                    self.metrics.replays_skipped.inc()
+                    if self.send_audit is not None:
+                        replayed.extend(_event_ids(msg.value, self.limits))
+                    continue
+                kind = self.kind_of_topic.get(msg.topic, "unknown")
+                self._messages_in[kind].inc()
+                events.extend((event, msg) for event in await self._valid(
+                    msg, functools.partial(validate, kind), counted=self._events_in[kind]))
+            except Exception as exc:  # a bug on one message: that message alone is refused
+                log.exception("reading %s/%d/%d failed", msg.topic, msg.partition, msg.offset)
+                await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
+        return events, replayed
+
+    async def _apply(self, events: list[tuple[Event, RawMessage]]) -> list[str]:
+        """De-duplicate, apply to the state, queue the users who acted; returns the
+        event_ids applied."""
+        applied: list[str] = []
+        fresh = await self.deduper.first_seen(
+            [e.event_id for e, _ in events],
+            [f"{m.topic}/{m.partition}/{m.offset}" for _, m in events])
+        acted: dict[str, tuple[str, float | None]] = {}
+        for n, ((event, msg), is_new) in enumerate(zip(events, fresh, strict=True)):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                # A batch of envelopes can hold tens of thousands of events: let the web
+                # server and timers run now and then.
+                await asyncio.sleep(0)
+            if not is_new:
+                self.metrics.duplicates.inc()
+                continue
+            try:
+                self.state.apply_event(event, msg.partition)
+            except Exception as exc:  # never let one bad event take the stream down
+                log.exception("processing event %s failed", event.event_id)
+                await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
+                continue
+            self._processed[event.kind].inc()
+            applied.append(event.event_id)
+            acted[event.user_id] = (event.event_id, msg.timestamp)
+            self.refresh.mark_active(event.user_id)
+        self._maybe_refresh()
+        await self.refresh.enqueue(acted)
+        self.profiles.flush()
+        return applied
+
+    async def _audit(self, applied: list[str], replayed: list[str],
+                     attempts: int = 3) -> None:
+        """Report the batch's event_ids in records of at most :data:`AUDIT_CHUNK` ids each (a
+        batch of envelopes holds up to hundreds of thousands); a record that cannot be sent
+        is retried, then logged and counted — never raised into the batch, whose effects
+        are applied already."""
+        for start in range(0, max(len(applied), len(replayed)), AUDIT_CHUNK):
+            part = (applied[start:start + AUDIT_CHUNK], replayed[start:start + AUDIT_CHUNK])
+            for attempt in range(attempts):
+                try:
+                    assert self.send_audit is not None
+                    await self.send_audit(*part)
+                    break
+                except Exception as exc:
+                    if attempt == attempts - 1:
+                        self.metrics.audit_failures.inc()
+                        log.error("could not publish %d audit ids: %r", sum(map(len, part)),
+                                  exc)
+                    else:
+                        await asyncio.sleep(0.1 * (attempt + 1))
 
     async def _close_imbalance_batch(self) -> None:
         """Weights, triggers, persistence and metrics of the imbalance loop, once per batch."""
@@ -243,7 +285,10 @@ class Pipeline:
         if request is not None:
             self.metrics.triggers.labels(request["reason"]).inc()
             if self.send_training_request is not None:
-                await self.send_training_request(request)
+                try:
+                    await self.send_training_request(request)
+                except Exception:  # the trigger fires again; the batch's effects stand
+                    log.exception("publishing a training request failed")
         self.metrics.observe_imbalance(loop)
 
     async def publish_weights(self) -> None:
@@ -273,15 +318,26 @@ class Pipeline:
         if isinstance(decoded, Rejection):
             await self.dead_letter(msg, decoded)
             return []
+        envelope = len(decoded) > 1 or (msg.value or b"").lstrip()[:1] == b"["
         out: list[T] = []
-        for value in decoded:
+        for index, value in enumerate(decoded):
             try:
                 out.append(validate(value))
             except InvalidEvent as exc:
-                await self.dead_letter(msg, Rejection(exc.reason, exc.detail))
+                why = Rejection(exc.reason, exc.detail)
+                if envelope:  # the element alone: its neighbours are applied
+                    await self.dead_letter(msg, why, element=value, index=index,
+                                           events=len(decoded))
+                else:
+                    await self.dead_letter(msg, why)
         return out
 
     async def _apply_item(self, msg: RawMessage) -> None:
+        if msg.value is None and msg.key:  # a tombstone on the compacted items topic
+            item_id = msg.key.decode("utf-8", "replace")
+            self.state.remove_item(item_id)
+            self.metrics.items_deleted.inc()
+            return
         for item in await self._valid(msg, lambda v: validate_item(v, self.limits)):
             self.state.apply_item(item)
             self.metrics.items_in.inc()
@@ -293,10 +349,24 @@ class Pipeline:
             self._last_refresh = now
             self.metrics.catalogue_size.set(self.popularity.known_items)
 
-    async def dead_letter(self, msg: RawMessage, why: Rejection) -> None:
-        """Send ``msg`` to the dead-letter topic with ``why`` (and count it)."""
+    async def dead_letter(self, msg: RawMessage, why: Rejection, *, element: Any = None,
+                          index: int | None = None, events: int | None = None) -> None:
+        """Send ``msg`` (or element ``index`` of its envelope) to the dead-letter topic with
+        ``why``, and count it. Never raises: a record that cannot be written is written
+        bare (headers, the value's size and sha256), and if even that fails the loss is
+        logged and counted (``tailstream_dlq_failures_total``)."""
         self.metrics.dlq.labels(why.reason).inc()
-        await self.send_to_dlq(msg, why)
+        letter = dead_letter(msg, why, max_value_bytes=self.settings.dlq_max_value_bytes,
+                             element=element, index=index, events=events)
+        for attempt in (letter, bare(letter)):
+            try:
+                await self.send_to_dlq(attempt)
+                return
+            except Exception as exc:  # the record's bytes, or the broker: try the bare one
+                error = exc
+        self.metrics.dlq_failures.inc()
+        log.error("could not dead-letter %s/%d/%d (%s): %r", msg.topic, msg.partition,
+                  msg.offset, why.reason, error)
 
 
 class WriteBehind(MutableMapping[str, Any]):
@@ -343,17 +413,3 @@ class WriteBehind(MutableMapping[str, Any]):
         for key, value in self.dirty.items():
             self.backing[key] = value
         self.dirty.clear()
-
-
-def dlq_headers(msg: RawMessage, why: Rejection) -> list[tuple[str, bytes]]:
-    """Headers carried by a dead-lettered message (the value is the original bytes)."""
-    return [
-        ("tailstream-reason", why.reason.encode()),
-        # Cut at 500 bytes on a character boundary, so the header stays valid UTF-8.
-        ("tailstream-detail", why.detail.encode("utf-8", "replace")[:500]
-         .decode("utf-8", "ignore").encode()),
-        ("tailstream-source-topic", msg.topic.encode()),
-        ("tailstream-source-partition", str(msg.partition).encode()),
-        ("tailstream-source-offset", str(msg.offset).encode()),
-    ]
-

@@ -55,6 +55,7 @@ class ScoringService:
         self.scorer: Scorer | None = None
         self.failed: str | None = None
         self._pending: dict[str, str] = {}  # item_id → text, waiting to be embedded
+        self._removed: set[str] = set()  # deleted items still to take out of the index
         self.shared = shared_vectors(settings)
         self._lock = asyncio.Lock()
 
@@ -63,23 +64,30 @@ class ScoringService:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Load the store's current version (the base model before any promotion)."""
+        """Load the store's current version (the base model before any promotion); one that
+        cannot be loaded (a corrupt checkpoint) gives way to the last good promotion before
+        it, then to the base model — never straight to the baseline lists."""
         threads = self.settings.torch_threads
 
-        def load() -> Scorer:
+        def load(version: str) -> Scorer:
             if threads > 0:
                 torch.set_num_threads(threads)
-            served = self._load(self.store.current())
+            served = self._load(version)
             return Scorer(served, device=self.device, max_len=self.settings.text_max_len,
                           cache_size=self.settings.text_cache_size,
                           ranking=ranking_config(self.settings), shared=self.shared)
 
-        try:
-            self.scorer = await self._run(load)
-        except Exception as exc:  # no model: the worker keeps serving baseline lists
-            self.failed = repr(exc)
-            self.metrics.model_loads.labels("failed").inc()
-            log.exception("could not load the recommender; serving baseline lists")
+        for version in self.store.fallbacks():
+            try:
+                self.scorer = await self._run(load, version)
+                break
+            except Exception as exc:
+                self.failed = repr(exc)
+                self.metrics.model_loads.labels("failed").inc()
+                log.error("could not load model %s (%s); trying the version before it",
+                          version, exc)
+        if self.scorer is None:  # not even the base: the worker keeps serving baseline lists
+            log.error("no model could be loaded; serving baseline lists")
             return
         self.metrics.model_loads.labels("loaded").inc()
         self.metrics.serving_version.set(version_number(self.scorer.version))
@@ -103,7 +111,20 @@ class ScoringService:
     # ------------------------------------------------------------------ catalogue
     def queue_item(self, item_id: str, text: str) -> None:
         """Remember an item to embed (a newer text for the same item replaces the older)."""
+        self._removed.discard(item_id)  # announced again after a deletion: it is back
         self._pending[item_id] = text
+
+    def remove_item(self, item_id: str) -> None:
+        """A catalogue tombstone: the item leaves the index before the next list is made."""
+        self._pending.pop(item_id, None)
+        self._removed.add(item_id)
+
+    async def _sync_removals(self, scorer: Scorer) -> None:
+        """Under the lock: apply the deletions seen so far (taken on the event loop, where
+        :meth:`remove_item` adds them; removed on the torch thread)."""
+        if self._removed:
+            removed, self._removed = sorted(self._removed), set()
+            await self._run(scorer.remove_items, removed)
 
     @property
     def pending_items(self) -> int:
@@ -119,6 +140,8 @@ class ScoringService:
         async with self._lock:
             before = scorer.texts.encoded
             await self._run(scorer.add_items, ids, texts)
+            # A tombstone that came while these waited wins over their embedding.
+            await self._sync_removals(scorer)
         self.metrics.texts_encoded.labels("item").inc(scorer.texts.encoded - before)
         self.metrics.index_items.set(len(scorer.index))
         self.metrics.index_bytes.set(scorer.index.memory_bytes + scorer.item_texts.memory_bytes)
@@ -131,6 +154,7 @@ class ScoringService:
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
+            await self._sync_removals(scorer)
             before = scorer.texts.encoded
             lists = await self._run(scorer.recommend, requests, item_info)
         self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)

@@ -22,13 +22,15 @@ from tailstream.settings import Settings
 from tailstream.streams.worker.imbalance import ImbalanceLoop
 
 NewItem = Callable[[str, str], None]
+RemovedItem = Callable[[str], None]
 
 
 class StreamState:
     def __init__(self, settings: Settings, profiles: MutableMapping[str, Any], *,
                  popularity: PopularityTracker | None = None,
                  imbalance: ImbalanceLoop | None = None,
-                 on_new_item: NewItem | None = None) -> None:
+                 on_new_item: NewItem | None = None,
+                 on_removed_item: RemovedItem | None = None) -> None:
         self.settings = settings
         self.profiles = profiles
         self.popularity = popularity or PopularityTracker()
@@ -36,9 +38,14 @@ class StreamState:
         self.query_index = QueryIndex()
         self.item_text: dict[str, str] = {}
         self.on_new_item = on_new_item
+        self.on_removed_item = on_removed_item
+        # Deleted items (catalogue tombstones) stay out of lists even if stale clients still
+        # send events for them; a new catalogue record brings one back.
+        self.deleted: set[str] = set()
 
     def apply_item(self, item: Item) -> str:
         """A catalogue record; returns the item's text (what the item tower reads)."""
+        self.deleted.discard(item.item_id)
         self.popularity.set_category(item.item_id, item.category)
         self.query_index.add(item.title, item.category)
         text = item_text(item)
@@ -47,12 +54,24 @@ class StreamState:
             self.on_new_item(item.item_id, text)
         return text
 
+    def remove_item(self, item_id: str) -> bool:
+        """A catalogue tombstone: the item leaves the catalogue, the popularity rankings
+        and (through ``on_removed_item``) the index; True if it was known."""
+        known = self.item_text.pop(item_id, None) is not None
+        self.popularity.forget(item_id)
+        self.deleted.add(item_id)
+        if self.on_removed_item is not None:
+            self.on_removed_item(item_id)
+        return known
+
     def apply_event(self, event: Event, partition: int = 0) -> Sample | None:
         """A valid, de-duplicated event; returns its training sample (None for searches)."""
         category = event.category
+        deleted = event.item_id in self.deleted
         if event.item_id is not None:
             category = category or self.popularity.category(event.item_id)
-            self.popularity.observe(event.item_id, category, 1.0, event.ts)
+            if not deleted:  # a deleted item's events count, but never make it popular
+                self.popularity.observe(event.item_id, category, 1.0, event.ts)
         query_cats: list[str] = []
         if event.kind == "search" and event.query:
             query_cats = self.query_index.categories(event.query)
@@ -65,11 +84,13 @@ class StreamState:
         if event.item_id is not None:
             text = self.item_text.get(event.item_id)
             if text is None:
+                text = fallback_text(event, category)
                 # An item seen in events before (or without) a catalogue record: index it
-                # under a stable textual form so it can be recommended too.
-                text = self.item_text[event.item_id] = fallback_text(event, category)
-                if self.on_new_item is not None:
-                    self.on_new_item(event.item_id, text)
+                # under a stable textual form so it can be recommended too (unless deleted).
+                if not deleted:
+                    self.item_text[event.item_id] = text
+                    if self.on_new_item is not None:
+                        self.on_new_item(event.item_id, text)
             cats = profile.get("cats", {})
             top = max(cats.values(), default=0.0)
             sample = self.imbalance.observe(

@@ -1,5 +1,7 @@
 """The worker's timers: what must happen even when no event arrives.
 
+* every half second: dead-letter the offsets the consumer stepped over because their
+  record batch cannot be decoded (:mod:`~tailstream.streams.worker.transport`);
 * every second: publish the loss weights if they changed; retry lists a Redis outage held
   back; report catalogue coverage and the tail's share of exposure; report the assigned
   input partitions and each one's consumer lag (and log when the assignment changes);
@@ -19,13 +21,14 @@ from typing import Any
 
 import faust
 
+from tailstream.contract import Rejection
 from tailstream.kafka_io import GroupPositions
 from tailstream.metrics import Metrics
 from tailstream.settings import Settings
-from tailstream.streams.worker.pipeline import Pipeline
+from tailstream.streams.worker.pipeline import Pipeline, RawMessage
 from tailstream.streams.worker.recovery import Recovery
 from tailstream.streams.worker.stuck import StuckPartitions
-from tailstream.streams.worker.transport import read_offset, request_rejoin
+from tailstream.streams.worker.transport import read_offset, request_rejoin, take_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,17 @@ def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: 
         exposure = pipeline.publisher.exposure
         metrics.coverage.set(exposure.distinct / max(len(pipeline.item_text), 1))
         metrics.tail_exposure.set(exposure.tail_share)
+
+    @app.timer(interval=0.5)
+    async def dead_letter_undecodable_batches() -> None:
+        """Offsets the consumer stepped over (a batch it cannot decode) go to the DLQ."""
+        for skipped in take_undecodable(app.consumer):
+            log.error("record batch at %s[%d] offset %d cannot be decoded (%s): "
+                      "dead-lettered and skipped", skipped.topic, skipped.partition,
+                      skipped.offset, skipped.detail)
+            await pipeline.dead_letter(
+                RawMessage(skipped.topic, skipped.partition, skipped.offset, None, None, None),
+                Rejection("undecodable_batch", skipped.detail))
 
     @app.timer(interval=settings.refresh_check_s)
     async def refresh_aged_lists() -> None:

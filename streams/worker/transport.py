@@ -15,15 +15,84 @@ mode's or aiokafka's private attributes.
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """An offset skipped because its record batch cannot be decoded (a corrupt or
+    unreadable compressed batch), for the dead-letter topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    detail: str
+
+
+class _Guard:
+    """Lets a fetch deliver the records before an undecodable batch and report the batch
+    instead of raising (aiokafka raises out of ``getmany``, which stops Faust's fetcher and
+    the worker with it).
+
+    Every fetched partition's record iterator is wrapped once. A wrapped iterator that fails
+    after some records ends there: those records are delivered and the position stops at
+    the bad batch. One that fails before any record means the batch at the position cannot
+    be read: :meth:`skip` moves the position one record past it and reports the offset
+    (a batch of n records takes n fetches, each offset dead-lettered on its own)."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[Any, int, str]] = []  # (tp, offset, detail), zero-yield only
+
+    def wrap(self, fetcher: Any) -> None:
+        for tp, result in list(fetcher._records.items()):
+            records: Any = getattr(result, "_partition_records", None)
+            inner = getattr(records, "_records_iterator", None)
+            if inner is None or getattr(records, "_tailstream_guarded", False):
+                continue
+            records._tailstream_guarded = True
+            records._records_iterator = self._guarded(tp, records, inner)
+
+    def _guarded(self, tp: Any, records: Any, inner: Iterator[Any]) -> Iterator[Any]:
+        start = records.next_fetch_offset
+        yielded = 0
+        try:
+            for record in inner:
+                yielded += 1
+                yield record
+        except Exception as exc:  # noqa: BLE001 - any decoding failure of this batch
+            if not yielded and records.next_fetch_offset == start:
+                self.failed.append((tp, start, f"{type(exc).__name__}: {exc}"[:300]))
+
+    def skip(self, consumer: Any, found: deque[Undecodable]) -> None:
+        """Seek past each batch that failed at the position (run after the fetch)."""
+        failed, self.failed = self.failed, []
+        for tp, offset, detail in failed:
+            try:
+                position = consumer._subscription.subscription.assignment.state_value(
+                    tp).position
+            except (AttributeError, AssertionError):
+                continue  # no longer assigned: whoever holds it next reads it again
+            if position != offset:
+                continue  # moved on meanwhile (a seek): read it again
+            consumer.seek(tp, offset + 1)
+            found.append(Undecodable(tp.topic, tp.partition, offset, detail))
+
+
 def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
-    """A ``faust.App`` subclass whose consumer waits at most ``fetch_max_wait_ms`` per fetch."""
+    """A ``faust.App`` subclass whose consumer waits at most ``fetch_max_wait_ms`` per fetch
+    and steps over record batches it cannot decode (see :class:`_Guard`)."""
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._guard = _Guard()
+
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
             # Read by AIOKafkaConsumer.start() when it builds its Fetcher.
@@ -31,10 +100,40 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
                 consumer._fetch_max_wait_ms = fetch_max_wait_ms
             return consumer
 
+        async def _fetch_records(self, consumer: Any, active_partitions: Any,
+                                 timeout: float | None = None,
+                                 max_records: int | None = None) -> Any:
+            """Faust's fetch, with the records guarded: ``fetched_records``' own wait loop,
+            so that results arriving while it waits are guarded too."""
+            fetcher = consumer._fetcher
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (timeout or 0.0)
+            while True:
+                self._guard.wrap(fetcher)
+                records = await super()._fetch_records(consumer, active_partitions,
+                                                       timeout=0, max_records=max_records)
+                faust_consumer: Any = self.consumer
+                self._guard.skip(consumer, faust_consumer.undecodable)
+                remaining = deadline - loop.time()
+                if records or remaining <= 0 or fetcher._closed:
+                    return records
+                waiter = fetcher._create_fetch_waiter()
+                done, pending = await asyncio.wait([waiter], timeout=remaining)
+                for fut in pending:
+                    fut.cancel()
+                if not done:
+                    return records
+
     class FastFetchConsumer(faust_aiokafka.Consumer):
         #: input partitions to read from offset 0 at the next seek (set on a broker reset)
         rewind: set[Any] = set()
         input_topics: frozenset[str] = frozenset()
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            #: offsets stepped over as undecodable, waiting to be dead-lettered (appended in
+            #: the consumer's thread, taken on the worker's loop: a deque is safe for that)
+            self.undecodable: deque[Undecodable] = deque()
 
         def _new_consumer_thread(self) -> ConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -79,6 +178,15 @@ def set_producer_buffer(app: faust.App, max_messages: int) -> None:
     """Bound of Faust's producer buffer before the conductor stops feeding the stream
     (table writes queue there: one changelog record per user per batch)."""
     app.producer.buffer.max_messages = max_messages
+
+
+def take_undecodable(consumer: Any) -> list[Undecodable]:
+    """The offsets the consumer stepped over since the last call."""
+    found: deque[Undecodable] = consumer.undecodable
+    out = []
+    while found:
+        out.append(found.popleft())
+    return out
 
 
 def set_input_topics(consumer: Any, topics: frozenset[str]) -> None:

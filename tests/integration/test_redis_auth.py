@@ -18,7 +18,7 @@ import redis
 from tailstream.kafka_io import create_topics
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
-from tailstream.redis_io import RedisConfigError, check_redis
+from tailstream.redis_io import Keys, RedisConfigError, check_redis
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess, free_port, start_redis
 from tailstream.stack.processes import metrics_url, start_worker, wait_ready
@@ -107,7 +107,7 @@ def test_worker_uses_an_acl_user_from_the_url_and_never_shows_the_password(
         wait_metric(ws, "tailstream_events_in_total", stats.sent, 60,
                     "the worker to read the events")
         admin = auth_redis.admin()
-        lists = poll(lambda: list(admin.scan_iter(match=f"{ws.redis_prefix}:recs:*:meta")),
+        lists = poll(lambda: list(admin.scan_iter(match=Keys(ws.redis_prefix).meta_pattern)),
                      20, "lists in Redis", 0.2)
         user = lists[0].decode().split(":")[2]
         seen = sum(1 for _ in admin.scan_iter(match=f"{ws.redis_prefix}:seen:*", count=1000))

@@ -155,7 +155,7 @@ def test_worker_keeps_its_pace_through_a_redis_outage_and_catches_up(
         buffer_keys = sorted(k.decode() for k in r.scan_iter(match=f"{prefix}:buffer:*"))
         in_memory = sum(imbalance(ws)["buffer_sizes"].values())
         in_redis = redis_buffer_size(r, prefix)
-        lists_after = sum(1 for _ in r.scan_iter(match=f"{prefix}:recs:*:meta", count=1000))
+        lists_after = sum(1 for _ in r.scan_iter(match=Keys(prefix).meta_pattern, count=1000))
         weights = r.hgetall(f"{prefix}:weights")
     finally:
         stop.set()

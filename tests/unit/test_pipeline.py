@@ -27,8 +27,9 @@ from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
 from tailstream.streams.stores.deduper import Deduper
 from tailstream.streams.stores.publisher import ExposureWindow, RecList
+from tailstream.streams.worker.dead_letters import DeadLetter, dlq_headers
 from tailstream.streams.worker.imbalance import ImbalanceLoop
-from tailstream.streams.worker.pipeline import Pipeline, RawMessage, dlq_headers
+from tailstream.streams.worker.pipeline import Pipeline, RawMessage
 
 T = TypeVar("T")
 
@@ -54,13 +55,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 # --------------------------------------------------------------------------- fakes
 class DlqSink:
-    """``send_to_dlq``: collects (message, rejection)."""
+    """``send_to_dlq``: collects the dead-letter records, and (message, rejection) pairs."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: int = 0) -> None:
+        self.letters: list[DeadLetter] = []
         self.records: list[tuple[RawMessage, Rejection]] = []
+        self.fail = fail  # refuse this many records first (a broker that says no)
 
-    async def __call__(self, msg: RawMessage, why: Rejection) -> None:
-        self.records.append((msg, why))
+    async def __call__(self, letter: DeadLetter) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise OSError("the broker refused the record")
+        self.letters.append(letter)
+        self.records.append((letter.source, letter.why))
 
     @property
     def reasons(self) -> list[str]:
@@ -849,3 +856,146 @@ def test_enough_new_minority_samples_send_a_training_request() -> None:
     assert h.store.consumed == 1
     assert h.pipeline.imbalance.buffer.new_since_last_take == 0
     assert h.value("tailstream_finetune_requests_total", reason="buffer") == 1.0
+
+
+# --------------------------------------------------------------------------- fault report
+def outsider_envelope() -> bytes:
+    """D1: 1,000 events in 1,031,752 bytes or so (under the 1 MiB envelope limit), one
+    with ``price: -5``."""
+    events = [event(f"big-{n}", f"u{n % 50}", f"i{n % 300}", pad="p" * 930)
+              for n in range(1000)]
+    events[417]["price"] = -5
+    raw = encode(events)
+    assert 1_000_000 < len(raw) <= 1_048_576
+    return raw
+
+
+def test_an_envelope_with_one_bad_element_applies_the_rest_and_costs_no_neighbour() -> None:
+    async def scenario() -> Harness:
+        h = make(audit=True)
+        feed = Feed(h.settings)
+        neighbours = [feed.msg("click", click(f"n{k}", f"other{k}")) for k in range(10)]
+        await h.pipeline.process([*neighbours[:5], feed.msg("click", outsider_envelope()),
+                                  *neighbours[5:]])
+        return h
+
+    h = run(scenario())
+    assert h.value("tailstream_events_processed_total", kind="click") == 999 + 10
+    assert h.dlq.reasons == ["bad_value"]
+    (letter,) = h.dlq.letters
+    assert json.loads(letter.value)["event_id"] == "big-417"  # the element, not 1 MB
+    headers = dict(letter.headers)
+    assert headers["tailstream-envelope-index"] == b"417"
+    assert headers["tailstream-envelope-events"] == b"1000"
+    assert letter.size < 70_000
+    applied = [i for a, _ in h.audits for i in a]
+    assert len(applied) == 1009 and "big-417" not in applied
+    assert not h.value("tailstream_dlq_total", reason="processing_error")
+
+
+def test_an_oversize_message_is_dead_lettered_as_a_bounded_record() -> None:
+    """A 5 MB string field: the record carries 64 KiB of it, its size and its sha256."""
+    import hashlib
+
+    raw = encode(event("huge", "u1", title="x" * 5_000_000))
+
+    async def scenario() -> Harness:
+        h = make()
+        await h.pipeline.process([RawMessage("t-clicks", 0, 9, b"k" * 3_000_000, raw, KAFKA_TS)])
+        return h
+
+    h = run(scenario())
+    (letter,) = h.dlq.letters
+    headers = dict(letter.headers)
+    assert letter.why.reason == "oversize"
+    assert letter.value == raw[:65_536]
+    assert headers["tailstream-value-bytes"] == str(len(raw)).encode()
+    assert headers["tailstream-value-sha256"] == hashlib.sha256(raw).hexdigest().encode()
+    assert len(letter.key or b"") == 1024 and headers["tailstream-key-truncated"] == b"1"
+    assert headers["tailstream-source-offset"] == b"9"
+
+
+def test_dead_lettering_never_raises_and_never_costs_the_batch() -> None:
+    async def scenario(fail: int) -> Harness:
+        h = make()
+        h.dlq.fail = fail
+        feed = Feed(h.settings)
+        await h.pipeline.process([feed.msg("click", b"not json"),
+                                  feed.msg("click", click("ok", "u1"))])
+        return h
+
+    once = run(scenario(1))  # the full record refused: the bare one goes
+    assert once.dlq.reasons == ["not_json"] and once.dlq.letters[0].value == b""
+    assert dict(once.dlq.letters[0].headers)["tailstream-value-bytes"] == b"8"
+    always = run(scenario(2))  # even the bare one refused: counted, logged, not raised
+    assert always.dlq.letters == []
+    assert always.value("tailstream_dlq_failures_total") == 1
+    for h in (once, always):
+        assert h.value("tailstream_events_processed_total", kind="click") == 1
+
+
+def test_an_unexpected_error_on_one_message_refuses_that_message_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tailstream.streams.worker.pipeline as pipeline_module
+
+    real = pipeline_module.decode_payload
+
+    def boom(raw: bytes | None, limits: Any) -> Any:
+        if raw is not None and b"trap" in raw:
+            raise RuntimeError("a bug")
+        return real(raw, limits)
+
+    monkeypatch.setattr(pipeline_module, "decode_payload", boom)
+
+    async def scenario() -> Harness:
+        h = make()
+        feed = Feed(h.settings)
+        await h.pipeline.process([feed.msg("click", click("a", "u1")),
+                                  feed.msg("click", click("trap", "u2")),
+                                  feed.msg("click", click("b", "u3"))])
+        return h
+
+    h = run(scenario())
+    assert h.dlq.reasons == ["processing_error"]
+    assert h.value("tailstream_events_processed_total", kind="click") == 2
+
+
+def test_the_audit_of_a_huge_batch_goes_in_bounded_records() -> None:
+    async def scenario() -> Harness:
+        h = make(audit=True, max_envelope_events=10_000, max_envelope_bytes=4_000_000)
+        feed = Feed(h.settings)
+        envelope = [click(f"a{n}", f"u{n % 99}", f"i{n % 7}") for n in range(6000)]
+        await h.pipeline.process([feed.msg("click", envelope), feed.msg("click", envelope[:6000])])
+        return h
+
+    h = run(scenario())
+    sizes = [len(a) for a, _ in h.audits]
+    assert sum(sizes) == 6000 and max(sizes) <= 5000  # the second envelope: all duplicates
+
+
+def test_a_tombstone_deletes_the_item_from_the_catalogue_and_every_later_list() -> None:
+    async def scenario() -> tuple[Harness, list[str], list[str], list[str]]:
+        h = make()
+        feed = Feed(h.settings)
+        await h.pipeline.process([
+            feed.msg("item", {"item_id": f"i-{n}", "title": f"Kettle {n}",
+                              "category": "home/kettle"}) for n in range(6)])
+        await h.pipeline.process([feed.msg("click", click(f"e{n}", f"u{n}", f"i-{n % 4}"))
+                                  for n in range(12)])
+        before = [it["item_id"] for it in (await h.pipeline.refresh.score(["new"]))[1][0]]
+        await h.pipeline.process([RawMessage(h.settings.topic_for("item"), 0, 99, b"i-3", None,
+                                             KAFKA_TS)])
+        # A stale client still clicks it: counted, never recommended again.
+        await h.pipeline.process([feed.msg("click", click("late", "u9", "i-3"))])
+        after = [it["item_id"] for it in (await h.pipeline.refresh.score(["new"]))[1][0]]
+        await h.pipeline.process([feed.msg("item", {"item_id": "i-3", "title": "Kettle 3",
+                                                    "category": "home/kettle"})])
+        await h.pipeline.process([feed.msg("click", click("back", "u8", "i-3"))])
+        revived = [it["item_id"] for it in (await h.pipeline.refresh.score(["new"]))[1][0]]
+        return h, before, after, revived
+
+    h, before, after, revived = run(scenario())
+    assert "i-3" in before and "i-3" not in after and "i-3" in revived
+    assert h.dlq.letters == []  # a tombstone is not an "empty" message
+    assert h.value("tailstream_catalogue_deletions_total") == 1
+    assert h.value("tailstream_events_processed_total", kind="click") == 14

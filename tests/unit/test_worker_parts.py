@@ -13,11 +13,12 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from tailstream.configs import policy
+from tailstream.configs import policy, tower_config
 from tailstream.contract import Rejection
 from tailstream.metrics import Metrics, TrainerMetrics
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.context import ContextEntry, UserRequest
+from tailstream.models.towers.loading import checkpoint_tensors, load_served
 from tailstream.models.towers.store import ModelStore
 from tailstream.settings import Secret, Settings
 from tailstream.streams.trainer.sources import InMemorySource
@@ -45,7 +46,8 @@ def test_the_app_has_one_agent_its_tables_timers_and_pages(tmp_path: Path) -> No
     assert set(app.tables) == {"user-profiles", "imbalance-counts"}
     timers = {f.__name__ for f in app._app_tasks}
     assert timers == {"publish_loss_weights", "flush_waiting_lists", "refresh_aged_lists",
-                      "report_assignment", "rejoin_if_partitions_stuck"}
+                      "report_assignment", "rejoin_if_partitions_stuck",
+                      "dead_letter_undecodable_batches"}
     assert set(app.web.views) == {"/metrics", "/imbalance", "/recommendations/{user_id}"}
     assert app.producer.buffer.max_messages == 20 * 300
     assert w.scoring is None
@@ -213,3 +215,70 @@ def test_the_scoring_service_serves_the_base_then_swaps_to_a_promoted_version(
     assert swapped and service.version == "v00001"
     assert metrics.registry.get_sample_value("tailstream_serving_model_version_number") == 1
     assert metrics.registry.get_sample_value("tailstream_index_items") == len(texts)
+
+
+def test_a_corrupt_current_version_gives_way_to_the_last_good_one(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = worker_settings(tmp_path, encoder_path=str(tiny_encoder), embed_dim=32,
+                        text_max_len=32, text_vectors_shared=False, device="cpu",
+                        finetune_max_steps=20, finetune_batch_size=64,
+                        finetune_min_samples=50, gate_quality_tolerance=1.0,
+                        gate_recall_tolerance=1.0)
+    store = ModelStore(s.model_store_dir)
+    base = load_served(store, "base", tiny_encoder, tower_config(s), torch.device("cpu"))
+    tensors, _ = checkpoint_tensors(base.model)
+    manifest = {"tower": tower_config(s).to_dict(),
+                "encoder": {"base_fingerprint": base.text_fingerprint, "included": False}}
+    for _ in range(2):
+        store.promote(store.save(tensors, manifest), "test")
+    assert store.current() == "v00002" and store.fallbacks() == ["v00002", "v00001", "base"]
+    weights = store.root / "versions" / "v00002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"corrupt")
+    metrics = Metrics()
+    service = ScoringService(s, metrics)
+    try:
+        asyncio.run(service.start())
+    finally:
+        service.close()
+    assert service.version == "v00001"  # not the baseline lists, not the corrupt one
+    assert metrics.registry.get_sample_value("tailstream_model_loads_total",
+                                             {"outcome": "failed"}) == 1
+
+
+def test_a_deleted_item_leaves_the_transformer_index_before_the_next_list(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = worker_settings(tmp_path, encoder_path=str(tiny_encoder), embed_dim=32,
+                        text_max_len=32, text_vectors_shared=False, recs_k=50, device="cpu",
+                        rank_candidates=200, rank_head_candidates=200)
+    service = ScoringService(s, Metrics())
+    samples = shop_samples(300)
+    texts = {x.item_id: x.item_text for x in samples}
+
+    def item_info(ids: Any) -> tuple[list[str], list[str | None], list[float]]:
+        return (["head"] * len(ids), [None] * len(ids), [0.0] * len(ids))
+
+    async def run() -> tuple[set[str], set[str], set[str]]:
+        await service.start()
+        for item, text in texts.items():
+            service.queue_item(item, text)
+        while await service.embed_pending(64):
+            pass
+        request = UserRequest("u1", [], set())
+        before = {r.item_id for r in (await service.recommend([request], item_info))[0]}
+        gone = sorted(before)[:3]
+        for item in gone:
+            service.remove_item(item)
+        after = {r.item_id for r in (await service.recommend([request], item_info))[0]}
+        service.queue_item(gone[0], texts[gone[0]])  # announced again: back
+        while await service.embed_pending(64):
+            pass
+        back = {r.item_id for r in (await service.recommend([request], item_info))[0]}
+        return set(gone), after, back
+
+    try:
+        gone, after, back = asyncio.run(run())
+    finally:
+        service.close()
+    assert not gone & after
+    assert sorted(gone)[0] in back
+    assert service.scorer is not None and len(service.scorer.index) == len(texts) - 2

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from tailstream.contract import display_text
 from tailstream.models.towers.store import ModelStore
 from tailstream.settings import Secret, Settings
 
@@ -94,8 +95,10 @@ def list_line(msg: dict[str, Any]) -> str:
     ...            "items": [{"item_id": "i9", "tier": "tail"}]})
     '          u1 [v00002, event] i9(t)'
     """
-    items = ", ".join(f"{it['item_id']}({it['tier'][0]})" for it in msg["items"][:8])
-    return f"{msg['user_id']:>12} [{msg['model_version']}, {msg['trigger']}] {items}"
+    items = ", ".join(f"{display_text(str(it['item_id']), 40)}({it['tier'][0]})"
+                      for it in msg["items"][:8])
+    return (f"{display_text(str(msg['user_id']), 40):>12} [{msg['model_version']}, "
+            f"{msg['trigger']}] {items}")
 
 
 # --------------------------------------------------------------------------- model versions

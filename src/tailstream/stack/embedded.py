@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
+import functools
 import logging
 import os
 import shutil
@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import IO
 
 from tailstream.settings import Secret, Settings
+from tailstream.stack.state import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class ManagedProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # Where this run's output starts: a restarted child appends to the same log, and
+        # its tail must not show an earlier run's traceback.
+        self.log_start = self._log.tell()
         self.proc = subprocess.Popen(
             self.argv,
             stdout=self._log,
@@ -115,10 +119,35 @@ class ManagedProcess:
         self.proc.wait(5)
 
     def tail(self, n: int = 30) -> str:
+        """The last ``n`` lines this run wrote (not earlier runs' lines in the same log)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_start)
+                text = fh.read().decode(errors="replace")
         except OSError:
             return ""
+        return "\n".join(text.splitlines()[-n:])
+
+    def exit_description(self) -> str:
+        """How the process ended: ``exited with code 1``, ``killed by SIGKILL``, or
+        ``running``.
+
+        >>> import sys, tempfile
+        >>> p = ManagedProcess("x", [sys.executable, "-c", "raise SystemExit(3)"],
+        ...                    Path(tempfile.mkdtemp()) / "x.log")
+        >>> _ = p.proc.wait(); p.exit_description()
+        'exited with code 3'
+        >>> _ = p.stop()
+        """
+        code = self.proc.poll()
+        if code is None:
+            return "running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"
 
 
 def tansu_binary() -> str:
@@ -207,36 +236,49 @@ def _redis_ping(url: str) -> bool:
 
 
 @dataclass
-class StackInfo:
-    """Where the running stack is; written to ``{data_dir}/stack.json`` by ``tailstream up``."""
+class Service:
+    """An embedded service the stack can restart on the same port (its clients keep their
+    address)."""
 
-    kafka_bootstrap: str
-    redis_url: str
-    embedded: bool
-    pids: dict[str, int]
+    name: str
+    port: int
+    start: Callable[[int], tuple[ManagedProcess, str]]
+    proc: ManagedProcess
 
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.__dict__, indent=2))
+    def restart(self) -> ManagedProcess:
+        self.proc, _ = self.start(self.port)
+        return self.proc
 
 
 class ServiceStack:
-    """Context manager: start the embedded services the settings do not point elsewhere."""
+    """Context manager: lock the data folder, then start the embedded services the settings
+    do not point elsewhere (:class:`~tailstream.stack.state.FolderLock`: one stack per
+    folder)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.processes: list[ManagedProcess] = []
+        self.services: list[Service] = []
+        self.lock = FolderLock(settings.data_dir)
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return [s.proc for s in self.services]
 
     def __enter__(self) -> Settings:
         s = self.settings
+        self.lock.acquire()
         try:
             if not s.kafka_bootstrap:
-                proc, bootstrap = start_broker(s.data_dir)
-                self.processes.append(proc)
+                port = free_port()
+                proc, bootstrap = start_broker(s.data_dir, port)
+                self.services.append(Service("tansu-broker", port,
+                                             functools.partial(start_broker, s.data_dir), proc))
                 s = s.replace(kafka_bootstrap=bootstrap)
             if not s.redis_url:
-                proc, url = start_redis(s.data_dir)
-                self.processes.append(proc)
+                port = free_port()
+                proc, url = start_redis(s.data_dir, port)
+                self.services.append(Service("redis-server", port,
+                                             functools.partial(start_redis, s.data_dir), proc))
                 s = s.replace(redis_url=Secret(url))
         except BaseException:
             self.close()
@@ -245,9 +287,10 @@ class ServiceStack:
         return s
 
     def close(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        self.processes.clear()
+        for service in reversed(self.services):
+            service.proc.stop()
+        self.services.clear()
+        self.lock.release()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

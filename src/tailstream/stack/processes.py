@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -14,27 +15,39 @@ from prometheus_client.parser import text_string_to_metric_families
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess, free_port
 
+log = logging.getLogger(__name__)
+
 
 def start_worker(settings: Settings, index: int = 0) -> tuple[ManagedProcess, Settings]:
-    """Run ``tailstream worker`` as a child process; returns it and its settings."""
-    first = index == 0 and settings.web_port and _free(settings)
-    port = settings.web_port if first else free_port()
-    s = settings.replace(web_port=port)
-    env = {**os.environ, **s.to_env()}
-    proc = ManagedProcess(f"worker-{index}", [sys.executable, "-m", "tailstream.cli", "worker"],
-                          s.data_dir / "logs" / f"worker-{index}.log", env=env)
-    return proc, s
+    """Run ``tailstream worker`` as a child process; returns it and its settings (with the
+    web port it really has: the configured one for the first worker when it is free, else a
+    free one — said in the log, since /metrics moves with it)."""
+    wanted = settings.web_port
+    if index == 0 and wanted and not port_free(settings, wanted):
+        log.warning("port %d (TAILSTREAM_WEB_PORT) is taken: worker-0 serves /metrics and "
+                    "/recommendations on a free port instead (see stack.json)", wanted)
+    first = index == 0 and wanted and port_free(settings, wanted)
+    s = settings.replace(web_port=wanted if first else free_port())
+    return spawn(s, f"worker-{index}", "worker"), s
 
 
 def start_trainer(settings: Settings) -> tuple[ManagedProcess, Settings]:
     """Run ``tailstream trainer`` as a child process; returns it and its settings."""
     wanted = settings.trainer_port
-    port = wanted if wanted and _free(settings, wanted) else free_port()
+    if wanted and not port_free(settings, wanted):
+        log.warning("port %d (TAILSTREAM_TRAINER_PORT) is taken: the trainer serves /metrics "
+                    "on a free port instead (see stack.json)", wanted)
+    port = wanted if wanted and port_free(settings, wanted) else free_port()
     s = settings.replace(trainer_port=port)
-    env = {**os.environ, **s.to_env()}
-    proc = ManagedProcess("trainer", [sys.executable, "-m", "tailstream.cli", "trainer"],
-                          s.data_dir / "logs" / "trainer.log", env=env)
-    return proc, s
+    return spawn(s, "trainer", "trainer"), s
+
+
+def spawn(settings: Settings, name: str, command: str) -> ManagedProcess:
+    """``tailstream COMMAND`` as child ``name`` with exactly these settings (a restart
+    uses it to come back on the same ports)."""
+    env = {**os.environ, **settings.to_env()}
+    return ManagedProcess(name, [sys.executable, "-m", "tailstream.cli", command],
+                          settings.data_dir / "logs" / f"{name}.log", env=env)
 
 
 def trainer_metrics_url(settings: Settings) -> str:
@@ -57,7 +70,7 @@ def wait_trainer_ready(proc: ManagedProcess, settings: Settings, timeout: float 
     raise TimeoutError(f"trainer not ready after {timeout:.0f}s:\n{proc.tail(40)}")
 
 
-def _free(settings: Settings, port: int | None = None) -> bool:
+def port_free(settings: Settings, port: int | None = None) -> bool:
     import socket
 
     with socket.socket() as sock:
