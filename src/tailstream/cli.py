@@ -88,11 +88,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from tailstream.stack.client import preflight_redis, with_running_stack
     from tailstream.streams.worker.app import create_app
 
+    if args.standby and not _wait_for_go():
+        return 0  # told to stop before it was needed
     settings = with_running_stack(_settings(args))
     preflight_redis(settings)
     worker = create_app(settings)
     Worker(worker.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
     return 0
+
+
+def _wait_for_go() -> bool:
+    """A warm spare (``up`` keeps one per worker): everything is imported; wait for a line
+    on stdin to start (True), or for it to close (False)."""
+    return bool(sys.stdin.readline().strip())
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
@@ -312,6 +320,10 @@ def _add_processes(sub: Sub, common: argparse.ArgumentParser) -> None:
                        description="Consume the input topics, keep state, publish lists. Needs "
                                    "TAILSTREAM_KAFKA_BOOTSTRAP and TAILSTREAM_REDIS_URL (or a "
                                    "running `tailstream up`).")
+    p.add_argument("--standby", action="store_true",
+                   help="import everything, then wait for a line on stdin before starting "
+                        "(tailstream up keeps such a warm spare to restart a crashed worker "
+                        "at once)")
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("trainer", parents=[common], help="run the fine-tuning process",
                        description="Consume training requests, fine-tune the recommender "

@@ -100,6 +100,8 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
         opts["broker_heartbeat_interval"] = min(3.0, settings.kafka_session_timeout_s / 5)
     if settings.kafka_rebalance_timeout_s > 0:
         opts["broker_rebalance_timeout"] = settings.kafka_rebalance_timeout_s
+    if settings.group_instance_id:
+        opts["consumer_group_instance_id"] = settings.group_instance_id
     proto = settings.kafka_security_protocol.upper()
     context = _ssl_context(settings)
     if proto.startswith("SASL"):

@@ -80,6 +80,10 @@ class Settings:
     a healthy log; :meth:`with_embedded_group_timing` turns it off there."""
     app_id: str = "tailstream"
     """Faust app id: the consumer group and the prefix of changelog topics."""
+    group_instance_id: str = ""
+    """Static group membership (KIP-345): a worker restarted with the same id takes its
+    partitions back at once instead of after the dead member's session timeout. ``up``
+    names its workers ``worker-N``; empty: dynamic membership."""
 
     # --- Redis -----------------------------------------------------------
     redis_url: Secret = Secret("")
@@ -250,6 +254,9 @@ class Settings:
     # --- Supervision (tailstream up) ------------------------------------
     stack_port: int = 6068
     """``tailstream up``'s own /metrics (restarts of its children); taken: a free port."""
+    supervise_warm_spares: bool = True
+    """``up`` keeps a pre-imported spare per worker, so a crashed worker restarts without
+    the seconds of imports (costs the memory of one idle interpreter per worker)."""
     supervise_max_restarts: int = 5
     supervise_window_s: float = 300.0
     """``up`` restarts a crashed child with backoff; past this many restarts within the
@@ -327,7 +334,7 @@ class Settings:
         explicitly), and no changelog consistency check (Tansu's log ends are a batch
         early, see :attr:`kafka_recovery_consistency_check`)."""
         return self.replace(
-            kafka_session_timeout_s=self.kafka_session_timeout_s or 10.0,
+            kafka_session_timeout_s=self.kafka_session_timeout_s or 6.0,
             kafka_rebalance_timeout_s=self.kafka_rebalance_timeout_s or 3.0,
             kafka_recovery_consistency_check=False,
         )

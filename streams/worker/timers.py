@@ -82,6 +82,11 @@ def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: 
         """Assigned input partitions and each one's consumer lag."""
         assignment.report(app.consumer)
 
+    @app.on_partitions_assigned.connect
+    async def report_new_assignment(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        # At once, not at the next tick: supervisors and readiness checks wait on it.
+        assignment.report(app.consumer)
+
     if settings.stuck_partition_s > 0:
         watch = StuckWatch(app, settings, metrics, recovery)
 

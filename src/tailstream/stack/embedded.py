@@ -71,7 +71,7 @@ class ManagedProcess:
     """A child process with its output in a log file, stopped on :meth:`stop`."""
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, *, stdin_pipe: bool = False) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -84,7 +84,7 @@ class ManagedProcess:
             self.argv,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist in the child yet
         )
@@ -93,6 +93,14 @@ class ManagedProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def send_line(self, line: str) -> None:
+        """Write a line to the child's stdin (started with ``stdin_pipe``); from now on its
+        tail starts here."""
+        assert self.proc.stdin is not None, "started without stdin_pipe"
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -110,6 +118,8 @@ class ManagedProcess:
                 self.proc.wait(5)
         if not self._log.closed:
             self._log.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
         return self.proc.returncode
 
     def kill(self) -> None:

@@ -42,12 +42,15 @@ def start_trainer(settings: Settings) -> tuple[ManagedProcess, Settings]:
     return spawn(s, "trainer", "trainer"), s
 
 
-def spawn(settings: Settings, name: str, command: str) -> ManagedProcess:
+def spawn(settings: Settings, name: str, command: str, *,
+          standby: bool = False) -> ManagedProcess:
     """``tailstream COMMAND`` as child ``name`` with exactly these settings (a restart
-    uses it to come back on the same ports)."""
+    uses it to come back on the same ports). ``standby``: a warm spare that imports
+    everything and waits for :meth:`~tailstream.stack.embedded.ManagedProcess.send_line`."""
     env = {**os.environ, **settings.to_env()}
-    return ManagedProcess(name, [sys.executable, "-m", "tailstream.cli", command],
-                          settings.data_dir / "logs" / f"{name}.log", env=env)
+    argv = [sys.executable, "-m", "tailstream.cli", command, *(["--standby"] if standby else [])]
+    return ManagedProcess(name, argv, settings.data_dir / "logs" / f"{name}.log", env=env,
+                          stdin_pipe=standby)
 
 
 def trainer_metrics_url(settings: Settings) -> str:

@@ -30,7 +30,7 @@ from tailstream.stack.processes import (
     wait_trainer_ready,
 )
 from tailstream.stack.state import STATE_FILE, StackInfo, display_url
-from tailstream.stack.supervise import Child, Supervisor
+from tailstream.stack.supervise import Child, Supervisor, WarmSpare
 
 log = logging.getLogger("tailstream")
 
@@ -52,7 +52,10 @@ def run_up(settings: Settings, stopping: threading.Event, *, workers: int, train
     try:
         create_topics(s)
         for i in range(workers):  # appended one by one: stopped if a later one fails
-            started.append(start_worker(s, i))
+            # Static membership: a worker restarted after a crash takes its partitions
+            # back at once, not after the dead member's session expires.
+            started.append(start_worker(s.replace(group_instance_id=s.group_instance_id
+                                                  or f"{s.app_id}-worker-{i}"), i))
         trainer_child = start_trainer(s) if trainer else None
         for proc, ws in started:
             wait_ready(proc, ws)
@@ -60,7 +63,7 @@ def run_up(settings: Settings, stopping: threading.Event, *, workers: int, train
             wait_trainer_ready(*trainer_child)
         metrics, stack_url = serve_metrics(s)
         children = [Child(svc.name, svc.proc, svc.restart) for svc in stack.services]
-        children += [Child(p.name, p, _respawn(ws, p.name, "worker")) for p, ws in started]
+        children += [worker_child(p, ws) for p, ws in started]
         if trainer_child is not None:
             children.append(Child("trainer", trainer_child[0],
                                   _respawn(trainer_child[1], "trainer", "trainer")))
@@ -120,6 +123,16 @@ def serve_metrics(settings: Settings) -> tuple[StackMetrics, str]:
     metrics = StackMetrics()
     start_http_server(port, addr=settings.web_host, registry=metrics.registry)
     return metrics, f"http://{settings.web_host}:{port}/metrics"
+
+
+def worker_child(proc: ManagedProcess, ws: Settings) -> Child:
+    """A supervised worker: restarted from a warm spare when there is one."""
+    fresh = _respawn(ws, proc.name, "worker")
+    if not ws.supervise_warm_spares:
+        return Child(proc.name, proc, fresh)
+    spare = WarmSpare(fresh, lambda: spawn(ws, proc.name, "worker", standby=True),
+                      now=time.monotonic())
+    return Child(proc.name, proc, spare, spare=spare)
 
 
 def _respawn(ws: Settings, name: str, command: str) -> Callable[[], ManagedProcess]:
