@@ -306,7 +306,8 @@ class TrainerMetrics:
             ["outcome"], registry=r)
         self.failures = Counter(
             "tailstream_finetune_failures_total",
-            "Failed fine-tune runs by cause: nan_loss, cuda_oom, corrupt_checkpoint, error.",
+            "Failed fine-tune runs by cause: nan_loss, cuda_oom, corrupt_checkpoint, "
+            "redis_unavailable, error.",
             ["cause"], registry=r)
         self.duration = Histogram(
             "tailstream_finetune_duration_seconds",

@@ -12,13 +12,16 @@ Keys and values are bytes we encode ourselves (JSON): see :data:`RAW_SCHEMA`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 
 from tailstream.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Faust writes a changelog with the table's schema but reads it back with a codec derived
 # from key_type (JSON unless bytes), so a mismatch loses the state on recovery ("Error in
@@ -42,10 +45,24 @@ class WorkerTopics:
 class WorkerTables:
     profiles: Any
     counts: Any
+    partitions: int
+    """Partitions of the changelogs (``TAILSTREAM_PARTITIONS``)."""
+    _warned: set[int] = field(default_factory=set)
 
     def save_counts(self, states: dict[int, dict[str, Any]]) -> None:
-        """Write each source partition's counts to its own changelog partition."""
+        """Write each source partition's counts to its own changelog partition. A source
+        partition beyond the changelog's (an input topic with more partitions than the
+        tables: auto-created by a broker that lost its log) is kept in memory only — and
+        said once — rather than crash the worker's producer."""
         for partition, state in states.items():
+            if partition >= self.partitions:
+                if partition not in self._warned:
+                    self._warned.add(partition)
+                    log.error("input partition %d has no changelog partition (the input "
+                              "topics have more partitions than TAILSTREAM_PARTITIONS=%d: "
+                              "re-created by a broker that lost its log?): its class "
+                              "counts are kept in memory only", partition, self.partitions)
+                continue
             key = f"p{partition}".encode()
             blob = json.dumps(state, separators=(",", ":")).encode()
             self.counts.data[key] = blob
@@ -80,7 +97,7 @@ def declare_tables(app: faust.App, settings: Settings) -> WorkerTables:
                          schema=RAW_SCHEMA)
     counts = app.Table("imbalance-counts", default=None, partitions=settings.partitions,
                        key_type=bytes, value_type=bytes, schema=RAW_SCHEMA)
-    return WorkerTables(profiles, counts)
+    return WorkerTables(profiles, counts, settings.partitions)
 
 
 class StrKeyed(MutableMapping[str, Any]):
