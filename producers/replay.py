@@ -182,6 +182,27 @@ class LogReader:
         yield ProducedRecord(kind, user, wire_bytes(value), ts=ts)
 
 
+@dataclass(frozen=True)
+class LogSpec:
+    """A log file and how to read it: what the CLI's ``--format``, ``--map``, ``--kinds``
+    and ``--assume-utc`` say, for ``eval``, ``produce replay`` and ``demo --replay`` alike."""
+
+    path: Path
+    fmt: str = "taobao"
+    columns: Mapping[str, str] | None = None
+    kind_map: Mapping[str, str] | None = None
+    assume_utc: bool = False
+
+    def reader(self, emit_items: bool = True) -> LogReader:
+        """A fresh reader (its ``stats`` fill as its records are consumed)."""
+        return LogReader(self.path, self.fmt, columns=self.columns, kind_map=self.kind_map,
+                         emit_items=emit_items)
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.name} ({self.fmt})"
+
+
 def read_log(path: str | Path, fmt: str, *, columns: Mapping[str, str] | None = None,
              kind_map: Mapping[str, str] | None = None,
              emit_items: bool = True) -> Iterator[ProducedRecord]:

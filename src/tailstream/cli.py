@@ -139,7 +139,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
                      blocks=args.blocks, rank_every=args.rank_every, steps=args.steps,
                      batch_size=args.batch, tiny=args.tiny, seed=args.seed)
-    source = Source(args.file, args.format, args.users, args.items, args.seed)
+    from tailstream.producers.replay import LogSpec
+
+    log = LogSpec(args.file, args.format) if args.file is not None else None
+    source = Source(log, args.users, args.items, args.seed)
     command = "tailstream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result, md, paths = run_eval(settings, source, cfg, args.out, events=args.events,
                                  command=command)

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -334,11 +335,9 @@ def _opt_number(value: dict[str, Any], name: str) -> float | None:
     return out
 
 
-_INVISIBLE = re.compile(
+_ESCAPES = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"        # ANSI CSI sequences (colours, cursor moves)
-    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # ANSI OSC sequences (titles, hyperlinks)
-    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # C0 and C1 controls (tab and newline handled below)
-    r"|[\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")  # zero-width, bidi controls
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")  # ANSI OSC sequences (titles, hyperlinks)
 
 
 def display_text(text: str, limit: int = 80) -> str:
@@ -349,7 +348,11 @@ def display_text(text: str, limit: int = 80) -> str:
     >>> display_text("Red \x1b[31mmug\x1b[0m\u202e evil\nline")
     'Red mug evil line'
     """
-    return " ".join(_INVISIBLE.sub("", text).split())[:limit]
+    # Then every character of Unicode's "other" categories goes: controls (C0, C1), format
+    # characters (bidi overrides, zero-width joiners, the BOM), surrogates, private use.
+    visible = "".join(ch if unicodedata.category(ch)[0] != "C" else " "
+                      for ch in _ESCAPES.sub("", text))
+    return " ".join(visible.split())[:limit]
 
 
 # ---------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def create_app(settings: Settings) -> Worker:
             settings.batch_size, within=settings.batch_within_s)
         async for events in batches:
             await recovery.wait_restored()
-            await process_batch(pipeline, [_raw(e) for e in events])
+            async with recovery.turn:
+                await process_batch(pipeline, [_raw(e) for e in events])
 
     add_timers(app, settings, pipeline, metrics, recovery)
     add_pages(app, settings, pipeline, metrics, redis)

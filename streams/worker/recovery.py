@@ -16,13 +16,17 @@ recover from a broker that lost its log.
 Faust resumes the stream *before* the tables' ``on_recover`` callbacks run: a batch in that
 gap would be counted into empty partitions that the restore then overwrites. The agent
 therefore waits for :meth:`Recovery.wait_restored`, and every revocation closes that gate
-again.
+again. A rebalance can also start while a batch is half done (it awaits Redis): a restore
+then would load the table's state over events the batch applied but has not saved yet, and
+the batch would go on to mark their offsets counted — counts lost for good. Batches and
+restores therefore take turns on one lock (:attr:`Recovery.turn`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -51,6 +55,10 @@ class Recovery:
         self.buffer_store = buffer_store
         self.metrics = metrics
         self.restored = asyncio.Event()
+        self.turn = asyncio.Lock()
+        """Held by each batch and by each restore: they never interleave."""
+        self.on_restored: list[Callable[[], None]] = []
+        """Called after each restore (the assignment report)."""
         self._buffer_restored = False
 
     def install(self) -> None:
@@ -78,7 +86,14 @@ class Recovery:
             self.restored.set()
 
     async def restore(self) -> None:
-        """After (re)assignment: counts from the changelog, the buffer from Redis."""
+        """After (re)assignment: counts from the changelog, the buffer from Redis (once no
+        batch is in flight)."""
+        async with self.turn:
+            await self._restore()
+        for callback in self.on_restored:
+            callback()
+
+    async def _restore(self) -> None:
         loop = self.pipeline.imbalance
         consumer: Any = self.app.consumer
         set_input_topics(consumer, frozenset(self.settings.consumed_topics))

@@ -79,13 +79,14 @@ def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: 
 
     @app.timer(interval=1.0)
     async def report_assignment() -> None:
-        """Assigned input partitions and each one's consumer lag."""
-        assignment.report(app.consumer)
+        """Assigned input partitions and each one's consumer lag, once their state is
+        restored: the gauge is what readiness checks wait on."""
+        if recovery.restored.is_set():
+            assignment.report(app.consumer)
 
-    @app.on_partitions_assigned.connect
-    async def report_new_assignment(sender: Any, /, *args: Any, **kwargs: Any) -> None:
-        # At once, not at the next tick: supervisors and readiness checks wait on it.
-        assignment.report(app.consumer)
+    # Once the state of a new assignment is restored, at once rather than at the next tick:
+    # supervisors and readiness checks wait on it.
+    recovery.on_restored.append(lambda: assignment.report(app.consumer))
 
     if settings.stuck_partition_s > 0:
         watch = StuckWatch(app, settings, metrics, recovery)

@@ -103,8 +103,9 @@ def _documented_reasons() -> frozenset[str]:
 
 
 DOCUMENTED_REASONS = _documented_reasons()
-# processing_error is the worker's (a valid event it then failed on), never the contract's.
-REASONS = DOCUMENTED_REASONS - {"processing_error"}
+# processing_error (a valid event the worker then failed on) and undecodable_batch (a Kafka
+# record batch it cannot decode) are the worker's, never the contract's.
+REASONS = DOCUMENTED_REASONS - {"processing_error", "undecodable_batch"}
 DECODE_REASONS = frozenset({"empty", "oversize", "not_json"})
 VALUE_REASONS = frozenset({"not_object", "unknown_version", "missing_field", "wrong_type",
                            "bad_value", "oversize"})

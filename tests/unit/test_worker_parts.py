@@ -169,6 +169,36 @@ def test_the_agent_waits_for_the_restore_and_gives_up_after_the_bound(
     assert "not restored" in caplog.text
 
 
+def test_a_restore_waits_for_the_batch_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebalance's restore loads the table's counts over the loop's: run while a batch is
+    half done (awaiting Redis), it would drop the events that batch applied and not saved."""
+    rec = Recovery.__new__(Recovery)
+    order: list[str] = []
+
+    async def restore_state() -> None:
+        order.append("restore")
+        rec.restored.set()
+
+    monkeypatch.setattr(rec, "_restore", restore_state)
+
+    async def batch() -> None:
+        async with rec.turn:
+            order.append("batch applies")
+            await asyncio.sleep(0.05)  # the Redis round trip, while the rebalance arrives
+            order.append("batch saves")
+
+    async def run() -> None:
+        rec.restored, rec.turn, rec.on_restored = asyncio.Event(), asyncio.Lock(), []
+        rec.on_restored.append(lambda: order.append("reported"))
+        in_flight = asyncio.create_task(batch())
+        await asyncio.sleep(0.01)
+        await rec.restore()
+        await in_flight
+
+    asyncio.run(run())
+    assert order == ["batch applies", "batch saves", "restore", "reported"]
+
+
 # --------------------------------------------------------------------------- scoring
 def test_the_scoring_service_serves_the_base_then_swaps_to_a_promoted_version(
         tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:

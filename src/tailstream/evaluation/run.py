@@ -17,6 +17,7 @@ from tailstream.evaluation.specs import STRATEGIES, EvalConfig
 from tailstream.evaluation.strategies import Harness
 from tailstream.evaluation.stream import collect
 from tailstream.producers.records import ProducedRecord
+from tailstream.producers.replay import LogSpec
 from tailstream.settings import Settings
 
 
@@ -24,18 +25,15 @@ from tailstream.settings import Settings
 class Source:
     """Where the events come from: a log file, or the synthetic shop."""
 
-    file: Path | None = None
-    format: str = "taobao"
+    log: LogSpec | None = None
     users: int = 2000
     items: int = 5000
     seed: int = 0
 
     def records(self) -> tuple[Iterable[ProducedRecord], str]:
         """The records and a name for the report."""
-        if self.file is not None:
-            from tailstream.producers.replay import read_log
-
-            return read_log(self.file, self.format), f"{self.file.name} ({self.format})"
+        if self.log is not None:
+            return iter(self.log.reader()), self.log.name
         from tailstream.producers.synthetic import ShopSimulator
 
         tick = itertools.count()
@@ -59,7 +57,7 @@ def run_eval(settings: Settings, source: Source, cfg: EvalConfig, out_dir: Path,
 
     check_strategies(cfg.strategies)
     records, dataset = source.records()
-    if source.file is None:
+    if source.log is None:
         events = events or 60_000
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
