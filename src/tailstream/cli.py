@@ -17,15 +17,20 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tailstream.producers.logstats import LogError, NothingUsable
+from tailstream.producers.readers import FORMATS as LOG_FORMATS
 from tailstream.settings import ENV_PREFIX, Settings
 
-log = logging.getLogger("tailstream")
+if TYPE_CHECKING:
+    from tailstream.producers.readers import LogReader
+    from tailstream.producers.records import ProducedRecord
+    from tailstream.producers.replay import LogSpec
 
-LOG_FORMATS = ("taobao", "rees46", "csv")
+log = logging.getLogger("tailstream")
 
 # CLI flag → settings field, shared by every subcommand.
 _COMMON = [
@@ -72,6 +77,39 @@ def _raise_keyboard_interrupt() -> None:
 def _on_signals(handler: Callable[[], None]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: handler())
+
+
+def log_spec(args: argparse.Namespace, path: Path, settings: Settings) -> LogSpec:
+    """The one place the log flags (``--format``, ``--map``, ``--kinds``, ``--assume-utc``)
+    become a :class:`LogSpec`, for ``eval``, ``produce replay`` and ``demo --replay``.
+
+    Its readers print their summary to stderr at the end of the file. The first rows are
+    read here, so a mapping that does not fit, a time without a zone or a small file
+    without a usable event stops the command (:class:`LogError`) before it starts anything.
+    """
+    from tailstream import configs
+    from tailstream.producers.replay import LogSpec, parse_pairs
+
+    spec = LogSpec(path, args.format, columns=parse_pairs(args.map, "--map") or None,
+                   kind_map=parse_pairs(args.kinds, "--kinds") or None,
+                   assume_utc=args.assume_utc,
+                   limits=configs.limits(settings, future_skew=False), on_end=_print_summary)
+    spec.check()
+    return spec
+
+
+def _print_summary(reader: LogReader) -> None:
+    print(reader.summary(), file=sys.stderr, flush=True)
+
+
+def _guarded(records: Iterable[ProducedRecord],
+             failed: list[LogError]) -> Iterator[ProducedRecord]:
+    """Records for a producer thread: a :class:`LogError` ends them and is kept in
+    ``failed`` for the main thread to report (a thread's exception would be a traceback)."""
+    try:
+        yield from records
+    except LogError as exc:
+        failed.append(exc)
 
 
 def _threads(n: int | None) -> None:
@@ -131,17 +169,16 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    # The log first: a log that cannot be read stops here, before anything heavy loads.
+    log = log_spec(args, args.file, settings) if args.file is not None else None
     from tailstream.evaluation.run import Source, run_eval
     from tailstream.evaluation.specs import EvalConfig
 
-    settings = _settings(args)
     _threads(args.threads)
     cfg = EvalConfig(strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
                      blocks=args.blocks, rank_every=args.rank_every, steps=args.steps,
                      batch_size=args.batch, tiny=args.tiny, seed=args.seed)
-    from tailstream.producers.replay import LogSpec
-
-    log = LogSpec(args.file, args.format) if args.file is not None else None
     source = Source(log, args.users, args.items, args.seed)
     command = "tailstream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result, md, paths = run_eval(settings, source, cfg, args.out, events=args.events,
@@ -214,11 +251,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         k: v for k, v in DEMO_DEFAULTS.items()
         if ENV_PREFIX + k.upper() not in os.environ and getattr(args, f"set_{k}", None) is None})
     _on_signals(_raise_keyboard_interrupt)
+    failed: list[LogError] = []
     if args.replay:
-        from tailstream.producers.replay import pace, read_log
+        from tailstream.producers.replay import pace
 
-        records: Any = pace(read_log(args.replay, args.format), args.speed)
-        source, rate, seconds = f"replay {args.replay} ({args.format})", None, args.seconds
+        spec = log_spec(args, args.replay, settings)
+        records: Any = pace(_guarded(spec.reader(), failed), args.speed)
+        source, rate, seconds = f"replay {spec.name}", None, args.seconds
     else:
         records = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
         source = f"synthetic shop ({args.users} users, {args.items} items)"
@@ -227,6 +266,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             seconds=seconds, summary_json=args.summary_json, ui=args.ui,
                             trainer=not args.no_trainer)
     print(json.dumps(summary, indent=2))
+    if failed:
+        raise failed[0]
     return 0
 
 
@@ -234,16 +275,18 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from tailstream.producers.sender import send_records
     from tailstream.stack.client import with_running_stack
 
-    settings = with_running_stack(_settings(args))
-    if args.source == "synthetic":
+    settings = _settings(args)
+    spec = log_spec(args, args.file, settings) if args.source == "replay" else None
+    settings = with_running_stack(settings)
+    if spec is None:
         from tailstream.stack.demo import synthetic_records
 
         records: Any = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
         rate = args.rate
     else:
-        from tailstream.producers.replay import pace, read_log
+        from tailstream.producers.replay import pace
 
-        records, rate = pace(read_log(args.file, args.format), args.speed), None
+        records, rate = pace(spec.reader(), args.speed), None
     _on_signals(_raise_keyboard_interrupt)
     stats = send_records(records, settings, rate=rate, max_events=args.max_events,
                          duration_s=args.seconds, progress=not args.no_progress)
@@ -298,7 +341,7 @@ def _add_demo(sub: Sub, common: argparse.ArgumentParser) -> None:
                    help="how long to produce (default: 60 s synthetic, replay until the file ends)")
     p.add_argument("--summary-json", type=Path, default=None, help="write the summary here")
     p.add_argument("--replay", type=Path, default=None, help="replay this event log instead")
-    p.add_argument("--format", choices=LOG_FORMATS, default="taobao")
+    _log_flags(p)
     p.add_argument("--speed", type=float, default=None,
                    help="replay speed factor over event time (default: as fast as possible)")
     _synthetic_flags(p, rate=300.0, malformed_every=300)
@@ -355,7 +398,7 @@ def _add_eval(sub: Sub, common: argparse.ArgumentParser) -> None:
                                    "write eval.json, report.md and PNG charts.")
     p.add_argument("file", nargs="?", type=Path, default=None,
                    help="event log to replay (default: the synthetic shop)")
-    p.add_argument("--format", choices=LOG_FORMATS, default="taobao")
+    _log_flags(p)
     p.add_argument("--events", type=int, default=None, help="stop after this many events "
                                                             "(synthetic default 60,000)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -419,7 +462,7 @@ def _add_produce(sub: Sub, common: argparse.ArgumentParser) -> None:
     _produce_flags(ps)
     pr = src.add_parser("replay", parents=[common], help="replay an event log file")
     pr.add_argument("file", type=Path)
-    pr.add_argument("--format", choices=LOG_FORMATS, required=True)
+    _log_flags(pr, required=True)
     pr.add_argument("--speed", type=float, default=None,
                     help="speed factor over event time (default: as fast as possible)")
     _produce_flags(pr)
@@ -445,6 +488,24 @@ def _synthetic_flags(p: argparse.ArgumentParser, rate: float, malformed_every: i
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malformed-every", type=int, default=malformed_every,
                    help=f"inject one malformed event every N (0: none; default {malformed_every})")
+
+
+def _log_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """How to read the log: the same flags for eval, produce replay and demo --replay."""
+    g = p.add_argument_group("reading the log (docs/events.md, \"Replaying logs\")")
+    g.add_argument("--format", choices=LOG_FORMATS, required=required,
+                   default=None if required else "taobao",
+                   help="taobao, rees46, csv (needs --map) or jsonl (the event contract's "
+                        "fields plus kind)" + ("" if required else "; default taobao"))
+    g.add_argument("--map", action="append", default=None, metavar="KEY=COL,...",
+                   help="--format csv: columns of the contract fields, e.g. user_id=uid,"
+                        "item_id=sku,kind=event,ts=time[,query=q,title=name,category=cat,"
+                        "brand=b,price=p,session=s,event_id=id,...]")
+    g.add_argument("--kinds", action="append", default=None, metavar="RAW=KIND,...",
+                   help="raw kind values to kinds (click, cart, fav, purchase, search, "
+                        "item), e.g. view=click,buy=purchase,search=search")
+    g.add_argument("--assume-utc", action="store_true",
+                   help="read times without a zone as UTC (without it they are refused)")
 
 
 def _ui_flag(p: argparse.ArgumentParser) -> None:
@@ -473,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StackRunning as exc:  # a second stack in the same data folder
         print(f"tailstream: {exc}", file=sys.stderr)
         return 1
+    except LogError as exc:  # a log that cannot be read as asked, or gave nothing
+        print(f"tailstream: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, NothingUsable) else 2
 
 
 if __name__ == "__main__":
