@@ -87,6 +87,9 @@ def load_encoder(configured: str | Path | None = None) -> LoadedEncoder:
     # safetensors only: a pickled pytorch_model.bin could run code when loaded.
     model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                       add_pooling_layer=False)
+    # fp32 master weights whatever the file holds (a half-precision copy of the weights
+    # trains badly in place; autocast gives the speed on a GPU).
+    model = model.float()
     return LoadedEncoder(tokenizer, model, path, weights_fingerprint(path))
 
 
