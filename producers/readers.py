@@ -102,6 +102,7 @@ class LogReader:
         self._latest = -math.inf
         self._tag = hashlib.sha1(self.path.name.encode()).hexdigest()[:6]  # noqa: S324 - an id
         self._ended = False
+        self.started = False
 
     # Shorthands for the counters (kept for callers that read them directly).
     @property
@@ -124,7 +125,7 @@ class LogReader:
         return self.stats.summary(self.name)
 
     def __iter__(self) -> Iterator[ProducedRecord]:
-        self._ended = False
+        self._ended, self.started = False, True
         try:
             yield from self._read()
         except GeneratorExit:

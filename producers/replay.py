@@ -68,15 +68,28 @@ class LogSpec:
     limits: Limits | None = field(default=None, compare=False)
     tolerance_s: float = 60.0
     on_end: OnEnd | None = field(default=None, compare=False, repr=False)
+    readers: list[LogReader] = field(default_factory=list, compare=False, repr=False)
+    """Every reader :meth:`reader` made, for :meth:`finish`."""
 
     def __post_init__(self) -> None:
         check_mapping(self.fmt, self.columns, self.kind_map)
 
     def reader(self, emit_items: bool = True) -> LogReader:
         """A fresh reader (its ``stats`` fill as its records are consumed)."""
-        return LogReader(self.path, self.fmt, columns=self.columns, kind_map=self.kind_map,
-                         emit_items=emit_items, assume_utc=self.assume_utc,
-                         limits=self.limits, tolerance_s=self.tolerance_s, on_end=self.on_end)
+        reader = LogReader(self.path, self.fmt, columns=self.columns, kind_map=self.kind_map,
+                           emit_items=emit_items, assume_utc=self.assume_utc,
+                           limits=self.limits, tolerance_s=self.tolerance_s,
+                           on_end=self.on_end)
+        self.readers.append(reader)
+        return reader
+
+    def finish(self) -> None:
+        """End the readers that were left before the end of their file (a command that
+        stops after ``--events``/``--max-events``/``--seconds``): ``on_end`` now, with
+        ``stats.complete`` False, rather than whenever the garbage collector closes them."""
+        for reader in self.readers:
+            if reader.started:
+                reader.finish(complete=False)
 
     @property
     def name(self) -> str:

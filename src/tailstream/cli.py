@@ -181,8 +181,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      batch_size=args.batch, tiny=args.tiny, seed=args.seed)
     source = Source(log, args.users, args.items, args.seed)
     command = "tailstream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result, md, paths = run_eval(settings, source, cfg, args.out, events=args.events,
-                                 command=command)
+    try:
+        result, md, paths = run_eval(settings, source, cfg, args.out, events=args.events,
+                                     command=command)
+    finally:
+        if log is not None:
+            log.finish()
     if args.json is not None:
         args.json.write_text(json.dumps(
             {k: result[k] for k in ("dataset", "events", "strategies")}, indent=2))
@@ -250,21 +254,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args).replace(**{
         k: v for k, v in DEMO_DEFAULTS.items()
         if ENV_PREFIX + k.upper() not in os.environ and getattr(args, f"set_{k}", None) is None})
+    spec = log_spec(args, args.replay, settings) if args.replay else None
     _on_signals(_raise_keyboard_interrupt)
     failed: list[LogError] = []
-    if args.replay:
+    if spec is not None:
         from tailstream.producers.replay import pace
 
-        spec = log_spec(args, args.replay, settings)
         records: Any = pace(_guarded(spec.reader(), failed), args.speed)
         source, rate, seconds = f"replay {spec.name}", None, args.seconds
     else:
         records = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
         source = f"synthetic shop ({args.users} users, {args.items} items)"
         rate, seconds = args.rate, (args.seconds if args.seconds is not None else 60.0)
-    summary = run_demo_view(settings, records=records, source=source, rate=rate,
-                            seconds=seconds, summary_json=args.summary_json, ui=args.ui,
-                            trainer=not args.no_trainer)
+    try:
+        summary = run_demo_view(settings, records=records, source=source, rate=rate,
+                                seconds=seconds, summary_json=args.summary_json, ui=args.ui,
+                                trainer=not args.no_trainer)
+    finally:
+        if spec is not None:
+            spec.finish()
     print(json.dumps(summary, indent=2))
     if failed:
         raise failed[0]
@@ -288,8 +296,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
         records, rate = pace(spec.reader(), args.speed), None
     _on_signals(_raise_keyboard_interrupt)
-    stats = send_records(records, settings, rate=rate, max_events=args.max_events,
-                         duration_s=args.seconds, progress=not args.no_progress)
+    try:
+        stats = send_records(records, settings, rate=rate, max_events=args.max_events,
+                             duration_s=args.seconds, progress=not args.no_progress)
+    finally:
+        if spec is not None:
+            spec.finish()
     print(json.dumps({"sent": stats.sent, "by_kind": stats.by_kind,
                       "malformed": stats.malformed, "seconds": round(stats.seconds, 2)}))
     return 0
