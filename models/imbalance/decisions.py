@@ -1,0 +1,268 @@
+"""Decisions that follow the live class counts: prior correction, threshold moving, stacking.
+
+A classifier trained on one class mix and served on another is miscalibrated by exactly
+the ratio of the two priors. Bayes' rule gives the correction without retraining
+(Saerens, Latinne & Decaestecker, "Adjusting the Outputs of a Classifier to New a Priori
+Probabilities", Neural Computation 2002, eq. 2.4; the post-hoc logit adjustment of Menon
+et al., "Long-tail learning via logit adjustment", ICLR 2021, is the same rule in logit
+space)::
+
+    p'(y | x) ∝ p(y | x) · π_live(y) / π_train(y)
+
+so when a sale doubles the purchase share, ``π_live`` (the rolling counts) moves the
+probabilities within seconds, with no fine-tune. When no labels are known for the new
+mix, :func:`em_prior` estimates it from the predictions alone (Saerens et al., §2.3).
+
+The decision is then made with per-class offsets moved on a held-out window to the
+configured objective (*threshold moving*; Provost, "Machine Learning from Imbalanced Data
+Sets 101", AAAI 2000 workshop; Collell et al., "A simple plug-in bagging ensemble based
+on threshold-moving for classifying binary and multiclass imbalanced data",
+Neurocomputing 2018)::
+
+    ŷ = argmax_c  log p'(c | x) + b_c
+
+with ``b`` fitted by coordinate ascent to maximise macro-F1, the G-mean of the class
+recalls, or the minority macro-recall subject to a precision floor (:func:`fit_offsets`).
+
+Several models' probabilities are combined by stacking (Wolpert, "Stacked
+Generalization", Neural Networks 1992): a multinomial logistic regression over the
+models' log-probabilities, fitted on the held-out window (:class:`Stack`).
+
+Torch-free (numpy and scikit-learn): the worker's loop uses it without loading torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OBJECTIVES: tuple[str, ...] = ("g_mean", "macro_f1", "minority_recall")
+EPS = 1e-9
+
+
+def as_prior(counts: Mapping[str, float], classes: Sequence[str], floor: float = 1e-4
+             ) -> np.ndarray:
+    """Class shares ``π`` in ``classes`` order from counts, floored and renormalised (a
+    class never seen must not get probability 0: it would zero its predictions for good).
+
+    >>> as_prior({"a": 3, "b": 1}, ["a", "b", "c"], floor=0.01).round(4).tolist()
+    [0.7426, 0.2475, 0.0099]
+    """
+    raw = np.array([max(float(counts.get(c, 0.0)), 0.0) for c in classes])
+    raw = raw / raw.sum() if raw.sum() > 0 else np.full(len(classes), 1.0 / len(classes))
+    raw = np.maximum(raw, floor)
+    return raw / raw.sum()
+
+
+def prior_correct(proba: np.ndarray, train_prior: np.ndarray, live_prior: np.ndarray
+                  ) -> np.ndarray:
+    """``p'(y|x) ∝ p(y|x) · π_live(y) / π_train(y)`` row-wise (Saerens et al. 2002, eq. 2.4).
+
+    >>> p = np.array([[0.9, 0.1]])
+    >>> prior_correct(p, np.array([0.9, 0.1]), np.array([0.8, 0.2])).round(4).tolist()
+    [[0.8, 0.2]]
+    """
+    ratio = np.asarray(live_prior, dtype=float) / np.maximum(np.asarray(train_prior, float),
+                                                             EPS)
+    out = np.asarray(proba, dtype=float) * ratio
+    return out / np.maximum(out.sum(axis=-1, keepdims=True), EPS)
+
+
+def em_prior(proba: np.ndarray, train_prior: np.ndarray, *, iterations: int = 100,
+             tol: float = 1e-6) -> np.ndarray:
+    """The class prior of the data behind ``proba`` (predictions made under
+    ``train_prior``), estimated without labels by EM (Saerens et al. 2002, §2.3)::
+
+        π⁽ˢ⁺¹⁾(y) = mean_i p⁽ˢ⁾(y | x_i),   p⁽ˢ⁾ = prior_correct(p, π_train, π⁽ˢ⁾)
+
+    A classifier calibrated for a 50/50 mix, on data whose true mix is 70/30 (the plain
+    mean of its probabilities says 61/39):
+
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.random(5000) < 0.3
+    >>> p1 = 1 / (1 + np.exp(-2 * rng.normal(np.where(y, 1.0, -1.0), 1.0)))
+    >>> em_prior(np.stack([1 - p1, p1], 1), np.array([0.5, 0.5])).round(2).tolist()
+    [0.69, 0.31]
+    """
+    proba = np.asarray(proba, dtype=float)
+    prior = np.asarray(train_prior, dtype=float).copy()
+    if len(proba) == 0:
+        return prior
+    for _ in range(iterations):
+        new = prior_correct(proba, train_prior, prior).mean(axis=0)
+        if np.abs(new - prior).max() < tol:
+            return new
+        prior = new
+    return prior
+
+
+# --------------------------------------------------------------------------- objectives
+def recalls(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """Per-class recall (NaN where the class has no true sample).
+
+    >>> recalls(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 3).tolist()
+    [0.5, 1.0, nan]
+    """
+    out = np.full(k, np.nan)
+    for c in range(k):
+        mask = y == c
+        if mask.any():
+            out[c] = float((pred[mask] == c).mean())
+    return out
+
+
+def precisions(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """Per-class precision (0 where the class is never predicted, NaN where it is absent).
+
+    >>> precisions(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2).round(3).tolist()
+    [1.0, 0.667]
+    """
+    out = np.full(k, np.nan)
+    for c in range(k):
+        if not (y == c).any():
+            continue
+        chosen = pred == c
+        out[c] = float((y[chosen] == c).mean()) if chosen.any() else 0.0
+    return out
+
+
+def score(y: np.ndarray, pred: np.ndarray, k: int, objective: str,
+          minority: Sequence[int] = (), precision_floor: float = 0.0) -> float:
+    """The decision objective over the classes present in ``y``:
+
+    * ``g_mean``: ``(Π_c recall_c)^(1/K)`` (Kubat & Matwin, ICML 1997);
+    * ``macro_f1``: mean F1;
+    * ``minority_recall``: mean recall of the ``minority`` classes, minus a large penalty
+      per class whose precision falls under ``precision_floor``.
+
+    >>> y, p = np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])
+    >>> round(score(y, p, 2, "g_mean"), 4), round(score(y, p, 2, "macro_f1"), 4)
+    (0.8165, 0.7333)
+    """
+    rec = recalls(y, pred, k)
+    present = ~np.isnan(rec)
+    if not present.any():
+        return 0.0
+    if objective == "g_mean":
+        return float(np.exp(np.log(np.maximum(rec[present], EPS)).mean())) \
+            if (rec[present] > 0).all() else 0.0
+    prec = precisions(y, pred, k)
+    if objective == "macro_f1":
+        f1 = 2 * prec * rec / np.maximum(prec + rec, EPS)
+        return float(np.nanmean(np.where(present, f1, np.nan)))
+    if objective == "minority_recall":
+        idx = [c for c in minority if present[c]]
+        if not idx:
+            return 0.0
+        penalty = sum(1.0 for c in idx if prec[c] < precision_floor)
+        return float(np.mean(rec[idx])) - penalty
+    raise ValueError(f"unknown objective {objective!r}; one of {OBJECTIVES}")
+
+
+def decide(proba: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``argmax_c log p(c|x) + b_c`` per row.
+
+    >>> decide(np.array([[0.7, 0.3], [0.9, 0.1]]), np.array([0.0, 1.0])).tolist()
+    [1, 0]
+    """
+    return np.argmax(np.log(np.maximum(proba, EPS)) + offsets, axis=-1)
+
+
+def fit_offsets(proba: np.ndarray, y: np.ndarray, objective: str = "g_mean", *,
+                minority: Sequence[int] = (), precision_floor: float = 0.0,
+                grid: np.ndarray | None = None, rounds: int = 3) -> np.ndarray:
+    """Per-class log offsets ``b`` (class 0 fixed at 0) that maximise ``objective`` of
+    :func:`decide` on held-out ``(proba, y)``, by coordinate ascent over ``grid``.
+    Ties keep the offset nearest 0 (the plain argmax), so a window without a class leaves
+    its offset alone.
+
+    >>> rng = np.random.default_rng(0)
+    >>> y = (rng.random(2000) < 0.1).astype(int)
+    >>> p1 = np.clip(0.1 + 0.25 * y + rng.normal(0, 0.1, 2000), 0.01, 0.99)
+    >>> proba = np.stack([1 - p1, p1], axis=1)
+    >>> b = fit_offsets(proba, y, "g_mean")
+    >>> bool(b[1] > 0), round(score(y, decide(proba, b), 2, "g_mean"), 2)
+    (True, 0.88)
+    """
+    proba = np.asarray(proba, dtype=float)
+    k = proba.shape[1]
+    offsets = np.zeros(k)
+    if len(y) == 0:
+        return offsets
+    grid = np.linspace(-4.0, 6.0, 41) if grid is None else grid
+    logp = np.log(np.maximum(proba, EPS))
+    best = score(y, np.argmax(logp, axis=1), k, objective, minority, precision_floor)
+    for _ in range(rounds):
+        changed = False
+        for c in range(1, k):
+            for b in sorted(grid, key=abs):
+                trial = offsets.copy()
+                trial[c] = b
+                s = score(y, np.argmax(logp + trial, axis=1), k, objective, minority,
+                          precision_floor)
+                if s > best + 1e-12:
+                    best, offsets, changed = s, trial, True
+        if not changed:
+            break
+    return offsets
+
+
+# --------------------------------------------------------------------------- stacking
+@dataclass
+class Stack:
+    """Stacked probabilities of several models: a multinomial logistic regression over
+    their log-probabilities (Wolpert 1992), fitted on a held-out window. Until fitted (or
+    when the window lacks two classes) it averages the models' probabilities.
+
+    >>> rng = np.random.default_rng(1)
+    >>> y = (rng.random(600) < 0.2).astype(int)
+    >>> good = np.stack([1 - (0.1 + 0.7 * y), 0.1 + 0.7 * y], 1)      # informative
+    >>> noise = np.tile([[0.5, 0.5]], (600, 1))                      # useless
+    >>> s = Stack(2).fit([good, noise], y)
+    >>> p = s.predict([good, noise])
+    >>> bool(p[y == 1, 1].mean() > 0.6 and p[y == 0, 1].mean() < 0.3)
+    True
+    """
+
+    classes: int
+    coef: np.ndarray | None = None
+    intercept: np.ndarray | None = None
+    weights: list[float] = field(default_factory=list)
+    """For reports: each model's mean absolute coefficient (how much the stack uses it)."""
+
+    @staticmethod
+    def features(models: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.log(np.maximum(np.asarray(p, float), EPS)) for p in models],
+                              axis=1)
+
+    def fit(self, models: Sequence[np.ndarray], y: np.ndarray, c: float = 1.0) -> Stack:
+        from sklearn.linear_model import LogisticRegression
+
+        y = np.asarray(y)
+        if len(np.unique(y)) < 2:
+            return self
+        x = self.features(models)
+        lr = LogisticRegression(C=c, max_iter=500)
+        lr.fit(x, y)
+        coef = np.zeros((self.classes, x.shape[1]))
+        intercept = np.full(self.classes, -30.0)  # a class absent from the window: ~0
+        if len(lr.classes_) == 2:  # sklearn's binary form: one row for class 1
+            coef[lr.classes_[1]], intercept[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0]
+            coef[lr.classes_[0]], intercept[lr.classes_[0]] = 0.0, 0.0
+        else:
+            coef[lr.classes_], intercept[lr.classes_] = lr.coef_, lr.intercept_
+        self.coef, self.intercept = coef, intercept
+        per = x.shape[1] // len(models)
+        self.weights = [float(np.abs(coef[:, m * per:(m + 1) * per]).mean())
+                        for m in range(len(models))]
+        return self
+
+    def predict(self, models: Sequence[np.ndarray]) -> np.ndarray:
+        if self.coef is None or self.intercept is None:
+            return np.mean([np.asarray(p, float) for p in models], axis=0)
+        z = self.features(models) @ self.coef.T + self.intercept
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)

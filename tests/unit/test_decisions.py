@@ -1,0 +1,98 @@
+"""Decisions that follow the live counts: prior correction, EM prior estimate, threshold
+moving and stacking (models/imbalance/decisions.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tailstream.models.imbalance.decisions import (
+    Stack,
+    as_prior,
+    decide,
+    em_prior,
+    fit_offsets,
+    prior_correct,
+    recalls,
+    score,
+)
+
+
+def shop(n: int, purchase_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes (click, cart, purchase) with overlapping 1-d evidence; returns the
+    labels and a model's calibrated posteriors *under a fixed training mix*."""
+    rng = np.random.default_rng(seed)
+    train = np.array([0.85, 0.10, 0.05])
+    mix = np.array([0.95 - 0.10 - purchase_share, 0.10, purchase_share])
+    mix[0] += 0.05
+    mix = mix / mix.sum()
+    y = rng.choice(3, size=n, p=mix)
+    means = np.array([0.0, 1.0, 2.0])
+    x = rng.normal(means[y], 0.8)
+    like = np.exp(-0.5 * ((x[:, None] - means[None, :]) / 0.8) ** 2)
+    post = like * train
+    return y, post / post.sum(1, keepdims=True)
+
+
+def test_prior_correction_moves_decisions_when_the_purchase_share_doubles() -> None:
+    train = np.array([0.85, 0.10, 0.05])
+    y, proba = shop(20_000, purchase_share=0.10, seed=1)  # the sale: twice the purchases
+    before = recalls(y, proba.argmax(1), 3)[2]
+    live = as_prior({"click": np.mean(y == 0), "cart": np.mean(y == 1),
+                     "purchase": np.mean(y == 2)}, ["click", "cart", "purchase"])
+    after = recalls(y, prior_correct(proba, train, live).argmax(1), 3)[2]
+    assert after > before + 0.05
+    # The corrected model is calibrated to the new mix: its mean purchase probability
+    # matches the new share.
+    assert abs(prior_correct(proba, train, live)[:, 2].mean() - np.mean(y == 2)) < 0.01
+
+
+def test_em_recovers_the_new_mix_without_labels() -> None:
+    train = np.array([0.85, 0.10, 0.05])
+    y, proba = shop(20_000, purchase_share=0.10, seed=2)
+    est = em_prior(proba, train)
+    assert abs(est[2] - np.mean(y == 2)) < 0.02
+    assert abs(proba[:, 2].mean() - np.mean(y == 2)) > abs(est[2] - np.mean(y == 2))
+
+
+@pytest.mark.parametrize("objective", ["g_mean", "macro_f1"])
+def test_threshold_moving_beats_the_argmax_on_fresh_data(objective: str) -> None:
+    y_fit, p_fit = shop(10_000, 0.05, seed=3)
+    y_new, p_new = shop(10_000, 0.05, seed=4)
+    b = fit_offsets(p_fit, y_fit, objective)
+    plain = score(y_new, p_new.argmax(1), 3, objective)
+    moved = score(y_new, decide(p_new, b), 3, objective)
+    assert moved > plain
+    assert b[0] == 0.0
+
+
+def test_minority_recall_objective_respects_the_precision_floor() -> None:
+    y, p = shop(10_000, 0.05, seed=5)
+    b = fit_offsets(p, y, "minority_recall", minority=[1, 2], precision_floor=0.3)
+    pred = decide(p, b)
+    for c in (1, 2):
+        chosen = pred == c
+        assert chosen.any() and (y[chosen] == c).mean() >= 0.3
+    assert recalls(y, pred, 3)[1:].mean() > recalls(y, p.argmax(1), 3)[1:].mean()
+
+
+def test_the_stack_learns_to_trust_the_better_model() -> None:
+    y, good = shop(6000, 0.05, seed=6)
+    rng = np.random.default_rng(7)
+    noisy = rng.dirichlet(np.ones(3), size=len(y))
+    stack = Stack(3).fit([good, noisy], y)
+    assert stack.weights[0] > 3 * stack.weights[1]
+    y2, good2 = shop(6000, 0.05, seed=8)
+    noisy2 = rng.dirichlet(np.ones(3), size=len(y2))
+    stacked = stack.predict([good2, noisy2])
+    nll = -np.log(stacked[np.arange(len(y2)), y2]).mean()
+    avg = -np.log(((good2 + noisy2) / 2)[np.arange(len(y2)), y2]).mean()
+    assert nll < avg
+
+
+def test_an_unfitted_stack_averages_and_a_one_class_window_leaves_it_unfitted() -> None:
+    p = np.array([[0.8, 0.2]])
+    q = np.array([[0.4, 0.6]])
+    stack = Stack(2).fit([p, q], np.array([0]))
+    assert stack.coef is None
+    assert np.allclose(stack.predict([p, q]), [[0.6, 0.4]])
