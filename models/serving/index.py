@@ -127,16 +127,30 @@ class ItemIndex:
 
     @torch.inference_mode()
     def search_rows(self, users: torch.Tensor, k: int,
-                    exclude: Sequence[set[str]] | None = None
+                    exclude: Sequence[set[str]] | None = None,
+                    limit: Sequence[int] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` rows per user: scores ``[B, k']`` (−inf where fewer than k' items
-        were eligible) and row indices ``[B, k']`` into :attr:`matrix`."""
-        top = torch.topk(self._masked_scores(users, exclude), min(k, len(self._ids)), dim=1)
+        were eligible) and row indices ``[B, k']`` into :attr:`matrix`. ``limit[b]``
+        makes only rows ``< limit[b]`` eligible for user b (see :meth:`_masked_scores`).
+
+        >>> idx = ItemIndex(dim=2)
+        >>> idx.upsert(["a", "b", "c"], torch.tensor([[0.0, 1.0], [0.7, 0.7], [1.0, 0.0]]))
+        >>> vals, rows = idx.search_rows(torch.tensor([[1.0, 0.0]]), k=3, limit=[2])
+        >>> [idx.id_of(r) for r, v in zip(rows[0].tolist(), vals[0].tolist()) if v > -1e9]
+        ['b', 'a']
+        """
+        top = torch.topk(self._masked_scores(users, exclude, limit=limit),
+                         min(k, len(self._ids)), dim=1)
         return top.values, top.indices
 
     def _masked_scores(self, users: torch.Tensor, exclude: Sequence[set[str]] | None,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores ``[B, N]`` (+ ``bias``), −inf on each user's excluded items."""
+                       bias: torch.Tensor | None = None,
+                       limit: Sequence[int] | None = None) -> torch.Tensor:
+        """Scores ``[B, N]`` (+ ``bias``), −inf on each user's excluded items and, with
+        ``limit``, on every row ``≥ limit[b]`` (rows are in insertion order, so a caller
+        that inserts items in the order they became known masks the ones not yet known:
+        the leak-free evaluation)."""
         s = self.scores(users)
         if bias is not None:
             s = s + bias.to(s)
@@ -145,6 +159,10 @@ class ItemIndex:
                 rows = [self._row[i] for i in items if i in self._row]
                 if rows:
                     s[b, rows] = float("-inf")
+        if limit is not None:
+            cols = torch.arange(s.shape[1], device=s.device)
+            bound = torch.as_tensor(list(limit), device=s.device, dtype=torch.long)
+            s = s.masked_fill(cols[None, :] >= bound[:, None], float("-inf"))
         return s
 
     def id_of(self, row: int) -> str:

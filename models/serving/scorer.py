@@ -170,12 +170,17 @@ class Scorer:
 
     @torch.inference_mode()
     def recommend(self, requests: Sequence[UserRequest], item_info: ItemInfo,
-                  online: OnlineProba | None = None) -> list[list[Ranked]]:
+                  online: OnlineProba | None = None,
+                  known: Sequence[int] | None = None) -> list[list[Ranked]]:
         """A ranked list per request (empty when the index is).
 
         Everything numeric is done for the whole micro-batch at once (one retrieval
         product, one head call over every user's candidates); per user, Python only walks
         the best few candidates to apply the category cap and the tail quota.
+
+        ``known[b]`` (offline evaluation): only the first ``known[b]`` rows of the index
+        may be retrieved for request b (the evaluation inserts items in the order they
+        became known, so no list can hold an item from the request's future).
         """
         cfg = self.ranking
         if not requests or len(self.index) == 0:
@@ -183,7 +188,7 @@ class Scorer:
         model = self.served.model
         users, ctx_items, ctx_mask = self.user_vectors(requests)
         sim, rows = self.index.search_rows(users, cfg.candidates,
-                                           exclude=[r.exclude for r in requests])
+                                           exclude=[r.exclude for r in requests], limit=known)
         # Item facts for the distinct candidates of the whole batch, looked up once.
         uniq, inverse = torch.unique(rows, return_inverse=True)
         uniq_ids = [self.index.id_of(int(r)) for r in uniq.tolist()]

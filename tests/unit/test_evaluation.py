@@ -29,7 +29,13 @@ def test_eval_runs_every_strategy_and_writes_the_report(
     assert result["blocks"] == 3 and result["events"] > 0
     for name, m in result["strategies"].items():
         assert m["ranked"] > 0, name
-        assert 0.0 <= m["hit_at_20"] <= 1.0 and 0.0 <= m["macro_f1"] <= 1.0
+        assert 0.0 <= m["hit_at_20"] <= 1.0
+        assert m["cold_target_hits"] == 0 and m["unknown_shown"] == 0, name
+        assert m["hit_at_20_se"] > 0 and m["map_at_5_search"] is not None, name
+        if STRATEGIES[name].kind == "peer":
+            assert "macro_f1" not in m, name  # lists only
+        else:
+            assert 0.0 <= m["macro_f1"] <= 1.0 and 0.0 <= m["g_mean"] <= 1.0, name
     fixed = [n for n, s in STRATEGIES.items() if s.kind == "transformer" and not s.adaptive]
     # Fixed strategies train after every block but the last, and serve every candidate.
     assert all(result["strategies"][n]["finetunes"] == 2 for n in fixed)
@@ -41,6 +47,9 @@ def test_eval_runs_every_strategy_and_writes_the_report(
     assert result["strategies"]["adaptive"]["promotions"] == sum(d["promote"] for d in gate)
     report = (out / "report.md").read_text()
     assert "| adaptive |" in report and "promotion gate (adaptive)" in report
+    # The first table ranks every strategy and peer by HitRate@20, with standard errors.
+    board = report[report.index("| # | strategy | HitRate@20"):].split("\n\n")[0]
+    assert len(board.splitlines()) == 2 + len(STRATEGIES) and " ± " in board
     assert len(list(out.glob("*.png"))) == 4
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"dataset", "events", "strategies"}

@@ -60,12 +60,12 @@ def _recall(plt: Any, result: dict[str, Any], style: dict[str, dict[str, Any]],
 
 
 def _hit_by_tier(plt: Any, result: dict[str, Any], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(10, 4))
     names = list(result["strategies"])
+    fig, ax = plt.subplots(figsize=(max(10.0, 0.65 * len(names)), 4))
     width = 0.27
     for k, tier in enumerate(TIERS):
         ax.bar([i + (k - 1) * width for i in range(len(names))],
-               [result["strategies"][n][f"hit_at_20_{tier}"] for n in names], width,
+               [result["strategies"][n].get(f"hit_at_20_{tier}") or 0.0 for n in names], width,
                label=tier)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_title("HitRate@20 by tier of the interacted item")

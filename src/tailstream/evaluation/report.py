@@ -1,5 +1,10 @@
 """The evaluation report: markdown tables from ``tailstream eval`` JSON (the charts are in
-:mod:`~tailstream.evaluation.charts`)."""
+:mod:`~tailstream.evaluation.charts`).
+
+The first table ranks every strategy and peer by HitRate@20, with standard errors;
+then the outcome metrics, per class, by tier and by the target's class. A metric a
+strategy lacks (peers predict no class) or a class the log lacks shows as "—" and is
+never bolded."""
 
 from __future__ import annotations
 
@@ -7,10 +12,14 @@ from typing import Any
 
 from tailstream.contract import CLASSES, TIERS
 
+MISSING = "—"
+
 TABLE_METRICS = (
     ("macro_f1", "macro-F1"), ("minority_macro_recall", "minority macro-recall"),
+    ("g_mean", "G-mean"),
     ("recall_cart", "recall cart"), ("recall_fav", "recall fav"),
     ("recall_purchase", "recall purchase"), ("purchase_pr_auc", "PR-AUC purchase"),
+    ("purchase_roc_auc", "ROC-AUC purchase"),
     ("hit_at_20", "HitRate@20"), ("hit_at_20_tail", "HitRate@20 tail"),
     ("ndcg_at_20", "NDCG@20"), ("mrr", "MRR@20"), ("coverage", "coverage"),
     ("tail_exposure_share", "tail share"), ("exposure_gini", "Gini"),
@@ -32,25 +41,29 @@ RANK_METRICS = (
                        ("ndcg_at_20", "NDCG@20"), ("mrr", "MRR@20"))),
 )
 
+CLASS_HIT_METRICS = tuple((f"hit_at_20_{c}", f"Hit@20 {c}") for c in CLASSES)
+
 LOWER_BETTER = {"exposure_gini", "ms_per_event"}
 
 
 def table(strategies: dict[str, dict[str, Any]],
           metrics: tuple[tuple[str, str], ...]) -> list[str]:
     """One markdown table, a row per strategy, the best value of each column in bold
-    (lower is better for Gini and time). Metrics a result lacks show as "–".
+    (lower is better for Gini and time). Metrics a result lacks or holds as None (a class
+    the log does not have) show as "—" and are never bold; a column of equal values has no
+    bold either.
 
-    >>> print("\\n".join(table({"a": {"x": 0.5}, "b": {"x": 0.25, "y": 1.0}},
+    >>> print("\\n".join(table({"a": {"x": 0.5, "y": None}, "b": {"x": 0.25, "y": 1.0}},
     ...                         (("x", "X"), ("y", "Y")))))
     | strategy | X | Y |
     |---|---:|---:|
-    | a | **0.500** | – |
-    | b | 0.250 | **1.000** |
+    | a | **0.500** | — |
+    | b | 0.250 | 1.000 |
     """
     best: dict[str, float] = {}
     for key, _ in metrics:
-        values = [m[key] for m in strategies.values() if key in m]
-        if values:
+        values = [m[key] for m in strategies.values() if m.get(key) is not None]
+        if len(set(values)) > 1:
             best[key] = min(values) if key in LOWER_BETTER else max(values)
     head = "| strategy | " + " | ".join(label for _, label in metrics) + " |"
     rule = "|---|" + "---:|" * len(metrics)
@@ -58,28 +71,69 @@ def table(strategies: dict[str, dict[str, Any]],
     for name, m in strategies.items():
         cells = []
         for key, _ in metrics:
-            if key not in m:
-                cells.append("–")
+            v = m.get(key)
+            if v is None:
+                cells.append(MISSING)
                 continue
-            v = m[key]
-            text = f"{v:.3f}" if key != "ms_per_event" else f"{v:.2f}"
-            cells.append(f"**{text}**" if v == best[key] and len(strategies) > 1 else text)
+            text = f"{v:.2f}" if key == "ms_per_event" else f"{v:.3f}"
+            cells.append(f"**{text}**" if key in best and v == best[key] else text)
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return [head, rule, *rows]
 
 
+def with_se(m: dict[str, Any], key: str) -> str:
+    """``value ± standard error`` of a HitRate (or "—").
+
+    >>> with_se({"h": 0.25, "h_se": 0.0125}, "h"), with_se({"h": None}, "h")
+    ('0.250 ± 0.013', '—')
+    """
+    v = m.get(key)
+    if v is None:
+        return MISSING
+    se = m.get(f"{key}_se")
+    return f"{v:.3f} ± {se:.3f}" if se is not None else f"{v:.3f}"
+
+
+def leaderboard(strategies: dict[str, dict[str, Any]]) -> list[str]:
+    """Every strategy and peer ranked by HitRate@20 (± standard error), with warm and
+    tail HitRate@20, hits on cold targets (must be 0), MAP@5 after a search.
+
+    >>> print("\\n".join(leaderboard({
+    ...     "a": {"hit_at_20": 0.1, "hit_at_20_se": 0.01, "cold_target_hits": 0},
+    ...     "b": {"hit_at_20": 0.3, "hit_at_20_se": 0.02, "cold_target_hits": 0}})))
+    | # | strategy | HitRate@20 | warm | tail | cold-target hits | MAP@5 after search |
+    |---:|---|---:|---:|---:|---:|---:|
+    | 1 | b | 0.300 ± 0.020 | — | — | 0 | — |
+    | 2 | a | 0.100 ± 0.010 | — | — | 0 | — |
+    """
+    ranked = sorted(strategies.items(), key=lambda kv: (-(kv[1].get("hit_at_20") or 0.0),
+                                                        kv[0]))
+    out = ["| # | strategy | HitRate@20 | warm | tail | cold-target hits | MAP@5 after search |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
+    for n, (name, m) in enumerate(ranked, 1):
+        cold = m.get("cold_target_hits")
+        out.append(f"| {n} | {name} | {with_se(m, 'hit_at_20')} | "
+                   f"{with_se(m, 'hit_at_20_warm')} | {with_se(m, 'hit_at_20_tail')} | "
+                   f"{MISSING if cold is None else cold} | {with_se(m, 'map_at_5_search')} |")
+    return out
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
-    """The strategy tables: the headline metrics, then per-class precision/recall/F1 with
-    PR-AUC, then ranking quality by tier of the interacted item; best per column in bold."""
+    """The report: the HitRate@20 leaderboard, the headline metrics, per-class
+    precision/recall/F1 with PR-AUC, ranking by tier and by the target's class; best per
+    column in bold."""
     strategies: dict[str, dict[str, Any]] = result["strategies"]
     runs = " | ".join(f"{n}: {m.get('finetunes', 0)}/{m.get('promotions', 0)}"
                       for n, m in strategies.items() if m.get("finetunes"))
     cfg = result["config"]
     shares = ", ".join(f"{c} {100 * v:.2f} %" for c, v in result["class_shares"].items())
+    known = result.get("known", {})
+    first = next(iter(strategies.values()), {})
     return "\n".join([
         f"### {result['dataset']}",
         "",
         f"{result['events']:,} interactions, {result['catalogue_items']:,} items, "
+        f"{known.get('searches', 0):,} searches, "
         f"{result['blocks']} prequential blocks (first {cfg['warm_blocks']} not scored); "
         f"class shares: {shares}. Encoder: "
         f"{'tiny random BERT (--tiny)' if cfg['tiny_encoder'] else 'all-MiniLM-L6-v2'}, "
@@ -90,6 +144,14 @@ def markdown(result: dict[str, Any], command: str) -> str:
         command,
         "```",
         "",
+        f"Leak-free: each list may hold only the items known at its moment. Scored lists: "
+        f"{first.get('ranked', 0):,}, of which {first.get('ranked_cold', 0):,} have a target "
+        f"nobody had interacted with or announced before (no strategy can hit those; "
+        f"*warm* is HitRate@20 without them, *tail* on tail-tier targets) and "
+        f"{first.get('ranked_search', 0):,} directly follow a search (MAP@5). Every "
+        f"HitRate is ± one standard error.",
+        "",
+        *leaderboard(strategies), "",
         *table(strategies, TABLE_METRICS), "",
         "Per class (precision P, recall R, F1) and PR-AUC of p(cart), p(purchase):",
         "",
@@ -97,6 +159,9 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "Ranking (MRR within the 20-item list) overall and by tier of the interacted item:",
         "",
         *table(strategies, RANK_METRICS), "",
+        "HitRate@20 by the event class of the interacted item:",
+        "",
+        *table(strategies, CLASS_HIT_METRICS), "",
         f"Fine-tunes / promotions: {runs or 'none'}. Wall time "
         f"{cfg.get('seconds', 0.0):.0f} s.",
         "",

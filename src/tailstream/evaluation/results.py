@@ -1,11 +1,22 @@
 """What a strategy did in ``tailstream eval``, and the metrics and summary made from it.
 
 Per interaction a strategy records its outcome prediction (class, p(purchase), p(cart));
-per ranked interaction, the rank of the interacted item in the list it would have
-published and what that list exposed. :meth:`StrategyResult.metrics` turns that into
-per-class precision/recall/F1, macro-F1, minority macro-recall, PR-AUC of p(purchase) and
-p(cart), HitRate@K / NDCG@K / MRR@20 overall and by the item's tier, catalogue coverage,
-the tail's share of exposure and the Gini coefficient of exposure.
+peers that make lists only record none. Per ranked interaction it records the rank of
+the interacted item in the list it would have published, what that list exposed, and
+the target's facts (tier, event class, whether it was known before, whether the list
+followed a search). :meth:`StrategyResult.metrics` turns that into:
+
+* classification (strategies that predict outcomes): per-class precision/recall/F1,
+  macro-F1, minority macro-recall and the G-mean over the classes the log has (classes
+  it lacks are ``None``, shown as "—"), PR-AUC of p(purchase) and p(cart), ROC-AUC of
+  p(purchase);
+* ranking: HitRate@K / NDCG@K / MRR@20 overall, by the item's tier and (HitRate@20) by
+  the target's event class, each HitRate with its binomial standard error (``…_se``);
+  ``hit_at_20_warm`` over targets known before, ``cold_target_hits`` (hits on targets
+  nobody could know: 0 by construction, checked), ``unknown_shown`` (list slots given to
+  items not yet known: 0 by construction, checked), ``map_at_5_search`` over lists that
+  follow a search;
+* exposure: catalogue coverage, the tail's share of exposure, the Gini coefficient.
 """
 
 from __future__ import annotations
@@ -18,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tailstream.contract import CLASSES, RARE_CLASSES, TIERS
-from tailstream.evaluation.stream import Stream
+from tailstream.evaluation.measures import (
+    average_precision_at_k,
+    binomial_se,
+    g_mean,
+    mean_se,
+    roc_auc,
+)
+from tailstream.evaluation.stream import Interaction, Stream
 from tailstream.models.training.metrics import (
     average_precision,
     classification_report,
@@ -43,6 +61,10 @@ class StrategyResult:
     blocks: list[int] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)  # 0: not in the list
     rank_tiers: list[str] = field(default_factory=list)
+    rank_labels: list[str] = field(default_factory=list)  # the target's event class
+    rank_known: list[bool] = field(default_factory=list)  # target known before
+    rank_search: list[bool] = field(default_factory=list)  # the list follows a search
+    unknown_shown: int = 0  # list slots given to items not known yet (must stay 0)
     exposure: Counter[str] = field(default_factory=Counter)
     exposure_tiers: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
@@ -53,30 +75,32 @@ class StrategyResult:
     """The promotion gate's decisions (``adaptive``): block, triggers, promote, reason."""
 
     def add_list(self, items: Sequence[str], tiers: Sequence[str], target: str,
-                 target_tier: str) -> None:
+                 target_tier: str, *, label: str = "", known: bool = True,
+                 after_search: bool = False) -> None:
         rank = items.index(target) + 1 if target in items else 0
         self.ranks.append(rank)
         self.rank_tiers.append(target_tier)
+        self.rank_labels.append(label)
+        self.rank_known.append(known)
+        self.rank_search.append(after_search)
         self.exposure.update(items)
         self.exposure_tiers.update(tiers)
 
+    def add_ranked(self, it: Interaction, items: Sequence[str], tiers: Sequence[str],
+                   order: dict[str, int]) -> None:
+        """The list made for ranked interaction ``it``; ``order`` numbers the known items
+        (:meth:`Stream.known_order`), to count slots given to items not yet known."""
+        self.unknown_shown += sum(1 for i in items if order.get(i, len(order)) >= it.known)
+        self.add_list(items, tiers, it.sample.item_id, it.tier, label=it.sample.label,
+                      known=it.target_known, after_search=it.query is not None)
+
+    @property
+    def predicts_outcomes(self) -> bool:
+        return bool(self.y_pred)
+
     def metrics(self, catalogue_size: int, events: int) -> dict[str, Any]:
-        report = classification_report(self.y_true, self.y_pred, CLASSES)
-        out: dict[str, Any] = {k: round(v, 6) for k, v in report.items()
-                               if not k.startswith("support")}
-        out["minority_macro_recall"] = round(macro_recall(report, RARE_CLASSES), 6)
-        out["purchase_pr_auc"] = round(average_precision(
-            [y == "purchase" for y in self.y_true], self.p_purchase), 6)
-        out["cart_pr_auc"] = round(average_precision(
-            [y == "cart" for y in self.y_true], self.p_cart), 6)
-        ranked = rank_metrics(self.ranks, (10, 20))
-        out.update({k: round(v, 6) for k, v in ranked.items()})
-        out["ranked"] = len(self.ranks)
-        for tier in TIERS:
-            sel = [r for r, t in zip(self.ranks, self.rank_tiers, strict=True) if t == tier]
-            sub = rank_metrics(sel, (10, 20))
-            out.update({f"{k}_{tier}": round(v, 6) for k, v in sub.items()})
-            out[f"ranked_{tier}"] = len(sel)
+        out: dict[str, Any] = self.outcome_metrics() if self.predicts_outcomes else {}
+        out.update(self.ranking_metrics())
         shown = sum(self.exposure_tiers.values())
         out["coverage"] = round(coverage(self.exposure, catalogue_size), 6)
         out["tail_exposure_share"] = round(self.exposure_tiers.get("tail", 0) / shown, 6) \
@@ -88,7 +112,61 @@ class StrategyResult:
         out["promotions"] = self.promotions
         return out
 
+    def outcome_metrics(self) -> dict[str, Any]:
+        """Classification metrics; ``None`` for the classes the scored events lack."""
+        report = classification_report(self.y_true, self.y_pred, CLASSES)
+        present = [c for c in CLASSES if report[f"support_{c}"] > 0]
+        out: dict[str, Any] = {}
+        for k, v in report.items():
+            if k.startswith("support"):
+                continue
+            cls = k.rsplit("_", 1)[-1]
+            out[k] = None if cls in CLASSES and cls not in present else round(v, 6)
+        rare = [c for c in RARE_CLASSES if c in present]
+        out["minority_macro_recall"] = round(macro_recall(report, rare), 6) if rare else None
+        out["g_mean"] = round(g_mean([report[f"recall_{c}"] for c in present]), 6)
+        for c, scores in (("purchase", self.p_purchase), ("cart", self.p_cart)):
+            truth = [y == c for y in self.y_true]
+            out[f"{c}_pr_auc"] = round(average_precision(truth, scores), 6) \
+                if c in present else None
+        auc = roc_auc([y == "purchase" for y in self.y_true], self.p_purchase)
+        out["purchase_roc_auc"] = None if auc is None else round(auc, 6)
+        return out
+
+    def ranking_metrics(self) -> dict[str, Any]:
+        """HitRate/NDCG/MRR with standard errors, by tier and class, warm and cold,
+        MAP@5 after a search."""
+        out = _rank_block(self.ranks, "")
+        out["ranked"] = len(self.ranks)
+        for tier in TIERS:
+            sel = [r for r, t in zip(self.ranks, self.rank_tiers, strict=True) if t == tier]
+            out.update(_rank_block(sel, f"_{tier}"))
+            out[f"ranked_{tier}"] = len(sel)
+        for c in CLASSES:
+            sel = [r for r, y in zip(self.ranks, self.rank_labels, strict=True) if y == c]
+            hit = _hit_at_20(sel)
+            out[f"hit_at_20_{c}"] = hit
+            out[f"hit_at_20_{c}_se"] = None if hit is None else round(
+                binomial_se(hit, len(sel)), 6)
+            out[f"ranked_{c}"] = len(sel)
+        warm = [r for r, k in zip(self.ranks, self.rank_known, strict=True) if k]
+        out["hit_at_20_warm"] = _hit_at_20(warm)
+        out["hit_at_20_warm_se"] = round(binomial_se(out["hit_at_20_warm"] or 0.0, len(warm)), 6)
+        out["ranked_warm"] = len(warm)
+        out["ranked_cold"] = len(self.ranks) - len(warm)
+        out["cold_target_hits"] = sum(1 for r, k in zip(self.ranks, self.rank_known, strict=True)
+                                      if not k and 0 < r <= 20)
+        out["unknown_shown"] = self.unknown_shown
+        aps = [average_precision_at_k(r, 5)
+               for r, q in zip(self.ranks, self.rank_search, strict=True) if q]
+        out["map_at_5_search"] = round(float(np.mean(aps)), 6) if aps else None
+        out["map_at_5_search_se"] = round(mean_se(aps), 6) if aps else None
+        out["ranked_search"] = len(aps)
+        return out
+
     def recall_by_block(self, n_blocks: int) -> dict[str, list[float]]:
+        if not self.predicts_outcomes:
+            return {}
         out: dict[str, list[float]] = {c: [] for c in CLASSES}
         for b in range(n_blocks):
             idx = [i for i, x in enumerate(self.blocks) if x == b]
@@ -97,6 +175,29 @@ class StrategyResult:
             for c in CLASSES:
                 out[c].append(rep[f"recall_{c}"])
         return out
+
+
+def _hit_at_20(ranks: Sequence[int]) -> float | None:
+    """HitRate@20 of ``ranks`` (None when there are none).
+
+    >>> _hit_at_20([1, 21, 0, 20]), _hit_at_20([])
+    (0.5, None)
+    """
+    if not ranks:
+        return None
+    return round(sum(1 for r in ranks if 0 < r <= 20) / len(ranks), 6)
+
+
+def _rank_block(ranks: Sequence[int], suffix: str) -> dict[str, Any]:
+    """HitRate@10/20 (with standard errors), NDCG@10/20 and MRR of ``ranks``, keys with
+    ``suffix``; ``None`` everywhere when there are no ranks."""
+    m = rank_metrics(ranks, (10, 20))
+    out: dict[str, Any] = {f"{k}{suffix}": (round(v, 6) if ranks else None)
+                           for k, v in m.items()}
+    for k in (10, 20):
+        out[f"hit_at_{k}{suffix}_se"] = (round(binomial_se(m[f"hit_at_{k}"], len(ranks)), 6)
+                                         if ranks else None)
+    return out
 
 
 def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
@@ -114,13 +215,16 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
                    "warm_blocks": cfg.warm_blocks, **extra},
         "class_shares": {c: round(v, 6) for c, v in
                          _shares(Counter(it.sample.label for it in stream.interactions)).items()},
+        "known": {"items": len(stream.known_ids), "searches": len(stream.searches),
+                  "ranked_cold_targets": sum(1 for it in stream.interactions
+                                             if it.ranked and not it.target_known)},
         "strategies": {n: r.metrics(catalogue, events) for n, r in results.items()},
         "gate": {n: r.gate for n, r in results.items() if r.gate},
         "over_time": {
             "class_shares": [b.shares for b in stream.blocks],
             "loop_weights": [b.weights for b in stream.blocks],
             "recall_by_block": {n: r.recall_by_block(stream.n_blocks)
-                                for n, r in results.items()},
+                                for n, r in results.items() if r.predicts_outcomes},
             "lorenz": {n: thin_curve(*lorenz_curve(list(r.exposure.values())
                                                    + [0] * max(0, catalogue - len(r.exposure))))
                        for n, r in results.items()},

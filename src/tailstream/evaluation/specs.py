@@ -5,12 +5,12 @@ command line can list them without loading the model; what each strategy does is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class StrategySpec:
-    kind: str  # popularity | river | transformer
+    kind: str  # popularity | river | transformer | peer
     policy: str = "none"
     builder: str = "none"
     smote_share: float = 0.0
@@ -30,7 +30,43 @@ STRATEGIES: dict[str, StrategySpec] = {
     "smote": StrategySpec("transformer", "none", smote_share=0.25),
     "importance": StrategySpec("transformer", "importance"),
     "adaptive": StrategySpec("transformer", adaptive=True),
+    # Well-known peers (evaluation/peers.py, evaluation/factors.py): lists only.
+    "trending": StrategySpec("peer"),
+    "covisitation": StrategySpec("peer"),
+    "als": StrategySpec("peer"),
+    "bpr": StrategySpec("peer"),
+    "query_lookup": StrategySpec("peer"),
 }
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """The peers' settings (fixed for every log; clocks count interactions, so a window
+    means the same share of any log whatever its event rate)."""
+
+    trending_half_life: float = 2000.0
+    """Interactions after which an interaction counts half in ``trending``."""
+    covis_window: int = 5
+    """How many of the user's most recent distinct items pair with a new interaction."""
+    covis_half_life: float = 20000.0
+    """Interactions after which a co-visit counts half."""
+    covis_backward: float = 0.5
+    """Weight of "j was preceded by i" relative to "i was followed by j"."""
+    covis_neighbours: int = 50
+    factors: int = 64
+    als_iterations: int = 15
+    als_regularization: float = 0.05
+    alpha: float = 10.0
+    """Confidence per unit of event-class weight (click 1, fav 2, cart 3, purchase 4)."""
+    bpr_iterations: int = 100
+    bpr_learning_rate: float = 0.05
+    bpr_regularization: float = 0.01
+    fold_in_regularization: float = 0.1
+    query_follow: int = 5
+    """Interactions after a search that count for its query (until the next search)."""
+    query_ngram: int = 3
+    query_neighbours: int = 10
+    query_min_similarity: float = 0.3
 
 
 @dataclass
@@ -44,3 +80,4 @@ class EvalConfig:
     seed: int = 0
     warm_blocks: int = 1
     """Blocks before the first prediction counts (models have seen nothing yet)."""
+    peers: PeerConfig = field(default_factory=PeerConfig)

@@ -6,9 +6,17 @@ strategy walks the blocks, first **predicting** every interaction of block *b* w
 model it has so far, then **learning** from what the buffer held at the end of block *b*.
 All strategies see the same data in the same order with the same seeds.
 
-* ``popularity``: outcome = the class prior so far; lists = the most popular items.
+Leak-free: a list may hold only items known when its interaction happened (see
+:mod:`~tailstream.evaluation.stream`); every list goes through :meth:`Harness.add_list`,
+which counts any slot given to an item not yet known (``unknown_shown``, must be 0).
+
+* ``popularity``: outcome = the class prior so far; lists = the most popular items
+  (refreshed per block), without the user's 5 most recent items.
 * ``river``: the imbalance loop's river fast path (prequential, weighted by the live class
   weights) for outcomes; lists from the category-affinity × popularity baseline.
+* peers (:mod:`~tailstream.evaluation.peers`): ``trending``, ``covisitation``, ``als``,
+  ``bpr``, ``query_lookup`` — well-known recommenders on the same lists, no outcome
+  prediction.
 * transformer strategies (:mod:`~tailstream.evaluation.transformer`), all from the same
   pretrained encoder and seeds, fine-tuned after each block on that block's buffer through
   the trainer's own routine: ``ce`` (unweighted cross-entropy), ``inverse``,
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -60,6 +68,7 @@ class Harness:
         self.tower = configs.tower_config(settings, seed=cfg.seed)
         self._base: ServedModel | None = None
         self._vectors: TextVectors | None = None
+        self.order = stream.known_order()
 
     # ------------------------------------------------------------------ shared encoder
     def base(self) -> tuple[ServedModel, TextVectors]:
@@ -94,6 +103,7 @@ class Harness:
 
     # ------------------------------------------------------------------ strategies
     def run(self, name: str) -> StrategyResult:
+        from tailstream.evaluation.peers import run_peer
         from tailstream.evaluation.transformer import TransformerStrategy
 
         spec = STRATEGIES[name]
@@ -102,6 +112,8 @@ class Harness:
             result = self._popularity(name)
         elif spec.kind == "river":
             result = self._river(name)
+        elif spec.kind == "peer":
+            result = run_peer(self, name, spec)
         else:
             result = TransformerStrategy(self, name, spec).run()
         result.seconds = time.perf_counter() - started
@@ -109,6 +121,15 @@ class Harness:
 
     def counted(self, it: Interaction) -> bool:
         return it.block >= self.cfg.warm_blocks
+
+    def add_list(self, res: StrategyResult, it: Interaction, items: Sequence[str],
+                 tiers: Sequence[str] | None = None) -> None:
+        """Record the list a strategy made for ranked interaction ``it`` (tiers as known
+        before its block when not given)."""
+        if tiers is None:
+            known_tiers = self.tiers_at(it.block)
+            tiers = [known_tiers.get(i, "tail") for i in items]
+        res.add_ranked(it, items, tiers, self.order)
 
     def tiers_at(self, block: int) -> dict[str, str]:
         """Item tiers as known when block ``block`` is predicted (end of the one before)."""
@@ -120,10 +141,11 @@ class Harness:
         prior: Counter[str] = Counter()
         top: list[str] = []
         current = -1
+        k = self.settings.recs_k
         for it in self.stream.interactions:
             if it.block != current:  # the popular list is refreshed per block
                 current = it.block
-                top = [i for i, _ in counts.most_common(self.settings.recs_k)]
+                top = [i for i, _ in counts.most_common(k + 5)]
             if self.counted(it):
                 total = sum(prior.values()) or 1
                 res.y_true.append(it.sample.label)
@@ -132,9 +154,8 @@ class Harness:
                 res.p_cart.append(prior.get("cart", 0) / total)
                 res.blocks.append(it.block)
                 if it.ranked:
-                    tiers = self.tiers_at(it.block)
-                    res.add_list(top, [tiers.get(i, "tail") for i in top], it.sample.item_id,
-                                 it.tier)
+                    recent = set((it.profile or {}).get("items", [])[:5])
+                    self.add_list(res, it, [i for i in top if i not in recent][:k])
             counts[it.sample.item_id] += 1
             prior[it.sample.label] += 1
         return res
@@ -151,7 +172,5 @@ class Harness:
             res.p_cart.append(proba.get("cart", 0.0))
             res.blocks.append(it.block)
             if it.ranked and it.baseline_list is not None:
-                tiers = self.tiers_at(it.block)
-                res.add_list(it.baseline_list, [tiers.get(i, "tail") for i in it.baseline_list],
-                             it.sample.item_id, it.tier)
+                self.add_list(res, it, it.baseline_list)
         return res

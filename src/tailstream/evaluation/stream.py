@@ -9,6 +9,20 @@ profile *before* the event, the river fast path's prediction made before learnin
 it, the baseline's list), and at the end of each block the loop's state
 (:class:`BlockState`: what the strategies train on, and the policy and weights the loop
 would have published).
+
+**What is known, and when (the leak-free protocol).** An item becomes *known* when it is
+interacted with (after that event) or when a catalogue record announces it (from that
+record on). Known items get sequential numbers in the order they became known
+(:attr:`Stream.known_ids`), and every interaction records how many items were known just
+before it (:attr:`Interaction.known`): a strategy scoring that interaction may rank only
+items numbered below it. A catalogue record that a reader emits right in front of the
+first event of its item, with that event's time stamp (what ``LogReader`` does for logs
+without a catalogue: Taobao, REES46), describes the item of that event rather than
+announcing it: its text is applied, but the item becomes known only with the event.
+Searches are kept (:attr:`Stream.searches`), and an interaction that directly follows the
+same user's search records the query (:attr:`Interaction.query`). A search's
+``clicked_item_id`` is the answer to the list that follows the search, so it makes its
+item known only after the user's next event (the click itself, in a shop that logs it).
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tailstream import configs
@@ -41,6 +55,25 @@ class Interaction:
     baseline_list: list[str] | None  # the baseline recommender's list (ranked events)
     profile: dict[str, Any] | None  # the profile before the event (ranked events)
     ranked: bool
+    known: int = 0
+    """Items known just before this interaction: strategies may rank known items numbered
+    ``< known`` only (:attr:`Stream.known_ids`)."""
+    target_known: bool = True
+    """Whether the interacted item was known before (a cold target can never be hit)."""
+    query: str | None = None
+    """The query of the user's search when this interaction directly follows it."""
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """A search in the replay, after ``position`` interactions."""
+
+    position: int
+    user_id: str
+    ts: float
+    query: str
+    clicked_item_id: str | None = None
+    result_item_ids: tuple[str, ...] = ()
 
 
 @dataclass
@@ -69,28 +102,53 @@ class Stream:
     blocks: list[BlockState]
     item_text: dict[str, str]
     categories: dict[str, str | None]
-    items_by_block: list[list[str]]  # items first seen in each block (catalogue growth)
+    items_by_block: list[list[str]]  # items first interacted with in each block
     catalogue: list[str]  # catalogue records known before the first event
+    known_ids: list[str] = field(default_factory=list)
+    """Every item that became known, in the order it did (its index is its number)."""
+    searches: list[SearchRecord] = field(default_factory=list)
 
     @property
     def n_blocks(self) -> int:
         return len(self.blocks)
 
+    def known_order(self) -> dict[str, int]:
+        """``item → its number in`` :attr:`known_ids`."""
+        return {item: n for n, item in enumerate(self.known_ids)}
+
+
+@dataclass(frozen=True)
+class CatalogueRecord:
+    """A catalogue record in the replay, before event number ``position``."""
+
+    position: int
+    item: Item
+    describes: bool = False
+    """True when it only describes the item of the event right after it (see the module
+    docstring): the item is not known before that event."""
+
 
 def read_records(records: Iterable[ProducedRecord], settings: Settings,
-                 max_events: int | None = None) -> tuple[list[Event], list[tuple[int, Item]]]:
+                 max_events: int | None = None) -> tuple[list[Event], list[CatalogueRecord]]:
     """Validated events, and catalogue records with the number of events before each."""
     limits = configs.limits(settings, future_skew=False)
     events: list[Event] = []
-    items: list[tuple[int, Item]] = []
+    items: list[CatalogueRecord] = []
+    just_before: list[tuple[int, float | None]] = []  # records since the last event
     for rec in records:
         if rec.malformed:
             continue
         value = json.loads(rec.value)
         if rec.kind == CATALOGUE:
-            items.append((len(events), validate_item(value, limits)))
+            just_before.append((len(items), rec.ts))
+            items.append(CatalogueRecord(len(events), validate_item(value, limits)))
             continue
-        events.append(validate_event(rec.kind, value, limits))
+        event = validate_event(rec.kind, value, limits)
+        for n, ts in just_before:
+            if items[n].item.item_id == event.item_id and ts is not None and ts >= event.ts:
+                items[n] = CatalogueRecord(items[n].position, items[n].item, describes=True)
+        just_before = []
+        events.append(event)
         if max_events is not None and len(events) >= max_events:
             break
     return events, items
@@ -116,7 +174,7 @@ class _Replay:
     """The state of one :func:`collect`: per event, then per block."""
 
     def __init__(self, settings: Settings, blocks: int, per_block: int, rank_every: int,
-                 items: list[tuple[int, Item]]) -> None:
+                 items: list[CatalogueRecord]) -> None:
         self.settings = settings
         self.blocks, self.per_block, self.rank_every = blocks, per_block, rank_every
         self.now = 0.0
@@ -133,16 +191,36 @@ class _Replay:
         self.requests: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.k = 0  # interactions so far
+        self.known: dict[str, int] = {}  # item → the order in which it became known
+        self.searches: list[SearchRecord] = []
+        self.after_search: dict[str, str] = {}  # user → query, while it is their last event
+        self.clicked: dict[str, str] = {}  # user → their last search's clicked item
+
+    def _know(self, item_id: str | None) -> None:
+        if item_id is not None and item_id not in self.known:
+            self.known[item_id] = len(self.known)
+
+    def _catalogue_until(self, i: int) -> list[Item]:
+        """Apply the catalogue records due before event ``i`` that announce items (they are
+        known from now on); return the ones that only describe event ``i``'s item."""
+        described: list[Item] = []
+        while self.pending is not None and self.pending.position <= i:
+            rec = self.pending
+            if rec.describes:
+                described.append(rec.item)
+            else:
+                self.state.apply_item(rec.item)
+                self._know(rec.item.item_id)
+                if not self.interactions:
+                    self.catalogue.append(rec.item.item_id)
+            self.pending = next(self.items, None)
+        return described
 
     def step(self, i: int, event: Event) -> bool:
         """Apply the ``i``-th event (and the catalogue records before it); True when it
         was an interaction."""
         state, s = self.state, self.settings
-        while self.pending is not None and self.pending[0] <= i:
-            state.apply_item(self.pending[1])
-            if not self.interactions:
-                self.catalogue.append(self.pending[1].item_id)
-            self.pending = next(self.items, None)
+        described = self._catalogue_until(i)
         self.now = event.ts
         block = min(self.k // self.per_block, self.blocks - 1)
         before = self.profiles.get(event.user_id) or new_profile()
@@ -153,8 +231,12 @@ class _Replay:
         base_list = ([r.item_id for r in recommend(before, state.popularity, k=s.recs_k,
                                                    tail_share=s.tail_share)]
                      if ranked else None)
+        known = len(self.known)
+        for item in described:  # the event's own item: its text, not yet its existence
+            state.apply_item(item)
         tier = state.imbalance.tiers.get(event.item_id or "", "tail")
         sample = state.apply_event(event, partition=0)
+        query = self._follow_search(event)
         if sample is not None:
             if sample.item_id not in self.seen:
                 self.seen.add(sample.item_id)
@@ -162,8 +244,15 @@ class _Replay:
             self.counts[sample.item_id] += 1
             self.interactions.append(Interaction(
                 sample, block, tier, state.popularity.category(sample.item_id),
-                state.imbalance.last_proba, base_list, before if ranked else None, ranked))
+                state.imbalance.last_proba, base_list, before if ranked else None, ranked,
+                known=known, target_known=sample.item_id in self.known, query=query))
             self.k += 1
+        self._know(self.clicked.pop(event.user_id, None))  # clicked in their last search
+        if event.kind == SEARCH:
+            if event.clicked_item_id is not None:
+                self.clicked[event.user_id] = event.clicked_item_id
+        else:
+            self._know(event.item_id)
         if i % s.batch_size == s.batch_size - 1:
             state.popularity.refresh(event.ts)
             self._end_batch()
@@ -172,6 +261,17 @@ class _Replay:
             self._close_block()
             self.items_by_block.append([])
         return sample is not None
+
+    def _follow_search(self, event: Event) -> str | None:
+        """Record a search; for an interaction, the query of the search it directly
+        follows (the user's previous event), if any."""
+        if event.kind != SEARCH:
+            return self.after_search.pop(event.user_id, None)
+        query = event.query or ""
+        self.searches.append(SearchRecord(self.k, event.user_id, event.ts, query,
+                                          event.clicked_item_id, event.result_item_ids))
+        self.after_search[event.user_id] = query
+        return None
 
     def _end_batch(self) -> None:
         request = self.state.imbalance.end_batch()
@@ -193,4 +293,5 @@ class _Replay:
         state = self.state
         return Stream(self.interactions, self.out_blocks, dict(state.item_text),
                       {i: state.popularity.category(i) for i in state.item_text},
-                      self.items_by_block[:len(self.out_blocks)], self.catalogue)
+                      self.items_by_block[:len(self.out_blocks)], self.catalogue,
+                      list(self.known), self.searches)

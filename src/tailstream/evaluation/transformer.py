@@ -3,8 +3,11 @@ buffer at its end — through the trainer's own routine
 (:func:`~tailstream.models.training.routine.fine_tune`), so the evaluation runs the code
 production runs.
 
-Per block *b*: the catalogue known so far is indexed, every interaction of *b* is
-predicted (outcome probabilities; lists for the ranked ones, scored with the production
+Every item that ever becomes known is indexed once, in the order it became known
+(:attr:`~tailstream.evaluation.stream.Stream.known_ids`), and each list may retrieve only
+the rows known when its interaction happened (``Scorer.recommend(known=...)``): the
+leak-free protocol. Per block *b*: every interaction of *b* is predicted (outcome
+probabilities; lists for the ranked ones, scored with the production
 :class:`~tailstream.models.serving.scorer.Scorer`), then — unless *b* is the last block —
 a fine-tune on the block's buffer:
 
@@ -72,9 +75,10 @@ class TransformerStrategy:
         by_block: dict[int, list[Interaction]] = {}
         for it in stream.interactions:
             by_block.setdefault(it.block, []).append(it)
-        self._index(stream.catalogue)
+        self._index(stream.known_ids)
+        if self.scorer.index.ids[:len(stream.known_ids)] != stream.known_ids:
+            raise RuntimeError("index rows must follow the order items became known")
         for b in range(stream.n_blocks):
-            self._index(stream.items_by_block[b])
             if b >= cfg.warm_blocks:
                 self._predict(by_block.get(b, []), b)
             if b == stream.n_blocks - 1:
@@ -171,17 +175,18 @@ class TransformerStrategy:
                                                     self.settings.max_context),
                                     set((it.profile or {}).get("items", [])[:5]))
                         for it in part]
-            lists = self.scorer.recommend(requests, self._item_info(b))
+            lists = self.scorer.recommend(requests, self._item_info(b, ranked[0].known),
+                                          known=[it.known for it in part])
             for it, lst in zip(part, lists, strict=True):
-                res.add_list([r.item_id for r in lst], [r.tier for r in lst],
-                             it.sample.item_id, it.tier)
+                self.h.add_list(res, it, [r.item_id for r in lst], [r.tier for r in lst])
 
-    def _item_info(self, b: int) -> ItemInfo:
-        """Tiers, categories and smoothed log q of items as known before block ``b``."""
+    def _item_info(self, b: int, n_items: int) -> ItemInfo:
+        """Tiers, categories and smoothed log q of items as known before block ``b``
+        (``n_items`` known items: the smoothing's catalogue size)."""
         tiers = self.h.tiers_at(b)
         counts = self.h.stream.blocks[max(b - 1, 0)].item_counts
         total = sum(counts.values()) or 1.0
-        n_items = len(self.scorer.index)
+        n_items = max(n_items, 1)
         categories = self.h.stream.categories
 
         def item_info(ids: Sequence[str]) -> tuple[list[str], list[str | None], list[float]]:
