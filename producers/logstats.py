@@ -42,6 +42,8 @@ class ReplayStats:
     """Catalogue records whose text (title, category, brand) another item has too."""
     text_from: str = ""
     """Where item texts come from (``title``, ``category``, ``ids only``, …), when derived."""
+    text_hint: str = "give the items distinct titles"
+    """What to do about items sharing their text (depends on the format)."""
     complete: bool = False
     """True once the whole file was read (False while reading, or when stopped early)."""
 
@@ -108,6 +110,5 @@ class ReplayStats:
         if self.shared_text_warning:
             out.append(f"{self.shared_text:,} of {self.items:,} items "
                        f"({self.shared_text / self.items:.0%}) share their text with another "
-                       "item: the transformer sees them as identical; map a title column "
-                       "(--map title=COL) or more text (brand=COL, category=COL)")
+                       f"item: the transformer sees them as identical; {self.text_hint}")
         return out

@@ -65,6 +65,11 @@ MAP_KEYS = ("user_id", "item_id", "kind", "ts", "session", "event_id", "query",
 REQUIRED_KEYS = ("item_id", "kind", "ts")
 """Mapped always; ``user_id`` too, unless ``session`` stands in for the user."""
 DELIMITERS = (",", "\t", ";", "|")
+TEXT_HINTS = {
+    "csv": "map a title column (--map title=COL) or more text (brand=COL, category=COL)",
+    "rees46": "REES46 has no titles: brand and category are all that tell items apart",
+    "jsonl": "give the catalogue records distinct titles",
+}
 _ID_LIST = re.compile(r"[\s|;,]+")
 
 OnEnd = Callable[["LogReader"], None]
@@ -96,7 +101,8 @@ class LogReader:
         self.on_end = on_end
         self.require_events = require_events
         self.stats = ReplayStats(tolerance_s=tolerance_s, text_from=_text_from(fmt,
-                                                                              self.columns))
+                                                                              self.columns),
+                                 text_hint=TEXT_HINTS.get(fmt, ReplayStats.text_hint))
         self._seen_items: set[str] = set()
         self._texts: Counter[int] = Counter()
         self._latest = -math.inf
@@ -190,7 +196,15 @@ class LogReader:
         rows = csv.reader(chain([header_line], fh), delimiter=delimiter)
         index = self._header_index(next(rows), delimiter)
         fallback = index.pop("_category_id", None)
-        for row in rows:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # a NUL byte, a field over the size limit
+                self.stats.rows += 1
+                self.stats.skip("bad_csv", rows.line_num, str(exc))
+                continue
             if not any(cell.strip() for cell in row):
                 continue
             self.stats.rows += 1
@@ -229,7 +243,7 @@ class LogReader:
             self.stats.rows += 1
             try:
                 obj = json.loads(text, parse_constant=_no_constant)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 self.stats.skip("not_json", n, str(exc))
                 continue
             if not isinstance(obj, dict):

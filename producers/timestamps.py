@@ -45,10 +45,13 @@ def parse_ts(raw: str | float, assume_utc: bool = False) -> tuple[float, str]:
     >>> parse_ts("2024-01-01 00:00:00", assume_utc=True)
     (1704067200.0, 'iso')
     """
-    if isinstance(raw, bool):
-        raise ValueError(f"not a timestamp: {raw!r}")
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ValueError(f"not a timestamp: {type(raw).__name__}")
     if isinstance(raw, int | float):
-        return _number(float(raw))
+        try:
+            return _number(float(raw))
+        except OverflowError:  # a 400-digit JSON integer
+            raise ValueError("not a timestamp: out of range") from None
     text = raw.strip()
     try:
         number = float(text)

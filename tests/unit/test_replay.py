@@ -151,6 +151,16 @@ def test_jsonl_with_searches_and_catalogue_records(tmp_path: Path) -> None:
     assert_valid(recs)
 
 
+def test_hostile_json_lines_are_skipped_not_fatal(tmp_path: Path) -> None:
+    f = tmp_path / "odd.jsonl"
+    click = '{"kind": "click", "user_id": "u", "item_id": "i", "ts": %s}\n'
+    f.write_text(click % '{"a": 1}' + click % "1e400" + click % "NaN" + "[" * 100_000 + "\n"
+                 + click % ("9" * 500) + click % 1704067200)
+    reader = LogReader(f, "jsonl")
+    assert [r.ts for r in reader] == [1704067200.0]
+    assert reader.stats.skipped == Counter(bad_ts=3, not_json=2)
+
+
 def test_csv_with_map_and_kinds_replays_searches(tmp_path: Path) -> None:
     f = tmp_path / "shop.csv"
     f.write_text("sid;sku;event;when;q;name;cat;maker;cost;results\n"
