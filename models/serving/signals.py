@@ -1,0 +1,106 @@
+"""The stateful candidate sources beside the towers, updated per event: trending items,
+item co-visitation, query → item lookups, and (from the user's profile and the popularity
+state) the user's categories and own older items.
+
+One :class:`Signals` per worker (and per strategy in ``tailstream eval``), fed every valid
+event in order; :meth:`Signals.sources` gives, for one user at one moment, each source's
+ranked candidates, which :mod:`~tailstream.models.serving.blend` unites and scores. Every
+source reads only what happened before the call, so a list never holds an item from its
+own future. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tailstream.contract import SEARCH, Event
+from tailstream.models.serving.baseline import EVENT_WEIGHT, recommend
+from tailstream.models.serving.covisitation import Covisitation
+from tailstream.models.serving.popularity import PopularityTracker
+from tailstream.models.serving.query_lookup import QueryLookup
+from tailstream.models.serving.trending import Trending
+
+
+@dataclass(frozen=True)
+class SignalsConfig:
+    trending_half_life_s: float = 3600.0
+    covisitation_half_life_s: float = 6 * 3600.0
+    covisitation_window: int = 5
+    depth: int = 100
+    """Candidates taken from each source."""
+    recent: int = 5
+    """The user's most recent items: never recommended (they just saw them)."""
+    query_follow_s: float = 1800.0
+    """A search steers lists for this long (event time) after it was made."""
+
+
+class Signals:
+    """Trending, co-visitation and query lookups over the stream, plus the user's
+    categories and history from their profile.
+
+    >>> s = Signals(SignalsConfig(depth=3))
+    >>> from tailstream.contract import Event
+    >>> for n, (u, i) in enumerate([("u1", "a"), ("u1", "b"), ("u2", "a")]):
+    ...     s.observe(Event("click", f"e{n}", u, float(n), item_id=i))
+    >>> s.sources({"items": ["a"], "ctx": [["i", "a"]]}, now=3.0)["covisitation"]
+    ['b']
+    """
+
+    def __init__(self, cfg: SignalsConfig, popularity: PopularityTracker | None = None
+                 ) -> None:
+        self.cfg = cfg
+        self.popularity = popularity
+        self.trending = Trending(cfg.trending_half_life_s, keep=max(cfg.depth, 100))
+        self.covisitation = Covisitation(cfg.covisitation_half_life_s,
+                                         window=cfg.covisitation_window)
+        self.queries = QueryLookup()
+
+    def observe(self, event: Event) -> None:
+        """One valid, de-duplicated event, in time order."""
+        if event.kind == SEARCH:
+            if event.query:
+                self.queries.observe_search(event.user_id, event.query, event.clicked_item_id)
+            return
+        if event.item_id is None:
+            return
+        weight = EVENT_WEIGHT.get(event.kind, 1.0)
+        self.trending.observe(event.item_id, event.ts, weight)
+        self.covisitation.observe(event.user_id, event.item_id, event.ts, weight)
+        self.queries.observe(event.user_id, event.item_id)
+
+    def last_query(self, profile: Mapping[str, Any], now: float) -> str | None:
+        """The user's query if their last action was a search, recent enough to steer."""
+        ctx = profile.get("ctx") or []
+        if not ctx or ctx[0][0] != "q":
+            return None
+        ts = profile.get("ts")
+        if ts is not None and now - float(ts) > self.cfg.query_follow_s:
+            return None
+        return str(ctx[0][1])
+
+    def sources(self, profile: Mapping[str, Any], *, now: float,
+                known: Callable[[str], bool] | None = None) -> dict[str, list[str]]:
+        """Each source's ranked candidates for the user with ``profile`` at ``now`` (the
+        user's recent items left out; ``known`` filters to items known at this moment)."""
+        depth = self.cfg.depth
+        items: list[str] = list(profile.get("items", []))
+        recent, older = items[:self.cfg.recent], items[self.cfg.recent:]
+        exclude = set(recent)
+        out: dict[str, list[str]] = {
+            "trending": self.trending.top(depth, exclude),
+            "covisitation": [i for i, _ in self.covisitation.recommend(recent, depth,
+                                                                      exclude)],
+            "history": older[:depth],
+        }
+        if self.popularity is not None and profile.get("cats"):
+            ranked = recommend(dict(profile), self.popularity, k=depth, tail_share=0.0)
+            out["category"] = [r.item_id for r in ranked if r.item_id not in exclude]
+        query = self.last_query(profile, now)
+        if query is not None:
+            out["query_lookup"] = [i for i, _ in self.queries.recommend(query, depth,
+                                                                        exclude)]
+        if known is not None:
+            out = {s: [i for i in ids if known(i)] for s, ids in out.items()}
+        return out
