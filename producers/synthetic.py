@@ -25,6 +25,9 @@
   ``v=99``. The decoder rejects each (``not_json``, ``missing_field``, ``wrong_type``,
   ``oversize``, ``unknown_version``).
 * Cold start: :meth:`ShopSimulator.new_items` adds items at the tail of their category.
+* A sale: from record ``sale_at`` on (if set), carts are bought ``sale_factor`` times as
+  often (capped at certain), so the purchase share about doubles mid-stream with the
+  default factor 2 — the prior shift the decisions must follow without a fine-tune.
 * Speed: ≈ 60 k events/s on one core (one ``random.Random``, cumulative weights + bisect,
   a reused JSON encoder).
 
@@ -83,7 +86,8 @@ class ShopSimulator:
 
     def __init__(self, n_users: int = 2000, n_items: int = 5000, seed: int = 0,
                  malformed_every: int = 0, drift_every: int = 20_000, zipf_s: float = 1.1,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sale_at: int | None = None,
+                 sale_factor: float = 2.0) -> None:
         if n_users < 1 or n_items < 1:
             raise ValueError("the shop needs at least one user and one item")
         if malformed_every < 0 or malformed_every == 1:
@@ -95,6 +99,8 @@ class ShopSimulator:
         self.drift_every = drift_every
         self.zipf_s = zipf_s
         self.clock = clock
+        self.sale_at = sale_at
+        self.sale_factor = sale_factor
         self._rng = random.Random(seed)
         self.items: list[Item] = []
         self.categories: list[str] = [f"{d}/{c.replace(' ', '-')}"
@@ -217,6 +223,8 @@ class ShopSimulator:
                 self._emit(out, "cart", user, {"item_id": item.item_id, "category": cat,
                                                "price": item.price})
                 buy = P_PURCHASE_GIVEN_CART * (SEARCH_BUY_LIFT if searched else 1.0)
+                if self.sale_at is not None and self._emitted >= self.sale_at:
+                    buy *= self.sale_factor
                 if rng.random() < buy:
                     self._emit(out, "purchase", user, {
                         "item_id": item.item_id, "category": cat, "price": item.price,

@@ -184,3 +184,22 @@ def test_bad_arguments_are_refused() -> None:
         ShopSimulator(malformed_every=1)
     with pytest.raises(ValueError):
         ShopSimulator(n_items=0)
+
+
+def test_a_sale_about_doubles_the_purchase_share_from_its_record_on() -> None:
+    from collections import Counter
+
+    def shares(sale_at: int | None) -> tuple[float, float]:
+        sim = ShopSimulator(seed=3, sale_at=sale_at, clock=lambda: 1.7e9)
+        recs = list(itertools.islice(sim.events(), 40_000))
+
+        def share(part: list) -> float:  # type: ignore[type-arg]
+            c = Counter(r.kind for r in part)
+            return c["purchase"] / sum(v for k, v in c.items() if k != "search")
+
+        return share(recs[:20_000]), share(recs[20_000:])
+
+    before, after = shares(20_000)
+    plain_before, plain_after = shares(None)
+    assert before == plain_before  # the same stream until the sale starts
+    assert 1.6 < after / plain_after < 2.4
