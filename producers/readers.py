@@ -154,9 +154,13 @@ class LogReader:
 
     def nothing_usable(self) -> NothingUsable:
         """The error for a file that gave no usable event."""
+        guess = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".tsv": "csv"}.get(
+            self.path.suffix.lower(), "csv" if self.path.suffix.lower() == ".csv" else "")
+        hint = (f" (is it --format {guess}?)" if guess and guess != self.fmt
+                and self.fmt != "rees46" and self.stats.rows else "")
         return NothingUsable(f"no usable events in {self.path} ({self.stats.rows:,} rows "
                              "read" + (", every one skipped" if self.stats.rows else "")
-                             + "): nothing to replay")
+                             + f"): nothing to replay{hint}")
 
     def _read(self) -> Iterator[ProducedRecord]:
         try:

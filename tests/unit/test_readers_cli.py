@@ -131,3 +131,11 @@ def test_the_three_commands_share_the_log_flags(tmp_path: Path) -> None:
     assert specs[0].kind_map == {"view": "click", "buy": "purchase", "look": "search"}
     with pytest.raises(SystemExit):  # produce replay names its format
         build_parser().parse_args(["produce", "replay", str(log)])
+
+
+def test_a_log_read_in_the_wrong_format_gets_a_hint(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    log = write_jsonl(tmp_path / "log.jsonl", n=10)
+    code, _, err = run(capsys, "eval", log)  # --format defaults to taobao
+    assert code == 1 and "log.jsonl (taobao): 23 rows read" in err
+    assert "nothing to replay (is it --format jsonl?)" in err
