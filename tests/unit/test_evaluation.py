@@ -1,6 +1,7 @@
 """``tailstream eval`` end to end on a small synthetic shop with a tiny random BERT: every
 strategy runs, the adaptive one through the gate, and the report, JSON and charts are
-written."""
+written. The leak-free protocol on a hand-made log: no strategy or peer can rank an item
+before it is known."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from tailstream.cli import main
-from tailstream.evaluation.specs import STRATEGIES
+from tailstream.contract import CATALOGUE, SEARCH, Item
+from tailstream.evaluation.specs import STRATEGIES, EvalConfig
+from tailstream.evaluation.strategies import Harness
+from tailstream.evaluation.stream import collect
+from tailstream.producers.records import ProducedRecord, wire_bytes
+from tailstream.settings import Settings
 
 
 def test_eval_runs_every_strategy_and_writes_the_report(
@@ -59,3 +65,103 @@ def test_eval_runs_every_strategy_and_writes_the_report(
 def test_an_unknown_strategy_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown strategies"):
         main(["eval", "--tiny", "--strategies", "ce,nope", "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------- leak-free protocol
+class Log:
+    """A hand-made log: catalogue records, clicks and searches, one second apart."""
+
+    def __init__(self) -> None:
+        self.records: list[ProducedRecord] = []
+        self.ts = 1.7e9
+
+    def announce(self, item_id: str) -> None:
+        """A catalogue record of its own (the item is known from here on)."""
+        self.records.append(ProducedRecord(CATALOGUE, item_id, wire_bytes(
+            Item(item_id, f"{item_id} mug", "mugs").to_dict())))
+
+    def click(self, user: str, item_id: str, *, describe: bool = False) -> None:
+        """A click; ``describe``: with the record a reader writes in front of an item's
+        first event (same time stamp: it describes the item, it does not announce it)."""
+        self.ts += 1.0
+        if describe:
+            self.records.append(ProducedRecord(CATALOGUE, item_id, wire_bytes(
+                Item(item_id, f"{item_id} mug", "mugs").to_dict()), ts=self.ts))
+        self.records.append(ProducedRecord("click", user, wire_bytes(
+            {"event_id": f"e{len(self.records)}", "user_id": user, "ts": self.ts,
+             "item_id": item_id, "category": "mugs"}), ts=self.ts))
+
+    def search(self, user: str, query: str, clicked: str | None = None) -> None:
+        self.ts += 1.0
+        value: dict[str, object] = {"event_id": f"e{len(self.records)}", "user_id": user,
+                                    "ts": self.ts, "query": query}
+        if clicked is not None:
+            value["clicked_item_id"] = clicked
+        self.records.append(ProducedRecord(SEARCH, user, wire_bytes(value), ts=self.ts))
+
+
+def future_log() -> Log:
+    """Items F and K are first interacted with in block 1 (by t1, and by t3 after a search
+    whose record names K as its click), then become everybody's favourites: a model that
+    could see the future would put them first. N is announced on the catalogue before t2
+    interacts with it: known, so rankable."""
+    log = Log()
+    for i in range(8):
+        log.announce(f"c{i}")
+    for j in range(30):
+        log.click(f"u{j % 10}", f"c{(j * 3) % 8}")
+    log.announce("N")
+    for j in range(6):
+        log.click(f"u{j}", f"c{(j * 5 + 1) % 8}")
+    log.click("t1", "c2")
+    log.click("t1", "F", describe=True)  # cold target
+    log.click("t2", "N")  # announced before: a warm target
+    log.search("t3", "fancy kettle", clicked="K")
+    log.click("t3", "K", describe=True)  # cold target, though the search record names it
+    for j in range(10):
+        log.click(f"u{j}", "F")
+        log.search(f"u{j}", "fancy kettle")
+        log.click(f"u{j}", "K")
+    return log
+
+
+COLD = {("t1", "F"), ("t3", "K")}
+
+
+@pytest.fixture(scope="module")
+def future_harness(tmp_path_factory: pytest.TempPathFactory) -> Harness:
+    settings = Settings.from_env({})
+    cfg = EvalConfig(blocks=3, rank_every=1, steps=2, batch_size=16, tiny=True)
+    stream = collect(future_log().records, settings, blocks=cfg.blocks,
+                     rank_every=cfg.rank_every)
+    return Harness(stream, settings, cfg, tmp_path_factory.mktemp("future"))
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_no_strategy_ranks_an_item_before_it_is_known(future_harness: Harness,
+                                                      name: str) -> None:
+    h = future_harness
+    scored = [it for it in h.stream.interactions if it.ranked and h.counted(it)]
+    pairs = [(it.sample.user_id, it.sample.item_id) for it in scored]
+    assert COLD <= set(pairs)  # both cold targets are scored, in counted blocks
+    result = h.run(name)
+    assert len(result.ranks) == len(scored)
+    ranks = dict(zip(pairs, result.ranks, strict=True))
+    assert {p: ranks[p] for p in COLD} == {p: 0 for p in COLD}, name
+    m = result.metrics(len(h.stream.item_text), len(h.stream.interactions))
+    assert m["cold_target_hits"] == 0 and m["unknown_shown"] == 0 and m["ranked_cold"] == 2
+    if STRATEGIES[name].kind == "transformer":
+        # Announced on the catalogue before: known, and a 10-item catalogue fits the list.
+        assert ranks[("t2", "N")] > 0, name
+
+
+def test_the_replay_numbers_items_as_they_become_known(future_harness: Harness) -> None:
+    stream = future_harness.stream
+    assert stream.known_ids[:9] == [*(f"c{i}" for i in range(8)), "N"]
+    assert stream.known_ids[9:] == ["F", "K"]  # after t1's and t3's interactions
+    by_pair = {(it.sample.user_id, it.sample.item_id): it for it in stream.interactions}
+    assert by_pair[("t1", "F")].known == 9 and not by_pair[("t1", "F")].target_known
+    assert by_pair[("t2", "N")].target_known and by_pair[("t2", "N")].known == 10
+    assert by_pair[("t3", "K")].query == "fancy kettle"
+    assert not by_pair[("t3", "K")].target_known and by_pair[("t3", "K")].known == 10
+    assert [s.query for s in stream.searches][:2] == ["fancy kettle"] * 2
