@@ -35,12 +35,17 @@ import numpy as np
 SOURCES: tuple[str, ...] = ("retrieval", "covisitation", "category", "trending", "history",
                             "query_lookup", "query_match")
 """Candidate sources, in feature order (each contributes its reciprocal rank)."""
-EXTRA: tuple[str, ...] = ("engagement", "log_popularity", "tail")
+EXTRA: tuple[str, ...] = ("cosine", "category_affinity", "engagement", "log_popularity",
+                          "tail")
+"""Per-candidate facts: the towers' cosine, the user's affinity to the item's category
+(0-1), the outcome head's expected value (0-1), log popularity, a tail flag."""
 FEATURES: tuple[str, ...] = (*(f"rr_{s}" for s in SOURCES), *EXTRA)
-START: dict[str, float] = {**{f"rr_{s}": 5.0 for s in SOURCES}, "engagement": 0.5,
+START: dict[str, float] = {**{f"rr_{s}": 5.0 for s in SOURCES}, "cosine": 2.0,
+                           "category_affinity": 1.0, "engagement": 0.5,
                            "log_popularity": 0.05, "tail": 0.0}
-"""Starting weights: reciprocal-rank fusion (an item first in one source scores 5), a
-small nudge from engagement and popularity; the stream moves them."""
+"""Starting weights: reciprocal-rank fusion (an item first in one source scores 5), small
+nudges from the towers, the user's categories, engagement and popularity; the stream moves
+them."""
 
 
 def reciprocal_ranks(ranked: Sequence[str], depth: int) -> dict[str, float]:

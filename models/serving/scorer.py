@@ -105,6 +105,16 @@ class Scorer:
     def version(self) -> str:
         return self.served.version
 
+    @property
+    def value_weights(self) -> torch.Tensor:
+        """Each class's value over the best class's (the expected-engagement weights)."""
+        return self._value
+
+    @property
+    def class_columns(self) -> tuple[int | None, int | None]:
+        """Columns of purchase and cart in the head's output (None if absent)."""
+        return self._purchase, self._cart
+
     # ------------------------------------------------------------------ catalogue
     @torch.inference_mode()
     def add_items(self, item_ids: Sequence[str], texts: Sequence[str]) -> None:

@@ -1,0 +1,108 @@
+"""Hybrid lists (models/serving/hybrid.py): the towers' candidates united with the
+stateful sources and scored by the online blender, on a tiny random BERT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tailstream.configs import RankingConfig, TowerConfig
+from tailstream.contract import Event
+from tailstream.models.serving.blend import FEATURES, OnlineBlender
+from tailstream.models.serving.hybrid import HybridRequest, hybrid_recommend
+from tailstream.models.serving.scorer import Scorer
+from tailstream.models.serving.signals import Signals, SignalsConfig
+from tailstream.models.towers.context import ContextEntry, UserRequest
+from tailstream.models.towers.encoder import load_encoder
+from tailstream.models.towers.loading import ServedModel, build_model
+
+CPU = torch.device("cpu")
+ITEMS = {f"i{n}": f"{['red', 'blue', 'green'][n % 3]} mug {n} | home/mug" for n in range(60)}
+
+
+def scorer(tiny_encoder: Path, **ranking: Any) -> Scorer:
+    enc = load_encoder(tiny_encoder)
+    model = build_model(enc, TowerConfig(embed_dim=16, max_len=16)).eval()
+    served = ServedModel("base", model, enc.tokenizer, enc.fingerprint, {})
+    s = Scorer(served, device=CPU, max_len=16, cache_size=10_000,
+               ranking=RankingConfig(k=5, candidates=20, head_candidates=10, tail_share=0.0,
+                                     **ranking))
+    ids = list(ITEMS)
+    s.add_items(ids, [ITEMS[i] for i in ids])
+    return s
+
+
+def info(ids: Any) -> tuple[list[str], list[str | None], list[float]]:
+    return ["head"] * len(ids), ["home/mug"] * len(ids), [-3.0] * len(ids)
+
+
+def request(user: str, seen: list[str], sources: dict[str, list[str]],
+            known: int | None = None, query: str | None = None) -> HybridRequest:
+    ctx = [ContextEntry("i", ITEMS[i], ITEMS[i], i) for i in seen]
+    return HybridRequest(UserRequest(user, ctx, set(seen)), sources, {"home/mug": 1.0},
+                         query=query, known=known)
+
+
+def test_lists_hold_only_known_unexcluded_items_from_every_source(tiny_encoder: Path) -> None:
+    s = scorer(tiny_encoder)
+    req = request("u", ["i1", "i2"], {"covisitation": ["i3", "i55", "i1"],
+                                      "trending": ["i4", "i2"]}, known=30)
+    req.sources = {k: [i for i in v if int(i[1:]) < 30] for k, v in req.sources.items()}
+    [out] = hybrid_recommend(s, [req], info, OnlineBlender())
+    ids = [r.item_id for r in out.ranked]
+    assert len(ids) == 5
+    assert not {"i1", "i2"} & set(ids)
+    assert all(int(i[1:]) < 30 for i in out.candidates.ids)  # the towers' too
+    assert {"i3", "i4"} <= set(out.candidates.ids)
+
+
+def test_the_blender_learns_which_source_the_user_follows(tiny_encoder: Path) -> None:
+    s = scorer(tiny_encoder)
+    blender = OnlineBlender(lr=0.5)
+    rng = np.random.default_rng(0)
+    hits_before = hits_after = 0
+    for n in range(80):
+        covis = [f"i{k}" for k in rng.permutation(range(10, 60))[:6]]
+        trend = [f"i{k}" for k in rng.permutation(range(10, 60))[:6]]
+        [out] = hybrid_recommend(s, [request("u", ["i0"], {"covisitation": covis,
+                                                           "trending": trend})],
+                                 info, blender)
+        target = covis[0]  # this shop's users take co-visitation's first suggestion
+        hit = target in [r.item_id for r in out.ranked[:1]]
+        if n < 10:
+            hits_before += hit
+        elif n >= 70:
+            hits_after += hit
+        blender.learn(out.candidates.x, out.candidates.row(target))
+    assert blender.weight("rr_covisitation") > blender.weight("rr_trending") + 1.0
+    assert hits_after == 10 and hits_after > hits_before
+
+
+def test_a_search_proposes_items_that_match_the_query(tiny_encoder: Path) -> None:
+    s = scorer(tiny_encoder)
+    [plain, searched] = hybrid_recommend(
+        s, [request("u", ["i0"], {}), request("v", ["i0"], {}, query="blue mug 7")],
+        info, OnlineBlender())
+    f = FEATURES.index("rr_query_match")
+    assert plain.candidates.x[:, f].sum() == 0
+    assert searched.candidates.x[:, f].max() == 1.0
+
+
+def test_signals_feed_the_sources_in_time_order() -> None:
+    sig = Signals(SignalsConfig(depth=5, recent=1))
+    for n, (user, item) in enumerate([("a", "i1"), ("a", "i2"), ("b", "i1"), ("b", "i3")]):
+        sig.observe(Event("click", f"e{n}", user, float(n), item_id=item))
+    sig.observe(Event("search", "e9", "c", 5.0, query="blue mug"))
+    sig.observe(Event("click", "e10", "c", 6.0, item_id="i9"))
+    profile = {"items": ["i1", "i0"], "ctx": [["i", "i1"]], "ts": 6.0}
+    out = sig.sources(profile, now=7.0)
+    assert out["covisitation"][:2] == ["i2", "i3"] or set(out["covisitation"][:2]) == {
+        "i2", "i3"}
+    assert out["history"] == ["i0"] and "i1" not in out["trending"]
+    searched = sig.sources({"items": [], "ctx": [["q", "blue mug"]], "ts": 6.5}, now=7.0)
+    assert searched["query_lookup"] == ["i9"]
+    late = sig.sources({"items": [], "ctx": [["q", "blue mug"]], "ts": 6.5}, now=1e6)
+    assert "query_lookup" not in late  # too long after the search to steer
