@@ -54,12 +54,16 @@ def _common_parser() -> argparse.ArgumentParser:
     for flag, name, text in _COMMON:
         g.add_argument(flag, dest=f"set_{name}", default=None,
                        help=f"{text} [env {ENV_PREFIX}{name.upper()}]")
+    g.add_argument("--settings", dest="settings_file", type=Path, default=None,
+                   help="a settings file of TAILSTREAM_X=value lines (what `tailstream tune` "
+                        "writes); env vars and flags override it [env "
+                        f"{ENV_PREFIX}SETTINGS_FILE]")
     return p
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
-    return Settings.from_env().replace(**overrides)
+    return Settings.load(getattr(args, "settings_file", None)).replace(**overrides)
 
 
 def _logging(level: str) -> None:

@@ -317,6 +317,28 @@ class Settings:
             values[name] = raw
         return cls().replace(**values)
 
+    @classmethod
+    def load(cls, file: str | Path | None = None,
+             env: Mapping[str, str] | None = None) -> Settings:
+        """Defaults, then a settings file (``TAILSTREAM_X=value`` lines, as ``tailstream
+        tune`` writes them; ``file`` or ``TAILSTREAM_SETTINGS_FILE``), then
+        ``TAILSTREAM_*`` variables: the environment wins over the file, and CLI flags
+        (:meth:`replace`) over both.
+
+        >>> import tempfile, os
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".env", delete=False) as fh:
+        ...     _ = fh.write("# tuned\\nTAILSTREAM_TAIL_SHARE=0.4\\nTAILSTREAM_PARTITIONS=2\\n")
+        >>> s = Settings.load(fh.name, {"TAILSTREAM_PARTITIONS": "8"})
+        >>> s.tail_share, s.partitions
+        (0.4, 8)
+        >>> os.remove(fh.name)
+        """
+        env = os.environ if env is None else env
+        file = file or env.get(f"{ENV_PREFIX}SETTINGS_FILE") or None
+        values = read_settings_file(file) if file else {}
+        return cls.from_env({**values, **{k: v for k, v in env.items()
+                                          if k.startswith(ENV_PREFIX)}})
+
     def replace(self, **overrides: Any) -> Settings:
         """Copy with overrides; strings are converted to the field's type. ``None`` is ignored."""
         hints = get_type_hints(type(self))
@@ -404,8 +426,24 @@ class Settings:
         return out
 
 
+def read_settings_file(path: str | Path) -> dict[str, str]:
+    """``TAILSTREAM_X=value`` lines of a settings file (blank lines and ``#`` comments
+    skipped; quotes around a value removed); anything else is an error naming the line."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        if not sep or not key.startswith(ENV_PREFIX):
+            raise ValueError(f"{path}:{n}: expected TAILSTREAM_NAME=value, got {line!r}")
+        out[key] = value.strip().strip("'\"")
+    return out
+
+
 # Env vars with the prefix that are read by other tools, not settings.
-_NOT_SETTINGS: frozenset[str] = frozenset({"home"})
+_NOT_SETTINGS: frozenset[str] = frozenset({"home", "settings_file"})
 
 
 def _convert(tp: Any, value: Any, name: str) -> Any:
