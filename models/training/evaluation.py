@@ -5,6 +5,14 @@ trained on): the outcome head's per-class precision/recall/F1 with counts reweig
 the *stream's* class mix (the held-out window over-keeps rare classes, as the buffer
 does), macro-F1, minority macro-recall, and next-item retrieval among all distinct
 held-out items (HitRate@K, NDCG@K, MRR; ties broken at random in expectation).
+
+Given a decision ``objective`` it also scores the head's decisions with
+:func:`~tailstream.models.imbalance.decisions.score` (G-mean of the class recalls,
+macro-F1, or minority recall at a precision floor) as ``objective_<name>``: the metric
+policy selection and the gate compare. G-mean uses recalls only, so it does not depend on
+the class mix of the window; the precisions inside that macro-F1 and the floor are those
+of the held-out window, whose mix over-keeps rare classes (the reweighted ``macro_f1``
+beside it is the stream's).
 """
 
 from __future__ import annotations
@@ -12,12 +20,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from tailstream.contract import RARE_CLASSES
 from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.decisions import score
 from tailstream.models.towers.context import split_context
 from tailstream.models.towers.two_tower import TextBatch, TwoTowerRecommender, pack_contexts
+from tailstream.models.training.gate import objective_metric
 from tailstream.models.training.metrics import classification_report, macro_recall, rank_metrics
 
 
@@ -25,11 +36,13 @@ from tailstream.models.training.metrics import classification_report, macro_reca
 def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torch.Tensor],
              samples: Sequence[Sample], stream_mix: Mapping[str, float], *,
              minority_classes: Sequence[str] = RARE_CLASSES,
-             ks: Sequence[int] = (10, 20), chunk: int = 512) -> dict[str, float]:
+             ks: Sequence[int] = (10, 20), chunk: int = 512, objective: str | None = None,
+             precision_floor: float = 0.0) -> dict[str, float]:
     """Held-out metrics of ``model``: outcome-head precision/recall/F1 per class (counts
     reweighted to the stream's class mix), ``macro_f1``, ``minority_macro_recall`` and
     next-item ranking (``hit_at_K``, ``ndcg_at_K``, ``mrr``) of each sample's item among
-    all distinct held-out items. ``vectors`` maps texts to pooled encoder vectors."""
+    all distinct held-out items; with an ``objective``, its value ``objective_<name>``
+    (see the module docstring). ``vectors`` maps texts to pooled encoder vectors."""
     model.eval()
     classes = list(model.config.classes)
     if not samples:
@@ -68,5 +81,24 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
     report = classification_report(truth, preds, classes, weights)
     report["minority_macro_recall"] = macro_recall(report, minority_classes)
     report.update(rank_metrics(ranks, ks))
+    if objective is not None:
+        report[objective_metric(objective)] = decision_objective(
+            truth, preds, classes, objective, minority_classes, precision_floor)
     report["n"] = float(n)
     return report
+
+
+def decision_objective(truth: Sequence[str], preds: Sequence[str], classes: Sequence[str],
+                       objective: str, minority_classes: Sequence[str] = RARE_CLASSES,
+                       precision_floor: float = 0.0) -> float:
+    """:func:`~tailstream.models.imbalance.decisions.score` of predicted labels.
+
+    >>> round(decision_objective(["a", "a", "a", "b"], ["a", "a", "b", "b"], ["a", "b"],
+    ...                          "g_mean", ["b"]), 4)   # √(2/3 · 1)
+    0.8165
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[c] for c in truth])
+    pred = np.array([index[c] for c in preds])
+    minority = [index[c] for c in minority_classes if c in index]
+    return score(y, pred, len(classes), objective, minority, precision_floor)

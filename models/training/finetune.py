@@ -56,7 +56,7 @@ from tailstream.models.towers.two_tower import (
     tokenize,
 )
 from tailstream.models.training.losses import LossInputs, outcome_loss, sampled_softmax_loss
-from tailstream.models.training.sampling import augment_sample, build_batch, smote_embeddings
+from tailstream.models.training.sampling import augment_sample, build_batch, synthetic_embeddings
 
 
 class NonFiniteLoss(RuntimeError):
@@ -313,7 +313,7 @@ class FineTuner:
     def step(self, batch: Sequence[Sample], plan: SamplingPlan) -> tuple[float, torch.Tensor,
                                                                        torch.Tensor, int]:
         """One optimisation step; returns the loss, per-sample outcome losses, targets and
-        the number of synthetic (SMOTE) pairs used."""
+        the number of synthetic (SMOTE / ADASYN) pairs used."""
         cfg = self.cfg
         self.model.train()
         if not self.encoder_trains:
@@ -354,13 +354,14 @@ class FineTuner:
     def _with_smote(self, features: torch.Tensor, logits: torch.Tensor,
                     target: torch.Tensor, weights: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Append SMOTE pairs: interpolate the head's input features (user, item and their
-        interaction; never text) within each minority class, run the head on them, give
-        them their class's sample weight."""
+        """Append synthetic pairs (``cfg.sampler``: SMOTE or ADASYN, imbalanced-learn's):
+        interpolate the head's input features (user, item and their interaction; never
+        text) within each minority class, run the head on them, give them their class's
+        sample weight."""
         labels = [self.classes[int(t)] for t in target]
         n_new = int(round(self.cfg.smote_share * len(labels)))
-        new, new_labels = smote_embeddings(features, labels, set(self.cfg.minority_classes),
-                                           n_new, rng=self.rng)
+        new, new_labels = synthetic_embeddings(features, labels, set(self.cfg.minority_classes),
+                                               n_new, rng=self.rng, sampler=self.cfg.sampler)
         if not new_labels:
             return logits, target, weights, 0
         syn_logits = self.model.outcome_head(new)

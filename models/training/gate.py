@@ -13,6 +13,11 @@ not train on, :func:`~tailstream.models.training.finetune.evaluate`). The candid
 
 and at least one of them actually improved (a candidate equal to the current model is
 not worth a new version). Otherwise it is kept as *rejected*, with the reason.
+
+The routine adds the configured decision objective (``TAILSTREAM_SELECTION_OBJECTIVE``,
+held-out metric :func:`objective_metric`, e.g. ``objective_g_mean``) to the quality
+metrics: policy selection picks the candidate that is best on it, and the gate makes sure
+that candidate is not worse on it than the served model either.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ from dataclasses import dataclass
 from tailstream.contract import TRANSACTION_CLASSES
 
 QUALITY_METRICS: tuple[str, ...] = ("macro_f1", "hit_at_10")
+
+
+def objective_metric(objective: str) -> str:
+    """The held-out metric that carries a decision objective's value.
+
+    >>> objective_metric("g_mean")
+    'objective_g_mean'
+    """
+    return f"objective_{objective}"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,20 @@ evaluation measures exactly what production runs. One call:
 3. trains one bounded run (``max_steps`` / ``max_seconds``) with the policy's loss and
    class weights (the caller passes the weights the imbalance loop published);
 4. with a :class:`~tailstream.configs.GateConfig`: evaluates the served model and the
-   candidate on the held-out window and asks the gate
+   candidate on the held-out window, with the gate's decision objective
+   (``objective_<name>``, a gated quality metric), and asks the gate
    (:func:`~tailstream.models.training.gate.decide`); without one (a fixed strategy of
    the evaluation, which serves every candidate by definition) the candidate is adopted.
+
+**Policy selection** (``selector=``, a
+:class:`~tailstream.models.training.selection.PolicySelector`): steps 1–3 run once for
+each policy the selector plans — the current one first, then its challengers, each with
+its own loss, builder or sampler and class weights from the live ``counts`` with the
+published ``policy``'s parameters (the current policy, when it is the published one,
+keeps the published weights) — every candidate is scored on the same held-out window, the
+best by the objective (:func:`~tailstream.models.training.selection.choose`) goes to the
+gate, and the selector records every policy's reward and what was promoted. The caller
+keeps the selector (its state is JSON) from one trigger to the next.
 
 What a promoted run leaves behind for replay is chosen by :func:`remember`, also shared.
 """
@@ -22,14 +33,16 @@ What a promoted run leaves behind for replay is chosen by :func:`remember`, also
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tailstream.configs import FineTuneConfig, GateConfig
+from tailstream.configs import FineTuneConfig, GateConfig, Policy
 from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.towers.adapters import configure_trainable
 from tailstream.models.towers.encoder import encoder_config
 from tailstream.models.towers.loading import ServedModel, resolve_finetune_layers
@@ -37,10 +50,13 @@ from tailstream.models.towers.text_vectors import TextVectors
 from tailstream.models.towers.two_tower import TwoTowerRecommender
 from tailstream.models.training.evaluation import evaluate
 from tailstream.models.training.finetune import FineTuner, RunResult, TrainData
-from tailstream.models.training.gate import GateDecision, decide
+from tailstream.models.training.gate import QUALITY_METRICS, GateDecision, decide, objective_metric
+from tailstream.models.training.selection import PolicySelector, Trial, arm_config, choose
 
 ADOPTED = GateDecision(True, "adopted: a fixed strategy serves every candidate", {}, "fixed")
 """The decision when no gate is asked (the evaluation's fixed strategies)."""
+
+StepHook = Callable[[int, float], None]
 
 
 @dataclass
@@ -58,16 +74,48 @@ class Candidate:
     """Held-out metrics of the served model (empty without a gate)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Held-out metrics of the candidate (empty without a gate)."""
+    policy: str = ""
+    """The policy it trained with (a selection policy name, or the loss policy)."""
+    cfg: FineTuneConfig | None = None
+    """The run config it trained with."""
+    class_weight: dict[str, float] = field(default_factory=dict)
+    """The class weights it trained with."""
+    trials: list[Trial] = field(default_factory=list)
+    """Policy selection: every policy tried at this trigger, on the held-out window."""
 
 
 def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
               cfg: FineTuneConfig, class_weight: Mapping[str, float], device: torch.device,
-              gate: GateConfig | None,
-              on_step: Callable[[int, float], None] | None = None) -> Candidate:
+              gate: GateConfig | None, on_step: StepHook | None = None,
+              selector: PolicySelector | None = None, policy: Policy | None = None,
+              counts: Mapping[str, float] | None = None) -> Candidate:
     """Train a candidate from ``served`` on ``data`` and decide on it (see the module
     docstring). ``on_step(step, loss)`` is called after every step (the benchmark times
-    steps with it). Raises :class:`~tailstream.models.training.finetune.NonFiniteLoss` when
-    a step's loss is not finite; the served model is never modified."""
+    steps with it). With a ``selector`` (which needs ``gate``, the published ``policy``
+    and the live class ``counts``) several policies compete and the selector learns.
+    Raises :class:`~tailstream.models.training.finetune.NonFiniteLoss` when a step's loss
+    is not finite; the served model is never modified."""
+    if selector is not None:
+        if gate is None or policy is None or counts is None:
+            raise ValueError("policy selection needs a gate, the published policy and the "
+                             "live class counts")
+        return _select(served, vectors, data, cfg=cfg, class_weight=class_weight,
+                       device=device, gate=gate, on_step=on_step, selector=selector,
+                       policy=policy, counts=counts)
+    cand = _train(served, vectors, data, cfg, class_weight, device, on_step)
+    cand.policy = cfg.policy
+    if gate is None:
+        return cand
+    cand.metrics = _evaluate(cand.model, cand.vectors, data, cfg, gate)
+    cand.current = _evaluate(served.model, vectors, data, cfg, gate)
+    cand.decision = _decide(cand.current, cand.metrics, gate)
+    return cand
+
+
+def _train(served: ServedModel, vectors: TextVectors, data: TrainData, cfg: FineTuneConfig,
+           class_weight: Mapping[str, float], device: torch.device,
+           on_step: StepHook | None) -> Candidate:
+    """Steps 1–3: a trained copy of the served model (decision: adopted)."""
     layers = resolve_finetune_layers(cfg.layers, device,
                                      encoder_config(served.model.encoder, "num_hidden_layers"))
     # A frozen encoder is shared with the served model (and so are its cached text
@@ -85,17 +133,50 @@ def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     cand_vectors = vectors if layers == 0 else TextVectors(
         candidate, served.tokenizer, device=device, max_len=served.model.config.max_len,
         fingerprint="candidate", cache_size=len(data.holdout) * 8 + 1024)
-    if gate is None:
-        return Candidate(candidate, run, layers, cand_vectors, ADOPTED)
-    minority = list(cfg.minority_classes)
-    cand_metrics = evaluate(candidate, cand_vectors.vectors, data.holdout, data.stream_mix,
-                            minority_classes=minority)
-    cur_metrics = evaluate(served.model, vectors.vectors, data.holdout, data.stream_mix,
-                           minority_classes=minority)
-    decision = decide(cur_metrics, cand_metrics, gate.classes,
-                      recall_tolerance=gate.recall_tolerance,
-                      quality_tolerance=gate.quality_tolerance)
-    return Candidate(candidate, run, layers, cand_vectors, decision, cur_metrics, cand_metrics)
+    return Candidate(candidate, run, layers, cand_vectors, ADOPTED, cfg=cfg,
+                     class_weight=dict(class_weight))
+
+
+def _evaluate(model: TwoTowerRecommender, vectors: TextVectors, data: TrainData,
+              cfg: FineTuneConfig, gate: GateConfig) -> dict[str, float]:
+    return evaluate(model, vectors.vectors, data.holdout, data.stream_mix,
+                    minority_classes=list(cfg.minority_classes), objective=gate.objective,
+                    precision_floor=gate.precision_floor)
+
+
+def _decide(current: Mapping[str, float], candidate: Mapping[str, float], gate: GateConfig
+            ) -> GateDecision:
+    return decide(current, candidate, gate.classes, recall_tolerance=gate.recall_tolerance,
+                  quality_tolerance=gate.quality_tolerance,
+                  quality_metrics=(*QUALITY_METRICS, objective_metric(gate.objective)))
+
+
+def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
+            cfg: FineTuneConfig, class_weight: Mapping[str, float], device: torch.device,
+            gate: GateConfig, on_step: StepHook | None, selector: PolicySelector,
+            policy: Policy, counts: Mapping[str, float]) -> Candidate:
+    """Policy selection at one trigger (module docstring): train every planned policy,
+    send the best on the held-out objective to the gate, let the selector learn."""
+    current = _evaluate(served.model, vectors, data, cfg, gate)
+    key = objective_metric(gate.objective)
+    trials: list[Trial] = []
+    best: Candidate | None = None
+    for arm in selector.plan(policy.name):
+        arm_cfg, arm_policy = arm_config(cfg, arm, policy, selector.synthetic_share)
+        weights = (class_weight if arm_policy == policy
+                   else class_weights(arm_policy, counts))
+        cand = _train(served, vectors, data, arm_cfg, weights, device, on_step)
+        cand.policy = arm
+        cand.metrics = _evaluate(cand.model, cand.vectors, data, arm_cfg, gate)
+        trials.append(Trial(arm, cand.metrics.get(key, 0.0), current.get(key, 0.0),
+                            cand.run.steps, cand.run.seconds, cand.metrics))
+        if best is None or choose(trials) == len(trials) - 1:
+            best = cand  # the others are dropped here: one extra model in memory at most
+    assert best is not None
+    decision = _decide(current, best.metrics, gate)
+    selector.record({t.policy: t.lift for t in trials},
+                    best.policy if decision.promote else None)
+    return dataclasses.replace(best, decision=decision, current=current, trials=trials)
 
 
 def remember(memory: Sequence[Sample], trained_on: Sequence[Sample], capacity: int,

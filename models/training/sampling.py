@@ -32,7 +32,7 @@ import dataclasses
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -162,41 +162,72 @@ def build_batch(strategy: str, samples: Sequence[Sample], target_mix: Mapping[st
 
 
 # ---------------------------------------------------------------------------
-# SMOTE in embedding space
+# SMOTE and ADASYN in embedding space (imbalanced-learn)
 # ---------------------------------------------------------------------------
+SAMPLERS: tuple[str, ...] = ("smote", "adasyn")
+"""Synthetic minority samplers of :func:`synthetic_embeddings` (imbalanced-learn's)."""
+
+Pair = tuple[int, int, float]
+"""``(p, q, w)``: a synthetic point ``x_p + w (x_q − x_p)``, ``w ∈ [0, 1]``."""
+
+
 def _split(n_new: int, classes: Sequence[str]) -> dict[str, int]:
     base, extra = divmod(n_new, len(classes))
     return {c: base + (i < extra) for i, c in enumerate(classes)}
 
 
-def smote_embeddings(embeddings: ArrayT, labels: Sequence[str], minority: Collection[str],
-                     n_new: int | Mapping[str, int], k: int = 5, *, rng: random.Random,
-                     metric: str = "euclidean") -> tuple[ArrayT, list[str]]:
-    """SMOTE: ``x_new = x_i + λ (x_nn − x_i)``, ``λ ~ U(0, 1)``, ``x_nn`` among the k nearest
-    neighbours of ``x_i`` in its own class (Chawla et al., JAIR 2002).
+def synthetic_embeddings(embeddings: ArrayT, labels: Sequence[str], minority: Collection[str],
+                         n_new: int | Mapping[str, int], k: int = 5, *, rng: random.Random,
+                         metric: str = "euclidean", sampler: str = "smote"
+                         ) -> tuple[ArrayT, list[str]]:
+    """Synthetic minority points ``x_new = x_i + λ (x_nn − x_i)``, ``λ ~ U(0, 1)``, ``x_nn``
+    one of the k nearest neighbours of ``x_i`` *in its own class*, made by imbalanced-learn
+    (Lemaître et al., JMLR 2017):
+
+    * ``smote``: base points uniform over the class (Chawla et al., "SMOTE: Synthetic
+      Minority Over-sampling Technique", JAIR 2002), ``imblearn.over_sampling.SMOTE``;
+    * ``adasyn``: base point ``i`` drawn ∝ ``r_i = Δ_i / k``, the share of *other* classes
+      among its k nearest neighbours in the whole batch, so hard, boundary points get more
+      synthetic neighbours (He et al., "ADASYN: Adaptive Synthetic Sampling Approach for
+      Imbalanced Learning", IJCNN 2008), ``imblearn.over_sampling.ADASYN``. Where every
+      ``r_i`` is 0 (no other class near any of the class's points) ADASYN's weights are
+      undefined and the uniform weights of SMOTE, their limit, are used.
 
     ``n_new`` (int) is split evenly over the minority classes with at least two samples (a
-    lone point has no neighbour), or given per class as a mapping. Base points ``x_i`` are
-    drawn uniformly from the class. ``metric`` picks the neighbours only: ``"euclidean"``
-    (the paper) or ``"cosine"`` (for sentence-embedding spaces); the interpolation is always
-    linear on the vectors as given (renormalise afterwards if the head expects unit norm).
-    A tensor input gives a tensor output built with torch ops, so gradients flow to both
-    endpoints; neighbour search runs without gradients.
+    lone point has no neighbour), or given per class as a mapping; the counts are exact
+    (ADASYN's rounding is absorbed by asking for a little more and keeping a uniform subset).
+    ``k`` is lowered to ``n_c − 1`` for a class of ``n_c`` points. ``metric`` picks the
+    neighbours only: ``"euclidean"`` (the papers) or ``"cosine"`` (sentence-embedding
+    spaces; neighbours by euclidean distance of unit vectors, the same order). The
+    interpolation is always linear on the vectors as given.
+
+    imbalanced-learn returns points, not the pairs behind them; to rebuild each point from
+    its two endpoints (so that, for a tensor input, gradients flow to both with torch ops)
+    every row gets an index block: row ``i`` of the class ``s·e_i``, every other row
+    ``s·e_{n_c+1}``. That adds the same ``2s²`` to every squared distance from a class
+    point, so no neighbour changes, and a synthetic point's block is
+    ``s((1 − λ) e_i + λ e_nn)``: the pair and λ, exactly.
 
     >>> x = np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
-    >>> new, lab = smote_embeddings(x, ["buy", "buy", "click"], {"buy"}, 3, rng=random.Random(0))
+    >>> new, lab = synthetic_embeddings(x, ["buy", "buy", "click"], {"buy"}, 3,
+    ...                                 rng=random.Random(0))
     >>> lab, bool(np.all(new[:, 1] == 0.0)), bool(np.all((0 <= new[:, 0]) & (new[:, 0] <= 1)))
     (['buy', 'buy', 'buy'], True, True)
     """
     if metric not in ("euclidean", "cosine"):
         raise ValueError("metric must be 'euclidean' or 'cosine'")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
     if k < 1:
         raise ValueError("k must be >= 1")
-    n, d = int(embeddings.shape[0]), int(embeddings.shape[1])
+    n = int(embeddings.shape[0])
     if len(labels) != n:
         raise ValueError("need one label per embedding row")
     x = (embeddings.detach().cpu().double().numpy() if isinstance(embeddings, torch.Tensor)
          else np.asarray(embeddings, dtype=np.float64))
+    space = x
+    if metric == "cosine":
+        space = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     members: dict[str, list[int]] = defaultdict(list)
     for i, lab in enumerate(labels):
         if lab in minority:
@@ -206,50 +237,124 @@ def smote_embeddings(embeddings: ArrayT, labels: Sequence[str], minority: Collec
         plan = {c: int(n_new.get(c, 0)) for c in eligible}
     else:
         plan = _split(n_new, eligible) if eligible else {}
-
-    base_idx: list[int] = []
-    nn_idx: list[int] = []
-    lams: list[float] = []
+    pairs: list[Pair] = []
     new_labels: list[str] = []
     for c in eligible:
-        count = plan[c]
-        if count <= 0:
+        if plan[c] <= 0:
             continue
-        idx = np.asarray(members[c])
-        kk = min(k, len(idx) - 1)
-        pts = x[idx]
-        chosen = [rng.randrange(len(idx)) for _ in range(count)]
-        uniq = sorted(set(chosen))
-        dist = _distances(pts[uniq], pts, metric)
-        dist[np.arange(len(uniq)), uniq] = np.inf  # a point is not its own neighbour
-        # Stable sort: equal distances resolve by index, so the result is deterministic.
-        knn = np.argsort(dist, axis=1, kind="stable")[:, :kk]
-        row = {b: r for r, b in enumerate(uniq)}
-        for b in chosen:
-            nb = knn[row[b], rng.randrange(kk)]
-            base_idx.append(int(idx[b]))
-            nn_idx.append(int(idx[nb]))
-            lams.append(rng.random())
-            new_labels.append(c)
+        idx = members[c]
+        got = oversample_class(space, idx, plan[c], min(k, len(idx) - 1), sampler,
+                               rng.randrange(2**31 - 1))
+        pairs.extend((idx[p], idx[q], w) for p, q, w in got)
+        new_labels.extend([c] * len(got))
+    return _interpolate(embeddings, x, pairs), new_labels
 
+
+def smote_embeddings(embeddings: ArrayT, labels: Sequence[str], minority: Collection[str],
+                     n_new: int | Mapping[str, int], k: int = 5, *, rng: random.Random,
+                     metric: str = "euclidean") -> tuple[ArrayT, list[str]]:
+    """SMOTE (Chawla et al., JAIR 2002) by imbalanced-learn:
+    :func:`synthetic_embeddings` with ``sampler="smote"``.
+
+    >>> x = np.array([[0.0], [2.0], [9.0]])
+    >>> new, lab = smote_embeddings(x, ["p", "p", "c"], {"p"}, 4, rng=random.Random(0))
+    >>> lab, bool(np.all((0 <= new) & (new <= 2)))
+    (['p', 'p', 'p', 'p'], True)
+    """
+    return synthetic_embeddings(embeddings, labels, minority, n_new, k, rng=rng,
+                                metric=metric, sampler="smote")
+
+
+def adasyn_embeddings(embeddings: ArrayT, labels: Sequence[str], minority: Collection[str],
+                      n_new: int | Mapping[str, int], k: int = 5, *, rng: random.Random,
+                      metric: str = "euclidean") -> tuple[ArrayT, list[str]]:
+    """ADASYN (He et al., IJCNN 2008) by imbalanced-learn:
+    :func:`synthetic_embeddings` with ``sampler="adasyn"``.
+
+    >>> x = np.array([[0.0], [1.0], [1.2], [9.0]])
+    >>> new, lab = adasyn_embeddings(x, ["p", "p", "c", "p"], {"p"}, 5, k=1,
+    ...                              rng=random.Random(0))
+    >>> len(lab), bool(np.all((0 <= new) & (new <= 9)))
+    (5, True)
+    """
+    return synthetic_embeddings(embeddings, labels, minority, n_new, k, rng=rng,
+                                metric=metric, sampler="adasyn")
+
+
+def oversample_class(space: np.ndarray, members: Sequence[int], count: int, k: int,
+                     sampler: str, seed: int) -> list[Pair]:
+    """``count`` synthetic points of the class whose rows of ``space`` are ``members``,
+    made by imbalanced-learn's ``sampler`` with ``k`` neighbours, as pairs of positions in
+    ``members`` (see :func:`synthetic_embeddings` for the index block that recovers them).
+
+    With one neighbour, 0 ↔ 1 and 3 → 1 are the only segments (never 0 – 3):
+
+    >>> space = np.array([[0.0], [1.0], [3.0], [9.0]])
+    >>> pairs = oversample_class(space, [0, 1, 2], 6, 1, "smote", 0)
+    >>> len(pairs), sorted({tuple(sorted((p, q))) for p, q, _ in pairs})
+    (6, [(0, 1), (1, 2)])
+    """
+    if sampler == "smote":  # SMOTE's neighbours are within the class: other rows play no part
+        space, members = space[list(members)], range(len(members))
+    n, m = len(space), len(members)
+    in_class = np.zeros(n, dtype=bool)
+    in_class[list(members)] = True
+    spread = float(np.sqrt(((space - space.mean(0)) ** 2).sum(1).mean())) if n else 0.0
+    scale = spread if spread > 1e-12 else 1.0
+    block = np.zeros((n, m + 1))
+    block[list(members), np.arange(m)] = scale
+    block[~in_class, m] = scale
+    xs, y = np.hstack([space, block]), in_class.astype(int)
+    if in_class.all():  # imbalanced-learn needs a second class: a stand-in SMOTE never uses
+        stand_in = np.zeros((1, xs.shape[1]))
+        stand_in[0, -1] = scale
+        xs, y = np.vstack([xs, stand_in]), np.append(y, 0)
+        sampler = "smote"  # ADASYN's density over other classes is undefined without any
+    ask = count if sampler == "smote" else count + (m + 1) // 2  # ADASYN rounds per point
+    try:
+        out = _resampler(sampler, k, {1: m + ask}, seed).fit_resample(xs, y)[0]
+    except (RuntimeError, ValueError):
+        if sampler == "smote":
+            raise
+        # ADASYN: no class point has another class among its neighbours (weights 0/0), or
+        # its rounding left nothing to make: SMOTE's uniform weights are the limit.
+        return oversample_class(space, members, count, k, "smote", seed)
+    codes = out[len(xs):, space.shape[1]:space.shape[1] + m] / scale
+    if len(codes) > count:
+        keep = np.sort(np.random.default_rng(seed).choice(len(codes), count, replace=False))
+        codes = codes[keep]
+    top = np.argsort(-codes, axis=1, kind="stable")[:, :2]
+    a = codes[np.arange(len(codes)), top[:, 0]]
+    b = codes[np.arange(len(codes)), top[:, 1]] if m > 1 else np.zeros(len(codes))
+    pairs: list[Pair] = []
+    for p, q, wa, wb in zip(top[:, 0], top[:, 1] if m > 1 else top[:, 0], a, b, strict=True):
+        w = float(wb / (wa + wb)) if wb > 1e-9 else 0.0
+        pairs.append((int(p), int(q) if w > 0 else int(p), w))
+    return pairs
+
+
+def _resampler(sampler: str, k: int, strategy: dict[int, int], seed: int) -> Any:
+    from imblearn.over_sampling import ADASYN, SMOTE
+
+    if sampler == "adasyn":
+        return ADASYN(sampling_strategy=strategy, n_neighbors=k, random_state=seed)
+    return SMOTE(sampling_strategy=strategy, k_neighbors=k, random_state=seed)
+
+
+def _interpolate(embeddings: ArrayT, x: np.ndarray, pairs: Sequence[Pair]) -> ArrayT:
+    """``x_p + w (x_q − x_p)`` per pair; torch ops for a tensor (gradients reach both
+    endpoints), the input's dtype for an array."""
+    d = int(embeddings.shape[1])
+    p = [a for a, _, _ in pairs]
+    q = [b for _, b, _ in pairs]
     if isinstance(embeddings, torch.Tensor):
-        lam_t = torch.tensor(lams, dtype=embeddings.dtype, device=embeddings.device)[:, None]
-        xi, xn = embeddings[base_idx], embeddings[nn_idx]
-        return (xi + lam_t * (xn - xi)).reshape(len(lams), d), new_labels
-    lam_a = np.asarray(lams, dtype=np.float64)[:, None]
-    xi_a, xn_a = x[base_idx], x[nn_idx]
-    out = (xi_a + lam_a * (xn_a - xi_a)).reshape(len(lams), d)
-    return out.astype(np.asarray(embeddings).dtype, copy=False), new_labels
-
-
-def _distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
-    if metric == "cosine":
-        an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-        return 1.0 - an @ bn.T
-    # ‖a − b‖² = ‖a‖² + ‖b‖² − 2 a·b; clipped at 0 against rounding; order is what matters.
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.maximum(sq, 0.0)
+        w_t = torch.tensor([w for _, _, w in pairs], dtype=embeddings.dtype,
+                           device=embeddings.device)[:, None]
+        xp, xq = embeddings[p], embeddings[q]
+        return (xp + w_t * (xq - xp)).reshape(len(pairs), d)
+    w_a = np.asarray([w for _, _, w in pairs], dtype=np.float64)[:, None]
+    out = (x[p] + w_a * (x[q] - x[p])).reshape(len(pairs), d)
+    return out.astype(np.asarray(embeddings).dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------

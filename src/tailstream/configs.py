@@ -10,7 +10,9 @@ settings can never disagree on a policy, a limit or a model shape:
 * :class:`TowerConfig` — the shape of the two-tower model (stored in every checkpoint);
 * :class:`RankingConfig` — how the scorer turns retrieval into a list;
 * :class:`FineTuneConfig` — one fine-tuning run's knobs (recorded in the manifest);
-* :class:`GateConfig` — what the promotion gate demands of a candidate.
+* :class:`GateConfig` — what the promotion gate demands of a candidate;
+* :class:`SelectionConfig` — which policies the trainer tries at a trigger, and how it
+  chooses among them across triggers.
 
 Also here: how model versions are named (:func:`version_number`,
 :func:`base_version_name`).
@@ -187,6 +189,8 @@ class FineTuneConfig:
     """Share of minority samples whose texts get EDA augmentation in a batch."""
     smote_share: float = 0.0
     """Synthetic minority pairs per batch (SMOTE on [u, v] pair vectors), as a share of B."""
+    sampler: str = "smote"
+    """How the synthetic pairs are made: ``smote`` or ``adasyn`` (imbalanced-learn)."""
     minority_classes: tuple[str, ...] = RARE_CLASSES
     layers: str = "auto"
     """Encoder layers trained: ``auto`` (all on CUDA, 0 on CPU), ``all`` or a number."""
@@ -222,6 +226,46 @@ class GateConfig:
     """Minority classes whose held-out recall must improve or hold."""
     recall_tolerance: float = 0.01
     quality_tolerance: float = 0.02
+    objective: str = "g_mean"
+    """The decision objective scored on the held-out window (``g_mean``, ``macro_f1``,
+    ``minority_recall``): what picks the best candidate, and a gated quality metric."""
+    precision_floor: float = 0.0
+    """``minority_recall`` counts a class below this held-out precision as a failure."""
+
+
+SELECTION_POLICIES: tuple[str, ...] = (
+    "class_balanced", "focal", "logit_adjusted", "inverse", "none", "oversample",
+    "undersample", "smote", "adasyn", "importance")
+"""The registry policy selection draws from by default (see
+:mod:`tailstream.models.training.selection`)."""
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Policy selection in the trainer (see :mod:`tailstream.models.training.selection`).
+
+    >>> SelectionConfig(challengers=0).enabled
+    False
+    """
+
+    policies: tuple[str, ...] = SELECTION_POLICIES
+    """Challengers are drawn from these."""
+    challengers: int = 1
+    """Challengers trained beside the current policy at each trigger (0: no selection)."""
+    rule: str = "bandit"
+    """``bandit`` (ε-greedy after a burn-in) or ``halving`` (successive halving)."""
+    epsilon: float = 0.1
+    burn_in: int = 1
+    """Tries of each policy before the bandit exploits (halving: per policy and rung)."""
+    eta: int = 2
+    """Successive halving keeps ``⌈n / eta⌉`` of ``n`` policies at each rung."""
+    synthetic_share: float = 0.25
+    """Synthetic pairs per batch of the ``smote`` and ``adasyn`` policies (share of B)."""
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.challengers > 0
 
 
 # --------------------------------------------------------------------------- from settings
@@ -286,7 +330,8 @@ def finetune_config(settings: Settings, with_policy: Policy | None = None) -> Fi
         replay_capacity=settings.finetune_replay_capacity,
         holdout_share=settings.finetune_holdout_share,
         augment_share=settings.finetune_augment_share,
-        smote_share=settings.finetune_smote_share, layers=settings.finetune_layers,
+        smote_share=settings.finetune_smote_share, sampler=settings.finetune_sampler,
+        layers=settings.finetune_layers,
         lora_rank=settings.finetune_lora_rank, bf16=settings.finetune_bf16,
         compile=settings.finetune_compile)
     return cfg.with_policy(with_policy or policy(settings))
@@ -301,4 +346,21 @@ def gate_config(settings: Settings) -> GateConfig:
     """
     return GateConfig(tuple(c.strip() for c in settings.gate_classes.split(",") if c.strip()),
                       recall_tolerance=settings.gate_recall_tolerance,
-                      quality_tolerance=settings.gate_quality_tolerance)
+                      quality_tolerance=settings.gate_quality_tolerance,
+                      objective=settings.selection_objective,
+                      precision_floor=settings.selection_precision_floor)
+
+
+def selection_config(settings: Settings) -> SelectionConfig:
+    """Policy selection in the trainer (``TAILSTREAM_SELECTION_*``).
+
+    >>> from tailstream.settings import Settings
+    >>> cfg = selection_config(Settings().replace(selection_policies="focal, ce"))
+    >>> cfg.policies, cfg.challengers, cfg.rule
+    (('focal', 'ce'), 1, 'bandit')
+    """
+    return SelectionConfig(
+        policies=tuple(p.strip() for p in settings.selection_policies.split(",") if p.strip()),
+        challengers=settings.selection_challengers, rule=settings.selection_rule,
+        epsilon=settings.selection_epsilon, burn_in=settings.selection_burn_in,
+        synthetic_share=settings.selection_synthetic_share)

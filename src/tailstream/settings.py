@@ -245,7 +245,39 @@ class Settings:
     """Minority classes whose held-out recall must improve or hold for a promotion."""
     gate_recall_tolerance: float = 0.01
     gate_quality_tolerance: float = 0.02
-    """Largest allowed drop of macro-F1 and HitRate@10 for a promotion."""
+    """Largest allowed drop of macro-F1, HitRate@10 and the selection objective for a
+    promotion."""
+    finetune_sampler: str = "smote"
+    """``TAILSTREAM_FINETUNE_SAMPLER``: how synthetic minority pairs are made when
+    ``TAILSTREAM_FINETUNE_SMOTE_SHARE`` > 0: smote or adasyn (imbalanced-learn, in the
+    outcome head's input space)."""
+
+    # --- Policy selection (trainer) --------------------------------------
+    selection_policies: str = ("class_balanced,focal,logit_adjusted,inverse,none,oversample,"
+                               "undersample,smote,adasyn,importance")
+    """``TAILSTREAM_SELECTION_POLICIES``: the registry the trainer draws challengers from
+    (none = plain cross-entropy, alias ce; oversample / undersample = re-sampling builders;
+    smote / adasyn = synthetic minority pairs; the rest are loss policies)."""
+    selection_challengers: int = 1
+    """``TAILSTREAM_SELECTION_CHALLENGERS``: challengers trained beside the current policy
+    at each trigger (0: the current policy only, no selection)."""
+    selection_rule: str = "bandit"
+    """``TAILSTREAM_SELECTION_RULE``: how challengers are chosen across triggers: bandit
+    (ε-greedy after a burn-in) or halving (successive halving)."""
+    selection_objective: str = "g_mean"
+    """``TAILSTREAM_SELECTION_OBJECTIVE``: what picks the best candidate on the held-out
+    window: g_mean, macro_f1 or minority_recall (at ``…_PRECISION_FLOOR``); also gated."""
+    selection_precision_floor: float = 0.0
+    """``TAILSTREAM_SELECTION_PRECISION_FLOOR``: minority_recall counts a class whose
+    held-out precision is below this as a failure."""
+    selection_epsilon: float = 0.1
+    """``TAILSTREAM_SELECTION_EPSILON``: the bandit's exploration rate."""
+    selection_burn_in: int = 1
+    """``TAILSTREAM_SELECTION_BURN_IN``: triggers each policy is tried before the bandit
+    exploits (halving: a rung's tries per policy)."""
+    selection_synthetic_share: float = 0.25
+    """``TAILSTREAM_SELECTION_SYNTHETIC_SHARE``: synthetic pairs per batch of the smote and
+    adasyn policies, as a share of the batch size."""
     trainer_port: int = 6067
     """The trainer's /metrics port."""
     trainer_nice: int = 10

@@ -7,13 +7,20 @@ For each request (:meth:`Trainer.handle`):
 2. the shared routine (:func:`~tailstream.models.training.routine.fine_tune`) trains a
    candidate from the served model with the *workers'* policy and weights, bounded in
    steps and seconds, on the GPU when there is one, and asks the gate on the held-out
-   recent window;
+   recent window. With policy selection (``TAILSTREAM_SELECTION_CHALLENGERS`` > 0, the
+   default) it trains the current policy and challengers from the registry, and the best
+   on the held-out objective goes to the gate; the selector's state
+   (:class:`~tailstream.models.training.selection.PolicySelector`) is kept in the model
+   store (``selection.json``), and the run report and manifest say which policies were
+   tried, their held-out objective values, the best and what was promoted;
 3. the candidate goes to the model store with its manifest; on promotion the store points
    at it and a ``model-updates`` event lets the workers swap without a restart.
 
 The worker decides the policy: the trainer's own ``TAILSTREAM_WEIGHT_*`` settings are not
 used (a difference is logged once), so both processes always train and weigh with the
-same policy. Until the workers have published one, requests are skipped.
+same policy — the current policy until selection promotes another, and the parameters
+(β, γ, τ, bounds) and class counts of every challenger. Until the workers have published
+one, requests are skipped.
 
 Any failure (NaN/inf loss, CUDA out of memory, a corrupt checkpoint, an exception) ends
 the run as ``failed`` with its cause: the served version stays, the failure is counted,
@@ -22,6 +29,7 @@ logged and recorded in ``runs.jsonl`` of the store.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -45,10 +53,17 @@ from tailstream.models.towers.loading import (
 from tailstream.models.towers.store import CorruptCheckpoint, ModelStore
 from tailstream.models.towers.text_vectors import TextVectors, VectorStore
 from tailstream.models.training.finetune import NonFiniteLoss, TrainData, prepare_data
+from tailstream.models.training.gate import objective_metric
 from tailstream.models.training.routine import Candidate, fine_tune
+from tailstream.models.training.selection import PolicySelector, choose, describe_arm, summary
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
-from tailstream.streams.trainer.reports import RunReport, record_run
+from tailstream.streams.trainer.reports import (
+    RunReport,
+    load_selection,
+    record_run,
+    save_selection,
+)
 from tailstream.streams.trainer.sources import TrainingSource
 
 log = logging.getLogger(__name__)
@@ -78,6 +93,10 @@ class Trainer:
         self._vectors: TextVectors | None = None
         self._told: set[tuple[str, str]] = set()
         self.rng = random.Random(0)
+        selection = configs.selection_config(settings)
+        self.selector: PolicySelector | None = (
+            PolicySelector.from_config(selection, load_selection(store.root))
+            if selection.enabled else None)
         self.metrics.version.set(version_number(store.current()))
 
     # ------------------------------------------------------------------ served model
@@ -146,27 +165,34 @@ class Trainer:
         data = prepare_data(samples, live.counts, cfg.holdout_share, self.data.replay())
         served, vectors = self.served()
         parent = served.manifest.get("version", BASE_VERSION)
+        gate = configs.gate_config(s)
         cand = fine_tune(served, vectors, data, cfg=cfg, class_weight=live.weights,
-                         device=self.device, gate=configs.gate_config(s))
-        self._observe(cand)
+                         device=self.device, gate=gate, selector=self.selector,
+                         policy=live.policy, counts=live.counts)
+        self._observe(cand, gate.objective)
+        selection = self._selection(cand, gate.objective)
         tensors, included = checkpoint_tensors(
             cand.model, bool(served.manifest.get("encoder", {}).get("included")))
-        version = self.store.save(tensors, self._manifest(
-            served, parent, live, cfg, data, cand, request, tensors, included))
+        version = self.store.save(tensors, {**self._manifest(
+            served, parent, live, cfg, data, cand, request, tensors, included),
+            **({"selection": selection} if selection else {})})
         decision = cand.decision
-        report = RunReport("promoted" if decision.promote else "rejected", decision.reason,
+        reason = (f"{decision.reason} | {summary(cand.trials, choose(cand.trials), gate.objective)}"
+                  if cand.trials else decision.reason)
+        report = RunReport("promoted" if decision.promote else "rejected", reason,
                            version=version, parent=parent, steps=cand.run.steps,
                            pairs_per_s=cand.run.pairs_per_s, request=request,
-                           metrics={"current": cand.current, "candidate": cand.metrics})
+                           metrics={"current": cand.current, "candidate": cand.metrics},
+                           policy=cand.policy or cfg.policy, selection=selection)
         if not decision.promote:
-            self.store.reject(version, decision.reason)
+            self.store.reject(version, reason)
             return report
-        entry = self.store.promote(version, decision.reason,
+        entry = self.store.promote(version, reason,
                                    {"candidate": cand.metrics, "current": cand.current})
         self.metrics.version.set(version_number(version))
         self.metrics.last_promotion.set(time.time())
         self.publish_update({"version": version, "parent": parent, "action": "promote",
-                             "reason": decision.reason, "promoted_at": entry["at"],
+                             "reason": reason, "promoted_at": entry["at"],
                              "encoder_changed": included})
         try:  # after the announcement: a replay memory that cannot be written loses little
             self.data.remember(cand.run.trained_on, self.rng)
@@ -185,12 +211,26 @@ class Trainer:
                         own)
         return published
 
-    def _observe(self, cand: Candidate) -> None:
+    def _selection(self, cand: Candidate, objective: str) -> dict[str, Any]:
+        """What policy selection did at this trigger (run report and manifest), and the
+        selector's state saved for the next one; empty without selection."""
+        if self.selector is None or not cand.trials:
+            return {}
+        try:
+            save_selection(self.store.root, self.selector.to_dict())
+        except OSError as exc:  # the next run chooses from this process's memory
+            log.warning("could not save the policy selector's state (%s)", exc)
+        best = cand.trials[choose(cand.trials)].policy
+        return {"objective": objective, "tried": [t.to_dict() for t in cand.trials],
+                "best": best, "promoted": best if cand.decision.promote else None,
+                "selector": self.selector.report()}
+
+    def _observe(self, cand: Candidate, objective: str) -> None:
         self.metrics.pairs_per_s.set(cand.run.pairs_per_s)
         for c, v in cand.run.loss_by_class.items():
             self.metrics.loss.labels(c).set(v)
         for name, m in (("current", cand.current), ("candidate", cand.metrics)):
-            for key in GATE_METRICS:
+            for key in (*GATE_METRICS, objective_metric(objective)):
                 if key in m:
                     self.metrics.gate_metric.labels(name, key).set(m[key])
         self.metrics.decisions.labels("promoted" if cand.decision.promote else "rejected",
@@ -202,11 +242,16 @@ class Trainer:
                   included: bool) -> dict[str, Any]:
         run = cand.run
         encoder = served.manifest.get("encoder", {})
+        trained = cand.cfg or cfg
+        policy = (describe_arm(cand.policy, dataclasses.replace(live.policy, name=trained.policy),
+                               trained) if cand.trials else live.policy.describe())
         return {
             "parent": parent,
-            "policy": live.policy.describe(), "policy_published_at": live.updated_at,
-            "weights_used": live.weights, "counts_used": live.counts,
-            "finetune": {**cfg.to_dict(), "layers": cand.layers, "device": str(self.device)},
+            "policy": policy, "policy_published": live.policy.describe(),
+            "policy_published_at": live.updated_at,
+            "weights_used": cand.class_weight or live.weights, "counts_used": live.counts,
+            "finetune": {**trained.to_dict(), "layers": cand.layers,
+                         "device": str(self.device)},
             "data_window": {**data.window, "pool": len(data.pool), "holdout": len(data.holdout),
                             "replay": len(data.replay)},
             "request": {k: request.get(k) for k in ("reason", "requested_at", "signals")},

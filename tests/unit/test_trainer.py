@@ -30,10 +30,13 @@ CPU = torch.device("cpu")
 
 
 def settings_for(encoder: Path, tmp: Path, **overrides: Any) -> Settings:
+    """The trainer on a tiny encoder; one policy per trigger (no challengers) unless the
+    test asks for policy selection."""
     base: dict[str, Any] = dict(
         encoder_path=str(encoder), data_dir=tmp, embed_dim=32, text_max_len=32,
         finetune_max_steps=60, finetune_batch_size=128, finetune_lr=3e-3,
-        finetune_min_samples=50, weight_policy="class_balanced", weight_beta=0.999)
+        finetune_min_samples=50, weight_policy="class_balanced", weight_beta=0.999,
+        selection_challengers=0)
     base.update(overrides)
     return Settings().replace(**base)
 
