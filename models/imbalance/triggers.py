@@ -1,5 +1,9 @@
 """When to ask for a fine-tune: enough new minority samples, drift, or too long without one.
 
+The interval needs no minority sample: checks run once per processed batch, so only while
+data arrives, and a click-only stream (whose events never enter the minority buffer) must
+still be fine-tuned now and then.
+
 Pure decision logic; the worker feeds it and publishes the requests it returns.
 
 Drift uses ADWIN (Bifet & Gavaldà, "Learning from Time-Changing Data with Adaptive
@@ -73,6 +77,8 @@ class TriggerPolicy:
     'drift'
     >>> t.check(now=700.0, new_samples=1, drift_signals=[])
     'interval'
+    >>> t.check(now=1400.0, new_samples=0, drift_signals=[])   # a click-only stream too
+    'interval'
     """
 
     def __init__(self, min_new_samples: int = 2000, max_interval_s: float = 3600.0,
@@ -97,7 +103,7 @@ class TriggerPolicy:
             reason = "buffer"
         elif self._drift_seen:
             reason = "drift"
-        elif new_samples > 0 and now - (self.last_fired or self.started) >= self.max_interval_s:
+        elif now - (self.last_fired or self.started) >= self.max_interval_s:
             reason = "interval"
         if reason is not None:
             self.last_fired = now
