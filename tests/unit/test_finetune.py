@@ -7,10 +7,12 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import tailstream.models.training.finetune as finetune_module
 from tailstream.configs import FineTuneConfig, Policy, TowerConfig
 from tailstream.contract import CLASSES
 from tailstream.models.imbalance.buffer import Sample
@@ -207,13 +209,29 @@ def test_lora_adapters_train_and_merge_to_the_same_function(
     assert torch.allclose(adapted, merged, atol=1e-5)
 
 
-def test_smote_pairs_join_the_minority_classes(
-        tiny_encoder: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+@pytest.mark.parametrize("sampler", ["smote", "adasyn"])
+def test_synthetic_pairs_join_the_minority_classes(
+        tiny_encoder: Path, shop_samples: Callable[..., list[Sample]], sampler: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SMOTE or ADASYN pairs (imbalanced-learn, on the head's input features) join every
+    step, with their class's label, and their loss reaches the towers."""
     samples = shop_samples(600)
     data = prepare_data(samples, counts_of(samples), 0.2)
-    t = tuner(tiny_encoder, FineTuneConfig(max_steps=3, batch_size=64, smote_share=0.25))
+    t = tuner(tiny_encoder, FineTuneConfig(max_steps=3, batch_size=64, smote_share=0.25,
+                                           sampler=sampler, builder="oversample"))
+    made: list[str] = []
+    original = finetune_module.synthetic_embeddings
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs["sampler"] == sampler and args[0].requires_grad
+        out = original(*args, **kwargs)
+        made.extend(out[1])
+        return out
+
+    monkeypatch.setattr(finetune_module, "synthetic_embeddings", spy)
     run = t.train(data)
-    assert run.synthetic_pairs == 3 * 16
+    assert run.synthetic_pairs == len(made) == 3 * 16
+    assert set(made) <= set(t.cfg.minority_classes) and len(set(made)) > 1
 
 
 def test_augmentation_rewrites_only_minority_texts(

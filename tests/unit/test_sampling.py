@@ -1,4 +1,5 @@
-"""Batch builders, SMOTE in embedding space and EDA text augmentation."""
+"""Batch builders, SMOTE and ADASYN (imbalanced-learn) in embedding space and EDA text
+augmentation."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import tailstream.models.training.sampling as sampling_module
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.training.sampling import (
     BATCH_BUILDERS,
+    SAMPLERS,
     SYNONYMS,
     BatchBuilder,
+    adasyn_embeddings,
     augment_sample,
     augment_text,
     build_batch,
@@ -23,6 +26,7 @@ from tailstream.models.training.sampling import (
     oversample,
     quotas,
     smote_embeddings,
+    synthetic_embeddings,
     undersample,
 )
 
@@ -225,6 +229,101 @@ def test_smote_bad_arguments() -> None:
         smote_embeddings(x, labels, {"cart"}, 3, rng=random.Random(0), metric="manhattan")
     with pytest.raises(ValueError):
         smote_embeddings(x, labels[:-1], {"cart"}, 3, rng=random.Random(0))
+
+
+def overlapping(seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """A majority cloud around 0 with minority points inside it ("hard") and a second
+    minority group far away ("easy"), in 2-D."""
+    g = np.random.default_rng(seed)
+    x = np.vstack([g.normal(0.0, 1.0, size=(200, 2)),      # click
+                   g.normal(0.0, 0.6, size=(12, 2)),       # purchase, among the clicks
+                   g.normal(12.0, 0.6, size=(12, 2))])     # purchase, alone
+    return x, ["click"] * 200 + ["purchase"] * 24
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_imblearn_samplers_stay_in_their_class_neighbourhood_with_exact_counts(
+        sampler: str, metric: str) -> None:
+    """Every synthetic point lies on a segment between two points of its own class that
+    are k-nearest neighbours (so inside the class's convex hull, near its points), and
+    each class gets exactly the count asked for, ADASYN included."""
+    x, labels = overlapping(1)
+    x = np.vstack([x, clusters(2, d=2)[0][60:75] + 6.0])  # a cart class too
+    labels = labels + ["cart"] * 15
+    k = 3
+    want = {"cart": 25, "purchase": 31}
+    new, new_labels = synthetic_embeddings(x, labels, {"cart", "purchase"}, want, k,
+                                           rng=random.Random(0), metric=metric,
+                                           sampler=sampler)
+    assert Counter(new_labels) == want and new.shape == (56, 2) and new.dtype == x.dtype
+    for point, lab in zip(new, new_labels, strict=True):
+        own = x[[i for i, c in enumerate(labels) if c == lab]]
+        assert np.all(point >= own.min(0) - 1e-9) and np.all(point <= own.max(0) + 1e-9)
+        sources = segment_sources(x, point)
+        assert sources, "not on any segment between two original points"
+        assert any(labels[i] == labels[j] == lab and
+                   (j in knn(x, labels, i, k, metric) or i in knn(x, labels, j, k, metric))
+                   for i, j, _ in sources)
+
+
+def test_adasyn_puts_its_points_where_the_other_classes_are() -> None:
+    """ADASYN draws base points ∝ the share of other classes among their neighbours (He
+    et al. 2008): the purchases inside the click cloud get nearly all new points; SMOTE
+    splits them evenly between the two groups."""
+    x, labels = overlapping()
+    ada, _ = adasyn_embeddings(x, labels, {"purchase"}, 400, k=5, rng=random.Random(0))
+    smo, _ = smote_embeddings(x, labels, {"purchase"}, 400, k=5, rng=random.Random(0))
+    hard = lambda pts: float(np.mean(pts[:, 0] < 6.0))  # noqa: E731
+    assert hard(ada) > 0.95
+    assert 0.35 < hard(smo) < 0.65
+
+
+def test_adasyn_without_other_classes_nearby_is_smote() -> None:
+    """When no point of the class has another class among its neighbours, ADASYN's
+    weights are 0/0 (imbalanced-learn refuses); SMOTE's uniform weights are the limit."""
+    x, labels = clusters(4)
+    for rng_seed in range(3):
+        a = adasyn_embeddings(x, labels, {"cart", "purchase"}, 20, k=3,
+                              rng=random.Random(rng_seed))
+        b = smote_embeddings(x, labels, {"cart", "purchase"}, 20, k=3,
+                             rng=random.Random(rng_seed))
+        assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_fewer_neighbours_than_k_and_one_class_batches(sampler: str) -> None:
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.4, 0.4], [3.0, 3.0]])
+    labels = ["cart", "cart", "cart", "click", "purchase"]
+    new, lab = synthetic_embeddings(x, labels, {"cart", "purchase"}, 9, k=5,
+                                    rng=random.Random(0), sampler=sampler)
+    assert lab == ["cart"] * 9  # k lowered to 2; the lone purchase has no neighbour
+    assert np.all(new >= 0.0) and np.all(new.sum(1) <= 1.0 + 1e-9)  # the cart triangle
+    only, lab = synthetic_embeddings(x[:3], labels[:3], {"cart"}, 4, k=5,
+                                     rng=random.Random(0), sampler=sampler)
+    assert lab == ["cart"] * 4 and np.all(only >= 0.0)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_imblearn_points_on_tensors_keep_gradients(sampler: str) -> None:
+    x, labels = overlapping(2)
+    t = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    new, lab = synthetic_embeddings(t, labels, {"purchase"}, 30, rng=random.Random(0),
+                                    sampler=sampler)
+    assert isinstance(new, torch.Tensor) and new.shape == (30, 2) and len(lab) == 30
+    new.sum().backward()
+    assert t.grad is not None
+    rows = set(torch.nonzero(t.grad.abs().sum(1)).flatten().tolist())
+    assert rows and all(labels[r] == "purchase" for r in rows)
+    ref, _ = synthetic_embeddings(x, labels, {"purchase"}, 30, rng=random.Random(0),
+                                  sampler=sampler)
+    assert np.allclose(new.detach().numpy(), ref, atol=1e-5)
+
+
+def test_unknown_sampler_is_refused() -> None:
+    x, labels = clusters()
+    with pytest.raises(ValueError, match="unknown sampler"):
+        synthetic_embeddings(x, labels, {"cart"}, 3, rng=random.Random(0), sampler="rose")
 
 
 # ---------------------------------------------------------------------------

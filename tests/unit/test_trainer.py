@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from tailstream import configs
 from tailstream.configs import Policy, policy, tower_config
 from tailstream.evaluation.specs import STRATEGIES, EvalConfig
 from tailstream.evaluation.strategies import Harness
@@ -20,9 +23,13 @@ from tailstream.metrics import TrainerMetrics
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.loading import load_served
 from tailstream.models.towers.store import BASE_VERSION, CorruptCheckpoint, ModelStore, StoreError
+from tailstream.models.training.finetune import prepare_data
 from tailstream.models.training.gate import decide
 from tailstream.models.training.losses import LOSS_MAPPING
+from tailstream.models.training.routine import fine_tune
+from tailstream.models.training.selection import PolicySelector
 from tailstream.settings import Settings
+from tailstream.stack.client import version_lines
 from tailstream.streams.trainer.sources import InMemorySource
 from tailstream.streams.trainer.trainer import Trainer
 
@@ -266,3 +273,99 @@ def test_nothing_is_trained_before_the_workers_publish_a_policy(
     report = trainer.handle({"reason": "buffer"})
     assert report.outcome == "skipped" and "not published" in report.reason
     assert store.versions() == []
+
+
+# --------------------------------------------------------------------------- policy selection
+def selecting(encoder: Path, tmp: Path, **overrides: Any) -> Settings:
+    """Workers on plain cross-entropy; the trainer also tries class-balanced weights and
+    picks by minority recall (clearly better with class-balanced weights on this shop)."""
+    base: dict[str, Any] = dict(weight_policy="none", selection_challengers=1,
+                                selection_policies="none,class_balanced",
+                                selection_objective="minority_recall")
+    return settings_for(encoder, tmp, **{**base, **overrides})
+
+
+def test_the_trainer_selects_a_policy_and_reports_what_it_tried(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = selecting(tiny_encoder, tmp_path)
+    trainer, store, updates = make_trainer(s, shop_samples(2000))
+    report = trainer.handle({"reason": "interval"})
+    assert report.outcome == "promoted", report.reason
+    sel = report.selection
+    assert [t["policy"] for t in sel["tried"]] == ["none", "class_balanced"]  # current first
+    assert sel["objective"] == "minority_recall"
+    assert sel["best"] == sel["promoted"] == report.policy == "class_balanced"
+    for t in sel["tried"]:
+        assert t["lift"] == pytest.approx(t["objective"] - t["served"])
+        assert t["steps"] == 60
+    assert sel["selector"]["triggers"] == 1 and sel["selector"]["incumbent"] == "class_balanced"
+    assert " | selection by minority_recall (served " in report.reason
+    assert updates[0]["reason"] == report.reason
+    manifest = store.manifest(report.version or "")
+    assert manifest["selection"] == json.loads(json.dumps(sel))
+    assert manifest["policy"] == {"policy": "class_balanced", "beta": 0.999}
+    assert manifest["policy_published"] == {"policy": "none"}
+    assert manifest["finetune"]["policy"] == "class_balanced"
+    assert manifest["weights_used"]["purchase"] > manifest["weights_used"]["click"]
+    assert manifest["metrics"]["candidate"]["objective_minority_recall"] == \
+        sel["tried"][1]["objective"]
+    runs = [json.loads(x) for x in (store.root / "runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["selection"]["promoted"] == "class_balanced"
+    assert runs[-1]["policy"] == "class_balanced"
+    line = version_lines(store.versions())[0]  # `tailstream model list`
+    assert "class_balanced" in line and "selection by minority_recall" in line
+    assert sample_value(trainer.metrics, "tailstream_gate_metric_ratio", model="candidate",
+                        metric="objective_minority_recall") == sel["tried"][1]["objective"]
+
+
+def test_a_restarted_trainer_carries_on_selecting(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    s = selecting(tiny_encoder, tmp_path)
+    trainer, store, _ = make_trainer(s, shop_samples(2000))
+    trainer.handle({"reason": "interval"})
+    state = json.loads((store.root / "selection.json").read_text())
+    assert state["incumbent"] == "class_balanced" and state["triggers"] == 1
+    again, _, _ = make_trainer(s, shop_samples(2000, seed=7))
+    assert again.selector == trainer.selector
+    report = again.handle({"reason": "interval"})
+    assert report.outcome in ("promoted", "rejected"), report.reason
+    assert [t["policy"] for t in report.selection["tried"]] == ["class_balanced", "none"]
+    assert report.selection["selector"]["triggers"] == 2
+    # No challenger configured: the current policy alone, as before selection existed.
+    off, _, _ = make_trainer(s.replace(selection_challengers=0), shop_samples(2000, seed=8))
+    assert off.selector is None
+    plain = off.handle({"reason": "interval"})
+    assert plain.selection == {} and " | selection" not in plain.reason
+
+
+def test_the_evaluation_call_selects_like_the_trainer(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    """The call the evaluation's ``adaptive`` strategy makes to run policy selection (one
+    :class:`PolicySelector` per strategy, kept across its blocks): the same buffer, policy
+    and weights give the trainer's trials, choice and gate decision."""
+    s = selecting(tiny_encoder, tmp_path, finetune_max_steps=40, finetune_max_seconds=1e6)
+    samples = shop_samples(1500)
+    live = InMemorySource(samples, policy=policy(s)).live_weights()
+    assert live is not None
+    trainer = Trainer(s, ModelStore(s.model_store_dir), TrainerMetrics(),
+                      InMemorySource(samples, weights=live), lambda update: None, device=CPU)
+    report = trainer.handle({"reason": "buffer"})
+
+    stream = Stream([], [], {}, {}, [[], []], [])
+    harness = Harness(stream, s, EvalConfig(steps=s.finetune_max_steps,
+                                            batch_size=s.finetune_batch_size, seed=0), tmp_path)
+    strategy = TransformerStrategy(harness, "adaptive", STRATEGIES["adaptive"])
+    selector = PolicySelector.from_config(configs.selection_config(s))
+    cfg = dataclasses.replace(configs.finetune_config(s, live.policy), max_steps=40,
+                              batch_size=s.finetune_batch_size, max_seconds=math.inf, seed=0)
+    data = prepare_data(samples, live.counts, cfg.holdout_share, strategy.replay)
+    cand = fine_tune(strategy.served, strategy.vectors, data, cfg=cfg,
+                     class_weight=live.weights, device=harness.device,
+                     gate=configs.gate_config(s), selector=selector, policy=live.policy,
+                     counts=live.counts)
+    assert [t.policy for t in cand.trials] == [t["policy"] for t in report.selection["tried"]]
+    assert [t.objective for t in cand.trials] == pytest.approx(
+        [t["objective"] for t in report.selection["tried"]], abs=1e-6)
+    assert cand.policy == report.policy
+    assert cand.decision.promote == (report.outcome == "promoted")
+    assert selector.pulls == (trainer.selector.pulls if trainer.selector else None)
