@@ -8,8 +8,8 @@ the user's 5 most recent items (as every strategy). Searches reach the peers at 
 place in the stream. The reusable parts live in ``models/serving``; here is the glue.
 
 * ``trending``: :class:`~tailstream.models.serving.trending.Trending`, decayed counts
-  with a half-life of ``PeerConfig.trending_half_life`` interactions (2,000 by default:
-  the last ~2,000 interactions carry half the weight), updated per interaction.
+  with a half-life of ``PeerConfig.trending_half_life`` interactions (10,000 by default:
+  the last 10,000 interactions carry half the weight), updated per interaction.
 * ``covisitation``: :class:`~tailstream.models.serving.covisitation.Covisitation` over
   the user's recent items, updated per interaction, filled with ``trending``.
 * ``als``, ``bpr`` (:mod:`~tailstream.evaluation.factors`): the ``implicit`` library,

@@ -21,6 +21,7 @@ followed a search). :meth:`StrategyResult.metrics` turns that into:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -212,7 +213,8 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
         "config": {"strategies": list(cfg.strategies), "blocks": cfg.blocks,
                    "rank_every": cfg.rank_every, "steps_per_finetune": cfg.steps,
                    "batch_size": cfg.batch_size, "tiny_encoder": cfg.tiny, "seed": cfg.seed,
-                   "warm_blocks": cfg.warm_blocks, **extra},
+                   "warm_blocks": cfg.warm_blocks, "peers": dataclasses.asdict(cfg.peers),
+                   **extra},
         "class_shares": {c: round(v, 6) for c, v in
                          _shares(Counter(it.sample.label for it in stream.interactions)).items()},
         "known": {"items": len(stream.known_ids), "searches": len(stream.searches),
