@@ -171,7 +171,8 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
         trials.append(Trial(arm, cand.metrics.get(key, 0.0), current.get(key, 0.0),
                             cand.run.steps, cand.run.seconds, cand.metrics))
         if best is None or choose(trials) == len(trials) - 1:
-            best = cand  # the others are dropped here: one extra model in memory at most
+            best = cand
+        del cand  # a losing candidate goes now: the best and the one training, at most
     assert best is not None
     decision = _decide(current, best.metrics, gate)
     selector.record({t.policy: t.lift for t in trials},
