@@ -49,7 +49,7 @@ from tailstream.models.towers.loading import ServedModel, resolve_finetune_layer
 from tailstream.models.towers.text_vectors import TextVectors
 from tailstream.models.towers.two_tower import TwoTowerRecommender
 from tailstream.models.training.evaluation import evaluate
-from tailstream.models.training.finetune import FineTuner, RunResult, TrainData
+from tailstream.models.training.finetune import FineTuner, NonFiniteLoss, RunResult, TrainData
 from tailstream.models.training.gate import QUALITY_METRICS, GateDecision, decide, objective_metric
 from tailstream.models.training.selection import PolicySelector, Trial, arm_config, choose
 
@@ -165,7 +165,17 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
         arm_cfg, arm_policy = arm_config(cfg, arm, policy, selector.synthetic_share)
         weights = (class_weight if arm_policy == policy
                    else class_weights(arm_policy, counts))
-        cand = _train(served, vectors, data, arm_cfg, weights, device, on_step)
+        try:
+            cand = _train(served, vectors, data, arm_cfg, weights, device, on_step)
+        except (NonFiniteLoss, torch.cuda.OutOfMemoryError) as exc:
+            if best is None:  # the current policy's own run: the whole run fails, as before
+                raise
+            # A challenger's failure costs it the trigger (reward −1), not the others.
+            trials.append(Trial(arm, 0.0, current.get(key, 0.0),
+                                failed=f"{type(exc).__name__}: {exc}"[:200]))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         cand.policy = arm
         cand.metrics = _evaluate(cand.model, cand.vectors, data, arm_cfg, gate)
         trials.append(Trial(arm, cand.metrics.get(key, 0.0), current.get(key, 0.0),
@@ -176,7 +186,7 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     assert best is not None
     decision = _decide(current, best.metrics, gate)
     selector.record({t.policy: t.lift for t in trials},
-                    best.policy if decision.promote else None)
+                    best.policy if decision.promote else None)  # failed ones: −1
     return dataclasses.replace(best, decision=decision, current=current, trials=trials)
 
 

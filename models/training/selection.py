@@ -146,23 +146,32 @@ class Trial:
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     """The candidate's held-out metrics."""
+    failed: str = ""
+    """Why the challenger's run failed (a non-finite loss, out of memory); empty if not."""
 
     @property
     def lift(self) -> float:
-        """The reward: ``J(candidate) − J(served)``."""
-        return self.objective - self.served
+        """The reward: ``J(candidate) − J(served)``; a failed run gets −1, the worst lift
+        any objective in [0, 1] can have.
+
+        >>> Trial("focal", 0.5, 0.25).lift, Trial("importance", 0.0, 0.3, failed="nan").lift
+        (0.25, -1.0)
+        """
+        return -1.0 if self.failed else self.objective - self.served
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "objective": self.objective, "served": self.served,
-                "lift": self.lift, "steps": self.steps, "seconds": round(self.seconds, 3),
+        return {"policy": self.policy, "objective": None if self.failed else self.objective,
+                "served": self.served, "lift": self.lift, "steps": self.steps,
+                "seconds": round(self.seconds, 3),
+                **({"failed": self.failed} if self.failed else {}),
                 **{k: self.metrics[k] for k in ("macro_f1", "hit_at_10",
                                                 "minority_macro_recall") if k in self.metrics}}
 
 
 def choose(trials: Sequence[Trial]) -> int:
-    """Index of the best trial: highest objective, then highest macro-F1 (G-mean is 0 for
-    every candidate that misses one class entirely), then the earliest — the current
-    policy comes first, so a tie keeps it.
+    """Index of the best trial that did not fail: highest objective, then highest macro-F1
+    (G-mean is 0 for every candidate that misses one class entirely), then the earliest —
+    the current policy comes first, so a tie keeps it.
 
     >>> t = [Trial("class_balanced", 0.40, 0.3), Trial("focal", 0.45, 0.3),
     ...      Trial("none", 0.45, 0.3)]
@@ -176,7 +185,8 @@ def choose(trials: Sequence[Trial]) -> int:
     for i, t in enumerate(trials[1:], start=1):
         key = (t.objective, t.metrics.get("macro_f1", 0.0))
         top = trials[best]
-        if key > (top.objective, top.metrics.get("macro_f1", 0.0)):
+        if not t.failed and (top.failed or key > (top.objective,
+                                                  top.metrics.get("macro_f1", 0.0))):
             best = i
     return best
 
@@ -189,8 +199,8 @@ def summary(trials: Sequence[Trial], chosen: int, objective: str) -> str:
     """
     if not trials:
         return ""
-    tried = ", ".join(f"{t.policy} {t.objective:.3f}" + (" (best)" if i == chosen else "")
-                      for i, t in enumerate(trials))
+    tried = ", ".join(f"{t.policy} " + ("failed" if t.failed else f"{t.objective:.3f}")
+                      + (" (best)" if i == chosen else "") for i, t in enumerate(trials))
     return f"selection by {objective} (served {trials[0].served:.3f}): {tried}"
 
 

@@ -3,6 +3,7 @@ better of two candidates, and triggers that fire on any stream."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -25,8 +26,9 @@ from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.towers.encoder import load_encoder
 from tailstream.models.towers.loading import ServedModel, build_model
 from tailstream.models.towers.text_vectors import TextVectors
-from tailstream.models.training.finetune import prepare_data
+from tailstream.models.training.finetune import NonFiniteLoss, prepare_data
 from tailstream.models.training.gate import QUALITY_METRICS, decide, objective_metric
+from tailstream.models.training.losses import LOSS_MAPPING
 from tailstream.models.training.routine import fine_tune
 from tailstream.models.training.selection import (
     ARMS,
@@ -197,6 +199,37 @@ def test_selection_promotes_the_better_candidate(
     assert cand.current["objective_minority_recall"] == tried["none"].served
     assert selector.incumbent == "class_balanced" and selector.triggers == 1
     assert selector.pulls == {"none": 1, "class_balanced": 1}
+
+
+def test_a_failing_challenger_costs_only_itself(
+        tiny_encoder: Path, shop_samples: Callable[..., list[Sample]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A challenger whose loss turns NaN gets the worst reward and is never the best; the
+    current policy's candidate is judged as usual. The current policy failing fails the
+    run, as it did before selection."""
+    samples = shop_samples(600)
+    counts = {c: float(n) for c, n in Counter(s.label for s in samples).items()}
+    published = policy(Settings().replace(weight_policy="none"))
+    served, vectors = served_base(tiny_encoder)
+    data = prepare_data(samples, counts, 0.2)
+    cfg = FineTuneConfig(max_steps=5, batch_size=64).with_policy(published)
+    monkeypatch.setitem(LOSS_MAPPING, "importance",
+                        lambda logits, target, x: logits.sum(-1) * float("nan"))
+    selector = PolicySelector(["none", "importance"], challengers=1)
+    cand = fine_tune(served, vectors, data, cfg=cfg, device=CPU, gate=GateConfig(),
+                     class_weight=dict.fromkeys(CLASSES, 1.0), selector=selector,
+                     policy=published, counts=counts)
+    assert cand.policy == "none" and [t.policy for t in cand.trials] == ["none", "importance"]
+    failed = cand.trials[1]
+    assert failed.failed.startswith("NonFiniteLoss") and failed.lift == -1.0
+    assert failed.to_dict()["objective"] is None and choose(cand.trials) == 0
+    assert selector.mean("importance") == -1.0 and selector.pulls["none"] == 1
+    with pytest.raises(NonFiniteLoss):
+        fine_tune(served, vectors, data, cfg=cfg.with_policy(
+                      dataclasses.replace(published, name="importance")),
+                  device=CPU, gate=GateConfig(), class_weight=dict.fromkeys(CLASSES, 1.0),
+                  selector=PolicySelector(["importance", "none"]),
+                  policy=dataclasses.replace(published, name="importance"), counts=counts)
 
 
 def test_selection_needs_a_gate_and_the_published_policy(
