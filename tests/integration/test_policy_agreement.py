@@ -105,7 +105,9 @@ def test_the_trainer_uses_the_policy_the_workers_published(
     ts = ws.replace(weight_policy="focal", weight_gamma=3.0, weight_max=50.0,
                     encoder_path=str(write_tiny_encoder(tmp_path / "enc")), embed_dim=32,
                     text_max_len=32, finetune_max_steps=20, finetune_batch_size=64,
-                    finetune_min_samples=50, text_vectors_shared=False)
+                    finetune_min_samples=50, text_vectors_shared=False,
+                    # The published policy alone (challengers would train others beside it).
+                    selection_challengers=0)
     data = TrainingData(ts)
     store = ModelStore(ts.model_store_dir)
     try:
@@ -118,6 +120,7 @@ def test_the_trainer_uses_the_policy_the_workers_published(
     assert report.outcome in ("promoted", "rejected"), report.reason
     manifest = store.manifest(report.version or "")
     assert manifest["policy"] == {"policy": "inverse"}
+    assert manifest["policy_published"]["policy"] == "inverse"
     assert manifest["finetune"]["policy"] == "inverse"
     assert manifest["finetune"]["gamma"] == ws.weight_gamma  # not the trainer's 3.0
     assert manifest["weights_used"] == published.weights
