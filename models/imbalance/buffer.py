@@ -110,36 +110,61 @@ class MinorityBuffer:
 
     def offer(self, sample: Sample, class_shares: Mapping[str, float]) -> bool:
         """Route one sample (see the module docstring); True if it is now held."""
-        if self.is_minority(sample.label, class_shares):
+        route = self.route(sample.label, sample.tier, class_shares)
+        if route is None:
+            return False
+        self.place(route, sample)
+        return True
+
+    def route(self, label: str, tier: str, class_shares: Mapping[str, float]
+              ) -> tuple[str, int | None] | None:
+        """Where a sample of ``label`` and ``tier`` would go, or None if the reservoir
+        drops it: the decision of :meth:`offer` (counters and random draw included)
+        without the sample, so a caller builds only the samples that are kept. Follow
+        each route with :meth:`place`.
+
+        >>> buf = MinorityBuffer(capacity_per_class=1, minority_share=0.1, tail_capacity=0)
+        >>> shares = {"click": 0.9}
+        >>> buf.route("purchase", "head", shares), buf.route("click", "head", shares)
+        (('minority', None), ('reservoir', 0))
+        """
+        if self.is_minority(label, class_shares):
+            self.last_route = ("minority", None)
+        elif tier == TAIL and self.tail_capacity > 0:
+            self.last_route = ("tail", None)
+        else:
+            self.last_route = self._reservoir_slot(label)
+        return self.last_route
+
+    def place(self, route: tuple[str, int | None], sample: Sample) -> None:
+        """Put ``sample`` where :meth:`route` said."""
+        kind, slot = route
+        if kind == "minority":
             q = self._minority.get(sample.label)
             if q is None:
                 q = self._minority[sample.label] = deque(maxlen=self.capacity_per_class)
             q.append(sample)
             self.new_since_last_take += 1
-            self.last_route = ("minority", None)
-            return True
-        if sample.tier == TAIL and self.tail_capacity > 0:
+        elif kind == "tail":
             self._tail.append(sample)
-            self.last_route = ("tail", None)
-            return True
-        return self._reservoir_offer(sample)
+        else:
+            assert slot is not None
+            res = self._reservoir.setdefault(sample.label, [])
+            if slot == len(res):
+                res.append(sample)
+            else:
+                res[slot] = sample
 
-    def _reservoir_offer(self, sample: Sample) -> bool:
-        label = sample.label
+    def _reservoir_slot(self, label: str) -> tuple[str, int | None] | None:
         res = self._reservoir.setdefault(label, [])
         n = self._seen.get(label, 0) + 1
         self._seen[label] = n
         if len(res) < self.capacity_per_class:
-            res.append(sample)
-            self.last_route = ("reservoir", len(res) - 1)
-            return True
+            return ("reservoir", len(res))
         j = self._rng.randrange(n)  # Algorithm R: keep with probability capacity / n
         if j < self.capacity_per_class:
-            res[j] = sample
-            self.last_route = ("reservoir", j)
-            return True
-        self.last_route = None
-        return False
+            return ("reservoir", j)
+        return None
 
     def mark_consumed(self) -> None:
         """The trainer took a batch: restart the count of new minority samples."""

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import math
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -193,6 +195,40 @@ class CountMinSketch:
         else:
             for key, count in zip(keys, counts, strict=True):
                 self.add(key, count)
+
+    def add_batch(self, counts: Mapping[str, float]) -> npt.NDArray[np.float64]:
+        """Add each key's count at once (one gather and one scatter over the table);
+        returns the keys' estimates afterwards, in the mapping's order.
+
+        Conservative update of a batch raises every counter of a key to at least the key's
+        estimate *before the batch* plus its count (``np.maximum.at``, so keys sharing a
+        counter both count): each counter still bounds the true count of every key hashed
+        to it, so estimates never fall below the truth. The result can differ slightly from
+        adding the keys one by one, since conservative update depends on order.
+
+        >>> s = CountMinSketch(64, 3)
+        >>> s.add_batch({"a": 2.0, "b": 1.0}).tolist(), s.total
+        ([2.0, 1.0], 3.0)
+        >>> s.add_batch({"a": 1.0}).tolist(), s.estimate("a")
+        ([3.0], 3.0)
+        """
+        keys = list(counts)
+        if not keys:
+            return np.zeros(0, np.float64)
+        values = np.fromiter(counts.values(), np.float64, len(keys))
+        if not bool(np.all(values >= 0)):  # also refuses NaN
+            raise ValueError("counts must be non-negative")
+        flat = np.fromiter(itertools.chain.from_iterable(map(self._cells_of, keys)), np.intp,
+                           self.depth * len(keys))
+        idx = flat.reshape(len(keys), self.depth)
+        self.total += float(values.sum())
+        if self.conservative:
+            raised = self._table[idx].min(axis=1) + values
+            np.maximum.at(self._table, flat, np.repeat(raised, self.depth))
+        else:
+            np.add.at(self._table, flat, np.repeat(values, self.depth))
+        result: npt.NDArray[np.float64] = self._table[idx].min(axis=1)
+        return result
 
     def decay(self, factor: float) -> None:
         """Multiply every counter and the total by ``factor`` in ``[0, 1]`` (time decay).
@@ -388,6 +424,38 @@ class ItemFrequency:
         self._offer(item_id, value)
         self._version += 1
 
+    def observe_batch(self, item_ids: Sequence[str], ts: Sequence[float]) -> None:
+        """Count one interaction per entry, at its time: the boosts are summed per item
+        (forward decay makes that exact) and added with one :meth:`CountMinSketch.add_batch`;
+        each item is offered to the heavy hitters once.
+
+        >>> f = ItemFrequency(capacity=10, width=512, depth=4, half_life_s=60.0)
+        >>> f.observe_batch(["a", "b", "a"], [0.0, 0.0, 60.0])
+        >>> round(f.estimate("a"), 6), round(f.estimate("b"), 6)
+        (1.5, 0.5)
+        """
+        if not item_ids:
+            return
+        times = np.asarray(ts, dtype=np.float64)
+        newest = float(times.max())
+        if self.half_life_s is None:
+            boosts = [1.0] * len(item_ids)
+        else:
+            if self._t0 is None:
+                self._t0 = float(times[0])
+            if (newest - self._t0) / self.half_life_s > self._REBASE_EXPONENT:
+                self._rebase(newest)
+            boosts = np.exp2((times - self._t0) / self.half_life_s).tolist()
+        if self._last_ts is None or newest > self._last_ts:
+            self._last_ts = newest
+        summed: dict[str, float] = {}
+        for item, boost in zip(item_ids, boosts, strict=True):
+            summed[item] = summed.get(item, 0.0) + boost
+        estimates = self.sketch.add_batch(summed)
+        for item, value in zip(summed, estimates.tolist(), strict=True):
+            self._offer(item, value)
+        self._version += 1
+
     def _offer(self, item_id: str, value: float) -> None:
         hh, heap = self._hh, self._heap
         if item_id in hh:
@@ -487,7 +555,7 @@ class ItemFrequency:
                       ) -> list[tuple[str, float]]:
         """The kept items with their decayed estimates, largest first."""
         factor = self._now_factor(now)
-        ranked = sorted(self._hh.items(), key=lambda kv: (-kv[1], kv[0]))
+        ranked = _ranked(self._hh)
         return [(item, value * factor) for item, value in ranked[:k]]
 
     def tiers(self, head_share: float = 0.5, torso_share: float = 0.3) -> dict[str, str]:
@@ -497,7 +565,7 @@ class ItemFrequency:
         cache = self._tier_cache
         if cache is not None and cache[:3] == (self._version, head_share, torso_share):
             return cache[3]
-        ranked = sorted(self._hh.items(), key=lambda kv: (-kv[1], kv[0]))
+        ranked = _ranked(self._hh)
         # Shares are of *all* interactions (the sketch total), not just the kept ones.
         total = max(self.sketch.total, sum(v for _, v in ranked)) or 1.0
         head_cut, torso_cut = head_share, head_share + torso_share
@@ -526,3 +594,13 @@ class ItemFrequency:
     def memory_bytes(self) -> int:
         """Sketch counters plus a rough bound for the heavy-hitter dict and heap."""
         return self.sketch.memory_bytes + 200 * self.capacity
+
+
+def _ranked(values: Mapping[str, float]) -> list[tuple[str, float]]:
+    """Items by value, largest first, ties by name: two C-keyed sorts (stable, so the name
+    order survives among equal values) instead of one with a tuple key per item.
+
+    >>> _ranked({"b": 1.0, "a": 1.0, "c": 2.0})
+    [('c', 2.0), ('a', 1.0), ('b', 1.0)]
+    """
+    return sorted(sorted(values.items()), key=itemgetter(1), reverse=True)

@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 SCHEMA_VERSION = 1
 """Current event schema version (field ``v``; absent means 1)."""
 
@@ -144,6 +146,9 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
     limit = size_limit(raw, limits)
     if len(raw) > limit:
         return Rejection("oversize", f"{len(raw)} bytes > {limit}")
+    fast = _decode_fast(raw, limits)
+    if fast is not None:
+        return fast
     try:
         # Decode strictly first: json.loads(bytes) also accepts UTF-16/32 and decodes with
         # "surrogatepass", so invalid UTF-8 (encoded lone surrogates) got through. The
@@ -162,6 +167,43 @@ def decode_payload(raw: bytes | None, limits: Limits) -> list[Any] | Rejection:
             return Rejection("oversize", f"envelope of {len(raw)} bytes for {len(value)} events")
         return value
     return [value]
+
+
+_FAST_DECODER = msgspec.json.Decoder()
+
+
+def _decode_fast(raw: bytes, limits: Limits) -> list[Any] | None:
+    """The values of a message the contract accepts, decoded by msgspec (about 4× faster
+    than the strict ``json`` path), or None: then the strict path decides, and gives the
+    reason. msgspec is at least as strict as that path (UTF-8 only, no NaN/Infinity, no
+    control characters in strings, no trailing data) but keeps the last of duplicate
+    keys; a duplicate would leave fewer keys than the message has ``:`` bytes, so a
+    message whose ``:`` bytes are not exactly its objects' keys (a colon inside a string
+    too) goes the strict way. Only objects and non-empty envelopes within the limits are
+    answered here; everything else, valid or not, takes the strict path.
+
+    >>> _decode_fast(b'{"a": 1, "b": [2]}', Limits())
+    [{'a': 1, 'b': [2]}]
+    >>> _decode_fast(b'{"a": 1, "a": 2}', Limits()) is None   # duplicate: strict path
+    True
+    >>> _decode_fast(b'{"q": "a:b"}', Limits()) is None       # a colon in a string
+    True
+    """
+    try:
+        value = _FAST_DECODER.decode(raw)
+    except (msgspec.MsgspecError, RecursionError, ValueError):  # the strict path says why
+        return None
+    colons = raw.count(b":")
+    if type(value) is dict:
+        return [value] if colons == len(value) else None
+    if type(value) is not list or not value or len(value) > limits.max_envelope_events \
+            or len(raw) > limits.max_event_bytes * len(value):
+        return None
+    keys = 0
+    for element in value:
+        if type(element) is dict:
+            keys += len(element)
+    return value if colons == keys else None
 
 
 def size_limit(raw: bytes, limits: Limits) -> int:

@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tailstream.contract import TIERS
+
 # Event → Redis latency is tens of ms on a laptop, seconds when something backs up.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
@@ -241,6 +243,20 @@ class Metrics:
             "tailstream_refresh_pending_users",
             "Users still to refresh in the current bulk refresh, by trigger.",
             ["trigger"], registry=r)
+        self.scoring_turn_users = Gauge(
+            "tailstream_scoring_turn_users",
+            "Users taken by the last scoring turn (sized so a turn fits the latency budget; "
+            "the whole TAILSTREAM_SCORING_BATCH while the queue is behind).", registry=r)
+        self.recent_latency = Gauge(
+            "tailstream_recent_latency_seconds",
+            "Event → Redis latency of the lists published in the last 10 s, by quantile "
+            "(0.5, 0.99): what this worker publishes to Redis for the trainer's "
+            "back-pressure.", ["quantile"], registry=r)
+        self.model_update = Gauge(
+            "tailstream_model_update_seconds",
+            "The last promotion's model-update latency from its trigger (the training "
+            "request): to the candidate, to the promotion, to this worker's first list "
+            "carrying the new version.", ["stage"], registry=r)
         self.texts_encoded = Counter(
             "tailstream_texts_encoded_total",
             "Texts run through the encoder (cache misses), by purpose (item, query).",
@@ -262,7 +278,10 @@ class Metrics:
             self.buffer_samples.labels(bucket).set(n)
         for signal, n in loop.drift.detections.items():
             self.drift.labels(signal).set(n)
-        for tier, n in loop.items.tier_sizes().items():
+        sizes = dict.fromkeys(TIERS, 0)
+        for tier in loop.tiers.values():  # the loop's snapshot: no new sort of the items
+            sizes[tier] = sizes.get(tier, 0) + 1
+        for tier, n in sizes.items():
             self.item_tier_size.labels(tier).set(n)
         report = loop.online.report()
         self.online_macro_f1.set(report["macro_f1"])

@@ -105,6 +105,11 @@ class Keys:
     def trainer_offsets(self) -> str:
         return f"{self.prefix}:trainer:offsets"
 
+    @property
+    def worker_health(self) -> str:
+        """Hash: worker → its recent latency and lag (JSON), for the trainer's back-pressure."""
+        return f"{self.prefix}:worker-health"
+
     def preflight(self) -> str:
         return f"{self.prefix}:preflight:{random.getrandbits(32):08x}"  # noqa: S311 - a name
 

@@ -185,6 +185,9 @@ class Settings:
     """ADWIN confidence (smaller: fewer, surer detections)."""
     online_majority_rate: float = 0.2
     """Share of majority-class events the river fast path learns from (all minority ones)."""
+    online_batch_budget: int = 64
+    """River fast-path updates per worker batch at most, on average: under load the rates
+    above are scaled down (and reweighted) so a batch never spends more (0: no bound)."""
     online_imbalance: str = "weights"
     """River fast path imbalance handling: weights, oversample or none."""
     topic_training_requests: str = "training-requests"
@@ -282,8 +285,15 @@ class Settings:
     adasyn policies, as a share of the batch size."""
     trainer_port: int = 6067
     """The trainer's /metrics port."""
-    trainer_nice: int = 10
-    """CPU niceness of the trainer process, so fine-tuning never starves the stream."""
+    trainer_nice: int = 19
+    """CPU niceness of the trainer process (19: the lowest priority; on Linux the trainer
+    also asks for ``SCHED_IDLE``), so fine-tuning never starves the stream."""
+    trainer_backpressure: bool = True
+    """The trainer pauses between steps while a worker's recent p99 latency is over
+    ``TAILSTREAM_LATENCY_BUDGET_MS`` or its consumer lag grows (read from Redis)."""
+    trainer_pause_max_s: float = 30.0
+    """Longest single pause: a step then runs anyway, so a run under constant load still
+    ends (``finetune_max_seconds`` counts the pauses)."""
 
     # --- Supervision (tailstream up) ------------------------------------
     stack_port: int = 6068
@@ -323,6 +333,14 @@ class Settings:
     """Events per processing batch (``stream.take``)."""
     batch_within_s: float = 0.05
     """Max wait to fill a batch; bounds the added latency."""
+    latency_budget_ms: float = 250.0
+    """Event → Redis p99 target. Scoring turns are sized to finish within it, a user who
+    waited longer is scored next, and the trainer pauses while a worker is over it."""
+    scorer_start_wait_s: float = 30.0
+    """At its start a transformer worker waits this long at most for its model before it
+    processes events, so the first lists come from the model, not the baseline."""
+    health_publish_s: float = 1.0
+    """How often a worker publishes its recent latency and lag to Redis (for the trainer)."""
     data_dir: Path = Path("var")
     """Where processes keep local state (embedded service logs, tables, model store)."""
     device: str = "auto"

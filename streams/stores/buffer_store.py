@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -42,6 +43,7 @@ from tailstream.models.imbalance.buffer import STATE_VERSION, MinorityBuffer, Sa
 from tailstream.redis_io import Keys, RedisConfigError, RedisHealth, is_credentials_error
 
 log = logging.getLogger(__name__)
+_encode = msgspec.json.encode  # compact JSON, a fifth of json.dumps's cost
 
 
 _Value = bytes | bytearray | memoryview | str | int | float
@@ -134,7 +136,7 @@ class RedisBufferStore:
             return
         k = self.keys
         for route, slot, sample in changes:
-            blob = json.dumps(sample.to_dict(), separators=(",", ":"))
+            blob = _encode(sample.to_dict()).decode()
             if route == "minority":
                 self._queue_list(k["minority"] + sample.label, blob, buffer.capacity_per_class)
             elif route == "tail":

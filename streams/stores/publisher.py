@@ -4,9 +4,10 @@ Redis keys (:class:`~tailstream.redis_io.Keys`): the sorted set ``recs:{user}`` 
 score) and the hash ``recs:{user}:meta`` (model_version, generated_at, trigger, event_id,
 items as JSON).
 
-Each list is replaced by one server-side script (:data:`REPLACE_LIST_LUA`): Redis runs a
-script atomically, so a reader sees the old list or the new one, never a mix. The scripts
-of a batch go in one pipelined round trip, one reply per user. Failed writes are
+Lists are replaced by a server-side script (:data:`REPLACE_LISTS_LUA`): Redis runs a
+script atomically, so a reader sees the old list or the new one, never a mix. One script
+call replaces up to :data:`LISTS_PER_CALL` lists (a command to pack and parse per hundred
+lists, not per list), and a batch's calls go in one pipelined round trip. Failed writes are
 retried after a backoff (the client's circuit breaker,
 :class:`~tailstream.redis_io.RedisHealth`, shared with de-duplication and the buffer: no
 I/O while it is open); lists that wait are kept (latest per user, bounded), so a Redis
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -32,6 +35,7 @@ from tailstream.metrics import Metrics
 from tailstream.redis_io import Keys, RedisHealth
 
 log = logging.getLogger(__name__)
+_encode = msgspec.json.encode
 
 
 @dataclass
@@ -47,33 +51,43 @@ class RecList:
     source_ts: float | None  # Kafka timestamp of the triggering event (latency origin)
 
     @cached_property
-    def items_json(self) -> str:
-        return json.dumps(self.items, separators=(",", ":"))
+    def items_json(self) -> bytes:
+        """The items as compact JSON (msgspec: UTF-8, no ``\\u`` escapes)."""
+        return _encode(self.items)
 
     def message_bytes(self, published_at: float) -> bytes:
         """The recommendations-topic value (docs/schemas/recommendation.json)."""
-        head = json.dumps({"user_id": self.user_id, "model_version": self.model_version,
-                           "generated_at": self.generated_at, "trigger": self.trigger,
-                           "event_id": self.event_id, "event_ts": self.source_ts,
-                           "published_at": published_at}, separators=(",", ":"))
+        head = _encode({"user_id": self.user_id, "model_version": self.model_version,
+                        "generated_at": self.generated_at, "trigger": self.trigger,
+                        "event_id": self.event_id, "event_ts": self.source_ts,
+                        "published_at": published_at})
         # Splice the items in rather than re-encoding a dict that holds them.
-        return f'{head[:-1]},"items":{self.items_json}}}'.encode()
+        return head[:-1] + b',"items":' + self.items_json + b"}"
 
 
-REPLACE_LIST_LUA = """
--- KEYS[1] sorted set, KEYS[2] meta hash
--- ARGV: ttl, model_version, generated_at, trigger, items_json, event_id, then score,
--- member pairs
-redis.call('DEL', KEYS[1])
-if #ARGV > 6 then
-  redis.call('ZADD', KEYS[1], unpack(ARGV, 7))
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+LISTS_PER_CALL = 100
+"""Lists replaced by one script call (the script holds Redis for about a millisecond)."""
+
+REPLACE_LISTS_LUA = """
+-- KEYS: sorted set, meta hash of each list, in pairs
+-- ARGV[1] ttl; then per list: model_version, generated_at, trigger, items_json, event_id,
+-- n, then n score, member pairs
+local ttl = ARGV[1]
+local a = 2
+for i = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[a + 5])
+  redis.call('DEL', KEYS[i])
+  if n > 0 then
+    redis.call('ZADD', KEYS[i], unpack(ARGV, a + 6, a + 5 + 2 * n))
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
+  redis.call('DEL', KEYS[i + 1])
+  redis.call('HSET', KEYS[i + 1], 'model_version', ARGV[a], 'generated_at', ARGV[a + 1],
+             'trigger', ARGV[a + 2], 'items', ARGV[a + 3], 'event_id', ARGV[a + 4])
+  redis.call('EXPIRE', KEYS[i + 1], ttl)
+  a = a + 6 + 2 * n
 end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'model_version', ARGV[2], 'generated_at', ARGV[3],
-           'trigger', ARGV[4], 'items', ARGV[5], 'event_id', ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return 1
+return #KEYS / 2
 """
 
 
@@ -90,6 +104,8 @@ def parse_meta(user_id: str, meta: Mapping[Any, Any]) -> dict[str, Any] | None:
 
 
 SendToKafka = Callable[[str, bytes], Awaitable[None]]
+SendManyToKafka = Callable[[list[tuple[str, bytes]]], Awaitable[None]]
+"""[(user_id, message)]: the lists of one publish, in one batched send."""
 
 
 class ExposureWindow:
@@ -146,9 +162,12 @@ class Publisher:
     def __init__(self, redis: aioredis.Redis, send_to_kafka: SendToKafka, metrics: Metrics, *,
                  prefix: str = "tailstream", ttl_s: int = 86_400, backoff_s: float = 0.1,
                  max_backoff_s: float = 2.0, max_pending: int = 50_000,
-                 remember_users: int = 100_000, health: RedisHealth | None = None) -> None:
+                 remember_users: int = 100_000, health: RedisHealth | None = None,
+                 send_many: SendManyToKafka | None = None) -> None:
         self.redis = redis
         self.send_to_kafka = send_to_kafka
+        self.send_many = send_many
+        self.recent_latencies: deque[tuple[float, float]] = deque(maxlen=20_000)
         self.metrics = metrics
         self.prefix = prefix
         self.keys = Keys(prefix)
@@ -167,7 +186,7 @@ class Publisher:
         self._kafka_lost = 0  # notifications lost since the topic last worked
         # The agent and bulk refreshes publish concurrently; one batch at a time.
         self._lock = asyncio.Lock()
-        self._replace = redis.register_script(REPLACE_LIST_LUA)
+        self._replace = redis.register_script(REPLACE_LISTS_LUA)
         self.exposure = ExposureWindow()
         # When each user's list was last written (oldest first), for TTL refreshes.
         self.last_published: OrderedDict[str, float] = OrderedDict()
@@ -225,18 +244,8 @@ class Publisher:
             self.metrics.tail_items_published.labels(tier).inc(n)
         for trigger, n in triggers.items():
             self.metrics.recs_published.labels("redis", trigger).inc(n)
-        sent: Counter[str] = Counter()
-        for rec in batch:
-            try:
-                await self.send_to_kafka(rec.user_id, rec.message_bytes(published_at))
-                sent[rec.trigger] += 1
-            except Exception as exc:  # a lost notification; Redis already holds the list
-                self.metrics.publish_errors.labels("kafka").inc()
-                self._kafka_lost += 1
-                if self._kafka_lost == 1:  # once per run of failures, not per list
-                    log.warning("publishing lists to the recommendations topic fails (%s: "
-                                "%s); the lists are in Redis, their notifications are lost "
-                                "until it works again", type(exc).__name__, exc)
+        self._observe_recent(batch, published_at)
+        sent = await self._notify(batch, published_at)
         if sent and self._kafka_lost:
             log.info("the recommendations topic works again (%d notifications lost)",
                      self._kafka_lost)
@@ -245,18 +254,75 @@ class Publisher:
             self.metrics.recs_published.labels("kafka", trigger).inc(n)
         return len(batch)
 
+    async def _notify(self, batch: list[RecList], published_at: float) -> Counter[str]:
+        """The recommendations-topic messages of lists Redis holds now (one batched send
+        with ``send_many``, else one send each); returns the lists sent by trigger."""
+        sent: Counter[str] = Counter()
+        if self.send_many is not None:
+            try:
+                await self.send_many([(rec.user_id, rec.message_bytes(published_at))
+                                      for rec in batch])
+                sent.update(rec.trigger for rec in batch)
+            except Exception as exc:  # lost notifications; Redis already holds the lists
+                self._kafka_failed(exc, len(batch))
+            return sent
+        for rec in batch:
+            try:
+                await self.send_to_kafka(rec.user_id, rec.message_bytes(published_at))
+                sent[rec.trigger] += 1
+            except Exception as exc:  # a lost notification; Redis already holds the list
+                self._kafka_failed(exc, 1)
+        return sent
+
+    def _kafka_failed(self, exc: Exception, lists: int) -> None:
+        self.metrics.publish_errors.labels("kafka").inc(lists)
+        self._kafka_lost += lists
+        if self._kafka_lost == lists:  # once per run of failures, not per list
+            log.warning("publishing lists to the recommendations topic fails (%s: %s); the "
+                        "lists are in Redis, their notifications are lost until it works "
+                        "again", type(exc).__name__, exc)
+
+    def _observe_recent(self, batch: list[RecList], published_at: float) -> None:
+        """Remember the event → Redis latency of lists made for an event (last 10 s)."""
+        recent = self.recent_latencies
+        for rec in batch:
+            if rec.source_ts is not None and rec.trigger == "event":
+                recent.append((published_at, max(0.0, published_at - rec.source_ts)))
+
+    def recent_latency(self, q: float, window_s: float = 10.0) -> float | None:
+        """Quantile ``q`` (0–1) of the event → Redis latency of the lists published in the
+        last ``window_s`` seconds (None: none published).
+
+        >>> from prometheus_client import CollectorRegistry
+        >>> p = Publisher.__new__(Publisher); p.recent_latencies = deque()
+        >>> now = time.time()
+        >>> p.recent_latencies.extend((now, x / 100) for x in range(1, 101))
+        >>> p.recent_latency(0.5), p.recent_latency(0.99), p.recent_latency(0.99, -1.0)
+        (0.5, 0.99, None)
+        """
+        cutoff = time.time() - window_s
+        recent = self.recent_latencies
+        while recent and recent[0][0] < cutoff:
+            recent.popleft()
+        values = sorted(x for _, x in recent)
+        if not values:
+            return None
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
     async def _write_redis(self, batch: list[RecList]) -> bool:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for rec in batch:
-                    args: list[Any] = [self.ttl_s, rec.model_version, repr(rec.generated_at),
-                                       rec.trigger, rec.items_json, rec.event_id or ""]
-                    for it in rec.items:
-                        args.append(float(it["score"]))
-                        args.append(it["item_id"])
-                    await self._replace(keys=[self.keys.recs(rec.user_id),
-                                              self.keys.meta(rec.user_id)],
-                                        args=args, client=pipe)
+                for start in range(0, len(batch), LISTS_PER_CALL):
+                    keys: list[Any] = []
+                    args: list[Any] = [self.ttl_s]
+                    for rec in batch[start:start + LISTS_PER_CALL]:
+                        keys += (self.keys.recs(rec.user_id), self.keys.meta(rec.user_id))
+                        args += (rec.model_version, repr(rec.generated_at), rec.trigger,
+                                 rec.items_json, rec.event_id or "", len(rec.items))
+                        for it in rec.items:
+                            args.append(float(it["score"]))
+                            args.append(it["item_id"])
+                    await self._replace(keys=keys, args=args, client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.metrics.publish_errors.labels("redis").inc()

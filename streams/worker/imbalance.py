@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,21 @@ from tailstream.models.imbalance.rolling import DecayedCounts, HoppingWindowCoun
 from tailstream.models.imbalance.sketch import CountMinSketch, ItemFrequency
 from tailstream.models.imbalance.triggers import DriftMonitor, TriggerPolicy
 from tailstream.settings import Settings
+
+
+@dataclass(slots=True)
+class Observation:
+    """One valid, de-duplicated interaction as :meth:`ImbalanceLoop.observe_batch` needs it:
+    what the user's profile said *before* the event, and how to make the user's context
+    text (only called for the events the buffer keeps)."""
+
+    event: Event
+    partition: int
+    user_class_counts: dict[str, float]
+    category_affinity: float
+    repeat: bool
+    item_text: str
+    user_text: Callable[[], str]
 
 
 @dataclass
@@ -163,12 +178,101 @@ class ImbalanceLoop:
             self.buffer_changes.append((route, slot, sample))
         return sample
 
+    # ------------------------------------------------------------------ a batch at once
+    def observe_batch(self, batch: Sequence[Observation]) -> int:
+        """What :meth:`observe` does for each interaction, a batch at a time (the worker's
+        path; returns how many samples the buffer kept):
+
+        * class counts per event (cheap), item counts with one
+          :meth:`ItemFrequency.observe_batch` and one :meth:`CountMinSketch.add_batch`
+          per batch (aggregated per item);
+        * the river fast path on a subsample: the rates of :meth:`observe` scaled down so
+          that a batch makes at most ``online_batch_budget`` updates on average (weights
+          and metrics reweighted by 1/rate, so estimates stay unbiased); its features read
+          the item counts as of the batch's start;
+        * the buffer routes each event first and builds a sample (and its user text) only
+          for the events it keeps.
+        """
+        for ob in batch:
+            event = ob.event
+            pc = self.partition(ob.partition)
+            pc.window.add(event.kind, event.ts)
+            pc.decayed.add(event.kind, event.ts)
+            pc.totals[event.kind] += 1
+            if event.ts > pc.last_ts:
+                pc.last_ts = event.ts
+            self.touched.add(ob.partition)
+        self._events += len(batch)
+        if batch:
+            self._last_ts = max(self._last_ts, max(ob.event.ts for ob in batch))
+        self._learn_batch(batch)
+        self.items.observe_batch([ob.event.item_id or "" for ob in batch],
+                                 [ob.event.ts for ob in batch])
+        rare: dict[str, float] = {}
+        for ob in batch:
+            if ob.event.kind != "click":
+                key = f"{ob.event.kind}:{ob.event.item_id}"
+                rare[key] = rare.get(key, 0.0) + 1.0
+        self.item_classes.add_batch(rare)
+        return self._buffer_batch(batch)
+
+    def _learn_batch(self, batch: Sequence[Observation]) -> None:
+        """The river fast path and the drift detectors over a batch (see observe_batch)."""
+        minority = self.settings.minority_share
+        base = {c: 1.0 if self._shares.get(c, 0.0) < minority
+                else self.settings.online_majority_rate for c in CLASSES}
+        expected = sum(base.get(ob.event.kind, 1.0) for ob in batch)
+        budget = self.settings.online_batch_budget
+        scale = min(1.0, budget / expected) if budget > 0 and expected > 0 else 1.0
+        rng = self._online_rng
+        for ob in batch:
+            event = ob.event
+            rate = base.get(event.kind, 1.0) * scale
+            error: bool | None = None
+            if rate >= 1.0 or rng.random() < rate:
+                item = event.item_id or ""
+                x = interaction_features(
+                    item_count=self.items.estimate(item),
+                    item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
+                                       for c in RARE_CLASSES},
+                    user_class_counts=ob.user_class_counts, tier=self._tiers.get(item, "tail"),
+                    category_affinity=ob.category_affinity, repeat=ob.repeat,
+                    price=event.price)
+                seen_before = self.online.n > 0
+                weight = self.weights.get(event.kind, 1.0)
+                proba = self.online.predict_then_learn(x, event.kind, weight / rate,
+                                                       metric_weight=1.0 / rate)
+                if seen_before:
+                    error = max(proba, key=lambda c: proba[c]) != event.kind
+            self.drift.update(event.kind, error)
+
+    def _buffer_batch(self, batch: Sequence[Observation]) -> int:
+        shares = self._shares if self._events > self.settings.mix_warmup_events else {}
+        buffer, tiers, kept = self.buffer, self._tiers, 0
+        for ob in batch:
+            event = ob.event
+            item = event.item_id or ""
+            tier = tiers.get(item, "tail")
+            route = buffer.route(event.kind, tier, shares)
+            if route is None:
+                continue
+            sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,
+                            tier=tier, weight=self.weights.get(event.kind, 1.0),
+                            user_text=ob.user_text(), item_text=ob.item_text)
+            buffer.place(route, sample)
+            self.buffer_changes.append((route[0], route[1], sample))
+            kept += 1
+        return kept
+
     # ------------------------------------------------------------------ per batch
-    def end_batch(self) -> dict[str, Any] | None:
-        """Refresh shares and weights; return a training request if a trigger fires."""
+    def end_batch(self, refresh_tiers: bool = True) -> dict[str, Any] | None:
+        """Refresh shares and weights (and the tier snapshot, unless ``refresh_tiers`` is
+        false: sorting the heavy hitters is the costly part, and the worker does it at most
+        a few times a second); return a training request if a trigger fires."""
         decayed = self.decayed_counts()
         self._shares = class_shares(decayed)
-        self._tiers = self.items.tiers(self.settings.head_share, self.settings.torso_share)
+        if refresh_tiers or not self._tiers:
+            self._tiers = self.items.tiers(self.settings.head_share, self.settings.torso_share)
         if any(decayed.values()):
             self.weights = class_weights(self.policy, {c: decayed.get(c, 0.0) for c in CLASSES})
         signals = self.drift.take()

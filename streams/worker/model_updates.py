@@ -13,6 +13,7 @@ refresh the active users' lists) without a restart.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -70,6 +71,7 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
     async def serve_transformer() -> None:
         """Load the served model version, then embed catalogue items as they arrive."""
         await scoring.start()
+        gc.freeze()  # the model's objects join the generation the collector never walks
         while scoring.scorer is not None:
             if not await scoring.embed_pending(settings.embed_chunk):
                 await asyncio.sleep(0.1)

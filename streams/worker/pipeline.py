@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 2000
 """Events applied between two yields to the event loop."""
+TIERS_EVERY_S = 0.5
+"""The tier snapshot (a sort of the heavy hitters) is refreshed at most this often."""
 AUDIT_CHUNK = 5000
 """Event ids per audit record (about 200 KB: far under any producer's request limit)."""
 
@@ -113,6 +116,19 @@ def _event_ids(value: bytes | None, limits: Limits) -> list[str]:
             if isinstance(v, dict) and isinstance(v.get("event_id"), str)]
 
 
+def _sources(events: list[tuple[Event, RawMessage]]) -> list[str]:
+    """``topic/partition/offset`` of each event's message (once per message: an envelope's
+    events share it)."""
+    out: list[str] = []
+    last: RawMessage | None = None
+    source = ""
+    for _, msg in events:
+        if msg is not last:
+            last, source = msg, f"{msg.topic}/{msg.partition}/{msg.offset}"
+        out.append(source)
+    return out
+
+
 class Pipeline:
     def __init__(self, settings: Settings, *, profiles: MutableMapping[str, Any],
                  deduper: SeenIds, publisher: ListSink, send_to_dlq: SendToDlq,
@@ -152,6 +168,7 @@ class Pipeline:
         self._pseudonym_key = settings.pseudonymize_key.reveal()
         self._weights_written = 0.0
         self._weights_dirty = False
+        self._tiers_at = 0.0
         self.refresh_every_s = refresh_every_s
         self._last_refresh = 0.0
         # Label lookups cost more than the increments: resolve each child once.
@@ -194,6 +211,9 @@ class Pipeline:
         validate = functools.partial(validate_event, limits=self.limits)
         if self._pseudonym_key:
             validate = functools.partial(_pseudonymized, validate, self._pseudonym_key)
+        messages: Counter[str] = Counter()
+        read: Counter[str] = Counter()
+        validators = {k: functools.partial(validate, k) for k in self._events_in}
         for msg in batch:
             try:
                 if msg.topic == self.items_topic:
@@ -205,43 +225,57 @@ class Pipeline:
                         replayed.extend(_event_ids(msg.value, self.limits))
                     continue
                 kind = self.kind_of_topic.get(msg.topic, "unknown")
-                self._messages_in[kind].inc()
+                messages[kind] += 1
                 events.extend((event, msg) for event in await self._valid(
-                    msg, functools.partial(validate, kind), counted=self._events_in[kind]))
+                    msg, validators[kind], counted=read, kind=kind))
             except Exception as exc:  # a bug on one message: that message alone is refused
                 log.exception("reading %s/%d/%d failed", msg.topic, msg.partition, msg.offset)
                 await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
+        for kind, n in messages.items():  # one increment per kind and batch, not per event
+            self._messages_in[kind].inc(n)
+        for kind, n in read.items():
+            self._events_in[kind].inc(n)
         return events, replayed
 
     async def _apply(self, events: list[tuple[Event, RawMessage]]) -> list[str]:
-        """De-duplicate, apply to the state, queue the users who acted; returns the
-        event_ids applied."""
+        """De-duplicate (one Redis command), apply to the state a chunk at a time
+        (:meth:`StreamState.apply_batch`), queue the users who acted, write their profiles
+        (one changelog send); returns the event_ids applied."""
+        fresh = await self.deduper.first_seen([e.event_id for e, _ in events],
+                                               _sources(events))
+        new = [pair for pair, is_new in zip(events, fresh, strict=True) if is_new]
+        if len(new) < len(events):
+            self.metrics.duplicates.inc(len(events) - len(new))
         applied: list[str] = []
-        fresh = await self.deduper.first_seen(
-            [e.event_id for e, _ in events],
-            [f"{m.topic}/{m.partition}/{m.offset}" for _, m in events])
         acted: dict[str, tuple[str, float | None]] = {}
-        for n, ((event, msg), is_new) in enumerate(zip(events, fresh, strict=True)):
-            if n % YIELD_EVERY == YIELD_EVERY - 1:
+        processed: Counter[str] = Counter()
+        for start in range(0, len(new), YIELD_EVERY):
+            if start:
                 # A batch of envelopes can hold tens of thousands of events: let the web
                 # server and timers run now and then.
                 await asyncio.sleep(0)
-            if not is_new:
-                self.metrics.duplicates.inc()
-                continue
-            try:
-                self.state.apply_event(event, msg.partition)
-            except Exception as exc:  # never let one bad event take the stream down
-                log.exception("processing event %s failed", event.event_id)
-                await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
-                continue
-            self._processed[event.kind].inc()
-            applied.append(event.event_id)
-            acted[event.user_id] = (event.event_id, msg.timestamp)
-            self.refresh.mark_active(event.user_id)
+            chunk = new[start:start + YIELD_EVERY]
+            failures = dict(self.state.apply_batch([(e, m.partition) for e, m in chunk]))
+            if failures:  # never let one bad event take the stream down: it goes alone
+                for n, exc in sorted(failures.items()):
+                    event, msg = chunk[n]
+                    log.error("processing event %s failed: %r", event.event_id, exc)
+                    await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
+                chunk = [pair for n, pair in enumerate(chunk) if n not in failures]
+            processed.update(e.kind for e, _ in chunk)
+            applied.extend(e.event_id for e, _ in chunk)
+            for event, msg in chunk:
+                acted[event.user_id] = (event.event_id, msg.timestamp)
+        for kind, n in processed.items():
+            self._processed[kind].inc(n)
+        self.refresh.mark_active_many(acted)
         self._maybe_refresh()
         await self.refresh.enqueue(acted)
-        self.profiles.flush()
+        try:
+            await self.profiles.save()
+        except Exception as exc:  # kept dirty: the next batch's save writes them again
+            log.warning("writing %d profiles to the changelog failed (%r); retried with the "
+                        "next batch", len(self.profiles.dirty), exc)
         return applied
 
     async def _audit(self, applied: list[str], replayed: list[str],
@@ -268,7 +302,11 @@ class Pipeline:
     async def _close_imbalance_batch(self) -> None:
         """Weights, triggers, persistence and metrics of the imbalance loop, once per batch."""
         loop = self.imbalance
-        request = loop.end_batch()
+        now = time.monotonic()
+        refresh_tiers = now - self._tiers_at >= TIERS_EVERY_S
+        if refresh_tiers:
+            self._tiers_at = now
+        request = loop.end_batch(refresh_tiers=refresh_tiers)
         if self.save_counts is not None:
             self.save_counts(loop.take_touched())
         changes = loop.take_buffer_changes()
@@ -308,13 +346,13 @@ class Pipeline:
             log.exception("writing the loss weights to redis failed")
 
     async def _valid(self, msg: RawMessage, validate: Callable[[Any], T],
-                     counted: Any = None) -> list[T]:
+                     counted: Counter[str] | None = None, kind: str = "") -> list[T]:
         """The valid values of a message (one, or several in an envelope); the rest are
-        dead-lettered, one DLQ record per rejected value. ``counted`` (a counter) is
-        increased by the number of events the message carried (1 if it is unreadable)."""
+        dead-lettered, one DLQ record per rejected value. ``counted[kind]`` is increased
+        by the number of events the message carried (1 if it is unreadable)."""
         decoded = decode_payload(msg.value, self.limits)
         if counted is not None:
-            counted.inc(1 if isinstance(decoded, Rejection) else len(decoded))
+            counted[kind] += 1 if isinstance(decoded, Rejection) else len(decoded)
         if isinstance(decoded, Rejection):
             await self.dead_letter(msg, decoded)
             return []
@@ -413,3 +451,20 @@ class WriteBehind(MutableMapping[str, Any]):
         for key, value in self.dirty.items():
             self.backing[key] = value
         self.dirty.clear()
+
+    async def save(self) -> None:
+        """:meth:`flush`, in one batched write when the backing store has ``save_many``
+        (the worker's profiles table: one changelog send for the batch)."""
+        if not self.dirty:
+            return
+        save_many = getattr(self.backing, "save_many", None)
+        if save_many is None:
+            self.flush()
+            return
+        dirty, self.dirty = self.dirty, {}
+        try:
+            await save_many(dirty)
+        except BaseException:
+            # Not written: keep them for the next batch's save (newer values win).
+            self.dirty = {**dirty, **self.dirty}
+            raise

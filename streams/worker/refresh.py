@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tailstream.configs import BASELINE_VERSION
@@ -63,6 +63,8 @@ class Refresher:
         self.metrics = metrics
         self.scoring = scoring
         self.waiting: OrderedDict[str, Waiting] = OrderedDict()
+        self.queued_at: dict[str, float] = {}  # monotonic time each waiting user queued
+        self.sizer = TurnSizer(settings.latency_budget_ms / 1000.0, settings.scoring_batch)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Users who acted recently (newest last), for refreshes after a promotion.
@@ -70,10 +72,17 @@ class Refresher:
 
     # ------------------------------------------------------------------ users who acted
     def mark_active(self, user_id: str) -> None:
-        self.active.pop(user_id, None)
-        self.active[user_id] = time.time()
-        while len(self.active) > self.settings.active_users_max:
-            self.active.popitem(last=False)
+        self.mark_active_many((user_id,))
+
+    def mark_active_many(self, users: Iterable[str]) -> None:
+        """Users who acted now (one clock read for a batch), newest last."""
+        now = time.time()
+        active = self.active
+        for user_id in users:
+            active.pop(user_id, None)
+            active[user_id] = now
+        while len(active) > self.settings.active_users_max:
+            active.popitem(last=False)
 
     async def enqueue(self, acted: Mapping[str, Waiting]) -> None:
         """Queue the users who acted for a fresh list (conflated: one place per user, the
@@ -83,9 +92,12 @@ class Refresher:
             if not self.waiting:
                 await self.publisher.publish([])
             return
+        now = time.monotonic()
         for user, why in acted.items():
             # A user already waiting keeps their place (assigning an existing key does not
             # move it): one who acts faster than the queue drains is never pushed back.
+            if user not in self.waiting:
+                self.queued_at[user] = now
             self.waiting[user] = why
         self.metrics.scoring_waiting.set(len(self.waiting))
         if self._task is None or self._task.done():
@@ -105,13 +117,25 @@ class Refresher:
             # The baseline scores on this loop: let the next ingest batch in between.
             await asyncio.sleep(0)
 
+    def oldest_wait_s(self) -> float:
+        """How long the user first in the queue has waited for their list."""
+        for user in self.waiting:
+            return time.monotonic() - self.queued_at.get(user, time.monotonic())
+        return 0.0
+
     async def score_next(self) -> int:
-        """Score and publish the oldest ``scoring_batch`` waiting users; returns how many."""
-        take = min(len(self.waiting), self.settings.scoring_batch)
+        """Score and publish the oldest waiting users, as many as fit one turn of the
+        latency budget (:class:`TurnSizer`); returns how many."""
+        take = min(len(self.waiting), self.sizer.size(self.oldest_wait_s()))
         batch = [self.waiting.popitem(last=False) for _ in range(take)]
+        for user, _ in batch:
+            self.queued_at.pop(user, None)
         self.metrics.scoring_waiting.set(len(self.waiting))
+        self.metrics.scoring_turn_users.set(take)
+        started = time.perf_counter()
         try:
             version, ranked = await self.score([u for u, _ in batch])
+            self.sizer.observe(take, time.perf_counter() - started)
             now = time.time()
             await self.publisher.publish([
                 RecList(user_id=u, items=items, model_version=version, trigger="event",
@@ -142,6 +166,15 @@ class Refresher:
         return BASELINE_VERSION, [[r.to_dict(i + 1) for i, r in enumerate(
             recommend(p, self.state.popularity, k=self.settings.recs_k,
                       tail_share=self.settings.tail_share))] for p in profiles]
+
+    async def _after_waiting_users(self, longest_s: float = 2.0) -> None:
+        """Let users who acted go first: a bulk chunk waits while the oldest of them has
+        waited over a quarter of the budget (at most ``longest_s``, so a bulk refresh under
+        constant load still moves)."""
+        deadline = time.monotonic() + longest_s
+        while (self.oldest_wait_s() > self.sizer.budget_s / 4
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.005)
 
     def item_info(self, item_ids: Sequence[str]
                   ) -> tuple[list[str], list[str | None], list[float]]:
@@ -174,11 +207,13 @@ class Refresher:
 
     async def refresh_users(self, users: Sequence[str], trigger: str, *,
                             chunk: int = 100) -> int:
-        """Republish the lists of ``users`` at most ``refresh_rate`` users/s. Returns how
-        many were refreshed."""
+        """Republish the lists of ``users`` at most ``refresh_rate`` users/s, ``chunk`` at
+        a time, each chunk after the users who acted have had their turn
+        (:meth:`_after_waiting_users`). Returns how many were refreshed."""
         self.metrics.refresh_pending.labels(trigger).set(len(users))
         done = 0
         for start in range(0, len(users), chunk):
+            await self._after_waiting_users()
             began = time.monotonic()
             part = users[start:start + chunk]
             version, items = await self.score(part)
@@ -193,3 +228,56 @@ class Refresher:
             pause = len(part) / max(self.settings.refresh_rate, 1e-9) - (time.monotonic() - began)
             await asyncio.sleep(max(pause, 0.0))
         return done
+
+
+class TurnSizer:
+    """How many waiting users one scoring turn takes, so that it ends within the budget.
+
+    A user who acts while a turn runs waits for it to end and is scored in the next one,
+    so their latency is about two turns plus the batch wait: a turn gets ``share`` (40 %)
+    of the budget. The cost of a turn of ``n`` users is fitted as ``fixed + per_user · n``
+    (least squares over the last turns), and the size is what fits, at least ``low``
+    users. When the queue is behind (its oldest user has waited longer than the budget),
+    latency is lost already and throughput comes first: the turn takes ``high`` users
+    (``TAILSTREAM_SCORING_BATCH``), where the fixed cost weighs least, until it caught up.
+
+    >>> t = TurnSizer(budget_s=0.25, high=256)
+    >>> for n in (16, 64, 128):
+    ...     t.observe(n, 0.01 + 0.001 * n)    # 10 ms + 1 ms per user
+    >>> t.size(waited_s=0.0), t.size(waited_s=0.3)
+    (89, 256)
+    """
+
+    def __init__(self, budget_s: float, high: int, *, low: int = 8, share: float = 0.4,
+                 history: int = 32) -> None:
+        self.budget_s = budget_s
+        self.high = max(high, 1)
+        self.low = max(min(low, self.high), 1)
+        self.share = share
+        self.turns: deque[tuple[int, float]] = deque(maxlen=history)
+        self.fixed_s = 0.01
+        self.per_user_s = 0.001
+
+    def observe(self, users: int, seconds: float) -> None:
+        """A turn of ``users`` took ``seconds``: refit the cost."""
+        if users <= 0:
+            return
+        self.turns.append((users, seconds))
+        n = len(self.turns)
+        mean_x = sum(u for u, _ in self.turns) / n
+        mean_y = sum(t for _, t in self.turns) / n
+        var = sum((u - mean_x) ** 2 for u, _ in self.turns)
+        if var > 0:
+            slope = sum((u - mean_x) * (t - mean_y) for u, t in self.turns) / var
+        else:  # one size so far: all of it per user
+            slope = mean_y / mean_x
+        self.per_user_s = max(slope, 1e-6)
+        self.fixed_s = max(mean_y - self.per_user_s * mean_x, 0.0)
+
+    def size(self, waited_s: float) -> int:
+        """Users for the next turn, given how long the oldest has waited already."""
+        if waited_s > self.budget_s:
+            return self.high
+        left = self.budget_s * self.share - self.fixed_s
+        fit = int(left / self.per_user_s) if left > 0 else 0
+        return max(self.low, min(self.high, fit))

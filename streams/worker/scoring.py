@@ -58,6 +58,8 @@ class ScoringService:
         self._removed: set[str] = set()  # deleted items still to take out of the index
         self.shared = shared_vectors(settings)
         self._lock = asyncio.Lock()
+        self.loaded = asyncio.Event()
+        """Set once :meth:`start` is done (a version loaded, or none could be)."""
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -77,21 +79,36 @@ class ScoringService:
                           cache_size=self.settings.text_cache_size,
                           ranking=ranking_config(self.settings), shared=self.shared)
 
-        for version in self.store.fallbacks():
-            try:
-                self.scorer = await self._run(load, version)
-                break
-            except Exception as exc:
-                self.failed = repr(exc)
-                self.metrics.model_loads.labels("failed").inc()
-                log.error("could not load model %s (%s); trying the version before it",
-                          version, exc)
+        try:
+            for version in self.store.fallbacks():
+                try:
+                    self.scorer = await self._run(load, version)
+                    break
+                except Exception as exc:
+                    self.failed = repr(exc)
+                    self.metrics.model_loads.labels("failed").inc()
+                    log.error("could not load model %s (%s); trying the version before it",
+                              version, exc)
+        finally:
+            self.loaded.set()
         if self.scorer is None:  # not even the base: the worker keeps serving baseline lists
             log.error("no model could be loaded; serving baseline lists")
             return
         self.metrics.model_loads.labels("loaded").inc()
         self.metrics.serving_version.set(version_number(self.scorer.version))
         log.info("scoring with %s on %s", self.scorer.version, self.device)
+
+    async def wait_loaded(self, timeout_s: float) -> None:
+        """Until :meth:`start` is done, at most ``timeout_s`` (then the baseline serves
+        until the model is there, as before)."""
+        if self.loaded.is_set() or timeout_s <= 0:
+            return
+        try:
+            await asyncio.wait_for(self.loaded.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("the model is not loaded after %.0fs: processing events with "
+                        "baseline lists until it is", timeout_s)
+            self.loaded.set()  # say it once; from now on the agent does not wait
 
     def _load(self, version: str) -> ServedModel:
         return load_served(self.store, version, self.settings.encoder_path or None,

@@ -10,16 +10,17 @@ contexts, tiers and samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+import functools
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
-from tailstream.contract import Event, Item
+from tailstream.contract import INTERACTION_KINDS, SEARCH, Event, Item
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.serving.baseline import QueryIndex, new_profile, update_profile
 from tailstream.models.serving.popularity import PopularityTracker
 from tailstream.models.towers.context import CONTEXT_SEPARATOR, ContextEntry, context_entries
 from tailstream.settings import Settings
-from tailstream.streams.worker.imbalance import ImbalanceLoop
+from tailstream.streams.worker.imbalance import ImbalanceLoop, Observation
 
 NewItem = Callable[[str, str], None]
 RemovedItem = Callable[[str], None]
@@ -105,6 +106,79 @@ class StreamState:
         self.profiles[event.user_id] = update_profile(
             profile, event, category, query_cats, keep=self.settings.recent_items)
         return sample
+
+    def apply_batch(self, events: Sequence[tuple[Event, int]]) -> list[tuple[int, Exception]]:
+        """Valid, de-duplicated events (with their source partitions), in order: what
+        :meth:`apply_event` does for each, with the imbalance loop's share done once for
+        the batch (:meth:`ImbalanceLoop.observe_batch`: counts and sketches aggregated, the
+        fast path subsampled, samples built only for the events the buffer keeps).
+
+        Profiles, popularity and the catalogue change event by event, as in
+        :meth:`apply_event`. Returns the events that failed (index, exception): their
+        effects are left out and the rest of the batch is applied."""
+        failures: list[tuple[int, Exception]] = []
+        observed: list[Observation] = []
+        for n, (event, partition) in enumerate(events):
+            try:
+                ob = self._apply_one(event, partition)
+            except Exception as exc:  # the caller dead-letters it; its neighbours go on
+                failures.append((n, exc))
+                continue
+            if ob is not None:
+                observed.append(ob)
+            elif event.kind == SEARCH:
+                self.imbalance.searches += 1
+        self.imbalance.observe_batch(observed)
+        return failures
+
+    def _apply_one(self, event: Event, partition: int) -> Observation | None:
+        """One event's profile and popularity; its interaction for the loop (if any)."""
+        category = event.category
+        item = event.item_id
+        deleted = item is not None and item in self.deleted
+        if item is not None:
+            category = category or self.popularity.category(item)
+            if not deleted:
+                self.popularity.observe(item, category, 1.0, event.ts)
+        query_cats: list[str] = []
+        if event.kind == SEARCH and event.query:
+            query_cats = self._query_categories(event)
+        before = self.profiles.get(event.user_id) or new_profile()
+        ob: Observation | None = None
+        if item is not None and event.kind in INTERACTION_KINDS:
+            text = self._item_text(event, category, deleted)
+            cats = before.get("cats", {})
+            top = max(cats.values(), default=0.0)
+            ob = Observation(event, partition, before.get("n", {}),
+                             cats.get(category, 0.0) / top if top else 0.0,
+                             item in before.get("items", ()), text,
+                             functools.partial(self._user_text, before))
+        self.profiles[event.user_id] = update_profile(
+            before, event, category, query_cats, keep=self.settings.recent_items)
+        return ob
+
+    def _query_categories(self, event: Event) -> list[str]:
+        assert event.query is not None
+        query_cats = self.query_index.categories(event.query)
+        if event.clicked_item_id is not None:
+            clicked = self.popularity.category(event.clicked_item_id)
+            if clicked is not None:
+                query_cats = [clicked, *[c for c in query_cats if c != clicked]]
+        return query_cats
+
+    def _item_text(self, event: Event, category: str | None, deleted: bool) -> str:
+        assert event.item_id is not None
+        text = self.item_text.get(event.item_id)
+        if text is None:
+            text = fallback_text(event, category)
+            if not deleted:
+                self.item_text[event.item_id] = text
+                if self.on_new_item is not None:
+                    self.on_new_item(event.item_id, text)
+        return text
+
+    def _user_text(self, profile: dict[str, Any]) -> str:
+        return CONTEXT_SEPARATOR.join(e.text for e in self.context(profile))
 
     def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
         return context_entries(profile, self.item_text, self.settings.max_context)

@@ -14,7 +14,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -24,6 +27,7 @@ import faust
 from tailstream.contract import Rejection
 from tailstream.kafka_io import GroupPositions
 from tailstream.metrics import Metrics
+from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.streams.worker.pipeline import Pipeline, RawMessage
 from tailstream.streams.worker.recovery import Recovery
@@ -88,6 +92,13 @@ def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: 
     # supervisors and readiness checks wait on it.
     recovery.on_restored.append(lambda: assignment.report(app.consumer))
 
+    health = HealthReport(settings, pipeline, metrics, assignment)
+
+    @app.timer(interval=settings.health_publish_s)
+    async def publish_health() -> None:
+        """Recent latency and lag: to the gauges, and to Redis for the trainer."""
+        await health.publish(pipeline.publisher)
+
     if settings.stuck_partition_s > 0:
         watch = StuckWatch(app, settings, metrics, recovery)
 
@@ -108,6 +119,8 @@ class AssignmentReport:
         self.inputs = frozenset(settings.input_topics)
         self.held: frozenset[tuple[str, int]] = frozenset()
         self.lag_labels: set[tuple[str, str]] = set()
+        self.lag_total = 0
+        """Messages not read yet over every assigned input partition, at the last report."""
 
     def report(self, consumer: Any) -> None:
         assigned = [tp for tp in consumer.assignment() if tp.topic in self.consumed]
@@ -119,6 +132,7 @@ class AssignmentReport:
             self.held = now_held
             log.info("holding input partitions: %s", names(sorted(now_held)) or "none")
         now: set[tuple[str, str]] = set()
+        total = 0
         for tp in assigned:
             try:
                 high = consumer.highwater(tp)
@@ -128,12 +142,48 @@ class AssignmentReport:
                 continue
             read = read_offset(consumer, tp)
             labels = (tp.topic, str(tp.partition))
-            self.metrics.consumer_lag.labels(*labels).set(
-                max(0, high - (read + 1 if read is not None else 0)))
+            lag = max(0, high - (read + 1 if read is not None else 0))
+            self.metrics.consumer_lag.labels(*labels).set(lag)
+            total += lag if tp.topic in self.inputs else 0
             now.add(labels)
+        self.lag_total = total
         for labels in self.lag_labels - now:  # partitions that moved to another worker
             self.metrics.consumer_lag.remove(*labels)
         self.lag_labels = now
+
+
+class HealthReport:
+    """What a worker tells the trainer (``{prefix}:worker-health``, one field per worker):
+    the p50 and p99 of its event → Redis latency over the last 10 s, its consumer lag, the
+    users waiting for a list, and when. The trainer pauses while any fresh report is over
+    the budget or shows the lag growing (:mod:`tailstream.streams.trainer.yielding`)."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: Metrics,
+                 assignment: AssignmentReport) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.assignment = assignment
+        self.field = f"{settings.app_id}:{socket.gethostname()}:{os.getpid()}"
+        self.key = Keys(settings.redis_prefix).worker_health
+
+    def snapshot(self, publisher: Any) -> dict[str, float | None]:
+        p50, p99 = publisher.recent_latency(0.5), publisher.recent_latency(0.99)
+        for q, v in (("0.5", p50), ("0.99", p99)):
+            self.metrics.recent_latency.labels(q).set(v if v is not None else 0.0)
+        return {"p50_s": p50, "p99_s": p99, "lag": float(self.assignment.lag_total),
+                "waiting": float(len(self.pipeline.refresh.waiting)), "at": time.time()}
+
+    async def publish(self, publisher: Any) -> None:
+        snap = self.snapshot(publisher)
+        redis = getattr(publisher, "redis", None)
+        health = getattr(publisher, "health", None)
+        if redis is None or (health is not None and not health.allow()):
+            return
+        try:
+            await asyncio.wait_for(redis.hset(self.key, self.field, json.dumps(snap)), 2.0)
+        except Exception as exc:  # noqa: BLE001 - advisory: the trainer reads it when it can
+            log.debug("could not publish the worker's health: %r", exc)
 
 
 class StuckWatch:
