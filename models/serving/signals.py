@@ -6,7 +6,11 @@ One :class:`Signals` per worker (and per strategy in ``tailstream eval``), fed e
 event in order; :meth:`Signals.sources` gives, for one user at one moment, each source's
 ranked candidates, which :mod:`~tailstream.models.serving.blend` unites and scores. Every
 source reads only what happened before the call, so a list never holds an item from its
-own future. Torch-free.
+own future.
+
+Windows are counted in interactions, not seconds (as the evaluation's peers count them):
+a replayed log compresses hours into minutes, and a shop's rate varies by the hour, but
+"the last 10,000 interactions" means the same on every stream. Torch-free.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from tailstream.models.serving.trending import Trending
 
 @dataclass(frozen=True)
 class SignalsConfig:
-    trending_half_life_s: float = 3600.0
-    covisitation_half_life_s: float = 6 * 3600.0
+    trending_half_life: float = 10_000.0
+    """Interactions after which an interaction counts half in trending."""
+    covisitation_half_life: float = 20_000.0
+    """Interactions after which a co-visit counts half."""
     covisitation_window: int = 5
     depth: int = 100
     """Candidates taken from each source."""
@@ -52,10 +58,12 @@ class Signals:
                  ) -> None:
         self.cfg = cfg
         self.popularity = popularity
-        self.trending = Trending(cfg.trending_half_life_s, keep=max(cfg.depth, 100))
-        self.covisitation = Covisitation(cfg.covisitation_half_life_s,
+        self.trending = Trending(cfg.trending_half_life, keep=max(cfg.depth, 100))
+        self.covisitation = Covisitation(cfg.covisitation_half_life,
                                          window=cfg.covisitation_window)
         self.queries = QueryLookup()
+        self.interactions = 0
+        """The clock of the windows."""
 
     def observe(self, event: Event) -> None:
         """One valid, de-duplicated event, in time order."""
@@ -66,8 +74,10 @@ class Signals:
         if event.item_id is None:
             return
         weight = EVENT_WEIGHT.get(event.kind, 1.0)
-        self.trending.observe(event.item_id, event.ts, weight)
-        self.covisitation.observe(event.user_id, event.item_id, event.ts, weight)
+        self.interactions += 1
+        t = float(self.interactions)
+        self.trending.observe(event.item_id, t, weight)
+        self.covisitation.observe(event.user_id, event.item_id, t, weight)
         self.queries.observe(event.user_id, event.item_id)
 
     def last_query(self, profile: Mapping[str, Any], now: float) -> str | None:
