@@ -168,6 +168,8 @@ class Publisher:
         self.send_to_kafka = send_to_kafka
         self.send_many = send_many
         self.recent_latencies: deque[tuple[float, float]] = deque(maxlen=20_000)
+        self.first_published: OrderedDict[str, float] = OrderedDict()
+        """Model version → when its first list reached Redis (the last 32 versions)."""
         self.metrics = metrics
         self.prefix = prefix
         self.keys = Keys(prefix)
@@ -283,11 +285,17 @@ class Publisher:
                         "again", type(exc).__name__, exc)
 
     def _observe_recent(self, batch: list[RecList], published_at: float) -> None:
-        """Remember the event → Redis latency of lists made for an event (last 10 s)."""
+        """Remember the event → Redis latency of lists made for an event (last 10 s), and
+        when each model version's first list was published."""
         recent = self.recent_latencies
+        first = self.first_published
         for rec in batch:
             if rec.source_ts is not None and rec.trigger == "event":
                 recent.append((published_at, max(0.0, published_at - rec.source_ts)))
+            if rec.model_version not in first:
+                first[rec.model_version] = published_at
+                while len(first) > 32:
+                    first.popitem(last=False)
 
     def recent_latency(self, q: float, window_s: float = 10.0) -> float | None:
         """Quantile ``q`` (0–1) of the event → Redis latency of the lists published in the

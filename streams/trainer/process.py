@@ -5,9 +5,10 @@ It reads the ``training-requests`` topic (written by the workers' imbalance loop
 where it left off (its position is kept in Redis), coalesces the requests that queued up
 during a run into one run on the newest buffer, hands that to the
 :class:`~tailstream.streams.trainer.trainer.Trainer`, and publishes each promotion on
-``model-updates``. It serves its own ``/metrics`` (``TAILSTREAM_TRAINER_PORT``) and runs
-at a lower CPU priority (``TAILSTREAM_TRAINER_NICE``, set by the CLI) so that on a shared
-CPU the stream comes first.
+``model-updates``. It serves its own ``/metrics`` (``TAILSTREAM_TRAINER_PORT``) and yields
+to the stream (:mod:`~tailstream.streams.trainer.yielding`): the lowest CPU priority
+(``TAILSTREAM_TRAINER_NICE``, set by the CLI, and ``SCHED_IDLE``), capped torch threads,
+and pauses between training steps while a worker is over its latency budget.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tailstream.settings import Settings
 from tailstream.streams.stores.vector_cache import RedisVectorStore
 from tailstream.streams.trainer.sources import TrainingData
 from tailstream.streams.trainer.trainer import Trainer
+from tailstream.streams.trainer.yielding import Yielder, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
     shared = (RedisVectorStore(data.redis, settings.redis_prefix, settings.text_vectors_ttl_s)
               if settings.text_vectors_shared else None)
     trainer = Trainer(settings, store, metrics, data, publish, shared_vectors=shared)
+    yielder = Yielder(settings, data.redis, metrics)
+    trainer.on_step = yielder.on_step
+    log.info("trainer priority: %s; back-pressure %s (p99 budget %.0f ms)",
+             ", ".join(lower_priority(settings)) or "unchanged",
+             "on" if yielder.enabled else "off", settings.latency_budget_ms)
     topic = settings.topic(settings.topic_training_requests)
     consumer = reader(settings, [topic], from_beginning=True)
     position = Position(consumer, data, topic)

@@ -54,7 +54,7 @@ from tailstream.models.towers.store import CorruptCheckpoint, ModelStore
 from tailstream.models.towers.text_vectors import TextVectors, VectorStore
 from tailstream.models.training.finetune import NonFiniteLoss, TrainData, prepare_data
 from tailstream.models.training.gate import objective_metric
-from tailstream.models.training.routine import Candidate, fine_tune
+from tailstream.models.training.routine import Candidate, StepHook, fine_tune
 from tailstream.models.training.selection import PolicySelector, choose, describe_arm, summary
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
@@ -98,6 +98,8 @@ class Trainer:
             PolicySelector.from_config(selection, load_selection(store.root))
             if selection.enabled else None)
         self.metrics.version.set(version_number(store.current()))
+        self.on_step: StepHook | None = None
+        """Called after each training step (the process's back-pressure, :mod:`.yielding`)."""
 
     # ------------------------------------------------------------------ served model
     def served(self) -> tuple[ServedModel, TextVectors]:
@@ -168,7 +170,8 @@ class Trainer:
         gate = configs.gate_config(s)
         cand = fine_tune(served, vectors, data, cfg=cfg, class_weight=live.weights,
                          device=self.device, gate=gate, selector=self.selector,
-                         policy=live.policy, counts=live.counts)
+                         policy=live.policy, counts=live.counts, on_step=self.on_step)
+        candidate_at = time.time()
         self._observe(cand, gate.objective)
         selection = self._selection(cand, gate.objective)
         tensors, included = checkpoint_tensors(
@@ -193,7 +196,10 @@ class Trainer:
         self.metrics.last_promotion.set(time.time())
         self.publish_update({"version": version, "parent": parent, "action": "promote",
                              "reason": reason, "promoted_at": entry["at"],
-                             "encoder_changed": included})
+                             "encoder_changed": included,
+                             # the model-update latency's stages (docs/benchmarks.md)
+                             "requested_at": request.get("requested_at"),
+                             "candidate_at": candidate_at})
         try:  # after the announcement: a replay memory that cannot be written loses little
             self.data.remember(cand.run.trained_on, self.rng)
         except RedisError as exc:

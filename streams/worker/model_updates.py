@@ -63,6 +63,44 @@ async def follow_model_updates(settings: Settings,
         await consumer.stop()
 
 
+def model_update_stages(update: dict[str, Any], first_list_at: float) -> dict[str, float]:
+    """Seconds from the trigger (the training request) to the candidate, the promotion and
+    the first list carrying the new version; {} when the update does not say when it was
+    requested (a rollback, an older trainer).
+
+    >>> model_update_stages({"requested_at": 100.0, "candidate_at": 130.0,
+    ...                      "promoted_at": 131.5}, 133.0)
+    {'candidate': 30.0, 'promotion': 31.5, 'first_list': 33.0}
+    """
+    start = update.get("requested_at")
+    if not isinstance(start, int | float):
+        return {}
+    stages = {"candidate": update.get("candidate_at"), "promotion": update.get("promoted_at"),
+              "first_list": first_list_at}
+    return {k: round(float(v) - start, 3) for k, v in stages.items()
+            if isinstance(v, int | float)}
+
+
+async def measure_model_update(update: dict[str, Any], pipeline: Pipeline,
+                               timeout_s: float = 300.0) -> dict[str, float]:
+    """Wait for this worker's first list with the promoted version, then set
+    ``tailstream_model_update_seconds{stage}`` and log the model-update latency."""
+    version = str(update.get("version", ""))
+    published: dict[str, float] = getattr(pipeline.publisher, "first_published", {})
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while version not in published and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    if version not in published:
+        return {}
+    stages = model_update_stages(update, published[version])
+    for stage, seconds in stages.items():
+        pipeline.metrics.model_update.labels(stage).set(seconds)
+    if stages:
+        log.info("model-update latency of %s: %s", version, ", ".join(
+            f"{k} {v:.1f}s" for k, v in stages.items()))
+    return stages
+
+
 def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
                     pipeline: Pipeline) -> None:
     """The transformer worker's tasks: serve the current version, follow promotions."""
@@ -81,8 +119,11 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
         log.info("model update: %s %s", update.get("action"), version)
         if await scoring.swap_to(version, lambda ids: [
                 pipeline.item_text.get(i) or f"item {i}" for i in ids]):
+            measure = asyncio.get_running_loop().create_task(
+                measure_model_update(update, pipeline))
             n = await pipeline.refresh.refresh_active("promotion")
             log.info("refreshed %d active users with %s", n, version)
+            await measure
 
     @app.task
     async def follow_promotions() -> None:

@@ -90,7 +90,7 @@ def test_no_rate_without_an_earlier_snapshot_and_a_reset_counter_counts_from_zer
 # ------------------------------------------------------------------ percentiles
 def test_histogram_percentiles_from_cumulative_buckets() -> None:
     m = Metrics(CollectorRegistry())
-    # 100 observations: 50 in (0.075, 0.1], 40 in (0.1, 0.15], 10 in (0.25, 0.5].
+    # 100 observations: 50 in (0.075, 0.1], 40 in (0.1, 0.15], 10 in (0.25, 0.3].
     for _ in range(50):
         m.rec_latency.labels("event").observe(0.09)
     for _ in range(40):
@@ -101,8 +101,8 @@ def test_histogram_percentiles_from_cumulative_buckets() -> None:
     assert buckets[-1] == (math.inf, 100.0)
     assert dict(buckets)[0.1] == 50.0 and dict(buckets)[0.15] == 90.0
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
-    # rank 99 lies in (0.25, 0.5], 9 of its 10: 0.25 + 0.25 * 9/10
-    assert histogram_quantile(0.99, buckets) == pytest.approx(0.475)
+    # rank 99 lies in (0.25, 0.3], 9 of its 10: 0.25 + 0.05 * 9/10
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.295)
     # rank 70: (0.1, 0.15], 20 of 40 → 0.125
     assert histogram_quantile(0.7, buckets) == pytest.approx(0.125)
 
@@ -164,8 +164,8 @@ def test_rendering_a_snapshot_shows_its_numbers() -> None:
     assert "class_balanced" in text
     assert "123" in text  # tail items in the buffer
     assert "1.2 lists/s (last 10 s)" in text and "512 in all" in text
-    # p50: rank 50 of 98 in (25, 50 ms] → 37.8; p99: rank 99, 1 of 2 in (0.5, 1 s] → 750
-    assert "since start p50 38 ms, p99 750 ms" in text
+    # p50: rank 50 of 98 in (25, 50 ms] → 37.8; p99: rank 99, 1 of 2 in (0.75, 1 s] → 875
+    assert "since start p50 38 ms, p99 875 ms" in text
     assert "p50 — ms, p99 — ms recently" in text  # no lists in the last 10 s
     assert "runs 3: promoted 2, rejected 1, failed 0, running now; 3 requested" in text
     assert "serving v2, promoted v3" in text

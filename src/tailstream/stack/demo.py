@@ -56,17 +56,78 @@ class RecsWatcher:
     versions: Counter[str] = field(default_factory=Counter)
     users: set[str] = field(default_factory=set)
     triggers: Counter[str] = field(default_factory=Counter)
+    published: list[float] = field(default_factory=list)
+    """When each list of ``latencies_ms`` reached Redis (same order)."""
+    first_list: dict[str, float] = field(default_factory=dict)
+    """Model version → when its first list reached Redis."""
 
     def __call__(self, record: Any) -> None:
         try:
             msg = json.loads(record.value)
         except (TypeError, ValueError):
             return
-        self.versions[str(msg.get("model_version"))] += 1
+        version = str(msg.get("model_version"))
+        self.versions[version] += 1
         self.users.add(str(msg.get("user_id")))
         self.triggers[str(msg.get("trigger"))] += 1
-        if msg.get("event_ts") is not None and msg.get("published_at") is not None:
-            self.latencies_ms.append(1000.0 * (msg["published_at"] - msg["event_ts"]))
+        at = msg.get("published_at")
+        if at is not None and (version not in self.first_list or at < self.first_list[version]):
+            self.first_list[version] = at
+        if msg.get("event_ts") is not None and at is not None:
+            self.latencies_ms.append(1000.0 * (at - msg["event_ts"]))
+            self.published.append(at)
+
+
+@dataclass
+class UpdatesWatcher:
+    """Collects the promotions announced on the model-updates topic."""
+
+    updates: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, record: Any) -> None:
+        try:
+            msg = json.loads(record.value)
+        except (TypeError, ValueError):
+            return
+        if isinstance(msg, dict) and msg.get("action") == "promote":
+            self.updates.append(msg)
+
+
+def model_updates(updates: list[dict[str, Any]], first_list: dict[str, float]
+                  ) -> list[dict[str, Any]]:
+    """Each promotion's model-update latency: seconds from its trigger (the training
+    request) to the candidate, the promotion, and the first list carrying the version.
+
+    >>> model_updates([{"version": "v00002", "requested_at": 10.0, "candidate_at": 40.0,
+    ...                 "promoted_at": 41.0}], {"v00002": 43.5})
+    [{'version': 'v00002', 'candidate_s': 30.0, 'promotion_s': 31.0, 'first_list_s': 33.5}]
+    """
+    out = []
+    for u in updates:
+        start = u.get("requested_at")
+        if not isinstance(start, int | float):
+            continue
+        first = first_list.get(str(u.get("version")))
+        row: dict[str, Any] = {"version": u.get("version")}
+        for key, at in (("candidate_s", u.get("candidate_at")),
+                        ("promotion_s", u.get("promoted_at")), ("first_list_s", first)):
+            row[key] = round(float(at) - start, 1) if isinstance(at, int | float) else None
+        out.append(row)
+    return out
+
+
+def split_latencies(latencies_ms: list[float], published: list[float],
+                    spans: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Latencies of the lists published during a fine-tune span, and of the others.
+
+    >>> split_latencies([10.0, 20.0, 30.0], [1.0, 5.0, 9.0], [[4.0, 6.0]])
+    ([20.0], [10.0, 30.0])
+    """
+    during: list[float] = []
+    outside: list[float] = []
+    for lat, at in zip(latencies_ms, published, strict=False):
+        (during if any(a <= at <= b for a, b in spans) else outside).append(lat)
+    return during, outside
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -125,8 +186,11 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
         watcher = RecsWatcher()
         recs = TopicCounter(s, [s.topic(s.topic_recommendations)], on_record=watcher)
         dlq = TopicCounter(s, [s.topic(s.topic_dlq)])
+        promotions = UpdatesWatcher()
+        updates = TopicCounter(s, [s.topic(s.topic_model_updates)], on_record=promotions)
         recs.start()
         dlq.start()
+        updates.start()
         worker, ws = start_worker(s)
         tr: tuple[ManagedProcess, Settings] | None = start_trainer(ws) if trainer else None
         view: LiveView | None = None
@@ -163,6 +227,7 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
                 _settle_finetunes(ws, tr[1], view, started)
             summary = _summary(ws, tr[1] if tr else None, stats, watcher, recs, dlq, view,
                                time.monotonic() - started)
+            summary.update(_freshness(watcher, promotions, view))
         finally:
             if view is not None:
                 view.close()
@@ -171,6 +236,7 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
             worker.stop()
             recs.stop()
             dlq.stop()
+            updates.stop()
     if summary_json is not None:
         summary_json.write_text(json.dumps(summary, indent=2))
     return summary
@@ -266,6 +332,26 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
     }
 
 
+def _freshness(watcher: RecsWatcher, promotions: UpdatesWatcher, view: LiveView
+               ) -> dict[str, Any]:
+    """Latency during and outside fine-tunes, the model-update latency of each promotion
+    (``model_update_s``: the slowest, trigger → first list), and the trainer's pauses."""
+    during, outside = split_latencies(watcher.latencies_ms, watcher.published, view.spans)
+    updates = model_updates(promotions.updates, watcher.first_list)
+    firsts = [u["first_list_s"] for u in updates if u["first_list_s"] is not None]
+    return {
+        "latency_ms_p50_during_finetune": _round(percentile(during, 50)),
+        "latency_ms_p99_during_finetune": _round(percentile(during, 99)),
+        "latency_ms_p50_outside_finetune": _round(percentile(outside, 50)),
+        "latency_ms_p99_outside_finetune": _round(percentile(outside, 99)),
+        "lists_during_finetune": len(during),
+        "finetune_seconds": round(sum(b - a for a, b in view.spans), 1),
+        "finetune_paused_s": view.paused_s,
+        "model_update_s": max(firsts) if firsts else None,
+        "model_updates": updates,
+    }
+
+
 def fetch_json(url: str, timeout: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL
         return json.loads(resp.read())
@@ -293,6 +379,11 @@ class LiveView:
         # (seconds, events) accumulated while a fine-tune ran / while none did.
         self.during = [0.0, 0.0]
         self.outside = [0.0, 0.0]
+        self.spans: list[list[float]] = []
+        """Wall-clock [from, to] while the trainer said a fine-tune was running (each
+        sample that saw it running covers the time since the sample before)."""
+        self.paused_s: float | None = None
+        self._sampled_at: float | None = None
 
     def rates(self) -> tuple[float | None, float | None]:
         """Events/s while a fine-tune was running, and while none was."""
@@ -306,6 +397,7 @@ class LiveView:
             return
         t = _scrape_or_empty(trainer_metrics_url(self.ts)) if self.ts is not None else {}
         running = t.get("tailstream_finetune_running", 0.0) > 0
+        self._note_finetune(running, t)
         consumed = m.get("tailstream_events_in_total", 0.0)
         rate = 0.0
         if self._prev is not None and elapsed > self._prev[0]:
@@ -345,6 +437,19 @@ class LiveView:
             self._last_log = elapsed
             log.info(" | ".join(f"{k}: {v}" for k, v in rows[1:]
                                 if k not in ("by class", "metrics")))
+
+    def _note_finetune(self, running: bool, trainer: dict[str, float]) -> None:
+        now = time.time()
+        if running:
+            start = self._sampled_at if self._sampled_at is not None else now
+            if self.spans and self.spans[-1][1] == self._sampled_at:
+                self.spans[-1][1] = now
+            else:
+                self.spans.append([start, now])
+        self._sampled_at = now
+        paused = trainer.get("tailstream_trainer_paused_seconds_total")
+        if paused is not None:
+            self.paused_s = round(paused, 1)
 
     def close(self) -> None:
         """Nothing to release (kept for symmetry with the callers' try/finally)."""

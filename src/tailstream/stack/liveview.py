@@ -240,18 +240,36 @@ class View:
     promoted_version: int | None = None
     latency_top_ms: float | None = None
     """The histogram's highest finite bound: a percentile there may be anything above."""
+    latency_during_ms: tuple[float | None, float | None] = (None, None)
+    """(p50, p99) of the lists published while a fine-tune ran, since the view started."""
+    latency_outside_ms: tuple[float | None, float | None] = (None, None)
+    """(p50, p99) of the lists published while none ran."""
+    model_update_s: float | None = None
+    """The last promotion's trigger → first list with the new version (worker's gauge)."""
+    finetune_paused_s: float | None = None
+    """Seconds fine-tunes paused for the workers (back-pressure)."""
 
 
 def _ms(x: float | None) -> float | None:
     return None if x is None else 1000.0 * x
 
 
+def _quantiles_ms(buckets: Sequence[tuple[float, float]] | None
+                  ) -> tuple[float | None, float | None]:
+    if not buckets:
+        return (None, None)
+    return (_ms(histogram_quantile(0.5, buckets)), _ms(histogram_quantile(0.99, buckets)))
+
+
 def build_view(cur: Snapshot | None, prev: Snapshot | None = None, seconds: float = 0.0, *,
                trainer: Snapshot | None = None, title: str = "tailstream",
-               uptime_s: float = 0.0, status: str = "") -> View:
+               uptime_s: float = 0.0, status: str = "",
+               during: Sequence[tuple[float, float]] | None = None,
+               outside: Sequence[tuple[float, float]] | None = None) -> View:
     """Turn the workers' (merged) snapshot ``cur``, the one taken ``seconds`` earlier
     (``prev``, for rates and the recent latency) and the trainer's snapshot into a View.
-    ``cur`` None: no worker answered yet."""
+    ``cur`` None: no worker answered yet. ``during`` / ``outside``: latency buckets of the
+    lists published while a fine-tune ran / while none did (:class:`FinetuneSplit`)."""
     have = cur is not None
     c: Snapshot = cur if cur is not None else {}
     window = seconds if prev is not None and seconds > 0 else None
@@ -295,7 +313,43 @@ def build_view(cur: Snapshot | None, prev: Snapshot | None = None, seconds: floa
         finetune_outcomes=outcomes,
         promoted_version=None if promoted is None else int(promoted),
         latency_top_ms=_ms(max((b for b, _ in now_b if not math.isinf(b)), default=None)),
+        latency_during_ms=_quantiles_ms(during), latency_outside_ms=_quantiles_ms(outside),
+        model_update_s=c.get("tailstream_model_update_seconds{stage=first_list}"),
+        finetune_paused_s=(trainer or {}).get("tailstream_trainer_paused_seconds_total"),
     )
+
+
+class FinetuneSplit:
+    """Latency observations split by whether a fine-tune was running: each poll's new
+    observations (the histogram's difference to the last poll) go to ``during`` or
+    ``outside`` by the trainer's ``tailstream_finetune_running`` gauge at that poll.
+
+    >>> f = FinetuneSplit()
+    >>> f.add({"h_bucket{le=0.1}": 4, "h_bucket{le=+Inf}": 4}, running=False, name="h")
+    >>> f.add({"h_bucket{le=0.1}": 5, "h_bucket{le=+Inf}": 9}, running=True, name="h")
+    >>> f.during, f.outside
+    ([(0.1, 1.0), (inf, 5.0)], [(0.1, 4.0), (inf, 4.0)])
+    """
+
+    def __init__(self) -> None:
+        self._last: list[tuple[float, float]] | None = None
+        self._during: dict[float, float] = {}
+        self._outside: dict[float, float] = {}
+
+    def add(self, snap: Snapshot, running: bool, name: str = LATENCY) -> None:
+        now = histogram_buckets(snap, name)
+        target = self._during if running else self._outside
+        for bound, n in bucket_delta(now, self._last):
+            target[bound] = target.get(bound, 0.0) + float(n)
+        self._last = now
+
+    @property
+    def during(self) -> list[tuple[float, float]]:
+        return sorted(self._during.items())
+
+    @property
+    def outside(self) -> list[tuple[float, float]]:
+        return sorted(self._outside.items())
 
 
 # --------------------------------------------------------------------------- rendering
@@ -326,6 +380,12 @@ def lines(view: View) -> list[tuple[str, str]]:
     model = f"serving v{_f(view.serving_version, 'd', '?')}"
     if view.promoted_version is not None:
         model += f", promoted v{view.promoted_version}"
+    during, outside = view.latency_during_ms, view.latency_outside_ms
+    freshness = (f"p50/p99 {lat(during[0])}/{lat(during[1])} ms during fine-tunes, "
+                 f"{lat(outside[0])}/{lat(outside[1])} ms outside; model update "
+                 f"{_f(view.model_update_s, ',.1f')} s (trigger → first list)")
+    if view.finetune_paused_s:
+        freshness += f"; fine-tunes paused {view.finetune_paused_s:,.1f} s for the stream"
     return [
         ("events read", f"{_f(view.events_in_per_s, ',.1f')}{per}, "
                         f"{view.events_in_total:,.0f} in all"),
@@ -335,6 +395,7 @@ def lines(view: View) -> list[tuple[str, str]]:
                                 f"p99 {lat(view.latency_p99_ms)} ms recently; since start "
                                 f"p50 {lat(view.latency_all_p50_ms)} ms, "
                                 f"p99 {lat(view.latency_all_p99_ms)} ms"),
+        ("freshness", freshness),
         ("fine-tunes", ft),
         ("model", model),
         ("dead-lettered", dlq),
@@ -430,6 +491,7 @@ class LiveMonitor:
         self.history: deque[tuple[float, dict[str, float]]] = deque()
         self.last: View | None = None
         self._last_trainer: dict[str, float] | None = None
+        self.split = FinetuneSplit()
         self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -472,8 +534,11 @@ class LiveMonitor:
                 t0, prev = self.history[0]
                 seconds = now - t0
             self.history.append((now, cur))
+        if cur is not None:
+            self.split.add(cur, (trainer or {}).get("tailstream_finetune_running", 0.0) > 0)
         self.last = build_view(cur, prev, seconds, trainer=trainer, title=self.title,
-                               uptime_s=now - self._started, status=status)
+                               uptime_s=now - self._started, status=status,
+                               during=self.split.during, outside=self.split.outside)
         return self.last
 
     def start(self) -> LiveMonitor:
