@@ -16,30 +16,15 @@ a replayed log compresses hours into minutes, and a shop's rate varies by the ho
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from tailstream.configs import SignalsConfig
 from tailstream.contract import SEARCH, Event
 from tailstream.models.serving.baseline import EVENT_WEIGHT, recommend
 from tailstream.models.serving.covisitation import Covisitation
 from tailstream.models.serving.popularity import PopularityTracker
 from tailstream.models.serving.query_lookup import QueryLookup
 from tailstream.models.serving.trending import Trending
-
-
-@dataclass(frozen=True)
-class SignalsConfig:
-    trending_half_life: float = 10_000.0
-    """Interactions after which an interaction counts half in trending."""
-    covisitation_half_life: float = 20_000.0
-    """Interactions after which a co-visit counts half."""
-    covisitation_window: int = 5
-    depth: int = 100
-    """Candidates taken from each source."""
-    recent: int = 5
-    """The user's most recent items: never recommended (they just saw them)."""
-    query_follow_s: float = 1800.0
-    """A search steers lists for this long (event time) after it was made."""
 
 
 class Signals:

@@ -161,6 +161,27 @@ class RankingConfig:
     tail_margin: float = 2.0
     max_per_category: float = 0.5
     reason_min_similarity: float = 0.2
+    mode: str = "hybrid"
+    """``hybrid`` (towers + stateful sources, online blender) or ``towers``."""
+    blend_lr: float = 0.1
+
+
+@dataclass(frozen=True)
+class SignalsConfig:
+    """The stateful candidate sources beside the towers
+    (:mod:`tailstream.models.serving.signals`)."""
+
+    trending_half_life: float = 10_000.0
+    """Interactions after which an interaction counts half in trending."""
+    covisitation_half_life: float = 20_000.0
+    """Interactions after which a co-visit counts half."""
+    covisitation_window: int = 5
+    depth: int = 100
+    """Candidates taken from each source."""
+    recent: int = 5
+    """The user's most recent items: never recommended (they just saw them)."""
+    query_follow_s: float = 1800.0
+    """A search steers lists for this long (event time) after it was made."""
 
 
 @dataclass(frozen=True)
@@ -309,7 +330,14 @@ def ranking_config(settings: Settings) -> RankingConfig:
                          popularity_weight=settings.rank_popularity_weight,
                          online_blend=settings.rank_online_blend,
                          tail_share=settings.tail_share, tail_margin=settings.tail_margin,
-                         max_per_category=settings.max_per_category)
+                         max_per_category=settings.max_per_category, mode=settings.rank_mode,
+                         blend_lr=settings.rank_blend_lr)
+
+
+def signals_config(settings: Settings) -> SignalsConfig:
+    return SignalsConfig(trending_half_life=settings.rank_trending_half_life,
+                         covisitation_half_life=settings.rank_covisitation_half_life,
+                         depth=settings.rank_source_depth)
 
 
 def finetune_config(settings: Settings, with_policy: Policy | None = None) -> FineTuneConfig:

@@ -134,6 +134,18 @@ class Settings:
     rank_popularity_weight: float = 0.5
     """γ of the popularity prior γ·log q(item) added to the debiased retrieval logit:
     1 = rank by full p(item|user) (head-friendly), 0 = debiased (tail-friendly)."""
+    rank_mode: str = "hybrid"
+    """``hybrid``: the towers' candidates united with co-visitation, the user's categories,
+    trending, the user's older items and query lookups, scored by the online blender
+    (:mod:`tailstream.models.serving.hybrid`); ``towers``: the towers alone."""
+    rank_blend_lr: float = 0.1
+    """AdaGrad step of the online blender (how fast the stream re-weights the sources)."""
+    rank_trending_half_life: float = 10_000.0
+    """Interactions after which an interaction counts half in the trending source."""
+    rank_covisitation_half_life: float = 20_000.0
+    """Interactions after which a co-visit counts half."""
+    rank_source_depth: int = 100
+    """Candidates taken from each stateful source."""
     rank_online_blend: float = 0.0
     """Share of the river fast path's class probabilities blended into the head's."""
     tail_margin: float = 2.0

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tailstream.configs import RankingConfig, TowerConfig
+from tailstream.configs import RankingConfig, SignalsConfig, TowerConfig
 from tailstream.contract import Event
 from tailstream.models.serving.blend import FEATURES, OnlineBlender
 from tailstream.models.serving.hybrid import HybridRequest, hybrid_recommend
 from tailstream.models.serving.scorer import Scorer
-from tailstream.models.serving.signals import Signals, SignalsConfig
+from tailstream.models.serving.signals import Signals
 from tailstream.models.towers.context import ContextEntry, UserRequest
 from tailstream.models.towers.encoder import load_encoder
 from tailstream.models.towers.loading import ServedModel, build_model
