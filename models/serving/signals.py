@@ -54,16 +54,20 @@ class Signals:
         """One valid, de-duplicated event, in time order."""
         if event.kind == SEARCH:
             if event.query:
-                self.queries.observe_search(event.user_id, event.query, event.clicked_item_id)
-            return
-        if event.item_id is None:
-            return
-        weight = EVENT_WEIGHT.get(event.kind, 1.0)
+                self.observe_search(event.user_id, event.query, event.clicked_item_id)
+        elif event.item_id is not None:
+            self.observe_interaction(event.user_id, event.item_id, event.kind)
+
+    def observe_search(self, user_id: str, query: str, clicked: str | None = None) -> None:
+        self.queries.observe_search(user_id, query, clicked)
+
+    def observe_interaction(self, user_id: str, item_id: str, kind: str) -> None:
+        weight = EVENT_WEIGHT.get(kind, 1.0)
         self.interactions += 1
         t = float(self.interactions)
-        self.trending.observe(event.item_id, t, weight)
-        self.covisitation.observe(event.user_id, event.item_id, t, weight)
-        self.queries.observe(event.user_id, event.item_id)
+        self.trending.observe(item_id, t, weight)
+        self.covisitation.observe(user_id, item_id, t, weight)
+        self.queries.observe(user_id, item_id)
 
     def last_query(self, profile: Mapping[str, Any], now: float) -> str | None:
         """The user's query if their last action was a search, recent enough to steer."""
