@@ -165,3 +165,24 @@ def test_the_replay_numbers_items_as_they_become_known(future_harness: Harness) 
     assert by_pair[("t3", "K")].query == "fancy kettle"
     assert not by_pair[("t3", "K")].target_known and by_pair[("t3", "K")].known == 10
     assert [s.query for s in stream.searches][:2] == ["fancy kettle"] * 2
+
+
+def test_classes_the_log_lacks_are_none_and_shown_as_a_dash() -> None:
+    from tailstream.evaluation.report import table
+    from tailstream.evaluation.results import StrategyResult
+
+    res = StrategyResult("s")
+    for y, p, prob in [("click", "click", 0.1), ("click", "purchase", 0.6),
+                       ("purchase", "purchase", 0.9), ("cart", "click", 0.2)]:
+        res.y_true.append(y)
+        res.y_pred.append(p)
+        res.p_purchase.append(prob)
+        res.p_cart.append(0.0)
+    m = res.metrics(10, 4)
+    assert m["recall_fav"] is None and m["f1_fav"] is None  # no fav in the log
+    assert m["recall_cart"] == 0.0 and m["g_mean"] == 0.0  # cart present, never found
+    assert m["purchase_roc_auc"] == 1.0 and m["minority_macro_recall"] == 0.5
+    assert m["hit_at_20"] is None and m["map_at_5_search"] is None  # no list scored
+    rows = table({"s": m, "t": {**m, "recall_click": 0.1}}, (("recall_fav", "R fav"),
+                                                           ("recall_click", "R click")))
+    assert rows[2] == "| s | — | **0.500** |" and rows[3] == "| t | — | 0.100 |"
