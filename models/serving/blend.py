@@ -39,13 +39,31 @@ EXTRA: tuple[str, ...] = ("cosine", "category_affinity", "engagement", "log_popu
                           "tail")
 """Per-candidate facts: the towers' cosine, the user's affinity to the item's category
 (0-1), the outcome head's expected value (0-1), log popularity, a tail flag."""
-FEATURES: tuple[str, ...] = (*(f"rr_{s}" for s in SOURCES), *EXTRA)
-START: dict[str, float] = {**{f"rr_{s}": 5.0 for s in SOURCES}, "cosine": 2.0,
-                           "category_affinity": 1.0, "engagement": 0.5,
+BUCKETS = 6
+"""Rank buckets per source: ranks 1, 2-3, 4-7, 8-15, 16-31, 32+ (a one-hot each)."""
+FEATURES: tuple[str, ...] = (*(f"rr_{s}" for s in SOURCES),
+                             *(f"{s}@{b}" for s in SOURCES for b in range(BUCKETS)), *EXTRA)
+START: dict[str, float] = {**{f"rr_{s}": 5.0 for s in SOURCES},
+                           **{f"{s}@{b}": 0.0 for s in SOURCES for b in range(BUCKETS)},
+                           "cosine": 2.0, "category_affinity": 1.0, "engagement": 0.5,
                            "log_popularity": 0.05, "tail": 0.0}
 """Starting weights: reciprocal-rank fusion (an item first in one source scores 5), small
 nudges from the towers, the user's categories, engagement and popularity; the stream moves
-them."""
+them. The rank buckets start at 0 and learn each source's own rank → relevance curve
+(a linear model over reciprocal ranks alone cannot: 1/rank falls too fast for one source
+and too slowly for another)."""
+
+
+def rank_bucket(rank: int) -> int:
+    """``min(⌊log₂(rank + 1)⌋, BUCKETS − 1)`` for a 0-based rank.
+
+    >>> [rank_bucket(r) for r in (0, 1, 2, 3, 7, 40, 99)]
+    [0, 1, 1, 2, 3, 5, 5]
+    """
+    return min((rank + 1).bit_length() - 1, BUCKETS - 1)
+
+
+_INDEX = {name: k for k, name in enumerate(FEATURES)}
 
 
 def reciprocal_ranks(ranked: Sequence[str], depth: int) -> dict[str, float]:
@@ -89,19 +107,20 @@ def union(sources: Mapping[str, Sequence[str]], *, depth: int,
     pos: dict[str, int] = {}
     ranks: list[tuple[int, int, float]] = []  # (row, feature, value)
     for s, ranked in sources.items():
-        f = FEATURES.index(f"rr_{s}")
-        for item, rr in reciprocal_ranks([i for i in ranked if i not in exclude],
-                                         depth).items():
+        f = _INDEX[f"rr_{s}"]
+        first = _INDEX[f"{s}@0"]
+        for r, item in enumerate([i for i in ranked if i not in exclude][:depth]):
             row = pos.get(item)
             if row is None:
                 row = pos[item] = len(ids)
                 ids.append(item)
-            ranks.append((row, f, rr))
+            ranks.append((row, f, 1.0 / (r + 1)))
+            ranks.append((row, first + rank_bucket(r), 1.0))
     x = np.zeros((len(ids), len(FEATURES)), dtype=np.float32)
     for row, f, value in ranks:
         x[row, f] = value
     for name, values in (extra or {}).items():
-        f = FEATURES.index(name)
+        f = _INDEX[name]
         for item, value in values.items():
             row = pos.get(item)
             if row is not None:
