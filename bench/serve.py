@@ -16,7 +16,16 @@ Three measurements, one run:
    of 64 users over the same catalogue, no I/O.
 3. **Top-K** (``topk_ms``): exact top-100 over ``topk_items`` random unit vectors for a
    batch of ``topk_users`` users (1 M items on CUDA, 100 k on a CPU by default), median
-   of 10 timed runs.
+   of 10 timed runs, torch on the device (fp16 scores on CUDA, one matrix product for the
+   whole batch of users).
+4. **A fine-tune beside it** (``finetune=True``, the default): the real trainer process
+   (``SCHED_IDLE``, capped torch threads, back-pressure) runs on the same machine; from
+   the start of the measured window, whenever it is idle, it gets a training request, so
+   fine-tunes run through the window. ``latency_ms_p99_during_finetune`` is the p99 of
+   the lists published while its ``tailstream_finetune_running`` gauge said so,
+   ``finetune_paused_s`` how long it paused for the worker, ``model_updates`` each
+   promotion's trigger → candidate → promotion → first list (``model_update_s``: the
+   slowest first list).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import itertools
 import json
 import math
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -37,12 +47,26 @@ from tailstream.models.serving.scorer import Scorer
 from tailstream.models.towers.context import ContextEntry, UserRequest
 from tailstream.models.towers.loading import load_served, pick_device
 from tailstream.models.towers.store import ModelStore
-from tailstream.producers.sender import send_records
+from tailstream.producers.sender import SendStats, make_producer, send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
-from tailstream.stack.demo import RecsWatcher, percentile
+from tailstream.stack.demo import (
+    RecsWatcher,
+    UpdatesWatcher,
+    model_updates,
+    percentile,
+    split_latencies,
+)
 from tailstream.stack.embedded import ServiceStack
-from tailstream.stack.processes import metrics_url, scrape, start_worker, wait_ready
+from tailstream.stack.processes import (
+    metrics_url,
+    scrape,
+    start_trainer,
+    start_worker,
+    trainer_metrics_url,
+    wait_ready,
+    wait_trainer_ready,
+)
 from tailstream.streams.worker.scoring import shared_vectors
 from tailstream.streams.worker.state import item_text
 
@@ -101,9 +125,62 @@ def scorer_lists_per_s(settings: Settings, device: torch.device, texts: list[str
     return done / (time.perf_counter() - started)
 
 
+class FinetuneDriver(threading.Thread):
+    """Keeps the trainer busy through the measured window: sends a training request
+    whenever it is idle, and notes when it ran (wall-clock spans) and how long it paused."""
+
+    def __init__(self, ws: Settings, ts: Settings, interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True, name="finetune-driver")
+        self.ws, self.ts, self.interval_s = ws, ts, interval_s
+        self.window_from = float("inf")
+        self.window_to = float("inf")
+        self.spans: list[list[float]] = []
+        self.requests = 0
+        self.trainer: dict[str, float] = {}
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        producer = make_producer(self.ws)
+        topic = self.ws.topic(self.ws.topic_training_requests)
+        last_sample: float | None = None
+        idle_since = 0.0
+        try:
+            while not self.stop_event.wait(self.interval_s):
+                now = time.time()
+                t = _scrape_or_empty(trainer_metrics_url(self.ts))
+                self.trainer = t or self.trainer
+                running = t.get("tailstream_finetune_running", 0.0) > 0
+                if running:
+                    if self.spans and self.spans[-1][1] == last_sample:
+                        self.spans[-1][1] = now
+                    else:
+                        self.spans.append([last_sample or now, now])
+                    idle_since = now
+                elif self.window_from <= now < self.window_to and now - idle_since > 2.0:
+                    producer.send(topic, key=b"bench", value=json.dumps(
+                        {"reason": "bench", "requested_at": now, "signals": []}).encode())
+                    producer.flush(5)
+                    self.requests += 1
+                    idle_since = now
+                last_sample = now
+        finally:
+            producer.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(10)
+
+
+def _scrape_or_empty(url: str) -> dict[str, float]:
+    try:
+        return scrape(url)
+    except (OSError, ValueError):
+        return {}
+
+
 def run(settings: Settings, *, rate: float = 1000.0, items: int = 50_000, users: int = 5000,
         seconds: float = 30.0, warmup_s: float = 10.0, device_setting: str = "auto",
-        topk_items: int | None = None, topk_users: int = 1000,
+        topk_items: int | None = None, topk_users: int = 1000, finetune: bool = True,
         log: Any = print) -> dict[str, Any]:
     device = pick_device(device_setting)
     topk_n = topk_items or (1_000_000 if device.type == "cuda" else 100_000)
@@ -114,76 +191,146 @@ def run(settings: Settings, *, rate: float = 1000.0, items: int = 50_000, users:
     log(f"top-{100} over {topk_n:,} items for {topk_users} users on {device} …")
     result.update(topk_ms=round(topk_ms(device, topk_n, topk_users), 2), topk_items=topk_n,
                   topk_users=topk_users)
-
     if not settings.kafka_bootstrap:
         settings = settings.with_embedded_group_timing()
     sim = ShopSimulator(n_users=users, n_items=items, seed=0)
-    texts = [item_text(it) for it in sim.items]
     with ServiceStack(settings) as s:
         create_topics(s)
-        log(f"encoding the {items:,}-item catalogue (index build, before the clock) …")
-        started = time.perf_counter()
-        served = load_served(ModelStore(s.model_store_dir), "base", s.encoder_path or None,
-                             tower_config(s), device)
-        store = shared_vectors(s)
-        scorer = Scorer(served, device=device, max_len=s.text_max_len,
-                        cache_size=items + 10, ranking=ranking_config(s), shared=store)
-        vecs = scorer.texts.vectors(texts)
-        result["index_build_s"] = round(time.perf_counter() - started, 1)
-        result["encode_texts_per_s"] = round(items / result["index_build_s"], 1)
-        log("scorer alone …")
-        result["scorer_lists_per_s"] = round(scorer_lists_per_s(s, device, texts, vecs), 1)
-        del scorer, served
-
-        worker, ws = start_worker(s)
-        watcher = _WindowWatcher()
-        recs = TopicCounter(s, [s.topic(s.topic_recommendations)], on_record=watcher)
-        recs.start()
-        try:
-            wait_ready(worker, ws)
-            send_records(sim.catalogue(), ws)
-            log("waiting for the worker to index the catalogue …")
-            deadline = time.monotonic() + 600
-            while ws.scorer == "transformer" and _metric(ws, "tailstream_index_items") < items:
-                if time.monotonic() > deadline or not worker.alive():
-                    raise RuntimeError(f"worker did not index the catalogue:\n{worker.tail(30)}")
-                time.sleep(0.5)
-            log(f"sending {rate:,.0f} events/s for {warmup_s + seconds:.0f} s …")
-            t0 = time.time()
-            watcher.window_from = t0 + warmup_s
-            stats = send_records(itertools.islice(sim.events(), 10**9), ws, rate=rate,
-                                 duration_s=warmup_s + seconds)
-            watcher.window_to = time.time()
-            deadline = time.monotonic() + 120
-            while _metric(ws, "tailstream_events_in_total") < stats.sent \
-                    and time.monotonic() < deadline:
-                time.sleep(0.5)
-            time.sleep(2.0)
-            consumed = _metric(ws, "tailstream_events_in_total")
-            m = scrape(metrics_url(ws))
-            result["worker"] = {
-                "batches": int(m.get("tailstream_batch_events_count", 0)),
-                "events_per_batch": _ratio(m, "tailstream_batch_events"),
-                "batch_ms": 1000 * _ratio(m, "tailstream_batch_duration_seconds"),
-                "scoring_calls": int(m.get("tailstream_scoring_duration_seconds_count", 0)),
-                "scoring_ms": 1000 * _ratio(m, "tailstream_scoring_duration_seconds"),
-                "queries_encoded": int(m.get("tailstream_texts_encoded_total{purpose=query}",
-                                             0))}
-        finally:
-            recs.stop()
-            worker.stop()
-    window = watcher.window_to - watcher.window_from
-    lat = watcher.latencies_ms
-    result.update(
-        rate_eps=round(stats.sent / stats.seconds, 1), events=stats.sent,
-        events_consumed=int(consumed),
-        lists_measured=len(lat),
-        latency_ms_p50=_r(percentile(lat, 50)), latency_ms_p99=_r(percentile(lat, 99)),
-        latency_ms_max=_r(max(lat) if lat else None),
-        lists_per_s=round(watcher.in_window / window, 1) if window > 0 else None,
-        model_versions=sorted(watcher.versions),
-        index_bytes_per_item=_index_bytes_per_item(s, device))
+        result.update(_index_build(s, device, [item_text(it) for it in sim.items], log))
+        window = _Window(rate=rate, seconds=seconds, warmup_s=warmup_s, finetune=finetune)
+        result.update(_measure(s, sim, window, log))
+        result["index_bytes_per_item"] = _index_bytes_per_item(s, device)
+    result.update(window.latency_keys())
     return result
+
+
+def _index_build(s: Settings, device: torch.device, texts: list[str], log: Any
+                 ) -> dict[str, Any]:
+    """Encode the catalogue into the shared vector cache (before the clock), then time the
+    scorer alone."""
+    log(f"encoding the {len(texts):,}-item catalogue (index build, before the clock) …")
+    started = time.perf_counter()
+    served = load_served(ModelStore(s.model_store_dir), "base", s.encoder_path or None,
+                         tower_config(s), device)
+    scorer = Scorer(served, device=device, max_len=s.text_max_len,
+                    cache_size=len(texts) + 10, ranking=ranking_config(s),
+                    shared=shared_vectors(s))
+    vecs = scorer.texts.vectors(texts)
+    build_s = round(time.perf_counter() - started, 1)
+    log("scorer alone …")
+    return {"index_build_s": build_s, "encode_texts_per_s": round(len(texts) / build_s, 1),
+            "scorer_lists_per_s": round(scorer_lists_per_s(s, device, texts, vecs), 1)}
+
+
+class _Window:
+    """The measured window: what was sent, the lists seen, the fine-tunes beside it."""
+
+    def __init__(self, *, rate: float, seconds: float, warmup_s: float,
+                 finetune: bool) -> None:
+        self.rate, self.seconds, self.warmup_s, self.finetune = rate, seconds, warmup_s, finetune
+        self.watcher = _WindowWatcher()
+        self.updates = UpdatesWatcher()
+        self.driver: FinetuneDriver | None = None
+        self.stats: SendStats | None = None
+        self.consumed = 0
+
+    def latency_keys(self) -> dict[str, Any]:
+        w, stats = self.watcher, self.stats
+        assert stats is not None
+        span = w.window_to - w.window_from
+        lat = w.latencies_ms
+        out: dict[str, Any] = {
+            "rate_eps": round(stats.sent / stats.seconds, 1), "events": stats.sent,
+            "events_consumed": self.consumed, "lists_measured": len(lat),
+            "latency_ms_p50": _r(percentile(lat, 50)), "latency_ms_p99": _r(percentile(lat, 99)),
+            "latency_ms_max": _r(max(lat) if lat else None),
+            "lists_per_s": round(w.in_window / span, 1) if span > 0 else None,
+            "model_versions": sorted(w.versions)}
+        if self.driver is not None:
+            d = self.driver
+            during, outside = split_latencies(lat, w.published, d.spans)
+            updates = model_updates(self.updates.updates, w.first_list)
+            firsts = [u["first_list_s"] for u in updates if u["first_list_s"] is not None]
+            inside = sum(max(0.0, min(b, w.window_to) - max(a, w.window_from))
+                         for a, b in d.spans)
+            out.update(
+                latency_ms_p50_during_finetune=_r(percentile(during, 50)),
+                latency_ms_p99_during_finetune=_r(percentile(during, 99)),
+                latency_ms_p99_outside_finetune=_r(percentile(outside, 99)),
+                lists_during_finetune=len(during),
+                finetune_s_in_window=round(inside, 1), finetune_requests=d.requests,
+                finetune_runs={k: int(d.trainer.get(
+                    f"tailstream_finetune_runs_total{{outcome={k}}}", 0))
+                    for k in ("promoted", "rejected", "failed", "skipped")},
+                finetune_paused_s=round(d.trainer.get(
+                    "tailstream_trainer_paused_seconds_total", 0.0), 1),
+                model_update_s=max(firsts) if firsts else None, model_updates=updates)
+        return out
+
+
+def _measure(s: Settings, sim: ShopSimulator, window: _Window, log: Any) -> dict[str, Any]:
+    """The worker (and the trainer) under a steady rate; returns the worker's figures."""
+    worker, ws = start_worker(s)
+    trainer = start_trainer(ws) if window.finetune else None
+    recs = TopicCounter(s, [s.topic(s.topic_recommendations)], on_record=window.watcher)
+    updates = TopicCounter(s, [s.topic(s.topic_model_updates)], on_record=window.updates)
+    recs.start()
+    updates.start()
+    try:
+        wait_ready(worker, ws)
+        if trainer is not None:
+            wait_trainer_ready(*trainer)
+            window.driver = FinetuneDriver(ws, trainer[1])
+            window.driver.start()
+        send_records(sim.catalogue(), ws)
+        log("waiting for the worker to index the catalogue …")
+        _wait_indexed(worker, ws, len(sim.items))
+        log(f"sending {window.rate:,.0f} events/s for {window.warmup_s + window.seconds:.0f} s"
+            + (", fine-tuning beside it from the end of the warm-up" if trainer else "") + " …")
+        start = time.time() + window.warmup_s
+        window.watcher.window_from = start
+        if window.driver is not None:
+            window.driver.window_from = start
+        stats = window.stats = send_records(itertools.islice(sim.events(), 10**9), ws,
+                                            rate=window.rate,
+                                            duration_s=window.warmup_s + window.seconds)
+        window.watcher.window_to = time.time()
+        if window.driver is not None:
+            window.driver.window_to = window.watcher.window_to
+        deadline = time.monotonic() + 120
+        while _metric(ws, "tailstream_events_in_total") < stats.sent \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2.0)
+        window.consumed = int(_metric(ws, "tailstream_events_in_total"))
+        return {"worker": _worker_figures(scrape(metrics_url(ws)))}
+    finally:
+        if window.driver is not None:
+            window.driver.stop()
+        recs.stop()
+        updates.stop()
+        if trainer is not None:
+            trainer[0].stop()
+        worker.stop()
+
+
+def _wait_indexed(worker: Any, ws: Settings, items: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while ws.scorer == "transformer" and _metric(ws, "tailstream_index_items") < items:
+        if time.monotonic() > deadline or not worker.alive():
+            raise RuntimeError(f"worker did not index the catalogue:\n{worker.tail(30)}")
+        time.sleep(0.5)
+
+
+def _worker_figures(m: dict[str, float]) -> dict[str, Any]:
+    return {
+        "batches": int(m.get("tailstream_batch_events_count", 0)),
+        "events_per_batch": _ratio(m, "tailstream_batch_events"),
+        "batch_ms": 1000 * _ratio(m, "tailstream_batch_duration_seconds"),
+        "scoring_calls": int(m.get("tailstream_scoring_duration_seconds_count", 0)),
+        "scoring_ms": 1000 * _ratio(m, "tailstream_scoring_duration_seconds"),
+        "scoring_turn_users": int(m.get("tailstream_scoring_turn_users", 0)),
+        "queries_encoded": int(m.get("tailstream_texts_encoded_total{purpose=query}", 0))}
 
 
 class _WindowWatcher(RecsWatcher):
@@ -200,13 +347,18 @@ class _WindowWatcher(RecsWatcher):
             msg = json.loads(record.value)
         except (TypeError, ValueError):
             return
+        version, at = str(msg.get("model_version")), msg.get("published_at")
+        if at is not None and (version not in self.first_list
+                               or at < self.first_list[version]):
+            self.first_list[version] = at
         ts = msg.get("event_ts")
-        if msg.get("trigger") != "event" or ts is None or not (
+        if msg.get("trigger") != "event" or ts is None or at is None or not (
                 self.window_from <= ts <= self.window_to):
             return
         self.in_window += 1
-        self.versions[str(msg.get("model_version"))] += 1
-        self.latencies_ms.append(1000.0 * (msg["published_at"] - ts))
+        self.versions[version] += 1
+        self.latencies_ms.append(1000.0 * (at - ts))
+        self.published.append(at)
 
 
 def _index_bytes_per_item(settings: Settings, device: torch.device, hidden: int = 384) -> int:

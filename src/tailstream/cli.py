@@ -220,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = serve.run(settings, rate=args.rate, items=args.items, users=args.users,
                            seconds=args.seconds, warmup_s=args.warmup,
                            device_setting=settings.device, topk_items=args.topk_items,
-                           topk_users=args.topk_users, log=say)
+                           topk_users=args.topk_users, finetune=args.finetune, log=say)
     elif args.scaling:
         from tailstream.bench import ingest
 
@@ -459,6 +459,9 @@ def _add_bench(sub: Sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--topk-items", type=int, default=None,
                    help="items for the top-100 timing (1M on CUDA, 100k on CPU)")
     g.add_argument("--topk-users", type=int, default=1000)
+    g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the trainer fine-tuning beside the worker through the window "
+                        "(latency_ms_p99_during_finetune, finetune_paused_s)")
     g = p.add_argument_group("ingest")
     g.add_argument("--events", type=int, default=100_000, help="backlog of events")
     g.add_argument("--bench-partitions", dest="partitions_bench", type=int, default=4,

@@ -16,6 +16,7 @@ import asyncio
 import gc
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,9 @@ from tailstream.streams.worker.scoring import ScoringService
 from tailstream.streams.worker.transport import refresh_metadata
 
 log = logging.getLogger(__name__)
+
+EMBED_EVERY_S = 1.0
+"""While users wait for lists, catalogue items are embedded only this often."""
 
 
 async def follow_model_updates(settings: Settings,
@@ -110,7 +114,15 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
         """Load the served model version, then embed catalogue items as they arrive."""
         await scoring.start()
         gc.freeze()  # the model's objects join the generation the collector never walks
+        last_embed = 0.0
         while scoring.scorer is not None:
+            # Users waiting for a list go first: a chunk of catalogue items holds the torch
+            # thread for tens of ms. Items still get a chunk at least every second.
+            now = time.monotonic()
+            if pipeline.refresh.waiting and now - last_embed < EMBED_EVERY_S:
+                await asyncio.sleep(0.005)
+                continue
+            last_embed = now
             if not await scoring.embed_pending(settings.embed_chunk):
                 await asyncio.sleep(0.1)
 

@@ -188,7 +188,9 @@ class ScoringService:
         if scorer is None or version == scorer.version:
             return False
         try:
-            served = await self._run(self._load, version)
+            # Read from disk on another thread: the scoring thread keeps making lists
+            # meanwhile, and stops only for the swap (re-projecting the catalogue).
+            served = await asyncio.to_thread(self._load, version)
             async with self._lock:
                 await self._run(scorer.swap_model, served, item_texts)
         except Exception:

@@ -999,3 +999,162 @@ def test_a_tombstone_deletes_the_item_from_the_catalogue_and_every_later_list() 
     assert h.dlq.letters == []  # a tombstone is not an "empty" message
     assert h.value("tailstream_catalogue_deletions_total") == 1
     assert h.value("tailstream_events_processed_total", kind="click") == 14
+
+
+# --------------------------------------------------------------------------- batch paths
+def shop_batch(n: int, seed: int = 3) -> list[dict[str, Any]]:
+    """``n`` events of 40 users over 60 items and 6 categories, several per user, all
+    classes and searches, increasing in time."""
+    import random
+
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for k in range(n):
+        user, item = f"u{rng.randrange(40)}", f"i{rng.randrange(60)}"
+        kind = rng.choices(["click", "cart", "fav", "purchase", "search"], [70, 10, 6, 4, 10])[0]
+        base = {"event_id": f"b{k}", "user_id": user, "ts": TS + k}
+        if kind == "search":
+            out.append({**base, "kind": kind, "query": f"kettle {rng.randrange(5)}"})
+        else:
+            out.append({**base, "kind": kind, "item_id": item,
+                        "category": f"home/c{int(item[1:]) % 6}"})
+    return out
+
+
+def test_a_batch_changes_the_state_as_the_same_events_one_by_one_do() -> None:
+    """Pipeline (batch path) against StreamState.apply_event (the evaluation's path):
+    profiles, popularity, class counts and the minority buffer are the same; item counts
+    never fall below the truth."""
+    from collections import Counter
+
+    from tailstream.contract import Limits, validate_event
+    from tailstream.streams.worker.state import StreamState
+
+    evs = shop_batch(600)
+
+    async def scenario() -> Harness:
+        h = make(mix_warmup_events=10**9)  # every class kept in full: comparable buffers
+        feed = Feed(h.settings)
+        await h.pipeline.process([feed.msg({"search": "search"}.get(e["kind"], e["kind"]),
+                                           {k: v for k, v in e.items() if k != "kind"})
+                                  for e in evs])
+        return h
+
+    h = run(scenario())
+    ref = StreamState(h.settings, {})
+    for e in evs:
+        ref.apply_event(validate_event(e["kind"], {k: v for k, v in e.items() if k != "kind"},
+                                       Limits(), now=TS + 10**6), 0)
+    assert dict(h.table) == ref.profiles
+    got, want = h.pipeline.imbalance, ref.imbalance
+    assert got.totals() == want.totals() and got.searches == want.searches
+    assert got.window_counts() == want.window_counts()
+    assert got.decayed_counts() == pytest.approx(want.decayed_counts())
+    assert ({s.event_id for s in got.buffer.minority()}
+            == {s.event_id for s in want.buffer.minority()})
+    true: Counter[str] = Counter()  # decayed counts at the last event's time
+    half_life = h.settings.counts_half_life_s
+    for e in evs:
+        if e["kind"] != "search":
+            true[e["item_id"]] += 2.0 ** (-(evs[-1]["ts"] - e["ts"]) / half_life)
+    assert all(got.items.estimate(i) >= n * (1 - 1e-9) for i, n in true.items())
+    p_got, p_want = h.pipeline.popularity, ref.popularity
+    assert {i: p_got.decayed_count(i, TS + 600) for i in true} == pytest.approx(
+        {i: p_want.decayed_count(i, TS + 600) for i in true})
+
+
+def test_the_fast_path_learns_within_its_budget_per_batch() -> None:
+    async def scenario(budget: int) -> int:
+        h = make(online_batch_budget=budget, mix_warmup_events=0)
+        feed = Feed(h.settings)
+        await h.pipeline.process([feed.msg("click", click(f"w{n}", f"u{n % 9}", f"i{n % 5}"))
+                                  for n in range(20)])  # a first batch sets the class mix
+        before = h.pipeline.imbalance.online.n
+        await h.pipeline.process([feed.msg("click", click(f"e{n}", f"u{n % 9}", f"i{n % 5}"))
+                                  for n in range(2000)])
+        return h.pipeline.imbalance.online.n - before
+
+    assert run(scenario(10)) <= 40  # 10 expected; the draw is random
+    assert run(scenario(0)) >= 300  # no bound: majority events at their 20 % rate
+
+
+class SavingTable(RecordingTable):
+    """A table with ``save_many``, like the worker's: one call per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves: list[list[str]] = []
+
+    async def save_many(self, values: dict[str, Any]) -> None:
+        self.saves.append(sorted(values))
+        for key, value in values.items():
+            self[key] = value
+
+
+def test_a_batch_writes_its_profiles_with_one_save() -> None:
+    async def scenario() -> Harness:
+        h = make(table=SavingTable())
+        feed = Feed(h.settings)
+        await h.pipeline.process([feed.msg("click", click(f"e{n}", f"u{n % 4}"))
+                                  for n in range(10)])
+        return h
+
+    h = run(scenario())
+    assert h.table.saves == [["u0", "u1", "u2", "u3"]]  # type: ignore[attr-defined]
+
+
+def test_a_failed_save_keeps_the_profiles_for_the_next_batch() -> None:
+    class Flaky(SavingTable):
+        fail = True
+
+        async def save_many(self, values: dict[str, Any]) -> None:
+            if self.fail:
+                self.fail = False
+                raise OSError("the broker is away")
+            await super().save_many(values)
+
+    async def scenario() -> Harness:
+        h = make(table=Flaky())
+        feed = Feed(h.settings)
+        await h.pipeline.process([feed.msg("click", click("e1", "u1"))])
+        assert h.pipeline.profiles.dirty  # not lost: kept for the next save
+        await h.pipeline.process([feed.msg("click", click("e2", "u2"))])
+        return h
+
+    h = run(scenario())
+    assert h.table.saves == [["u1", "u2"]]  # type: ignore[attr-defined]
+    assert h.value("tailstream_events_processed_total", kind="click") == 2
+
+
+def test_a_scoring_turn_takes_what_fits_the_latency_budget() -> None:
+    async def scenario() -> tuple[int, int]:
+        h = make(latency_budget_ms=250.0, scoring_batch=256)
+        sizer = h.pipeline.refresh.sizer
+        for n in (10, 50, 100):  # 20 ms + 2 ms per user: 40 % of 250 ms fits 40 users
+            sizer.observe(n, 0.02 + 0.002 * n)
+        feed = Feed(h.settings)
+        h.pipeline.refresh._task = asyncio.get_running_loop().create_future()  # no task
+        await h.pipeline.process([feed.msg("click", click(f"e{n}", f"u{n}"))
+                                  for n in range(100)])
+        first = await h.pipeline.refresh.score_next()
+        for user in h.pipeline.refresh.queued_at:  # the rest waited past the budget
+            h.pipeline.refresh.queued_at[user] -= 1.0
+        second = await h.pipeline.refresh.score_next()
+        return first, second
+
+    first, second = run(scenario())
+    assert first == 40  # within the budget
+    assert second == 60  # behind: the whole rest in one turn (up to scoring_batch)
+
+
+def test_a_bulk_refresh_lets_users_who_acted_go_first() -> None:
+    async def scenario() -> float:
+        h = make(latency_budget_ms=100.0)
+        refresh = h.pipeline.refresh
+        refresh.waiting["u-acted"] = ("e1", KAFKA_TS)
+        refresh.queued_at["u-acted"] = time.monotonic() - 1.0  # waited past budget / 4
+        started = time.monotonic()
+        await refresh._after_waiting_users(longest_s=0.2)
+        return time.monotonic() - started
+
+    assert run(scenario()) >= 0.19  # it waited (bounded), since the user was not served

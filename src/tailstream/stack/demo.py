@@ -197,6 +197,7 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
         try:
             log.info("waiting for the worker to join its group …")
             wait_ready(worker, ws)
+            wait_model(worker, ws)
             if tr is not None:
                 wait_trainer_ready(*tr)
             stop = threading.Event()
@@ -240,6 +241,21 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
     if summary_json is not None:
         summary_json.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def wait_model(worker: ManagedProcess, ws: Settings, timeout: float = 120.0) -> None:
+    """Until a transformer worker has loaded its model (or given up on it), so the shop's
+    first events do not queue behind the load (the worker waits for its model before its
+    first batch, ``TAILSTREAM_SCORER_START_WAIT_S``)."""
+    if ws.scorer != "transformer":
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.alive():
+        m = _scrape_or_empty(metrics_url(ws))
+        if any(m.get(f"tailstream_model_loads_total{{outcome={o}}}", 0.0) > 0
+               for o in ("loaded", "failed")):
+            return
+        time.sleep(0.25)
 
 
 def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started: float,
