@@ -159,11 +159,11 @@ class RankingConfig:
     online_blend: float = 0.0
     tail_share: float = 0.3
     tail_margin: float = 2.0
-    max_per_category: float = 0.5
+    max_per_category: float = 1.0
     reason_min_similarity: float = 0.2
     mode: str = "hybrid"
     """``hybrid`` (towers + stateful sources, online blender) or ``towers``."""
-    blend_lr: float = 0.1
+    blend_lr: float = 0.3
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import torch
 from tailstream import configs
 from tailstream.configs import FineTuneConfig
 from tailstream.contract import CLASSES
+from tailstream.evaluation.hybrid_walk import HybridWalk
 from tailstream.evaluation.results import StrategyResult
 from tailstream.evaluation.stream import BlockState, Interaction
 from tailstream.models.imbalance.buffer import Sample
@@ -67,6 +68,7 @@ class TransformerStrategy:
         self.scorer.texts = self.vectors  # the frozen encoder's vectors, shared
         self.replay: list[Sample] = []
         self.rng = random.Random(harness.cfg.seed)
+        self.walk = HybridWalk(harness) if self.scorer.ranking.mode == "hybrid" else None
         self.result = StrategyResult(name)
 
     # ------------------------------------------------------------------ the walk
@@ -81,6 +83,9 @@ class TransformerStrategy:
         for b in range(stream.n_blocks):
             if b >= cfg.warm_blocks:
                 self._predict(by_block.get(b, []), b)
+            elif self.walk is not None:  # the sources learn from warm-up blocks too
+                self.walk.block(self.scorer, by_block.get(b, []), self._item_info(b, 1),
+                                predict=False)
             if b == stream.n_blocks - 1:
                 break  # nothing left to predict: a fine-tune here could never be scored
             self.learn(stream.blocks[b], b)
@@ -168,6 +173,11 @@ class TransformerStrategy:
                 res.p_cart.append(float(p[CLASSES.index("cart")]))
                 res.blocks.append(b)
         ranked = [it for it in block if it.ranked and it.profile is not None]
+        if self.walk is not None:
+            info = self._item_info(b, ranked[0].known if ranked else 1)
+            for it, lst in self.walk.block(self.scorer, block, info, predict=True):
+                self.h.add_list(res, it, [r.item_id for r in lst], [r.tier for r in lst])
+            return
         for start in range(0, len(ranked), 256):
             part = ranked[start:start + 256]
             requests = [UserRequest(it.sample.user_id,
