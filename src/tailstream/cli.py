@@ -183,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
                      blocks=args.blocks, rank_every=args.rank_every, steps=args.steps,
                      batch_size=args.batch, tiny=args.tiny, seed=args.seed)
-    source = Source(log, args.users, args.items, args.seed)
+    source = Source(log, args.users, args.items, args.seed, args.sale_at)
     command = "tailstream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         result, md, paths = run_eval(settings, source, cfg, args.out, events=args.events,
@@ -428,6 +428,9 @@ def _add_eval(sub: Sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sale-at", type=int, default=None, metavar="N",
+                   help="synthetic shop: a sale from record N on (carts bought twice as "
+                        "often: the purchase share about doubles mid-stream)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder")
     p.add_argument("--json", type=Path, default=None, help="also write the summary JSON here")

@@ -167,6 +167,16 @@ class RankingConfig:
 
 
 @dataclass(frozen=True)
+class DecisionConfig:
+    """How outcome probabilities become decisions (:mod:`tailstream.models.imbalance.
+    decisions`): stacked, corrected to the live prior, thresholds moved to ``objective``."""
+
+    objective: str = "g_mean"
+    precision_floor: float = 0.05
+    prior_half_life: float = 2000.0
+
+
+@dataclass(frozen=True)
 class SignalsConfig:
     """The stateful candidate sources beside the towers
     (:mod:`tailstream.models.serving.signals`)."""
@@ -332,6 +342,12 @@ def ranking_config(settings: Settings) -> RankingConfig:
                          tail_share=settings.tail_share, tail_margin=settings.tail_margin,
                          max_per_category=settings.max_per_category, mode=settings.rank_mode,
                          blend_lr=settings.rank_blend_lr)
+
+
+def decision_config(settings: Settings) -> DecisionConfig:
+    return DecisionConfig(objective=settings.decision_objective,
+                          precision_floor=settings.decision_precision_floor,
+                          prior_half_life=settings.decision_prior_half_life)
 
 
 def signals_config(settings: Settings) -> SignalsConfig:

@@ -107,6 +107,9 @@ class Settings:
     """Users scored per call of the transformer (bigger is cheaper per user)."""
     scoring_max_waiting: int = 50_000
     """Users waiting for a list before ingest waits too (bounded memory)."""
+    scoring_nice: int = 5
+    """How much nicer (lower CPU priority) the worker's scoring thread is than its event
+    loop: when both want more CPU than there is, ingest and publishing go first."""
     embed_chunk: int = 16
     """Catalogue items embedded per step in the worker (bounds how long scoring waits)."""
     active_window_s: float = 1800.0
@@ -147,6 +150,15 @@ class Settings:
     """Interactions after which a co-visit counts half."""
     rank_source_depth: int = 100
     """Candidates taken from each stateful source."""
+    decision_objective: str = "g_mean"
+    """What the outcome decisions' thresholds are moved to on the recent window: g_mean
+    (the geometric mean of the class recalls), macro_f1, or minority_recall (at
+    ``decision_precision_floor``)."""
+    decision_precision_floor: float = 0.05
+    """Least precision of each minority class under ``decision_objective=minority_recall``."""
+    decision_prior_half_life: float = 2000.0
+    """Interactions after which an interaction counts half in the live class prior that
+    corrects the probabilities (a sale's shift is followed within a few of these)."""
     rank_online_blend: float = 0.0
     """Share of the river fast path's class probabilities blended into the head's."""
     tail_margin: float = 2.0

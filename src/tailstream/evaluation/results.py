@@ -74,6 +74,10 @@ class StrategyResult:
     weights_over_time: list[dict[str, float]] = field(default_factory=list)
     gate: list[dict[str, Any]] = field(default_factory=list)
     """The promotion gate's decisions (``adaptive``): block, triggers, promote, reason."""
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    """The decision layer after each block (``adaptive``): offsets, stack weights."""
+    blend: dict[str, float] = field(default_factory=dict)
+    """The online blender's weights at the end (hybrid lists)."""
 
     def add_list(self, items: Sequence[str], tiers: Sequence[str], target: str,
                  target_tier: str, *, label: str = "", known: bool = True,
@@ -222,6 +226,8 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
                                              if it.ranked and not it.target_known)},
         "strategies": {n: r.metrics(catalogue, events) for n, r in results.items()},
         "gate": {n: r.gate for n, r in results.items() if r.gate},
+        "decisions": {n: r.decisions for n, r in results.items() if r.decisions},
+        "blend": {n: r.blend for n, r in results.items() if r.blend},
         "over_time": {
             "class_shares": [b.shares for b in stream.blocks],
             "loop_weights": [b.weights for b in stream.blocks],

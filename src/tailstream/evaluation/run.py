@@ -29,6 +29,8 @@ class Source:
     users: int = 2000
     items: int = 5000
     seed: int = 0
+    sale_at: int | None = None
+    """Synthetic shop: carts are bought twice as often from this record on."""
 
     def records(self) -> tuple[Iterable[ProducedRecord], str]:
         """The records and a name for the report."""
@@ -38,9 +40,11 @@ class Source:
 
         tick = itertools.count()
         sim = ShopSimulator(n_users=self.users, n_items=self.items, seed=self.seed,
-                            clock=lambda: 1.7e9 + next(tick) / 300.0)
+                            clock=lambda: 1.7e9 + next(tick) / 300.0, sale_at=self.sale_at)
+        sale = f", purchases doubled from record {self.sale_at:,}" if self.sale_at else ""
         return (itertools.chain(sim.catalogue(), sim.events()),
-                f"synthetic shop ({self.users} users, {self.items} items, seed {self.seed})")
+                f"synthetic shop ({self.users} users, {self.items} items, seed {self.seed}"
+                f"{sale})")
 
 
 def check_strategies(names: Sequence[str]) -> None:

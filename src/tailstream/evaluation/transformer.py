@@ -38,6 +38,7 @@ from tailstream.evaluation.hybrid_walk import HybridWalk
 from tailstream.evaluation.results import StrategyResult
 from tailstream.evaluation.stream import BlockState, Interaction
 from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.decisions import DecisionLayer, RunningPrior
 from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.serving.scorer import ItemInfo, Scorer
 from tailstream.models.towers.context import UserRequest, context_entries, split_context
@@ -45,6 +46,7 @@ from tailstream.models.towers.loading import ServedModel
 from tailstream.models.towers.two_tower import TextBatch, pack_contexts
 from tailstream.models.training.finetune import prepare_data
 from tailstream.models.training.routine import Candidate, fine_tune, remember
+from tailstream.models.training.selection import PolicySelector
 from tailstream.streams.stores.buffer_store import LiveWeights
 
 if TYPE_CHECKING:
@@ -69,6 +71,16 @@ class TransformerStrategy:
         self.replay: list[Sample] = []
         self.rng = random.Random(harness.cfg.seed)
         self.walk = HybridWalk(harness) if self.scorer.ranking.mode == "hybrid" else None
+        # The production loop (adaptive) also selects policies at each trigger and decides
+        # outcomes through the decision layer; the fixed strategies take the head's argmax.
+        sel = configs.selection_config(self.settings)
+        self.selector = (PolicySelector.from_config(sel)
+                         if spec.adaptive and sel.enabled else None)
+        dec = configs.decision_config(self.settings)
+        self.decisions = (DecisionLayer(len(CLASSES), dec.objective,
+                                        tuple(range(1, len(CLASSES))), dec.precision_floor)
+                          if spec.adaptive else None)
+        self.prior = RunningPrior(len(CLASSES), dec.prior_half_life)
         self.result = StrategyResult(name)
 
     # ------------------------------------------------------------------ the walk
@@ -83,12 +95,17 @@ class TransformerStrategy:
         for b in range(stream.n_blocks):
             if b >= cfg.warm_blocks:
                 self._predict(by_block.get(b, []), b)
-            elif self.walk is not None:  # the sources learn from warm-up blocks too
+            else:
+                for it in by_block.get(b, []):
+                    self.prior.observe(CLASSES.index(it.sample.label))
+            if b < cfg.warm_blocks and self.walk is not None:  # the sources learn too
                 self.walk.block(self.scorer, by_block.get(b, []), self._item_info(b, 1),
                                 predict=False)
             if b == stream.n_blocks - 1:
                 break  # nothing left to predict: a fine-tune here could never be scored
             self.learn(stream.blocks[b], b)
+        if self.walk is not None:
+            self.result.blend = self.walk.blender.weights()
         return self.result
 
     # ------------------------------------------------------------------ learning
@@ -126,11 +143,13 @@ class TransformerStrategy:
         data = prepare_data(state.buffer, live.counts, cfg.holdout_share, self.replay)
         cand = fine_tune(self.served, self.vectors, data, cfg=cfg, class_weight=live.weights,
                          device=self.h.device,
-                         gate=configs.gate_config(self.settings) if self.spec.adaptive else None)
+                         gate=configs.gate_config(self.settings) if self.spec.adaptive else None,
+                         selector=self.selector, policy=live.policy, counts=live.counts)
         res.finetunes += 1
         if self.spec.adaptive:
             res.gate.append({"block": block, "promote": cand.decision.promote,
-                             "reason": cand.decision.reason,
+                             "reason": cand.decision.reason, "policy": cand.policy,
+                             "tried": [t.to_dict() for t in cand.trials],
                              "triggers": sorted({str(r.get("reason")) for r in state.requests})})
         if cand.decision.promote:
             self._serve(cand, block)
@@ -163,15 +182,16 @@ class TransformerStrategy:
     def _predict(self, block: Sequence[Interaction], b: int) -> None:
         res = self.result
         samples = [it.sample for it in block]
-        for start in range(0, len(samples), 1024):
-            chunk = samples[start:start + 1024]
-            probs = outcome_probs(self.scorer, chunk)
-            for s, p in zip(chunk, probs, strict=True):
-                res.y_true.append(s.label)
-                res.y_pred.append(CLASSES[int(p.argmax())])
-                res.p_purchase.append(float(p[CLASSES.index("purchase")]))
-                res.p_cart.append(float(p[CLASSES.index("cart")]))
-                res.blocks.append(b)
+        head = np.concatenate([outcome_probs(self.scorer, samples[i:i + 1024])
+                               for i in range(0, len(samples), 1024)]) if samples \
+            else np.zeros((0, len(CLASSES)))
+        probs, preds = self._decide(block, head)
+        for s, p, k in zip(samples, probs, preds, strict=True):
+            res.y_true.append(s.label)
+            res.y_pred.append(CLASSES[int(k)])
+            res.p_purchase.append(float(p[CLASSES.index("purchase")]))
+            res.p_cart.append(float(p[CLASSES.index("cart")]))
+            res.blocks.append(b)
         ranked = [it for it in block if it.ranked and it.profile is not None]
         if self.walk is not None:
             info = self._item_info(b, ranked[0].known if ranked else 1)
@@ -189,6 +209,28 @@ class TransformerStrategy:
                                           known=[it.known for it in part])
             for it, lst in zip(part, lists, strict=True):
                 self.h.add_list(res, it, [r.item_id for r in lst], [r.tier for r in lst])
+
+    def _decide(self, block: Sequence[Interaction], head: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and decisions for a block: the head's argmax (fixed strategies), or
+        the decision layer over the head and the river fast path, corrected to the live
+        prior as it was just before each interaction (adaptive); the layer is then refit on
+        this block's out-of-sample predictions for the next one (test-then-train)."""
+        labels = np.array([CLASSES.index(it.sample.label) for it in block], dtype=int)
+        if self.decisions is None:
+            for k in labels:
+                self.prior.observe(int(k))
+            return head, head.argmax(axis=1) if len(head) else labels
+        river = np.array([[(it.online or {}).get(c, 1.0 / len(CLASSES)) for c in CLASSES]
+                          for it in block]).reshape(-1, len(CLASSES))
+        priors = np.empty((len(block), len(CLASSES)))
+        for n, k in enumerate(labels):
+            priors[n] = self.prior.prior()
+            self.prior.observe(int(k))
+        probs, preds = self.decisions.predict([head, river], priors)
+        self.decisions.fit([head, river], labels)
+        self.result.decisions.append(self.decisions.report())
+        return probs, preds
 
     def _item_info(self, b: int, n_items: int) -> ItemInfo:
         """Tiers, categories and smoothed log q of items as known before block ``b``
