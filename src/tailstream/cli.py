@@ -200,6 +200,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    log = log_spec(args, args.file, settings) if args.file is not None else None
+    from tailstream.evaluation.run import Source
+    from tailstream.evaluation.specs import EvalConfig
+    from tailstream.evaluation.tune import tune, write_settings
+
+    _threads(args.threads)
+    cfg = EvalConfig(blocks=args.blocks, rank_every=args.rank_every, batch_size=args.batch,
+                     tiny=args.tiny, seed=args.seed)
+    source = Source(log, args.users, args.items, args.seed, args.sale_at)
+    command = "tailstream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = tune(settings, source, cfg, trials=args.trials, metric=args.metric,
+                  strategy=args.strategy, events=args.events, seed=args.seed,
+                  say=lambda m: print(m, file=sys.stderr, flush=True))
+    write_settings(args.out, result, metric=args.metric, command=command)
+    print(args.out.read_text(), end="")
+    print(f"wrote {args.out}: use it with --settings {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
@@ -405,23 +426,16 @@ def _add_model(sub: Sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_model)
 
 
-def _add_eval(sub: Sub, common: argparse.ArgumentParser) -> None:
-    from tailstream.evaluation.specs import STRATEGIES
-
-    p = sub.add_parser("eval", parents=[common], help="prequential comparison of strategies",
-                       description="Replay a log (or the synthetic shop) through the worker's "
-                                   "state, then test-then-train every strategy block by block; "
-                                   "write eval.json, report.md and PNG charts.")
+def _replay_flags(p: argparse.ArgumentParser) -> None:
+    """What eval and tune replay, and how (the log or the synthetic shop, the blocks)."""
     p.add_argument("file", nargs="?", type=Path, default=None,
                    help="event log to replay (default: the synthetic shop)")
     _log_flags(p)
     p.add_argument("--events", type=int, default=None, help="stop after this many events "
                                                             "(synthetic default 60,000)")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--blocks", type=int, default=12, help="prequential blocks")
     p.add_argument("--rank-every", type=int, default=5, help="score lists for every Nth "
                                                             "interaction")
-    p.add_argument("--steps", type=int, default=150, help="steps per fine-tune")
     p.add_argument("--batch", type=int, default=256, help="pairs per step")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny random BERT instead of MiniLM for the transformer strategies")
@@ -432,9 +446,35 @@ def _add_eval(sub: Sub, common: argparse.ArgumentParser) -> None:
                    help="synthetic shop: a sale from record N on (carts bought twice as "
                         "often: the purchase share about doubles mid-stream)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_eval(sub: Sub, common: argparse.ArgumentParser) -> None:
+    from tailstream.evaluation.specs import STRATEGIES
+
+    p = sub.add_parser("eval", parents=[common], help="prequential comparison of strategies",
+                       description="Replay a log (or the synthetic shop) through the worker's "
+                                   "state, then test-then-train every strategy block by block; "
+                                   "write eval.json, report.md and PNG charts.")
+    _replay_flags(p)
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--steps", type=int, default=150, help="steps per fine-tune")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder")
     p.add_argument("--json", type=Path, default=None, help="also write the summary JSON here")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("tune", parents=[common], help="Bayesian search of the loop's knobs",
+                       description="optuna (TPE) over the loop's knobs (policy parameters, "
+                                   "tail share, fine-tune steps and learning rate, the "
+                                   "blender's step, the live prior's half-life) on a replay, "
+                                   "each trial one `tailstream eval` strategy; writes the best "
+                                   "as a settings file for --settings.")
+    _replay_flags(p)
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--metric", default="hit_at_20", help="eval.json metric to maximise "
+                                                        "(default hit_at_20)")
+    p.add_argument("--strategy", default="adaptive", help="the strategy each trial runs")
+    p.add_argument("--out", type=Path, default=Path("tuned.env"),
+                   help="settings file to write (default tuned.env)")
+    p.set_defaults(func=cmd_tune)
 
 
 def _add_bench(sub: Sub, common: argparse.ArgumentParser) -> None:

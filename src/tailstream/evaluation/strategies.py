@@ -87,6 +87,11 @@ class Harness:
         assert self._vectors is not None
         return self._base, self._vectors
 
+    def share_base(self, base: ServedModel, vectors: TextVectors) -> None:
+        """Use another harness's base model and text vectors (``tailstream tune``: every
+        trial replays the same log with the same frozen encoder)."""
+        self._base, self._vectors = base, vectors
+
     def encode_all(self, progress: Callable[[int], None] | None = None) -> None:
         """Encode every item text and context text once (the encoder is frozen: every
         transformer strategy reuses the vectors)."""
