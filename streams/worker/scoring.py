@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,20 @@ T = TypeVar("T")
 ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[float]]]
 
 
+def lower_thread_priority(increment: int) -> None:
+    """Make the calling thread ``increment`` nicer than the process (Linux schedules
+    threads one by one; elsewhere nothing happens). The torch thread's: when the worker's
+    two threads want more CPU than there is, the event loop — fetching, committing,
+    ingest, publishing — goes first, and scoring takes what is left."""
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except OSError as exc:
+        log.debug("could not lower the scoring thread's priority: %r", exc)
+
+
 def shared_vectors(settings: Settings) -> RedisVectorStore | None:
     """The Redis text-vector cache shared with the trainer (if enabled)."""
     if not settings.text_vectors_shared or not settings.redis_url:
@@ -51,7 +67,9 @@ class ScoringService:
         self.metrics = metrics
         self.store = ModelStore(settings.model_store_dir)
         self.device = pick_device(settings.device)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch",
+                                           initializer=lower_thread_priority,
+                                           initargs=(settings.scoring_nice,))
         self.scorer: Scorer | None = None
         self.failed: str | None = None
         self._pending: dict[str, str] = {}  # item_id → text, waiting to be embedded

@@ -312,3 +312,39 @@ def test_a_deleted_item_leaves_the_transformer_index_before_the_next_list(
     assert not gone & after
     assert sorted(gone)[0] in back
     assert service.scorer is not None and len(service.scorer.index) == len(texts) - 2
+
+
+def test_batched_records_land_on_the_partition_faust_would_choose() -> None:
+    """Profiles written a batch at a time keep the changelog partition of their user's
+    input partition: the partition of aiokafka's default partitioner (Faust's)."""
+    import random
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from tailstream.streams.worker.batch_send import partition_of
+
+    rng = random.Random(5)
+    default = DefaultPartitioner()
+    for _ in range(500):
+        key = f"u{rng.randrange(10**9)}".encode()
+        n = rng.randrange(1, 64)
+        parts = list(range(n))
+        assert partition_of(key, n) == default(key, parts, parts)
+
+
+def test_the_scoring_thread_is_nicer_than_the_event_loop() -> None:
+    import os
+    import threading
+
+    from tailstream.streams.worker.scoring import lower_thread_priority
+
+    seen: list[int] = []
+
+    def probe() -> None:
+        lower_thread_priority(3)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert seen == [os.getpriority(os.PRIO_PROCESS, 0) + 3]
