@@ -25,7 +25,7 @@ import torch
 
 from tailstream.contract import RARE_CLASSES
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.imbalance.decisions import score
+from tailstream.models.imbalance.decisions import crossfit_decisions, score
 from tailstream.models.towers.context import split_context
 from tailstream.models.towers.two_tower import TextBatch, TwoTowerRecommender, pack_contexts
 from tailstream.models.training.gate import objective_metric
@@ -37,12 +37,16 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
              samples: Sequence[Sample], stream_mix: Mapping[str, float], *,
              minority_classes: Sequence[str] = RARE_CLASSES,
              ks: Sequence[int] = (10, 20), chunk: int = 512, objective: str | None = None,
-             precision_floor: float = 0.0) -> dict[str, float]:
+             precision_floor: float = 0.0, move_to: str | None = None) -> dict[str, float]:
     """Held-out metrics of ``model``: outcome-head precision/recall/F1 per class (counts
     reweighted to the stream's class mix), ``macro_f1``, ``minority_macro_recall`` and
     next-item ranking (``hit_at_K``, ``ndcg_at_K``, ``mrr``) of each sample's item among
     all distinct held-out items; with an ``objective``, its value ``objective_<name>``
-    (see the module docstring). ``vectors`` maps texts to pooled encoder vectors."""
+    (see the module docstring). ``vectors`` maps texts to pooled encoder vectors. With
+    ``move_to`` (the serving decision objective) the head's decisions are made as the
+    workers make them, with thresholds moved to that objective (cross-fitted on the window:
+    :func:`~tailstream.models.imbalance.decisions.crossfit_decisions`); the argmax's
+    macro-F1 stays as ``argmax_macro_f1``."""
     model.eval()
     classes = list(model.config.classes)
     if not samples:
@@ -54,6 +58,7 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
                            for k in range(0, len(items), chunk)])
     col = {i: k for k, i in enumerate(items)}
     preds: list[str] = []
+    probs: list[np.ndarray] = []
     ranks: list[int] = []
     for start in range(0, len(samples), chunk):
         part = samples[start:start + chunk]
@@ -66,6 +71,7 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         idx = torch.tensor([col[s.item_id] for s in part], device=item_vecs.device)
         logits = model.outcome_logits(users, item_vecs[idx], model.context_items(ctx_t), mask)
         preds.extend(classes[int(k)] for k in logits.argmax(-1))
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         scores = model.retrieval_scores(users, item_vecs)
         own = scores.gather(1, idx.unsqueeze(1))
         # Ties are broken at random in expectation: an untrained model scores every item
@@ -78,7 +84,18 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
     n = len(truth)
     weights = [stream_mix.get(y, 0.0) / (held_mix[y] / n) if stream_mix.get(y) else 1.0
                for y in truth]
+    argmax_f1 = None
+    if move_to is not None:
+        argmax_f1 = classification_report(truth, preds, classes, weights)["macro_f1"]
+        index = {c: i for i, c in enumerate(classes)}
+        moved = crossfit_decisions(np.concatenate(probs), np.array([index[t] for t in truth]),
+                                   move_to, minority=[index[m] for m in minority_classes
+                                                      if m in index],
+                                   precision_floor=precision_floor)
+        preds = [classes[int(k)] for k in moved]
     report = classification_report(truth, preds, classes, weights)
+    if argmax_f1 is not None:
+        report["argmax_macro_f1"] = argmax_f1
     report["minority_macro_recall"] = macro_recall(report, minority_classes)
     report.update(rank_metrics(ranks, ks))
     if objective is not None:

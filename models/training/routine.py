@@ -141,7 +141,7 @@ def _evaluate(model: TwoTowerRecommender, vectors: TextVectors, data: TrainData,
               cfg: FineTuneConfig, gate: GateConfig) -> dict[str, float]:
     return evaluate(model, vectors.vectors, data.holdout, data.stream_mix,
                     minority_classes=list(cfg.minority_classes), objective=gate.objective,
-                    precision_floor=gate.precision_floor)
+                    precision_floor=gate.precision_floor, move_to=gate.move_to)
 
 
 def _decide(current: Mapping[str, float], candidate: Mapping[str, float], gate: GateConfig

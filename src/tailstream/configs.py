@@ -262,6 +262,9 @@ class GateConfig:
     ``minority_recall``): what picks the best candidate, and a gated quality metric."""
     precision_floor: float = 0.0
     """``minority_recall`` counts a class below this held-out precision as a failure."""
+    move_to: str | None = "g_mean"
+    """Judge the head's decisions as the workers make them: thresholds moved to this
+    decision objective (``TAILSTREAM_DECISION_OBJECTIVE``; None: the plain argmax)."""
 
 
 SELECTION_POLICIES: tuple[str, ...] = (
@@ -392,7 +395,8 @@ def gate_config(settings: Settings) -> GateConfig:
                       recall_tolerance=settings.gate_recall_tolerance,
                       quality_tolerance=settings.gate_quality_tolerance,
                       objective=settings.selection_objective,
-                      precision_floor=settings.selection_precision_floor)
+                      precision_floor=settings.selection_precision_floor,
+                      move_to=settings.decision_objective or None)
 
 
 def selection_config(settings: Settings) -> SelectionConfig:
