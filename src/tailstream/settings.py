@@ -202,12 +202,13 @@ class Settings:
     """Count-min sketch size: error ≤ e/width · N with probability 1 − e^−depth."""
     heavy_hitters: int = 5000
     """Most frequent items tracked exactly enough to assign tiers."""
-    trigger_min_samples: int = 2000
+    trigger_min_samples: int = 1000
     """New minority samples that trigger a fine-tune request."""
     trigger_max_interval_s: float = 3600.0
     """A request fires at least this often while new data arrives."""
-    trigger_cooldown_s: float = 60.0
-    """Minimum wall time between two requests."""
+    trigger_cooldown_s: float = 20.0
+    """Minimum wall time between two requests (the trainer coalesces what queues up while
+    it runs, so a short cooldown costs no backlog)."""
     drift_delta: float = 0.002
     """ADWIN confidence (smaller: fewer, surer detections)."""
     online_majority_rate: float = 0.2
