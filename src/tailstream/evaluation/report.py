@@ -118,6 +118,72 @@ def leaderboard(strategies: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+PEERS = ("trending", "covisitation", "als", "bpr", "query_lookup")
+
+
+def versus_peers(strategies: dict[str, dict[str, Any]], name: str = "adaptive") -> list[str]:
+    """``name``'s HitRate@20, overall and on tail targets, over the best peer's.
+
+    >>> print("\\n".join(versus_peers({
+    ...     "adaptive": {"hit_at_20": 0.55, "hit_at_20_se": 0.01, "hit_at_20_tail": 0.1},
+    ...     "covisitation": {"hit_at_20": 0.5, "hit_at_20_se": 0.01, "hit_at_20_tail": 0.05},
+    ...     "trending": {"hit_at_20": 0.1, "hit_at_20_tail": 0.0}})))
+    * adaptive vs the best peer, HitRate@20: 0.550 ± 0.010 vs covisitation 0.500 ± 0.010 (× 1.10)
+    * adaptive vs the best peer, HitRate@20 tail: 0.100 vs covisitation 0.050 (× 2.00)
+    """
+    me = strategies.get(name)
+    peers = {n: m for n, m in strategies.items() if n in PEERS}
+    if me is None or not peers:
+        return []
+    out = []
+    for key, label in (("hit_at_20", "HitRate@20"), ("hit_at_20_tail", "HitRate@20 tail")):
+        best = max(peers, key=lambda n: peers[n].get(key) or 0.0)
+        mine, theirs = me.get(key), peers[best].get(key)
+        if mine is None or theirs is None:
+            continue
+        ratio = f"× {mine / theirs:.2f}" if theirs else "the peers score 0"
+        out.append(f"* {name} vs the best peer, {label}: {with_se(me, key)} vs {best} "
+                   f"{with_se(peers[best], key)} ({ratio})")
+    return out
+
+
+def minority_by_block(result: dict[str, Any], names: tuple[str, ...] = (
+        "adaptive", "river", "ce", "logit_adjusted")) -> list[str]:
+    """Per block: its purchase share and each strategy's minority macro-recall (a shift in
+    the mix, e.g. ``--sale-at``, shows here block by block)."""
+    over = result.get("over_time", {})
+    shares, recall = over.get("block_shares", []), over.get("recall_by_block", {})
+    names = tuple(n for n in names if recall.get(n))
+    if not shares or not names:
+        return []
+    head = "| block | purchase share | " + " | ".join(names) + " |"
+    out = [head, "|---:|---:|" + "---:|" * len(names)]
+    for b, mix in enumerate(shares):
+        if b < result["config"].get("warm_blocks", 1):
+            continue
+        cells = []
+        for n in names:
+            minority = [recall[n][c][b] for c in CLASSES[1:] if mix.get(c)]
+            cells.append(f"{sum(minority) / len(minority):.3f}" if minority else MISSING)
+        out.append(f"| {b} | {100 * mix.get('purchase', 0.0):.2f} % | " + " | ".join(cells)
+                   + " |")
+    return out
+
+
+def blend_summary(result: dict[str, Any], name: str = "adaptive") -> list[str]:
+    """What the online blender learned: a rank-1 and a rank-10 candidate's weight from
+    each source (reciprocal rank × its weight + that rank's bucket)."""
+    w = result.get("blend", {}).get(name)
+    if not w:
+        return []
+    sources = [k[3:] for k in w if k.startswith("rr_")]
+    cells = [f"{s} {w[f'rr_{s}'] + w.get(f'{s}@0', 0.0):.2f} / "
+             f"{w[f'rr_{s}'] / 10 + w.get(f'{s}@3', 0.0):.2f}" for s in sources]
+    return [f"* {name}'s blender, rank-1 / rank-10 weight by source: " + ", ".join(cells)
+            + f"; cosine {w.get('cosine', 0.0):.2f}, engagement "
+              f"{w.get('engagement', 0.0):.2f}, tail {w.get('tail', 0.0):.2f}"]
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
     """The report: the HitRate@20 leaderboard, the headline metrics, per-class
     precision/recall/F1 with PR-AUC, ranking by tier and by the target's class; best per
@@ -152,6 +218,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"HitRate is ± one standard error.",
         "",
         *leaderboard(strategies), "",
+        *versus_peers(strategies), *blend_summary(result), "",
         *table(strategies, TABLE_METRICS), "",
         "Per class (precision P, recall R, F1) and PR-AUC of p(cart), p(purchase):",
         "",
@@ -162,6 +229,9 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "HitRate@20 by the event class of the interacted item:",
         "",
         *table(strategies, CLASS_HIT_METRICS), "",
+        "Minority macro-recall by block (the block's own purchase share beside it):",
+        "",
+        *minority_by_block(result), "",
         f"Fine-tunes / promotions: {runs or 'none'}. Wall time "
         f"{cfg.get('seconds', 0.0):.0f} s.",
         "",

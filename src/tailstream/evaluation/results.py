@@ -230,6 +230,7 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
         "blend": {n: r.blend for n, r in results.items() if r.blend},
         "over_time": {
             "class_shares": [b.shares for b in stream.blocks],
+            "block_shares": block_shares(stream),
             "loop_weights": [b.weights for b in stream.blocks],
             "recall_by_block": {n: r.recall_by_block(stream.n_blocks)
                                 for n, r in results.items() if r.predicts_outcomes},
@@ -238,6 +239,14 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
                        for n, r in results.items()},
         },
     }
+
+
+def block_shares(stream: Stream) -> list[dict[str, float]]:
+    """Each block's own class mix (the interactions in it, not the loop's decayed view)."""
+    counts: list[Counter[str]] = [Counter() for _ in range(stream.n_blocks)]
+    for it in stream.interactions:
+        counts[min(it.block, stream.n_blocks - 1)][it.sample.label] += 1
+    return [{c: round(v, 6) for c, v in _shares(c).items()} for c in counts]
 
 
 def thin_curve(x: Sequence[float], y: Sequence[float],
