@@ -23,7 +23,7 @@ and a plain JSON-able state for a Faust changelog table:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 Counts = dict[str, float]
@@ -219,6 +219,28 @@ class DecayedCounts:
             exponent = 0.0
         self._boosted[cls] = self._boosted.get(cls, 0.0) + weight * math.pow(2.0, exponent)
         return True
+
+    def add_many(self, cls: str, ts: Sequence[float]) -> None:
+        """``add(cls, t)`` for every ``t`` (weight 1), with one sum: forward decay makes
+        the boosts of a batch add up exactly.
+
+        >>> a, b = DecayedCounts(60), DecayedCounts(60)
+        >>> for t in (0.0, 30.0, 60.0):
+        ...     _ = a.add("click", t)
+        >>> b.add_many("click", [0.0, 30.0, 60.0])
+        >>> a.counts(60) == b.counts(60)
+        True
+        """
+        if not ts:
+            return
+        if self._t0 is None:
+            self._t0 = float(ts[0])
+        newest = max(ts)
+        if (newest - self._t0) / self.half_life_s > self._REBASE_EXPONENT:
+            self._rebase(float(newest))
+        t0, h = self._t0, self.half_life_s
+        boost = math.fsum(math.pow(2.0, (t - t0) / h) for t in ts)
+        self._boosted[cls] = self._boosted.get(cls, 0.0) + boost
 
     def _rebase(self, ts: float) -> None:
         assert self._t0 is not None

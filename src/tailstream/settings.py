@@ -213,7 +213,7 @@ class Settings:
     """ADWIN confidence (smaller: fewer, surer detections)."""
     online_majority_rate: float = 0.2
     """Share of majority-class events the river fast path learns from (all minority ones)."""
-    online_batch_budget: int = 64
+    online_batch_budget: int = 16
     """River fast-path updates per worker batch at most, on average: under load the rates
     above are scaled down (and reweighted) so a batch never spends more (0: no bound)."""
     online_imbalance: str = "weights"

@@ -193,15 +193,17 @@ class ImbalanceLoop:
         * the buffer routes each event first and builds a sample (and its user text) only
           for the events it keeps.
         """
+        times: dict[tuple[int, str], list[float]] = {}
         for ob in batch:
             event = ob.event
-            pc = self.partition(ob.partition)
-            pc.window.add(event.kind, event.ts)
-            pc.decayed.add(event.kind, event.ts)
-            pc.totals[event.kind] += 1
-            if event.ts > pc.last_ts:
-                pc.last_ts = event.ts
-            self.touched.add(ob.partition)
+            times.setdefault((ob.partition, event.kind), []).append(event.ts)
+            self.partition(ob.partition).window.add(event.kind, event.ts)
+        for (p, kind), ts in times.items():  # one sum per partition and class
+            pc = self.partition(p)
+            pc.decayed.add_many(kind, ts)
+            pc.totals[kind] += len(ts)
+            pc.last_ts = max(pc.last_ts, max(ts))
+            self.touched.add(p)
         self._events += len(batch)
         if batch:
             self._last_ts = max(self._last_ts, max(ob.event.ts for ob in batch))

@@ -120,7 +120,9 @@ class StrKeyed(MutableMapping[str, Any]):
         self._send = send
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = self._table.get(key.encode())
+        # The table's store directly: the same value as ``table.get`` for a plain
+        # (non-windowed) table, without its per-call bookkeeping.
+        value = self._table.data.get(key.encode())
         return default if value is None else _decode(value)
 
     def __getitem__(self, key: str) -> Any:
