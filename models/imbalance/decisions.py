@@ -193,15 +193,24 @@ def fit_offsets(proba: np.ndarray, y: np.ndarray, objective: str = "g_mean", *,
         return offsets
     grid = np.linspace(-4.0, 6.0, 41) if grid is None else grid
     logp = np.log(np.maximum(proba, EPS))
-    best = score(y, np.argmax(logp, axis=1), k, objective, minority, precision_floor)
+
+    def search(pred: np.ndarray) -> float:
+        # G-mean is 0 while any class has no recall, so from an argmax that ignores two
+        # classes no single step could improve it: search on Σ log(recall + 0.01), whose
+        # maximum is G-mean's wherever every recall is clearly above 0.
+        if objective == "g_mean":
+            rec = recalls(y, pred, k)
+            return float(np.nansum(np.log(np.where(np.isnan(rec), 1.0, rec + 0.01))))
+        return score(y, pred, k, objective, minority, precision_floor)
+
+    best = search(np.argmax(logp, axis=1))
     for _ in range(rounds):
         changed = False
         for c in range(1, k):
             for b in sorted(grid, key=abs):
                 trial = offsets.copy()
                 trial[c] = b
-                s = score(y, np.argmax(logp + trial, axis=1), k, objective, minority,
-                          precision_floor)
+                s = search(np.argmax(logp + trial, axis=1))
                 if s > best + 1e-12:
                     best, offsets, changed = s, trial, True
         if not changed:

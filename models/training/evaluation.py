@@ -98,9 +98,10 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         report["argmax_macro_f1"] = argmax_f1
     report["minority_macro_recall"] = macro_recall(report, minority_classes)
     report.update(rank_metrics(ranks, ks))
-    if objective is not None:
-        report[objective_metric(objective)] = decision_objective(
-            truth, preds, classes, objective, minority_classes, precision_floor)
+    for name in {objective, move_to} - {None}:
+        assert name is not None
+        report[objective_metric(name)] = decision_objective(
+            truth, preds, classes, name, minority_classes, precision_floor)
     report["n"] = float(n)
     return report
 

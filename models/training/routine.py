@@ -146,9 +146,15 @@ def _evaluate(model: TwoTowerRecommender, vectors: TextVectors, data: TrainData,
 
 def _decide(current: Mapping[str, float], candidate: Mapping[str, float], gate: GateConfig
             ) -> GateDecision:
-    return decide(current, candidate, gate.classes, recall_tolerance=gate.recall_tolerance,
+    # With moved thresholds the class recalls trade against each other by design: the gate
+    # then holds the decision objective (a G-mean falls with any class that collapses)
+    # instead of every class's recall.
+    moved = (objective_metric(gate.move_to),) if gate.move_to else ()
+    return decide(current, candidate, () if gate.move_to else gate.classes,
+                  recall_tolerance=gate.recall_tolerance,
                   quality_tolerance=gate.quality_tolerance,
-                  quality_metrics=(*QUALITY_METRICS, objective_metric(gate.objective)))
+                  quality_metrics=tuple(dict.fromkeys(
+                      (*QUALITY_METRICS, objective_metric(gate.objective), *moved))))
 
 
 def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
