@@ -136,7 +136,9 @@ def versus_peers(strategies: dict[str, dict[str, Any]], name: str = "adaptive") 
     if me is None or not peers:
         return []
     out = []
-    for key, label in (("hit_at_20", "HitRate@20"), ("hit_at_20_tail", "HitRate@20 tail")):
+    for key, label in (("hit_at_20", "HitRate@20"), ("hit_at_20_tail", "HitRate@20 tail"),
+                       ("hit_at_20_search", "HitRate@20 after a search"),
+                       ("map_at_5_search", "MAP@5 after a search")):
         best = max(peers, key=lambda n: peers[n].get(key) or 0.0)
         mine, theirs = me.get(key), peers[best].get(key)
         if mine is None or theirs is None:

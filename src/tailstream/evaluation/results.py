@@ -167,6 +167,10 @@ class StrategyResult:
         out["map_at_5_search"] = round(float(np.mean(aps)), 6) if aps else None
         out["map_at_5_search_se"] = round(mean_se(aps), 6) if aps else None
         out["ranked_search"] = len(aps)
+        after = [r for r, q in zip(self.ranks, self.rank_search, strict=True) if q]
+        out["hit_at_20_search"] = _hit_at_20(after)
+        out["hit_at_20_search_se"] = (round(binomial_se(out["hit_at_20_search"], len(after)), 6)
+                                      if after else None)
         return out
 
     def recall_by_block(self, n_blocks: int) -> dict[str, list[float]]:

@@ -81,6 +81,7 @@ class TransformerStrategy:
                                         tuple(range(1, len(CLASSES))), dec.precision_floor)
                           if spec.adaptive else None)
         self.prior = RunningPrior(len(CLASSES), dec.prior_half_life)
+        self._online: dict[str, dict[str, float]] | None = None
         self.result = StrategyResult(name)
 
     # ------------------------------------------------------------------ the walk
@@ -153,6 +154,7 @@ class TransformerStrategy:
                              "triggers": sorted({str(r.get("reason")) for r in state.requests})})
         if cand.decision.promote:
             self._serve(cand, block)
+            self._refit_decisions(data.holdout)
             self.replay = remember(self.replay, cand.run.trained_on, cfg.replay_capacity,
                                    self.rng)
         return cand
@@ -231,6 +233,26 @@ class TransformerStrategy:
         self.decisions.fit([head, river], labels)
         self.result.decisions.append(self.decisions.report())
         return probs, preds
+
+    def _refit_decisions(self, holdout: Sequence[Sample]) -> None:
+        """After a promotion the layer was fitted on the old model's outputs: refit it on
+        the held-out window (which the new model never trained on) with the new model's
+        probabilities, so the next block is decided by a layer that knows it. The
+        window's skewed class mix is its ``window_prior``: the live prior corrects it."""
+        if self.decisions is None or len(holdout) < 50:
+            return
+        online = self._online_by_event()
+        head = outcome_probs(self.scorer, holdout)
+        river = np.array([[online.get(x.event_id, {}).get(c, 1.0 / len(CLASSES))
+                           for c in CLASSES] for x in holdout])
+        labels = np.array([CLASSES.index(x.label) for x in holdout])
+        self.decisions.fit([head, river], labels)
+
+    def _online_by_event(self) -> dict[str, dict[str, float]]:
+        if self._online is None:
+            self._online = {it.sample.event_id: it.online or {}
+                            for it in self.h.stream.interactions}
+        return self._online
 
     def _item_info(self, b: int, n_items: int) -> ItemInfo:
         """Tiers, categories and smoothed log q of items as known before block ``b``
