@@ -85,7 +85,9 @@ def run_eval(settings: Settings, source: Source, cfg: EvalConfig, out_dir: Path,
             results[name] = harness.run(name)
             bar.advance(task)
     result = summarise(stream, results, dataset, cfg,
-                       {"seconds": round(time.monotonic() - started, 1)})
+                       {"seconds": round(time.monotonic() - started, 1),
+                        "device": str(harness.device),
+                        "finetune_layers": harness.settings.finetune_layers})
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     paths = charts.charts(result, out_dir)
     md = report.markdown(result, command)

@@ -45,7 +45,7 @@ from tailstream.evaluation.stream import Interaction, Stream
 from tailstream.models.towers.adapters import configure_trainable
 from tailstream.models.towers.context import CONTEXT_SEPARATOR
 from tailstream.models.towers.encoder import load_encoder, write_tiny_encoder
-from tailstream.models.towers.loading import ServedModel, build_model
+from tailstream.models.towers.loading import ServedModel, build_model, pick_device
 from tailstream.models.towers.text_vectors import TextVectors
 from tailstream.settings import Settings
 
@@ -58,7 +58,9 @@ class Harness:
         self.stream = stream
         self.settings = settings
         self.cfg = cfg
-        self.device = torch.device("cpu")
+        # TAILSTREAM_DEVICE as the trainer reads it: on a GPU the fine-tunes train the
+        # whole encoder (FineTuneConfig.layers "auto"), on a CPU the towers and the head.
+        self.device = torch.device("cpu") if cfg.tiny else pick_device(settings.device)
         self.encoder_path: Path | None = None
         if cfg.tiny:
             self.encoder_path = write_tiny_encoder(work_dir / "tiny-encoder", hidden_size=64,
