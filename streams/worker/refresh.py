@@ -234,7 +234,7 @@ class TurnSizer:
     """How many waiting users one scoring turn takes, so that it ends within the budget.
 
     A user who acts while a turn runs waits for it to end and is scored in the next one,
-    so their latency is about two turns plus the batch wait: a turn gets ``share`` (40 %)
+    so their latency is about two turns plus the batch wait: a turn gets ``share`` (30 %)
     of the budget. The cost of a turn of ``n`` users is fitted as ``fixed + per_user · n``
     (least squares over the last turns), and the size is what fits, at least ``low``
     users. When the queue is behind (its oldest user has waited longer than the budget),
@@ -245,10 +245,10 @@ class TurnSizer:
     >>> for n in (16, 64, 128):
     ...     t.observe(n, 0.01 + 0.001 * n)    # 10 ms + 1 ms per user
     >>> t.size(waited_s=0.0), t.size(waited_s=0.3)
-    (89, 256)
+    (64, 256)
     """
 
-    def __init__(self, budget_s: float, high: int, *, low: int = 8, share: float = 0.4,
+    def __init__(self, budget_s: float, high: int, *, low: int = 8, share: float = 0.3,
                  history: int = 32) -> None:
         self.budget_s = budget_s
         self.high = max(high, 1)
