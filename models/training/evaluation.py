@@ -25,7 +25,12 @@ import torch
 
 from tailstream.contract import RARE_CLASSES
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.imbalance.decisions import crossfit_decisions, score
+from tailstream.models.imbalance.decisions import (
+    crossfit_calibrate,
+    crossfit_decisions,
+    prior_correct,
+    score,
+)
 from tailstream.models.towers.context import split_context
 from tailstream.models.towers.two_tower import TextBatch, TwoTowerRecommender, pack_contexts
 from tailstream.models.training.gate import objective_metric
@@ -102,8 +107,44 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         assert name is not None
         report[objective_metric(name)] = decision_objective(
             truth, preds, classes, name, minority_classes, precision_floor)
+    if probs:
+        report["neg_log_loss"] = calibrated_log_loss(np.concatenate(probs), truth, classes,
+                                                     stream_mix, weights)
     report["n"] = float(n)
     return report
+
+
+def calibrated_log_loss(proba: np.ndarray, truth: Sequence[str], classes: Sequence[str],
+                        stream_mix: Mapping[str, float], weights: Sequence[float]) -> float:
+    """:func:`neg_log_loss` of the probabilities as the workers use them: calibrated out of
+    fold on the window (:func:`~tailstream.models.imbalance.decisions.crossfit_calibrate`),
+    then moved from the window's class mix to the stream's (prior correction) — so a
+    class-weighted loss is judged on what its probabilities tell apart, not on the offset
+    it puts in them on purpose."""
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[t] for t in truth])
+    cal = crossfit_calibrate(proba, y)
+    window = np.bincount(y, minlength=len(classes)) / max(len(y), 1)
+    stream = np.array([float(stream_mix.get(c, 0.0)) for c in classes])
+    if stream.sum() > 0:
+        cal = prior_correct(cal, np.maximum(window, 1e-4), np.maximum(stream, 1e-4))
+    return neg_log_loss(cal, truth, classes, weights)
+
+
+def neg_log_loss(proba: np.ndarray, truth: Sequence[str], classes: Sequence[str],
+                 weights: Sequence[float]) -> float:
+    """``−Σ_i w_i log p_i(y_i) / Σ_i w_i``: the (negated, so higher is better) log-loss of
+    the head's probabilities, each sample weighted to the stream's class mix — a proper
+    scoring rule, smooth where recall-based scores jump on a handful of rare samples.
+
+    >>> round(neg_log_loss(np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"], ["a", "b"],
+    ...                    [1.0, 1.0]), 4)   # (log 0.9 + log 0.8) / 2
+    -0.1643
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    p = np.array([proba[i, index[t]] for i, t in enumerate(truth)])
+    w = np.asarray(weights, dtype=float)
+    return float((w * np.log(np.maximum(p, 1e-12))).sum() / max(w.sum(), 1e-12))
 
 
 def decision_objective(truth: Sequence[str], preds: Sequence[str], classes: Sequence[str],

@@ -149,12 +149,18 @@ def _decide(current: Mapping[str, float], candidate: Mapping[str, float], gate: 
     # With moved thresholds the class recalls trade against each other by design: the gate
     # then holds the decision objective (a G-mean falls with any class that collapses)
     # instead of every class's recall.
-    moved = (objective_metric(gate.move_to),) if gate.move_to else ()
+    # (macro-F1 at the stream's mix falls whenever moved thresholds predict rare classes
+    # at all, so with moved decisions the lists, the objectives and the probabilities'
+    # log-loss are held: the decision layer stacks and corrects those probabilities.)
+    if gate.move_to:
+        quality: tuple[str, ...] = ("hit_at_10", objective_metric(gate.objective),
+                                    objective_metric(gate.move_to), "neg_log_loss")
+    else:
+        quality = (*QUALITY_METRICS, objective_metric(gate.objective))
     return decide(current, candidate, () if gate.move_to else gate.classes,
                   recall_tolerance=gate.recall_tolerance,
                   quality_tolerance=gate.quality_tolerance,
-                  quality_metrics=tuple(dict.fromkeys(
-                      (*QUALITY_METRICS, objective_metric(gate.objective), *moved))))
+                  quality_metrics=tuple(dict.fromkeys(quality)))
 
 
 def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,

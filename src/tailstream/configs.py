@@ -257,7 +257,7 @@ class GateConfig:
     """Minority classes whose held-out recall must improve or hold."""
     recall_tolerance: float = 0.01
     quality_tolerance: float = 0.02
-    objective: str = "macro_f1"
+    objective: str = "g_mean"
     """The decision objective scored on the held-out window (``g_mean``, ``macro_f1``,
     ``minority_recall``): what picks the best candidate, and a gated quality metric."""
     precision_floor: float = 0.0

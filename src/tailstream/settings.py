@@ -295,11 +295,12 @@ class Settings:
     selection_rule: str = "bandit"
     """``TAILSTREAM_SELECTION_RULE``: how challengers are chosen across triggers: bandit
     (ε-greedy after a burn-in) or halving (successive halving)."""
-    selection_objective: str = "macro_f1"
+    selection_objective: str = "g_mean"
     """``TAILSTREAM_SELECTION_OBJECTIVE``: what picks the best candidate on the held-out
-    window: macro_f1, g_mean or minority_recall (at ``…_PRECISION_FLOOR``); also gated.
-    G-mean is 0 for every candidate that never predicts one class (often fav), which
-    leaves selection nothing to learn from; choose it when every class is predictable."""
+    window: g_mean, macro_f1 or minority_recall (at ``…_PRECISION_FLOOR``); also gated.
+    Scored on the decisions as the workers make them (thresholds moved to
+    ``decision_objective``), where every class gets predicted, so G-mean rewards a
+    candidate for each class it tells apart."""
     selection_precision_floor: float = 0.0
     """``TAILSTREAM_SELECTION_PRECISION_FLOOR``: minority_recall counts a class whose
     held-out precision is below this as a failure."""
