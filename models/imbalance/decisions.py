@@ -332,14 +332,31 @@ class DecisionLayer:
     objective: str = "g_mean"
     minority: tuple[int, ...] = ()
     precision_floor: float = 0.0
+    window: int = 20_000
+    """Most recent predictions kept to fit on (a rolling window: rare classes are few)."""
     stack: Stack = field(init=False)
     offsets: np.ndarray = field(init=False)
     window_prior: np.ndarray | None = None
     fitted_on: int = 0
+    _seen: list[tuple[list[np.ndarray], np.ndarray]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stack = Stack(self.classes)
         self.offsets = np.zeros(self.classes)
+
+    def add(self, models: Sequence[np.ndarray], y: np.ndarray, *, reset: bool = False
+            ) -> DecisionLayer:
+        """Append a window of predictions with their labels (``reset``: forget the older
+        ones, e.g. after the model behind them was replaced) and refit on the newest
+        :attr:`window`."""
+        if reset:
+            self._seen = []
+        self._seen.append(([np.asarray(m, dtype=float) for m in models], np.asarray(y)))
+        while len(self._seen) > 1 and sum(len(w[1]) for w in self._seen[1:]) >= self.window:
+            self._seen.pop(0)
+        joined = [np.concatenate([w[0][k] for w in self._seen])
+                  for k in range(len(self._seen[0][0]))]
+        return self.fit(joined, np.concatenate([w[1] for w in self._seen]))
 
     def fit(self, models: Sequence[np.ndarray], y: np.ndarray) -> DecisionLayer:
         y = np.asarray(y)

@@ -96,3 +96,16 @@ def test_an_unfitted_stack_averages_and_a_one_class_window_leaves_it_unfitted() 
     stack = Stack(2).fit([p, q], np.array([0]))
     assert stack.coef is None
     assert np.allclose(stack.predict([p, q]), [[0.6, 0.4]])
+
+
+def test_the_layer_fits_on_a_rolling_window_and_forgets_on_reset() -> None:
+    from tailstream.models.imbalance.decisions import DecisionLayer
+
+    layer = DecisionLayer(3, window=5000)
+    for seed in range(4):
+        y, p = shop(3000, 0.05, seed=20 + seed)
+        layer.add([p], y)
+    assert layer.fitted_on == 6000  # the newest windows reaching 5,000, not all 12,000
+    y, p = shop(800, 0.05, seed=30)
+    layer.add([p], y, reset=True)
+    assert layer.fitted_on == 800
