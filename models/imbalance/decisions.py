@@ -344,8 +344,8 @@ class DecisionLayer:
         self.stack = Stack(self.classes)
         self.offsets = np.zeros(self.classes)
 
-    def add(self, models: Sequence[np.ndarray], y: np.ndarray, *, reset: bool = False
-            ) -> DecisionLayer:
+    def add(self, models: Sequence[np.ndarray], y: np.ndarray, *, reset: bool = False,
+            live_prior: np.ndarray | None = None) -> DecisionLayer:
         """Append a window of predictions with their labels (``reset``: forget the older
         ones, e.g. after the model behind them was replaced) and refit on the newest
         :attr:`window`."""
@@ -356,9 +356,15 @@ class DecisionLayer:
             self._seen.pop(0)
         joined = [np.concatenate([w[0][k] for w in self._seen])
                   for k in range(len(self._seen[0][0]))]
-        return self.fit(joined, np.concatenate([w[1] for w in self._seen]))
+        return self.fit(joined, np.concatenate([w[1] for w in self._seen]),
+                        live_prior=live_prior)
 
-    def fit(self, models: Sequence[np.ndarray], y: np.ndarray) -> DecisionLayer:
+    def fit(self, models: Sequence[np.ndarray], y: np.ndarray,
+            live_prior: np.ndarray | None = None) -> DecisionLayer:
+        """Stack on ``(models, y)``; the offsets are fitted on the probabilities as
+        :meth:`predict` will see them: corrected from the window's class mix to
+        ``live_prior`` (a window that over-keeps rare classes, like the gate's, would
+        otherwise set thresholds for a mix the stream does not have)."""
         y = np.asarray(y)
         if len(y) == 0 or len(np.unique(y)) < 2:
             return self
@@ -367,6 +373,8 @@ class DecisionLayer:
         self.window_prior = np.bincount(y, minlength=self.classes) / len(y)
         self.window_prior = np.maximum(self.window_prior, 1e-4)
         self.window_prior /= self.window_prior.sum()
+        if live_prior is not None:
+            p = prior_correct(p, self.window_prior, np.asarray(live_prior))
         self.offsets = fit_offsets(p, y, self.objective, minority=self.minority,
                                    precision_floor=self.precision_floor)
         self.fitted_on = len(y)

@@ -109,3 +109,22 @@ def test_the_layer_fits_on_a_rolling_window_and_forgets_on_reset() -> None:
     y, p = shop(800, 0.05, seed=30)
     layer.add([p], y, reset=True)
     assert layer.fitted_on == 800
+
+
+def test_thresholds_fitted_on_a_rare_rich_window_hold_on_the_stream() -> None:
+    """The gate's window over-keeps rare classes; the layer fitted there must still decide
+    well on the stream's own mix once the live prior corrects the probabilities."""
+    from tailstream.models.imbalance.decisions import DecisionLayer
+
+    y, p = shop(30_000, 0.05, seed=40)
+    rare = np.flatnonzero(y > 0)
+    common = np.flatnonzero(y == 0)[:len(rare)]
+    window = np.concatenate([rare, common])  # half rare: like a buffer's held-out window
+    live = np.bincount(y, minlength=3) / len(y)
+    y_new, p_new = shop(20_000, 0.05, seed=41)
+    fitted = DecisionLayer(3).fit([p[window]], y[window], live_prior=live)
+    _, pred = fitted.predict([p_new], live)
+    naive = DecisionLayer(3).fit([p[window]], y[window])  # thresholds for the window's mix
+    _, pred_naive = naive.predict([p_new], live)
+    assert score(y_new, pred, 3, "g_mean") > score(y_new, pred_naive, 3, "g_mean") + 0.05
+    assert score(y_new, pred, 3, "g_mean") > score(y_new, p_new.argmax(1), 3, "g_mean")

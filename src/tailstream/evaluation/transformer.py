@@ -230,7 +230,7 @@ class TransformerStrategy:
             priors[n] = self.prior.prior()
             self.prior.observe(int(k))
         probs, preds = self.decisions.predict([head, river], priors)
-        self.decisions.add([head, river], labels)
+        self.decisions.add([head, river], labels, live_prior=self.prior.prior())
         self.result.decisions.append(self.decisions.report())
         return probs, preds
 
@@ -246,7 +246,7 @@ class TransformerStrategy:
         river = np.array([[online.get(x.event_id, {}).get(c, 1.0 / len(CLASSES))
                            for c in CLASSES] for x in holdout])
         labels = np.array([CLASSES.index(x.label) for x in holdout])
-        self.decisions.add([head, river], labels, reset=True)
+        self.decisions.add([head, river], labels, reset=True, live_prior=self.prior.prior())
 
     def _online_by_event(self) -> dict[str, dict[str, float]]:
         if self._online is None:
