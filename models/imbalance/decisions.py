@@ -161,10 +161,10 @@ def score(y: np.ndarray, pred: np.ndarray, k: int, objective: str,
     raise ValueError(f"unknown objective {objective!r}; one of {OBJECTIVES}")
 
 
-def decide(proba: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def decide_classes(proba: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """``argmax_c log p(c|x) + b_c`` per row.
 
-    >>> decide(np.array([[0.7, 0.3], [0.9, 0.1]]), np.array([0.0, 1.0])).tolist()
+    >>> decide_classes(np.array([[0.7, 0.3], [0.9, 0.1]]), np.array([0.0, 1.0])).tolist()
     [1, 0]
     """
     return np.argmax(np.log(np.maximum(proba, EPS)) + offsets, axis=-1)
@@ -174,7 +174,7 @@ def fit_offsets(proba: np.ndarray, y: np.ndarray, objective: str = "g_mean", *,
                 minority: Sequence[int] = (), precision_floor: float = 0.0,
                 grid: np.ndarray | None = None, rounds: int = 3) -> np.ndarray:
     """Per-class log offsets ``b`` (class 0 fixed at 0) that maximise ``objective`` of
-    :func:`decide` on held-out ``(proba, y)``, by coordinate ascent over ``grid``.
+    :func:`decide_classes` on held-out ``(proba, y)``, by coordinate ascent over ``grid``.
     Ties keep the offset nearest 0 (the plain argmax), so a window without a class leaves
     its offset alone.
 
@@ -183,7 +183,7 @@ def fit_offsets(proba: np.ndarray, y: np.ndarray, objective: str = "g_mean", *,
     >>> p1 = np.clip(0.1 + 0.25 * y + rng.normal(0, 0.1, 2000), 0.01, 0.99)
     >>> proba = np.stack([1 - p1, p1], axis=1)
     >>> b = fit_offsets(proba, y, "g_mean")
-    >>> bool(b[1] > 0), round(score(y, decide(proba, b), 2, "g_mean"), 2)
+    >>> bool(b[1] > 0), round(score(y, decide_classes(proba, b), 2, "g_mean"), 2)
     (True, 0.88)
     """
     proba = np.asarray(proba, dtype=float)
@@ -313,7 +313,7 @@ class DecisionLayer:
     1. :class:`Stack` over the models' probabilities (the outcome head, the river fast
        path), fitted on a window of their out-of-sample predictions with known labels;
     2. :func:`prior_correct` from the window's class mix to the live one;
-    3. :func:`decide` with offsets fitted (:func:`fit_offsets`) on the window to
+    3. :func:`decide_classes` with offsets fitted (:func:`fit_offsets`) on the window to
        ``objective``.
 
     Refit on each new window (test-then-train); until the first fit it averages the
@@ -387,7 +387,7 @@ class DecisionLayer:
         p = self.stack.predict(models)
         if live_prior is not None and self.window_prior is not None:
             p = prior_correct(p, self.window_prior, np.asarray(live_prior))
-        return p, decide(p, self.offsets)
+        return p, decide_classes(p, self.offsets)
 
     def report(self) -> dict[str, object]:
         return {"fitted_on": self.fitted_on, "offsets": [round(float(b), 3)
@@ -423,7 +423,7 @@ def crossfit_decisions(proba: np.ndarray, y: np.ndarray, objective: str, *,
         fit, apply = folds != fold, folds == fold
         offsets = fit_offsets(proba[fit], y[fit], objective, minority=minority,
                               precision_floor=precision_floor)
-        out[apply] = decide(proba[apply], offsets)
+        out[apply] = decide_classes(proba[apply], offsets)
     return out
 
 

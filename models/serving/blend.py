@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from tailstream.models.towers.context import UserRequest
+
 SOURCES: tuple[str, ...] = ("retrieval", "covisitation", "category", "trending", "history",
                             "query_lookup", "query_match")
 """Candidate sources, in feature order (each contributes its reciprocal rank)."""
@@ -73,6 +75,20 @@ def reciprocal_ranks(ranked: Sequence[str], depth: int) -> dict[str, float]:
     {'a': 1.0, 'b': 0.5}
     """
     return {item: 1.0 / (r + 1) for r, item in enumerate(ranked[:depth])}
+
+
+@dataclass
+class HybridRequest:
+    """One user's request for a hybrid list: what the towers read, plus what the stateful
+    sources proposed (:mod:`~tailstream.models.serving.hybrid`)."""
+
+    request: UserRequest
+    sources: dict[str, list[str]]
+    affinity: Mapping[str, float]
+    """The user's category affinities (any scale; normalised to the strongest)."""
+    query: str | None = None
+    known: int | None = None
+    """Offline evaluation: only index rows ``< known`` may be proposed."""
 
 
 @dataclass

@@ -25,32 +25,24 @@ with the user's next interaction (:meth:`~tailstream.models.serving.blend.Online
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tailstream.models.serving.blend import FEATURES, Candidates, OnlineBlender, union
+from tailstream.models.serving.blend import (
+    FEATURES,
+    Candidates,
+    HybridRequest,
+    OnlineBlender,
+    union,
+)
 from tailstream.models.serving.scorer import ItemInfo, Ranked, Scorer, select_positions
-from tailstream.models.towers.context import UserRequest
 
 QUERY_PREFIX = "search: "
 """How a query is written for the encoder (as in the user's context)."""
 _F = {name: k for k, name in enumerate(FEATURES)}
-
-
-@dataclass
-class HybridRequest:
-    """One user's request: what the towers read, plus what the sources proposed."""
-
-    request: UserRequest
-    sources: dict[str, list[str]]
-    affinity: Mapping[str, float]
-    """The user's category affinities (any scale; normalised to the strongest)."""
-    query: str | None = None
-    known: int | None = None
-    """Offline evaluation: only index rows ``< known`` may be proposed."""
 
 
 @dataclass

@@ -233,6 +233,15 @@ class Metrics:
             "tailstream_scoring_duration_seconds",
             "Time to score one micro-batch of users with the transformer.",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.blend_updates = Counter(
+            "tailstream_blend_updates_total",
+            "Interactions that taught the hybrid lists' blender, by whether the item was "
+            "among the candidates of the user's last list (hit) or not (miss).",
+            ["outcome"], registry=r)
+        self.blend_weight = Gauge(
+            "tailstream_blend_weight",
+            "The blender's weight of a rank-1 candidate from each source.",
+            ["source"], registry=r)
         self.scoring_waiting = Gauge(
             "tailstream_scoring_waiting_users",
             "Users whose event is applied and whose new list is not computed yet.",

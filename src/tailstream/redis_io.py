@@ -94,6 +94,11 @@ class Keys:
     def weights(self) -> str:
         return f"{self.prefix}:weights"
 
+    @property
+    def blender(self) -> str:
+        """The hybrid lists' blender (JSON), so a restarted worker keeps what it learned."""
+        return f"{self.prefix}:blender"
+
     def text_vectors(self, fingerprint: str) -> str:
         return f"{self.prefix}:textvec:{fingerprint}"
 

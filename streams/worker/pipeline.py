@@ -37,6 +37,7 @@ from tailstream.contract import (
 from tailstream.metrics import Metrics
 from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
 from tailstream.models.serving.popularity import PopularityTracker
+from tailstream.models.serving.signals import Signals
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
@@ -151,6 +152,9 @@ class Pipeline:
             settings, self.profiles, popularity=popularity, imbalance=imbalance,
             on_new_item=scoring.queue_item if scoring is not None else None,
             on_removed_item=scoring.remove_item if scoring is not None else None)
+        if scoring is not None and settings.rank_mode == "hybrid":
+            self.state.signals = Signals(configs.signals_config(settings),
+                                         self.state.popularity)
         self.deduper = deduper
         self.publisher = publisher
         self.send_to_dlq = send_to_dlq
@@ -266,6 +270,7 @@ class Pipeline:
             applied.extend(e.event_id for e, _ in chunk)
             for event, msg in chunk:
                 acted[event.user_id] = (event.event_id, msg.timestamp)
+            self.refresh.learn_from(chunk)
         for kind, n in processed.items():
             self._processed[kind].inc(n)
         self.refresh.mark_active_many(acted)

@@ -23,8 +23,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tailstream.configs import BASELINE_VERSION
+from tailstream.contract import INTERACTION_KINDS, Event
 from tailstream.metrics import Metrics
 from tailstream.models.serving.baseline import new_profile, recommend
+from tailstream.models.serving.blend import Candidates, HybridRequest, OnlineBlender
 from tailstream.models.towers.context import UserRequest
 from tailstream.settings import Settings
 from tailstream.streams.stores.publisher import ExposureWindow, RecList
@@ -65,6 +67,10 @@ class Refresher:
         self.waiting: OrderedDict[str, Waiting] = OrderedDict()
         self.queued_at: dict[str, float] = {}  # monotonic time each waiting user queued
         self.sizer = TurnSizer(settings.latency_budget_ms / 1000.0, settings.scoring_batch)
+        self.blender = OnlineBlender(lr=settings.rank_blend_lr)
+        """Scores hybrid lists; taught by each user's next interaction (:meth:`learn_from`)."""
+        self.shown: OrderedDict[str, Candidates] = OrderedDict()
+        """Each user's last hybrid list's candidates, until their next interaction."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Users who acted recently (newest last), for refreshes after a promotion.
@@ -152,15 +158,52 @@ class Refresher:
         while self.waiting and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
+    # ------------------------------------------------------------------ the blender
+    def learn_from(self, applied: Iterable[tuple[Event, Any]]) -> None:
+        """Teach the blender with the interactions just applied: each one against the
+        candidates of the list its user was last given (test-then-train: the list was made
+        before the event). A list teaches once; a user's later events wait for a new one."""
+        if not self.shown:
+            return
+        for event, _ in applied:
+            if event.kind not in INTERACTION_KINDS or event.item_id is None:
+                continue
+            shown = self.shown.pop(event.user_id, None)
+            if shown is None:
+                continue
+            row = shown.row(event.item_id)
+            self.blender.learn(shown.x, row)
+            self.metrics.blend_updates.labels("hit" if row is not None else "miss").inc()
+
+    def _remember(self, users: Sequence[str], made: Sequence[Any]) -> None:
+        for user, lst in zip(users, made, strict=True):
+            self.shown.pop(user, None)
+            self.shown[user] = lst.candidates
+        while len(self.shown) > self.settings.active_users_max:
+            self.shown.popitem(last=False)
+
     # ------------------------------------------------------------------ scoring
     async def score(self, users: Sequence[str]) -> tuple[str, list[list[dict[str, Any]]]]:
-        """Lists for users from their profiles: the transformer when it is ready, else the
-        baseline. Returns the version that made them."""
+        """Lists for users from their profiles: the transformer when it is ready (hybrid:
+        with the stateful sources and the blender), else the baseline. Returns the version
+        that made them."""
         profiles = [self.profiles.get(u) or new_profile() for u in users]
         if self.scoring is not None and self.scoring.ready:
             version = self.scoring.version
             requests = [UserRequest(u, self.state.context(p), set(p.get("items", [])[:5]))
                         for u, p in zip(users, profiles, strict=True)]
+            signals = self.state.signals
+            if signals is not None:
+                now = time.time()
+                hybrid = [HybridRequest(r, signals.sources(p, now=now),
+                                        dict(p.get("cats", {})),
+                                        query=signals.last_query(p, now))
+                          for r, p in zip(requests, profiles, strict=True)]
+                made = await self.scoring.recommend_hybrid(hybrid, self.item_info,
+                                                           self.blender)
+                self._remember(users, made)
+                return version, [[r.to_dict(i + 1) for i, r in enumerate(m.ranked)]
+                                 for m in made]
             ranked = await self.scoring.recommend(requests, self.item_info)
             return version, [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
         return BASELINE_VERSION, [[r.to_dict(i + 1) for i, r in enumerate(

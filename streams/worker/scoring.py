@@ -26,6 +26,8 @@ import torch
 
 from tailstream.configs import ranking_config, tower_config, version_number
 from tailstream.metrics import Metrics
+from tailstream.models.serving.blend import HybridRequest, OnlineBlender
+from tailstream.models.serving.hybrid import HybridList, hybrid_recommend
 from tailstream.models.serving.scorer import Ranked, Scorer
 from tailstream.models.towers.context import UserRequest
 from tailstream.models.towers.loading import ServedModel, load_served, pick_device
@@ -192,6 +194,21 @@ class ScoringService:
             await self._sync_removals(scorer)
             before = scorer.texts.encoded
             lists = await self._run(scorer.recommend, requests, item_info)
+        self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
+        self.metrics.scoring_seconds.observe(time.perf_counter() - started)
+        return lists
+
+    async def recommend_hybrid(self, requests: list[HybridRequest], item_info: ItemInfo,
+                               blender: OnlineBlender) -> list[HybridList]:
+        """Hybrid lists (the towers' candidates with the stateful sources, scored by the
+        online blender), on the scoring thread."""
+        scorer = self.scorer
+        assert scorer is not None
+        started = time.perf_counter()
+        async with self._lock:
+            await self._sync_removals(scorer)
+            before = scorer.texts.encoded
+            lists = await self._run(hybrid_recommend, scorer, requests, item_info, blender)
         self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
         self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         return lists

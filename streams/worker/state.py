@@ -18,6 +18,7 @@ from tailstream.contract import INTERACTION_KINDS, SEARCH, Event, Item
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.serving.baseline import QueryIndex, new_profile, update_profile
 from tailstream.models.serving.popularity import PopularityTracker
+from tailstream.models.serving.signals import Signals
 from tailstream.models.towers.context import CONTEXT_SEPARATOR, ContextEntry, context_entries
 from tailstream.settings import Settings
 from tailstream.streams.worker.imbalance import ImbalanceLoop, Observation
@@ -31,8 +32,12 @@ class StreamState:
                  popularity: PopularityTracker | None = None,
                  imbalance: ImbalanceLoop | None = None,
                  on_new_item: NewItem | None = None,
-                 on_removed_item: RemovedItem | None = None) -> None:
+                 on_removed_item: RemovedItem | None = None,
+                 signals: Signals | None = None) -> None:
         self.settings = settings
+        self.signals = signals
+        """The hybrid lists' stateful sources (trending, co-visitation, query lookup),
+        fed every applied event here; None where nothing makes hybrid lists."""
         self.profiles = profiles
         self.popularity = popularity or PopularityTracker()
         self.imbalance = imbalance or ImbalanceLoop(settings)
@@ -105,6 +110,8 @@ class StreamState:
                                    category_affinity=0.0, repeat=False)
         self.profiles[event.user_id] = update_profile(
             profile, event, category, query_cats, keep=self.settings.recent_items)
+        if self.signals is not None and not deleted:
+            self.signals.observe(event)
         return sample
 
     def apply_batch(self, events: Sequence[tuple[Event, int]]) -> list[tuple[int, Exception]]:
@@ -155,6 +162,8 @@ class StreamState:
                              functools.partial(self._user_text, before))
         self.profiles[event.user_id] = update_profile(
             before, event, category, query_cats, keep=self.settings.recent_items)
+        if self.signals is not None and not deleted:
+            self.signals.observe(event)
         return ob
 
     def _query_categories(self, event: Event) -> list[str]:

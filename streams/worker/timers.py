@@ -29,6 +29,7 @@ from tailstream.kafka_io import GroupPositions
 from tailstream.metrics import Metrics
 from tailstream.redis_io import Keys
 from tailstream.settings import Settings
+from tailstream.streams.stores.blender_store import BlenderStore, rank1
 from tailstream.streams.worker.pipeline import Pipeline, RawMessage
 from tailstream.streams.worker.recovery import Recovery
 from tailstream.streams.worker.stuck import StuckPartitions
@@ -91,6 +92,21 @@ def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: 
     # Once the state of a new assignment is restored, at once rather than at the next tick:
     # supervisors and readiness checks wait on it.
     recovery.on_restored.append(lambda: assignment.report(app.consumer))
+
+    redis = getattr(pipeline.publisher, "redis", None)
+    if pipeline.state.signals is not None and redis is not None:
+        blender = pipeline.refresh.blender
+        store = BlenderStore(redis, settings.redis_prefix)
+
+        @app.timer(interval=10.0)
+        async def keep_blender() -> None:
+            """The hybrid lists' blender: restored once at start, then saved when it
+            learned something; its source weights as gauges."""
+            if not store.loaded:
+                await store.load_into(blender)
+            await store.save(blender)
+            for source, weight in rank1(blender).items():
+                metrics.blend_weight.labels(source).set(weight)
 
     health = HealthReport(settings, pipeline, metrics, assignment)
 

@@ -9,7 +9,7 @@ import pytest
 from tailstream.models.imbalance.decisions import (
     Stack,
     as_prior,
-    decide,
+    decide_classes,
     em_prior,
     fit_offsets,
     prior_correct,
@@ -61,7 +61,7 @@ def test_threshold_moving_beats_the_argmax_on_fresh_data(objective: str) -> None
     y_new, p_new = shop(10_000, 0.05, seed=4)
     b = fit_offsets(p_fit, y_fit, objective)
     plain = score(y_new, p_new.argmax(1), 3, objective)
-    moved = score(y_new, decide(p_new, b), 3, objective)
+    moved = score(y_new, decide_classes(p_new, b), 3, objective)
     assert moved > plain
     assert b[0] == 0.0
 
@@ -69,7 +69,7 @@ def test_threshold_moving_beats_the_argmax_on_fresh_data(objective: str) -> None
 def test_minority_recall_objective_respects_the_precision_floor() -> None:
     y, p = shop(10_000, 0.05, seed=5)
     b = fit_offsets(p, y, "minority_recall", minority=[1, 2], precision_floor=0.3)
-    pred = decide(p, b)
+    pred = decide_classes(p, b)
     for c in (1, 2):
         chosen = pred == c
         assert chosen.any() and (y[chosen] == c).mean() >= 0.3

@@ -106,3 +106,61 @@ def test_signals_feed_the_sources_in_time_order() -> None:
     assert searched["query_lookup"] == ["i9"]
     late = sig.sources({"items": [], "ctx": [["q", "blue mug"]], "ts": 6.5}, now=1e6)
     assert "query_lookup" not in late  # too long after the search to steer
+
+
+def test_the_worker_teaches_its_blender_with_each_users_next_interaction() -> None:
+    import asyncio
+
+    from tailstream.metrics import Metrics
+    from tailstream.models.serving.blend import union
+    from tailstream.settings import Settings
+    from tailstream.streams.stores.blender_store import BlenderStore
+    from tailstream.streams.worker.refresh import Refresher
+    from tailstream.streams.worker.state import StreamState
+
+    s = Settings()
+    metrics = Metrics()
+    state = StreamState(s, {}, signals=Signals(SignalsConfig(depth=5)))
+
+    class NoLists:
+        exposure = None
+        last_published: dict[str, float] = {}
+        pending = 0
+
+        async def publish(self, lists: list[Any]) -> int:
+            return 0
+
+    refresh = Refresher(s, state, {}, NoLists(), metrics)  # type: ignore[arg-type]
+    for user in ("a", "b"):
+        refresh.shown[user] = union({"covisitation": ["x", "y"], "trending": ["z"]}, depth=5)
+    before = refresh.blender.w.copy()
+    refresh.learn_from([(Event("click", "e1", "a", 1.0, item_id="y"), None),
+                        (Event("click", "e2", "b", 1.0, item_id="q"), None),  # not shown
+                        (Event("click", "e3", "a", 2.0, item_id="x"), None)])  # taught once
+    assert refresh.blender.updates == 1 and refresh.blender.offered == 2
+    assert not np.allclose(refresh.blender.w, before)  # trending's item was not taken
+    assert not refresh.shown
+    get = metrics.registry.get_sample_value
+    assert get("tailstream_blend_updates_total", {"outcome": "hit"}) == 1
+    assert get("tailstream_blend_updates_total", {"outcome": "miss"}) == 1
+
+    class FakeRedis:
+        def __init__(self) -> None:
+            self.data: dict[str, str] = {}
+
+        async def get(self, key: str) -> str | None:
+            return self.data.get(key)
+
+        async def set(self, key: str, value: str) -> None:
+            self.data[key] = value
+
+    redis = FakeRedis()
+
+    async def round_trip() -> OnlineBlender:
+        await BlenderStore(redis, "t").save(refresh.blender)
+        fresh = OnlineBlender()
+        assert await BlenderStore(redis, "t").load_into(fresh)
+        return fresh
+
+    restored = asyncio.run(round_trip())
+    assert np.allclose(restored.w, refresh.blender.w) and restored.updates == 1
