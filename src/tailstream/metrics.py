@@ -257,7 +257,8 @@ class Metrics:
         self.scoring_turn_users = Gauge(
             "tailstream_scoring_turn_users",
             "Users taken by the last scoring turn (sized so a turn fits the latency budget; "
-            "the whole TAILSTREAM_SCORING_BATCH while the queue is behind).", registry=r)
+            "twice that while the queue is behind, at most TAILSTREAM_SCORING_BATCH).",
+            registry=r)
         self.recent_latency = Gauge(
             "tailstream_recent_latency_seconds",
             "Event → Redis latency of the lists published in the last 10 s, by quantile "

@@ -107,9 +107,10 @@ class Settings:
     """Users scored per call of the transformer (bigger is cheaper per user)."""
     scoring_max_waiting: int = 50_000
     """Users waiting for a list before ingest waits too (bounded memory)."""
-    scoring_nice: int = 5
+    scoring_nice: int = 0
     """How much nicer (lower CPU priority) the worker's scoring thread is than its event
-    loop: when both want more CPU than there is, ingest and publishing go first."""
+    loop (0: the same). On a worker with cores of its own, 5 lets ingest go first under a
+    backlog; on a shared machine it starves scoring behind every other process."""
     embed_chunk: int = 16
     """Catalogue items embedded per step in the worker (bounds how long scoring waits)."""
     active_window_s: float = 1800.0

@@ -281,14 +281,15 @@ class TurnSizer:
     of the budget. The cost of a turn of ``n`` users is fitted as ``fixed + per_user · n``
     (least squares over the last turns), and the size is what fits, at least ``low``
     users. When the queue is behind (its oldest user has waited longer than the budget),
-    latency is lost already and throughput comes first: the turn takes ``high`` users
-    (``TAILSTREAM_SCORING_BATCH``), where the fixed cost weighs least, until it caught up.
+    throughput counts more: the turn takes twice what fits (the fixed cost weighs half as
+    much), at most ``high`` (``TAILSTREAM_SCORING_BATCH``), until it caught up — not all of
+    ``high`` at once: on a starved CPU that made one turn last seconds.
 
     >>> t = TurnSizer(budget_s=0.25, high=256)
     >>> for n in (16, 64, 128):
     ...     t.observe(n, 0.01 + 0.001 * n)    # 10 ms + 1 ms per user
     >>> t.size(waited_s=0.0), t.size(waited_s=0.3)
-    (64, 256)
+    (64, 128)
     """
 
     def __init__(self, budget_s: float, high: int, *, low: int = 8, share: float = 0.3,
@@ -319,8 +320,8 @@ class TurnSizer:
 
     def size(self, waited_s: float) -> int:
         """Users for the next turn, given how long the oldest has waited already."""
-        if waited_s > self.budget_s:
-            return self.high
         left = self.budget_s * self.share - self.fixed_s
-        fit = int(left / self.per_user_s) if left > 0 else 0
-        return max(self.low, min(self.high, fit))
+        fit = max(self.low, int(left / self.per_user_s) if left > 0 else 0)
+        if waited_s > self.budget_s:
+            fit *= 2
+        return min(self.high, fit)

@@ -1144,7 +1144,7 @@ def test_a_scoring_turn_takes_what_fits_the_latency_budget() -> None:
 
     first, second = run(scenario())
     assert first == 27  # within the budget
-    assert second == 73  # behind: the whole rest in one turn (up to scoring_batch)
+    assert first < second <= 73  # behind: more per turn (twice what fits), the rest waits
 
 
 def test_a_bulk_refresh_lets_users_who_acted_go_first() -> None:
