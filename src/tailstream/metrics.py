@@ -257,7 +257,7 @@ class Metrics:
         self.scoring_turn_users = Gauge(
             "tailstream_scoring_turn_users",
             "Users taken by the last scoring turn (sized so a turn fits the latency budget; "
-            "twice that while the queue is behind, at most TAILSTREAM_SCORING_BATCH).",
+            "doubling each turn up to TAILSTREAM_SCORING_BATCH while the queue is behind).",
             registry=r)
         self.recent_latency = Gauge(
             "tailstream_recent_latency_seconds",

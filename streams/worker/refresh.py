@@ -281,15 +281,16 @@ class TurnSizer:
     of the budget. The cost of a turn of ``n`` users is fitted as ``fixed + per_user · n``
     (least squares over the last turns), and the size is what fits, at least ``low``
     users. When the queue is behind (its oldest user has waited longer than the budget),
-    throughput counts more: the turn takes twice what fits (the fixed cost weighs half as
-    much), at most ``high`` (``TAILSTREAM_SCORING_BATCH``), until it caught up — not all of
-    ``high`` at once: on a starved CPU that made one turn last seconds.
+    throughput counts more: each turn while behind takes twice the last one (from twice
+    what fits), at most ``high`` (``TAILSTREAM_SCORING_BATCH``), so a fixed cost the fit
+    cannot see (turns of one size all look like per-user cost) is spread over more users,
+    and the fit learns from the new sizes; once caught up, turns fit the budget again.
 
     >>> t = TurnSizer(budget_s=0.25, high=256)
     >>> for n in (16, 64, 128):
     ...     t.observe(n, 0.01 + 0.001 * n)    # 10 ms + 1 ms per user
-    >>> t.size(waited_s=0.0), t.size(waited_s=0.3)
-    (64, 128)
+    >>> t.size(waited_s=0.0), t.size(waited_s=0.3), t.size(waited_s=0.3), t.size(0.0)
+    (64, 128, 256, 64)
     """
 
     def __init__(self, budget_s: float, high: int, *, low: int = 8, share: float = 0.3,
@@ -301,6 +302,7 @@ class TurnSizer:
         self.turns: deque[tuple[int, float]] = deque(maxlen=history)
         self.fixed_s = 0.01
         self.per_user_s = 0.001
+        self._behind = 0  # the last turn's size while behind (0: not behind)
 
     def observe(self, users: int, seconds: float) -> None:
         """A turn of ``users`` took ``seconds``: refit the cost."""
@@ -323,5 +325,8 @@ class TurnSizer:
         left = self.budget_s * self.share - self.fixed_s
         fit = max(self.low, int(left / self.per_user_s) if left > 0 else 0)
         if waited_s > self.budget_s:
-            fit *= 2
+            fit = max(2 * fit, 2 * self._behind)
+            self._behind = min(self.high, fit)
+        else:
+            self._behind = 0
         return min(self.high, fit)
