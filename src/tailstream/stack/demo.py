@@ -345,6 +345,42 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
         "drift_detections": imbalance["drift_detections"],
         "item_tiers": imbalance["item_tiers"],
         "online_model": imbalance["online"],
+        "model": model_summary(ts or ws, m),
+    }
+
+
+def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, Any]:
+    """What the loop served and decided: the serving version and the policy it trained
+    with, every gate decision (policy, promoted or not, why), the promotion count, the
+    policies selection tried, the list mode and the blender's source weights."""
+    from tailstream.models.towers.store import ModelStore
+
+    store = ModelStore(s.model_store_dir)
+    runs: list[dict[str, Any]] = []
+    path = store.root / "runs.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                runs.append(json.loads(line))
+            except ValueError:
+                continue
+    decided = [r for r in runs if r.get("outcome") in ("promoted", "rejected")]
+    current = store.current()
+    served_policy = next((r.get("policy") for r in reversed(runs)
+                          if r.get("version") == current), None)
+    return {
+        "serving_version": current, "served_policy": served_policy or "base (untrained)",
+        "promotions": sum(r.get("outcome") == "promoted" for r in runs),
+        "gate": [{"version": r.get("version"), "policy": r.get("policy"),
+                  "promoted": r.get("outcome") == "promoted",
+                  "tried": [t.get("policy") for t in r.get("selection", {}).get("tried", [])],
+                  "reason": str(r.get("reason", ""))[:200]} for r in decided],
+        "ranking": s.rank_mode,
+        "blend_rank1_weights": {k.split("source=")[1].rstrip("}"): round(v, 3)
+                                for k, v in worker_metrics.items()
+                                if k.startswith("tailstream_blend_weight{")},
+        "blend_updates": {o: int(worker_metrics.get(
+            f"tailstream_blend_updates_total{{outcome={o}}}", 0)) for o in ("hit", "miss")},
     }
 
 
