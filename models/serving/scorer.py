@@ -163,6 +163,40 @@ class Scorer:
         self.texts = fresh
         self.served = served
 
+    @torch.inference_mode()
+    def sibling(self, served: ServedModel,
+                item_texts: Callable[[Sequence[str]], list[str]] | None = None,
+                chunk: int = 4096) -> Scorer:
+        """A scorer for ``served`` over this scorer's catalogue, to serve beside it (a
+        canary's candidate). With the same encoder it shares this scorer's encoder
+        weights, text-vector cache and the items' text vectors, and holds only its own
+        towers, head and item index (the catalogue re-projected with one matrix product:
+        ``embed_dim × 4`` bytes per item); with another encoder it is a whole second
+        scorer (the catalogue re-encoded from ``item_texts``)."""
+        other = Scorer(served, device=self.device, max_len=self.max_len,
+                       cache_size=self.texts.cache_size, ranking=self.ranking,
+                       shared=self.shared)
+        ids = self.item_texts.ids
+        if self.needs_reencode(served):
+            if ids:
+                if item_texts is None:
+                    raise ValueError("a new encoder needs the items' texts to re-encode them")
+                other.add_items(ids, item_texts(ids))
+            return other
+        served.model.encoder = self.served.model.encoder  # one copy of the encoder
+        other.texts = self.texts
+        other.item_texts = self.item_texts
+        rows = [served.model.item_vectors(self.item_texts.matrix[i:i + chunk].float())
+                for i in range(0, len(ids), chunk)]
+        other.index.replace_all(ids, torch.cat(rows) if rows else
+                                torch.empty(0, other.index.dim), served.version)
+        return other
+
+    def adopt_texts(self) -> None:
+        """Encode with this scorer's own model from now on (a canary promoted in place:
+        the shared text cache still pointed at the model it replaced)."""
+        self.texts.model = self.served.model
+
     # ------------------------------------------------------------------ users
     @torch.inference_mode()
     def user_vectors(self, requests: Sequence[UserRequest]

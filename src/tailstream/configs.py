@@ -12,7 +12,9 @@ settings can never disagree on a policy, a limit or a model shape:
 * :class:`FineTuneConfig` — one fine-tuning run's knobs (recorded in the manifest);
 * :class:`GateConfig` — what the promotion gate demands of a candidate;
 * :class:`SelectionConfig` — which policies the trainer tries at a trigger, and how it
-  chooses among them across triggers.
+  chooses among them across triggers;
+* :class:`AttributionConfig` — how served lists are credited with what users do next;
+* :class:`CanaryConfig` — the online check between the offline gate and a promotion.
 
 Also here: how model versions are named (:func:`version_number`,
 :func:`base_version_name`).
@@ -267,6 +269,45 @@ class GateConfig:
     decision objective (``TAILSTREAM_DECISION_OBJECTIVE``; None: the plain argmax)."""
 
 
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How the worker attributes interactions to the lists it served
+    (:mod:`tailstream.streams.worker.attribution`)."""
+
+    window_s: float = 1800.0
+    """An interaction counts for a list only this long after the list was published."""
+    max_users: int = 100_000
+    """Users whose last list is kept in memory (oldest forgotten first; Redis keeps the
+    rest for the window)."""
+    tail_target: float = 0.2
+    """The tail-exposure SLO: the share of impressions that should go to tail items."""
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """The online check between the offline gate and a promotion
+    (:mod:`tailstream.models.serving.canary`, :mod:`tailstream.streams.trainer.canary`).
+
+    >>> CanaryConfig(share=0.0).enabled
+    False
+    """
+
+    share: float = 0.1
+    """Share of users (hashed ids) served the candidate."""
+    window_s: float = 600.0
+    """How long the candidate serves before it is judged."""
+    confidence: float = 0.95
+    """Confidence of the one-sided test that finds the candidate worse."""
+    min_lists: int = 200
+    """Judged lists of the candidate needed to judge it."""
+    max_windows: float = 3.0
+    """A canary short of judged lists waits up to this many windows, then is rolled back."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.share > 0.0
+
+
 SELECTION_POLICIES: tuple[str, ...] = (
     "class_balanced", "focal", "logit_adjusted", "inverse", "none", "oversample",
     "undersample", "smote", "adasyn", "importance")
@@ -412,3 +453,30 @@ def selection_config(settings: Settings) -> SelectionConfig:
         challengers=settings.selection_challengers, rule=settings.selection_rule,
         epsilon=settings.selection_epsilon, burn_in=settings.selection_burn_in,
         synthetic_share=settings.selection_synthetic_share)
+
+
+def attribution_config(settings: Settings) -> AttributionConfig:
+    """The worker's attribution of interactions to served lists.
+
+    >>> from tailstream.settings import Settings
+    >>> attribution_config(Settings().replace(attribution_window_s="60")).window_s
+    60.0
+    """
+    return AttributionConfig(window_s=settings.attribution_window_s,
+                             max_users=settings.active_users_max,
+                             tail_target=settings.tail_exposure_target)
+
+
+def canary_config(settings: Settings) -> CanaryConfig:
+    """The canary before a promotion (``TAILSTREAM_CANARY_*``), its share clipped to
+    [0, 1] and its confidence to (0.5, 1).
+
+    >>> from tailstream.settings import Settings
+    >>> cfg = canary_config(Settings().replace(canary_share="0.25", canary_window_s="30"))
+    >>> cfg.share, cfg.window_s, cfg.enabled
+    (0.25, 30.0, True)
+    """
+    return CanaryConfig(share=min(max(settings.canary_share, 0.0), 1.0),
+                        window_s=max(settings.canary_window_s, 0.0),
+                        confidence=min(max(settings.canary_confidence, 0.5), 0.999999),
+                        min_lists=max(settings.canary_min_lists, 1))

@@ -121,10 +121,11 @@ def admin(settings: Settings) -> KafkaAdminClient:
 
 
 def create_topics(settings: Settings, replication: int = 1, timeout: float = 30.0) -> None:
-    """Create tailstream's topics if missing (idempotent). ``items`` is compacted; the input
-    topics take records as large as the contract's envelopes (``max.message.bytes``)."""
+    """Create tailstream's topics if missing (idempotent). ``items`` and ``impressions``
+    (keyed by item and by user) are compacted; the input topics take records as large as
+    the contract's envelopes (``max.message.bytes``)."""
     wanted = {t: settings.partitions for t in settings.all_topics}
-    items = settings.topic_for("item")
+    compacted = {settings.topic_for("item"), settings.topic(settings.topic_impressions)}
     inputs = set(settings.consumed_topics)
     sized = {"max.message.bytes": str(max_message_bytes(settings))}
     deadline = time.monotonic() + timeout
@@ -135,7 +136,7 @@ def create_topics(settings: Settings, replication: int = 1, timeout: float = 30.
                 existing = set(client.list_topics())
                 new = [
                     NewTopic(name, n, replication,
-                             topic_configs={**(COMPACTED if name == items else {}),
+                             topic_configs={**(COMPACTED if name in compacted else {}),
                                             **(sized if name in inputs else {})})
                     for name, n in wanted.items() if name not in existing
                 ]

@@ -33,6 +33,7 @@ class Metrics:
         self._flow(r)
         self._imbalance(r)
         self._scoring(r)
+        self._online(r)
         self.rss = process_rss_gauge(r)
 
     def _ingest(self, r: CollectorRegistry) -> None:
@@ -274,6 +275,43 @@ class Metrics:
             "Texts run through the encoder (cache misses), by purpose (item, query).",
             ["purpose"], registry=r)
 
+    def _online(self, r: CollectorRegistry) -> None:
+        """Online attribution of served lists, and the canary this worker serves."""
+        self.impression_lists = Counter(
+            "tailstream_impression_lists",
+            "Lists served (impressions), by model version and arm (serving, canary).",
+            ["model_version", "arm"], registry=r)
+        self.impressions = Counter(
+            "tailstream_impressions",
+            "Items shown in served lists (list slots), by model version and popularity tier.",
+            ["model_version", "tier"], registry=r)
+        self.judged_lists = Counter(
+            "tailstream_judged_lists",
+            "Served lists judged by their user's next interaction within the attribution "
+            "window: hit (on an item of the list) or miss, by model version. The online "
+            "HitRate is hit / (hit + miss).", ["model_version", "outcome"], registry=r)
+        self.attributed = Counter(
+            "tailstream_attributed",
+            "Interactions attributed to a served list (on one of its items within the "
+            "window, or later on an item taken from it), by model version, the item's "
+            "tier and the event class.", ["model_version", "tier", "class"], registry=r)
+        self.attributed_positions = Counter(
+            "tailstream_attributed_position",
+            "Interactions attributed to a served list, by the item's position (1, 2-3, 4-7, "
+            "8-15, 16+).", ["position"], registry=r)
+        self.tail_target = Gauge(
+            "tailstream_tail_exposure_target_ratio",
+            "The tail-exposure SLO: the share of list slots that should go to tail-tier "
+            "items (TAILSTREAM_TAIL_EXPOSURE_TARGET).", registry=r)
+        self.canary_share = Gauge(
+            "tailstream_canary_share_ratio",
+            "Share of users this worker serves the canary candidate to (0: no canary).",
+            registry=r)
+        self.canary_version = Gauge(
+            "tailstream_canary_model_version_number",
+            "The candidate this worker serves to canary users (v00012 → 12; 0: none).",
+            registry=r)
+
     def observe_imbalance(self, loop: Any) -> None:
         """Copy the imbalance loop's state into the gauges (once per batch)."""
         snap_weights = loop.weights
@@ -380,7 +418,47 @@ class TrainerMetrics:
             "tailstream_trainer_paused",
             "1 while a fine-tune waits for the workers to get back under their budget.",
             registry=r)
+        self._canary(r)
         self.rss = process_rss_gauge(r)
+
+    def _canary(self, r: CollectorRegistry) -> None:
+        """The canary before a promotion, and the online figures it is judged on (every
+        worker's, read from Redis): by role, serving (the version in CURRENT), previous
+        (the promotion before it) and canary (the candidate being tried)."""
+        self.canaries = Counter(
+            "tailstream_canaries",
+            "Canaries by outcome: started (a candidate passed the offline gate and serves "
+            "a share of users), promoted, rolled_back.", ["outcome"], registry=r)
+        for outcome in ("started", "promoted", "rolled_back"):
+            self.canaries.labels(outcome)
+        self.canary_running = Gauge(
+            "tailstream_canary_running", "1 while a canary is being served.", registry=r)
+        self.canary_version = Gauge(
+            "tailstream_canary_model_version_number",
+            "The candidate being tried (v00012 → 12; 0: no canary).", registry=r)
+        self.canary_z = Gauge(
+            "tailstream_canary_z_score",
+            "z of the last canary's one-sided two-proportion test, candidate against the "
+            "serving version (negative: the candidate's online hit rate was lower).",
+            registry=r)
+        self.online_hit_rate = Gauge(
+            "tailstream_online_hit_rate_ratio",
+            "Online HitRate of served lists (judged lists whose next interaction was on one "
+            "of their items), every worker's, by role: serving, previous, canary.",
+            ["role"], registry=r)
+        self.online_judged = Gauge(
+            "tailstream_online_judged_lists",
+            "Judged lists behind tailstream_online_hit_rate_ratio, by role.", ["role"],
+            registry=r)
+        self.online_ctr = Gauge(
+            "tailstream_online_ctr_ratio",
+            "Attributed clicks per served list, by role.", ["role"], registry=r)
+        self.online_cvr = Gauge(
+            "tailstream_online_cvr_ratio",
+            "Attributed purchases per attributed click, by role.", ["role"], registry=r)
+        self.online_tail_conversions = Gauge(
+            "tailstream_online_tail_conversion_share_ratio",
+            "Tail items' share of the attributed purchases, by role.", ["role"], registry=r)
 
 
 class StackMetrics:

@@ -58,6 +58,8 @@ class Keys:
     ('ts:recs:u1', 'ts:recs-meta:u1', 'ts:seen:e9', 'ts:buffer:minority:cart', 'ts:weights')
     >>> k.meta("victim") != k.recs("victim:meta") != k.meta("victim:meta")
     True
+    >>> k.impression("u1"), k.online("v00003"), k.canary
+    ('ts:impression:u1', 'ts:online:v00003', 'ts:canary')
     """
 
     prefix: str
@@ -114,6 +116,26 @@ class Keys:
     def worker_health(self) -> str:
         """Hash: worker → its recent latency and lag (JSON), for the trainer's back-pressure."""
         return f"{self.prefix}:worker-health"
+
+    def impression(self, user_id: str) -> str:
+        """The user's last served list as an impression record (JSON), with a TTL of the
+        attribution window: what their next interaction is attributed to."""
+        return f"{self.prefix}:impression:{user_id}"
+
+    def online(self, version: str) -> str:
+        """Hash: a model version's online figures summed over every worker (lists served,
+        items by tier, judged lists and hits, attributed events by class and tier)."""
+        return f"{self.prefix}:online:{version}"
+
+    @property
+    def online_pattern(self) -> str:
+        """A SCAN pattern matching every version's online figures."""
+        return f"{self.prefix}:online:*"
+
+    @property
+    def canary(self) -> str:
+        """Hash: the canary in progress (version, share, when it ends); absent when none."""
+        return f"{self.prefix}:canary"
 
     def preflight(self) -> str:
         return f"{self.prefix}:preflight:{random.getrandbits(32):08x}"  # noqa: S311 - a name

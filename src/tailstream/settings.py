@@ -59,6 +59,9 @@ class Settings:
     topic_searches: str = "searches"
     topic_items: str = "items"
     topic_recommendations: str = "recommendations"
+    topic_impressions: str = "impressions"
+    """What every published list showed (user, list id, model version, arm, policy,
+    positions, tiers, trigger): compacted by user, so it holds each user's last list."""
     topic_dlq: str = "events.dlq"
     topic_processed: str = "events.processed"
     """Audit topic: per batch, the event_ids whose effects are in the state (with
@@ -169,6 +172,26 @@ class Settings:
     """At most this share of a list from one category (1: no cap, the default: users keep
     to few categories, and a cap cost a tenth of HitRate@20 in ``tailstream eval``; the
     tail quota is what keeps lists from collapsing on the head)."""
+
+    # --- Online attribution and the canary --------------------------------
+    attribution_window_s: float = 1800.0
+    """An interaction counts for the list its user was last served only this long after
+    the list was published (and an impression stays in Redis this long)."""
+    tail_exposure_target: float = 0.2
+    """The tail-exposure SLO: the share of impressions (list slots) that should go to
+    tail-tier items; exported as a gauge, alerted on when the served share stays below."""
+    canary_share: float = 0.1
+    """Share of users (hashed ids, sticky for a canary) who are served a candidate that
+    passed the offline gate before it may be promoted (0: no canary, promote at once)."""
+    canary_window_s: float = 600.0
+    """How long a canary serves before the trainer judges it (longer, at most three times
+    this, while the candidate has fewer than ``canary_min_lists`` judged lists)."""
+    canary_confidence: float = 0.95
+    """Confidence of the one-sided two-proportion z-test that rolls a canary back when its
+    online hit rate is worse than the serving version's."""
+    canary_min_lists: int = 200
+    """Judged lists (followed by an interaction within the attribution window) the
+    candidate needs before it can be judged; too few by three windows: rolled back."""
 
     # --- Imbalance control loop ------------------------------------------
     weight_policy: str = "class_balanced"
@@ -483,6 +506,7 @@ class Settings:
             *self.input_topics,
             self.topic_for("item"),
             self.topic(self.topic_recommendations),
+            self.topic(self.topic_impressions),
             self.topic(self.topic_dlq),
             self.topic(self.topic_processed),
             self.topic(self.topic_training_requests),

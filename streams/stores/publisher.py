@@ -12,6 +12,12 @@ retried after a backoff (the client's circuit breaker,
 :class:`~tailstream.redis_io.RedisHealth`, shared with de-duplication and the buffer: no
 I/O while it is open); lists that wait are kept (latest per user, bounded), so a Redis
 outage costs freshness, not ingest.
+
+Each written list is also an **impression**
+(:class:`~tailstream.streams.stores.impressions.Impression`): written to Redis in the same
+pipelined round trip (``impression:{user}``, TTL = the attribution window), sent to the
+``impressions`` topic beside the list's message, and handed to the worker's attribution
+(``on_impressions``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -33,6 +40,7 @@ from redis.exceptions import RedisError
 
 from tailstream.metrics import Metrics
 from tailstream.redis_io import Keys, RedisHealth
+from tailstream.streams.stores.impressions import Impression
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.encode
@@ -49,6 +57,17 @@ class RecList:
     generated_at: float
     event_id: str | None
     source_ts: float | None  # Kafka timestamp of the triggering event (latency origin)
+    arm: str = "serving"
+    """Which model made it: ``serving``, or ``canary`` (the candidate being tried)."""
+    policy: str = ""
+    """What made it: ``hybrid``, ``towers`` or ``baseline``."""
+
+    def impression(self, published_at: float) -> Impression:
+        """This list as an impression record (a fresh list id)."""
+        return Impression(self.user_id, os.urandom(8).hex(), self.model_version, self.arm,
+                          self.policy, self.trigger, published_at,
+                          tuple(str(it["item_id"]) for it in self.items),
+                          tuple(str(it.get("tier", "tail")) for it in self.items))
 
     @cached_property
     def items_json(self) -> bytes:
@@ -163,10 +182,17 @@ class Publisher:
                  prefix: str = "tailstream", ttl_s: int = 86_400, backoff_s: float = 0.1,
                  max_backoff_s: float = 2.0, max_pending: int = 50_000,
                  remember_users: int = 100_000, health: RedisHealth | None = None,
-                 send_many: SendManyToKafka | None = None) -> None:
+                 send_many: SendManyToKafka | None = None,
+                 impression_ttl_s: int = 0,
+                 send_impressions: SendManyToKafka | None = None,
+                 on_impressions: Callable[[list[Impression]], None] | None = None) -> None:
         self.redis = redis
         self.send_to_kafka = send_to_kafka
         self.send_many = send_many
+        self.impression_ttl_s = impression_ttl_s
+        """TTL of the impression records in Redis (0: none written there)."""
+        self.send_impressions = send_impressions
+        self.on_impressions = on_impressions
         self.recent_latencies: deque[tuple[float, float]] = deque(maxlen=20_000)
         self.first_published: OrderedDict[str, float] = OrderedDict()
         """Model version → when its first list reached Redis (the last 32 versions)."""
@@ -221,7 +247,9 @@ class Publisher:
             self._held_back = True
             return 0
         batch = list(self._pending.values())
-        if not await self._write_redis(batch):
+        written_at = time.time()
+        impressions = [rec.impression(written_at) for rec in batch]
+        if not await self._write_redis(batch, impressions):
             return 0
         for rec in batch:  # lists queued while the write was in flight stay pending
             if self._pending.get(rec.user_id) is rec:
@@ -247,7 +275,10 @@ class Publisher:
         for trigger, n in triggers.items():
             self.metrics.recs_published.labels("redis", trigger).inc(n)
         self._observe_recent(batch, published_at)
+        if self.on_impressions is not None:
+            self.on_impressions(impressions)
         sent = await self._notify(batch, published_at)
+        await self._send_impressions(impressions)
         if sent and self._kafka_lost:
             log.info("the recommendations topic works again (%d notifications lost)",
                      self._kafka_lost)
@@ -275,6 +306,17 @@ class Publisher:
             except Exception as exc:  # a lost notification; Redis already holds the list
                 self._kafka_failed(exc, 1)
         return sent
+
+    async def _send_impressions(self, impressions: list[Impression]) -> None:
+        """The impressions topic's records (key = user: compacted to each user's last
+        list), in one batched send; a failure loses records, never the lists."""
+        if self.send_impressions is None or not impressions:
+            return
+        try:
+            await self.send_impressions([(imp.user_id, imp.to_json()) for imp in impressions])
+        except Exception as exc:  # the lists and Redis' impressions stand
+            self.metrics.publish_errors.labels("impressions").inc(len(impressions))
+            log.debug("could not send %d impressions: %r", len(impressions), exc)
 
     def _kafka_failed(self, exc: Exception, lists: int) -> None:
         self.metrics.publish_errors.labels("kafka").inc(lists)
@@ -317,9 +359,14 @@ class Publisher:
             return None
         return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
-    async def _write_redis(self, batch: list[RecList]) -> bool:
+    async def _write_redis(self, batch: list[RecList],
+                           impressions: list[Impression] | None = None) -> bool:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
+                if impressions and self.impression_ttl_s > 0:
+                    for imp in impressions:
+                        pipe.set(self.keys.impression(imp.user_id), imp.to_json(),
+                                 ex=self.impression_ttl_s)
                 for start in range(0, len(batch), LISTS_PER_CALL):
                     keys: list[Any] = []
                     args: list[Any] = [self.ttl_s]

@@ -19,6 +19,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,13 +28,17 @@ import faust
 import redis.asyncio as aioredis
 from faust.types import EventT
 
+from tailstream import configs
 from tailstream.contract import Rejection
 from tailstream.kafka_io import faust_broker_options
 from tailstream.metrics import Metrics
+from tailstream.redis_io import RedisHealth
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import RedisBufferStore
 from tailstream.streams.stores.deduper import Deduper
+from tailstream.streams.stores.impressions import OnlineCounters
 from tailstream.streams.stores.publisher import Publisher
+from tailstream.streams.worker.attribution import Attribution
 from tailstream.streams.worker.batch_send import BatchSender
 from tailstream.streams.worker.dead_letters import DeadLetter
 from tailstream.streams.worker.model_updates import add_model_tasks
@@ -171,6 +176,7 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
     changelog records and the lists' messages go out a batch at a time (:class:`BatchSender`),
     the rest through Faust."""
     recs_topic = settings.topic(settings.topic_recommendations)
+    impressions_topic = settings.topic(settings.topic_impressions)
     in_flight: list[asyncio.Future[Any]] = []
 
     async def send_changelog(topic: str, records: list[tuple[bytes, bytes]]) -> None:
@@ -188,6 +194,9 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
     async def send_recs_many(lists: list[tuple[str, bytes]]) -> None:
         await sender.send(recs_topic, [(u.encode(), v) for u, v in lists])
 
+    async def send_impressions(records: list[tuple[str, bytes]]) -> None:
+        await sender.send(impressions_topic, [(u.encode(), v) for u, v in records])
+
     async def send_to_dlq(letter: DeadLetter) -> None:
         await topics.dlq.send(key=letter.key, value=letter.value, headers=letter.headers)
 
@@ -202,6 +211,10 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
         await topics.training_requests.send(key=settings.app_id.encode(),
                                             value=json.dumps(request, default=float).encode())
 
+    attribution = Attribution(
+        configs.attribution_config(settings), metrics,
+        OnlineCounters(redis, settings.redis_prefix, health=RedisHealth.of(redis)),
+        redis=redis, prefix=settings.redis_prefix)
     return Pipeline(
         settings,
         profiles=StrKeyed(tables.profiles, send_changelog),
@@ -209,10 +222,14 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
         publisher=Publisher(redis, send_recs, metrics, prefix=settings.redis_prefix,
                             ttl_s=settings.recs_ttl_s, max_backoff_s=settings.redis_retry_max_s,
                             remember_users=settings.active_users_max,
-                            send_many=send_recs_many),
+                            send_many=send_recs_many,
+                            impression_ttl_s=max(1, math.ceil(settings.attribution_window_s)),
+                            send_impressions=send_impressions,
+                            on_impressions=attribution.shown),
         send_to_dlq=send_to_dlq, metrics=metrics, buffer_store=buffer_store,
         send_training_request=send_training_request, save_counts=tables.save_counts,
-        scoring=scoring, send_audit=send_audit if settings.audit_processed else None)
+        scoring=scoring, send_audit=send_audit if settings.audit_processed else None,
+        attribution=attribution)
 
 
 async def process_batch(pipeline: Pipeline, batch: list[RawMessage]) -> None:

@@ -8,6 +8,12 @@ before it started it learns from the model store's ``CURRENT`` pointer instead.
 :func:`add_model_tasks` adds the two Faust tasks of a transformer worker: load the served
 version and embed catalogue items as they arrive; swap to each promoted version (and
 refresh the active users' lists) without a restart.
+
+Updates by ``action``: ``promote`` and ``rollback`` (serve ``version``), ``canary`` (serve
+``version`` to ``share`` of the users beside the serving version, and refresh theirs
+lists), ``canary_rollback`` (stop, and give those users the serving version's lists
+again). A worker that starts while a canary runs joins it from Redis
+(``{prefix}:canary``), since it reads the topic from its end.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tailstream.kafka_io import aiokafka_options
+from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.streams.worker.pipeline import Pipeline
 from tailstream.streams.worker.scoring import ScoringService
@@ -109,10 +116,14 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
                     pipeline: Pipeline) -> None:
     """The transformer worker's tasks: serve the current version, follow promotions."""
 
+    def item_texts(ids: list[str] | Any) -> list[str]:
+        return [pipeline.item_text.get(i) or f"item {i}" for i in ids]
+
     @app.task
     async def serve_transformer() -> None:
         """Load the served model version, then embed catalogue items as they arrive."""
         await scoring.start()
+        await join_running_canary(settings, scoring, pipeline, item_texts)
         gc.freeze()  # the model's objects join the generation the collector never walks
         last_embed = 0.0
         while scoring.scorer is not None:
@@ -128,9 +139,12 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
 
     async def on_model_update(update: dict[str, Any]) -> None:
         version = str(update.get("version", ""))
-        log.info("model update: %s %s", update.get("action"), version)
-        if await scoring.swap_to(version, lambda ids: [
-                pipeline.item_text.get(i) or f"item {i}" for i in ids]):
+        action = update.get("action")
+        log.info("model update: %s %s", action, version)
+        if action in ("canary", "canary_rollback"):
+            await on_canary_update(update, scoring, pipeline, item_texts)
+            return
+        if await scoring.swap_to(version, item_texts):
             measure = asyncio.get_running_loop().create_task(
                 measure_model_update(update, pipeline))
             n = await pipeline.refresh.refresh_active("promotion")
@@ -141,3 +155,43 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
     async def follow_promotions() -> None:
         """Swap to each promoted version without a restart (every worker)."""
         await follow_model_updates(settings, on_model_update)
+
+
+async def on_canary_update(update: dict[str, Any], scoring: ScoringService,
+                           pipeline: Pipeline, item_texts: Callable[[Any], list[str]]) -> None:
+    """A canary starts (serve its candidate to its share, refresh those users' lists) or
+    is rolled back (drop it, refresh the same users with the serving version)."""
+    version = str(update.get("version", ""))
+    try:
+        share = float(update.get("share", 0.0))
+    except (TypeError, ValueError):
+        share = 0.0
+    if update.get("action") == "canary":
+        if await scoring.start_canary(version, share, item_texts):
+            n = await pipeline.refresh.refresh_canary_users(version, share)
+            log.info("canary %s: refreshed %d active users it serves", version, n)
+        return
+    if scoring.end_canary(version):
+        n = await pipeline.refresh.refresh_canary_users(version, share)
+        log.info("canary %s rolled back (%s): refreshed %d users with %s", version,
+                 update.get("reason", ""), n, scoring.version)
+
+
+async def join_running_canary(settings: Settings, scoring: ScoringService, pipeline: Pipeline,
+                              item_texts: Callable[[Any], list[str]]) -> bool:
+    """At start: serve the canary the trainer is running, if any (it is announced once,
+    and this worker reads model-updates from the end)."""
+    redis = getattr(pipeline.publisher, "redis", None)
+    if redis is None or scoring.scorer is None:
+        return False
+    try:
+        raw = await asyncio.wait_for(redis.hgetall(Keys(settings.redis_prefix).canary), 2.0)
+    except Exception as exc:  # noqa: BLE001 - without Redis no canary is joined
+        log.warning("could not read the running canary from redis (%r)", exc)
+        return False
+    info = {(k.decode() if isinstance(k, bytes) else str(k)):
+            (v.decode() if isinstance(v, bytes) else str(v)) for k, v in raw.items()}
+    if not info.get("version") or float(info.get("ends_by", "0") or 0) < time.time():
+        return False
+    return await scoring.start_canary(info["version"], float(info.get("share", "0") or 0),
+                                      item_texts)

@@ -2,9 +2,10 @@
 (``tests/unit/test_pipeline.py`` drives it with in-memory fakes).
 
 ingest (decode, validate, dead-letter) → de-duplicate → state (user profiles,
-popularity, catalogue, the imbalance loop) → queue the users who acted for a fresh list
-(:mod:`~tailstream.streams.worker.refresh`) → once per batch: weights, triggers and the
-buffer's persistence.
+popularity, catalogue, the imbalance loop) → attribute interactions to the lists their
+users were served (:mod:`~tailstream.streams.worker.attribution`) → queue the users who
+acted for a fresh list (:mod:`~tailstream.streams.worker.refresh`) → once per batch:
+weights, triggers and the buffer's persistence.
 
 Nothing here raises into the stream: a message that cannot be processed is
 dead-lettered with its reason, never dropped.
@@ -26,6 +27,7 @@ from tailstream import configs
 from tailstream.contract import (
     CATALOGUE,
     EVENT_KINDS,
+    INTERACTION_KINDS,
     Event,
     InvalidEvent,
     Limits,
@@ -41,6 +43,7 @@ from tailstream.models.serving.signals import Signals
 from tailstream.privacy import pseudonymize
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
+from tailstream.streams.worker.attribution import Attribution
 from tailstream.streams.worker.dead_letters import DeadLetter, bare, dead_letter
 from tailstream.streams.worker.imbalance import ImbalanceLoop
 from tailstream.streams.worker.refresh import ListSink, Refresher
@@ -140,6 +143,7 @@ class Pipeline:
                  save_counts: SaveCounts | None = None,
                  scoring: ScoringService | None = None,
                  send_audit: SendAudit | None = None,
+                 attribution: Attribution | None = None,
                  refresh_every_s: float = 1.0) -> None:
         self.settings = settings
         self.limits = configs.limits(settings)
@@ -169,6 +173,9 @@ class Pipeline:
         self.send_audit = send_audit
         self.refresh = Refresher(settings, self.state, self.profiles, publisher, metrics,
                                  scoring)
+        self.attribution = attribution or Attribution(configs.attribution_config(settings),
+                                                      metrics)
+        """Each user's last served list, and what their interactions did with it."""
         self._pseudonym_key = settings.pseudonymize_key.reveal()
         self._weights_written = 0.0
         self._weights_dirty = False
@@ -253,6 +260,10 @@ class Pipeline:
         applied: list[str] = []
         acted: dict[str, tuple[str, float | None]] = {}
         processed: Counter[str] = Counter()
+        # Users whose last list this worker does not hold (a partition that moved here):
+        # their impressions from Redis, in one round trip for the batch.
+        await self.attribution.prefetch(e.user_id for e, _ in new
+                                        if e.kind in INTERACTION_KINDS)
         for start in range(0, len(new), YIELD_EVERY):
             if start:
                 # A batch of envelopes can hold tens of thousands of events: let the web
@@ -271,6 +282,7 @@ class Pipeline:
             for event, msg in chunk:
                 acted[event.user_id] = (event.event_id, msg.timestamp)
             self.refresh.learn_from(chunk)
+            self.attribution.observe(chunk)
         for kind, n in processed.items():
             self._processed[kind].inc(n)
         self.refresh.mark_active_many(acted)

@@ -27,6 +27,7 @@ from tailstream.contract import INTERACTION_KINDS, Event
 from tailstream.metrics import Metrics
 from tailstream.models.serving.baseline import new_profile, recommend
 from tailstream.models.serving.blend import Candidates, HybridRequest, OnlineBlender
+from tailstream.models.serving.canary import in_canary
 from tailstream.models.towers.context import UserRequest
 from tailstream.settings import Settings
 from tailstream.streams.stores.publisher import ExposureWindow, RecList
@@ -34,6 +35,9 @@ from tailstream.streams.worker.state import StreamState
 
 if TYPE_CHECKING:
     from tailstream.streams.worker.scoring import ScoringService
+
+SERVING = "serving"
+"""The arm of lists made by the serving version (or the baseline)."""
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +144,15 @@ class Refresher:
         self.metrics.scoring_turn_users.set(take)
         started = time.perf_counter()
         try:
-            version, ranked = await self.score([u for u, _ in batch])
+            versions, ranked, arms = await self.score([u for u, _ in batch])
             self.sizer.observe(take, time.perf_counter() - started)
             now = time.time()
             await self.publisher.publish([
                 RecList(user_id=u, items=items, model_version=version, trigger="event",
-                        generated_at=now, event_id=event_id, source_ts=ts)
-                for (u, (event_id, ts)), items in zip(batch, ranked, strict=True)])
+                        generated_at=now, event_id=event_id, source_ts=ts, arm=arm,
+                        policy=self.policy_of(version))
+                for (u, (event_id, ts)), items, version, arm in zip(
+                    batch, ranked, versions, arms, strict=True)])
         except Exception:  # lists are derived data: log, count, keep serving
             self.metrics.publish_errors.labels("scoring").inc()
             log.exception("scoring a batch of %d users failed", len(batch))
@@ -183,32 +189,60 @@ class Refresher:
             self.shown.popitem(last=False)
 
     # ------------------------------------------------------------------ scoring
-    async def score(self, users: Sequence[str]) -> tuple[str, list[list[dict[str, Any]]]]:
+    def policy_of(self, version: str) -> str:
+        """What made a list of ``version``: ``baseline``, ``hybrid`` or ``towers``."""
+        if version == BASELINE_VERSION:
+            return "baseline"
+        return "hybrid" if self.state.signals is not None else "towers"
+
+    async def score(self, users: Sequence[str]
+                    ) -> tuple[list[str], list[list[dict[str, Any]]], list[str]]:
         """Lists for users from their profiles: the transformer when it is ready (hybrid:
-        with the stateful sources and the blender), else the baseline. Returns the version
-        that made them."""
+        with the stateful sources and the blender), else the baseline. Returns, per user,
+        the version that made the list, the list, and its arm (``serving``, or
+        ``canary`` for the users a canary's candidate serves: scored in a call of their
+        own)."""
         profiles = [self.profiles.get(u) or new_profile() for u in users]
-        if self.scoring is not None and self.scoring.ready:
-            version = self.scoring.version
-            requests = [UserRequest(u, self.state.context(p), set(p.get("items", [])[:5]))
-                        for u, p in zip(users, profiles, strict=True)]
-            signals = self.state.signals
-            if signals is not None:
-                now = time.time()
-                hybrid = [HybridRequest(r, signals.sources(p, now=now),
-                                        dict(p.get("cats", {})),
-                                        query=signals.last_query(p, now))
-                          for r, p in zip(requests, profiles, strict=True)]
-                made = await self.scoring.recommend_hybrid(hybrid, self.item_info,
-                                                           self.blender)
-                self._remember(users, made)
-                return version, [[r.to_dict(i + 1) for i, r in enumerate(m.ranked)]
-                                 for m in made]
-            ranked = await self.scoring.recommend(requests, self.item_info)
-            return version, [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
-        return BASELINE_VERSION, [[r.to_dict(i + 1) for i, r in enumerate(
-            recommend(p, self.state.popularity, k=self.settings.recs_k,
-                      tail_share=self.settings.tail_share))] for p in profiles]
+        scoring = self.scoring
+        if scoring is None or not scoring.ready:
+            return [BASELINE_VERSION] * len(users), [[r.to_dict(i + 1) for i, r in enumerate(
+                recommend(p, self.state.popularity, k=self.settings.recs_k,
+                          tail_share=self.settings.tail_share))] for p in profiles], \
+                [SERVING] * len(users)
+        arms = [scoring.arm(u) for u in users] if scoring.canary is not None \
+            else [SERVING] * len(users)
+        versions = [""] * len(users)
+        lists: list[list[dict[str, Any]]] = [[] for _ in users]
+        for arm in dict.fromkeys(arms):
+            idx = [i for i, a in enumerate(arms) if a == arm]
+            version, made = await self._score_with(
+                arm, [users[i] for i in idx], [profiles[i] for i in idx])
+            for i, lst in zip(idx, made, strict=True):
+                versions[i], lists[i] = version, lst
+        return versions, lists, arms
+
+    async def _score_with(self, arm: str, users: Sequence[str], profiles: Sequence[Any]
+                          ) -> tuple[str, list[list[dict[str, Any]]]]:
+        """The transformer's lists for ``users`` from the scorer of ``arm``, and its version."""
+        assert self.scoring is not None
+        scorer = self.scoring.scorer_for(arm)
+        assert scorer is not None
+        version = scorer.version
+        requests = [UserRequest(u, self.state.context(p), set(p.get("items", [])[:5]))
+                    for u, p in zip(users, profiles, strict=True)]
+        signals = self.state.signals
+        if signals is not None:
+            now = time.time()
+            hybrid = [HybridRequest(r, signals.sources(p, now=now), dict(p.get("cats", {})),
+                                    query=signals.last_query(p, now))
+                      for r, p in zip(requests, profiles, strict=True)]
+            made = await self.scoring.recommend_hybrid(hybrid, self.item_info, self.blender,
+                                                       scorer=scorer)
+            self._remember(users, made)
+            return version, [[r.to_dict(i + 1) for i, r in enumerate(m.ranked)]
+                             for m in made]
+        ranked = await self.scoring.recommend(requests, self.item_info, scorer=scorer)
+        return version, [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
 
     async def _after_waiting_users(self, longest_s: float = 2.0) -> None:
         """Let users who acted go first: a bulk chunk waits while the oldest of them has
@@ -233,6 +267,16 @@ class Refresher:
         cutoff = time.time() - self.settings.active_window_s
         return await self.refresh_users(
             [u for u, t in reversed(self.active.items()) if t >= cutoff], trigger)
+
+    async def refresh_canary_users(self, version: str, share: float,
+                                   trigger: str = "canary") -> int:
+        """Republish the lists of the active users in the canary of ``version`` (its
+        ``share`` of users): when it starts, so they see the candidate at once; when it is
+        rolled back, so they see the serving version again."""
+        cutoff = time.time() - self.settings.active_window_s
+        return await self.refresh_users(
+            [u for u, t in reversed(self.active.items())
+             if t >= cutoff and in_canary(u, share, version)], trigger)
 
     async def refresh_aged(self, limit: int = 10_000) -> int:
         """Republish lists older than ``list_max_age_s`` of users active within the list
@@ -259,12 +303,13 @@ class Refresher:
             await self._after_waiting_users()
             began = time.monotonic()
             part = users[start:start + chunk]
-            version, items = await self.score(part)
+            versions, items, arms = await self.score(part)
             now = time.time()
             await self.publisher.publish([
                 RecList(user_id=u, items=its, model_version=version, trigger=trigger,
-                        generated_at=now, event_id=None, source_ts=None)
-                for u, its in zip(part, items, strict=True)])
+                        generated_at=now, event_id=None, source_ts=None, arm=arm,
+                        policy=self.policy_of(version))
+                for u, its, version, arm in zip(part, items, versions, arms, strict=True)])
             done += len(part)
             self.metrics.refresh_pending.labels(trigger).set(len(users) - done)
             self.metrics.refreshed_users.labels(trigger).inc(len(part))

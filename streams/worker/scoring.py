@@ -8,6 +8,16 @@ mutated at the same time.
 
 Until the first version is loaded (a few seconds at start) and while the item index is
 empty, :meth:`ScoringService.ready` is false and the pipeline publishes baseline lists.
+
+**A canary** (:meth:`ScoringService.start_canary`): the candidate the trainer is trying
+is a second :class:`~tailstream.models.serving.scorer.Scorer` beside the serving one,
+made with :meth:`~tailstream.models.serving.scorer.Scorer.sibling` (with the same encoder
+it shares the encoder's weights, the text-vector cache and the items' text vectors: it
+costs its towers, head and an item index). Users in the canary's share (hashed ids,
+:func:`~tailstream.models.serving.canary.in_canary`) are scored with it, on the same
+scoring thread, in a call of their own; everyone else with the serving version. When the
+candidate is promoted it takes the serving scorer's place in one assignment (nothing is
+reloaded); when it is rolled back it is dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch
 from tailstream.configs import ranking_config, tower_config, version_number
 from tailstream.metrics import Metrics
 from tailstream.models.serving.blend import HybridRequest, OnlineBlender
+from tailstream.models.serving.canary import in_canary
 from tailstream.models.serving.hybrid import HybridList, hybrid_recommend
 from tailstream.models.serving.scorer import Ranked, Scorer
 from tailstream.models.towers.context import UserRequest
@@ -37,6 +48,8 @@ from tailstream.streams.stores.vector_cache import RedisVectorStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SERVING, CANARY = "serving", "canary"
+"""The arms a list is made by: the serving version, or the canary's candidate."""
 ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[float]]]
 
 
@@ -73,6 +86,9 @@ class ScoringService:
                                            initializer=lower_thread_priority,
                                            initargs=(settings.scoring_nice,))
         self.scorer: Scorer | None = None
+        self.canary: Scorer | None = None
+        """The candidate being tried on ``canary_share`` of the users (None: no canary)."""
+        self.canary_share = 0.0
         self.failed: str | None = None
         self._pending: dict[str, str] = {}  # item_id → text, waiting to be embedded
         self._removed: set[str] = set()  # deleted items still to take out of the index
@@ -145,6 +161,20 @@ class ScoringService:
     def version(self) -> str:
         return self.scorer.version if self.scorer is not None else ""
 
+    # ------------------------------------------------------------------ arms
+    def arm(self, user_id: str) -> str:
+        """Which model makes ``user_id``'s lists: the canary's candidate for its share of
+        users (sticky: hashed with the candidate's version), else the serving version."""
+        canary = self.canary
+        if canary is not None and in_canary(user_id, self.canary_share, canary.version):
+            return CANARY
+        return SERVING
+
+    def scorer_for(self, arm: str) -> Scorer | None:
+        """The scorer of an arm (the serving one when the canary has just ended)."""
+        canary = self.canary
+        return canary if arm == CANARY and canary is not None else self.scorer
+
     # ------------------------------------------------------------------ catalogue
     def queue_item(self, item_id: str, text: str) -> None:
         """Remember an item to embed (a newer text for the same item replaces the older)."""
@@ -162,6 +192,11 @@ class ScoringService:
         if self._removed:
             removed, self._removed = sorted(self._removed), set()
             await self._run(scorer.remove_items, removed)
+            canary = self.canary
+            if canary is not None and canary is not scorer:
+                await self._run(canary.remove_items, removed)
+            elif self.scorer is not None and self.scorer is not scorer:
+                await self._run(self.scorer.remove_items, removed)
 
     @property
     def pending_items(self) -> int:
@@ -177,17 +212,31 @@ class ScoringService:
         async with self._lock:
             before = scorer.texts.encoded
             await self._run(scorer.add_items, ids, texts)
+            canary = self.canary
+            if canary is not None:  # the shared text vectors are cached: a projection
+                await self._run(canary.add_items, ids, texts)
             # A tombstone that came while these waited wins over their embedding.
             await self._sync_removals(scorer)
         self.metrics.texts_encoded.labels("item").inc(scorer.texts.encoded - before)
-        self.metrics.index_items.set(len(scorer.index))
-        self.metrics.index_bytes.set(scorer.index.memory_bytes + scorer.item_texts.memory_bytes)
+        self._index_metrics(scorer)
         return len(ids)
 
+    def _index_metrics(self, scorer: Scorer) -> None:
+        self.metrics.index_items.set(len(scorer.index))
+        canary = self.canary
+        extra = 0
+        if canary is not None:
+            extra = canary.index.memory_bytes + (
+                canary.item_texts.memory_bytes if canary.item_texts is not scorer.item_texts
+                else 0)
+        self.metrics.index_bytes.set(scorer.index.memory_bytes + scorer.item_texts.memory_bytes
+                                     + extra)
+
     # ------------------------------------------------------------------ users
-    async def recommend(self, requests: list[UserRequest], item_info: ItemInfo
-                        ) -> list[list[Ranked]]:
-        scorer = self.scorer
+    async def recommend(self, requests: list[UserRequest], item_info: ItemInfo, *,
+                        scorer: Scorer | None = None) -> list[list[Ranked]]:
+        """Lists from ``scorer`` (default: the serving version's)."""
+        scorer = scorer or self.scorer
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
@@ -199,10 +248,11 @@ class ScoringService:
         return lists
 
     async def recommend_hybrid(self, requests: list[HybridRequest], item_info: ItemInfo,
-                               blender: OnlineBlender) -> list[HybridList]:
+                               blender: OnlineBlender, *, scorer: Scorer | None = None
+                               ) -> list[HybridList]:
         """Hybrid lists (the towers' candidates with the stateful sources, scored by the
-        online blender), on the scoring thread."""
-        scorer = self.scorer
+        online blender), on the scoring thread, from ``scorer`` (default: serving)."""
+        scorer = scorer or self.scorer
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
@@ -222,6 +272,9 @@ class ScoringService:
         scorer = self.scorer
         if scorer is None or version == scorer.version:
             return False
+        canary = self.canary
+        if canary is not None and canary.version == version:
+            return await self._promote_canary(canary)
         try:
             # Read from disk on another thread: the scoring thread keeps making lists
             # meanwhile, and stops only for the swap (re-projecting the catalogue).
@@ -235,4 +288,63 @@ class ScoringService:
         self.metrics.model_loads.labels("loaded").inc()
         self.metrics.serving_version.set(version_number(version))
         log.info("now scoring with %s (%d items re-indexed)", version, len(scorer.index))
+        return True
+
+    # ------------------------------------------------------------------ the canary
+    async def start_canary(self, version: str, share: float,
+                           item_texts: Callable[[Sequence[str]], list[str]]) -> bool:
+        """Serve ``version`` to ``share`` of the users beside the serving version (loaded
+        off the scoring thread; the catalogue projected for it under the lock, so no list
+        mixes versions). False when it cannot be loaded (the serving version serves
+        everyone) or is already the serving version."""
+        scorer = self.scorer
+        if scorer is None or version == scorer.version or share <= 0.0:
+            return False
+        current = self.canary
+        if current is not None and current.version == version:
+            self.canary_share = share
+            return True
+        try:
+            served = await asyncio.to_thread(self._load, version)
+            async with self._lock:
+                canary = await self._run(scorer.sibling, served, item_texts)
+                self.canary, self.canary_share = canary, share
+        except Exception:
+            self.metrics.model_loads.labels("failed").inc()
+            log.exception("could not load the canary %s; %s serves everyone", version,
+                          scorer.version)
+            return False
+        self.metrics.model_loads.labels("loaded").inc()
+        self.metrics.canary_share.set(share)
+        self.metrics.canary_version.set(version_number(version))
+        self._index_metrics(scorer)
+        log.info("canary: %s serves %.0f%% of users beside %s", version, 100 * share,
+                 scorer.version)
+        return True
+
+    def end_canary(self, version: str | None = None) -> bool:
+        """Stop serving the canary's candidate (``version``: only if it is that one)."""
+        canary = self.canary
+        if canary is None or (version is not None and canary.version != version):
+            return False
+        self.canary, self.canary_share = None, 0.0
+        self.metrics.canary_share.set(0)
+        self.metrics.canary_version.set(0)
+        if self.scorer is not None:
+            self._index_metrics(self.scorer)
+        log.info("canary %s ended; %s serves everyone", canary.version, self.version)
+        return True
+
+    async def _promote_canary(self, canary: Scorer) -> bool:
+        """The canary's candidate was promoted: it takes the serving scorer's place in one
+        assignment (its index is current; nothing is reloaded)."""
+        async with self._lock:
+            canary.adopt_texts()
+            self.scorer, self.canary, self.canary_share = canary, None, 0.0
+        self.metrics.canary_share.set(0)
+        self.metrics.canary_version.set(0)
+        self.metrics.model_loads.labels("loaded").inc()
+        self.metrics.serving_version.set(version_number(canary.version))
+        self._index_metrics(canary)
+        log.info("now scoring with %s (the canary, promoted)", canary.version)
         return True

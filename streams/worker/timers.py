@@ -3,7 +3,8 @@
 * every half second: dead-letter the offsets the consumer stepped over because their
   record batch cannot be decoded (:mod:`~tailstream.streams.worker.transport`);
 * every second: publish the loss weights if they changed; retry lists a Redis outage held
-  back; report catalogue coverage and the tail's share of exposure; report the assigned
+  back; add the online figures of served lists to their versions' Redis hashes; report
+  catalogue coverage and the tail's share of exposure; report the assigned
   input partitions and each one's consumer lag (and log when the assignment changes);
 * every ``refresh_check_s``: refresh lists older than ``list_max_age_s`` of users still
   active;
@@ -55,10 +56,12 @@ def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: 
 
     @app.timer(interval=1.0)
     async def flush_waiting_lists() -> None:
-        """Retry lists a Redis outage held back, even when no events arrive; report
+        """Retry lists a Redis outage held back, even when no events arrive; write the
+        online figures (every version's, summed in Redis over the workers); report
         exposure over the recent window."""
         if pipeline.publisher.pending:
             await pipeline.publisher.publish([])
+        await pipeline.attribution.flush()
         exposure = pipeline.publisher.exposure
         metrics.coverage.set(exposure.distinct / max(len(pipeline.item_text), 1))
         metrics.tail_exposure.set(exposure.tail_share)
