@@ -21,7 +21,7 @@ mkdir -p "$OUT" /root/gpu /tmp/site
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/site/bin:$PATH
 export TAILSTREAM_ENCODER_PATH=/root/gpu/model TAILSTREAM_DEVICE=cuda
-EVAL_STRATEGIES=${EVAL_STRATEGIES:-covisitation,trending,river,ce,adaptive}
+EVAL_STRATEGIES=${EVAL_STRATEGIES:-covisitation,river,adaptive}
 EVAL_STEPS=${EVAL_STEPS:-150}
 
 install() {  # wheels → /tmp/site (no index: nothing can be fetched there)
@@ -37,11 +37,11 @@ case "${1:-}" in
     python3 -c "import torch, transformers, tailstream; print('torch', torch.__version__,
       'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" \
       | tee -a "$OUT/gpu.txt"
-    timeout 240 python3 -m tailstream.cli bench finetune --device cuda --seq-len 64,128 \
+    timeout 170 python3 -m tailstream.cli bench finetune --device cuda --seq-len 64,128 \
       --json "$OUT/finetune.json" > "$OUT/finetune.log" 2>&1
     echo "finetune exit $?"; tail -5 "$OUT/finetune.log"
     timer=""; [ -x /usr/bin/time ] && timer="/usr/bin/time -v"
-    timeout 420 $timer python3 -m tailstream.cli eval /root/gpu/data/UserBehavior_head.csv \
+    timeout 370 $timer python3 -m tailstream.cli eval /root/gpu/data/UserBehavior_head.csv \
       --format taobao --threads 8 --steps "$EVAL_STEPS" --strategies "$EVAL_STRATEGIES" \
       --out "$OUT/eval" > "$OUT/eval.log" 2>&1
     echo "eval exit $?"; grep -E "Elapsed|Maximum resident" "$OUT/eval.log"

