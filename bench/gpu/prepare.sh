@@ -27,7 +27,9 @@ save_file({k: v.to(torch.float16).contiguous() for k, v in t.items()},
           ".gpu/model/model.safetensors", metadata={"format": "pt"})
 PY
 rm -f .gpu/whl/*.whl
-$PY -m pip wheel -q --no-deps --no-build-isolation . -w .gpu/whl
+# tailstream's wheel from the last commit (not the working tree: work in progress stays home)
+build=$(mktemp -d) && git archive HEAD | tar -x -C "$build"
+$PY -m pip wheel -q --no-deps --no-build-isolation "$build" -w .gpu/whl && rm -rf "$build"
 pinned() { for p in "$@"; do $PY -m pip freeze 2>/dev/null | grep -i "^$p==" || echo "$p"; done; }
 download() {
   local dest=$1; shift
