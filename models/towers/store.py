@@ -42,7 +42,7 @@ from tailstream.models.towers.encoder import file_sha256
 _VERSION = re.compile(r"v\d{5}")  # always fullmatch: "$" would allow a trailing newline
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-STATUSES = ("candidate", "promoted", "rejected", "failed", "rolled_back")
+STATUSES = ("candidate", "canary", "promoted", "rejected", "failed", "rolled_back")
 
 
 class StoreError(RuntimeError):

@@ -162,11 +162,12 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 def cmd_model(args: argparse.Namespace) -> int:
     from tailstream.models.towers.store import ModelStore
-    from tailstream.stack.client import change_version, print_versions
+    from tailstream.stack.client import change_version, print_versions, read_online_figures
 
     settings = _settings(args)
     if args.action == "list":
-        print_versions(ModelStore(settings.model_store_dir), args.json)
+        print_versions(ModelStore(settings.model_store_dir), args.json,
+                       read_online_figures(settings))
     else:
         change_version(settings, args.action, args.version, args.reason)
     return 0

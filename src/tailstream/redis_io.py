@@ -128,9 +128,9 @@ class Keys:
         return f"{self.prefix}:online:{version}"
 
     @property
-    def online_pattern(self) -> str:
-        """A SCAN pattern matching every version's online figures."""
-        return f"{self.prefix}:online:*"
+    def online_versions(self) -> str:
+        """Set: the versions that have online figures (what readers list, not SCAN)."""
+        return f"{self.prefix}:online-versions"
 
     @property
     def canary(self) -> str:

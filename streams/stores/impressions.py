@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tailstream.configs import BASE_VERSION
 from tailstream.contract import CLASSES, TAIL, TIERS
 from tailstream.redis_io import Keys, RedisHealth
 
@@ -222,22 +223,41 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 6) if b else None
 
 
+def online_versions(client: Any, prefix: str) -> list[str]:
+    """The versions that have online figures in Redis (a sync client)."""
+    return sorted((v.decode() if isinstance(v, bytes) else str(v))
+                  for v in client.smembers(Keys(prefix).online_versions))
+
+
 def read_online(client: Any, prefix: str, versions: Iterable[str] | None = None
                 ) -> dict[str, OnlineFigures]:
     """Every version's online figures from Redis (a sync client), or those of
-    ``versions`` only (absent ones are left out). One pipelined round trip after the scan."""
+    ``versions`` only (absent ones are left out), in one pipelined round trip. ``base``
+    stands for the lists of the untrained base model (labelled ``base-<fingerprint>``)."""
     keys = Keys(prefix)
-    if versions is None:
-        start = len(keys.online(""))
-        names = sorted({(k.decode() if isinstance(k, bytes) else str(k))[start:]
-                        for k in client.scan_iter(match=keys.online_pattern, count=1000)})
-    else:
-        names = list(dict.fromkeys(versions))
+    wanted = online_versions(client, prefix) if versions is None else list(versions)
+    names = [v for v in dict.fromkeys(wanted) if v and v != BASE_VERSION]
+    if BASE_VERSION in wanted:
+        names += [v for v in online_versions(client, prefix)
+                  if v.startswith(f"{BASE_VERSION}-") and v not in names]
     pipe = client.pipeline(transaction=False)
     for v in names:
         pipe.hgetall(keys.online(v))
     return {v: OnlineFigures.from_hash(raw) for v, raw in zip(names, pipe.execute(),
                                                                strict=True) if raw}
+
+
+def figures_of(figures: Mapping[str, OnlineFigures], version: str) -> OnlineFigures | None:
+    """``version``'s figures; for ``base``, those of the base model's lists (the most
+    served, should the encoder have changed).
+
+    >>> figures_of({"base-53aa5117": OnlineFigures(lists=3)}, "base").lists
+    3
+    """
+    if version in figures or version != BASE_VERSION:
+        return figures.get(version)
+    based = [f for v, f in figures.items() if v.startswith(f"{BASE_VERSION}-")]
+    return max(based, key=lambda f: f.lists) if based else None
 
 
 # --------------------------------------------------------------------------- the worker
@@ -270,6 +290,7 @@ class OnlineCounters:
                         pipe.hincrby(key, name, n)
                         written += 1
                     pipe.expire(key, ONLINE_TTL_S)
+                pipe.sadd(self.keys.online_versions, *pending)
                 await pipe.execute()
         except Exception as exc:  # noqa: BLE001 - kept for the next flush
             for version, counts in pending.items():

@@ -5,7 +5,9 @@ It reads the ``training-requests`` topic (written by the workers' imbalance loop
 where it left off (its position is kept in Redis), coalesces the requests that queued up
 during a run into one run on the newest buffer, hands that to the
 :class:`~tailstream.streams.trainer.trainer.Trainer`, and publishes each promotion on
-``model-updates``. It serves its own ``/metrics`` (``TAILSTREAM_TRAINER_PORT``) and yields
+``model-updates`` — after a canary (:mod:`~tailstream.streams.trainer.canary`), which it
+judges between polls; requests that come while a canary is served wait for its end. It
+serves its own ``/metrics`` (``TAILSTREAM_TRAINER_PORT``) and yields
 to the stream (:mod:`~tailstream.streams.trainer.yielding`): the lowest CPU priority
 (``TAILSTREAM_TRAINER_NICE``, set by the CLI, and ``SCHED_IDLE``), capped torch threads,
 and pauses between training steps while a worker is over its latency budget.
@@ -28,6 +30,7 @@ from tailstream.models.towers.store import ModelStore
 from tailstream.producers.sender import make_producer
 from tailstream.settings import Settings
 from tailstream.streams.stores.vector_cache import RedisVectorStore
+from tailstream.streams.trainer.canary import CanaryController
 from tailstream.streams.trainer.sources import TrainingData
 from tailstream.streams.trainer.trainer import Trainer
 from tailstream.streams.trainer.yielding import Yielder, lower_priority
@@ -62,6 +65,8 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
     shared = (RedisVectorStore(data.redis, settings.redis_prefix, settings.text_vectors_ttl_s)
               if settings.text_vectors_shared else None)
     trainer = Trainer(settings, store, metrics, data, publish, shared_vectors=shared)
+    canary = CanaryController(settings, store, metrics, data.redis, publish)
+    trainer.canary = canary
     yielder = Yielder(settings, data.redis, metrics)
     trainer.on_step = yielder.on_step
     log.info("trainer priority: %s; back-pressure %s (p99 budget %.0f ms)",
@@ -71,16 +76,25 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
     consumer = reader(settings, [topic], from_beginning=True)
     position = Position(consumer, data, topic)
     position.resume(stop)
-    log.info("trainer ready on %s (device %s, serving %s); metrics on :%d", topic,
-             trainer.device, store.current(), settings.trainer_port)
+    canary.restore()
+    log.info("trainer ready on %s (device %s, serving %s, canary %s); metrics on :%d", topic,
+             trainer.device, store.current(),
+             f"{100 * canary.cfg.share:.0f}% for {canary.cfg.window_s:.0f}s"
+             if canary.enabled else "off", settings.trainer_port)
+    held: list[dict[str, Any]] = []
     try:
         while not stop.is_set():
+            canary.tick()
             polled = consumer.poll(timeout_ms=500)
             requests = [json.loads(r.value) for recs in polled.values() for r in recs]
-            if not requests:
-                continue
             metrics.requests.inc(len(requests))
-            trainer.handle(coalesce(requests))
+            held.extend(requests)
+            # While a canary is served, requests wait (unanswered, so a restart reads them
+            # again); once it ended, one run answers them all.
+            if not held or canary.active is not None:
+                continue
+            trainer.handle(coalesce(held))
+            held = []
             position.save()
     finally:
         consumer.close()

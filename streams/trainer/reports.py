@@ -20,7 +20,7 @@ SELECTION_FILE = "selection.json"
 
 @dataclass
 class RunReport:
-    outcome: str  # promoted | rejected | failed | skipped
+    outcome: str  # promoted | canary | rejected | failed | skipped
     reason: str
     version: str | None = None
     parent: str | None = None

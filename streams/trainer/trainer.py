@@ -14,7 +14,12 @@ For each request (:meth:`Trainer.handle`):
    store (``selection.json``), and the run report and manifest say which policies were
    tried, their held-out objective values, the best and what was promoted;
 3. the candidate goes to the model store with its manifest; on promotion the store points
-   at it and a ``model-updates`` event lets the workers swap without a restart.
+   at it and a ``model-updates`` event lets the workers swap without a restart. With a
+   canary (``TAILSTREAM_CANARY_SHARE`` > 0, the default) a candidate the gate passed is
+   not promoted yet: it serves a share of the users first, and the
+   :class:`~tailstream.streams.trainer.canary.CanaryController` promotes it or rolls it
+   back on its online hit rate (the run's outcome is ``canary``). No run starts while a
+   canary is being served.
 
 The worker decides the policy: the trainer's own ``TAILSTREAM_WEIGHT_*`` settings are not
 used (a difference is logged once), so both processes always train and weigh with the
@@ -43,6 +48,7 @@ from tailstream import configs
 from tailstream.configs import BASE_VERSION, Policy, version_number
 from tailstream.contract import CLASSES
 from tailstream.metrics import TrainerMetrics
+from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.loading import (
     ServedModel,
     checkpoint_tensors,
@@ -58,6 +64,7 @@ from tailstream.models.training.routine import Candidate, StepHook, fine_tune
 from tailstream.models.training.selection import PolicySelector, choose, describe_arm, summary
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
+from tailstream.streams.trainer.canary import CanaryController
 from tailstream.streams.trainer.reports import (
     RunReport,
     load_selection,
@@ -100,6 +107,10 @@ class Trainer:
         self.metrics.version.set(version_number(store.current()))
         self.on_step: StepHook | None = None
         """Called after each training step (the process's back-pressure, :mod:`.yielding`)."""
+        self.canary: CanaryController | None = None
+        """The online check before a promotion (None or disabled: promote at once)."""
+        self._promising: dict[str, list[Sample]] = {}
+        """The canary's version → the samples its run trained on (replayed once promoted)."""
 
     # ------------------------------------------------------------------ served model
     def served(self) -> tuple[ServedModel, TextVectors]:
@@ -155,6 +166,9 @@ class Trainer:
 
     def _run(self, request: dict[str, Any]) -> RunReport:
         s = self.settings
+        if self.canary is not None and self.canary.active is not None:
+            return RunReport("skipped", f"the canary of {self.canary.active.version} is being "
+                                        "served", request=request)
         samples = self.data.buffer()
         if len(samples) < s.finetune_min_samples:
             return RunReport("skipped", f"{len(samples)} buffered samples < "
@@ -190,6 +204,14 @@ class Trainer:
         if not decision.promote:
             self.store.reject(version, reason)
             return report
+        if self.canary is not None and self.canary.enabled:
+            report.outcome = "canary"
+            self._promising = {version: list(cand.run.trained_on)}
+            self.canary.after_promotion = self._remember_promoted
+            self.canary.start(version, parent, reason, {
+                "encoder_changed": included, "requested_at": request.get("requested_at"),
+                "candidate_at": candidate_at})
+            return report
         entry = self.store.promote(version, reason,
                                    {"candidate": cand.metrics, "current": cand.current})
         self.metrics.version.set(version_number(version))
@@ -205,6 +227,15 @@ class Trainer:
         except RedisError as exc:
             log.warning("could not keep the promoted run's samples for replay (%s)", exc)
         return report
+
+    def _remember_promoted(self, version: str) -> None:
+        """A canary promoted ``version``: keep the samples its run trained on for replay."""
+        samples = self._promising.pop(version, None)
+        if samples is not None:
+            try:
+                self.data.remember(samples, self.rng)
+            except RedisError as exc:
+                log.warning("could not keep the promoted run's samples for replay (%s)", exc)
 
     def _workers_policy(self, published: Policy) -> Policy:
         """The workers' policy; says once when this process's own settings differ."""

@@ -156,6 +156,7 @@ def test_the_imbalance_math_and_the_worker_state_load_no_torch() -> None:
             "import tailstream.models.imbalance.sketch, tailstream.models.imbalance.buffer\n"
             "import tailstream.models.imbalance.triggers, tailstream.models.imbalance.online\n"
             "import tailstream.streams.worker.imbalance, tailstream.streams.worker.state\n"
+            "import tailstream.streams.worker.attribution, tailstream.models.serving.canary\n"
             "import tailstream.configs\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

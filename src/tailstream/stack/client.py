@@ -102,27 +102,86 @@ def list_line(msg: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- model versions
-def print_versions(store: ModelStore, as_json: bool) -> None:
+def print_versions(store: ModelStore, as_json: bool,
+                   online: dict[str, dict[str, Any]] | None = None) -> None:
+    """Every version with its offline (gate) figures and, beside them, its online ones:
+    ``online`` (every worker's, read from Redis now) or, without it, what the manifest
+    recorded when its canary ended."""
     current = store.current()
     rows = store.versions()
+    online = online or {}
     if as_json:
-        print(json.dumps({"current": current, "versions": rows}, indent=2, default=str))
+        print(json.dumps({"current": current, "versions": rows, "online": online}, indent=2,
+                         default=str))
         return
     print(f"serving: {current}   (store: {store.root})")
-    for line in version_lines(rows):
+    for label, figures in sorted(online.items()):
+        if label.startswith("base-"):  # lists of the untrained base model
+            print(f"{'base':>7}  {'':<11} {label:<38} {online_text(figures)}")
+    for line in version_lines(rows, online):
         print(line)
 
 
-def version_lines(rows: Iterable[dict[str, Any]]) -> list[str]:
+def online_text(figures: dict[str, Any] | None) -> str:
+    """A version's online figures in a few words.
+
+    >>> online_text({"hit_rate": 0.3125, "judged": 1204, "lists": 3000, "ctr": 0.21,
+    ...              "cvr": 0.05})
+    'online hit 0.312 of 1,204 judged, 3,000 lists, ctr 0.210, cvr 0.050'
+    >>> online_text(None)
+    'online —'
+    """
+    if not figures or not figures.get("lists"):
+        return "online —"
+    hit = figures.get("hit_rate")
+    ctr, cvr = figures.get("ctr"), figures.get("cvr")
+    return (f"online hit {'—' if hit is None else f'{hit:.3f}'} of "
+            f"{figures.get('judged', 0):,} judged, {figures.get('lists', 0):,} lists, "
+            f"ctr {'—' if ctr is None else f'{ctr:.3f}'}, "
+            f"cvr {'—' if cvr is None else f'{cvr:.3f}'}")
+
+
+def version_lines(rows: Iterable[dict[str, Any]],
+                  online: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """A line per version: status, parent, policy, the gate's held-out figures, the
+    online figures beside them (live, else the canary's candidate arm), and the reason."""
     out = []
     for m in rows:
         cand = m.get("metrics", {}).get("candidate", {})
+        live = (online or {}).get(m["version"])
+        if live is None:
+            live = m.get("canary", {}).get("online", {}).get("candidate")
         out.append(f"{m['version']:>7}  {m.get('status', '?'):<11} parent "
                    f"{m.get('parent', '?'):<7} {m.get('policy', {}).get('policy', '?'):<15}"
                    f" recall cart {cand.get('recall_cart', 0):.3f}"
                    f" purchase {cand.get('recall_purchase', 0):.3f}"
-                   f" hit@10 {cand.get('hit_at_10', 0):.3f}  {m.get('reason', '')}")
+                   f" hit@10 {cand.get('hit_at_10', 0):.3f} | {online_text(live)}"
+                   f"  {m.get('reason', '')}")
     return out
+
+
+def read_online_figures(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every version's online figures from Redis (every worker's), when Redis is known and
+    answers within a second or two; {} otherwise (the list shows the manifests' figures)."""
+    try:
+        settings = with_running_stack(settings)
+    except SystemExit:
+        pass
+    if not settings.redis_url:
+        return {}
+    import redis
+
+    from tailstream.streams.stores.impressions import read_online
+
+    client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=2,
+                                  socket_connect_timeout=1)
+    try:
+        return {v: f.to_dict() for v, f in read_online(client, settings.redis_prefix).items()}
+    except (redis.RedisError, OSError) as exc:
+        log.warning("online figures unavailable (%s): showing the manifests' only", exc)
+        return {}
+    finally:
+        client.close()
 
 
 def change_version(settings: Settings, action: str, version: str | None,
