@@ -28,6 +28,15 @@
 * A sale: from record ``sale_at`` on (if set), carts are bought ``sale_factor`` times as
   often (capped at certain), so the purchase share about doubles mid-stream with the
   default factor 2 — the prior shift the decisions must follow without a fine-tune.
+* Reacting to lists (``uptake`` > 0 and a ``lists`` reader: the demo reads each user's
+  current list from Redis): at the start of a visit the user looks at the list they were
+  shown with probability ``uptake``, reads it top down (position p is examined with
+  probability ``1/√p``) and takes an item with probability equal to its true
+  :meth:`ShopSimulator.appeal` to them — high for their interest categories and for the
+  items shoppers like (trusted brands, fair prices), low for the rest. A taken item is the
+  visit's first view (``source: "rec"``) and goes down the funnel as any view. So better
+  lists are taken more often, and the online attribution and the canary see it. A
+  replayed log cannot do this: its events happened whatever was shown.
 * Speed: ≈ 60 k events/s on one core (one ``random.Random``, cumulative weights + bisect,
   a reused JSON encoder).
 
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -71,6 +81,8 @@ TRUSTED_BRANDS = {"acme": 2.0, "fjord": 1.8, "lumen": 1.6, "juno": 0.5, "dune": 
 FAV_STYLES = {"deluxe", "retro", "vivid", "aurora"}
 """Adjectives of items favourited ~3× more often."""
 SEARCH_BUY_LIFT = 1.6
+OFF_INTEREST_APPEAL = 0.1
+"""An item outside the user's interest categories appeals this much less."""
 BASE_PRICE: dict[str, float] = {"electronics": 60, "home": 25, "fashion": 40, "beauty": 18,
                                 "sports": 30, "toys": 20}
 
@@ -87,7 +99,8 @@ class ShopSimulator:
     def __init__(self, n_users: int = 2000, n_items: int = 5000, seed: int = 0,
                  malformed_every: int = 0, drift_every: int = 20_000, zipf_s: float = 1.1,
                  clock: Callable[[], float] = time.time, sale_at: int | None = None,
-                 sale_factor: float = 2.0) -> None:
+                 sale_factor: float = 2.0, uptake: float = 0.0,
+                 lists: Callable[[str], list[str] | None] | None = None) -> None:
         if n_users < 1 or n_items < 1:
             raise ValueError("the shop needs at least one user and one item")
         if malformed_every < 0 or malformed_every == 1:
@@ -101,6 +114,12 @@ class ShopSimulator:
         self.clock = clock
         self.sale_at = sale_at
         self.sale_factor = sale_factor
+        self.uptake = uptake
+        """Chance that a visit starts by looking at the user's current list."""
+        self.lists = lists
+        """``user_id → the item ids of their current list`` (None: the shop ignores lists)."""
+        self.taken = 0
+        """Items users took from their lists so far."""
         self._rng = random.Random(seed)
         self.items: list[Item] = []
         self.categories: list[str] = [f"{d}/{c.replace(' ', '-')}"
@@ -109,6 +128,7 @@ class ShopSimulator:
         self._cat_cum: dict[str, list[float]] = {}
         self._cart_odds: list[float] = []
         self._fav_odds: list[float] = []
+        self._index: dict[str, int] = {}
         self._make_catalogue()
         self._users = [self._rng.sample(self.categories, self._rng.randint(1, 3))
                        for _ in range(n_users)]
@@ -131,6 +151,7 @@ class ShopSimulator:
                 else self.categories[i]
             self.items.append(self._new_item(f"i{i}", cat))
             self._by_cat[cat].append(i)
+            self._index[f"i{i}"] = i
         for cat in self.categories:
             self._reweigh(cat)
         self._cat_weights = cat_weights
@@ -175,6 +196,7 @@ class ShopSimulator:
                 raise ValueError(f"unknown category {cat!r}")
             item = self._new_item(f"new{self.seed}-{self._new_items}", cat)
             self._by_cat[cat].append(len(self.items))
+            self._index[item.item_id] = len(self.items)
             self.items.append(item)
             touched.add(cat)
             out.append(ProducedRecord("item", item.item_id, wire_bytes(item.to_dict())))
@@ -198,7 +220,10 @@ class ShopSimulator:
             self.categories[_draw(rng, self._cat_weights)]
         target: int | None = None
         searched = False
-        if rng.random() < P_SEARCH:
+        taken = self._from_list(u, user)
+        if taken is not None:
+            target, cat = taken, self.items[taken].category or cat
+        elif rng.random() < P_SEARCH:
             searched = True
             target = self._pick(cat)
             results = list(dict.fromkeys([target, *(self._pick(cat) for _ in range(7))]))
@@ -214,7 +239,8 @@ class ShopSimulator:
         for n in range(rng.randint(1, 8)):
             idx = target if n == 0 and target is not None else self._pick(cat)
             item = self.items[idx]
-            source = "search" if n == 0 and target is not None else "browse"
+            source = ("rec" if taken is not None else "search") \
+                if n == 0 and target is not None else "browse"
             self._emit(out, "click", user, {"item_id": item.item_id, "category": cat,
                                             "source": source})
             if rng.random() < P_FAV * self._fav_odds[idx] / self._fav_scale:
@@ -230,6 +256,36 @@ class ShopSimulator:
                         "item_id": item.item_id, "category": cat, "price": item.price,
                         "quantity": rng.choice(QUANTITIES)})
         return out
+
+    def appeal(self, u: int, idx: int) -> float:
+        """The true appeal of item ``idx`` to user ``u``, in (0, 1]: how shoppers like it
+        (its cart propensity: brand trust, a fair price; half on average) times whether
+        it is in one of the user's interest categories (else :data:`OFF_INTEREST_APPEAL`).
+
+        >>> sim = ShopSimulator(n_users=5, n_items=50, seed=1)
+        >>> mine = sim._by_cat[sim._users[0][0]][0]
+        >>> 0.0 < sim.appeal(0, mine) <= 1.0
+        True
+        """
+        quality = min(1.0, 0.5 * self._cart_odds[idx] / self._cart_scale)
+        interest = 1.0 if self.items[idx].category in self._users[u] else OFF_INTEREST_APPEAL
+        return quality * interest
+
+    def _from_list(self, u: int, user: str) -> int | None:
+        """The item user ``u`` takes from the list they were shown at the start of a visit,
+        or None (they do not look at it this visit, have none, or like nothing on it)."""
+        if self.lists is None or self.uptake <= 0.0:
+            return None
+        rng = self._rng
+        if rng.random() >= self.uptake:
+            return None
+        shown = self.lists(user) or []
+        for position, item_id in enumerate(shown, 1):
+            idx = self._index.get(item_id)
+            if idx is not None and rng.random() < self.appeal(u, idx) / math.sqrt(position):
+                self.taken += 1
+                return idx
+        return None
 
     def _pick(self, cat: str) -> int:
         ids = self._by_cat[cat]

@@ -289,7 +289,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         records: Any = pace(_guarded(spec.reader(), failed), args.speed)
         source, rate, seconds = f"replay {spec.name}", None, args.seconds
     else:
-        records = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
+        records = synthetic_records(args.users, args.items, args.seed, args.malformed_every,
+                                    args.uptake)
         source = f"synthetic shop ({args.users} users, {args.items} items)"
         rate, seconds = args.rate, (args.seconds if args.seconds is not None else 60.0)
     try:
@@ -312,11 +313,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
     settings = _settings(args)
     spec = log_spec(args, args.file, settings) if args.source == "replay" else None
     settings = with_running_stack(settings)
+    reader: Any = None
     if spec is None:
-        from tailstream.stack.demo import synthetic_records
+        from tailstream.stack.demo import react_to_lists, synthetic_records
 
-        records: Any = synthetic_records(args.users, args.items, args.seed, args.malformed_every)
+        records: Any = synthetic_records(args.users, args.items, args.seed, args.malformed_every,
+                                         args.uptake)
         rate = args.rate
+        reader = react_to_lists(records, settings)  # its users see their lists
     else:
         from tailstream.producers.replay import pace
 
@@ -328,6 +332,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     finally:
         if spec is not None:
             spec.finish()
+        if reader is not None:
+            reader.close()
     print(json.dumps({"sent": stats.sent, "by_kind": stats.by_kind,
                       "malformed": stats.malformed, "seconds": round(stats.seconds, 2)}))
     return 0
@@ -551,6 +557,10 @@ def _synthetic_flags(p: argparse.ArgumentParser, rate: float, malformed_every: i
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malformed-every", type=int, default=malformed_every,
                    help=f"inject one malformed event every N (0: none; default {malformed_every})")
+    p.add_argument("--uptake", type=float, default=0.3,
+                   help="chance that a visit starts by looking at the user's current list "
+                        "(read from Redis), taking an item by its appeal (0: the shop "
+                        "ignores lists; default 0.3)")
 
 
 def _log_flags(p: argparse.ArgumentParser, required: bool = False) -> None:

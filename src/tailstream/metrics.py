@@ -452,7 +452,8 @@ class TrainerMetrics:
             registry=r)
         self.online_ctr = Gauge(
             "tailstream_online_ctr_ratio",
-            "Attributed clicks per served list, by role.", ["role"], registry=r)
+            "Attributed clicks per impression (an item shown in a served list), by role.",
+            ["role"], registry=r)
         self.online_cvr = Gauge(
             "tailstream_online_cvr_ratio",
             "Attributed purchases per attributed click, by role.", ["role"], registry=r)

@@ -110,7 +110,7 @@ class OnlineFigures:
     ...                              b"click": b"3", b"click:tail": b"1",
     ...                              b"purchase": b"1", b"purchase:tail": b"1"})
     >>> f.hit_rate, f.ctr, f.cvr, f.tail_share, f.tail_conversion_share
-    (0.25, 0.3, 0.333333, 0.3, 1.0)
+    (0.25, 0.03, 0.333333, 0.3, 1.0)
     """
 
     lists: int = 0
@@ -162,6 +162,20 @@ class OnlineFigures:
             out.update({f"{c}:{t}": n for t, n in by.items()})
         return out
 
+    @classmethod
+    def total(cls, figures: Iterable[OnlineFigures]) -> OnlineFigures:
+        """Several versions' figures added up.
+
+        >>> OnlineFigures.total([OnlineFigures(lists=2, attributed={"click": 1}),
+        ...                      OnlineFigures(lists=3, attributed={"click": 2})]).attributed
+        {'click': 3}
+        """
+        out = cls()
+        for f in figures:
+            for key, n in f.fields().items():
+                out._add(key, n)
+        return out
+
     def minus(self, earlier: OnlineFigures) -> OnlineFigures:
         """What was added since ``earlier`` (a canary's window: now − at its start).
 
@@ -183,8 +197,8 @@ class OnlineFigures:
 
     @property
     def ctr(self) -> float | None:
-        """CTR-like: attributed clicks per list served."""
-        return _ratio(self.attributed.get(CLICK, 0), self.lists)
+        """CTR-like: attributed clicks per impression (an item shown in a list)."""
+        return _ratio(self.attributed.get(CLICK, 0), sum(self.items.values()))
 
     @property
     def cvr(self) -> float | None:

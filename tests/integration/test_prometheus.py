@@ -26,6 +26,7 @@ import yaml
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
+from tailstream.stack.client import ListReader
 from tailstream.stack.embedded import ManagedProcess, free_port
 
 from .conftest import poll
@@ -177,6 +178,14 @@ def test_prometheus_scrapes_a_running_worker(
     sim = ShopSimulator(n_users=200, n_items=400, seed=21)
     stats = send_records(itertools.islice(sim.events(), 3000), ws)
     assert stats.sent == 3000
+    # Then the shop's users see their lists (read from Redis) and sometimes take an item
+    # from them: impressions, judged lists and attributed interactions.
+    sim.uptake, sim.lists = 0.6, ListReader(ws)
+    try:
+        more = send_records(itertools.islice(sim.events(), 1500), ws, rate=300.0)
+    finally:
+        sim.lists.close()
+    stats.sent += more.sent
 
     # Prometheus reads back every event the worker counted, and at least ten distinct
     # tailstream metrics with non-zero values.
@@ -240,6 +249,29 @@ def test_prometheus_scrapes_a_running_worker(
         "tail exposure share",
         lambda: prometheus.values(panels["Tail exposure share"], "tier") or None)
     assert sum(tiers.values()) == pytest.approx(1.0, abs=1e-6), tiers
+
+    # The online attribution's series are scraped, and its panels have data.
+    def positive(name: str) -> float | None:
+        value = prometheus.values(f"sum({name})", "").get("")
+        return value if value else None
+
+    online = {name: prometheus.wait(name, lambda name=name: positive(name))
+              for name in ("tailstream_impression_lists_total", "tailstream_impressions_total",
+                     "tailstream_judged_lists_total", "tailstream_attributed_total",
+                     "tailstream_attributed_position_total",
+                     "tailstream_tail_exposure_target_ratio")}
+    print(f"online series: {online}, items taken from lists: {sim.taken}")
+    assert online["tailstream_impressions_total"] >= online["tailstream_impression_lists_total"]
+    assert online["tailstream_attributed_total"] > 0 and sim.taken > 0
+    def some_finite(expr: str) -> list[float] | None:
+        values = [float(r["value"][1]) for r in prometheus.query(expr)]
+        return [v for v in values if math.isfinite(v)] or None
+
+    for title in ("Online HitRate of served lists", "Attributed interactions by class",
+                  "Tail: share of impressions (SLO) and of attributed conversions",
+                  "CTR / CVR of served lists", "Impressions by version and arm"):
+        found = prometheus.wait(title, lambda title=title: some_finite(panels[title]))
+        assert all(v >= 0 for v in found), (title, found)
 
     # Every alert rule evaluates without error on real series.
     def rules_evaluated() -> list[dict[str, Any]] | None:

@@ -361,7 +361,10 @@ def test_dashboard_covers_the_required_views() -> None:
                    "tailstream_finetune_runs_total", "tailstream_model_version_number",
                    "tailstream_serving_model_version_number",
                    "tailstream_recommendation_latency_seconds_bucket",
-                   "tailstream_recommended_items_total", "tailstream_dlq_total", LAG_METRIC):
+                   "tailstream_recommended_items_total", "tailstream_dlq_total", LAG_METRIC,
+                   "tailstream_judged_lists_total", "tailstream_attributed_total",
+                   "tailstream_impressions_total", "tailstream_online_hit_rate_ratio",
+                   "tailstream_canaries_total"):
         assert needed in exprs, needed
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
 
@@ -414,7 +417,9 @@ def test_alert_rules_cover_the_required_conditions() -> None:
     exprs = " ".join(r["expr"] for r in rules.values())
     for metric in (LAG_METRIC, "tailstream_dlq_total", "tailstream_finetune_failures_total",
                    "tailstream_last_promotion_timestamp_seconds",
-                   "tailstream_recommendation_latency_seconds_bucket"):
+                   "tailstream_recommendation_latency_seconds_bucket",
+                   "tailstream_online_hit_rate_ratio", "tailstream_impressions_total",
+                   "tailstream_tail_exposure_target_ratio"):
         assert metric in exprs, metric
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}
@@ -642,6 +647,42 @@ def _rule_tests() -> list[dict[str, Any]]:
          "input_series": [_series(last, "0x500", **T),
                           _series(events, "100x500", kind="click", **W)],
          "alert_rule_test": [_alert("400m", "TailstreamNoModelPromotionSinceStart")]},
+        {"interval": "1m",  # the serving version's online hit rate 5 points under the
+         # previous one's on 5,000 judged lists each; then only 1 point under
+         "input_series": [
+             _series("tailstream_online_hit_rate_ratio", "0.25x50 0.29x50", role="serving",
+                     **T),
+             _series("tailstream_online_hit_rate_ratio", "0.30x100", role="previous", **T),
+             _series("tailstream_online_judged_lists", "5000x100", role="serving", **T),
+             _series("tailstream_online_judged_lists", "5000x100", role="previous", **T)],
+         "alert_rule_test": [
+             _alert("20m", "TailstreamOnlineHitRateBelowPrevious"),  # pending
+             _alert("40m", "TailstreamOnlineHitRateBelowPrevious", {"severity": "warning"}),
+             _alert("90m", "TailstreamOnlineHitRateBelowPrevious")]},
+        {"interval": "1m",  # far below, but judged on too few lists to say
+         "input_series": [
+             _series("tailstream_online_hit_rate_ratio", "0.10x60", role="serving", **T),
+             _series("tailstream_online_hit_rate_ratio", "0.30x60", role="previous", **T),
+             _series("tailstream_online_judged_lists", "200x60", role="serving", **T),
+             _series("tailstream_online_judged_lists", "5000x60", role="previous", **T)],
+         "alert_rule_test": [_alert("50m", "TailstreamOnlineHitRateBelowPrevious")]},
+        {"interval": "1m",  # 10 % of the slots to tail items against a 20 % target, then 30 %
+         "input_series": [
+             _series("tailstream_impressions_total", "0+10x90 900+30x90", tier="tail",
+                     model_version="v00002", **W),
+             _series("tailstream_impressions_total", "0+90x90 8100+70x90", tier="head",
+                     model_version="v00002", **W),
+             _series("tailstream_tail_exposure_target_ratio", "0.2x180", **W)],
+         "alert_rule_test": [
+             _alert("20m", "TailstreamTailExposureBelowTarget"),  # pending
+             _alert("75m", "TailstreamTailExposureBelowTarget", {"severity": "warning"}),
+             _alert("170m", "TailstreamTailExposureBelowTarget")]},
+        {"interval": "1m",  # a canary rolled back at 10 min, nothing since
+         "input_series": [_series("tailstream_canaries_total", "0x10 1x110",
+                                  outcome="rolled_back", **T)],
+         "alert_rule_test": [
+             _alert("15m", "TailstreamCanaryRolledBack", {"severity": "info"}),
+             _alert("90m", "TailstreamCanaryRolledBack")]},
         {"interval": "1m",
          "input_series": [
              _series("tailstream_serving_model_version_number", "3x30", **W),

@@ -565,3 +565,40 @@ def test_canary_users_get_the_candidates_lists_in_a_call_of_their_own() -> None:
         ("v00001", "serving")}
     assert {rec.policy for rec in sink.published} == {"towers"}
     assert by_user["u0"].items[0]["item_id"] == "v00002-i"
+
+
+# --------------------------------------------------------------------------- the shop
+def test_the_synthetic_shop_takes_more_from_lists_that_appeal_more() -> None:
+    import itertools
+
+    from tailstream.producers.synthetic import ShopSimulator
+
+    def shop(lists: Any, uptake: float = 0.5) -> ShopSimulator:
+        return ShopSimulator(n_users=200, n_items=1000, seed=5, clock=lambda: T0,
+                             uptake=uptake, lists=lists)
+
+    probe = shop(None)
+
+    def good(user: str) -> list[str]:  # the user's categories, the most liked items first
+        u = int(user[1:])
+        mine = [i for c in probe._users[u] for i in probe._by_cat[c]]
+        return [probe.items[i].item_id
+                for i in sorted(mine, key=lambda i: -probe.appeal(u, i))[:20]]
+
+    def bad(user: str) -> list[str]:  # someone else's categories
+        u = int(user[1:])
+        other = [i for i in range(1000) if probe.items[i].category not in probe._users[u]]
+        return [probe.items[i].item_id for i in other[:20]]
+
+    takes = {}
+    for name, lists in (("good", good), ("bad", bad)):
+        sim = shop(lists)
+        records = list(itertools.islice(sim.events(), 20_000))
+        rec = [r for r in records if r.kind == "click" and json.loads(r.value)["source"] == "rec"]
+        assert len(rec) == sim.taken
+        takes[name] = sim.taken
+    assert takes["good"] > 3 * takes["bad"] > 0
+    # Without a list reader the stream is the shop's usual one, byte for byte.
+    plain = list(itertools.islice(ShopSimulator(n_users=200, n_items=1000, seed=5,
+                                                clock=lambda: T0).events(), 2000))
+    assert plain == list(itertools.islice(shop(None).events(), 2000))

@@ -65,6 +65,39 @@ def read_list(settings: Settings, user: str) -> dict[str, Any] | None:
         client.close()
 
 
+class ListReader:
+    """What a user is shown right now: the item ids of their list in Redis (one ``HGET``
+    of the list's items, the id pseudonymized as the workers store it). For the synthetic
+    shop's users, who sometimes take an item from their list; None when there is none or
+    Redis does not answer (the shop then browses as usual)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import redis
+
+        from tailstream.redis_io import Keys
+
+        self.client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=1,
+                                           socket_connect_timeout=1)
+        self.keys = Keys(settings.redis_prefix)
+        self.key = settings.pseudonymize_key.reveal()
+        self.reads = 0
+
+    def __call__(self, user: str) -> list[str] | None:
+        from redis.exceptions import RedisError
+
+        from tailstream.privacy import pseudonymize
+
+        self.reads += 1
+        try:
+            raw = self.client.hget(self.keys.meta(pseudonymize(user, self.key)), "items")
+            return [str(it["item_id"]) for it in json.loads(raw)] if raw else None
+        except (RedisError, OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def follow_lists(settings: Settings, *, user: str | None, from_beginning: bool,
                  as_json: bool, limit: int) -> None:
     """Print lists from the recommendations topic as they come (one line each)."""

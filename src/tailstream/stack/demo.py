@@ -4,7 +4,10 @@ Broker and Redis (embedded unless configured) → worker process → producer th
 (synthetic shop or a replayed log) → recommendations on Kafka and in Redis →
 metrics. The summary JSON is computed from what actually arrived: the
 recommendations and DLQ topics are read back, Redis is scanned, the worker's
-/metrics page is scraped.
+/metrics page is scraped; ``online`` (impressions and what was attributed to them, by
+class, tier and version) comes from the versions' online figures in Redis, ``canary``
+from the trainer's metrics and the store's ``canaries.jsonl``. The synthetic shop reacts
+to the lists (its users read theirs from Redis and sometimes take an item from them).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +46,11 @@ from tailstream.stack.processes import (
 
 log = logging.getLogger(__name__)
 
-DEMO_DEFAULTS: dict[str, Any] = {"trigger_min_samples": 1000, "trigger_cooldown_s": 20.0}
-"""Settings a one-minute demo changes (unless set by env var or flag), so fine-tunes
-happen within it: production defaults wait for 2,000 new minority samples and a minute."""
+DEMO_DEFAULTS: dict[str, Any] = {"trigger_min_samples": 1000, "trigger_cooldown_s": 20.0,
+                                 "canary_window_s": 20.0, "canary_min_lists": 100}
+"""Settings a one- or two-minute demo changes (unless set by env var or flag), so
+fine-tunes and a canary happen within it: production defaults wait for 2,000 new minority
+samples and a minute, and judge a canary after ten minutes and 200 judged lists."""
 
 
 @dataclass
@@ -194,6 +199,7 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
         worker, ws = start_worker(s)
         tr: tuple[ManagedProcess, Settings] | None = start_trainer(ws) if trainer else None
         view: LiveView | None = None
+        lists = react_to_lists(records, ws)
         try:
             log.info("waiting for the worker to join its group …")
             wait_ready(worker, ws)
@@ -204,8 +210,7 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
             result: dict[str, SendStats] = {}
 
             def produce() -> None:
-                result["stats"] = send_records(records, s, rate=rate, duration_s=seconds,
-                                               stop=stop)
+                result["stats"] = send_records(records, s, rate=rate, stop=stop)
 
             producer = threading.Thread(target=produce, name="producer", daemon=True)
             started = time.monotonic()
@@ -217,6 +222,8 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
                     producer.join(1.0)
                     if not worker.alive():
                         raise RuntimeError(f"the worker died:\n{worker.tail(40)}")
+                    if _time_is_up(time.monotonic() - started, seconds, tr[1] if tr else None):
+                        stop.set()
             finally:
                 stop.set()
                 producer.join(30)
@@ -229,7 +236,11 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
             summary = _summary(ws, tr[1] if tr else None, stats, watcher, recs, dlq, view,
                                time.monotonic() - started)
             summary.update(_freshness(watcher, promotions, view))
+            summary["online"] = online_summary(ws, records)
+            summary["canary"] = canary_summary(ts=tr[1] if tr else None, ws=ws)
         finally:
+            if lists is not None:
+                lists.close()
             if view is not None:
                 view.close()
             if tr is not None:
@@ -241,6 +252,36 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
     if summary_json is not None:
         summary_json.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _online_row(m: dict[str, float], t: dict[str, float]) -> str:
+    """Judged lists, their hit rate, attributed interactions and the canary, for the log.
+
+    >>> _online_row({"tailstream_judged_lists_total": 40.0,
+    ...              "tailstream_judged_lists_total{outcome=hit}": 10.0,
+    ...              "tailstream_attributed_total": 12.0},
+    ...             {"tailstream_canary_running": 1.0,
+    ...              "tailstream_canary_model_version_number": 3.0})
+    'judged 40 lists, hit rate 0.250, attributed 12; canary v3 running'
+    """
+    judged = m.get("tailstream_judged_lists_total", 0.0)
+    hits = m.get("tailstream_judged_lists_total{outcome=hit}", 0.0)
+    rate = f"{hits / judged:.3f}" if judged else "—"
+    canary = (f"canary v{int(t.get('tailstream_canary_model_version_number', 0))} running"
+              if t.get("tailstream_canary_running", 0.0) > 0 else "no canary running")
+    return (f"judged {judged:,.0f} lists, hit rate {rate}, attributed "
+            f"{m.get('tailstream_attributed_total', 0.0):,.0f}; {canary}")
+
+
+def _time_is_up(elapsed: float, seconds: float | None, ts: Settings | None) -> bool:
+    """Whether the shop stops now: after ``seconds`` — unless a canary is being served,
+    which is judged on the users' interactions: then the shop goes on until it ends (at
+    most three canary windows more), so the summary shows a decision made on traffic."""
+    if seconds is None or elapsed < seconds:
+        return False
+    if ts is None or elapsed >= seconds + 3 * ts.canary_window_s + 10.0:
+        return True
+    return _scrape_or_empty(trainer_metrics_url(ts)).get("tailstream_canary_running", 0.0) <= 0
 
 
 def wait_model(worker: ManagedProcess, ws: Settings, timeout: float = 120.0) -> None:
@@ -280,12 +321,14 @@ def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started:
 def _settle_finetunes(ws: Settings, ts: Settings, view: LiveView, started: float) -> None:
     """Let a fine-tune that is still running finish, and the worker swap to what it
     promoted and refresh active users, so the summary reports whole runs."""
-    deadline = time.monotonic() + ts.finetune_max_seconds + 120.0
+    deadline = time.monotonic() + ts.finetune_max_seconds + 120.0 + \
+        ts.canary_window_s * 3
     while time.monotonic() < deadline:
         view.update(time.monotonic() - started)
         t = _scrape_or_empty(trainer_metrics_url(ts))
         w = _scrape_or_empty(metrics_url(ws))
-        running = t.get("tailstream_finetune_running", 0.0) > 0
+        running = t.get("tailstream_finetune_running", 0.0) > 0 or \
+            t.get("tailstream_canary_running", 0.0) > 0
         promoted = t.get("tailstream_model_version_number", 0.0)
         serving = w.get("tailstream_serving_model_version_number", 0.0)
         refreshing = w.get("tailstream_refresh_pending_users", 0.0) > 0
@@ -333,7 +376,7 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
         "latency_ms_p99": _round(percentile(lat, 99)),
         "events_per_s": round(int(m.get("tailstream_events_in_total", 0)) / max(elapsed, 1e-9), 1),
         "finetunes": {k: int(t.get(f"tailstream_finetune_runs_total{{outcome={k}}}", 0))
-                      for k in ("promoted", "rejected", "failed", "skipped")}
+                      for k in ("promoted", "canary", "rejected", "failed", "skipped")}
                      | {"runs": int(t.get("tailstream_finetune_runs_total", 0))},
         "events_per_s_during_finetune": _round(during),
         "events_per_s_outside_finetune": _round(outside),
@@ -364,15 +407,22 @@ def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, An
                 runs.append(json.loads(line))
             except ValueError:
                 continue
-    decided = [r for r in runs if r.get("outcome") in ("promoted", "rejected")]
+    decided = [r for r in runs if r.get("outcome") in ("promoted", "canary", "rejected")]
+    canaries = {c.get("version"): c.get("verdict", {}).get("decision")
+                for c in read_jsonl(store.root / "canaries.jsonl")}
+
+    def promoted(r: dict[str, Any]) -> bool:
+        return r.get("outcome") == "promoted" or (
+            r.get("outcome") == "canary" and canaries.get(r.get("version")) == "promote")
+
     current = store.current()
     served_policy = next((r.get("policy") for r in reversed(runs)
                           if r.get("version") == current), None)
     return {
         "serving_version": current, "served_policy": served_policy or "base (untrained)",
-        "promotions": sum(r.get("outcome") == "promoted" for r in runs),
+        "promotions": sum(promoted(r) for r in runs),
         "gate": [{"version": r.get("version"), "policy": r.get("policy"),
-                  "promoted": r.get("outcome") == "promoted",
+                  "promoted": promoted(r), "canary": r.get("outcome") == "canary",
                   "tried": [t.get("policy") for t in r.get("selection", {}).get("tried", [])],
                   "reason": str(r.get("reason", ""))[:200]} for r in decided],
         "ranking": s.rank_mode,
@@ -382,6 +432,85 @@ def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, An
         "blend_updates": {o: int(worker_metrics.get(
             f"tailstream_blend_updates_total{{outcome={o}}}", 0)) for o in ("hit", "miss")},
     }
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (none when it is missing; unreadable lines skipped)."""
+    out: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def react_to_lists(records: Iterable[ProducedRecord], ws: Settings) -> Any:
+    """Let the synthetic shop's users read their current lists from Redis (they sometimes
+    take an item from them); returns the reader to close, or None (a replayed log cannot
+    react: its events happened whatever was shown)."""
+    from tailstream.stack.client import ListReader
+
+    if not isinstance(records, ShopRecords) or records.sim.uptake <= 0 or not ws.redis_url:
+        return None
+    reader = ListReader(ws)
+    records.sim.lists = reader
+    return reader
+
+
+def online_summary(ws: Settings, records: Iterable[ProducedRecord] | None = None
+                   ) -> dict[str, Any]:
+    """What the served lists did, every worker's (the versions' online figures in Redis):
+    impressions (lists and items, by tier and version), interactions attributed to them
+    (by class, tier, position and version), the online hit rate, CTR/CVR-like rates and
+    the tail's shares, overall and by version."""
+    from tailstream.streams.stores.impressions import OnlineFigures, read_online
+
+    client = redis.Redis.from_url(ws.redis_url.reveal(), socket_timeout=5)
+    try:
+        figs = read_online(client, ws.redis_prefix)
+    finally:
+        client.close()
+    total = OnlineFigures.total(figs.values()).to_dict()
+    out: dict[str, Any] = {
+        "impressions": {"lists": total["lists"], "items": sum(total["items_by_tier"].values()),
+                        "by_tier": total["items_by_tier"],
+                        "by_version": {v: f.lists for v, f in figs.items()}},
+        "attributed": {"total": sum(total["attributed_by_class"].values()),
+                       "by_class": total["attributed_by_class"],
+                       "by_tier": total["attributed_by_tier"],
+                       "by_position": total["attributed_by_position"],
+                       "by_version": {v: dict(f.attributed) for v, f in figs.items()}},
+        "judged_lists": total["judged"], "hit_rate": total["hit_rate"], "ctr": total["ctr"],
+        "cvr": total["cvr"], "tail_share_of_impressions": total["tail_share"],
+        "tail_share_of_conversions": total["tail_conversion_share"],
+        "by_version": {v: {k: f.to_dict()[k] for k in ("lists", "judged", "hit_rate", "ctr",
+                                                       "cvr", "tail_share")}
+                       for v, f in figs.items()},
+    }
+    if isinstance(records, ShopRecords):
+        out["shop"] = {"uptake": records.sim.uptake, "items_taken_from_lists": records.sim.taken}
+    return out
+
+
+def canary_summary(ts: Settings | None, ws: Settings) -> dict[str, Any]:
+    """The canaries the trainer ran: how many started, were promoted, were rolled back,
+    and each decision with its figures and reason."""
+    from tailstream.models.towers.store import ModelStore
+
+    t = _scrape_or_empty(trainer_metrics_url(ts)) if ts is not None else {}
+    out: dict[str, Any] = {k: int(t.get(f"tailstream_canaries_total{{outcome={k}}}", 0))
+                           for k in ("started", "promoted", "rolled_back")}
+    out.update({"share": ws.canary_share, "window_s": ws.canary_window_s,
+                "confidence": ws.canary_confidence, "min_lists": ws.canary_min_lists})
+    out["decisions"] = [
+        {"version": c.get("version"), "serving": c.get("serving"),
+         **{k: c.get("verdict", {}).get(k) for k in (
+             "decision", "code", "candidate_rate", "candidate_lists", "serving_rate",
+             "serving_lists", "z", "p_value", "reason")}}
+        for c in read_jsonl(ModelStore((ts or ws).model_store_dir).root / "canaries.jsonl")]
+    return out
 
 
 def _freshness(watcher: RecsWatcher, promotions: UpdatesWatcher, view: LiveView
@@ -483,6 +612,7 @@ class LiveView:
             ("lists published", f"{self.recs.count:,} for {len(self.watcher.users):,} users"),
             ("latency event→Redis", f"p50 {percentile(lat, 50) or 0:.0f} ms, "
                                     f"p99 {percentile(lat, 99) or 0:.0f} ms"),
+            ("online", _online_row(m, t)),
             ("metrics", metrics_url(self.ws)),
         ]
         if elapsed - self._last_log >= 5:
@@ -507,10 +637,20 @@ class LiveView:
         """Nothing to release (kept for symmetry with the callers' try/finally)."""
 
 
-def synthetic_records(n_users: int, n_items: int, seed: int,
-                      malformed_every: int) -> Iterable[ProducedRecord]:
+@dataclass
+class ShopRecords:
+    """The synthetic shop's records (its catalogue, then endless visits), with the shop
+    itself at hand: :func:`react_to_lists` gives it the users' lists once Redis is up."""
+
+    sim: Any
+
+    def __iter__(self) -> Iterator[ProducedRecord]:
+        return itertools.chain(self.sim.catalogue(), self.sim.events())
+
+
+def synthetic_records(n_users: int, n_items: int, seed: int, malformed_every: int,
+                      uptake: float = 0.0) -> ShopRecords:
     from tailstream.producers.synthetic import ShopSimulator
 
-    sim = ShopSimulator(n_users=n_users, n_items=n_items, seed=seed,
-                        malformed_every=malformed_every)
-    return itertools.chain(sim.catalogue(), sim.events())
+    return ShopRecords(ShopSimulator(n_users=n_users, n_items=n_items, seed=seed,
+                                     malformed_every=malformed_every, uptake=uptake))

@@ -248,6 +248,64 @@ class View:
     """The last promotion's trigger → first list with the new version (worker's gauge)."""
     finetune_paused_s: float | None = None
     """Seconds fine-tunes paused for the workers (back-pressure)."""
+    online: OnlineView | None = None
+    """Impressions and what was attributed to them (None: no worker answered yet)."""
+
+
+@dataclass(frozen=True)
+class OnlineView:
+    """The online attribution of served lists and the canary, as the view shows them."""
+
+    lists_total: float = 0.0
+    lists_per_s: float | None = None
+    judged: float = 0.0
+    hits: float = 0.0
+    attributed: dict[str, float] = field(default_factory=dict)
+    tail_share: float | None = None
+    """Tail items' share of the list slots served (all time)."""
+    tail_target: float | None = None
+    hit_rate_by_role: dict[str, float] = field(default_factory=dict)
+    """The trainer's figures (every worker's): serving, previous, canary."""
+    canary_version: int | None = None
+    canary_share: float | None = None
+    canaries: dict[str, float] = field(default_factory=dict)
+    """Canaries by outcome: started, promoted, rolled_back."""
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.judged if self.judged else None
+
+
+def online_view(c: Snapshot, prev: Snapshot | None, seconds: float,
+                trainer: Snapshot | None) -> OnlineView:
+    """The online rows' figures from the workers' (merged) and the trainer's snapshots.
+
+    >>> v = online_view({"tailstream_impression_lists_total": 10,
+    ...                  "tailstream_judged_lists_total{outcome=hit}": 3,
+    ...                  "tailstream_judged_lists_total{outcome=miss}": 9,
+    ...                  "tailstream_impressions_total{tier=tail}": 30,
+    ...                  "tailstream_impressions_total{tier=head}": 70,
+    ...                  "tailstream_attributed_total{class=click}": 4}, None, 0.0, None)
+    >>> v.hit_rate, v.tail_share, v.attributed
+    (0.25, 0.3, {'click': 4})
+    """
+    t = trainer or {}
+    outcomes = labelled(c, "tailstream_judged_lists_total", "outcome")
+    tiers = labelled(c, "tailstream_impressions_total", "tier")
+    slots = sum(tiers.values())
+    version = t.get("tailstream_canary_model_version_number") or \
+        c.get("tailstream_canary_model_version_number")
+    return OnlineView(
+        lists_total=c.get("tailstream_impression_lists_total", 0.0),
+        lists_per_s=rate(c, prev, "tailstream_impression_lists_total", seconds),
+        judged=sum(outcomes.values()), hits=outcomes.get("hit", 0.0),
+        attributed=labelled(c, "tailstream_attributed_total", "class"),
+        tail_share=tiers.get("tail", 0.0) / slots if slots else None,
+        tail_target=c.get("tailstream_tail_exposure_target_ratio"),
+        hit_rate_by_role=labelled(t, "tailstream_online_hit_rate_ratio", "role"),
+        canary_version=int(version) if version else None,
+        canary_share=c.get("tailstream_canary_share_ratio"),
+        canaries=labelled(t, "tailstream_canaries_total", "outcome"))
 
 
 def _ms(x: float | None) -> float | None:
@@ -316,6 +374,7 @@ def build_view(cur: Snapshot | None, prev: Snapshot | None = None, seconds: floa
         latency_during_ms=_quantiles_ms(during), latency_outside_ms=_quantiles_ms(outside),
         model_update_s=c.get("tailstream_model_update_seconds{stage=first_list}"),
         finetune_paused_s=(trainer or {}).get("tailstream_trainer_paused_seconds_total"),
+        online=online_view(c, prev, seconds, trainer) if have else None,
     )
 
 
@@ -398,8 +457,43 @@ def lines(view: View) -> list[tuple[str, str]]:
         ("freshness", freshness),
         ("fine-tunes", ft),
         ("model", model),
+        *online_lines(view.online, per),
         ("dead-lettered", dlq),
         ("consumer lag", f"{_f(view.lag)} messages on {_f(view.partitions)} partitions"),
+    ]
+
+
+def online_lines(o: OnlineView | None, per: str = "/s") -> list[tuple[str, str]]:
+    """The rows of the online attribution and the canary.
+
+    >>> for label, text in online_lines(OnlineView(
+    ...         lists_total=900, lists_per_s=12.0, judged=400, hits=100,
+    ...         attributed={"click": 80, "purchase": 2}, tail_share=0.31, tail_target=0.2,
+    ...         hit_rate_by_role={"serving": 0.25}, canaries={"started": 1})):
+    ...     print(f"{label}: {text}")  # doctest: +NORMALIZE_WHITESPACE
+    online: 12.0 lists/s, 900 in all; hit rate 0.250 of 400 judged; attributed click 80,
+      purchase 2; tail 31 % of slots (target 20 %)
+    canary: none running (started 1, promoted 0, rolled back 0); hit rate serving 0.250
+    """
+    if o is None:
+        return []
+    attributed = ", ".join(f"{c} {n:,.0f}" for c, n in o.attributed.items() if n) or "none"
+    tail = "—" if o.tail_share is None else f"{100 * o.tail_share:.0f} %"
+    tail += " of slots"
+    if o.tail_target is not None:
+        tail += f" (target {100 * o.tail_target:.0f} %)"
+    hit = "—" if o.hit_rate is None else f"{o.hit_rate:.3f}"
+    running = (f"v{o.canary_version} on {100 * (o.canary_share or 0):.0f} % of users"
+               if o.canary_version else "none running")
+    counts = (f"started {o.canaries.get('started', 0):,.0f}, promoted "
+              f"{o.canaries.get('promoted', 0):,.0f}, rolled back "
+              f"{o.canaries.get('rolled_back', 0):,.0f}")
+    roles = ", ".join(f"{r} {v:.3f}" for r, v in o.hit_rate_by_role.items())
+    return [
+        ("online", f"{_f(o.lists_per_s, ',.1f')} lists{per}, {o.lists_total:,.0f} in all; "
+                   f"hit rate {hit} of {o.judged:,.0f} judged; attributed {attributed}; "
+                   f"tail {tail}"),
+        ("canary", f"{running} ({counts})" + (f"; hit rate {roles}" if roles else "")),
     ]
 
 
