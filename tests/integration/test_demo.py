@@ -50,4 +50,13 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert s["recommendations_published"] > 0
     assert s["users_with_recs_in_redis"] > 0
     assert 0 < s["latency_ms_p50"] <= s["latency_ms_p99"]
+    # What the served lists did online, and the canaries (none may start in 15 s).
+    online = s["online"]
+    assert online["impressions"]["lists"] > 0
+    assert online["impressions"]["items"] >= online["impressions"]["lists"]
+    assert set(online["attributed"]["by_class"]) == {"click", "cart", "fav", "purchase"}
+    assert set(online["impressions"]["by_tier"]) == {"head", "torso", "tail"}
+    assert online["impressions"]["by_version"]
+    assert {"started", "promoted", "rolled_back", "decisions"} <= set(s["canary"])
+    assert s["canary"]["started"] >= s["canary"]["promoted"] + s["canary"]["rolled_back"]
     assert _service_pids() <= before, "the demo left processes behind"

@@ -26,7 +26,10 @@ def test_buffered_minority_samples_become_a_promoted_model_in_the_lists(
         # tested in tests/unit/test_trainer.py).
         TAILSTREAM_TRIGGER_MIN_SAMPLES="400", TAILSTREAM_TRIGGER_COOLDOWN_S="10",
         TAILSTREAM_FINETUNE_MAX_STEPS="60", TAILSTREAM_GATE_RECALL_TOLERANCE="1.0",
-        TAILSTREAM_GATE_QUALITY_TOLERANCE="1.0")
+        TAILSTREAM_GATE_QUALITY_TOLERANCE="1.0",
+        # No canary: the gate's decision promotes at once (the canary between the gate and
+        # the promotion is tested in test_canary.py).
+        TAILSTREAM_CANARY_SHARE="0")
     done = subprocess.run(
         [sys.executable, "-m", "tailstream.cli", "demo", "--seconds", "40", "--rate", "250",
          "--users", "400", "--items", "800", "--no-ui", "--summary-json", str(out)],

@@ -186,6 +186,8 @@ def test_prometheus_scrapes_a_running_worker(
     finally:
         sim.lists.close()
     stats.sent += more.sent
+    for kind, n in more.by_kind.items():
+        stats.by_kind[kind] = stats.by_kind.get(kind, 0) + n
 
     # Prometheus reads back every event the worker counted, and at least ten distinct
     # tailstream metrics with non-zero values.

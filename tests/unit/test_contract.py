@@ -34,7 +34,8 @@ from tailstream.contract import (
 from tailstream.settings import Settings
 
 SCHEMA_DIR = Path(__file__).parents[2] / "docs" / "schemas"
-SCHEMA_NAMES = ("click", "cart", "fav", "purchase", "search", "item", "recommendation")
+SCHEMA_NAMES = ("click", "cart", "fav", "purchase", "search", "item", "recommendation",
+                "impression")
 
 NOW = 1_700_000_000.0
 LIMITS = Limits()
@@ -485,6 +486,8 @@ def _valid_example(name: str) -> dict[str, Any]:
         return item()
     if name == "recommendation":
         return recommendation()
+    if name == "impression":
+        return impression()
     return event(name)
 
 
@@ -511,7 +514,7 @@ def test_schema_bounds_match_limits() -> None:
 
 def test_every_event_kind_has_a_schema() -> None:
     assert {p.stem for p in SCHEMA_DIR.glob("*.json")} == set(SCHEMA_NAMES)
-    assert set(SCHEMA_NAMES) == {*EVENT_KINDS, "item", "recommendation"}
+    assert set(SCHEMA_NAMES) == {*EVENT_KINDS, "item", "recommendation", "impression"}
 
 
 # ---------------------------------------------------------------------------
@@ -571,3 +574,23 @@ def recommendation(**fields: Any) -> dict[str, Any]:
 )
 def test_recommendation_schema(value: dict[str, Any], valid: bool) -> None:
     assert schema("recommendation").is_valid(value) is valid
+
+
+# ---------------------------------------------------------------------------
+# Output: impression.json
+# ---------------------------------------------------------------------------
+def impression() -> dict[str, Any]:
+    """What the worker writes for a published list (Impression.to_json)."""
+    from tailstream.streams.stores.impressions import Impression
+
+    return dict(json.loads(Impression("u-1", "00ff00ff00ff00ff", "v00002", "canary", "hybrid",
+                                      "event", NOW, ("i-9", "i-4"), ("head", "tail"))
+                           .to_json()))
+
+
+def test_impression_records_match_their_schema() -> None:
+    assert schema("impression").is_valid(impression())
+    assert not schema("impression").is_valid({**impression(), "arm": "other"})
+    bad = impression()
+    bad["items"][0]["position"] = 0
+    assert not schema("impression").is_valid(bad)

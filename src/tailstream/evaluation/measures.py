@@ -1,5 +1,6 @@
 """Pure metric functions the evaluation adds to :mod:`tailstream.models.training.metrics`:
-standard errors, the G-mean over classes, ROC-AUC, and MAP@K of single-target lists."""
+standard errors, the G-mean over classes, ROC-AUC, MAP@K of single-target lists, and the
+inverse-propensity estimate of a candidate's online hit rate from logged lists."""
 
 from __future__ import annotations
 
@@ -86,3 +87,42 @@ def average_precision_at_k(rank: int, k: int) -> float:
     (0.5, 0.0, 0.0)
     """
     return 1.0 / rank if 1 <= rank <= k else 0.0
+
+
+def ips_hit_rate(logged: Sequence[int], candidate: Sequence[int], k: int = 20,
+                 eta: float = 1.0) -> tuple[float, float, float | None]:
+    """Inverse-propensity (IPS) estimate of a candidate's online hit rate from the lists a
+    logging policy showed, positions as propensities (the position-based click model:
+    position p is examined with probability ``θ(p) = p^(−η)``; Joachims, Swaminathan &
+    Schnabel, WSDM 2017). ``logged[n]`` and ``candidate[n]`` are the 1-based ranks of
+    interaction n's item in the logged and in the candidate's list (0: not in it). An
+    interaction on a logged item at rank r is a click observed with propensity θ(r); the
+    candidate would have shown it at rank r', where it is examined with θ(r'):
+
+        V̂ = (1/N) Σ_n 1[1 ≤ r_n ≤ k] · 1[1 ≤ r'_n ≤ k] · θ(r'_n) / θ(r_n)
+
+    Returns ``(V̂, its standard error, support)``: support is the share of the candidate's
+    own hits (``1 ≤ r' ≤ k``) on items the logging policy showed too — the rest cannot be
+    seen in the log, so V̂ under-estimates a candidate that finds other items by about that
+    share (None when the candidate hits nothing). For the logging policy itself V̂ is its
+    HitRate@k.
+
+    >>> ips_hit_rate([1, 2, 0, 4], [2, 1, 3, 0])
+    (0.625, 0.473242, 0.666667)
+    >>> ips_hit_rate([1, 2, 0], [1, 2, 0])[0]  # the logging policy: its HitRate@20
+    0.666667
+    >>> ips_hit_rate([], [])
+    (0.0, 0.0, None)
+    """
+    terms: list[float] = []
+    hits = both = 0
+    for r, r2 in zip(logged, candidate, strict=True):
+        shown, mine = 1 <= r <= k, 1 <= r2 <= k
+        hits += mine
+        both += shown and mine
+        terms.append((r / r2) ** eta if shown and mine else 0.0)
+    if not terms:
+        return 0.0, 0.0, None
+    value = sum(terms) / len(terms)
+    return (round(value, 6), round(mean_se(terms), 6),
+            round(both / hits, 6) if hits else None)

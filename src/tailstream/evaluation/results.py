@@ -17,6 +17,10 @@ followed a search). :meth:`StrategyResult.metrics` turns that into:
   items not yet known: 0 by construction, checked), ``map_at_5_search`` over lists that
   follow a search;
 * exposure: catalogue coverage, the tail's share of exposure, the Gini coefficient.
+
+Beside them, :func:`counterfactual` gives each strategy's inverse-propensity estimate of
+its *online* HitRate@20 from the lists one strategy (the logging policy, ``adaptive``
+when it ran) showed, positions as propensities (``summary["counterfactual"]``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tailstream.evaluation.measures import (
     average_precision_at_k,
     binomial_se,
     g_mean,
+    ips_hit_rate,
     mean_se,
     roc_auc,
 )
@@ -232,6 +237,7 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
         "gate": {n: r.gate for n, r in results.items() if r.gate},
         "decisions": {n: r.decisions for n, r in results.items() if r.decisions},
         "blend": {n: r.blend for n, r in results.items() if r.blend},
+        "counterfactual": counterfactual(results),
         "over_time": {
             "class_shares": [b.shares for b in stream.blocks],
             "block_shares": block_shares(stream),
@@ -243,6 +249,37 @@ def summarise(stream: Stream, results: dict[str, StrategyResult], dataset: str,
                        for n, r in results.items()},
         },
     }
+
+
+def counterfactual(results: dict[str, StrategyResult], logging: str = "adaptive",
+                   k: int = 20) -> dict[str, Any]:
+    """Each strategy's IPS estimate of its online HitRate@k from the lists ``logging`` (or,
+    when it did not run, the first strategy) showed on the same scored interactions,
+    positions as propensities (:func:`~tailstream.evaluation.measures.ips_hit_rate`),
+    with its standard error and support. Strategies whose lists were scored on other
+    interactions are left out. The replayed log did not react to any list: its next
+    interaction stands in for the click the logged list got, under the position model.
+
+    >>> a, b = StrategyResult("a"), StrategyResult("b")
+    >>> for r, ranks in ((a, [1, 2, 0]), (b, [2, 1, 1])):
+    ...     for rank in ranks:
+    ...         r.ranks.append(rank); r.rank_tiers.append("tail"); r.rank_labels.append("click")
+    >>> out = counterfactual({"a": a, "b": b}, logging="a")
+    >>> out["logging_policy"], out["estimates"]["b"]["ips_hit_rate"]
+    ('a', 0.833333)
+    """
+    if not results:
+        return {}
+    name = logging if logging in results else next(iter(results))
+    base = results[name]
+    estimates: dict[str, dict[str, Any]] = {}
+    for n, r in results.items():
+        if r.rank_tiers != base.rank_tiers or r.rank_labels != base.rank_labels:
+            continue  # not the same interactions: not comparable
+        value, se, support = ips_hit_rate(base.ranks, r.ranks, k)
+        estimates[n] = {"ips_hit_rate": value, "ips_hit_rate_se": se, "support": support}
+    return {"logging_policy": name, "k": k, "propensity": "1/position",
+            "estimates": estimates}
 
 
 def block_shares(stream: Stream) -> list[dict[str, float]]:
