@@ -214,7 +214,7 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
     attribution = Attribution(
         configs.attribution_config(settings), metrics,
         OnlineCounters(redis, settings.redis_prefix, health=RedisHealth.of(redis)),
-        redis=redis, prefix=settings.redis_prefix)
+        redis=redis, prefix=settings.redis_prefix, health=RedisHealth.of(redis))
     return Pipeline(
         settings,
         profiles=StrKeyed(tables.profiles, send_changelog),

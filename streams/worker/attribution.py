@@ -38,6 +38,7 @@ from typing import Any
 from tailstream.configs import AttributionConfig
 from tailstream.contract import INTERACTION_KINDS, TAIL, Event
 from tailstream.metrics import Metrics
+from tailstream.redis_io import RedisHealth
 from tailstream.streams.stores.impressions import (
     Impression,
     OnlineCounters,
@@ -59,12 +60,14 @@ class Attribution:
 
     def __init__(self, cfg: AttributionConfig, metrics: Metrics,
                  counters: OnlineCounters | None = None, *, redis: Any = None,
-                 prefix: str = "tailstream") -> None:
+                 prefix: str = "tailstream", health: RedisHealth | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.counters = counters
         self.redis = redis
         self.prefix = prefix
+        self.health = health
+        """The client's circuit breaker: no lookup while Redis is treated as down."""
         self.lists: OrderedDict[str, Impression] = OrderedDict()
         """User → the last impression (oldest first, bounded by ``cfg.max_users``)."""
         self.judged: set[str] = set()
@@ -113,14 +116,18 @@ class Attribution:
         now = time.monotonic()
         wanted = [u for u in dict.fromkeys(users) if u not in self.lists
                   and now - self.absent.get(u, -ABSENT_FOR_S) >= ABSENT_FOR_S]
-        if not wanted:
+        if not wanted or (self.health is not None and not self.health.allow()):
             return 0
         try:
             found = await asyncio.wait_for(load_impressions(self.redis, self.prefix, wanted),
                                            LOOKUP_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the next batch tries again
             log.debug("could not read %d impressions from redis: %r", len(wanted), exc)
+            if self.health is not None:
+                self.health.failed("attribution", exc)
             return 0
+        if self.health is not None:
+            self.health.succeeded()
         for user in wanted:
             imp = found.get(user)
             if imp is None:
