@@ -214,6 +214,8 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
 
             producer = threading.Thread(target=produce, name="producer", daemon=True)
             started = time.monotonic()
+            shop_s: float | None = None
+            clock = ShopClock(seconds, tr[1] if tr else None)
             producer.start()
             view = LiveView(ws, tr[1] if tr else None, watcher, recs, dlq, ui=ui, source=source)
             try:
@@ -222,8 +224,9 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
                     producer.join(1.0)
                     if not worker.alive():
                         raise RuntimeError(f"the worker died:\n{worker.tail(40)}")
-                    if _time_is_up(time.monotonic() - started, seconds, tr[1] if tr else None):
+                    if not stop.is_set() and clock.up(time.monotonic() - started):
                         stop.set()
+                        shop_s = time.monotonic() - started
             finally:
                 stop.set()
                 producer.join(30)
@@ -237,6 +240,8 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
                                time.monotonic() - started)
             summary.update(_freshness(watcher, promotions, view))
             summary["online"] = online_summary(ws, records)
+            if shop_s is not None and seconds is not None:
+                summary["online"]["shop_extended_s"] = round(max(0.0, shop_s - seconds), 1)
             summary["canary"] = canary_summary(ts=tr[1] if tr else None, ws=ws)
         finally:
             if lists is not None:
@@ -273,15 +278,33 @@ def _online_row(m: dict[str, float], t: dict[str, float]) -> str:
             f"{m.get('tailstream_attributed_total', 0.0):,.0f}; {canary}")
 
 
-def _time_is_up(elapsed: float, seconds: float | None, ts: Settings | None) -> bool:
-    """Whether the shop stops now: after ``seconds`` — unless a canary is being served,
-    which is judged on the users' interactions: then the shop goes on until it ends (at
-    most three canary windows more), so the summary shows a decision made on traffic."""
-    if seconds is None or elapsed < seconds:
-        return False
-    if ts is None or elapsed >= seconds + 3 * ts.canary_window_s + 10.0:
-        return True
-    return _scrape_or_empty(trainer_metrics_url(ts)).get("tailstream_canary_running", 0.0) <= 0
+class ShopClock:
+    """When the shop stops: after ``seconds`` — unless the loop is deciding then. The
+    fine-tune running at that moment may end in a canary, and a canary is judged on the
+    users' interactions, so the shop goes on until that run ended without one or its
+    canary was decided (never for later runs; at most a fine-tune's and three canary
+    windows' time more): the summary then shows a canary decided on traffic."""
+
+    def __init__(self, seconds: float | None, ts: Settings | None) -> None:
+        self.seconds = seconds
+        self.ts = ts
+        self.runs_then: float | None = None
+
+    def up(self, elapsed: float) -> bool:
+        if self.seconds is None or elapsed < self.seconds:
+            return False
+        ts = self.ts
+        if ts is None or elapsed >= self.seconds + ts.finetune_max_seconds + 30.0 + \
+                3 * ts.canary_window_s:
+            return True
+        t = _scrape_or_empty(trainer_metrics_url(ts))
+        runs = t.get("tailstream_finetune_runs_total", 0.0)
+        if self.runs_then is None:
+            self.runs_then = runs
+        if t.get("tailstream_canary_running", 0.0) > 0:
+            return False
+        # The run that was going at the end, if it has not ended yet.
+        return not (t.get("tailstream_finetune_running", 0.0) > 0 and runs == self.runs_then)
 
 
 def wait_model(worker: ManagedProcess, ws: Settings, timeout: float = 120.0) -> None:
