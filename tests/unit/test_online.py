@@ -602,3 +602,39 @@ def test_the_synthetic_shop_takes_more_from_lists_that_appeal_more() -> None:
     plain = list(itertools.islice(ShopSimulator(n_users=200, n_items=1000, seed=5,
                                                 clock=lambda: T0).events(), 2000))
     assert plain == list(itertools.islice(shop(None).events(), 2000))
+
+
+# --------------------------------------------------------------------------- the demo
+def test_the_demo_shop_waits_for_the_canary_of_the_run_going_at_the_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tailstream.stack import demo
+
+    trainer: dict[str, float] = {}
+    monkeypatch.setattr(demo, "_scrape_or_empty", lambda url: dict(trainer))
+    monkeypatch.setattr(demo, "trainer_metrics_url", lambda ts: "")
+
+    def state(runs: float, running: float, canary: float, started: float) -> None:
+        trainer.clear()
+        trainer.update({"tailstream_finetune_runs_total": runs,
+                        "tailstream_finetune_running": running,
+                        "tailstream_canary_running": 1.0 if canary else 0.0,
+                        "tailstream_canary_model_version_number": canary,
+                        "tailstream_canaries_total{outcome=started}": started})
+
+    ts = Settings().replace(finetune_max_seconds=120.0, canary_window_s=20.0)
+    clock = demo.ShopClock(60.0, ts)
+    state(0, 1, 0, 0)
+    assert not clock.up(30.0)  # before the time
+    assert not clock.up(61.0)  # a run is going at the end: wait for it
+    state(1, 0, 1, 1)
+    assert not clock.up(80.0)  # it started a canary: wait for its decision
+    state(2, 1, 0, 1)
+    assert clock.up(100.0)  # decided; the next run is not waited for
+    idle = demo.ShopClock(60.0, ts)
+    state(3, 0, 0, 1)
+    assert idle.up(60.0)  # nothing going on at the end
+    late = demo.ShopClock(60.0, ts)
+    state(3, 1, 0, 1)
+    assert not late.up(61.0)
+    assert late.up(60.0 + 120.0 + 30.0 + 60.0)  # bounded
+    assert demo.ShopClock(60.0, None).up(60.0)  # no trainer

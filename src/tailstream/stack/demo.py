@@ -279,16 +279,17 @@ def _online_row(m: dict[str, float], t: dict[str, float]) -> str:
 
 
 class ShopClock:
-    """When the shop stops: after ``seconds`` — unless the loop is deciding then. The
-    fine-tune running at that moment may end in a canary, and a canary is judged on the
-    users' interactions, so the shop goes on until that run ended without one or its
-    canary was decided (never for later runs; at most a fine-tune's and three canary
-    windows' time more): the summary then shows a canary decided on traffic."""
+    """When the shop stops: after ``seconds`` — unless the loop is deciding then. A canary
+    being served is judged on the users' interactions, and the fine-tune running then may
+    end in one; so the shop goes on until that canary, or that run and the canary it
+    starts, are decided (not later ones; at most a fine-tune's and three canary windows'
+    time more): the summary then shows a canary decided on traffic."""
 
     def __init__(self, seconds: float | None, ts: Settings | None) -> None:
         self.seconds = seconds
         self.ts = ts
-        self.runs_then: float | None = None
+        self.then: dict[str, float] | None = None
+        """The trainer's figures when ``seconds`` had passed."""
 
     def up(self, elapsed: float) -> bool:
         if self.seconds is None or elapsed < self.seconds:
@@ -298,13 +299,16 @@ class ShopClock:
                 3 * ts.canary_window_s:
             return True
         t = _scrape_or_empty(trainer_metrics_url(ts))
-        runs = t.get("tailstream_finetune_runs_total", 0.0)
-        if self.runs_then is None:
-            self.runs_then = runs
-        if t.get("tailstream_canary_running", 0.0) > 0:
-            return False
-        # The run that was going at the end, if it has not ended yet.
-        return not (t.get("tailstream_finetune_running", 0.0) > 0 and runs == self.runs_then)
+        now = {"runs": t.get("tailstream_finetune_runs_total", 0.0),
+               "running": t.get("tailstream_finetune_running", 0.0),
+               "canary": t.get("tailstream_canary_running", 0.0)
+               * t.get("tailstream_canary_model_version_number", 0.0),
+               "started": t.get("tailstream_canaries_total{outcome=started}", 0.0)}
+        then = self.then = self.then or now
+        if now["canary"] and (now["canary"] == then["canary"] or (
+                then["running"] and now["started"] == then["started"] + 1)):
+            return False  # the canary of then, or the one the run of then started
+        return not (then["running"] and now["running"] and now["runs"] == then["runs"])
 
 
 def wait_model(worker: ManagedProcess, ws: Settings, timeout: float = 120.0) -> None:
