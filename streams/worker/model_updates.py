@@ -10,7 +10,7 @@ version and embed catalogue items as they arrive; swap to each promoted version 
 refresh the active users' lists) without a restart.
 
 Updates by ``action``: ``promote`` and ``rollback`` (serve ``version``), ``canary`` (serve
-``version`` to ``share`` of the users beside the serving version, and refresh theirs
+``version`` to ``share`` of the users beside the serving version, and refresh their
 lists), ``canary_rollback`` (stop, and give those users the serving version's lists
 again). A worker that starts while a canary runs joins it from Redis
 (``{prefix}:canary``), since it reads the topic from its end.
@@ -23,7 +23,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
@@ -116,7 +116,7 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
                     pipeline: Pipeline) -> None:
     """The transformer worker's tasks: serve the current version, follow promotions."""
 
-    def item_texts(ids: list[str] | Any) -> list[str]:
+    def item_texts(ids: Sequence[str]) -> list[str]:
         return [pipeline.item_text.get(i) or f"item {i}" for i in ids]
 
     @app.task
@@ -158,7 +158,8 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
 
 
 async def on_canary_update(update: dict[str, Any], scoring: ScoringService,
-                           pipeline: Pipeline, item_texts: Callable[[Any], list[str]]) -> None:
+                           pipeline: Pipeline,
+                           item_texts: Callable[[Sequence[str]], list[str]]) -> None:
     """A canary starts (serve its candidate to its share, refresh those users' lists) or
     is rolled back (drop it, refresh the same users with the serving version)."""
     version = str(update.get("version", ""))
@@ -178,7 +179,7 @@ async def on_canary_update(update: dict[str, Any], scoring: ScoringService,
 
 
 async def join_running_canary(settings: Settings, scoring: ScoringService, pipeline: Pipeline,
-                              item_texts: Callable[[Any], list[str]]) -> bool:
+                              item_texts: Callable[[Sequence[str]], list[str]]) -> bool:
     """At start: serve the canary the trainer is running, if any (it is announced once,
     and this worker reads model-updates from the end)."""
     redis = getattr(pipeline.publisher, "redis", None)
