@@ -207,7 +207,7 @@ def fit_offsets(proba: np.ndarray, y: np.ndarray, objective: str = "g_mean", *,
     for _ in range(rounds):
         changed = False
         for c in range(1, k):
-            for b in sorted(grid, key=abs):
+            for b in sorted(_candidates(logp, offsets, c, grid), key=abs):
                 trial = offsets.copy()
                 trial[c] = b
                 s = search(np.argmax(logp + trial, axis=1))
@@ -216,6 +216,21 @@ def fit_offsets(proba: np.ndarray, y: np.ndarray, objective: str = "g_mean", *,
         if not changed:
             break
     return offsets
+
+
+SHARES = np.geomspace(0.002, 0.6, 40)
+"""Shares of the rows a class may be given, whose flip points :func:`fit_offsets` tries."""
+
+
+def _candidates(logp: np.ndarray, offsets: np.ndarray, c: int, grid: np.ndarray
+                ) -> np.ndarray:
+    """Offsets for class ``c`` to try: the fixed grid, and the points at which given shares
+    of the rows flip to ``c`` (quantiles of ``max_{j≠c}(log p_j + b_j) − log p_c``). A
+    weak model's probabilities spread less than one grid step, so the grid alone would
+    flip all rows or none (the usual data-driven threshold candidates)."""
+    others = np.delete(logp + offsets, c, axis=1).max(axis=1)
+    flips = np.quantile(others - logp[:, c], SHARES) + 1e-9
+    return np.unique(np.concatenate([grid, np.clip(flips, grid.min(), grid.max())]))
 
 
 # --------------------------------------------------------------------------- stacking

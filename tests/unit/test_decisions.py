@@ -128,3 +128,16 @@ def test_thresholds_fitted_on_a_rare_rich_window_hold_on_the_stream() -> None:
     _, pred_naive = naive.predict([p_new], live)
     assert score(y_new, pred, 3, "g_mean") > score(y_new, pred_naive, 3, "g_mean") + 0.05
     assert score(y_new, pred, 3, "g_mean") > score(y_new, p_new.argmax(1), 3, "g_mean")
+
+
+def test_offsets_split_a_weak_model_whose_spread_is_below_one_grid_step() -> None:
+    # Probabilities that barely move around the prior still tell the classes apart a
+    # little; a grid of 0.25 steps would predict the minority for all rows or none.
+    rng = np.random.default_rng(3)
+    y = (rng.random(5000) < 0.05).astype(int)
+    p1 = 0.05 + 0.001 * y + rng.normal(0, 0.0005, 5000)
+    proba = np.stack([1 - p1, p1], axis=1)
+    b = fit_offsets(proba, y, "g_mean")
+    pred = decide_classes(proba, b)
+    assert 0.0 < pred.mean() < 0.9
+    assert score(y, pred, 2, "g_mean") > 0.6

@@ -14,6 +14,8 @@ import tailstream
 MUST_HAVE_EXAMPLES = {
     "tailstream.configs",
     "tailstream.contract",
+    "tailstream.evaluation.measures",
+    "tailstream.evaluation.report",
     "tailstream.evaluation.results",
     "tailstream.kafka_io",
     "tailstream.models.imbalance.buffer",

@@ -1,5 +1,6 @@
 """Pure metric functions the evaluation adds to :mod:`tailstream.models.training.metrics`:
-standard errors, the G-mean over classes, ROC-AUC, MAP@K of single-target lists, and the
+standard errors (of proportions, means, macro recall, the G-mean and the average
+precision), the G-mean over classes, ROC-AUC, MAP@K of single-target lists, and the
 inverse-propensity estimate of a candidate's online hit rate from logged lists."""
 
 from __future__ import annotations
@@ -48,6 +49,63 @@ def g_mean(recalls: Sequence[float]) -> float:
     if not recalls or min(recalls) <= 0.0:
         return 0.0
     return float(round(math.exp(sum(math.log(r) for r in recalls) / len(recalls)), 12))
+
+
+def macro_recall_se(recalls: Sequence[float], supports: Sequence[int]) -> float:
+    """Standard error of a macro-averaged recall over ``m`` classes, each recall a
+    proportion over its class's ``n_c`` events: ``sqrt(Σ_c r_c (1 − r_c) / n_c) / m``
+    (independent binomials).
+
+    >>> round(macro_recall_se([0.25, 0.25], [1000, 1000]), 4)
+    0.0097
+    """
+    if not recalls:
+        return 0.0
+    var = sum(binomial_se(r, n) ** 2 for r, n in zip(recalls, supports, strict=True))
+    return math.sqrt(var) / len(recalls)
+
+
+def g_mean_se(recalls: Sequence[float], supports: Sequence[int]) -> float:
+    """Standard error of the G-mean ``G = (Π_c r_c)^(1/K)`` by the delta method:
+    ``∂G/∂r_c = G / (K r_c)``, so ``se(G) = (G / K) sqrt(Σ_c (1 − r_c) / (r_c n_c))``;
+    0 when ``G`` is 0 (a class never recognised).
+
+    >>> round(g_mean_se([0.5, 0.5], [1000, 1000]), 4)
+    0.0112
+    """
+    g = g_mean(recalls)
+    if g <= 0.0:
+        return 0.0
+    var = sum((1.0 - r) / (r * n) for r, n in zip(recalls, supports, strict=True) if n > 0)
+    return g / len(recalls) * math.sqrt(var)
+
+
+def average_precision_se(y_true: Sequence[bool], scores: Sequence[float],
+                         resamples: int = 200, seed: int = 0) -> float:
+    """Bootstrap standard error of the average precision (PR-AUC): the standard deviation
+    of ``Σ_i w_i y_i P_i / Σ_i w_i y_i`` over Poisson(1) resampling weights ``w``, where
+    ``P_i = Σ_{j ≤ i} w_j y_j / Σ_{j ≤ i} w_j`` down the score order (the Poisson
+    bootstrap, Hanley & MacGibbon 2006; no closed form exists for AP).
+
+    >>> y = [i % 10 == 0 for i in range(2000)]
+    >>> 0.005 < average_precision_se(y, [0.5 * t + (i % 7) / 7 for i, t in enumerate(y)]) < 0.05
+    True
+    """
+    y = np.asarray(y_true, dtype=np.float64)
+    if y.sum() == 0 or resamples < 2:
+        return 0.0
+    y = y[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
+    rng = np.random.default_rng(seed)
+    aps = []
+    for _ in range(resamples):
+        w = rng.poisson(1.0, len(y)).astype(np.float64)
+        wy = w * y
+        total = wy.sum()
+        if total == 0:
+            continue
+        precision = np.cumsum(wy) / np.maximum(np.cumsum(w), 1e-12)
+        aps.append(float((wy * precision).sum() / total))
+    return float(np.std(aps, ddof=1)) if len(aps) > 1 else 0.0
 
 
 def roc_auc(y_true: Sequence[bool], scores: Sequence[float]) -> float | None:

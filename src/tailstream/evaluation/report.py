@@ -91,7 +91,8 @@ def with_se(m: dict[str, Any], key: str) -> str:
     if v is None:
         return MISSING
     se = m.get(f"{key}_se")
-    return f"{v:.3f} ± {se:.3f}" if se is not None else f"{v:.3f}"
+    d = 4 if 0 < abs(v) < 0.01 else 3  # a rare target's HitRate needs the 4th decimal
+    return f"{v:.{d}f} ± {se:.{d}f}" if se is not None else f"{v:.{d}f}"
 
 
 def leaderboard(strategies: dict[str, dict[str, Any]]) -> list[str]:
@@ -146,6 +147,49 @@ def versus_peers(strategies: dict[str, dict[str, Any]], name: str = "adaptive") 
         ratio = f"× {mine / theirs:.2f}" if theirs else "the peers score 0"
         out.append(f"* {name} vs the best peer, {label}: {with_se(me, key)} vs {best} "
                    f"{with_se(peers[best], key)} ({ratio})")
+    return out
+
+
+def versus_first(strategies: dict[str, dict[str, Any]], name: str = "adaptive") -> list[str]:
+    """``name`` against the first of all strategies on the imbalance measures (minority
+    macro-recall, G-mean, tail HitRate@20) and against ``river`` on PR-AUC of
+    p(purchase), each with its standard error; "within one SE" means the gap is at most
+    the leader's own standard error.
+
+    >>> print("\\n".join(versus_first({
+    ...     "adaptive": {"g_mean": 0.5, "g_mean_se": 0.01},
+    ...     "ce": {"g_mean": 0.505, "g_mean_se": 0.01}})))
+    * adaptive vs the first, G-mean: 0.500 ± 0.010 vs ce 0.505 ± 0.010 (gap 0.0050: within one SE)
+    """
+    me = strategies.get(name)
+    if me is None:
+        return []
+    out = []
+    for key, label in (("minority_macro_recall", "minority macro-recall"),
+                       ("g_mean", "G-mean"), ("hit_at_20_tail", "HitRate@20 tail"),
+                       ("purchase_pr_auc", "PR-AUC purchase")):
+        if me.get(key) is None:
+            continue
+        if key == "purchase_pr_auc":
+            rivals = {n: m for n, m in strategies.items() if n == "river" and n != name}
+            role = "river"
+        else:
+            rivals = {n: m for n, m in strategies.items()
+                      if n != name and m.get(key) is not None}
+            role = "the first"
+        if not rivals:
+            continue
+        best = max(rivals, key=lambda n: rivals[n][key])
+        gap = rivals[best][key] - me[key]
+        se = rivals[best].get(f"{key}_se") or 0.0
+        if gap <= 0:
+            verdict = "first" if role == "the first" else "ahead"
+        elif gap <= se:
+            verdict = f"gap {gap:.4f}: within one SE"
+        else:
+            verdict = f"gap {gap:.4f}: outside one SE" + (f", {gap / se:.1f} SE" if se else "")
+        out.append(f"* {name} vs {role}, {label}: {with_se(me, key)} vs {best} "
+                   f"{with_se(rivals[best], key)} ({verdict})")
     return out
 
 
@@ -249,7 +293,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"HitRate is ± one standard error.",
         "",
         *leaderboard(strategies), "",
-        *versus_peers(strategies), *blend_summary(result), "",
+        *versus_peers(strategies), *versus_first(strategies), *blend_summary(result), "",
         *counterfactual_lines(result), "",
         *table(strategies, TABLE_METRICS), "",
         "Per class (precision P, recall R, F1) and PR-AUC of p(cart), p(purchase):",

@@ -36,9 +36,12 @@ import numpy as np
 from tailstream.contract import CLASSES, RARE_CLASSES, TIERS
 from tailstream.evaluation.measures import (
     average_precision_at_k,
+    average_precision_se,
     binomial_se,
     g_mean,
+    g_mean_se,
     ips_hit_rate,
+    macro_recall_se,
     mean_se,
     roc_auc,
 )
@@ -134,11 +137,20 @@ class StrategyResult:
             out[k] = None if cls in CLASSES and cls not in present else round(v, 6)
         rare = [c for c in RARE_CLASSES if c in present]
         out["minority_macro_recall"] = round(macro_recall(report, rare), 6) if rare else None
-        out["g_mean"] = round(g_mean([report[f"recall_{c}"] for c in present]), 6)
+        out["minority_macro_recall_se"] = round(macro_recall_se(
+            [report[f"recall_{c}"] for c in rare],
+            [int(report[f"support_{c}"]) for c in rare]), 6) if rare else None
+        recalls = [report[f"recall_{c}"] for c in present]
+        supports = [int(report[f"support_{c}"]) for c in present]
+        out["g_mean"] = round(g_mean(recalls), 6)
+        out["g_mean_se"] = round(g_mean_se(recalls, supports), 6)
         for c, scores in (("purchase", self.p_purchase), ("cart", self.p_cart)):
             truth = [y == c for y in self.y_true]
             out[f"{c}_pr_auc"] = round(average_precision(truth, scores), 6) \
                 if c in present else None
+        truth = [y == "purchase" for y in self.y_true]
+        out["purchase_pr_auc_se"] = round(average_precision_se(truth, self.p_purchase), 6) \
+            if "purchase" in present else None
         auc = roc_auc([y == "purchase" for y in self.y_true], self.p_purchase)
         out["purchase_roc_auc"] = None if auc is None else round(auc, 6)
         return out
