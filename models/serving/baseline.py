@@ -18,6 +18,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from tailstream.contract import Event, display_text
@@ -160,11 +161,21 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
     order = sorted(candidates, key=lambda i: (-candidates[i][0], i))
     quota = math.ceil(tail_share * k)
     tier = pop.tier
-    tail = [i for i in order if tier(i) == "tail"][:quota]
+    # Walk only as far as needed (hybrid lists ask for 100 of ~1,000 candidates with no
+    # quota: the tier of every candidate had been looked up to take none of them).
+    tail = list(islice((i for i in order if tier(i) == "tail"), quota)) if quota > 0 else []
     chosen = set(tail)
-    picked = set(tail + [i for i in order if i not in chosen][: k - len(tail)])
-    return [Recommendation(i, candidates[i][0], tier(i), candidates[i][1], candidates[i][2])
-            for i in order if i in picked]
+    rest = (i for i in order if i not in chosen)
+    room = k - len(tail)
+    picked = set(tail + (list(islice(rest, room)) if room >= 0 else list(rest)[:room]))
+    out: list[Recommendation] = []
+    for i in order:
+        if len(out) == len(picked):
+            break
+        if i in picked:
+            score, reason, category = candidates[i]
+            out.append(Recommendation(i, score, tier(i), reason, category))
+    return out
 
 
 def with_tail_share(ranked: list[Recommendation], k: int,

@@ -70,18 +70,42 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
         if by_query:
             sources["query_match"] = by_query
         cands.append(union(sources, depth=cfg.candidates, exclude=h.request.exclude))
-    _facts(scorer, batch, users, cands, item_info)
+    info = _batch_info(scorer, cands, item_info)
+    _facts(scorer, batch, users, cands, info)
+    tops = [_head_candidates(blender, cand, cfg.head_candidates) for cand in cands]
+    probas = _engagement(scorer, users, ctx_items, ctx_mask, cands, tops, info)
     out: list[HybridList] = []
-    for b, cand in enumerate(cands):
-        if not cand.ids:
+    for cand, top, proba in zip(cands, tops, probas, strict=True):
+        if top is None or proba is None:
             out.append(HybridList([], cand))
             continue
-        first = blender.scores(cand.x) - blender.weight("engagement") * cand.x[:, _F["engagement"]]
-        top = np.argsort(-first, kind="stable")[:cfg.head_candidates]
-        proba = _engagement(scorer, users[b], ctx_items[b], ctx_mask[b], cand, top)
         score = blender.scores(cand.x)
-        out.append(HybridList(_select(scorer, cand, score, top, proba, item_info), cand))
+        out.append(HybridList(_select(scorer, cand, score, top, proba, info), cand))
     return out
+
+
+def _head_candidates(blender: OnlineBlender, cand: Candidates, n: int) -> np.ndarray | None:
+    """The best ``n`` candidates by the blender's score without engagement (the ones the
+    outcome head scores); None when there are none."""
+    if not cand.ids:
+        return None
+    first = blender.scores(cand.x) - blender.weight("engagement") * cand.x[:, _F["engagement"]]
+    return np.argsort(-first, kind="stable")[:n]
+
+
+Facts = dict[str, tuple[str, str | None, float, int | None]]
+"""item_id → (tier, category, log q, row in the index or None), for one micro-batch."""
+
+
+def _batch_info(scorer: Scorer, cands: Sequence[Candidates], item_info: ItemInfo) -> Facts:
+    """Tier, category, log q and index row of every candidate of the micro-batch, in one
+    ``item_info`` call: users' candidates overlap (trending is one list for everyone,
+    categories are shared), and the selection reads the same items again — two calls per
+    user had been a quarter of a worker's scoring thread (sketch gathers and lookups)."""
+    ids = list(dict.fromkeys(i for cand in cands for i in cand.ids))
+    tiers, cats, log_q = item_info(ids)
+    rows = [scorer.index.row(i) for i in ids]
+    return dict(zip(ids, zip(tiers, cats, log_q, rows, strict=True), strict=True))
 
 
 def _search(scorer: Scorer, vectors: torch.Tensor, k: int, exclude: Sequence[set[str]],
@@ -112,49 +136,67 @@ def _query_match(scorer: Scorer, batch: Sequence[HybridRequest],
 
 
 def _facts(scorer: Scorer, batch: Sequence[HybridRequest], users: torch.Tensor,
-           cands: Sequence[Candidates], item_info: ItemInfo) -> None:
+           cands: Sequence[Candidates], info: Facts) -> None:
     """Fill cosine, category affinity, log popularity and tail for every candidate; drop
     candidates the index does not hold (they cannot be scored or explained)."""
-    index = scorer.index
+    matrix = scorer.index.matrix
     for b, (h, cand) in enumerate(zip(batch, cands, strict=True)):
-        rows = [index.row(i) for i in cand.ids]
-        keep = [k for k, r in enumerate(rows) if r is not None]
+        facts = [info[i] for i in cand.ids]
+        keep = [k for k, f in enumerate(facts) if f[3] is not None]
         if len(keep) < len(cand.ids):
             cand.ids = [cand.ids[k] for k in keep]
             cand.x = cand.x[keep]
-            rows = [rows[k] for k in keep]
+            facts = [facts[k] for k in keep]
         if not cand.ids:
             continue
-        vecs = index.matrix[torch.tensor(rows, device=index.matrix.device)].float()
+        vecs = matrix[torch.tensor([f[3] for f in facts], device=matrix.device)].float()
         cand.x[:, _F["cosine"]] = (vecs @ users[b].float()).cpu().numpy()
-        tiers, cats, log_q = item_info(cand.ids)
         top = max(h.affinity.values(), default=0.0)
         if top > 0:
-            cand.x[:, _F["category_affinity"]] = [h.affinity.get(c, 0.0) / top if c else 0.0
-                                                  for c in cats]
-        cand.x[:, _F["log_popularity"]] = log_q
-        cand.x[:, _F["tail"]] = [t == "tail" for t in tiers]
+            cand.x[:, _F["category_affinity"]] = [h.affinity.get(f[1], 0.0) / top if f[1]
+                                                  else 0.0 for f in facts]
+        cand.x[:, _F["log_popularity"]] = [f[2] for f in facts]
+        cand.x[:, _F["tail"]] = [f[0] == "tail" for f in facts]
 
 
-def _engagement(scorer: Scorer, user: torch.Tensor, ctx_items: torch.Tensor,
-                ctx_mask: torch.Tensor, cand: Candidates, top: np.ndarray) -> np.ndarray:
-    """The outcome head's class probabilities ``[len(top), K]`` for the chosen candidates;
-    their expected value goes into the engagement feature."""
-    model = scorer.served.model
-    n = len(top)
-    rows = torch.tensor([scorer.index.row(cand.ids[int(j)]) for j in top],
-                        device=scorer.index.matrix.device)
-    v = scorer.index.matrix[rows].float()
-    logits = model.outcome_logits(user[None].expand(n, -1), v,
-                                  ctx_items[None].expand(n, -1, -1),
-                                  ctx_mask[None].expand(n, -1))
+def _engagement(scorer: Scorer, users: torch.Tensor, ctx_items: torch.Tensor,
+                ctx_mask: torch.Tensor, cands: Sequence[Candidates],
+                tops: Sequence[np.ndarray | None], info: Facts) -> list[np.ndarray | None]:
+    """The outcome head's class probabilities ``[len(top), K]`` for each user's chosen
+    candidates (None for a user without any); their expected value goes into the
+    engagement feature. One head call for the whole micro-batch (it was one per user:
+    a fixed cost of module calls and small tensors each time); each row is computed as
+    before, so the probabilities are the same."""
+    matrix = scorer.index.matrix
+    rows: list[int | None] = []
+    owner: list[int] = []
+    for b, (cand, top) in enumerate(zip(cands, tops, strict=True)):
+        if top is not None:
+            rows.extend(info[cand.ids[int(j)]][3] for j in top)
+            owner.extend([b] * len(top))
+    if not rows:
+        return [None] * len(cands)
+    who = torch.tensor(owner, device=matrix.device)
+    v = matrix[torch.tensor(rows, device=matrix.device)].float()
+    logits = scorer.served.model.outcome_logits(users[who], v, ctx_items[who], ctx_mask[who])
     proba = torch.softmax(logits, dim=-1)
-    cand.x[top, _F["engagement"]] = (proba @ scorer.value_weights).cpu().numpy()
-    return proba.cpu().numpy()
+    value = (proba @ scorer.value_weights).cpu().numpy()
+    proba_np = proba.cpu().numpy()
+    out: list[np.ndarray | None] = []
+    start = 0
+    for cand, top in zip(cands, tops, strict=True):
+        if top is None:
+            out.append(None)
+            continue
+        end = start + len(top)
+        cand.x[top, _F["engagement"]] = value[start:end]
+        out.append(proba_np[start:end])
+        start = end
+    return out
 
 
 def _select(scorer: Scorer, cand: Candidates, score: np.ndarray, top: np.ndarray,
-            proba: np.ndarray, item_info: ItemInfo) -> list[Ranked]:
+            proba: np.ndarray, info: Facts) -> list[Ranked]:
     cfg = scorer.ranking
     order = np.argsort(-score, kind="stable")
     k = cfg.k
@@ -163,7 +205,9 @@ def _select(scorer: Scorer, cand: Candidates, score: np.ndarray, top: np.ndarray
     prefix = list(order[:4 * k]) + [int(j) for j in order[4 * k:]
                                     if tiers_all[j] and score[j] >= kth - cfg.tail_margin]
     ids = [cand.ids[int(j)] for j in prefix]
-    tiers, cats, _ = item_info(ids)
+    facts = [info[i] for i in ids]
+    tiers = [f[0] for f in facts]
+    cats = [f[1] for f in facts]
     picked = select_positions([float(score[j]) for j in prefix], tiers, cats, k,
                               cfg.tail_share, cfg.tail_margin, cfg.max_per_category)
     head_row = {int(j): n for n, j in enumerate(top)}
