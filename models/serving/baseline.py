@@ -158,7 +158,9 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
             candidates[item] = (0.1 * (0.5 + 0.5 * r),
                                 f"trending in {display_text(item_cat, 40)}" if item_cat
                                 else "trending", item_cat)
-    order = sorted(candidates, key=lambda i: (-candidates[i][0], i))
+    # The same keys as ``key=lambda i: (-score, i)``, sorted as plain tuples: no Python
+    # call per candidate.
+    order = [i for _, i in sorted([(-v[0], i) for i, v in candidates.items()])]
     quota = math.ceil(tail_share * k)
     tier = pop.tier
     # Walk only as far as needed (hybrid lists ask for 100 of ~1,000 candidates with no
