@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from operator import itemgetter
 
 from tailstream.contract import TIERS
 
@@ -94,7 +95,7 @@ class PopularityTracker:
 
     def refresh(self, now: float) -> None:
         """Recompute tiers and rankings (O(n log n); call at most every second or so)."""
-        ranked = sorted(self._boosted.items(), key=lambda kv: kv[1], reverse=True)
+        ranked = sorted(self._boosted.items(), key=itemgetter(1), reverse=True)
         total = sum(v for _, v in ranked) or 1.0
         tier: dict[str, str] = {}
         cum = 0.0
@@ -118,9 +119,18 @@ class PopularityTracker:
             elif len(top[cat]) < self.per_category:
                 top[cat].append(item)
         # Catalogue items never interacted with are the deepest tail: still recommendable.
+        # (A walk over the whole catalogue every second on the worker's event loop: a
+        # category whose tail is full is skipped with one set lookup.)
+        boosted, per = self._boosted, self.per_category
+        full = {cat for cat, items in tail.items() if len(items) >= per}
         for item, cat in self._category.items():
-            if item not in self._boosted and len(tail[cat]) < self.per_category:
-                tail[cat].append(item)
+            if cat in full or item in boosted:
+                continue
+            items = tail[cat]
+            if len(items) < per:
+                items.append(item)
+                if len(items) >= per:
+                    full.add(cat)
         self._tier = tier
         self._top = dict(top)
         self._tail = dict(tail)
@@ -174,7 +184,8 @@ class PopularityTracker:
 
     @property
     def known_items(self) -> int:
-        return len(self._category.keys() | self._boosted.keys())
+        category = self._category  # no union set of the whole catalogue (once a second)
+        return len(category) + sum(1 for item in self._boosted if item not in category)
 
     def tier_sizes(self) -> dict[str, int]:
         sizes = dict.fromkeys(TIERS, 0)
