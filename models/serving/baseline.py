@@ -145,7 +145,9 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
     top_aff = max(cats.values(), default=0.0)
     for cat, aff in sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:5]:
         rel = aff / top_aff if top_aff else 0.0
-        reason = why.get(cat, f"trending in {display_text(cat, 40)}")
+        # (Only when the profile has no reason of its own: a default argument is built
+        # on every call, and display_text walks the text.)
+        reason = why[cat] if cat in why else f"trending in {display_text(cat, 40)}"
         items = [i for i in dict.fromkeys(pop.top_in(cat)[: 2 * k] + pop.tail_in(cat)[: 2 * k])
                  if i not in seen and i not in candidates]
         for item, r in zip(items, rel_of(items), strict=True):
@@ -153,11 +155,13 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
     if len(candidates) < k:  # cold or narrow user: fill from what is trending overall
         items = [i for i in dict.fromkeys(pop.global_top[: 2 * k] + pop.global_tail[:k])
                  if i not in seen and i not in candidates]
+        reasons: dict[str | None, str] = {}  # per category: display_text walks the text
         for item, r in zip(items, rel_of(items), strict=True):
             item_cat = pop.category(item)
-            candidates[item] = (0.1 * (0.5 + 0.5 * r),
-                                f"trending in {display_text(item_cat, 40)}" if item_cat
-                                else "trending", item_cat)
+            if item_cat not in reasons:
+                reasons[item_cat] = (f"trending in {display_text(item_cat, 40)}" if item_cat
+                                     else "trending")
+            candidates[item] = (0.1 * (0.5 + 0.5 * r), reasons[item_cat], item_cat)
     # The same keys as ``key=lambda i: (-score, i)``, sorted as plain tuples: no Python
     # call per candidate.
     order = [i for _, i in sorted([(-v[0], i) for i, v in candidates.items()])]

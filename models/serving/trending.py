@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable
+from itertools import islice
 
 
 class TopSet:
@@ -37,18 +38,23 @@ class TopSet:
             raise ValueError("size must be at least 1")
         self.size = size
         self.values: dict[str, float] = {}
+        """Members and their values (read-only outside this class: :meth:`best` caches
+        the ranking until :meth:`offer` or :meth:`rescale` changes them)."""
         self._floor_key: str | None = None  # the smallest member, once full
+        self._ranked: list[str] | None = None  # members best first, until a change
 
     def offer(self, key: str, value: float) -> None:
         """``key`` now has ``value`` (never less than before)."""
         values = self.values
         if key in values:
             values[key] = value
+            self._ranked = None
             if key == self._floor_key:
                 self._floor_key = min(values, key=values.__getitem__)
             return
         if len(values) < self.size:
             values[key] = value
+            self._ranked = None
             if len(values) == self.size:
                 self._floor_key = min(values, key=values.__getitem__)
             return
@@ -56,18 +62,28 @@ class TopSet:
         if value > values[self._floor_key]:
             del values[self._floor_key]
             values[key] = value
+            self._ranked = None
             self._floor_key = min(values, key=values.__getitem__)
 
     def best(self, exclude: Collection[str] = (), k: int | None = None) -> list[str]:
-        """Members, largest value first (ties by key), without ``exclude``, at most ``k``."""
-        ranked = sorted(self.values, key=lambda key: (-self.values[key], key))
-        out = [key for key in ranked if key not in exclude]
-        return out if k is None else out[:k]
+        """Members, largest value first (ties by key), without ``exclude``, at most ``k``.
+
+        The ranking is sorted once per change, not per call: a worker asks every user's
+        list for the same trending set (and popular items' neighbours) many times between
+        two events that change it."""
+        ranked = self._ranked
+        if ranked is None:
+            values = self.values
+            ranked = self._ranked = sorted(values, key=lambda key: (-values[key], key))
+        if k is None:
+            return [key for key in ranked if key not in exclude]
+        return list(islice((key for key in ranked if key not in exclude), k))
 
     def rescale(self, factor: float) -> None:
         """Multiply every value by ``factor > 0`` (order unchanged)."""
         for key in self.values:
             self.values[key] *= factor
+        self._ranked = None
 
 
 class ForwardDecay:
