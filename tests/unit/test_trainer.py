@@ -107,10 +107,11 @@ def test_a_better_candidate_is_promoted_and_announced(
 
 def test_checkpoint_round_trip_gives_the_same_scores(
         tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
-    s = settings_for(tiny_encoder, tmp_path)
+    # The argmax gate: this test needs a promotion, not a judgement of the thresholds.
+    s = settings_for(tiny_encoder, tmp_path, decision_objective="")
     trainer, store, _ = make_trainer(s, shop_samples(1500))
     report = trainer.handle({"reason": "buffer"})
-    assert report.version is not None
+    assert report.outcome == "promoted" and report.version is not None, report.reason
     served, vectors = trainer.served()  # the promoted version, as the trainer holds it
     loaded = load_served(store, report.version, tiny_encoder, tower_config(s), CPU)
     texts = ["deluxe mug 3 | home/mug", "eco lamp 1 | home/lamp"]
@@ -122,10 +123,11 @@ def test_checkpoint_round_trip_gives_the_same_scores(
 
 def test_a_tampered_checkpoint_is_refused(
         tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
-    s = settings_for(tiny_encoder, tmp_path)
+    s = settings_for(tiny_encoder, tmp_path, decision_objective="")  # needs a promotion
     trainer, store, _ = make_trainer(s, shop_samples(1500))
-    version = trainer.handle({"reason": "buffer"}).version
-    assert version is not None
+    first = trainer.handle({"reason": "buffer"})
+    version = first.version
+    assert first.outcome == "promoted" and version is not None, first.reason
     weights = store.root / "versions" / version / "model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-5] ^= 0xFF
