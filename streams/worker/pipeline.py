@@ -181,6 +181,8 @@ class Pipeline:
         self._weights_dirty = False
         self._tiers_at = 0.0
         self.refresh_every_s = refresh_every_s
+        self._read: dict[tuple[str, int], int] = {}
+        """The highest offset read per input (topic, partition) in this assignment."""
         self._last_refresh = 0.0
         # Label lookups cost more than the increments: resolve each child once.
         kinds = [*self.kind_of_topic.values(), "unknown"]
@@ -199,6 +201,8 @@ class Pipeline:
         """
         started = time.perf_counter()
         self.metrics.batch_size.observe(len(batch))
+        if self._offsets_went_back(batch):
+            self._lost_log()
         events, replayed = await self._ingest(batch)
         applied = await self._apply(events) if events else []
         for msg in batch:
@@ -211,6 +215,36 @@ class Pipeline:
         if self.send_audit is not None and (applied or replayed):
             await self._audit(applied, replayed)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def new_assignment(self) -> None:
+        """The state was restored for a (re)assignment: reading positions may move."""
+        self._read.clear()
+
+    def _offsets_went_back(self, batch: list[RawMessage]) -> bool:
+        """Whether a message sits at or below an offset this process already read from its
+        partition within the same assignment. A consumer never goes back by itself; the
+        broker does when it restarts without its log (offsets start again at 0), and the
+        new messages would pass for replays until the rebalance that recovery sees comes
+        round (seconds later, or never when the group rejoins before the broker notices)."""
+        went_back = False
+        for msg in batch:
+            key = (msg.topic, msg.partition)
+            last = self._read.get(key)
+            if last is not None and msg.offset <= last:
+                went_back = True
+            self._read[key] = msg.offset if last is None or went_back else max(last, msg.offset)
+        return went_back
+
+    def _lost_log(self) -> None:
+        """Offsets went back: no watermark marks a replay any more. The event_id
+        de-duplication (trusting every id seen) keeps the counts right instead, as after a
+        broker reset found at a rebalance (:mod:`~tailstream.streams.worker.recovery`)."""
+        log.warning("input offsets went back within an assignment (the broker lost its "
+                    "log?): offset watermarks dropped; event_id de-duplication decides "
+                    "what was processed already")
+        self.metrics.broker_resets.inc()
+        self.imbalance.forget_offsets()
+        self.deduper.trust_seen = True
 
     async def _ingest(self, batch: list[RawMessage]
                       ) -> tuple[list[tuple[Event, RawMessage]], list[str]]:

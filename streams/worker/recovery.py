@@ -11,7 +11,10 @@ recover from a broker that lost its log.
   watermarks would take new messages for replays, and positions and offsets committed
   since point past records never read. The worker re-creates the changelogs, writes its
   whole state to them again, forgets the watermarks and reads every input partition from
-  its start; event_id de-duplication skips what was processed already.
+  its start; event_id de-duplication skips what was processed already. A worker whose
+  input offsets go back *within* an assignment (it read from the restarted broker before
+  any rebalance) drops the watermarks at once (:meth:`Pipeline.process`), and the
+  rebalance that follows does the rest.
 
 Faust resumes the stream *before* the tables' ``on_recover`` callbacks run: a batch in that
 gap would be counted into empty partitions that the restore then overwrites. The agent
@@ -114,6 +117,7 @@ class Recovery:
             await self._restore_buffer()
         log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),
                  loop.buffer.sizes())
+        self.pipeline.new_assignment()
         self.restored.set()
 
     def _missing_changelogs(self) -> set[str]:

@@ -421,7 +421,8 @@ def test_redelivered_message_below_the_watermark_is_a_skipped_replay() -> None:
         m0 = feed.msg("purchase", [event("e1", "u1", "i1"), event("e2", "u1", "i2")])
         await h.pipeline.process([m0])
         assert h.pipeline.imbalance.counted(0, m0.topic, m0.offset)
-        # The same record (topic/partition/offset) again, e.g. after a rebalance.
+        # The same record (topic/partition/offset) again, after a rebalance.
+        h.pipeline.new_assignment()
         await h.pipeline.process([m0, feed.msg("purchase", click("e3", "u2", "i3"))])
         return h
 
@@ -432,6 +433,31 @@ def test_redelivered_message_below_the_watermark_is_a_skipped_replay() -> None:
     assert h.value("tailstream_messages_in_total", kind="purchase") == 2.0
     assert h.pipeline.imbalance.totals()["purchase"] == 3
     assert h.audits == [(["e1", "e2"], []), (["e3"], ["e1", "e2"])]
+
+
+def test_offsets_that_go_back_within_an_assignment_are_new_messages() -> None:
+    """A broker that restarted without its log numbers new messages from 0 again: within
+    the same assignment they are not replays (the watermarks are dropped at once), while
+    an event this process saw before is still a duplicate."""
+
+    async def scenario() -> Harness:
+        h = make()
+        feed = Feed(h.settings)
+        old = [feed.msg("click", click(f"e{n}", "u1", f"i{n}")) for n in range(3)]
+        await h.pipeline.process(old)
+        # The new broker's log: offsets from 0 again, new events and one seen before.
+        reborn = Feed(h.settings)
+        await h.pipeline.process([reborn.msg("click", click("n1", "u2", "i7")),
+                                  reborn.msg("click", click("e1", "u1", "i1")),
+                                  reborn.msg("click", click("n2", "u2", "i8"))])
+        return h
+
+    h = run(scenario())
+    assert h.value("tailstream_replayed_messages_total") == 0.0
+    assert h.value("tailstream_events_processed_total", kind="click") == 5.0
+    assert h.value("tailstream_duplicates_total") == 1.0
+    assert h.value("tailstream_broker_resets_total") == 1.0
+    assert h.pipeline.imbalance.totals()["click"] == 5
 
 
 def test_replay_after_a_restart_uses_the_recovered_watermark() -> None:
