@@ -638,3 +638,19 @@ def test_the_demo_shop_waits_for_the_canary_of_the_run_going_at_the_end(
     assert not late.up(61.0)
     assert late.up(60.0 + 120.0 + 30.0 + 60.0)  # bounded
     assert demo.ShopClock(60.0, None).up(60.0)  # no trainer
+
+
+def test_the_demo_counts_canaries_from_the_decisions_it_lists(tmp_path: Path) -> None:
+    """A canary decided while the trainer shut down is in the decisions file but not in
+    the counters scraped before: the summary's counts must still add up to its list."""
+    from tailstream.stack.demo import canary_summary
+
+    ws = Settings().replace(data_dir=tmp_path)
+    root = ModelStore(ws.model_store_dir).root
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"version": "v00002", "serving": "base", "verdict": {"decision": "promote"}},
+            {"version": "v00003", "serving": "v00002", "verdict": {"decision": "roll_back"}}]
+    (root / "canaries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = canary_summary(None, ws)
+    assert (out["started"], out["promoted"], out["rolled_back"]) == (2, 1, 1)
+    assert [d["version"] for d in out["decisions"]] == ["v00002", "v00003"]

@@ -537,6 +537,12 @@ def canary_summary(ts: Settings | None, ws: Settings) -> dict[str, Any]:
              "decision", "code", "candidate_rate", "candidate_lists", "serving_rate",
              "serving_lists", "z", "p_value", "reason")}}
         for c in read_jsonl(ModelStore((ts or ws).model_store_dir).root / "canaries.jsonl")]
+    # The trainer's counters were scraped while it ran; a canary it decided while shutting
+    # down is only in the decisions file, so the counts also follow that file.
+    decided = [d.get("decision") for d in out["decisions"]]
+    out["promoted"] = max(out["promoted"], decided.count("promote"))
+    out["rolled_back"] = max(out["rolled_back"], decided.count("roll_back"))
+    out["started"] = max(out["started"], len(decided))
     return out
 
 
