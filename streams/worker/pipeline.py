@@ -228,6 +228,8 @@ class Pipeline:
         round (seconds later, or never when the group rejoins before the broker notices)."""
         went_back = False
         for msg in batch:
+            if msg.topic == self.items_topic:  # no watermark: nothing to mistake for a replay
+                continue
             key = (msg.topic, msg.partition)
             last = self._read.get(key)
             if last is not None and msg.offset <= last:
