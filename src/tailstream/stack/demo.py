@@ -426,14 +426,7 @@ def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, An
     from tailstream.models.towers.store import ModelStore
 
     store = ModelStore(s.model_store_dir)
-    runs: list[dict[str, Any]] = []
-    path = store.root / "runs.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                runs.append(json.loads(line))
-            except ValueError:
-                continue
+    runs = read_jsonl(store.root / "runs.jsonl")
     decided = [r for r in runs if r.get("outcome") in ("promoted", "canary", "rejected")]
     canaries = {c.get("version"): c.get("verdict", {}).get("decision")
                 for c in read_jsonl(store.root / "canaries.jsonl")}
