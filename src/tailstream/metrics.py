@@ -227,6 +227,9 @@ class Metrics:
         self.index_items = Gauge(
             "tailstream_index_items",
             "Catalogue items in this worker's item-vector index.", registry=r)
+        self.index_pending = Gauge(
+            "tailstream_index_pending_items",
+            "Catalogue items announced but not yet embedded into the index.", registry=r)
         self.index_bytes = Gauge(
             "tailstream_index_memory_bytes",
             "Memory held by the item index and the items' text vectors.", registry=r)

@@ -180,11 +180,13 @@ class ScoringService:
         """Remember an item to embed (a newer text for the same item replaces the older)."""
         self._removed.discard(item_id)  # announced again after a deletion: it is back
         self._pending[item_id] = text
+        self.metrics.index_pending.set(len(self._pending))
 
     def remove_item(self, item_id: str) -> None:
         """A catalogue tombstone: the item leaves the index before the next list is made."""
         self._pending.pop(item_id, None)
         self._removed.add(item_id)
+        self.metrics.index_pending.set(len(self._pending))
 
     async def _sync_removals(self, scorer: Scorer) -> None:
         """Under the lock: apply the deletions seen so far (taken on the event loop, where
@@ -218,6 +220,7 @@ class ScoringService:
             # A tombstone that came while these waited wins over their embedding.
             await self._sync_removals(scorer)
         self.metrics.texts_encoded.labels("item").inc(scorer.texts.encoded - before)
+        self.metrics.index_pending.set(len(self._pending))
         self._index_metrics(scorer)
         return len(ids)
 

@@ -48,6 +48,8 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert s["events_consumed"] == s["events_produced"]
     assert s["malformed_injected"] > 0 and s["dlq"] == s["malformed_injected"]
     assert s["recommendations_published"] > 0
+    # The shop opened on an indexed catalogue: every item record was sent first.
+    assert s["catalogue_items_produced"] == 2000 and s["catalogue_indexed_s"] > 0
     assert s["users_with_recs_in_redis"] > 0
     assert 0 < s["latency_ms_p50"] <= s["latency_ms_p99"]
     # What the served lists did online, and the canaries (none may start in 15 s).

@@ -220,8 +220,10 @@ def test_the_scoring_service_serves_the_base_then_swaps_to_a_promoted_version(
         assert not service.ready  # nothing indexed yet: the pipeline serves the baseline
         for item, text in texts.items():
             service.queue_item(item, text)
+        assert metrics.registry.get_sample_value("tailstream_index_pending_items") == len(texts)
         while await service.embed_pending(64):
             pass
+        assert metrics.registry.get_sample_value("tailstream_index_pending_items") == 0
         assert service.ready and service.version.startswith("base-")
         request = UserRequest("u1", [ContextEntry("i", samples[0].item_text, "x",
                                                   samples[0].item_id)], set())
