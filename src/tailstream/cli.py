@@ -178,10 +178,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The log first: a log that cannot be read stops here, before anything heavy loads.
     log = log_spec(args, args.file, settings) if args.file is not None else None
     from tailstream.evaluation.run import Source, run_eval
-    from tailstream.evaluation.specs import EvalConfig
+    from tailstream.evaluation.specs import EvalConfig, split_strategies
 
     _threads(args.threads)
-    cfg = EvalConfig(strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+    cfg = EvalConfig(strategies=split_strategies(args.strategies),
                      blocks=args.blocks, rank_every=args.rank_every, steps=args.steps,
                      batch_size=args.batch, tiny=args.tiny, seed=args.seed)
     source = Source(log, args.users, args.items, args.seed, args.sale_at)
@@ -463,7 +463,9 @@ def _add_eval(sub: Sub, common: argparse.ArgumentParser) -> None:
                                    "state, then test-then-train every strategy block by block; "
                                    "write eval.json, report.md and PNG charts.")
     _replay_flags(p)
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="comma-separated; a variant with its own settings ablates one knob, "
+                        "e.g. 'adaptive[tail_share=0]' or 'focal[weight_gamma=0.5]'")
     p.add_argument("--steps", type=int, default=150, help="steps per fine-tune")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder")
     p.add_argument("--json", type=Path, default=None, help="also write the summary JSON here")

@@ -65,6 +65,29 @@ def test_eval_runs_every_strategy_and_writes_the_report(
 def test_an_unknown_strategy_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown strategies"):
         main(["eval", "--tiny", "--strategies", "ce,nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown setting 'nope'"):
+        main(["eval", "--tiny", "--strategies", "ce[nope=1]", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="only the transformer strategies"):
+        main(["eval", "--tiny", "--strategies", "river[tail_share=0]", "--out", str(tmp_path)])
+
+
+def test_an_ablation_runs_beside_its_base_with_its_own_settings(tmp_path: Path) -> None:
+    """``ce[tail_share=0]`` is ``ce`` with no tail quota: same replay, same training,
+    different lists — fewer tail items shown — and a report row beside its base."""
+    out = tmp_path / "eval"
+    code = main(["eval", "--tiny", "--events", "3000", "--users", "150", "--items", "300",
+                 "--blocks", "3", "--steps", "3", "--batch", "64", "--out", str(out),
+                 "--strategies", "ce,ce[tail_share=0,rank_popularity_weight=1],ce[tail_share=0.6]"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    names = ["ce", "ce[tail_share=0,rank_popularity_weight=1]", "ce[tail_share=0.6]"]
+    assert list(result["strategies"]) == names
+    none, most = (result["strategies"][n] for n in names[1:])
+    # The outcome head is trained and scored the same way: its decisions do not move.
+    assert none["macro_f1"] == most["macro_f1"]
+    assert none["tail_exposure_share"] < most["tail_exposure_share"]
+    report = (out / "report.md").read_text()
+    assert "| ce (base) |" in report and f"| {names[1]} |" in report
 
 
 # ---------------------------------------------------------------------- leak-free protocol

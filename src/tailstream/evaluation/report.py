@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tailstream.contract import CLASSES, TIERS
+from tailstream.evaluation.specs import parse_variant
 
 MISSING = "—"
 
@@ -173,9 +174,9 @@ def versus_first(strategies: dict[str, dict[str, Any]], name: str = "adaptive") 
         if key == "purchase_pr_auc":
             rivals = {n: m for n, m in strategies.items() if n == "river" and n != name}
             role = "river"
-        else:
+        else:  # its own ablations (``adaptive[...]``) are reported apart, not rivals
             rivals = {n: m for n, m in strategies.items()
-                      if n != name and m.get(key) is not None}
+                      if n != name and not n.startswith(f"{name}[") and m.get(key) is not None}
             role = "the first"
         if not rivals:
             continue
@@ -259,6 +260,49 @@ def blend_summary(result: dict[str, Any], name: str = "adaptive") -> list[str]:
               f"{w.get('engagement', 0.0):.2f}, tail {w.get('tail', 0.0):.2f}"]
 
 
+ABLATED = (("hit_at_20", "HitRate@20"), ("hit_at_20_tail", "tail HitRate@20"),
+           ("g_mean", "G-mean"), ("minority_macro_recall", "minority macro-recall"),
+           ("purchase_pr_auc", "PR-AUC purchase"), ("coverage", "coverage"))
+
+
+def ablations(strategies: dict[str, dict[str, Any]]) -> list[str]:
+    """Each variant (``adaptive[tail_share=0]``) beside the strategy it varies: the
+    variant's value and its difference from the base, in the base's standard errors.
+
+    >>> print("\\n".join(ablations({
+    ...     "adaptive": {"hit_at_20": 0.5, "hit_at_20_se": 0.01},
+    ...     "adaptive[tail_share=0]": {"hit_at_20": 0.52, "hit_at_20_se": 0.01}})))
+    | variant | HitRate@20 |
+    |---|---:|
+    | adaptive (base) | 0.500 ± 0.010 |
+    | adaptive[tail_share=0] | 0.520 (+0.020, +2.0 SE) |
+    """
+    variants = [n for n in strategies if parse_variant(n)[1]]
+    if not variants:
+        return []
+    keys = [(k, label) for k, label in ABLATED
+            if any(strategies[n].get(k) is not None for n in variants)]
+    out = ["| variant | " + " | ".join(label for _, label in keys) + " |",
+           "|---|" + "---:|" * len(keys)]
+    for base in dict.fromkeys(parse_variant(n)[0] for n in variants):
+        ref = strategies.get(base, {})
+        if ref:
+            out.append(f"| {base} (base) | "
+                       + " | ".join(with_se(ref, k) for k, _ in keys) + " |")
+        for name in (n for n in variants if parse_variant(n)[0] == base):
+            cells = []
+            for k, _ in keys:
+                v, b, se = strategies[name].get(k), ref.get(k), ref.get(f"{k}_se")
+                if v is None or b is None:
+                    cells.append(with_se(strategies[name], k))
+                    continue
+                d = 4 if 0 < abs(v) < 0.01 else 3
+                z = f", {(v - b) / se:+.1f} SE" if se else ""
+                cells.append(f"{v:.{d}f} ({v - b:+.{d}f}{z})")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
     """The report: the HitRate@20 leaderboard, the headline metrics, per-class
     precision/recall/F1 with PR-AUC, ranking by tier and by the target's class; best per
@@ -295,6 +339,9 @@ def markdown(result: dict[str, Any], command: str) -> str:
         *leaderboard(strategies), "",
         *versus_peers(strategies), *versus_first(strategies), *blend_summary(result), "",
         *counterfactual_lines(result), "",
+        *(["Ablations: each variant ran the same replay with the settings in its name "
+           "(difference from the base, in the base's standard errors):", "",
+           *ablations(strategies), ""] if ablations(strategies) else []),
         *table(strategies, TABLE_METRICS), "",
         "Per class (precision P, recall R, F1) and PR-AUC of p(cart), p(purchase):",
         "",

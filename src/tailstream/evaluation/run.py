@@ -13,7 +13,7 @@ from typing import Any
 
 from tailstream.evaluation import charts, report
 from tailstream.evaluation.results import StrategyResult, summarise
-from tailstream.evaluation.specs import STRATEGIES, EvalConfig
+from tailstream.evaluation.specs import STRATEGIES, EvalConfig, parse_variant, spec_of
 from tailstream.evaluation.strategies import Harness
 from tailstream.evaluation.stream import collect
 from tailstream.producers.records import ProducedRecord
@@ -48,9 +48,23 @@ class Source:
 
 
 def check_strategies(names: Sequence[str]) -> None:
-    unknown = [s for s in names if s not in STRATEGIES]
+    """Refuse unknown strategies, and variants whose overrides are not settings or that
+    change a strategy without settings of its own (the peers, river, popularity)."""
+    from tailstream.settings import Settings
+
+    unknown = [s for s in names if parse_variant(s)[0] not in STRATEGIES]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; known: {list(STRATEGIES)}")
+    for name in names:
+        base, overrides = parse_variant(name)
+        if not overrides:
+            continue
+        if STRATEGIES[base].kind != "transformer":
+            raise SystemExit(f"{name}: only the transformer strategies take overrides")
+        try:
+            Settings().replace(**overrides)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"{name}: {exc}") from None
 
 
 def run_eval(settings: Settings, source: Source, cfg: EvalConfig, out_dir: Path, *,
@@ -73,7 +87,7 @@ def run_eval(settings: Settings, source: Source, cfg: EvalConfig, out_dir: Path,
                          max_events=events, progress=lambda n: bar.advance(task, n))
         bar.update(task, total=len(stream.interactions), completed=len(stream.interactions))
         harness = Harness(stream, settings, cfg, out_dir)
-        if any(STRATEGIES[s].kind == "transformer" for s in cfg.strategies):
+        if any(spec_of(s).kind == "transformer" for s in cfg.strategies):
             texts = len(set(stream.item_text.values())) + len(stream.interactions)
             task = bar.add_task("encoding texts (frozen encoder, shared)", total=texts)
             harness.encode_all(lambda n: bar.advance(task, n))

@@ -39,6 +39,48 @@ STRATEGIES: dict[str, StrategySpec] = {
 }
 
 
+def split_strategies(text: str) -> list[str]:
+    """Names from ``--strategies``: commas split, except inside a variant's brackets.
+
+    >>> split_strategies("ce, adaptive[tail_share=0,weight_gamma=1],river")
+    ['ce', 'adaptive[tail_share=0,weight_gamma=1]', 'river']
+    """
+    out, depth, part = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(part)
+            part = ""
+        else:
+            part += ch
+    out.append(part)
+    return [p.strip() for p in out if p.strip()]
+
+
+def parse_variant(name: str) -> tuple[str, dict[str, str]]:
+    """A strategy name and its settings overrides: ``adaptive[tail_share=0]`` is the
+    ``adaptive`` strategy with ``TAILSTREAM_TAIL_SHARE=0`` for its own run only — an
+    ablation in the same replay, scored beside the others.
+
+    >>> parse_variant("adaptive[tail_share=0, weight_gamma=1]")
+    ('adaptive', {'tail_share': '0', 'weight_gamma': '1'})
+    >>> parse_variant("ce")
+    ('ce', {})
+    """
+    if not name.endswith("]") or "[" not in name:
+        return name, {}
+    base, _, body = name[:-1].partition("[")
+    pairs = [p.partition("=") for p in body.split(",") if p.strip()]
+    if any(not eq or not k.strip() for k, eq, _ in pairs):
+        raise ValueError(f"{name!r}: overrides are KEY=VALUE, comma-separated")
+    return base.strip(), {k.strip(): v.strip() for k, _, v in pairs}
+
+
+def spec_of(name: str) -> StrategySpec:
+    """The spec behind a name or a variant of it (KeyError when unknown)."""
+    return STRATEGIES[parse_variant(name)[0]]
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     """The peers' settings, the same for every log (clocks count interactions, so a

@@ -40,7 +40,7 @@ import torch
 from tailstream import configs
 from tailstream.contract import CLASSES
 from tailstream.evaluation.results import StrategyResult
-from tailstream.evaluation.specs import STRATEGIES, EvalConfig
+from tailstream.evaluation.specs import EvalConfig, spec_of
 from tailstream.evaluation.stream import Interaction, Stream
 from tailstream.models.towers.adapters import configure_trainable
 from tailstream.models.towers.context import CONTEXT_SEPARATOR
@@ -113,7 +113,7 @@ class Harness:
         from tailstream.evaluation.peers import run_peer
         from tailstream.evaluation.transformer import TransformerStrategy
 
-        spec = STRATEGIES[name]
+        spec = spec_of(name)
         started = time.perf_counter()
         if spec.kind == "popularity":
             result = self._popularity(name)

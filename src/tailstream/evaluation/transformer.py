@@ -36,6 +36,7 @@ from tailstream.configs import FineTuneConfig
 from tailstream.contract import CLASSES
 from tailstream.evaluation.hybrid_walk import HybridWalk
 from tailstream.evaluation.results import StrategyResult
+from tailstream.evaluation.specs import parse_variant
 from tailstream.evaluation.stream import BlockState, Interaction
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.imbalance.decisions import DecisionLayer, RunningPrior
@@ -59,7 +60,8 @@ class TransformerStrategy:
         self.h = harness
         self.name = name
         self.spec = spec
-        self.settings = harness.settings
+        # A variant (``adaptive[tail_share=0]``) runs with its overrides; nothing else does.
+        self.settings = harness.settings.replace(**parse_variant(name)[1])
         base, self.vectors = harness.base()
         self.base = base
         # A copy of the base whose frozen encoder (and its cached vectors) is shared.
