@@ -141,7 +141,9 @@ class Settings:
     """Weight (logits) of the outcome head's expected engagement in the ranking score."""
     rank_popularity_weight: float = 0.5
     """γ of the popularity prior γ·log q(item) added to the debiased retrieval logit:
-    1 = rank by full p(item|user) (head-friendly), 0 = debiased (tail-friendly)."""
+    1 = rank by full p(item|user) (head-friendly), 0 = debiased (tail-friendly). Only
+    ``rank_mode=towers`` uses it: in ``hybrid`` the blender learns the weight of log
+    popularity online (the ablation in docs/evaluation.md: no list changes)."""
     rank_mode: str = "hybrid"
     """``hybrid``: the towers' candidates united with co-visitation, the user's categories,
     trending, the user's older items and query lookups, scored by the online blender
