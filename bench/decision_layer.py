@@ -43,7 +43,7 @@ def record(out: Path, argv: Sequence[str]) -> int:
     from tailstream.evaluation import transformer as t
 
     calls: Record = []
-    decide, refit = t.TransformerStrategy._decide, t.TransformerStrategy._refit_decisions
+    on_block, on_window = t.TransformerStrategy._decide, t.TransformerStrategy._refit_decisions
 
     def rows(items: Sequence[Any], online: Callable[[Any], dict[str, float]]) -> np.ndarray:
         return np.array([[online(x).get(c, 1.0 / len(CLASSES)) for c in CLASSES]
@@ -54,7 +54,7 @@ def record(out: Path, argv: Sequence[str]) -> int:
             labels = np.array([CLASSES.index(it.sample.label) for it in block])
             calls.append(("block", head.copy(), rows(block, lambda it: it.online or {}),
                           labels, self.prior.prior()))
-        return decide(self, block, head)
+        return on_block(self, block, head)
 
     def on_refit(self: Any, holdout: Any) -> None:
         if self.decisions is not None and len(holdout) >= 50:
@@ -63,7 +63,7 @@ def record(out: Path, argv: Sequence[str]) -> int:
                           rows(holdout, lambda x: online.get(x.event_id, {})),
                           np.array([CLASSES.index(x.label) for x in holdout]),
                           self.prior.prior()))
-        refit(self, holdout)
+        on_window(self, holdout)
 
     t.TransformerStrategy._decide = on_decide  # type: ignore[method-assign]
     t.TransformerStrategy._refit_decisions = on_refit  # type: ignore[method-assign]
