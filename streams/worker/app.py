@@ -54,7 +54,7 @@ from tailstream.streams.worker.tables import (
     declare_topics,
 )
 from tailstream.streams.worker.timers import add_timers
-from tailstream.streams.worker.transport import app_class, set_producer_buffer
+from tailstream.streams.worker.transport import app_class, log_end, set_producer_buffer
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def create_app(settings: Settings) -> Worker:
     sender = BatchSender(settings)
     pipeline = build_pipeline(settings, topics, tables, metrics, redis, buffer_store, scoring,
                               sender)
+    pipeline.log_end = lambda topic, partition: log_end(app.consumer, topic, partition)
     recovery = Recovery(app, settings, tables, pipeline, buffer_store, metrics)
     recovery.install()
 

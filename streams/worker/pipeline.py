@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import time
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ TIERS_EVERY_S = 0.5
 """The tier snapshot (a sort of the heavy hitters) is refreshed at most this often."""
 AUDIT_CHUNK = 5000
 """Event ids per audit record (about 200 KB: far under any producer's request limit)."""
+DIGESTS_KEPT = 4096
+"""Offsets per input partition whose record digests are kept to tell a seek from a new
+log (a seek back further than this falls back to the log's end)."""
 
 
 @dataclass(slots=True)
@@ -183,6 +187,13 @@ class Pipeline:
         self.refresh_every_s = refresh_every_s
         self._read: dict[tuple[str, int], int] = {}
         """The highest offset read per input (topic, partition) in this assignment."""
+        self.log_end: Callable[[str, int], int | None] | None = None
+        """Where a partition's log ends now (the consumer's high watermark; None when
+        unknown): tells a broker that lost its log from a consumer that seeks back."""
+        self._digests: dict[tuple[str, int], dict[int, int]] = {}
+        """CRC-32 of the values of the last :data:`DIGESTS_KEPT` offsets read per input
+        partition: a record read again at the same offset is a replay, another one is a
+        new log."""
         self._last_refresh = 0.0
         # Label lookups cost more than the increments: resolve each child once.
         kinds = [*self.kind_of_topic.values(), "unknown"]
@@ -219,6 +230,7 @@ class Pipeline:
     def new_assignment(self) -> None:
         """The state was restored for a (re)assignment: reading positions may move."""
         self._read.clear()
+        self._digests.clear()
 
     def _offsets_went_back(self, batch: list[RawMessage]) -> bool:
         """Whether a message sits at or below an offset this process already read from its
@@ -232,10 +244,39 @@ class Pipeline:
                 continue
             key = (msg.topic, msg.partition)
             last = self._read.get(key)
-            if last is not None and msg.offset <= last:
+            digest = zlib.crc32(msg.value or b"")
+            back = last is not None and msg.offset <= last
+            if back and last is not None and self._log_replaced(key, msg.offset, digest,
+                                                                last):
                 went_back = True
-            self._read[key] = msg.offset if last is None or went_back else max(last, msg.offset)
+                self._digests[key] = {}
+            self._read[key] = msg.offset if last is None or back else max(last, msg.offset)
+            self._remember(key, msg.offset, digest)
         return went_back
+
+    def _log_replaced(self, key: tuple[str, int], offset: int, digest: int,
+                      last: int) -> bool:
+        """Whether a step back to ``offset`` (at or below ``last``, read before) is a new
+        log rather than a seek. A consumer steps back by itself when it seeks: after a
+        restart Faust seeks to the committed offsets while a batch fetched before the seek
+        was already handed over, and the same records come again — replays, which the
+        watermarks must keep recognising (treating them as a new log let event_ids that a
+        killed process had marked seen, but never saved the effects of, pass as
+        duplicates: events lost). The same record at the same offset is a seek; another
+        record is a new log; an offset too old to remember is a new log when the log now
+        ends at or below ``last`` (or nobody can say where it ends: the in-memory fakes)."""
+        seen = self._digests.get(key, {}).get(offset)
+        if seen is not None:
+            return seen != digest
+        end = self.log_end(*key) if self.log_end is not None else None
+        return end is None or end <= last
+
+    def _remember(self, key: tuple[str, int], offset: int, digest: int) -> None:
+        kept = self._digests.setdefault(key, {})
+        kept[offset] = digest
+        if len(kept) > 2 * DIGESTS_KEPT:
+            newest = max(kept)
+            self._digests[key] = {o: d for o, d in kept.items() if o > newest - DIGESTS_KEPT}
 
     def _lost_log(self) -> None:
         """Offsets went back: no watermark marks a replay any more. The event_id

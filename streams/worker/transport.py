@@ -200,6 +200,18 @@ def rewind_inputs(consumer: Any) -> None:
     consumer.rewind = {tp for tp in consumer.assignment() if tp.topic in consumer.input_topics}
 
 
+def log_end(consumer: Any, topic: str, partition: int) -> int | None:
+    """The high watermark of ``topic``/``partition`` from the consumer's last fetch (the
+    offset the next appended message gets); None when unknown (not assigned, no fetch)."""
+    from faust.types import TP
+
+    try:
+        value = consumer.highwater(TP(topic, partition))
+    except Exception:  # noqa: BLE001 - a revoked or never-fetched partition: unknown
+        return None
+    return None if value is None else int(value)
+
+
 def read_offset(consumer: Any, tp: Any) -> int | None:
     """The last offset of ``tp`` handed to the stream (None before the first)."""
     value = consumer._read_offset.get(tp)

@@ -445,7 +445,9 @@ def test_offsets_that_go_back_within_an_assignment_are_new_messages() -> None:
         feed = Feed(h.settings)
         old = [feed.msg("click", click(f"e{n}", "u1", f"i{n}")) for n in range(3)]
         await h.pipeline.process(old)
-        # The new broker's log: offsets from 0 again, new events and one seen before.
+        # The new broker's log: offsets from 0 again, new events and one seen before. Its
+        # end alone cannot tell (3 new messages, 3 read before): the records differ.
+        h.pipeline.log_end = lambda topic, partition: 3
         reborn = Feed(h.settings)
         await h.pipeline.process([reborn.msg("click", click("n1", "u2", "i7")),
                                   reborn.msg("click", click("e1", "u1", "i1")),
@@ -458,6 +460,34 @@ def test_offsets_that_go_back_within_an_assignment_are_new_messages() -> None:
     assert h.value("tailstream_duplicates_total") == 1.0
     assert h.value("tailstream_broker_resets_total") == 1.0
     assert h.pipeline.imbalance.totals()["click"] == 5
+
+
+def test_a_seek_back_within_an_assignment_is_a_replay_not_a_lost_log() -> None:
+    """After a restart Faust seeks to the committed offsets while a batch fetched before
+    the seek was already handed over: the same records come again, with the log's end
+    still beyond them. They are replays; the watermarks stay, and an event a killed
+    process had marked seen (without saving its effects) is still applied."""
+
+    async def scenario() -> Harness:
+        h = make(audit=True)
+        feed = Feed(h.settings)
+        first = [feed.msg("click", click(f"e{n}", "u1", f"i{n}")) for n in range(3)]
+        ghost = feed.msg("click", click("ghost", "u2", "i9"))
+        # The killed process had marked the next message's event seen, from that very
+        # message, and died before saving its effects.
+        await h.pipeline.deduper.first_seen(
+            ["ghost"], [f"{ghost.topic}/{ghost.partition}/{ghost.offset}"])
+        h.pipeline.log_end = lambda topic, partition: 10
+        await h.pipeline.process(first)
+        await h.pipeline.process([*first, ghost])  # the seek: the same records again
+        return h
+
+    h = run(scenario())
+    assert h.value("tailstream_broker_resets_total") == 0.0
+    assert h.value("tailstream_replayed_messages_total") == 3.0
+    assert h.value("tailstream_events_processed_total", kind="click") == 4.0
+    assert h.pipeline.imbalance.totals()["click"] == 4
+    assert not h.pipeline.deduper.trust_seen
 
 
 def test_replay_after_a_restart_uses_the_recovered_watermark() -> None:
