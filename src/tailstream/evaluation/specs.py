@@ -60,7 +60,11 @@ def split_strategies(text: str) -> list[str]:
 def parse_variant(name: str) -> tuple[str, dict[str, str]]:
     """A strategy name and its settings overrides: ``adaptive[tail_share=0]`` is the
     ``adaptive`` strategy with ``TAILSTREAM_TAIL_SHARE=0`` for its own run only — an
-    ablation in the same replay, scored beside the others.
+    ablation in the same replay, scored beside the others. The overrides reach what the
+    strategy does itself (its ranking, fine-tune, decision layer, policy selector); the
+    shared replay of the worker state (class counts, triggers, the loop's published
+    policy, the river path) runs once with the command's settings: vary those with a
+    separate run.
 
     >>> parse_variant("adaptive[tail_share=0, weight_gamma=1]")
     ('adaptive', {'tail_share': '0', 'weight_gamma': '1'})
