@@ -314,6 +314,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
     shares = ", ".join(f"{c} {100 * v:.2f} %" for c, v in result["class_shares"].items())
     known = result.get("known", {})
     first = next(iter(strategies.values()), {})
+    ablated = ablations(strategies)
     return "\n".join([
         f"### {result['dataset']}",
         "",
@@ -341,7 +342,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         *counterfactual_lines(result), "",
         *(["Ablations: each variant ran the same replay with the settings in its name "
            "(difference from the base, in the base's standard errors):", "",
-           *ablations(strategies), ""] if ablations(strategies) else []),
+           *ablated, ""] if ablated else []),
         *table(strategies, TABLE_METRICS), "",
         "Per class (precision P, recall R, F1) and PR-AUC of p(cart), p(purchase):",
         "",
