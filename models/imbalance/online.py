@@ -18,46 +18,16 @@ Prequential metrics: macro-F1, recall per class, ROC-AUC of ``p(purchase)``.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from river import compose, imblearn, linear_model, metrics, multiclass, optim, preprocessing
 
-from tailstream.contract import CLASSES, RARE_CLASSES
+from tailstream.contract import CLASSES
+from tailstream.models.imbalance.features import Features, interaction_features
 
-Features = dict[str, float]
-
-
-def interaction_features(*, item_count: float, item_class_counts: Mapping[str, float],
-                         user_class_counts: Mapping[str, float], tier: str,
-                         category_affinity: float, repeat: bool,
-                         price: float | None) -> Features:
-    """Features of a (user, item) interaction, all known before the event happens.
-
-    Rates are add-one smoothed: ``(n_c + 1) / (n + K)``.
-
-    >>> f = interaction_features(item_count=9, item_class_counts={"purchase": 2},
-    ...     user_class_counts={}, tier="head", category_affinity=1.0, repeat=False, price=None)
-    >>> round(f["item_rate_purchase"], 3), f["tier_head"]
-    (0.231, 1.0)
-    """
-    k = len(CLASSES)
-    x: Features = {
-        "log_item_count": math.log1p(max(item_count, 0.0)),
-        "tier_head": float(tier == "head"),
-        "tier_tail": float(tier == "tail"),
-        "affinity": category_affinity,
-        "repeat": float(repeat),
-        "log_price": math.log1p(price) if price is not None and price > 0 else 0.0,
-    }
-    user_total = sum(user_class_counts.values())
-    x["log_user_events"] = math.log1p(user_total)
-    for c in RARE_CLASSES:
-        x[f"item_rate_{c}"] = (item_class_counts.get(c, 0.0) + 1) / (max(item_count, 0.0) + k)
-        x[f"user_rate_{c}"] = (user_class_counts.get(c, 0.0) + 1) / (user_total + k)
-    return x
+__all__ = ["Features", "OnlineOutcomeModel", "PerClassRecall", "interaction_features"]
 
 
 class PerClassRecall:

@@ -13,9 +13,13 @@ outcome head.
   al., RecSys 2016, averages watched-item embeddings the same way).
 * **Retrieval score** ``s(u, i) = u·v / T`` (cosine over a temperature), trained with an
   in-batch sampled softmax and logQ correction (Yi et al., RecSys 2019).
-* **Outcome head.** ``z = MLP([u, v, u ⊙ v, max_j s_j, Σ_j α_j s_j])`` → logits over
-  click / cart / fav / purchase: CTR- and CVR-like probabilities from one model, trained
-  with the imbalance loop's loss. ``s_j = cos(W_item e(ctx_j), v)`` compares the candidate
+* **Outcome head.** Wide & deep: ``z = MLP([u, v, u ⊙ v, max_j s_j, Σ_j α_j s_j]) + W x``
+  → logits over click / cart / fav / purchase: CTR- and CVR-like probabilities from one
+  model, trained with the imbalance loop's loss. ``x`` are the streaming count features
+  the river fast path reads (item and user class rates, counts, repeat, affinity, tier,
+  price: ``models/imbalance/features.py``), standardised by running moments; where they
+  are unknown (ranking a list's candidates) ``x`` is their mean and the wide part adds a
+  constant. ``s_j = cos(W_item e(ctx_j), v)`` compares the candidate
   with each recent context item in the item space (target attention, as in DIN: Zhou et
   al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018, with
   ``α = softmax(s / T)``; both enter as ``(s − 1) / T``, logits below "same item"): whether
@@ -50,6 +54,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class TwoTowerRecommender(nn.Module):
+    wide_mean: torch.Tensor
+    wide_var: torch.Tensor
+    wide_rows: torch.Tensor
+
     def __init__(self, encoder: nn.Module, hidden_size: int, config: TowerConfig) -> None:
         super().__init__()
         self.encoder = encoder
@@ -72,6 +80,16 @@ class TwoTowerRecommender(nn.Module):
         self.empty_context = nn.Parameter(torch.zeros(hidden_size))
         self.outcome_head = nn.Sequential(nn.Linear(3 * d + 2, config.head_hidden), nn.GELU(),
                                           nn.Linear(config.head_hidden, k))
+        # The wide part: a linear model over the standardised streaming count features,
+        # zero at start (the base model's head is the deep part alone). Running moments
+        # of the training rows standardise them; a row without features is the mean (0).
+        f = config.wide_features
+        self.wide = nn.Linear(f, k)
+        nn.init.zeros_(self.wide.weight)
+        nn.init.zeros_(self.wide.bias)
+        self.register_buffer("wide_mean", torch.zeros(f))
+        self.register_buffer("wide_var", torch.ones(f))
+        self.register_buffer("wide_rows", torch.zeros(()))
         with torch.no_grad():
             for layer, scale in ((self.outcome_head[0], 1.0), (self.outcome_head[2], 0.01)):
                 assert isinstance(layer, nn.Linear)
@@ -124,14 +142,60 @@ class TwoTowerRecommender(nn.Module):
         return F.normalize(self.item_proj(context.float()), dim=-1)
 
     def outcome_logits(self, user: torch.Tensor, item: torch.Tensor,
-                       ctx_items: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+                       ctx_items: torch.Tensor, ctx_mask: torch.Tensor,
+                       counts: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, K]`` over :attr:`TowerConfig.classes` for (user, item) pairs, with
-        each pair's context in the item space ``[B, C, d]`` and its mask ``[B, C]``."""
-        return self.outcome_head(self.pair_features(user, item, ctx_items, ctx_mask))
+        each pair's context in the item space ``[B, C, d]`` and its mask ``[B, C]``, and
+        its streaming count features ``[B, F]`` (:meth:`count_rows`; None: unknown, the
+        wide part then adds only its bias)."""
+        return self.head(self.pair_features(user, item, ctx_items, ctx_mask, counts))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """Wide & deep (Cheng et al., "Wide & Deep Learning for Recommender Systems",
+        DLRS 2016): ``logits = MLP(deep part of z) + W · standardised counts + b``."""
+        f = self.config.wide_features
+        return self.outcome_head(z[:, :-f]) + self.wide(z[:, -f:])
+
+    def count_rows(self, rows: Sequence[Sequence[float]], device: torch.device
+                   ) -> torch.Tensor:
+        """Feature vectors (``Sample.features``) as a ``[B, F]`` tensor; a row without
+        them is the running mean (standardised: 0)."""
+        f = self.config.wide_features
+        out = self.wide_mean.to(device).repeat(len(rows), 1)
+        have = [i for i, r in enumerate(rows) if len(r) == f]
+        if have:
+            out[have] = torch.tensor([list(rows[i]) for i in have], device=device,
+                                     dtype=out.dtype)
+        return out
+
+    @torch.no_grad()
+    def observe_counts(self, counts: torch.Tensor, momentum: float = 0.1) -> None:
+        """Move the running moments of the count features towards a training batch's
+        (the first batch sets them), as batch normalisation keeps its running
+        statistics; serving standardises with them, so training and serving agree."""
+        mean, var = counts.float().mean(0), counts.float().var(0, unbiased=False)
+        if float(self.wide_rows) == 0:
+            self.wide_mean.copy_(mean)
+            self.wide_var.copy_(var)
+        else:
+            self.wide_mean.lerp_(mean, momentum)
+            self.wide_var.lerp_(var, momentum)
+        self.wide_rows += counts.shape[0]
 
     def pair_features(self, user: torch.Tensor, item: torch.Tensor, ctx_items: torch.Tensor,
-                      ctx_mask: torch.Tensor) -> torch.Tensor:
-        """The outcome head's input ``[B, 3d + 2]`` (SMOTE interpolates these)."""
+                      ctx_mask: torch.Tensor, counts: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The outcome head's input ``[B, 3d + 2 + F]``: the deep part, then the
+        standardised count features (SMOTE interpolates these)."""
+        if counts is None:
+            std = torch.zeros(user.shape[0], self.config.wide_features, device=user.device)
+        else:
+            std = (counts.float() - self.wide_mean) / (self.wide_var + 1e-6).sqrt()
+        return torch.cat([self._deep_features(user, item, ctx_items, ctx_mask), std], dim=-1)
+
+    def _deep_features(self, user: torch.Tensor, item: torch.Tensor, ctx_items: torch.Tensor,
+                       ctx_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 3d + 2]``: the user, the item, their product, and the target attention."""
         sims = torch.einsum("bcd,bd->bc", ctx_items.float(), item.float())
         has = ctx_mask.any(dim=1, keepdim=True)
         top = sims.masked_fill(~ctx_mask, float("-inf")).max(dim=1, keepdim=True).values

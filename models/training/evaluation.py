@@ -74,7 +74,9 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
                                     model.empty_context.device)
         users = model.user_vectors(ctx_t, mask)
         idx = torch.tensor([col[s.item_id] for s in part], device=item_vecs.device)
-        logits = model.outcome_logits(users, item_vecs[idx], model.context_items(ctx_t), mask)
+        counts = model.count_rows([s.features for s in part], model.empty_context.device)
+        logits = model.outcome_logits(users, item_vecs[idx], model.context_items(ctx_t), mask,
+                                      counts)
         preds.extend(classes[int(k)] for k in logits.argmax(-1))
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         scores = model.retrieval_scores(users, item_vecs)

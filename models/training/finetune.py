@@ -244,12 +244,16 @@ class FineTuner:
             self._encode = torch.compile(model.encode_tokens, dynamic=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; the towers and head at ``lr``, trainable encoder weights at ``encoder_lr``;
-        no weight decay on biases and norms. Fused kernels on CUDA."""
+        """AdamW; the towers and head at ``lr``, the head's wide part at ``wide_lr``,
+        trainable encoder weights at ``encoder_lr``; no weight decay on biases and norms.
+        Fused kernels on CUDA."""
         groups: list[dict[str, Any]] = []
         enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
-        heads = [p for p in self.model.head_parameters() if p.requires_grad]
-        for params, lr in ((heads, self.cfg.lr), (enc, self.cfg.encoder_lr)):
+        wide = {id(p) for p in self.model.wide.parameters()}
+        heads = [p for p in self.model.head_parameters()
+                 if p.requires_grad and id(p) not in wide]
+        for params, lr in ((heads, self.cfg.lr), (enc, self.cfg.encoder_lr),
+                           (list(self.model.wide.parameters()), self.cfg.wide_lr)):
             decay = [p for p in params if p.ndim >= 2]
             no_decay = [p for p in params if p.ndim < 2]
             if decay:
@@ -324,8 +328,13 @@ class FineTuner:
         target = torch.tensor([self.class_index[s.label] for s in batch], device=self.device)
         weights = torch.tensor([plan.sample_weight.get(s.label, 0.0) for s in batch],
                                device=self.device)
-        features = self.model.pair_features(users, items[cols], ctx_items, mask)
-        logits = self.model.outcome_head(features)
+        counts = self.model.count_rows([s.features for s in batch], self.device)
+        f = self.model.config.wide_features
+        known = [i for i, s in enumerate(batch) if len(s.features) == f]
+        if known:
+            self.model.observe_counts(counts[known])
+        features = self.model.pair_features(users, items[cols], ctx_items, mask, counts)
+        logits = self.model.head(features)
         n_syn = 0
         if cfg.smote_share > 0:
             logits, target, weights, n_syn = self._with_smote(features, logits, target, weights)
@@ -364,7 +373,7 @@ class FineTuner:
                                                n_new, rng=self.rng, sampler=self.cfg.sampler)
         if not new_labels:
             return logits, target, weights, 0
-        syn_logits = self.model.outcome_head(new)
+        syn_logits = self.model.head(new)
         syn_target = torch.tensor([self.class_index[c] for c in new_labels], device=self.device)
         by_class = {self.classes[int(t)]: float(w) for t, w in zip(target, weights, strict=True)}
         syn_w = torch.tensor([by_class.get(c, 1.0) for c in new_labels], device=self.device)

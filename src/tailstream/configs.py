@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tailstream.contract import CLASSES, RARE_CLASSES, TRANSACTION_CLASSES, Limits
+from tailstream.models.imbalance.features import FEATURE_NAMES
 
 if TYPE_CHECKING:
     from tailstream.settings import Settings
@@ -129,6 +130,8 @@ class TowerConfig:
     head_prior: dict[str, float] = field(default_factory=lambda: dict(HEAD_PRIOR))
     """Class mix the untrained outcome head starts from."""
     seed: int = 0
+    wide_features: int = len(FEATURE_NAMES)
+    """Inputs of the outcome head's wide part (the streaming count features)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -211,6 +214,8 @@ class FineTuneConfig:
     max_seconds: float = 120.0
     lr: float = 1e-3
     """Learning rate of the towers and the head."""
+    wide_lr: float = 1e-2
+    """Learning rate of the outcome head's wide part."""
     encoder_lr: float = 3e-5
     weight_decay: float = 0.01
     retrieval_weight: float = 1.0
@@ -412,7 +417,7 @@ def finetune_config(settings: Settings, with_policy: Policy | None = None) -> Fi
         builder=settings.finetune_builder, target_mix=settings.finetune_target_mix,
         batch_size=settings.finetune_batch_size, max_steps=settings.finetune_max_steps,
         max_seconds=settings.finetune_max_seconds, lr=settings.finetune_lr,
-        encoder_lr=settings.finetune_encoder_lr,
+        encoder_lr=settings.finetune_encoder_lr, wide_lr=settings.finetune_wide_lr,
         retrieval_weight=settings.finetune_retrieval_weight,
         replay_share=settings.finetune_replay_share,
         replay_capacity=settings.finetune_replay_capacity,

@@ -276,6 +276,10 @@ class Settings:
     finetune_max_seconds: float = 120.0
     finetune_lr: float = 1e-3
     """Learning rate of the towers and the outcome head."""
+    finetune_wide_lr: float = 1e-2
+    """Learning rate of the outcome head's wide part (a linear model over a dozen
+    standardised count features: it takes, and within a fine-tune's few dozen steps needs,
+    a larger step than the MLP)."""
     finetune_encoder_lr: float = 3e-5
     finetune_builder: str = "none"
     """Batch builder: none (the buffer's mix, reweighted to the stream), oversample, undersample."""

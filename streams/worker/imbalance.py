@@ -24,14 +24,15 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tailstream import configs
 from tailstream.contract import CLASSES, INTERACTION_KINDS, RARE_CLASSES, Event
 from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
-from tailstream.models.imbalance.online import OnlineOutcomeModel, interaction_features
+from tailstream.models.imbalance.features import Features, feature_vector, interaction_features
+from tailstream.models.imbalance.online import OnlineOutcomeModel
 from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.imbalance.rolling import DecayedCounts, HoppingWindowCounts, class_shares
 from tailstream.models.imbalance.sketch import CountMinSketch, ItemFrequency
@@ -149,13 +150,9 @@ class ImbalanceLoop:
         # cost is saved where data is plentiful.
         rate = 1.0 if self._shares.get(event.kind, 0.0) < self.settings.minority_share \
             else self.settings.online_majority_rate
+        x = self._features(item, user_class_counts, tier, category_affinity, repeat,
+                           event.price)
         if rate >= 1.0 or self._online_rng.random() < rate:
-            x = interaction_features(
-                item_count=self.items.estimate(item),
-                item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
-                                   for c in RARE_CLASSES},
-                user_class_counts=user_class_counts, tier=tier,
-                category_affinity=category_affinity, repeat=repeat, price=event.price)
             seen_before = self.online.n > 0
             proba = self.online.predict_then_learn(x, event.kind, weight / rate,
                                                    metric_weight=1.0 / rate)
@@ -168,7 +165,8 @@ class ImbalanceLoop:
             self.item_classes.add(f"{event.kind}:{item}")
 
         sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
-                        weight=weight, user_text=user_text, item_text=item_text)
+                        weight=weight, user_text=user_text, item_text=item_text,
+                        features=feature_vector(x))
         # Until the mix is known from enough events, keep everything as if it were rare:
         # topics are consumed in parallel, so an early batch can hold mostly carts and
         # make them look like a majority class.
@@ -208,6 +206,10 @@ class ImbalanceLoop:
         if batch:
             self._last_ts = max(self._last_ts, max(ob.event.ts for ob in batch))
         self._learn_batch(batch)
+        # Samples are made before the batch is counted: their features, like the river
+        # path's, must not include the event itself (its own class would leak into the
+        # item's purchase rate).
+        kept = self._buffer_batch(batch)
         self.items.observe_batch([ob.event.item_id or "" for ob in batch],
                                  [ob.event.ts for ob in batch])
         rare: dict[str, float] = {}
@@ -216,7 +218,18 @@ class ImbalanceLoop:
                 key = f"{ob.event.kind}:{ob.event.item_id}"
                 rare[key] = rare.get(key, 0.0) + 1.0
         self.item_classes.add_batch(rare)
-        return self._buffer_batch(batch)
+        return kept
+
+    def _features(self, item: str, user_class_counts: Mapping[str, float], tier: str,
+                  affinity: float, repeat: bool, price: float | None) -> Features:
+        """The streaming count features of an interaction with ``item``, from the counts
+        as they stand (read them before counting the event)."""
+        return interaction_features(
+            item_count=self.items.estimate(item),
+            item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
+                               for c in RARE_CLASSES},
+            user_class_counts=user_class_counts, tier=tier, category_affinity=affinity,
+            repeat=repeat, price=price)
 
     def _learn_batch(self, batch: Sequence[Observation]) -> None:
         """The river fast path and the drift detectors over a batch (see observe_batch)."""
@@ -233,13 +246,8 @@ class ImbalanceLoop:
             error: bool | None = None
             if rate >= 1.0 or rng.random() < rate:
                 item = event.item_id or ""
-                x = interaction_features(
-                    item_count=self.items.estimate(item),
-                    item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
-                                       for c in RARE_CLASSES},
-                    user_class_counts=ob.user_class_counts, tier=self._tiers.get(item, "tail"),
-                    category_affinity=ob.category_affinity, repeat=ob.repeat,
-                    price=event.price)
+                x = self._features(item, ob.user_class_counts, self._tiers.get(item, "tail"),
+                                   ob.category_affinity, ob.repeat, event.price)
                 seen_before = self.online.n > 0
                 weight = self.weights.get(event.kind, 1.0)
                 proba = self.online.predict_then_learn(x, event.kind, weight / rate,
@@ -258,9 +266,12 @@ class ImbalanceLoop:
             route = buffer.route(event.kind, tier, shares)
             if route is None:
                 continue
+            x = self._features(item, ob.user_class_counts, tier, ob.category_affinity,
+                               ob.repeat, event.price)
             sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,
                             tier=tier, weight=self.weights.get(event.kind, 1.0),
-                            user_text=ob.user_text(), item_text=ob.item_text)
+                            user_text=ob.user_text(), item_text=ob.item_text,
+                            features=feature_vector(x))
             buffer.place(route, sample)
             self.buffer_changes.append((route[0], route[1], sample))
             kept += 1

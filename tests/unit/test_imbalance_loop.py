@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from tailstream.contract import Event
+from tailstream.models.imbalance.features import FEATURE_NAMES
 from tailstream.models.imbalance.triggers import DriftMonitor, TriggerPolicy
 from tailstream.settings import Settings
-from tailstream.streams.worker.imbalance import ImbalanceLoop
+from tailstream.streams.worker.imbalance import ImbalanceLoop, Observation
 
 MIX = {"click": 0.89, "cart": 0.055, "fav": 0.03, "purchase": 0.025}
 
@@ -169,3 +170,41 @@ def test_offset_watermark_travels_with_the_counts() -> None:
     assert restored.counted(0, "carts", 3) and not restored.counted(0, "carts", 4)
     assert not restored.counted(0, "purchases", 0)  # no watermark yet for that topic
     assert not restored.counted(1, "clicks", 0)  # nor for another partition
+
+
+def _features(sample: Any) -> dict[str, float]:
+    assert sample is not None and len(sample.features) == len(FEATURE_NAMES)
+    return dict(zip(FEATURE_NAMES, sample.features, strict=True))
+
+
+def test_samples_carry_the_count_features_known_before_their_event() -> None:
+    loop, _ = make_loop()
+    first = _features(loop.observe(Event("purchase", "e1", "u1", 1.7e9, item_id="new"), 0,
+                                   user_class_counts={}, category_affinity=0.5, repeat=True))
+    # Its own purchase is not in its features: the new item has no count yet.
+    assert first["log_item_count"] == 0.0
+    assert first["item_rate_purchase"] == pytest.approx(1 / 4)
+    assert first["repeat"] == 1.0 and first["affinity"] == 0.5
+    second = _features(loop.observe(Event("click", "e2", "u2", 1.7e9 + 1, item_id="new"), 0,
+                                    user_class_counts={"purchase": 3.0},
+                                    category_affinity=0.0, repeat=False))
+    assert second["item_rate_purchase"] == pytest.approx(2 / 5, abs=0.01)
+    assert second["user_rate_purchase"] == pytest.approx(4 / 7)
+    assert second["log_item_count"] > 0
+
+
+def test_a_batch_s_samples_are_made_before_the_batch_is_counted() -> None:
+    loop, _ = make_loop()
+    batch = [Observation(Event("purchase", f"e{i}", f"u{i}", 1.7e9 + i, item_id="new"), 0,
+                         {}, 0.0, False, "new item", lambda: "")
+             for i in range(3)]
+    assert loop.observe_batch(batch) == 3
+    for _, _, sample in loop.buffer_changes:
+        x = _features(sample)
+        assert x["log_item_count"] == 0.0 and x["item_rate_purchase"] == pytest.approx(1 / 4)
+    # The next batch sees all three.
+    loop.buffer_changes.clear()
+    loop.observe_batch([Observation(Event("cart", "e9", "u9", 1.7e9 + 9, item_id="new"), 0,
+                                    {}, 0.0, False, "new item", lambda: "")])
+    x = _features(loop.buffer_changes[0][2])
+    assert x["item_rate_purchase"] == pytest.approx(4 / 7, abs=0.01)

@@ -283,5 +283,6 @@ def outcome_probs(scorer: Scorer, samples: Sequence[Sample]) -> np.ndarray:
     ctx, mask = pack_contexts(contexts, vecs, flat, c, vecs.shape[1], scorer.device)
     users = model.user_vectors(ctx, mask)
     items = model.item_vectors(vecs[torch.tensor(flat.rows([s.item_text for s in samples]))])
-    logits = model.outcome_logits(users, items, model.context_items(ctx), mask)
+    counts = model.count_rows([s.features for s in samples], scorer.device)
+    logits = model.outcome_logits(users, items, model.context_items(ctx), mask, counts)
     return torch.softmax(logits, dim=-1).cpu().numpy()

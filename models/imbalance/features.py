@@ -1,0 +1,86 @@
+"""The streaming count features of an interaction: what the river fast path learns from and
+what the outcome head's *wide* part reads.
+
+All are known before the event: the item's count and class counts from the count-min
+sketches, the user's decayed class counts and category affinity from the profile, whether
+the user touched the item before, its tier and price. Rates are add-one smoothed.
+
+The head gets them as a fixed-order vector (:data:`FEATURE_NAMES`, :func:`feature_vector`)
+with the log-scaled counts divided by :data:`LOG_SCALE`, so every input lies in about
+``[0, 1]`` and the wide weights start on one footing (the head trains for tens of steps,
+too few for Adam to even out inputs ten times apart).
+
+Torch- and river-free: the worker, the trainer and the evaluation share it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from tailstream.contract import CLASSES, RARE_CLASSES
+
+Features = dict[str, float]
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "log_item_count", "tier_head", "tier_tail", "affinity", "repeat", "log_price",
+    "log_user_events",
+    *(f"{side}_rate_{c}" for c in RARE_CLASSES for side in ("item", "user")),
+)
+"""The order of :func:`feature_vector` (the wide part's input columns)."""
+
+LOG_SCALE = 10.0
+"""Divisor of the ``log_*`` features in :func:`feature_vector` (log1p of 22,000 is 10)."""
+
+
+def interaction_features(*, item_count: float, item_class_counts: Mapping[str, float],
+                         user_class_counts: Mapping[str, float], tier: str,
+                         category_affinity: float, repeat: bool,
+                         price: float | None) -> Features:
+    """Features of a (user, item) interaction, all known before the event happens.
+
+    Rates are add-one smoothed: ``(n_c + 1) / (n + K)``.
+
+    >>> f = interaction_features(item_count=9, item_class_counts={"purchase": 2},
+    ...     user_class_counts={}, tier="head", category_affinity=1.0, repeat=False, price=None)
+    >>> round(f["item_rate_purchase"], 3), f["tier_head"]
+    (0.231, 1.0)
+    """
+    k = len(CLASSES)
+    x: Features = {
+        "log_item_count": math.log1p(max(item_count, 0.0)),
+        "tier_head": float(tier == "head"),
+        "tier_tail": float(tier == "tail"),
+        "affinity": category_affinity,
+        "repeat": float(repeat),
+        "log_price": math.log1p(price) if price is not None and price > 0 else 0.0,
+    }
+    user_total = sum(user_class_counts.values())
+    x["log_user_events"] = math.log1p(user_total)
+    for c in RARE_CLASSES:
+        x[f"item_rate_{c}"] = (item_class_counts.get(c, 0.0) + 1) / (max(item_count, 0.0) + k)
+        x[f"user_rate_{c}"] = (user_class_counts.get(c, 0.0) + 1) / (user_total + k)
+    return x
+
+
+def feature_vector(x: Mapping[str, float]) -> tuple[float, ...]:
+    """``x`` in :data:`FEATURE_NAMES` order, ``log_*`` entries divided by
+    :data:`LOG_SCALE`; a missing feature is 0.
+
+    >>> v = feature_vector({"log_item_count": 5.0, "repeat": 1.0})
+    >>> len(v) == len(FEATURE_NAMES), v[0], v[FEATURE_NAMES.index("repeat")]
+    (True, 0.5, 1.0)
+    """
+    return tuple(float(x.get(n, 0.0)) / (LOG_SCALE if n.startswith("log_") else 1.0)
+                 for n in FEATURE_NAMES)
+
+
+def as_rows(vectors: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Feature vectors as rows of one width: an empty vector (a sample from before the
+    wide part, or one made without counts) becomes zeros.
+
+    >>> as_rows([(), (0.5,) * len(FEATURE_NAMES)])[0] == [0.0] * len(FEATURE_NAMES)
+    True
+    """
+    n = len(FEATURE_NAMES)
+    return [list(v) if len(v) == n else [0.0] * n for v in vectors]
