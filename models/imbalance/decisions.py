@@ -218,6 +218,60 @@ def fit_offsets(proba: np.ndarray, y: np.ndarray, objective: str = "g_mean", *,
     return offsets
 
 
+def balanced_offsets(prior: np.ndarray, floor: float = 1e-4) -> np.ndarray:
+    """The *balanced* rule's offsets ``b_c = −log π_c``: ``argmax_c p(c|x) / π_c``, the
+    Bayes rule for the balanced error (the mean of the class recalls) when ``p`` is
+    calibrated to ``π`` (Menon et al., "Long-tail learning via logit adjustment", ICLR
+    2021, §3: post-hoc logit adjustment; Collell et al. 2018's threshold ``π_c``). Nothing
+    is fitted, so it cannot overfit a small window.
+
+    >>> balanced_offsets(np.array([0.9, 0.1])).round(3).tolist()
+    [0.105, 2.303]
+    """
+    return -np.log(np.maximum(np.asarray(prior, dtype=float), floor))
+
+
+def choose_offsets(proba: np.ndarray, y: np.ndarray, prior: np.ndarray,
+                   objective: str = "g_mean", *, minority: Sequence[int] = (),
+                   precision_floor: float = 0.0) -> tuple[np.ndarray, str]:
+    """Offsets for :func:`decide_classes` and the rule they come from: ``"fitted"``
+    (:func:`fit_offsets` on the whole window) unless the parameter-free
+    ``"balanced"`` rule for ``prior`` (:func:`balanced_offsets`) scores higher on
+    ``objective`` out of fold (2-fold cross-fitting on alternating rows; ties keep the
+    fitted offsets). Fitting three offsets to a window of a few hundred rare events can
+    chase noise; the held-out score says when it does, as :func:`choose_inputs` does for
+    the stack's inputs.
+
+    >>> rng = np.random.default_rng(7)
+    >>> y = (rng.random(4000) < 0.1).astype(int)
+    >>> p1 = np.clip(0.1 + 0.3 * y + rng.normal(0, 0.1, 4000), 0.01, 0.99)
+    >>> proba = np.stack([1 - p1, p1], 1)        # over-confident in class 1: shift needed
+    >>> choose_offsets(proba, y, np.array([0.5, 0.5]))[1]
+    'fitted'
+    """
+    proba = np.asarray(proba, dtype=float)
+    y = np.asarray(y)
+    k = proba.shape[1]
+    fitted = fit_offsets(proba, y, objective, minority=minority,
+                         precision_floor=precision_floor)
+    balanced = balanced_offsets(prior)
+    if len(y) < 4:
+        return fitted, "fitted"
+    folds = np.arange(len(y)) % 2
+    fit_score = balanced_score = 0.0
+    for fold in (0, 1):
+        train, test = folds != fold, folds == fold
+        b = fit_offsets(proba[train], y[train], objective, minority=minority,
+                        precision_floor=precision_floor)
+        fit_score += score(y[test], decide_classes(proba[test], b), k, objective, minority,
+                           precision_floor)
+        balanced_score += score(y[test], decide_classes(proba[test], balanced), k,
+                                objective, minority, precision_floor)
+    if balanced_score > fit_score:
+        return balanced, "balanced"
+    return fitted, "fitted"
+
+
 SHARES = np.geomspace(0.002, 0.6, 40)
 """Shares of the rows a class may be given, whose flip points :func:`fit_offsets` tries."""
 
@@ -329,7 +383,8 @@ class DecisionLayer:
        path), fitted on a window of their out-of-sample predictions with known labels;
     2. :func:`prior_correct` from the window's class mix to the live one;
     3. :func:`decide_classes` with offsets fitted (:func:`fit_offsets`) on the window to
-       ``objective``.
+       ``objective``, or the balanced rule where it scores higher out of fold
+       (:func:`choose_offsets`).
 
     Refit on each new window (test-then-train); until the first fit it averages the
     models and takes the argmax.
@@ -356,6 +411,8 @@ class DecisionLayer:
     inputs: tuple[int, ...] = ()
     """The models the stack uses (:func:`choose_inputs`): all, or the one that predicts
     better alone."""
+    rule: str = "argmax"
+    """Where the offsets come from (:func:`choose_offsets`): fitted or balanced."""
     _seen: list[tuple[list[np.ndarray], np.ndarray]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -393,10 +450,13 @@ class DecisionLayer:
         self.window_prior = np.bincount(y, minlength=self.classes) / len(y)
         self.window_prior = np.maximum(self.window_prior, 1e-4)
         self.window_prior /= self.window_prior.sum()
+        prior = self.window_prior
         if live_prior is not None:
-            p = prior_correct(p, self.window_prior, np.asarray(live_prior))
-        self.offsets = fit_offsets(p, y, self.objective, minority=self.minority,
-                                   precision_floor=self.precision_floor)
+            prior = np.asarray(live_prior)
+            p = prior_correct(p, self.window_prior, prior)
+        self.offsets, self.rule = choose_offsets(p, y, prior, self.objective,
+                                                 minority=self.minority,
+                                                 precision_floor=self.precision_floor)
         self.fitted_on = len(y)
         return self
 
@@ -411,7 +471,7 @@ class DecisionLayer:
         return p, decide_classes(p, self.offsets)
 
     def report(self) -> dict[str, object]:
-        return {"fitted_on": self.fitted_on, "inputs": list(self.inputs),
+        return {"fitted_on": self.fitted_on, "inputs": list(self.inputs), "rule": self.rule,
                 "offsets": [round(float(b), 3)
                                                           for b in self.offsets],
                 "stack_weights": [round(w, 3) for w in self.stack.weights],

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tailstream.contract import CLASSES, RARE_CLASSES, TRANSACTION_CLASSES, Limits
-from tailstream.models.imbalance.features import FEATURE_NAMES
 
 if TYPE_CHECKING:
     from tailstream.settings import Settings
@@ -130,8 +129,10 @@ class TowerConfig:
     head_prior: dict[str, float] = field(default_factory=lambda: dict(HEAD_PRIOR))
     """Class mix the untrained outcome head starts from."""
     seed: int = 0
-    wide_features: int = len(FEATURE_NAMES)
-    """Inputs of the outcome head's wide part (the streaming count features)."""
+    wide_features: int = 13
+    """Inputs of the outcome head's wide part: ``len(FEATURE_NAMES)`` of
+    ``models/imbalance/features.py`` (the ground does not import the models; a unit test
+    holds the two equal)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from tailstream.models.imbalance.decisions import (
+    DecisionLayer,
     Stack,
     as_prior,
+    choose_offsets,
     decide_classes,
     em_prior,
     fit_offsets,
@@ -141,3 +143,23 @@ def test_offsets_split_a_weak_model_whose_spread_is_below_one_grid_step() -> Non
     pred = decide_classes(proba, b)
     assert 0.0 < pred.mean() < 0.9
     assert score(y, pred, 2, "g_mean") > 0.6
+
+
+def test_the_layer_keeps_the_balanced_rule_where_fitting_does_not_pay_out_of_fold() -> None:
+    """Calibrated probabilities of a weak model: the balanced rule (p/π) is already the
+    best decision, and fitted offsets on a few hundred rows mostly chase noise; an
+    over-confident model needs fitted offsets."""
+    picks = []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        p1 = rng.beta(1, 9, 400)
+        y = (rng.random(400) < p1).astype(int)
+        picks.append(choose_offsets(np.stack([1 - p1, p1], 1), y, np.array([0.9, 0.1]))[1])
+    assert picks.count("balanced") >= 6, picks
+    rng = np.random.default_rng(1)
+    y = (rng.random(4000) < 0.1).astype(int)
+    p1 = np.clip(0.5 + 0.3 * y + rng.normal(0, 0.1, 4000), 0.01, 0.99)  # says 1 too often
+    offsets, rule = choose_offsets(np.stack([1 - p1, p1], 1), y, np.array([0.9, 0.1]))
+    assert rule == "fitted" and offsets[1] < 0
+    layer = DecisionLayer(2).fit([np.stack([1 - p1, p1], 1)], y)
+    assert layer.report()["rule"] in ("fitted", "balanced")

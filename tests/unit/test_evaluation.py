@@ -51,6 +51,10 @@ def test_eval_runs_every_strategy_and_writes_the_report(
     assert gate and all(d["triggers"] and d["reason"] for d in gate)
     assert result["strategies"]["adaptive"]["finetunes"] == len(gate)
     assert result["strategies"]["adaptive"]["promotions"] == sum(d["promote"] for d in gate)
+    # Its decision layer learns from the warm-up block too (one fit per block, the first
+    # on the unscored one), so the first scored block is not decided by an unfitted layer.
+    fits = result["decisions"]["adaptive"]
+    assert len(fits) == result["blocks"] and fits[0]["fitted_on"] > 0
     report = (out / "report.md").read_text()
     assert "| adaptive |" in report and "promotion gate (adaptive)" in report
     # The first table ranks every strategy and peer by HitRate@20, with standard errors.

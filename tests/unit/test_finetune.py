@@ -316,3 +316,7 @@ def test_samples_keep_their_count_features_through_the_buffer_s_json() -> None:
     assert Sample.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert Sample.from_dict({k: v for k, v in s.to_dict().items() if k != "features"}
                             ).features == ()
+
+
+def test_the_tower_config_sizes_the_wide_part_to_the_count_features() -> None:
+    assert TowerConfig().wide_features == len(FEATURE_NAMES)

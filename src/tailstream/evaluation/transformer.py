@@ -99,8 +99,7 @@ class TransformerStrategy:
             if b >= cfg.warm_blocks:
                 self._predict(by_block.get(b, []), b)
             else:
-                for it in by_block.get(b, []):
-                    self.prior.observe(CLASSES.index(it.sample.label))
+                self._warm_decisions(by_block.get(b, []))
             if b < cfg.warm_blocks and self.walk is not None:  # the sources learn too
                 self.walk.block(self.scorer, by_block.get(b, []), self._item_info(b, 1),
                                 predict=False)
@@ -213,6 +212,24 @@ class TransformerStrategy:
                                           known=[it.known for it in part])
             for it, lst in zip(part, lists, strict=True):
                 self.h.add_list(res, it, [r.item_id for r in lst], [r.tier for r in lst])
+
+    @torch.inference_mode()
+    def _warm_decisions(self, block: Sequence[Interaction]) -> None:
+        """A warm-up block is not scored, but the decision layer learns from it, as a
+        worker's layer learns from the first labelled events of its stream: the base
+        model's and the fast path's predictions of these events are out of sample (the
+        model has not trained on them; river predicts before it learns). Without this the
+        first scored block would be decided by an unfitted layer (the argmax of the
+        averaged models: nearly all clicks), while a fixed strategy's first fine-tune
+        already moved its head's argmax."""
+        if self.decisions is None or not block:
+            for it in block:
+                self.prior.observe(CLASSES.index(it.sample.label))
+            return
+        samples = [it.sample for it in block]
+        head = np.concatenate([outcome_probs(self.scorer, samples[i:i + 1024])
+                               for i in range(0, len(samples), 1024)])
+        self._decide(block, head)
 
     def _decide(self, block: Sequence[Interaction], head: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
