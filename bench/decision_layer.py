@@ -5,7 +5,9 @@ adaptive strategy, what its decision layer saw: each block's outcome-head and ri
 probabilities with the labels and the live prior, and each refit window after a
 promotion. ``replay`` re-runs the layer's test-then-train on that record under several
 ways of combining the two models and prints JSON: PR-AUC of p(purchase) pooled over the
-stream (the evaluation's measure), its mean within blocks, and G-mean of the decisions.
+stream (the evaluation's measure), its mean within blocks, and G-mean of the decisions
+(warm-up blocks, which the layer learns from but the evaluation does not score, are
+recorded as ``warm``).
 Seconds instead of a 15-minute evaluation per idea; the record is the production code's
 own inputs (``TransformerStrategy._decide`` and ``_refit_decisions`` are wrapped, not
 copied).
@@ -44,6 +46,8 @@ def record(out: Path, argv: Sequence[str]) -> int:
 
     calls: Record = []
     on_block, on_window = t.TransformerStrategy._decide, t.TransformerStrategy._refit_decisions
+    on_warm = t.TransformerStrategy._warm_decisions
+    warming = [False]
 
     def rows(items: Sequence[Any], online: Callable[[Any], dict[str, float]]) -> np.ndarray:
         return np.array([[online(x).get(c, 1.0 / len(CLASSES)) for c in CLASSES]
@@ -52,9 +56,16 @@ def record(out: Path, argv: Sequence[str]) -> int:
     def on_decide(self: Any, block: Any, head: np.ndarray) -> Any:
         if self.decisions is not None:
             labels = np.array([CLASSES.index(it.sample.label) for it in block])
-            calls.append(("block", head.copy(), rows(block, lambda it: it.online or {}),
-                          labels, self.prior.prior()))
+            calls.append(("warm" if warming[0] else "block", head.copy(),
+                          rows(block, lambda it: it.online or {}), labels, self.prior.prior()))
         return on_block(self, block, head)
+
+    def on_warm_block(self: Any, block: Any) -> None:
+        warming[0] = True
+        try:
+            on_warm(self, block)
+        finally:
+            warming[0] = False
 
     def on_refit(self: Any, holdout: Any) -> None:
         if self.decisions is not None and len(holdout) >= 50:
@@ -67,6 +78,7 @@ def record(out: Path, argv: Sequence[str]) -> int:
 
     t.TransformerStrategy._decide = on_decide  # type: ignore[method-assign]
     t.TransformerStrategy._refit_decisions = on_refit  # type: ignore[method-assign]
+    t.TransformerStrategy._warm_decisions = on_warm_block  # type: ignore[method-assign]
     code = main(list(argv))
     out.write_bytes(pickle.dumps(calls))
     return code
@@ -114,6 +126,7 @@ def replay(calls: Record, combine: str) -> dict[str, float]:
                 ys.append(labels)
                 preds.append(pred)
                 per_block.append(average_precision_score(labels == PURCHASE, p[:, PURCHASE]))
+            # A warm-up block is only learned from (the evaluation does not score it).
             layer.add(models, labels, reset=kind == "refit", live_prior=prior)
     finally:
         d.Stack, d.choose_inputs = stack, chooser  # type: ignore[misc]

@@ -23,7 +23,8 @@ def test_the_record_holds_each_block_and_replays_under_every_combination(
     assert code == 0
     calls = pickle.loads(rec.read_bytes())
     blocks = [c for c in calls if c[0] == "block"]
-    assert len(blocks) == 2  # 3 blocks, the first only warms up
+    assert len(blocks) == 2  # 3 blocks, the first only warms up the layer
+    assert [c[0] for c in calls][0] == "warm"
     for _, head, river, labels, prior in calls:
         assert head.shape == river.shape == (len(labels), 4)
         assert np.allclose(prior.sum(), 1.0)
