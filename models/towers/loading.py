@@ -23,7 +23,7 @@ from tailstream.configs import BASE_VERSION, TowerConfig, base_version_name
 from tailstream.models.towers.adapters import encoder_trains, merge_lora
 from tailstream.models.towers.encoder import LoadedEncoder, load_encoder
 from tailstream.models.towers.store import ModelStore, StoreError
-from tailstream.models.towers.two_tower import TwoTowerRecommender
+from tailstream.models.towers.two_tower import ADDED_WEIGHTS, TwoTowerRecommender
 
 
 @dataclass
@@ -86,7 +86,11 @@ def load_served(store: ModelStore, version: str, encoder_path: str | Path | None
     tower = TowerConfig.from_dict(ckpt.manifest.get("tower", tower_default.to_dict()))
     model = build_model(encoder, tower)
     state = model.state_dict()
-    missing = [k for k in model.head_state() if k not in ckpt.tensors]
+    # Weights added to the model after a checkpoint was written keep their initial
+    # values, which reproduce the older model (the wide part starts at zero): a store
+    # written by an older release keeps serving and training after an upgrade.
+    missing = [k for k in model.head_state()
+               if k not in ckpt.tensors and k not in ADDED_WEIGHTS]
     if missing:
         raise StoreError(f"{version} lacks weights {missing[:3]}")
     unknown = [k for k in ckpt.tensors if k not in state]

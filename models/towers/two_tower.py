@@ -42,6 +42,10 @@ from torch import nn
 
 from tailstream.configs import TowerConfig
 
+ADDED_WEIGHTS = frozenset({"wide.weight", "wide.bias", "wide_mean", "wide_var", "wide_rows"})
+"""Weights a checkpoint from before the wide part lacks; their initial values (a zero
+wide part) make the model compute exactly what the older one did."""
+
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of token vectors where ``mask`` is 1 (sentence-transformers' pooling).

@@ -22,8 +22,9 @@ from tailstream.evaluation.stream import BlockState, Stream
 from tailstream.evaluation.transformer import TransformerStrategy
 from tailstream.metrics import TrainerMetrics
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.towers.loading import load_served
+from tailstream.models.towers.loading import checkpoint_tensors, load_served
 from tailstream.models.towers.store import BASE_VERSION, CorruptCheckpoint, ModelStore, StoreError
+from tailstream.models.towers.two_tower import ADDED_WEIGHTS
 from tailstream.models.training.finetune import prepare_data
 from tailstream.models.training.gate import decide
 from tailstream.models.training.losses import LOSS_MAPPING
@@ -395,3 +396,25 @@ def test_the_evaluation_call_selects_like_the_trainer(
     assert cand.policy == report.policy
     assert cand.decision.promote == (report.outcome == "promoted")
     assert selector.pulls == (trainer.selector.pulls if trainer.selector else None)
+
+
+def test_a_store_written_before_the_wide_part_keeps_serving_and_training(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    """An upgrade: the served version was saved by a release without the wide part. It
+    loads with a zero wide part (the older model's outputs), and the next run trains."""
+    s = settings_for(tiny_encoder, tmp_path)
+    store = ModelStore(s.model_store_dir)
+    base = load_served(store, BASE_VERSION, tiny_encoder, tower_config(s), CPU)
+    old = {k: v for k, v in checkpoint_tensors(base.model)[0].items()
+           if k not in ADDED_WEIGHTS}
+    manifest = {"parent": BASE_VERSION, "tower": tower_config(s).to_dict(),
+                "encoder": {"base_fingerprint": base.text_fingerprint, "included": False}}
+    store.promote(store.save(old, manifest), "an older release")
+    loaded = load_served(store, store.current(), tiny_encoder, tower_config(s), CPU)
+    assert not loaded.model.wide.weight.any() and float(loaded.model.wide_rows) == 0
+    samples = shop_samples(1500)
+    trainer = Trainer(s, store, TrainerMetrics(), InMemorySource(samples, policy=policy(s)),
+                      lambda update: None, device=CPU)
+    report = trainer.handle({"reason": "buffer"})
+    assert report.outcome in ("promoted", "rejected"), report.reason
+    assert report.steps > 0
