@@ -185,10 +185,7 @@ class TransformerStrategy:
     def _predict(self, block: Sequence[Interaction], b: int) -> None:
         res = self.result
         samples = [it.sample for it in block]
-        head = np.concatenate([outcome_probs(self.scorer, samples[i:i + 1024])
-                               for i in range(0, len(samples), 1024)]) if samples \
-            else np.zeros((0, len(CLASSES)))
-        probs, preds = self._decide(block, head)
+        probs, preds = self._decide(block, self._head(samples))
         for s, p, k in zip(samples, probs, preds, strict=True):
             res.y_true.append(s.label)
             res.y_pred.append(CLASSES[int(k)])
@@ -226,10 +223,15 @@ class TransformerStrategy:
             for it in block:
                 self.prior.observe(CLASSES.index(it.sample.label))
             return
-        samples = [it.sample for it in block]
-        head = np.concatenate([outcome_probs(self.scorer, samples[i:i + 1024])
+        self._decide(block, self._head([it.sample for it in block]))
+
+    def _head(self, samples: Sequence[Sample]) -> np.ndarray:
+        """The served head's class probabilities ``[N, K]`` for ``samples``, 1,024 at a
+        time."""
+        if not samples:
+            return np.zeros((0, len(CLASSES)))
+        return np.concatenate([outcome_probs(self.scorer, samples[i:i + 1024])
                                for i in range(0, len(samples), 1024)])
-        self._decide(block, head)
 
     def _decide(self, block: Sequence[Interaction], head: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
