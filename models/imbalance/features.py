@@ -16,7 +16,7 @@ Torch- and river-free: the worker, the trainer and the evaluation share it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from tailstream.contract import CLASSES, RARE_CLASSES
 
@@ -74,13 +74,3 @@ def feature_vector(x: Mapping[str, float]) -> tuple[float, ...]:
     return tuple(float(x.get(n, 0.0)) / (LOG_SCALE if n.startswith("log_") else 1.0)
                  for n in FEATURE_NAMES)
 
-
-def as_rows(vectors: Sequence[Sequence[float]]) -> list[list[float]]:
-    """Feature vectors as rows of one width: an empty vector (a sample from before the
-    wide part, or one made without counts) becomes zeros.
-
-    >>> as_rows([(), (0.5,) * len(FEATURE_NAMES)])[0] == [0.0] * len(FEATURE_NAMES)
-    True
-    """
-    n = len(FEATURE_NAMES)
-    return [list(v) if len(v) == n else [0.0] * n for v in vectors]
