@@ -182,7 +182,10 @@ def worker_eps(settings: Settings, expected: int, timeout: float = 900.0,
         return {"eps": (n - first_n) / elapsed if elapsed > 0 else float("nan"),
                 "events_per_batch": round(n / batches, 1) if batches else None,
                 "lists": int(sum(m.get("tailstream_recommendations_published_total{sink=redis}",
-                                       0) for m in last.values()))}
+                                       0) for m in last.values())),
+                "catchup_rest_s": round(sum(
+                    m.get("tailstream_scoring_catchup_rest_seconds_total", 0.0)
+                    for m in last.values()), 1)}
     finally:
         for proc, _ in started:
             proc.stop()
@@ -246,9 +249,15 @@ def run(settings: Settings, *, events: int = 100_000, partitions: int = 4,
         w = worker_eps(single, events)
         result["pipeline_eps"] = round(w["eps"], 1)
         result["pipeline_events_per_batch"] = w["events_per_batch"]
+        # Lists written while the backlog was read, and how long scoring rested so that
+        # the worker read it first (streams/worker/catchup.py); the rest follow it.
+        result["pipeline_lists_in_window"] = w["lists"]
+        result["pipeline_catchup_rest_s"] = w["catchup_rest_s"]
         log("tailstream worker on envelopes …")
         e = worker_eps(enveloped, events)
         result["envelope_eps"] = round(e["eps"], 1)
+        result["envelope_lists_in_window"] = e["lists"]
+        result["envelope_catchup_rest_s"] = e["catchup_rest_s"]
     raw = result["raw_eps"]
     result["pipeline_over_raw"] = round(result["pipeline_eps"] / raw, 4)
     result["pipeline_over_bare"] = round(result["pipeline_eps"] / result["faust_bare_eps"], 4)

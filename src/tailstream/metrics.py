@@ -263,6 +263,10 @@ class Metrics:
             "Users taken by the last scoring turn (sized so a turn fits the latency budget; "
             "doubling each turn up to TAILSTREAM_SCORING_BATCH while the queue is behind).",
             registry=r)
+        self.scoring_catchup_rest = Counter(
+            "tailstream_scoring_catchup_rest_seconds",
+            "Seconds the scoring task rested between turns so that the worker read a "
+            "backlog first (TAILSTREAM_SCORING_CATCHUP_S, _DUTY).", registry=r)
         self.recent_latency = Gauge(
             "tailstream_recent_latency_seconds",
             "Event → Redis latency of the lists published in the last 10 s, by quantile "

@@ -110,6 +110,13 @@ class Settings:
     """Users scored per call of the transformer (bigger is cheaper per user)."""
     scoring_max_waiting: int = 50_000
     """Users waiting for a list before ingest waits too (bounded memory)."""
+    scoring_catchup_s: float = 2.0
+    """A worker whose newest events are older than this is catching up a backlog: its
+    scoring turns then keep at most ``scoring_catchup_duty`` of the time, so the backlog
+    is read first (lists made mid-backlog are replaced by the user's later events in it;
+    0 turns it off)."""
+    scoring_catchup_duty: float = 0.25
+    """Share of the wall clock scoring turns may take while the worker catches up."""
     scoring_nice: int = 0
     """How much nicer (lower CPU priority) the worker's scoring thread is than its event
     loop (0: the same). On a worker with cores of its own, 5 lets ingest go first under a

@@ -31,6 +31,7 @@ from tailstream.models.serving.canary import in_canary
 from tailstream.models.towers.context import UserRequest
 from tailstream.settings import Settings
 from tailstream.streams.stores.publisher import ExposureWindow, RecList
+from tailstream.streams.worker.catchup import CatchUp
 from tailstream.streams.worker.state import StreamState
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ class Refresher:
         self.waiting: OrderedDict[str, Waiting] = OrderedDict()
         self.queued_at: dict[str, float] = {}  # monotonic time each waiting user queued
         self.sizer = TurnSizer(settings.latency_budget_ms / 1000.0, settings.scoring_batch)
+        self.catchup = CatchUp(settings.scoring_catchup_s, settings.scoring_catchup_duty)
+        """While the worker reads a backlog, scoring rests between turns (catchup.py)."""
         self.blender = OnlineBlender(lr=settings.rank_blend_lr)
         """Scores hybrid lists; taught by each user's next interaction (:meth:`learn_from`)."""
         self.shown: OrderedDict[str, Candidates] = OrderedDict()
@@ -102,6 +105,8 @@ class Refresher:
             if not self.waiting:
                 await self.publisher.publish([])
             return
+        self.catchup.observe(max((ts for _, ts in acted.values() if ts is not None),
+                                 default=None), time.time())
         now = time.monotonic()
         for user, why in acted.items():
             # A user already waiting keeps their place (assigning an existing key does not
@@ -123,9 +128,14 @@ class Refresher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            started = time.perf_counter()
             await self.score_next()
-            # The baseline scores on this loop: let the next ingest batch in between.
-            await asyncio.sleep(0)
+            # The baseline scores on this loop: let the next ingest batch in between; while
+            # the worker catches up a backlog, let it read more first (catchup.py).
+            rest = self.catchup.rest_s(time.perf_counter() - started, time.time())
+            if rest > 0:
+                self.metrics.scoring_catchup_rest.inc(rest)
+            await asyncio.sleep(rest)
 
     def oldest_wait_s(self) -> float:
         """How long the user first in the queue has waited for their list."""

@@ -46,6 +46,8 @@ BASE: dict[str, Any] = {
     "trigger_min_samples": 10**9, "trigger_max_interval_s": 1e12,
     # Bulk refreshes sleep len/refresh_rate per chunk: keep them instant but where timed.
     "refresh_rate": 1e6,
+    # The test messages are years old: no catch-up rests between turns unless asked for.
+    "scoring_catchup_s": 0.0,
 }
 
 
@@ -1214,3 +1216,31 @@ def test_a_bulk_refresh_lets_users_who_acted_go_first() -> None:
         return time.monotonic() - started
 
     assert run(scenario()) >= 0.19  # it waited (bounded), since the user was not served
+
+
+def test_scoring_rests_between_turns_while_the_worker_reads_a_backlog() -> None:
+    async def scenario(ts: float) -> tuple[float, list[int]]:
+        h = make(scoring_batch=2, scoring_catchup_s=2.0, scoring_catchup_duty=0.5)
+        feed = Feed(h.settings)
+        await h.pipeline.process([feed.msg("click", click(f"e{n}", f"u{n}"), timestamp=ts)
+                                  for n in range(5)])
+        await h.pipeline.refresh.drain(timeout=10.0)
+        rest = h.value("tailstream_scoring_catchup_rest_seconds_total") or 0.0
+        return rest, [len(call) for call in h.sink.calls]
+
+    old_rest, old_turns = run(scenario(time.time() - 60.0))  # a minute behind: a backlog
+    fresh_rest, fresh_turns = run(scenario(time.time()))
+    assert old_rest > 0.0  # it rested after its turns, and still scored everyone
+    assert sum(old_turns) == 5
+    assert fresh_rest == 0.0  # keeping up: turns back to back
+    assert sum(fresh_turns) == 5
+
+
+def test_catch_up_is_off_at_zero_and_needs_a_duty_in_range() -> None:
+    from tailstream.streams.worker.catchup import CatchUp
+
+    off = CatchUp(behind_s=0.0, duty=0.25)
+    off.observe(newest_ts=0.0, now=1000.0)  # very old, but catching up is off
+    assert off.rest_s(turn_s=1.0, now=1000.0) == 0.0
+    with pytest.raises(ValueError):
+        CatchUp(behind_s=2.0, duty=0.0)
