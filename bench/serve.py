@@ -330,7 +330,17 @@ def _worker_figures(m: dict[str, float]) -> dict[str, Any]:
         "scoring_calls": int(m.get("tailstream_scoring_duration_seconds_count", 0)),
         "scoring_ms": 1000 * _ratio(m, "tailstream_scoring_duration_seconds"),
         "scoring_turn_users": int(m.get("tailstream_scoring_turn_users", 0)),
-        "queries_encoded": int(m.get("tailstream_texts_encoded_total{purpose=query}", 0))}
+        "queries_encoded": int(m.get("tailstream_texts_encoded_total{purpose=query}", 0)),
+        # Where the freshness went, mean ms per stage (read and queue per list, turn and
+        # publish per turn): tailstream_list_stage_seconds, docs/metrics.md.
+        "stage_ms": {stage: _stage_ms(m, stage) for stage in ("read", "queue", "turn",
+                                                               "publish")}}
+
+
+def _stage_ms(m: dict[str, float], stage: str) -> float:
+    name = "tailstream_list_stage_seconds"
+    total = m.get(f"{name}_sum{{stage={stage}}}", 0.0)
+    return round(1000 * total / max(m.get(f"{name}_count{{stage={stage}}}", 0.0), 1.0), 1)
 
 
 class _WindowWatcher(RecsWatcher):

@@ -159,6 +159,12 @@ class Metrics:
             # first list, or a burst that fits one scrape interval reads as no change
             # (a quantile of NaN).
             self.rec_latency.labels(trigger)
+        self.list_stage = Histogram(
+            "tailstream_list_stage_seconds",
+            "Where an event-triggered list's freshness went, by stage: read (Kafka "
+            "timestamp → batch applied), queue (→ scoring turn began), turn (scoring), "
+            "publish (Redis and Kafka writes; turn and publish once per turn).",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(
             "tailstream_batch_events",
             "Messages per processing batch.", buckets=BATCH_BUCKETS, registry=r)

@@ -71,6 +71,7 @@ class Refresher:
         self.scoring = scoring
         self.waiting: OrderedDict[str, Waiting] = OrderedDict()
         self.queued_at: dict[str, float] = {}  # monotonic time each waiting user queued
+        self.applied_at: dict[str, float] = {}  # monotonic time of their newest event's batch
         self.sizer = TurnSizer(settings.latency_budget_ms / 1000.0, settings.scoring_batch)
         self.catchup = CatchUp(settings.scoring_catchup_s, settings.scoring_catchup_duty)
         """While the worker reads a backlog, scoring rests between turns (catchup.py)."""
@@ -113,6 +114,7 @@ class Refresher:
             # move it): one who acts faster than the queue drains is never pushed back.
             if user not in self.waiting:
                 self.queued_at[user] = now
+            self.applied_at[user] = now
             self.waiting[user] = why
         self.metrics.scoring_waiting.set(len(self.waiting))
         if self._task is None or self._task.done():
@@ -148,14 +150,17 @@ class Refresher:
         latency budget (:class:`TurnSizer`); returns how many."""
         take = min(len(self.waiting), self.sizer.size(self.oldest_wait_s()))
         batch = [self.waiting.popitem(last=False) for _ in range(take)]
+        turn_at = time.monotonic()
         for user, _ in batch:
             self.queued_at.pop(user, None)
+        applied = [self.applied_at.pop(user, turn_at) for user, _ in batch]
         self.metrics.scoring_waiting.set(len(self.waiting))
         self.metrics.scoring_turn_users.set(take)
         started = time.perf_counter()
         try:
             versions, ranked, arms = await self.score([u for u, _ in batch])
-            self.sizer.observe(take, time.perf_counter() - started)
+            turn_s = time.perf_counter() - started
+            self.sizer.observe(take, turn_s)
             now = time.time()
             await self.publisher.publish([
                 RecList(user_id=u, items=items, model_version=version, trigger="event",
@@ -163,10 +168,30 @@ class Refresher:
                         policy=self.policy_of(version))
                 for (u, (event_id, ts)), items, version, arm in zip(
                     batch, ranked, versions, arms, strict=True)])
+            self._observe_stages([ts for _, (_, ts) in batch], applied, turn_at,
+                                 turn_s, time.time() - now)
         except Exception:  # lists are derived data: log, count, keep serving
             self.metrics.publish_errors.labels("scoring").inc()
             log.exception("scoring a batch of %d users failed", len(batch))
         return take
+
+    def _observe_stages(self, source_ts: Sequence[float | None], applied: Sequence[float],
+                        turn_at: float, turn_s: float, publish_s: float) -> None:
+        """Where each list's freshness went (``tailstream_list_stage_seconds``): ``read``
+        (the event's Kafka timestamp → its batch applied: producer, broker, fetch wait,
+        batch window, the batch), ``queue`` (→ its turn began), ``turn`` (scoring) and
+        ``publish`` (the Redis and Kafka writes); the first two per list, the last two per
+        turn. A list's event → Redis latency is its read + queue + its turn's two."""
+        stage = self.metrics.list_stage
+        read, queue = stage.labels("read"), stage.labels("queue")
+        to_wall = time.time() - time.monotonic()
+        for ts, at in zip(source_ts, applied, strict=True):
+            if ts is not None:
+                read.observe(max(0.0, at + to_wall - ts))
+            queue.observe(max(0.0, turn_at - at))
+        if applied:  # once per turn
+            stage.labels("turn").observe(turn_s)
+            stage.labels("publish").observe(publish_s)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until every waiting user has been scored and published (tests, shutdown)."""

@@ -1244,3 +1244,22 @@ def test_catch_up_is_off_at_zero_and_needs_a_duty_in_range() -> None:
     assert off.rest_s(turn_s=1.0, now=1000.0) == 0.0
     with pytest.raises(ValueError):
         CatchUp(behind_s=2.0, duty=0.0)
+
+
+def test_each_list_reports_where_its_freshness_went() -> None:
+    async def scenario() -> Harness:
+        h = make()
+        feed = Feed(h.settings)
+        h.pipeline.refresh._task = asyncio.get_running_loop().create_future()  # no task
+        await h.pipeline.process([feed.msg("click", click(f"e{n}", f"u{n}"),
+                                           timestamp=time.time() - 1.0) for n in range(3)])
+        await h.pipeline.refresh.score_next()
+        return h
+
+    h = run(scenario())
+    count = "tailstream_list_stage_seconds_count"
+    assert [h.value(count, stage=s) for s in ("read", "queue", "turn", "publish")] == [
+        3.0, 3.0, 1.0, 1.0]  # per list, per list, per turn, per turn
+    # The events were created a second before they were read.
+    assert h.value("tailstream_list_stage_seconds_sum", stage="read") >= 3 * 0.99
+    assert not h.pipeline.refresh.applied_at  # nothing kept for users already scored
