@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -61,6 +62,18 @@ class ItemIndex:
 
     def row(self, item_id: str) -> int | None:
         return self._row.get(item_id)
+
+    def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Rows of ``item_ids`` (int64), −1 for an item the index does not hold.
+
+        >>> idx = ItemIndex(dim=2)
+        >>> idx.upsert(["a", "b"], torch.eye(2))
+        >>> idx.rows_of(["b", "x", "a"]).tolist()
+        [1, -1, 0]
+        """
+        get = self._row.get
+        return np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64,
+                           count=len(item_ids))
 
     def vectors(self, item_ids: Sequence[str]) -> torch.Tensor:
         rows = torch.tensor([self._row[i] for i in item_ids], device=self.device,
