@@ -110,6 +110,9 @@ class Settings:
     """Users scored per call of the transformer (bigger is cheaper per user)."""
     scoring_max_waiting: int = 50_000
     """Users waiting for a list before ingest waits too (bounded memory)."""
+    scoring_turn_share: float = 0.3
+    """Share of ``latency_budget_ms`` one scoring turn is sized to (a user who acts during
+    a turn waits for it and the next: about two turns plus the read)."""
     scoring_catchup_s: float = 2.0
     """A worker whose newest events are older than this is catching up a backlog: its
     scoring turns then keep at most ``scoring_catchup_duty`` of the time, so the backlog

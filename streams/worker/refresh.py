@@ -72,7 +72,8 @@ class Refresher:
         self.waiting: OrderedDict[str, Waiting] = OrderedDict()
         self.queued_at: dict[str, float] = {}  # monotonic time each waiting user queued
         self.applied_at: dict[str, float] = {}  # monotonic time of their newest event's batch
-        self.sizer = TurnSizer(settings.latency_budget_ms / 1000.0, settings.scoring_batch)
+        self.sizer = TurnSizer(settings.latency_budget_ms / 1000.0, settings.scoring_batch,
+                               share=settings.scoring_turn_share)
         self.catchup = CatchUp(settings.scoring_catchup_s, settings.scoring_catchup_duty)
         """While the worker reads a backlog, scoring rests between turns (catchup.py)."""
         self.blender = OnlineBlender(lr=settings.rank_blend_lr)
