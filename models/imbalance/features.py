@@ -71,6 +71,8 @@ def feature_vector(x: Mapping[str, float]) -> tuple[float, ...]:
     >>> len(v) == len(FEATURE_NAMES), v[0], v[FEATURE_NAMES.index("repeat")]
     (True, 0.5, 1.0)
     """
-    return tuple(float(x.get(n, 0.0)) / (LOG_SCALE if n.startswith("log_") else 1.0)
-                 for n in FEATURE_NAMES)
+    return tuple([float(x.get(n, 0.0)) / scale for n, scale in _SCALES])
+
+
+_SCALES = tuple((n, LOG_SCALE if n.startswith("log_") else 1.0) for n in FEATURE_NAMES)
 

@@ -261,8 +261,7 @@ class CountMinSketch:
     # -- reads -------------------------------------------------------------------
     def estimate(self, key: str) -> float:
         """``min_i C[i, h_i(key)]``: never below the true count."""
-        cells = self._cells
-        return min(cells[i] for i in self._cells_of(key))
+        return min(map(self._cells.__getitem__, self._cells_of(key)))
 
     def estimate_many(self, keys: Iterable[str]) -> npt.NDArray[np.float64]:
         """Estimates of many keys at once (one gather and one ``min`` over rows)."""

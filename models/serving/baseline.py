@@ -14,6 +14,7 @@ interests follow the session. Event classes weigh more the deeper in the funnel 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter, defaultdict
@@ -72,6 +73,13 @@ def new_profile() -> dict[str, Any]:
     return {"cats": {}, "why": {}, "items": [], "queries": [], "ctx": [], "ts": None, "n": {}}
 
 
+@functools.lru_cache(maxsize=16_384)
+def _viewed(item_id: str) -> str:
+    """The reason a viewed item gives its category (cached: the same items recur, and
+    making a display text walks every character)."""
+    return f"similar to item {display_text(item_id, 40)} you viewed"
+
+
 def update_profile(profile: dict[str, Any], event: Event, category: str | None,
                    query_categories: list[str], *, keep: int = 20,
                    half_life_s: float = 1800.0) -> dict[str, Any]:
@@ -84,7 +92,7 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     """
     last = event.ts if profile.get("ts") is None else float(profile["ts"])
     decay = math.pow(2.0, -max(0.0, event.ts - last) / half_life_s)
-    cats = {c: w * decay for c, w in profile.get("cats", {}).items() if w * decay > 0.01}
+    cats = {c: v for c, w in profile.get("cats", {}).items() if (v := w * decay) > 0.01}
     why = dict(profile.get("why", {}))
     items = list(profile.get("items", []))
     queries = list(profile.get("queries", []))
@@ -102,7 +110,7 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
         items = ([event.item_id] + [i for i in items if i != event.item_id])[:keep]
         if category is not None:
             cats[category] = cats.get(category, 0.0) + weight
-            why[category] = f"similar to item {display_text(event.item_id, 40)} you viewed"
+            why[category] = _viewed(event.item_id)
     # Bound the profile: keep the strongest categories only.
     if len(cats) > keep:
         cats = dict(sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:keep])
