@@ -166,8 +166,8 @@ def _facts(scorer: Scorer, batch: Sequence[HybridRequest], users: torch.Tensor,
     user's candidates' positions in ``info``."""
     matrix = scorer.index.matrix
     keys: list[np.ndarray] = []
+    at = info.at
     for b, (h, cand) in enumerate(zip(batch, cands, strict=True)):
-        at = info.at
         key = np.fromiter((at[i] for i in cand.ids), dtype=np.int64, count=len(cand.ids))
         rows = info.rows[key]
         held = rows >= 0
