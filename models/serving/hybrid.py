@@ -126,10 +126,9 @@ def _batch_info(scorer: Scorer, cands: Sequence[Candidates], item_info: ItemInfo
     none = len(names)
     codes = np.fromiter((names.get(c, none) if c else none for c in cats), dtype=np.int64,
                         count=len(cats))
+    tail = np.fromiter((t == "tail" for t in tiers), dtype=bool, count=len(ids))
     return Facts({i: k for k, i in enumerate(ids)}, list(tiers), list(cats),
-                 np.asarray(log_q, dtype=np.float64).reshape(-1), rows,
-                 np.array([t == "tail" for t in tiers], dtype=bool).reshape(-1), codes,
-                 names)
+                 np.asarray(log_q, dtype=np.float64), rows, tail, codes, names)
 
 
 def _search(scorer: Scorer, vectors: torch.Tensor, k: int, exclude: Sequence[set[str]],
