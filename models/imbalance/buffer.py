@@ -51,6 +51,7 @@ class Sample:
     weight: float = 1.0
     user_text: str = ""  # user context as text (recent queries / item titles)
     item_text: str = ""  # item text (title, category, brand, price bucket)
+    user_kinds: str = ""  # each context entry's event kind, space-separated ("": unknown)
     features: tuple[float, ...] = ()
     """The streaming count features as known before the event
     (:func:`~tailstream.models.imbalance.features.feature_vector`; empty: unknown)."""
@@ -60,7 +61,7 @@ class Sample:
             "event_id": self.event_id, "user_id": self.user_id, "item_id": self.item_id,
             "label": self.label, "ts": self.ts, "tier": self.tier, "weight": self.weight,
             "user_text": self.user_text, "item_text": self.item_text,
-            "features": list(self.features),
+            "user_kinds": self.user_kinds, "features": list(self.features),
         }
 
     @classmethod
@@ -69,7 +70,7 @@ class Sample:
             event_id=str(d["event_id"]), user_id=str(d["user_id"]), item_id=str(d["item_id"]),
             label=str(d["label"]), ts=float(d["ts"]), tier=str(d.get("tier", "tail")),
             weight=float(d.get("weight", 1.0)), user_text=str(d.get("user_text", "")),
-            item_text=str(d.get("item_text", "")),
+            item_text=str(d.get("item_text", "")), user_kinds=str(d.get("user_kinds", "")),
             features=tuple(float(v) for v in d.get("features") or ()),
         )
 

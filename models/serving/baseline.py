@@ -88,7 +88,9 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     >>> p = update_profile(new_profile(), Event("click", "e1", "u1", 100.0, item_id="i1"),
     ...                    "shoes", [])
     >>> p["cats"], p["items"], p["ctx"]
-    ({'shoes': 1.0}, ['i1'], [['i', 'i1']])
+    ({'shoes': 1.0}, ['i1'], [['i', 'i1', 'click']])
+    >>> update_profile(p, Event("cart", "e2", "u1", 101.0, item_id="i1"), "shoes", [])["ctx"]
+    [['i', 'i1', 'cart']]
     """
     last = event.ts if profile.get("ts") is None else float(profile["ts"])
     decay = math.pow(2.0, -max(0.0, event.ts - last) / half_life_s)
@@ -97,10 +99,7 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     items = list(profile.get("items", []))
     queries = list(profile.get("queries", []))
     weight = EVENT_WEIGHT.get(event.kind, 1.0)
-    # Queries and items in one recency order: what the user tower reads.
-    entry = ["q", event.query] if event.kind == "search" else ["i", event.item_id]
-    ctx = [entry] + [e for e in profile.get("ctx", []) if e != entry]
-    ctx = ctx[:keep] if entry[1] is not None else ctx[1:keep + 1]
+    ctx = _context(profile.get("ctx", []), event, weight, keep)
     if event.kind == "search" and event.query is not None:
         queries = ([event.query] + [q for q in queries if q != event.query])[:keep]
         for rank, cat in enumerate(query_categories):
@@ -119,6 +118,33 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     n[event.kind] = n.get(event.kind, 0) + 1
     return {"cats": cats, "why": why, "items": items, "queries": queries, "ctx": ctx,
             "ts": max(event.ts, last), "n": n}
+
+
+def _context(ctx: list[list[str]], event: Event, weight: float, keep: int
+             ) -> list[list[str]]:
+    """Queries and items in one recency order, what the user tower reads: ``["q", query]``
+    or ``["i", item, kind]``, the event's entry first. An item the user acted on before
+    moves to the front with the stronger of its two kinds (a click after a cart stays a
+    cart: the head's typed target attention reads "in the cart", which a later look at
+    the item does not undo). Entries of two elements (profiles from before kinds) are
+    clicks."""
+    if event.kind == "search":
+        if event.query is None:
+            return ctx[:keep]
+        entry = ["q", event.query]
+        return [entry] + [e for e in ctx if e[1] != event.query or e[0] != "q"][:keep - 1]
+    item = event.item_id
+    if item is None:
+        return ctx[:keep]
+    kind = event.kind
+    rest = []
+    for e in ctx:
+        if e[1] == item and e[0] == "i":
+            if len(e) > 2 and EVENT_WEIGHT.get(e[2], 1.0) > weight:
+                kind = e[2]
+        else:
+            rest.append(e)
+    return [["i", item, kind]] + rest[:keep - 1]
 
 
 @dataclass(frozen=True, slots=True)

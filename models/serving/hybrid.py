@@ -38,7 +38,7 @@ from tailstream.models.serving.blend import (
     OnlineBlender,
     union,
 )
-from tailstream.models.serving.scorer import ItemInfo, Ranked, Scorer, select_positions
+from tailstream.models.serving.scorer import ItemInfo, Ranked, Scorer, Users, select_positions
 
 QUERY_PREFIX = "search: "
 """How a query is written for the encoder (as in the user's context)."""
@@ -61,8 +61,8 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
     requests = [h.request for h in batch]
     limit = ([h.known if h.known is not None else len(scorer.index) for h in batch]
              if any(h.known is not None for h in batch) else None)
-    users, ctx_items, ctx_mask = scorer.user_vectors(requests)
-    neural = _search(scorer, users, cfg.candidates, [r.exclude for r in requests], limit)
+    users = scorer.user_vectors(requests)
+    neural = _search(scorer, users.vectors, cfg.candidates, [r.exclude for r in requests], limit)
     matched = _query_match(scorer, batch, limit)
     cands: list[Candidates] = []
     for h, retrieved, by_query in zip(batch, neural, matched, strict=True):
@@ -71,9 +71,9 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
             sources["query_match"] = by_query
         cands.append(union(sources, depth=cfg.candidates, exclude=h.request.exclude))
     info = _batch_info(scorer, cands, item_info)
-    keys = _facts(scorer, batch, users, cands, info)
+    keys = _facts(scorer, batch, users.vectors, cands, info)
     tops = [_head_candidates(blender, cand, cfg.head_candidates) for cand in cands]
-    probas = _engagement(scorer, users, ctx_items, ctx_mask, cands, keys, tops, info)
+    probas = _engagement(scorer, users, cands, keys, tops, info)
     out: list[HybridList] = []
     for cand, key, top, proba in zip(cands, keys, tops, probas, strict=True):
         if top is None or proba is None:
@@ -193,8 +193,7 @@ def _facts(scorer: Scorer, batch: Sequence[HybridRequest], users: torch.Tensor,
     return keys
 
 
-def _engagement(scorer: Scorer, users: torch.Tensor, ctx_items: torch.Tensor,
-                ctx_mask: torch.Tensor, cands: Sequence[Candidates],
+def _engagement(scorer: Scorer, users: Users, cands: Sequence[Candidates],
                 keys: Sequence[np.ndarray], tops: Sequence[np.ndarray | None],
                 info: Facts) -> list[np.ndarray | None]:
     """The outcome head's class probabilities ``[len(top), K]`` for each user's chosen
@@ -213,7 +212,8 @@ def _engagement(scorer: Scorer, users: torch.Tensor, ctx_items: torch.Tensor,
         return [None] * len(cands)
     who = torch.tensor(owner, device=matrix.device)
     v = matrix[torch.from_numpy(np.concatenate(rows)).to(matrix.device)].float()
-    logits = scorer.served.model.outcome_logits(users[who], v, ctx_items[who], ctx_mask[who])
+    logits = scorer.served.model.outcome_logits(users.vectors[who], v, users.ctx_items[who],
+                                                users.mask[who], ctx_kinds=users.kinds[who])
     proba = torch.softmax(logits, dim=-1)
     value = (proba @ scorer.value_weights).cpu().numpy()
     proba_np = proba.cpu().numpy()

@@ -36,14 +36,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from tailstream.configs import RankingConfig
 from tailstream.contract import display_text
 from tailstream.models.serving.index import ItemIndex
-from tailstream.models.towers.context import UserRequest
+from tailstream.models.towers.context import UserRequest, context_kinds, kind_codes
 from tailstream.models.towers.loading import ServedModel
 from tailstream.models.towers.text_vectors import TextVectors, VectorStore
 from tailstream.models.towers.two_tower import TextBatch, pack_contexts
@@ -72,6 +72,15 @@ ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[flo
 """``item_ids → (tiers, categories, log q)``, supplied by the stream's popularity state."""
 OnlineProba = Callable[[str, Sequence[str]], torch.Tensor]
 """``(user_id, item_ids) → [N, K]`` class probabilities of the river fast path."""
+
+
+class Users(NamedTuple):
+    """A micro-batch of users as the towers see them (:meth:`Scorer.user_vectors`)."""
+
+    vectors: torch.Tensor  # [B, d]
+    ctx_items: torch.Tensor  # [B, C, d], the context in the item space
+    mask: torch.Tensor  # [B, C]
+    kinds: torch.Tensor  # [B, C], kind codes
 
 
 class Scorer:
@@ -199,18 +208,20 @@ class Scorer:
 
     # ------------------------------------------------------------------ users
     @torch.inference_mode()
-    def user_vectors(self, requests: Sequence[UserRequest]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """User vectors ``[B, d]``, their context in the item space ``[B, C, d]`` and its
-        mask ``[B, C]`` (for the head's target attention and for reasons)."""
+    def user_vectors(self, requests: Sequence[UserRequest]) -> Users:
+        """User vectors ``[B, d]``, their context in the item space ``[B, C, d]``, its
+        mask and kind codes ``[B, C]`` (for the head's target attention and for
+        reasons)."""
         model = self.served.model
         c = model.config.max_context
         contexts = [[e.text for e in r.context[:c]] for r in requests]
         batch = TextBatch([t for ctx in contexts for t in ctx])
         vecs = self.texts.vectors(batch.texts) if batch.texts else None
-        ctx_t, mask = pack_contexts(contexts, vecs, batch, c, model.empty_context.shape[0],
-                                    self.device)
-        return model.user_vectors(ctx_t, mask), model.context_items(ctx_t), mask
+        ctx_t, mask, kinds = pack_contexts(
+            contexts, vecs, batch, c, model.empty_context.shape[0], self.device,
+            [kind_codes(context_kinds(r.context[:c]), c) for r in requests])
+        return Users(model.user_vectors(ctx_t, mask, kinds), model.context_items(ctx_t), mask,
+                     kinds)
 
     @torch.inference_mode()
     def recommend(self, requests: Sequence[UserRequest], item_info: ItemInfo,
@@ -230,7 +241,7 @@ class Scorer:
         if not requests or len(self.index) == 0:
             return [[] for _ in requests]
         model = self.served.model
-        users, ctx_items, ctx_mask = self.user_vectors(requests)
+        users, ctx_items, ctx_mask, ctx_kinds = self.user_vectors(requests)
         sim, rows = self.index.search_rows(users, cfg.candidates,
                                            exclude=[r.exclude for r in requests], limit=known)
         # Item facts for the distinct candidates of the whole batch, looked up once.
@@ -251,7 +262,8 @@ class Scorer:
         logits = model.outcome_logits(
             users[:, None, :].expand(b, c, -1).reshape(b * c, -1), v.reshape(b * c, -1),
             ctx_items[:, None].expand(b, c, cx, -1).reshape(b * c, cx, -1),
-            ctx_mask[:, None, :].expand(b, c, cx).reshape(b * c, cx))
+            ctx_mask[:, None, :].expand(b, c, cx).reshape(b * c, cx),
+            ctx_kinds=ctx_kinds[:, None, :].expand(b, c, cx).reshape(b * c, cx))
         proba = torch.softmax(logits, dim=-1).reshape(b, c, -1)
         if online is not None and cfg.online_blend > 0:
             blended = []

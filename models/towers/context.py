@@ -1,8 +1,10 @@
-"""What the user tower reads: a user's recent searches and items as context texts.
+"""What the user tower reads: a user's recent searches and items as context texts, each
+with the kind of event it came from (search, click, cart, fav, purchase).
 
 Torch-free, so the worker's per-event state (which builds these texts for every training
 sample) runs without loading the model. A sample stores its context as one string,
-entries joined by :data:`CONTEXT_SEPARATOR`, most recent first.
+entries joined by :data:`CONTEXT_SEPARATOR`, most recent first, and their kinds as a
+second string (``Sample.user_kinds``, space-separated, same order).
 """
 
 from __future__ import annotations
@@ -11,7 +13,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tailstream.contract import CLASSES, EVENT_KINDS, SEARCH
+
 CONTEXT_SEPARATOR = " ; "
+
+CONTEXT_KINDS: tuple[str, ...] = EVENT_KINDS
+"""The kinds a context entry can have; the tower codes them ``1 + index`` (0: unknown,
+as for samples written before kinds were kept)."""
+
+_CODE = {k: n + 1 for n, k in enumerate(CONTEXT_KINDS)}
+
+
+def kind_codes(kinds: str, n: int) -> list[int]:
+    """The first ``n`` codes of a space-separated kinds string (0 for a missing or
+    unknown kind, so a sample without kinds reads as all-unknown).
+
+    >>> kind_codes("search cart", 3), kind_codes("", 2)
+    ([5, 2, 0], [0, 0])
+    """
+    parts = kinds.split()
+    return [_CODE.get(parts[j], 0) if j < len(parts) else 0 for j in range(n)]
 
 
 def split_context(user_text: str, max_context: int) -> list[str]:
@@ -26,12 +47,15 @@ def split_context(user_text: str, max_context: int) -> list[str]:
 
 @dataclass
 class ContextEntry:
-    """One recent thing the user did: a search (``kind="q"``) or an item (``"i"``)."""
+    """One recent thing the user did: a search (``kind="q"``) or an item (``"i"``), and
+    the event kind (``"search"``, or the strongest class of the user's events on the
+    item; ``""``: unknown)."""
 
     kind: str
     text: str  # what the encoder reads
     label: str  # the query, or the item's short title, for reasons
     item_id: str | None = None
+    event: str = ""
 
 
 def context_entries(profile: Mapping[str, Any], item_text: Mapping[str, str],
@@ -39,22 +63,59 @@ def context_entries(profile: Mapping[str, Any], item_text: Mapping[str, str],
     """A profile's recent searches and items, most recent first, as the user tower reads
     them (profiles written before ``ctx`` existed fall back to queries, then items).
 
-    >>> p = {"ctx": [["q", "red mug"], ["i", "i9"]]}
-    >>> [e.text for e in context_entries(p, {"i9": "Mug | home/mug"}, 4)]
-    ['search: red mug', 'Mug | home/mug']
+    >>> p = {"ctx": [["q", "red mug"], ["i", "i9", "cart"]]}
+    >>> [(e.text, e.event) for e in context_entries(p, {"i9": "Mug | home/mug"}, 4)]
+    [('search: red mug', 'search'), ('Mug | home/mug', 'cart')]
     """
+    out: list[ContextEntry] = []
+    for entry in _raw_entries(profile, max_context):
+        value = entry[1]
+        if entry[0] == "q":
+            out.append(ContextEntry("q", f"search: {value}", value, event=SEARCH))
+        else:
+            text = item_text.get(value) or f"item {value}"
+            event = entry[2] if len(entry) > 2 else CLASSES[0]
+            out.append(ContextEntry("i", text, text.split(" | ")[0], value, event))
+    return out
+
+
+def _raw_entries(profile: Mapping[str, Any], max_context: int) -> list[list[str]]:
     raw = profile.get("ctx")
     if raw is None:
         raw = ([["q", q] for q in profile.get("queries", [])[:max_context]]
                + [["i", i] for i in profile.get("items", [])[:max_context]])
-    out: list[ContextEntry] = []
-    for kind, value in raw[:max_context]:
-        if kind == "q":
-            out.append(ContextEntry("q", f"search: {value}", value))
+    return list(raw[:max_context])
+
+
+def sample_context(profile: Mapping[str, Any], item_text: Mapping[str, str],
+                   max_context: int) -> tuple[str, str]:
+    """The context as a training sample stores it: ``user_text`` and ``user_kinds``
+    (what :func:`context_entries` gives, joined; made without the entries, since the
+    worker makes one for every sample the buffer keeps).
+
+    >>> sample_context({"ctx": [["q", "red mug"], ["i", "i9", "cart"]]}, {}, 4)
+    ('search: red mug ; item i9', 'search cart')
+    """
+    texts: list[str] = []
+    kinds: list[str] = []
+    for entry in _raw_entries(profile, max_context):
+        value = entry[1]
+        if entry[0] == "q":
+            texts.append(f"search: {value}")
+            kinds.append(SEARCH)
         else:
-            text = item_text.get(value) or f"item {value}"
-            out.append(ContextEntry("i", text, text.split(" | ")[0], value))
-    return out
+            texts.append(item_text.get(value) or f"item {value}")
+            kinds.append(entry[2] if len(entry) > 2 else CLASSES[0])
+    return CONTEXT_SEPARATOR.join(texts), " ".join(kinds)
+
+
+def context_kinds(entries: list[ContextEntry]) -> str:
+    """The entries' kinds as a sample stores them (``Sample.user_kinds``).
+
+    >>> context_kinds([ContextEntry("q", "search: mug", "mug", event="search")])
+    'search'
+    """
+    return " ".join(e.event or "-" for e in entries)
 
 
 @dataclass

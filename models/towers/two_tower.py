@@ -6,14 +6,18 @@ outcome head.
   sentence-transformers does for all-MiniLM-L6-v2.
 * **Item tower.** ``v = normalise(W_item · e(item text))``.
 * **User tower.** The user's recent context texts (queries, viewed items' texts; most
-  recent first) are encoded, pooled with learned attention plus a learned recency bias
-  per position, and projected: ``u = normalise(W_user · Σ_j a_j e(ctx_j))``. Pooling
+  recent first, up to ``max_context``, 20 by default) are encoded, each plus a learned
+  vector for its event kind (search, click, cart, fav, purchase: ``k_j``), pooled with
+  learned attention plus a learned recency bias per position (SASRec's positional
+  embedding in its simplest form: Kang & McAuley, ICDM 2018), and projected:
+  ``u = normalise(W_user · Σ_j a_j (e(ctx_j) + k_j))``. Pooling
   cached text vectors, rather than encoding one long user string, keeps serving O(1) per
   event: item and query vectors are computed once and reused (YouTube DNN, Covington et
   al., RecSys 2016, averages watched-item embeddings the same way).
 * **Retrieval score** ``s(u, i) = u·v / T`` (cosine over a temperature), trained with an
   in-batch sampled softmax and logQ correction (Yi et al., RecSys 2019).
-* **Outcome head.** Wide & deep: ``z = MLP([u, v, u ⊙ v, max_j s_j, Σ_j α_j s_j]) + W x``
+* **Outcome head.** Wide & deep:
+  ``z = MLP([u, v, u ⊙ v, max_j s_j, Σ_j α_j s_j]) + W x + W_k m``
   → logits over click / cart / fav / purchase: CTR- and CVR-like probabilities from one
   model, trained with the imbalance loop's loss. ``x`` are the streaming count features
   the river fast path reads (item and user class rates, counts, repeat, affinity, tier,
@@ -24,7 +28,10 @@ outcome head.
   al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018, with
   ``α = softmax(s / T)``; both enter as ``(s − 1) / T``, logits below "same item"): whether
   the user just looked at this very item, or at close ones, is the strongest single
-  signal of a cart or a purchase.
+  signal of a cart or a purchase. ``m`` is that signal by event kind: for each kind,
+  ``m_kind = max_{j of that kind} exp((s_j − 1) / T)`` (1 for the very item, ~0.37 for a
+  near-duplicate title, 0 for unrelated items or no entry of the kind), so the head can
+  tell "carted this very item" (a purchase is near) from "clicked it".
 
 Both projections start as the *same* random orthogonal map, so before any fine-tuning the
 user and item spaces coincide and pretrained similarity already works (cold start from
@@ -33,6 +40,7 @@ text). Initialisation is seeded, so every process builds the identical base mode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,10 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tailstream.configs import TowerConfig
+from tailstream.models.towers.context import CONTEXT_KINDS
 
-ADDED_WEIGHTS = frozenset({"wide.weight", "wide.bias", "wide_mean", "wide_var", "wide_rows"})
-"""Weights a checkpoint from before the wide part lacks; their initial values (a zero
-wide part) make the model compute exactly what the older one did."""
+ADDED_WEIGHTS = frozenset({"wide.weight", "wide.bias", "wide_mean", "wide_var", "wide_rows",
+                           "context_kind.weight", "typed.weight", "typed.bias"})
+"""Weights a checkpoint from before the wide part or the context kinds lacks; their
+initial values (zero) make the model compute what the older one did."""
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,11 +85,19 @@ class TwoTowerRecommender(nn.Module):
         with torch.no_grad():
             self.item_proj.weight.copy_(shared)
             self.user_proj.weight.copy_(shared)
-        # Zero attention and recency bias: the user tower starts as a plain mean.
+        # Zero attention: the user tower starts as a mean, weighted by the recency prior
+        # 2^(-j / half-life) (a plain mean at half-life 0).
         self.context_attn = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.context_attn.weight)
         nn.init.zeros_(self.context_attn.bias)
-        self.recency_bias = nn.Parameter(torch.zeros(config.max_context))
+        position = torch.arange(config.max_context, dtype=torch.float32)
+        h = config.context_half_life
+        self.recency_bias = nn.Parameter(-position * math.log(2.0) / h if h > 0
+                                         else torch.zeros(config.max_context))
+        # A vector per event kind added to each context entry (0: unknown kind, never
+        # trained); zero at start, so the base model reads texts alone.
+        self.context_kind = nn.Embedding(len(CONTEXT_KINDS) + 1, hidden_size, padding_idx=0)
+        nn.init.zeros_(self.context_kind.weight)
         # A user with no context yet (first event) gets a learned vector.
         self.empty_context = nn.Parameter(torch.zeros(hidden_size))
         self.outcome_head = nn.Sequential(nn.Linear(3 * d + 2, config.head_hidden), nn.GELU(),
@@ -94,6 +112,10 @@ class TwoTowerRecommender(nn.Module):
         self.register_buffer("wide_mean", torch.zeros(f))
         self.register_buffer("wide_var", torch.ones(f))
         self.register_buffer("wide_rows", torch.zeros(()))
+        # Typed target attention (see the module docstring), linear into the logits.
+        self.typed = nn.Linear(len(CONTEXT_KINDS), k)
+        nn.init.zeros_(self.typed.weight)
+        nn.init.zeros_(self.typed.bias)
         with torch.no_grad():
             for layer, scale in ((self.outcome_head[0], 1.0), (self.outcome_head[2], 0.01)):
                 assert isinstance(layer, nn.Linear)
@@ -122,11 +144,15 @@ class TwoTowerRecommender(nn.Module):
         """Unit item vectors ``[N, d]`` from pooled item-text vectors ``[N, hidden]``."""
         return F.normalize(self.item_proj(text_vectors.float()), dim=-1)
 
-    def user_vectors(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Unit user vectors ``[B, d]`` from context vectors ``[B, C, hidden]`` and a
+    def user_vectors(self, context: torch.Tensor, mask: torch.Tensor,
+                     kinds: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit user vectors ``[B, d]`` from context vectors ``[B, C, hidden]``, a
         ``[B, C]`` mask of real positions (rows without any fall back to the learned
-        empty-context vector)."""
+        empty-context vector) and the entries' kind codes ``[B, C]``
+        (:func:`~tailstream.models.towers.context.kind_codes`; None: unknown)."""
         context = context.float()
+        if kinds is not None:
+            context = context + self.context_kind(kinds)
         b, c, _ = context.shape
         empty = ~mask.any(dim=1)
         if empty.any():
@@ -147,18 +173,23 @@ class TwoTowerRecommender(nn.Module):
 
     def outcome_logits(self, user: torch.Tensor, item: torch.Tensor,
                        ctx_items: torch.Tensor, ctx_mask: torch.Tensor,
-                       counts: torch.Tensor | None = None) -> torch.Tensor:
+                       counts: torch.Tensor | None = None,
+                       ctx_kinds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, K]`` over :attr:`TowerConfig.classes` for (user, item) pairs, with
-        each pair's context in the item space ``[B, C, d]`` and its mask ``[B, C]``, and
-        its streaming count features ``[B, F]`` (:meth:`count_rows`; None: unknown, the
-        wide part then adds only its bias)."""
-        return self.head(self.pair_features(user, item, ctx_items, ctx_mask, counts))
+        each pair's context in the item space ``[B, C, d]``, its mask ``[B, C]``, its
+        streaming count features ``[B, F]`` (:meth:`count_rows`; None: unknown, the
+        wide part then adds only its bias) and its context's kind codes ``[B, C]``
+        (None: unknown, the typed part adds only its bias)."""
+        return self.head(self.pair_features(user, item, ctx_items, ctx_mask, counts,
+                                            ctx_kinds))
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """Wide & deep (Cheng et al., "Wide & Deep Learning for Recommender Systems",
-        DLRS 2016): ``logits = MLP(deep part of z) + W · standardised counts + b``."""
-        f = self.config.wide_features
-        return self.outcome_head(z[:, :-f]) + self.wide(z[:, -f:])
+        DLRS 2016): ``logits = MLP(deep part of z) + W_k · typed matches
+        + W · standardised counts + b``."""
+        f, t = self.config.wide_features, len(CONTEXT_KINDS)
+        return (self.outcome_head(z[:, :-(f + t)]) + self.typed(z[:, -(f + t):-f])
+                + self.wide(z[:, -f:]))
 
     def count_rows(self, rows: Sequence[Sequence[float]], device: torch.device
                    ) -> torch.Tensor:
@@ -187,20 +218,33 @@ class TwoTowerRecommender(nn.Module):
         self.wide_rows += counts.shape[0]
 
     def pair_features(self, user: torch.Tensor, item: torch.Tensor, ctx_items: torch.Tensor,
-                      ctx_mask: torch.Tensor, counts: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """The outcome head's input ``[B, 3d + 2 + F]``: the deep part, then the
-        standardised count features (SMOTE interpolates these)."""
+                      ctx_mask: torch.Tensor, counts: torch.Tensor | None = None,
+                      ctx_kinds: torch.Tensor | None = None) -> torch.Tensor:
+        """The outcome head's input ``[B, 3d + 2 + 5 + F]``: the deep part, the typed
+        matches, then the standardised count features (SMOTE interpolates these)."""
         if counts is None:
             std = torch.zeros(user.shape[0], self.config.wide_features, device=user.device)
         else:
             std = (counts.float() - self.wide_mean) / (self.wide_var + 1e-6).sqrt()
-        return torch.cat([self._deep_features(user, item, ctx_items, ctx_mask), std], dim=-1)
-
-    def _deep_features(self, user: torch.Tensor, item: torch.Tensor, ctx_items: torch.Tensor,
-                       ctx_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, 3d + 2]``: the user, the item, their product, and the target attention."""
         sims = torch.einsum("bcd,bd->bc", ctx_items.float(), item.float())
+        return torch.cat([self._deep_features(user, item, sims, ctx_mask),
+                          self._typed_matches(sims, ctx_mask, ctx_kinds), std], dim=-1)
+
+    def _typed_matches(self, sims: torch.Tensor, ctx_mask: torch.Tensor,
+                       ctx_kinds: torch.Tensor | None) -> torch.Tensor:
+        """``[B, 5]``: per event kind, ``max_j exp((s_j − 1) / T)`` over the context
+        entries of that kind (0 where there are none)."""
+        t = len(CONTEXT_KINDS)
+        if ctx_kinds is None:
+            return torch.zeros(sims.shape[0], t, device=sims.device)
+        match = torch.exp((sims - 1.0) / self.config.temperature).masked_fill(~ctx_mask, 0.0)
+        onehot = F.one_hot(ctx_kinds.long(), t + 1)[..., 1:].to(match.dtype)
+        return (match[..., None] * onehot).amax(dim=1)
+
+    def _deep_features(self, user: torch.Tensor, item: torch.Tensor, sims: torch.Tensor,
+                       ctx_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 3d + 2]``: the user, the item, their product, and the target attention
+        (``sims``: the candidate's cosine with each context entry in the item space)."""
         has = ctx_mask.any(dim=1, keepdim=True)
         top = sims.masked_fill(~ctx_mask, float("-inf")).max(dim=1, keepdim=True).values
         top = torch.where(has, top, torch.zeros_like(top))
@@ -234,19 +278,25 @@ def _orthogonal_(t: torch.Tensor, gen: torch.Generator) -> None:
 
 
 def pack_contexts(contexts: Sequence[Sequence[str]], vectors: torch.Tensor | None,
-                  texts: TextBatch, max_context: int, hidden: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context vectors ``[B, C, hidden]`` and mask ``[B, C]`` from each row's texts, whose
-    vectors are rows of ``vectors`` as numbered by ``texts``."""
-    ctx = torch.zeros(len(contexts), max_context, hidden, device=device)
-    mask = torch.zeros(len(contexts), max_context, dtype=torch.bool, device=device)
+                  texts: TextBatch, max_context: int, hidden: int, device: torch.device,
+                  kinds: Sequence[Sequence[int]] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Context vectors ``[B, C, hidden]``, mask ``[B, C]`` and kind codes ``[B, C]`` (0
+    where unknown) from each row's texts, whose vectors are rows of ``vectors`` as
+    numbered by ``texts``, and each row's kind codes."""
+    b_n = len(contexts)
+    ctx = torch.zeros(b_n, max_context, hidden, device=device)
+    mask = torch.zeros(b_n, max_context, dtype=torch.bool, device=device)
+    codes = torch.zeros(b_n, max_context, dtype=torch.long)
     for b, parts in enumerate(contexts):
         parts = list(parts)[:max_context]
         if parts and vectors is not None:
             rows = torch.tensor(texts.rows(parts), device=vectors.device)
             ctx[b, :len(parts)] = vectors[rows].to(device)
             mask[b, :len(parts)] = True
-    return ctx, mask
+            if kinds is not None:
+                codes[b, :len(parts)] = torch.tensor(list(kinds[b])[:len(parts)])
+    return ctx, mask, codes.to(device)
 
 
 class TextBatch:

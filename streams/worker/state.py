@@ -19,7 +19,7 @@ from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.serving.baseline import QueryIndex, new_profile, update_profile
 from tailstream.models.serving.popularity import PopularityTracker
 from tailstream.models.serving.signals import Signals
-from tailstream.models.towers.context import CONTEXT_SEPARATOR, ContextEntry, context_entries
+from tailstream.models.towers.context import ContextEntry, context_entries, sample_context
 from tailstream.settings import Settings
 from tailstream.streams.worker.imbalance import ImbalanceLoop, Observation
 
@@ -99,12 +99,12 @@ class StreamState:
                         self.on_new_item(event.item_id, text)
             cats = profile.get("cats", {})
             top = max(cats.values(), default=0.0)
+            user_text, user_kinds = self._user_context(profile)
             sample = self.imbalance.observe(
                 event, partition, user_class_counts=profile.get("n", {}),
                 category_affinity=cats.get(category, 0.0) / top if top else 0.0,
                 repeat=event.item_id in profile.get("items", ()),
-                item_text=text,
-                user_text=CONTEXT_SEPARATOR.join(e.text for e in self.context(profile)))
+                item_text=text, user_text=user_text, user_kinds=user_kinds)
         else:
             self.imbalance.observe(event, partition, user_class_counts={},
                                    category_affinity=0.0, repeat=False)
@@ -159,7 +159,7 @@ class StreamState:
             ob = Observation(event, partition, before.get("n", {}),
                              cats.get(category, 0.0) / top if top else 0.0,
                              item in before.get("items", ()), text,
-                             functools.partial(self._user_text, before))
+                             functools.partial(self._user_context, before))
         self.profiles[event.user_id] = update_profile(
             before, event, category, query_cats, keep=self.settings.recent_items)
         if self.signals is not None and not deleted:
@@ -186,8 +186,9 @@ class StreamState:
                     self.on_new_item(event.item_id, text)
         return text
 
-    def _user_text(self, profile: dict[str, Any]) -> str:
-        return CONTEXT_SEPARATOR.join(e.text for e in self.context(profile))
+    def _user_context(self, profile: dict[str, Any]) -> tuple[str, str]:
+        """The user's context as a training sample stores it: texts and their kinds."""
+        return sample_context(profile, self.item_text, self.settings.max_context)
 
     def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
         return context_entries(profile, self.item_text, self.settings.max_context)

@@ -196,7 +196,7 @@ def test_samples_carry_the_count_features_known_before_their_event() -> None:
 def test_a_batch_s_samples_are_made_before_the_batch_is_counted() -> None:
     loop, _ = make_loop()
     batch = [Observation(Event("purchase", f"e{i}", f"u{i}", 1.7e9 + i, item_id="new"), 0,
-                         {}, 0.0, False, "new item", lambda: "")
+                         {}, 0.0, False, "new item", lambda: ("", ""))
              for i in range(3)]
     assert loop.observe_batch(batch) == 3
     for _, _, sample in loop.buffer_changes:
@@ -205,6 +205,6 @@ def test_a_batch_s_samples_are_made_before_the_batch_is_counted() -> None:
     # The next batch sees all three.
     loop.buffer_changes.clear()
     loop.observe_batch([Observation(Event("cart", "e9", "u9", 1.7e9 + 9, item_id="new"), 0,
-                                    {}, 0.0, False, "new item", lambda: "")])
+                                    {}, 0.0, False, "new item", lambda: ("", ""))])
     x = _features(loop.buffer_changes[0][2])
     assert x["item_rate_purchase"] == pytest.approx(4 / 7, abs=0.01)

@@ -42,7 +42,12 @@ from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.imbalance.decisions import DecisionLayer, RunningPrior
 from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.serving.scorer import ItemInfo, Scorer
-from tailstream.models.towers.context import UserRequest, context_entries, split_context
+from tailstream.models.towers.context import (
+    UserRequest,
+    context_entries,
+    kind_codes,
+    split_context,
+)
 from tailstream.models.towers.loading import ServedModel
 from tailstream.models.towers.two_tower import TextBatch, pack_contexts
 from tailstream.models.training.finetune import prepare_data
@@ -299,9 +304,10 @@ def outcome_probs(scorer: Scorer, samples: Sequence[Sample]) -> np.ndarray:
     contexts = [split_context(s.user_text, c) for s in samples]
     flat = TextBatch([t for ctx in contexts for t in ctx] + [s.item_text for s in samples])
     vecs = scorer.texts.vectors(flat.texts)
-    ctx, mask = pack_contexts(contexts, vecs, flat, c, vecs.shape[1], scorer.device)
-    users = model.user_vectors(ctx, mask)
+    ctx, mask, kinds = pack_contexts(contexts, vecs, flat, c, vecs.shape[1], scorer.device,
+                                     [kind_codes(s.user_kinds, c) for s in samples])
+    users = model.user_vectors(ctx, mask, kinds)
     items = model.item_vectors(vecs[torch.tensor(flat.rows([s.item_text for s in samples]))])
     counts = model.count_rows([s.features for s in samples], scorer.device)
-    logits = model.outcome_logits(users, items, model.context_items(ctx), mask, counts)
+    logits = model.outcome_logits(users, items, model.context_items(ctx), mask, counts, kinds)
     return torch.softmax(logits, dim=-1).cpu().numpy()
