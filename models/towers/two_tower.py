@@ -288,14 +288,30 @@ def pack_contexts(contexts: Sequence[Sequence[str]], vectors: torch.Tensor | Non
     ctx = torch.zeros(b_n, max_context, hidden, device=device)
     mask = torch.zeros(b_n, max_context, dtype=torch.bool, device=device)
     codes = torch.zeros(b_n, max_context, dtype=torch.long)
+    # One gather and one scatter for the whole batch (a row's parts are positions
+    # 0..n-1 of that row), not one per row: 20 entries a row made the loop the cost.
+    rows: list[int] = []
+    cols: list[int] = []
+    src: list[int] = []
+    found: list[int] = []
     for b, parts in enumerate(contexts):
         parts = list(parts)[:max_context]
-        if parts and vectors is not None:
-            rows = torch.tensor(texts.rows(parts), device=vectors.device)
-            ctx[b, :len(parts)] = vectors[rows].to(device)
-            mask[b, :len(parts)] = True
-            if kinds is not None:
-                codes[b, :len(parts)] = torch.tensor(list(kinds[b])[:len(parts)])
+        n = len(parts)
+        if not n or vectors is None:
+            continue
+        rows.extend([b] * n)
+        cols.extend(range(n))
+        src.extend(texts.rows(parts))
+        if kinds is not None:
+            k = list(kinds[b])[:n]
+            found.extend(k + [0] * (n - len(k)))
+    if rows and vectors is not None:
+        r, c = torch.tensor(rows), torch.tensor(cols)
+        ctx[r.to(device), c.to(device)] = vectors[torch.tensor(src, device=vectors.device)
+                                                  ].to(device, ctx.dtype)
+        mask[r.to(device), c.to(device)] = True
+        if kinds is not None:
+            codes[r, c] = torch.tensor(found)
     return ctx, mask, codes.to(device)
 
 
