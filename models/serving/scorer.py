@@ -43,7 +43,7 @@ import torch
 from tailstream.configs import RankingConfig
 from tailstream.contract import display_text
 from tailstream.models.serving.index import ItemIndex
-from tailstream.models.towers.context import UserRequest, context_kinds, kind_codes
+from tailstream.models.towers.context import UserRequest, entry_codes
 from tailstream.models.towers.loading import ServedModel
 from tailstream.models.towers.text_vectors import TextVectors, VectorStore
 from tailstream.models.towers.two_tower import TextBatch, pack_contexts
@@ -219,7 +219,7 @@ class Scorer:
         vecs = self.texts.vectors(batch.texts) if batch.texts else None
         ctx_t, mask, kinds = pack_contexts(
             contexts, vecs, batch, c, model.empty_context.shape[0], self.device,
-            [kind_codes(context_kinds(r.context[:c]), c) for r in requests])
+            [entry_codes(r.context, c) for r in requests])
         return Users(model.user_vectors(ctx_t, mask, kinds), model.context_items(ctx_t), mask,
                      kinds)
 

@@ -35,6 +35,17 @@ def kind_codes(kinds: str, n: int) -> list[int]:
     return [_CODE.get(parts[j], 0) if j < len(parts) else 0 for j in range(n)]
 
 
+def entry_codes(entries: list[ContextEntry], n: int) -> list[int]:
+    """The kind codes of the first ``n`` entries, padded with 0 to ``n`` (what
+    :func:`kind_codes` reads from the same entries' :func:`context_kinds`).
+
+    >>> entry_codes([ContextEntry("q", "search: mug", "mug", event="search")], 2)
+    [5, 0]
+    """
+    codes = [_CODE.get(e.event, 0) for e in entries[:n]]
+    return codes + [0] * (n - len(codes))
+
+
 def split_context(user_text: str, max_context: int) -> list[str]:
     """The user's context texts from a sample's ``user_text`` (most recent first).
 

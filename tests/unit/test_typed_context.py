@@ -19,6 +19,7 @@ from tailstream.models.towers.context import (
     CONTEXT_SEPARATOR,
     context_entries,
     context_kinds,
+    entry_codes,
     kind_codes,
     sample_context,
 )
@@ -61,6 +62,8 @@ def test_entries_carry_their_kinds_and_old_profiles_read_as_clicks() -> None:
     assert context_kinds(entries) == "fav search click"
     assert kind_codes(context_kinds(entries), 4) == [
         1 + CONTEXT_KINDS.index("fav"), 1 + CONTEXT_KINDS.index("search"), 1, 0]
+    assert entry_codes(entries, 4) == kind_codes(context_kinds(entries), 4)
+    assert entry_codes(entries, 2) == kind_codes(context_kinds(entries), 2)
 
 
 @pytest.mark.parametrize("profile", [
