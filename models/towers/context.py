@@ -37,7 +37,7 @@ def kind_codes(kinds: str, n: int) -> list[int]:
 
 def entry_codes(entries: list[ContextEntry], n: int) -> list[int]:
     """The kind codes of the first ``n`` entries, padded with 0 to ``n`` (what
-    :func:`kind_codes` reads from the same entries' :func:`context_kinds`).
+    :func:`kind_codes` reads from the same entries' kinds as a sample stores them).
 
     >>> entry_codes([ContextEntry("q", "search: mug", "mug", event="search")], 2)
     [5, 0]
@@ -81,13 +81,21 @@ def context_entries(profile: Mapping[str, Any], item_text: Mapping[str, str],
     out: list[ContextEntry] = []
     for entry in _raw_entries(profile, max_context):
         value = entry[1]
+        text, event = _read(entry, item_text)
         if entry[0] == "q":
-            out.append(ContextEntry("q", f"search: {value}", value, event=SEARCH))
+            out.append(ContextEntry("q", text, value, event=event))
         else:
-            text = item_text.get(value) or f"item {value}"
-            event = entry[2] if len(entry) > 2 else CLASSES[0]
             out.append(ContextEntry("i", text, text.split(" | ")[0], value, event))
     return out
+
+
+def _read(entry: list[str], item_text: Mapping[str, str]) -> tuple[str, str]:
+    """What the encoder reads for a profile entry, and the entry's kind (entries of two
+    elements, from profiles before kinds, are clicks)."""
+    value = entry[1]
+    if entry[0] == "q":
+        return f"search: {value}", SEARCH
+    return item_text.get(value) or f"item {value}", entry[2] if len(entry) > 2 else CLASSES[0]
 
 
 def _raw_entries(profile: Mapping[str, Any], max_context: int) -> list[list[str]]:
@@ -107,26 +115,9 @@ def sample_context(profile: Mapping[str, Any], item_text: Mapping[str, str],
     >>> sample_context({"ctx": [["q", "red mug"], ["i", "i9", "cart"]]}, {}, 4)
     ('search: red mug ; item i9', 'search cart')
     """
-    texts: list[str] = []
-    kinds: list[str] = []
-    for entry in _raw_entries(profile, max_context):
-        value = entry[1]
-        if entry[0] == "q":
-            texts.append(f"search: {value}")
-            kinds.append(SEARCH)
-        else:
-            texts.append(item_text.get(value) or f"item {value}")
-            kinds.append(entry[2] if len(entry) > 2 else CLASSES[0])
-    return CONTEXT_SEPARATOR.join(texts), " ".join(kinds)
-
-
-def context_kinds(entries: list[ContextEntry]) -> str:
-    """The entries' kinds as a sample stores them (``Sample.user_kinds``).
-
-    >>> context_kinds([ContextEntry("q", "search: mug", "mug", event="search")])
-    'search'
-    """
-    return " ".join(e.event or "-" for e in entries)
+    read = [_read(entry, item_text) for entry in _raw_entries(profile, max_context)]
+    return (CONTEXT_SEPARATOR.join(text for text, _ in read),
+            " ".join(kind for _, kind in read))
 
 
 @dataclass

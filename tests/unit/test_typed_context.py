@@ -18,7 +18,6 @@ from tailstream.models.towers.context import (
     CONTEXT_KINDS,
     CONTEXT_SEPARATOR,
     context_entries,
-    context_kinds,
     entry_codes,
     kind_codes,
     sample_context,
@@ -59,11 +58,11 @@ def test_entries_carry_their_kinds_and_old_profiles_read_as_clicks() -> None:
     entries = context_entries({"ctx": [["i", "a", "fav"], ["q", "mug"], ["i", "b"]]},
                               {"a": "A | home"}, 20)
     assert [e.event for e in entries] == ["fav", "search", "click"]
-    assert context_kinds(entries) == "fav search click"
-    assert kind_codes(context_kinds(entries), 4) == [
+    assert " ".join(e.event for e in entries) == "fav search click"
+    assert kind_codes(" ".join(e.event for e in entries), 4) == [
         1 + CONTEXT_KINDS.index("fav"), 1 + CONTEXT_KINDS.index("search"), 1, 0]
-    assert entry_codes(entries, 4) == kind_codes(context_kinds(entries), 4)
-    assert entry_codes(entries, 2) == kind_codes(context_kinds(entries), 2)
+    assert entry_codes(entries, 4) == kind_codes(" ".join(e.event for e in entries), 4)
+    assert entry_codes(entries, 2) == kind_codes(" ".join(e.event for e in entries), 2)
 
 
 @pytest.mark.parametrize("profile", [
@@ -74,7 +73,7 @@ def test_entries_carry_their_kinds_and_old_profiles_read_as_clicks() -> None:
 def test_a_sample_stores_what_the_tower_reads_at_serving(profile: dict) -> None:
     entries = context_entries(profile, {"a": "A | home", "b": "B | home"}, 3)
     assert sample_context(profile, {"a": "A | home", "b": "B | home"}, 3) == (
-        CONTEXT_SEPARATOR.join(e.text for e in entries), context_kinds(entries))
+        CONTEXT_SEPARATOR.join(e.text for e in entries), " ".join(e.event for e in entries))
 
 
 def test_samples_keep_their_context_kinds_through_the_buffer_s_dict() -> None:
