@@ -101,8 +101,8 @@ class InOrder:
     restart's seek to the committed offsets can deliver records from the old position
     after it, Faust takes the jump forward for a gap in the log (acknowledging the offsets
     between as processed) and drops the records re-read from the committed offset as old
-    (a kill -9 test lost 58 events so); and records delivered while a restart's seek is
-    still under way can be lost downstream of the delivery (53 events). So each input
+    (a kill -9 test lost 58 events so); records read while the seek was under way, before
+    Faust reset its read offset, went unapplied the same way (53 events). So each input
     partition's next offset is tracked here: a record older than it was delivered already
     and is dropped; a record beyond it is held back and the partition sought back to it,
     so the records between are read (re-reading is a replay the worker recognises;
