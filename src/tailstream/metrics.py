@@ -114,6 +114,11 @@ class Metrics:
             "Times the broker came back without this worker's changelog topics (a "
             "memory-storage broker restarted): offsets watermarks reset, inputs re-read.",
             registry=r)
+        self.input_rereads = Counter(
+            "tailstream_input_rereads_total",
+            "Input partitions sought back because their records came out of order "
+            "(around a seek): the records between are read again, not skipped.",
+            registry=r)
         self.stuck_partitions = Gauge(
             "tailstream_stuck_partitions",
             "Input partitions held by another group member whose committed offset has not "

@@ -40,7 +40,12 @@ from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import RedisBufferStore
 from tailstream.streams.worker.pipeline import Pipeline
 from tailstream.streams.worker.tables import WorkerTables
-from tailstream.streams.worker.transport import rewind_inputs, set_input_topics, wait_for_topic
+from tailstream.streams.worker.transport import (
+    count_rereads,
+    rewind_inputs,
+    set_input_topics,
+    wait_for_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,7 @@ class Recovery:
         loop = self.pipeline.imbalance
         consumer: Any = self.app.consumer
         set_input_topics(consumer, frozenset(self.settings.consumed_topics))
+        count_rereads(consumer, self.metrics.input_rereads.inc)
         missing = await asyncio.to_thread(self._missing_changelogs)
         reset = bool(missing and (loop.partitions or len(self.tables.counts.data)))
         self.pipeline.deduper.trust_seen = reset

@@ -129,6 +129,8 @@ class InOrder:
         self._reseek: dict[Any, int] = {}
         self._skipped: dict[Any, set[int]] = {}
         self._jumps: dict[Any, tuple[int, int, int]] = {}  # tp: (from, to, times)
+        self.on_reread: Callable[[int], object] = lambda n: None
+        """Told how many partitions are sought back (the worker's metric)."""
 
     def sought(self, tp: Any, offset: int) -> None:
         """A seek of ``tp`` to ``offset`` took effect: its records go on from there."""
@@ -173,6 +175,8 @@ class InOrder:
     def take_reseeks(self) -> dict[Any, int]:
         """Partitions whose records were held back, and the offset to read them from."""
         out, self._reseek = self._reseek, {}
+        if out:
+            self.on_reread(len(out))
         return out
 
 
@@ -296,6 +300,11 @@ def set_producer_buffer(app: faust.App, max_messages: int) -> None:
     """Bound of Faust's producer buffer before the conductor stops feeding the stream
     (table writes queue there: one changelog record per user per batch)."""
     app.producer.buffer.max_messages = max_messages
+
+
+def count_rereads(consumer: Any, inc: Callable[[int], object]) -> None:
+    """Report each input partition sought back by :class:`InOrder` to ``inc``."""
+    consumer.in_order.on_reread = inc
 
 
 def take_undecodable(consumer: Any) -> list[Undecodable]:

@@ -10,7 +10,7 @@ import pytest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from tailstream.streams.worker.transport import InOrder, app_class
+from tailstream.streams.worker.transport import InOrder, app_class, count_rereads
 
 A, B, LOG = TP("clicks", 2), TP("carts", 0), TP("user-profiles-changelog", 0)
 
@@ -47,6 +47,8 @@ def test_the_consumer_holds_back_stale_records_and_reads_from_the_seek(
                                     ).transport.Consumer
     consumer: Any = object.__new__(consumer_class)
     consumer.in_order = InOrder()
+    rereads: list[int] = []
+    count_rereads(consumer, rereads.append)
     consumer.input_topics = frozenset()  # set by the first restore, while a fetch is out
     seeks: list[tuple[TP, int]] = []
     # The restart's seek to the committed offset 757 has taken effect; a fetch begun
@@ -81,3 +83,4 @@ def test_the_consumer_holds_back_stale_records_and_reads_from_the_seek(
     second = asyncio.run(drain())
     assert seeks == [(A, 757), (A, 757)]  # sought back before the next fetch
     assert second == [(A, 757), (A, 758)]
+    assert rereads == [1]  # one partition sought back: the worker's metric
