@@ -107,7 +107,7 @@ class InOrder:
     and is dropped; a record beyond it is held back and the partition sought back to it,
     so the records between are read (re-reading is a replay the worker recognises;
     skipping is a loss). Offsets stepped over as undecodable (:class:`_Guard`) are holes
-    on purpose; a hole that stays after :data:`JUMP_TRIES` reads (records deleted by
+    on purpose; a hole that stays after :attr:`JUMP_TRIES` reads (records deleted by
     retention) is accepted with a warning.
 
     >>> g = InOrder()
