@@ -132,10 +132,11 @@ def _batch_info(scorer: Scorer, cands: Sequence[Candidates], item_info: ItemInfo
 
 
 def _search(scorer: Scorer, vectors: torch.Tensor, k: int, exclude: Sequence[set[str]],
-            limit: Sequence[int] | None) -> list[list[str]]:
+            limit: Sequence[int] | None, memory: bool = True) -> list[list[str]]:
     if len(scorer.index) == 0 or len(vectors) == 0:
         return [[] for _ in range(len(vectors))]
-    sim, rows = scorer.index.search_rows(vectors, k, exclude=exclude, limit=limit)
+    sim, rows = scorer.index.search_rows(vectors, k, exclude=exclude, limit=limit,
+                                         memory=memory)
     ok = torch.isfinite(sim).tolist()
     return [[scorer.index.id_of(r) for r, good in zip(row, valid, strict=True) if good]
             for row, valid in zip(rows.tolist(), ok, strict=True)]
@@ -152,7 +153,8 @@ def _query_match(scorer: Scorer, batch: Sequence[HybridRequest],
     vecs = scorer.served.model.context_items(scorer.texts.vectors(texts)[:, None, :])[:, 0]
     found = _search(scorer, vecs, scorer.ranking.candidates // 2,
                     [batch[b].request.exclude for b in asked],
-                    [limit[b] for b in asked] if limit is not None else None)
+                    [limit[b] for b in asked] if limit is not None else None,
+                    memory=False)  # a query matches texts; id memory is for users
     for b, ids in zip(asked, found, strict=True):
         out[b] = ids
     return out
@@ -163,7 +165,7 @@ def _facts(scorer: Scorer, batch: Sequence[HybridRequest], users: torch.Tensor,
     """Fill cosine, category affinity, log popularity and tail for every candidate; drop
     candidates the index does not hold (they cannot be scored or explained). Returns each
     user's candidates' positions in ``info``."""
-    matrix = scorer.index.matrix
+    matrix = scorer.index.search_matrix  # the retrieval score's item side (id memory)
     keys: list[np.ndarray] = []
     at = info.at
     for b, (h, cand) in enumerate(zip(batch, cands, strict=True)):

@@ -21,7 +21,9 @@ import torch
 
 
 class ItemIndex:
-    """``item_id → row`` plus the matrix of unit vectors.
+    """``item_id → row`` plus the matrix of unit vectors, and optionally a second matrix
+    that search reads: the item side of the retrieval score with each item's id memory
+    (``normalise(v + e)``; :attr:`search_matrix`). The outcome head reads :attr:`matrix`.
 
     >>> idx = ItemIndex(dim=2)
     >>> idx.upsert(["a", "b", "c"], torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]))
@@ -37,6 +39,7 @@ class ItemIndex:
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self._matrix = torch.zeros(capacity, dim, device=self.device, dtype=self.dtype)
+        self._search: torch.Tensor | None = None  # rows with id memory, once any has one
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
         self.version = ""  # the model version whose item tower produced the rows
@@ -53,7 +56,15 @@ class ItemIndex:
 
     @property
     def memory_bytes(self) -> int:
-        return self._matrix.numel() * self._matrix.element_size() + 100 * len(self._ids)
+        search = 0 if self._search is None else self._search.numel() * self._search.element_size()
+        return self._matrix.numel() * self._matrix.element_size() + search + 100 * len(self._ids)
+
+    @property
+    def search_matrix(self) -> torch.Tensor:
+        """What search scores against ``[N, d]``: the rows with their id memory where any
+        item has one, else the rows themselves (a view)."""
+        source = self._matrix if self._search is None else self._search
+        return source[: len(self._ids)]
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -80,8 +91,16 @@ class ItemIndex:
                             dtype=torch.long)
         return self._matrix[rows].float()
 
-    def upsert(self, item_ids: Sequence[str], vectors: torch.Tensor) -> None:
-        """Insert new items and overwrite known ones."""
+    def upsert(self, item_ids: Sequence[str], vectors: torch.Tensor,
+               search: torch.Tensor | None = None) -> None:
+        """Insert new items and overwrite known ones; ``search`` (``[N, d]``) are the rows
+        search reads for them (their vectors with id memory), if not the vectors.
+
+        >>> idx = ItemIndex(dim=2)
+        >>> idx.upsert(["a", "b"], torch.eye(2), search=torch.tensor([[1.0, 0.0], [0.8, 0.6]]))
+        >>> idx.search(torch.tensor([[1.0, 0.5]]), k=1)[1], idx.vectors(["b"]).tolist()
+        ([['b']], [[0.0, 1.0]])
+        """
         if len(item_ids) != vectors.shape[0] or vectors.shape[1] != self.dim:
             raise ValueError("need one dim-sized vector per item id")
         rows: list[int] = []
@@ -93,12 +112,22 @@ class ItemIndex:
                 self._row[item] = r
             rows.append(r)
         if len(self._ids) > self._matrix.shape[0]:
-            grown = torch.zeros(max(2 * self._matrix.shape[0], len(self._ids)), self.dim,
-                                device=self.device, dtype=self.dtype)
-            grown[: self._matrix.shape[0]] = self._matrix
-            self._matrix = grown
-        self._matrix[torch.tensor(rows, device=self.device, dtype=torch.long)] = vectors.to(
-            self.device, self.dtype)
+            size = max(2 * self._matrix.shape[0], len(self._ids))
+            self._matrix = self._grown(self._matrix, size)
+            if self._search is not None:
+                self._search = self._grown(self._search, size)
+        at = torch.tensor(rows, device=self.device, dtype=torch.long)
+        self._matrix[at] = vectors.to(self.device, self.dtype)
+        if search is not None and self._search is None:
+            self._search = self._matrix.clone()
+        if self._search is not None:
+            self._search[at] = (vectors if search is None else search).to(self.device,
+                                                                           self.dtype)
+
+    def _grown(self, matrix: torch.Tensor, size: int) -> torch.Tensor:
+        grown = torch.zeros(size, self.dim, device=self.device, dtype=self.dtype)
+        grown[: matrix.shape[0]] = matrix
+        return grown
 
     def remove(self, item_ids: Sequence[str]) -> int:
         """Take items out of the index (a catalogue tombstone); returns how many were in it.
@@ -118,30 +147,35 @@ class ItemIndex:
             if row != last:
                 moved = self._ids[last]
                 self._matrix[row] = self._matrix[last]
+                if self._search is not None:
+                    self._search[row] = self._search[last]
                 self._ids[row] = moved
                 self._row[moved] = row
             self._ids.pop()
             removed += 1
         return removed
 
-    def replace_all(self, item_ids: Sequence[str], vectors: torch.Tensor, version: str) -> None:
+    def replace_all(self, item_ids: Sequence[str], vectors: torch.Tensor, version: str,
+                    search: torch.Tensor | None = None) -> None:
         """Swap in a fully recomputed matrix (after a promotion) in one assignment, so a
         concurrent reader sees the old index or the new one."""
         fresh = ItemIndex(self.dim, self.device, self.dtype, capacity=max(len(item_ids), 1))
-        fresh.upsert(item_ids, vectors)
-        self._matrix, self._ids, self._row = fresh._matrix, fresh._ids, fresh._row
+        fresh.upsert(item_ids, vectors, search)
+        self._matrix, self._search, self._ids, self._row = (fresh._matrix, fresh._search,
+                                                            fresh._ids, fresh._row)
         self.version = version
 
     @torch.inference_mode()
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` inner products of user vectors with every item (fp32)."""
+    def scores(self, users: torch.Tensor, memory: bool = True) -> torch.Tensor:
+        """``[B, N]`` inner products of user vectors with every item (fp32), with the items'
+        id memory (``memory=False``: the text rows alone, e.g. for a query's text)."""
         u = users.to(self.device, self.dtype)
-        return (u @ self.matrix.T).float()
+        return (u @ (self.search_matrix if memory else self.matrix).T).float()
 
     @torch.inference_mode()
     def search_rows(self, users: torch.Tensor, k: int,
                     exclude: Sequence[set[str]] | None = None,
-                    limit: Sequence[int] | None = None
+                    limit: Sequence[int] | None = None, memory: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` rows per user: scores ``[B, k']`` (−inf where fewer than k' items
         were eligible) and row indices ``[B, k']`` into :attr:`matrix`. ``limit[b]``
@@ -153,18 +187,19 @@ class ItemIndex:
         >>> [idx.id_of(r) for r, v in zip(rows[0].tolist(), vals[0].tolist()) if v > -1e9]
         ['b', 'a']
         """
-        top = torch.topk(self._masked_scores(users, exclude, limit=limit),
+        top = torch.topk(self._masked_scores(users, exclude, limit=limit, memory=memory),
                          min(k, len(self._ids)), dim=1)
         return top.values, top.indices
 
     def _masked_scores(self, users: torch.Tensor, exclude: Sequence[set[str]] | None,
                        bias: torch.Tensor | None = None,
-                       limit: Sequence[int] | None = None) -> torch.Tensor:
+                       limit: Sequence[int] | None = None, memory: bool = True
+                       ) -> torch.Tensor:
         """Scores ``[B, N]`` (+ ``bias``), −inf on each user's excluded items and, with
         ``limit``, on every row ``≥ limit[b]`` (rows are in insertion order, so a caller
         that inserts items in the order they became known masks the ones not yet known:
         the leak-free evaluation)."""
-        s = self.scores(users)
+        s = self.scores(users, memory)
         if bias is not None:
             s = s + bias.to(s)
         if exclude:

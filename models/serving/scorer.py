@@ -132,7 +132,9 @@ class Scorer:
             return
         vecs = self.texts.vectors(texts)
         self.item_texts.upsert(item_ids, vecs)
-        self.index.upsert(item_ids, self.served.model.item_vectors(vecs))
+        model = self.served.model
+        items = model.item_vectors(vecs)
+        self.index.upsert(item_ids, items, model.retrieval_items(items, item_ids))
 
     def remove_items(self, item_ids: Sequence[str]) -> int:
         """Take deleted catalogue items out of retrieval (and their text vectors with them)."""
@@ -164,10 +166,8 @@ class Scorer:
             fresh = self.texts
             fresh.model = served.model
             new_texts = self.item_texts
-        rows = [served.model.item_vectors(new_texts.matrix[i:i + chunk].float())
-                for i in range(0, len(ids), chunk)]
-        vectors = torch.cat(rows) if rows else torch.empty(0, self.index.dim)
-        self.index.replace_all(ids, vectors, served.version)
+        vectors, search = _project(served, new_texts, ids, chunk, self.index.dim)
+        self.index.replace_all(ids, vectors, served.version, search)
         self.item_texts = new_texts
         self.texts = fresh
         self.served = served
@@ -195,10 +195,8 @@ class Scorer:
         served.model.encoder = self.served.model.encoder  # one copy of the encoder
         other.texts = self.texts
         other.item_texts = self.item_texts
-        rows = [served.model.item_vectors(self.item_texts.matrix[i:i + chunk].float())
-                for i in range(0, len(ids), chunk)]
-        other.index.replace_all(ids, torch.cat(rows) if rows else
-                                torch.empty(0, other.index.dim), served.version)
+        vectors, search = _project(served, self.item_texts, ids, chunk, other.index.dim)
+        other.index.replace_all(ids, vectors, served.version, search)
         return other
 
     def adopt_texts(self) -> None:
@@ -322,6 +320,16 @@ class Scorer:
         label = display_text(e.label, 40)  # titles and queries come from outside
         return (f"matches your search '{label}'" if e.kind == "q"
                 else f"similar to '{label}' you viewed")
+
+
+def _project(served: ServedModel, texts: ItemIndex, ids: Sequence[str], chunk: int, dim: int
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The catalogue's item vectors under ``served`` (from the items' text vectors, in
+    ``ids`` order) and the rows search reads (None when no item has id memory)."""
+    rows = [served.model.item_vectors(texts.matrix[i:i + chunk].float())
+            for i in range(0, len(ids), chunk)]
+    vectors = torch.cat(rows) if rows else torch.empty(0, dim)
+    return vectors, served.model.retrieval_items(vectors, ids) if ids else None
 
 
 def select(ranked: Sequence[Ranked], k: int, tail_share: float, tail_margin: float,

@@ -14,8 +14,14 @@ outcome head.
   cached text vectors, rather than encoding one long user string, keeps serving O(1) per
   event: item and query vectors are computed once and reused (YouTube DNN, Covington et
   al., RecSys 2016, averages watched-item embeddings the same way).
-* **Retrieval score** ``s(u, i) = u·v / T`` (cosine over a temperature), trained with an
-  in-batch sampled softmax and logQ correction (Yi et al., RecSys 2019).
+* **Retrieval score** ``s(u, i) = u·normalise(v + e_i) / T`` (a cosine over a
+  temperature, the item side moved by its id memory), trained with an in-batch sampled
+  softmax and logQ correction (Yi et al., RecSys 2019). ``e_i = P · E[row(i)]``: a
+  hashed, collisionless id embedding that only items past a frequency filter own
+  (``models/towers/ids.py``, Monolith's filter);
+  new and rare items have ``e_i = 0`` and are their text. ``E`` starts at zero, so the
+  base model is the text model. The outcome head and the target attention read ``v``
+  alone, so "the very same item" keeps its exact match with the context.
 * **Outcome head.** Wide & deep:
   ``z = MLP([u, v, u ⊙ v, max_j s_j, Σ_j α_j s_j]) + W x + W_k m``
   → logits over click / cart / fav / purchase: CTR- and CVR-like probabilities from one
@@ -41,7 +47,7 @@ text). Initialisation is seeded, so every process builds the identical base mode
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,12 +55,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tailstream.configs import TowerConfig
+from tailstream.models.towers import ids
 from tailstream.models.towers.context import CONTEXT_KINDS
 
 ADDED_WEIGHTS = frozenset({"wide.weight", "wide.bias", "wide_mean", "wide_var", "wide_rows",
-                           "context_kind.weight", "typed.weight", "typed.bias"})
-"""Weights a checkpoint from before the wide part or the context kinds lacks; their
-initial values (zero) make the model compute what the older one did."""
+                           "context_kind.weight", "typed.weight", "typed.bias",
+                           "id_embed.weight", "id_out.weight", "id_owner"})
+"""Weights a checkpoint from before the wide part, the context kinds or the id memory
+lacks; their initial values (zero embeddings, no owners) make the model compute what the
+older one did."""
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +80,7 @@ class TwoTowerRecommender(nn.Module):
     wide_mean: torch.Tensor
     wide_var: torch.Tensor
     wide_rows: torch.Tensor
+    id_owner: torch.Tensor
 
     def __init__(self, encoder: nn.Module, hidden_size: int, config: TowerConfig) -> None:
         super().__init__()
@@ -100,6 +110,8 @@ class TwoTowerRecommender(nn.Module):
         nn.init.zeros_(self.context_kind.weight)
         # A user with no context yet (first event) gets a learned vector.
         self.empty_context = nn.Parameter(torch.zeros(hidden_size))
+        self.id_embed, self.id_out = _id_memory(config, d)
+        self.register_buffer("id_owner", torch.zeros(config.id_buckets, dtype=torch.long))
         self.outcome_head = nn.Sequential(nn.Linear(3 * d + 2, config.head_hidden), nn.GELU(),
                                           nn.Linear(config.head_hidden, k))
         # The wide part: a linear model over the standardised streaming count features,
@@ -143,6 +155,40 @@ class TwoTowerRecommender(nn.Module):
     def item_vectors(self, text_vectors: torch.Tensor) -> torch.Tensor:
         """Unit item vectors ``[N, d]`` from pooled item-text vectors ``[N, hidden]``."""
         return F.normalize(self.item_proj(text_vectors.float()), dim=-1)
+
+    def id_rows(self, item_ids: Sequence[str]) -> torch.Tensor:
+        """Each item's row of the id memory (``id_buckets``: none), on the model's device."""
+        fps = ids.fingerprints(item_ids)
+        return ids.lookup(self.id_owner, fps).to(self.id_owner.device)
+
+    def item_memory(self, item_ids: Sequence[str]) -> torch.Tensor | None:
+        """``e_i`` ``[N, d]`` for ``item_ids``, or None when no item owns a slot (no table,
+        or nothing admitted yet): retrieval then reads the text vectors alone."""
+        if self.config.id_buckets == 0 or not bool((self.id_owner != 0).any()):
+            return None
+        return self.id_out(self.id_embed(self.id_rows(item_ids))).float()
+
+    def retrieval_items(self, items: torch.Tensor, item_ids: Sequence[str]
+                        ) -> torch.Tensor | None:
+        """The retrieval score's item side ``normalise(v + e)`` for item vectors ``v``
+        (:meth:`item_vectors`) of ``item_ids``, or None when no item has id memory."""
+        memory = self.item_memory(item_ids)
+        return None if memory is None else F.normalize(items.float() + memory, dim=-1)
+
+    @torch.no_grad()
+    def admit_ids(self, counts: Mapping[str, int], min_count: int) -> int:
+        """Give the items seen at least ``min_count`` times a slot (kept from then on);
+        returns how many were new."""
+        if self.config.id_buckets == 0:
+            return 0
+        chosen = ids.frequent(counts, min_count)
+        if not chosen:
+            return 0
+        fps = ids.fingerprints(chosen)
+        owner = self.id_owner.cpu()
+        added = ids.admit(owner, fps, torch.ones(len(chosen), dtype=torch.bool))
+        self.id_owner.copy_(owner.to(self.id_owner.device))
+        return added
 
     def user_vectors(self, context: torch.Tensor, mask: torch.Tensor,
                      kinds: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,8 +305,14 @@ class TwoTowerRecommender(nn.Module):
         soft = torch.where(has, (soft - 1.0) / t, torch.full_like(soft, -1.0 / t))
         return torch.cat([user, item, user * item, top, soft], dim=-1)
 
-    def retrieval_scores(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` cosine similarities over the temperature."""
+    def retrieval_scores(self, user: torch.Tensor, items: torch.Tensor,
+                         memory: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N]`` ``u·normalise(v + e) / T``: cosine similarities with the items' id
+        memory (:meth:`item_memory`; None: none), over the temperature. The sum is
+        normalised so memory can turn an item's vector, never outweigh every text by
+        its length (unnormalised, frequent items' memory crowded out the rest)."""
+        if memory is not None:
+            items = F.normalize(items + memory, dim=-1)
         return user @ items.T / self.config.temperature
 
     # ------------------------------------------------------------------ parameters
@@ -270,6 +322,22 @@ class TwoTowerRecommender(nn.Module):
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {n: t for n, t in self.state_dict().items() if not n.startswith("encoder.")}
+
+
+def _id_memory(config: TowerConfig, d: int) -> tuple[nn.Embedding, nn.Linear]:
+    """The id table ``E`` (``id_buckets`` rows and a padding row, all zero: no memory until
+    trained) and its projection ``P`` to the item space. ``P`` is a seeded random map of
+    its own generator (the towers' and head's draws stay as they were) and not zero, or
+    ``E`` would get no gradient."""
+    table = nn.Embedding(config.id_buckets + 1, config.id_dim, padding_idx=config.id_buckets)
+    nn.init.zeros_(table.weight)
+    out = nn.Linear(config.id_dim, d, bias=False)
+    gen = torch.Generator().manual_seed(config.seed + 7919)
+    with torch.no_grad():
+        w = torch.empty(d, config.id_dim)
+        _orthogonal_(w, gen)
+        out.weight.copy_(w)
+    return table, out
 
 
 def _orthogonal_(t: torch.Tensor, gen: torch.Generator) -> None:

@@ -61,6 +61,7 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
     text_of = {s.item_id: s.item_text or f"item {s.item_id}" for s in samples}
     item_vecs = torch.cat([model.item_vectors(vectors([text_of[i] for i in items[k:k + chunk]]))
                            for k in range(0, len(items), chunk)])
+    memory = model.item_memory(items)
     col = {i: k for k, i in enumerate(items)}
     preds: list[str] = []
     probs: list[np.ndarray] = []
@@ -81,7 +82,7 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
                                       counts, kinds)
         preds.extend(classes[int(k)] for k in logits.argmax(-1))
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        scores = model.retrieval_scores(users, item_vecs)
+        scores = model.retrieval_scores(users, item_vecs, memory)
         own = scores.gather(1, idx.unsqueeze(1))
         # Ties are broken at random in expectation: an untrained model scores every item
         # 0 for a user without context, and counting ties as hits would rank each of

@@ -69,6 +69,7 @@ class Forward(NamedTuple):
     ctx_items: torch.Tensor  # [B, C, d], the context in the item space
     mask: torch.Tensor  # [B, C]
     kinds: torch.Tensor  # [B, C], kind codes
+    memory: torch.Tensor | None = None  # [I, d], the distinct items' id memory (or none)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -256,9 +257,9 @@ class FineTuner:
             self._encode = torch.compile(model.encode_tokens, dynamic=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; the towers and head at ``lr``, the head's linear parts (wide, typed
-        matches) at ``wide_lr``, trainable encoder weights at ``encoder_lr``; no weight
-        decay on biases and norms. Fused kernels on CUDA."""
+        """AdamW; the towers, the id table and the head at ``lr``, the head's linear parts
+        (wide, typed matches) at ``wide_lr``, trainable encoder weights at
+        ``encoder_lr``; no weight decay on biases and norms. Fused kernels on CUDA."""
         groups: list[dict[str, Any]] = []
         enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
         linear = [*self.model.wide.parameters(), *self.model.typed.parameters()]
@@ -321,9 +322,10 @@ class FineTuner:
             ctx_items = self.model.context_items(ctx)
             item_vecs = self.model.item_vectors(vecs[torch.tensor(
                 texts.rows([item_text[i] for i in items]), device=self.device)])
+            memory = self.model.item_memory(items)
         cols = torch.tensor([item_col[s.item_id] for s in batch], device=self.device)
         return Forward(users.float(), item_vecs.float(), cols, items, ctx_items.float(), mask,
-                       kinds)
+                       kinds, None if memory is None else memory.float())
 
     def step(self, batch: Sequence[Sample], plan: SamplingPlan) -> tuple[float, torch.Tensor,
                                                                        torch.Tensor, int]:
@@ -335,7 +337,7 @@ class FineTuner:
             # A frozen encoder feeds the text-vector cache (shared with the served model):
             # with dropout on, a vector would depend on when its text was first encoded.
             self.model.encoder.eval()
-        users, items, cols, item_ids, ctx_items, mask, kinds = self.forward_batch(batch)
+        users, items, cols, item_ids, ctx_items, mask, kinds, memory = self.forward_batch(batch)
         target = torch.tensor([self.class_index[s.label] for s in batch], device=self.device)
         weights = torch.tensor([plan.sample_weight.get(s.label, 0.0) for s in batch],
                                device=self.device)
@@ -356,7 +358,7 @@ class FineTuner:
         if cfg.retrieval_weight > 0 and len(item_ids) > 1:
             log_q = torch.tensor([plan.log_q.get(i, math.log(1e-6)) for i in item_ids],
                                  device=self.device)
-            scores = self.model.retrieval_scores(users, items)
+            scores = self.model.retrieval_scores(users, items, memory)
             loss = loss + cfg.retrieval_weight * sampled_softmax_loss(scores, cols, log_q)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -125,6 +126,10 @@ def _train(served: ServedModel, vectors: TextVectors, data: TrainData, cfg: Fine
     for p in candidate.head_parameters():
         p.requires_grad_(True)
     configure_trainable(candidate.encoder, layers, cfg.lora_rank)
+    # The frequency filter: items seen often enough in what this run may draw get an id
+    # slot now (the served model is untouched; a promotion carries the new owners).
+    candidate.admit_ids(Counter(s.item_id for s in (*data.pool, *data.replay)),
+                        cfg.id_min_count)
     tuner = FineTuner(candidate, served.tokenizer, cfg, device=device,
                       text_vectors=vectors if layers == 0 else None,
                       class_weight=class_weight, max_len=served.model.config.max_len)

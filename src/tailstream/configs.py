@@ -132,6 +132,9 @@ class TowerConfig:
     head_prior: dict[str, float] = field(default_factory=lambda: dict(HEAD_PRIOR))
     """Class mix the untrained outcome head starts from."""
     seed: int = 0
+    id_buckets: int = 0
+    """Slots of the item-id memory (0: none; ``models/towers/ids.py``)."""
+    id_dim: int = 32
     wide_features: int = 13
     """Inputs of the outcome head's wide part: ``len(FEATURE_NAMES)`` of
     ``models/imbalance/features.py`` (the ground does not import the models; a unit test
@@ -224,6 +227,9 @@ class FineTuneConfig:
     weight_decay: float = 0.01
     retrieval_weight: float = 1.0
     replay_share: float = 0.25
+    id_min_count: int = 2
+    """Frequency filter of the item-id memory: appearances in the training data before an
+    item gets a slot."""
     replay_capacity: int = 20_000
     """Samples kept in the replay memory (a promotion adds a quarter of that at most)."""
     holdout_share: float = 0.2
@@ -384,7 +390,9 @@ def policy(settings: Settings) -> Policy:
 def tower_config(settings: Settings, seed: int = 0) -> TowerConfig:
     return TowerConfig(embed_dim=settings.embed_dim, max_context=settings.max_context,
                        context_half_life=settings.context_half_life,
-                       max_len=settings.text_max_len, seed=seed)
+                       max_len=settings.text_max_len, seed=seed,
+                       id_buckets=4 * settings.heavy_hitters if settings.id_memory else 0,
+                       id_dim=settings.id_dim)
 
 
 def ranking_config(settings: Settings) -> RankingConfig:
@@ -426,6 +434,7 @@ def finetune_config(settings: Settings, with_policy: Policy | None = None) -> Fi
         retrieval_weight=settings.finetune_retrieval_weight,
         replay_share=settings.finetune_replay_share,
         replay_capacity=settings.finetune_replay_capacity,
+        id_min_count=settings.id_min_count,
         holdout_share=settings.finetune_holdout_share,
         augment_share=settings.finetune_augment_share,
         smote_share=settings.finetune_smote_share, sampler=settings.finetune_sampler,

@@ -263,6 +263,14 @@ class Settings:
     """Size of user and item vectors (index memory per item: 4 bytes × this on CPU)."""
     max_context: int = 20
     """Recent queries / item texts pooled by the user tower."""
+    id_memory: bool = True
+    """Give frequent items an id embedding beside their text (a hashed, collisionless table
+    of ``4 × heavy_hitters`` slots; ``models/towers/ids.py``); off: items are their texts."""
+    id_dim: int = 32
+    """Size of an id embedding (projected to ``embed_dim``)."""
+    id_min_count: int = 2
+    """Frequency filter: an item gets an id slot once it appears this often in a fine-tune's
+    training data (new and rare items read their text alone)."""
     context_half_life: float = 2.0
     """Initial recency prior of the user tower's pooling, in positions (0: a plain mean):
     the newest entries count most until fine-tuning learns otherwise."""
