@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import torch
 
 MASK63 = (1 << 63) - 1
 
 
+@lru_cache(maxsize=1 << 20)
 def fingerprint(item_id: str) -> int:
     """A stable non-zero 63-bit fingerprint of an id (BLAKE2b, the same in every process,
-    unlike Python's salted ``hash``).
+    unlike Python's salted ``hash``). Cached: a promotion re-reads the whole catalogue's.
 
     >>> fingerprint("sku-1") == fingerprint("sku-1"), fingerprint("sku-1") > 0
     (True, True)

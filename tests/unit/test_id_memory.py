@@ -4,12 +4,14 @@ and serving (``models/towers/ids.py``)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from tailstream.configs import FineTuneConfig, RankingConfig, TowerConfig
+from tailstream.configs import FineTuneConfig, RankingConfig, TowerConfig, policy, tower_config
 from tailstream.contract import CLASSES
+from tailstream.metrics import TrainerMetrics
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.serving.scorer import Scorer
 from tailstream.models.towers import ids
@@ -24,6 +26,9 @@ from tailstream.models.towers.store import ModelStore
 from tailstream.models.towers.text_vectors import TextVectors
 from tailstream.models.towers.two_tower import TwoTowerRecommender
 from tailstream.models.training.finetune import FineTuner, prepare_data
+from tailstream.settings import Settings
+from tailstream.streams.trainer.sources import InMemorySource
+from tailstream.streams.trainer.trainer import Trainer
 
 CPU = torch.device("cpu")
 TOWER = TowerConfig(embed_dim=32, id_buckets=256, id_dim=8)
@@ -145,3 +150,30 @@ def test_checkpoints_and_the_index_carry_the_memory(tiny_encoder: Path, tmp_path
     tower = {k: v for k, v in TOWER.to_dict().items() if not k.startswith("id_")}
     legacy = store.save(old, {"tower": tower, "encoder": {"base_fingerprint": enc.fingerprint}})
     assert load_served(store, legacy, tiny_encoder, TOWER, CPU).model.item_memory(["a"]) is None
+
+
+def test_a_store_from_before_the_id_memory_keeps_training(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    """Upgrade path: the served version has no id table; the trainer's candidate is a copy
+    of it, and its manifest must describe that shape (not today's settings'), or the new
+    version would not load."""
+    s = Settings().replace(encoder_path=str(tiny_encoder), data_dir=tmp_path, embed_dim=32,
+                           text_max_len=32, finetune_max_steps=20, finetune_batch_size=64,
+                           finetune_min_samples=50, selection_challengers=0)
+    enc = load_encoder(tiny_encoder)
+    legacy_tower = tower_config(s.replace(id_memory=False))
+    assert tower_config(s).id_buckets > 0 and legacy_tower.id_buckets == 0
+    tensors, _ = checkpoint_tensors(build_model(enc, legacy_tower))
+    store = ModelStore(s.model_store_dir)
+    old = {k: v for k, v in tensors.items() if not k.startswith("id_")}
+    tower = {k: v for k, v in legacy_tower.to_dict().items() if not k.startswith("id_")}
+    store.promote(store.save(old, {"tower": tower,
+                                   "encoder": {"base_fingerprint": enc.fingerprint}}), "legacy")
+    trainer = Trainer(s, store, TrainerMetrics(),
+                      InMemorySource(shop_samples(1000), policy=policy(s)), lambda _: None,
+                      device=CPU)
+    report = trainer.handle({"reason": "buffer", "requested_at": 1.0})
+    assert report.version
+    assert store.manifest(report.version)["tower"]["id_buckets"] == 0
+    loaded = load_served(store, report.version, tiny_encoder, tower_config(s), CPU)
+    assert loaded.model.item_memory(["i00"]) is None
