@@ -30,6 +30,7 @@ from tailstream.models.imbalance.decisions import (
     crossfit_decisions,
     prior_correct,
     score,
+    score_se,
 )
 from tailstream.models.towers.context import kind_codes, split_context
 from tailstream.models.towers.two_tower import TextBatch, TwoTowerRecommender, pack_contexts
@@ -112,6 +113,8 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         assert name is not None
         report[objective_metric(name)] = decision_objective(
             truth, preds, classes, name, minority_classes, precision_floor)
+        report[objective_metric(name) + "_se"] = decision_objective(
+            truth, preds, classes, name, minority_classes, precision_floor, se=True)
     if probs:
         report["neg_log_loss"] = calibrated_log_loss(np.concatenate(probs), truth, classes,
                                                      stream_mix, weights)
@@ -154,8 +157,9 @@ def neg_log_loss(proba: np.ndarray, truth: Sequence[str], classes: Sequence[str]
 
 def decision_objective(truth: Sequence[str], preds: Sequence[str], classes: Sequence[str],
                        objective: str, minority_classes: Sequence[str] = RARE_CLASSES,
-                       precision_floor: float = 0.0) -> float:
-    """:func:`~tailstream.models.imbalance.decisions.score` of predicted labels.
+                       precision_floor: float = 0.0, se: bool = False) -> float:
+    """:func:`~tailstream.models.imbalance.decisions.score` of predicted labels (``se``:
+    its bootstrap standard error, :func:`~tailstream.models.imbalance.decisions.score_se`).
 
     >>> round(decision_objective(["a", "a", "a", "b"], ["a", "a", "b", "b"], ["a", "b"],
     ...                          "g_mean", ["b"]), 4)   # √(2/3 · 1)
@@ -165,4 +169,6 @@ def decision_objective(truth: Sequence[str], preds: Sequence[str], classes: Sequ
     y = np.array([index[c] for c in truth])
     pred = np.array([index[c] for c in preds])
     minority = [index[c] for c in minority_classes if c in index]
+    if se:
+        return score_se(y, pred, len(classes), objective, minority, precision_floor)
     return score(y, pred, len(classes), objective, minority, precision_floor)

@@ -196,8 +196,9 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
         cand.policy = arm
         cand.metrics = _evaluate(cand.model, cand.vectors, data, arm_cfg, gate)
         trials.append(Trial(arm, cand.metrics.get(key, 0.0), current.get(key, 0.0),
-                            cand.run.steps, cand.run.seconds, cand.metrics))
-        if best is None or choose(trials) == len(trials) - 1:
+                            cand.run.steps, cand.run.seconds, cand.metrics,
+                            se=cand.metrics.get(key + "_se", 0.0)))
+        if best is None or choose(trials, selector.margin_se) == len(trials) - 1:
             best = cand
         del cand  # a losing candidate goes now: the best and the one training, at most
     assert best is not None

@@ -148,6 +148,8 @@ class Trial:
     """The candidate's held-out metrics."""
     failed: str = ""
     """Why the challenger's run failed (a non-finite loss, out of memory); empty if not."""
+    se: float = 0.0
+    """Bootstrap standard error of ``objective`` on the held-out window (0: unknown)."""
 
     @property
     def lift(self) -> float:
@@ -162,22 +164,31 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "objective": None if self.failed else self.objective,
                 "served": self.served, "lift": self.lift, "steps": self.steps,
-                "seconds": round(self.seconds, 3),
+                "seconds": round(self.seconds, 3), "se": self.se,
                 **({"failed": self.failed} if self.failed else {}),
                 **{k: self.metrics[k] for k in ("macro_f1", "hit_at_10",
                                                 "minority_macro_recall") if k in self.metrics}}
 
 
-def choose(trials: Sequence[Trial]) -> int:
+def choose(trials: Sequence[Trial], margin_se: float = 0.0) -> int:
     """Index of the best trial that did not fail: highest objective, then highest macro-F1
     (G-mean is 0 for every candidate that misses one class entirely), then the earliest —
     the current policy comes first, so a tie keeps it.
+
+    A challenger displaces the current policy (``trials[0]``) only when its lead is more
+    than ``margin_se`` standard errors of the difference, ``√(se_0² + se_i²)`` (the
+    one-standard-error rule: Breiman et al., *Classification and Regression Trees*, 1984,
+    §3.4.3). On a window where the policies' objectives differ by less than their noise,
+    the loop keeps one policy instead of switching at every trigger on a coin flip.
 
     >>> t = [Trial("class_balanced", 0.40, 0.3), Trial("focal", 0.45, 0.3),
     ...      Trial("none", 0.45, 0.3)]
     >>> choose(t), choose([Trial("a", 0.0, 0.0, metrics={"macro_f1": 0.2}),
     ...                    Trial("b", 0.0, 0.0, metrics={"macro_f1": 0.3})])
     (1, 1)
+    >>> noisy = [Trial("inverse", 0.30, 0.29, se=0.02), Trial("focal", 0.32, 0.29, se=0.02)]
+    >>> choose(noisy, margin_se=1.0), choose(noisy)
+    (0, 1)
     """
     if not trials:
         raise ValueError("no trials to choose from")
@@ -185,8 +196,12 @@ def choose(trials: Sequence[Trial]) -> int:
     for i, t in enumerate(trials[1:], start=1):
         key = (t.objective, t.metrics.get("macro_f1", 0.0))
         top = trials[best]
-        if not t.failed and (top.failed or key > (top.objective,
-                                                  top.metrics.get("macro_f1", 0.0))):
+        if t.failed or not (top.failed or key > (top.objective,
+                                                 top.metrics.get("macro_f1", 0.0))):
+            continue
+        current = trials[0]
+        noise = math.hypot(current.se, t.se)
+        if current.failed or noise == 0.0 or t.objective - current.objective > margin_se * noise:
             best = i
     return best
 
@@ -227,6 +242,8 @@ class PolicySelector:
     eta: int = 2
     synthetic_share: float = 0.25
     seed: int = 0
+    margin_se: float = 1.0
+    """A challenger must lead the current policy by this many standard errors (:func:`choose`)."""
     incumbent: str | None = None
     """The policy of the last promoted candidate (None: the workers' policy)."""
     pulls: dict[str, int] = field(default_factory=dict)
@@ -256,7 +273,8 @@ class PolicySelector:
         knobs: dict[str, Any] = {
             "arms": list(cfg.policies), "rule": cfg.rule, "challengers": cfg.challengers,
             "epsilon": cfg.epsilon, "burn_in": cfg.burn_in, "eta": cfg.eta,
-            "synthetic_share": cfg.synthetic_share, "seed": cfg.seed}
+            "synthetic_share": cfg.synthetic_share, "seed": cfg.seed,
+            "margin_se": cfg.margin_se}
         if not state:
             return cls(**knobs)
         before = set(state.get("arms", []))

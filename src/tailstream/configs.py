@@ -351,6 +351,8 @@ class SelectionConfig:
     """Successive halving keeps ``⌈n / eta⌉`` of ``n`` policies at each rung."""
     synthetic_share: float = 0.25
     """Synthetic pairs per batch of the ``smote`` and ``adasyn`` policies (share of B)."""
+    margin_se: float = 1.0
+    """Standard errors by which a challenger must lead the current policy to displace it."""
     seed: int = 0
 
     @property
@@ -471,7 +473,8 @@ def selection_config(settings: Settings) -> SelectionConfig:
         policies=tuple(p.strip() for p in settings.selection_policies.split(",") if p.strip()),
         challengers=settings.selection_challengers, rule=settings.selection_rule,
         epsilon=settings.selection_epsilon, burn_in=settings.selection_burn_in,
-        synthetic_share=settings.selection_synthetic_share)
+        synthetic_share=settings.selection_synthetic_share,
+        margin_se=settings.selection_margin_se)
 
 
 def attribution_config(settings: Settings) -> AttributionConfig:

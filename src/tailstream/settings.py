@@ -363,6 +363,10 @@ class Settings:
     selection_synthetic_share: float = 0.25
     """``TAILSTREAM_SELECTION_SYNTHETIC_SHARE``: synthetic pairs per batch of the smote and
     adasyn policies, as a share of the batch size."""
+    selection_margin_se: float = 1.0
+    """``TAILSTREAM_SELECTION_MARGIN_SE``: a challenger displaces the current policy only
+    when it leads on the held-out objective by more than this many bootstrap standard
+    errors of the difference (0: any lead)."""
     trainer_port: int = 6067
     """The trainer's /metrics port."""
     trainer_nice: int = 19

@@ -194,7 +194,7 @@ class Trainer:
             served, parent, live, cfg, data, cand, request, tensors, included),
             **({"selection": selection} if selection else {})})
         decision = cand.decision
-        reason = (f"{decision.reason} | {summary(cand.trials, choose(cand.trials), gate.objective)}"
+        reason = (f"{decision.reason} | {summary(cand.trials, self._chosen(cand), gate.objective)}"
                   if cand.trials else decision.reason)
         report = RunReport("promoted" if decision.promote else "rejected", reason,
                            version=version, parent=parent, steps=cand.run.steps,
@@ -257,10 +257,15 @@ class Trainer:
             save_selection(self.store.root, self.selector.to_dict())
         except OSError as exc:  # the next run chooses from this process's memory
             log.warning("could not save the policy selector's state (%s)", exc)
-        best = cand.trials[choose(cand.trials)].policy
+        best = cand.trials[self._chosen(cand)].policy
         return {"objective": objective, "tried": [t.to_dict() for t in cand.trials],
                 "best": best, "promoted": best if cand.decision.promote else None,
                 "selector": self.selector.report()}
+
+    def _chosen(self, cand: Candidate) -> int:
+        """Which of a selection's trials went to the gate (the selector's margin applies)."""
+        margin = self.selector.margin_se if self.selector is not None else 0.0
+        return choose(cand.trials, margin)
 
     def _observe(self, cand: Candidate, objective: str) -> None:
         self.metrics.pairs_per_s.set(cand.run.pairs_per_s)

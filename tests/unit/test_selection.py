@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from tailstream.configs import (
 )
 from tailstream.contract import CLASSES, Event
 from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.decisions import score_se
 from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.towers.encoder import load_encoder
 from tailstream.models.towers.loading import ServedModel, build_model
@@ -147,6 +149,29 @@ def test_choose_prefers_the_objective_then_macro_f1_then_the_current_policy() ->
          Trial("none", 0.3, 0.2, metrics={"macro_f1": 0.5})]
     assert choose(t) == 2 and choose(t[:2]) == 0
     assert t[0].lift == pytest.approx(0.1)
+
+
+def test_a_lead_within_the_noise_keeps_the_current_policy() -> None:
+    noisy = [Trial("inverse", 0.300, 0.29, se=0.02), Trial("focal", 0.320, 0.29, se=0.02),
+             Trial("oversample", 0.315, 0.29, se=0.01)]
+    assert choose(noisy, margin_se=1.0) == 0  # 0.020 < √(0.02² + 0.02²) = 0.028
+    assert choose(noisy, margin_se=0.0) == 1  # any lead
+    clear = [*noisy, Trial("smote", 0.40, 0.29, se=0.02)]
+    assert choose(clear, margin_se=1.0) == 3  # 0.100 > 0.028
+    failed = [Trial("inverse", 0.0, 0.29, failed="nan"), noisy[1]]
+    assert choose(failed, margin_se=1.0) == 1  # nothing to keep
+
+
+def test_the_objectives_standard_error_shrinks_with_the_window() -> None:
+    rng = np.random.default_rng(0)
+
+    def se(n: int) -> float:
+        y = (rng.random(n) < 0.1).astype(int)
+        pred = np.where(rng.random(n) < 0.7, y, 1 - y)
+        return score_se(y, pred, 2, "g_mean")
+
+    small, large = se(300), se(30_000)
+    assert 0.02 < small < 0.1 and large < small / 5  # ~1/√n
 
 
 def test_the_gate_guards_the_objective_too() -> None:
