@@ -227,7 +227,7 @@ class FineTuneConfig:
     weight_decay: float = 0.01
     retrieval_weight: float = 1.0
     replay_share: float = 0.25
-    id_min_count: int = 2
+    id_min_count: int = 20
     """Frequency filter of the item-id memory: appearances in the training data before an
     item gets a slot."""
     replay_capacity: int = 20_000

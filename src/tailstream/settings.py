@@ -268,7 +268,7 @@ class Settings:
     of ``4 × heavy_hitters`` slots; ``models/towers/ids.py``); off: items are their texts."""
     id_dim: int = 32
     """Size of an id embedding (projected to ``embed_dim``)."""
-    id_min_count: int = 2
+    id_min_count: int = 20
     """Frequency filter: an item gets an id slot once it appears this often in a fine-tune's
     training data (new and rare items read their text alone)."""
     context_half_life: float = 2.0
