@@ -326,10 +326,17 @@ def _project(served: ServedModel, texts: ItemIndex, ids: Sequence[str], chunk: i
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The catalogue's item vectors under ``served`` (from the items' text vectors, in
     ``ids`` order) and the rows search reads (None when no item has id memory)."""
-    rows = [served.model.item_vectors(texts.matrix[i:i + chunk].float())
-            for i in range(0, len(ids), chunk)]
+    model = served.model
+    rows: list[torch.Tensor] = []
+    search: list[torch.Tensor] = []
+    for i in range(0, len(ids), chunk):
+        part = model.item_vectors(texts.matrix[i:i + chunk].float())
+        rows.append(part)
+        moved = model.retrieval_items(part, ids[i:i + chunk])
+        if moved is not None:
+            search.append(moved)
     vectors = torch.cat(rows) if rows else torch.empty(0, dim)
-    return vectors, served.model.retrieval_items(vectors, ids) if ids else None
+    return vectors, torch.cat(search) if search and len(search) == len(rows) else None
 
 
 def select(ranked: Sequence[Ranked], k: int, tail_share: float, tail_margin: float,
