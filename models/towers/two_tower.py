@@ -18,10 +18,10 @@ outcome head.
   temperature, the item side moved by its id memory), trained with an in-batch sampled
   softmax and logQ correction (Yi et al., RecSys 2019). ``e_i = P · E[row(i)]``: a
   hashed, collisionless id embedding that only items past a frequency filter own
-  (``models/towers/ids.py``, Monolith's filter);
-  new and rare items have ``e_i = 0`` and are their text. ``E`` starts at zero, so the
-  base model is the text model. The outcome head and the target attention read ``v``
-  alone, so "the very same item" keeps its exact match with the context.
+  (``models/towers/ids.py``, Monolith's filter); new and rare items have ``e_i = 0`` and
+  are their text. ``E`` starts at zero, so the base model is the text model. The outcome
+  head and the target attention read ``v`` alone, so "the very same item" keeps its exact
+  match with the context.
 * **Outcome head.** Wide & deep:
   ``z = MLP([u, v, u ⊙ v, max_j s_j, Σ_j α_j s_j]) + W x + W_k m``
   → logits over click / cart / fav / purchase: CTR- and CVR-like probabilities from one
