@@ -61,7 +61,7 @@ from tailstream.models.towers.text_vectors import TextVectors, VectorStore
 from tailstream.models.training.finetune import NonFiniteLoss, TrainData, prepare_data
 from tailstream.models.training.gate import objective_metric
 from tailstream.models.training.routine import Candidate, StepHook, fine_tune
-from tailstream.models.training.selection import PolicySelector, choose, describe_arm, summary
+from tailstream.models.training.selection import PolicySelector, describe_arm, summary
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import LiveWeights
 from tailstream.streams.trainer.canary import CanaryController
@@ -262,10 +262,11 @@ class Trainer:
                 "best": best, "promoted": best if cand.decision.promote else None,
                 "selector": self.selector.report()}
 
-    def _chosen(self, cand: Candidate) -> int:
-        """Which of a selection's trials went to the gate (the selector's margin applies)."""
-        margin = self.selector.margin_se if self.selector is not None else 0.0
-        return choose(cand.trials, margin)
+    @staticmethod
+    def _chosen(cand: Candidate) -> int:
+        """Which of a selection's trials went to the gate: the one that trained the
+        candidate (the routine chose it, with the selector's margin)."""
+        return next(i for i, t in enumerate(cand.trials) if t.policy == cand.policy)
 
     def _observe(self, cand: Candidate, objective: str) -> None:
         self.metrics.pairs_per_s.set(cand.run.pairs_per_s)
