@@ -1,24 +1,26 @@
-"""Why ``adaptive``'s PR-AUC of p(purchase) is what it is: replay the decision layer.
+"""Why ``adaptive``'s decisions are what they are: replay the served decision layer.
 
 Two steps. ``record`` runs ``tailstream eval`` (same arguments) and saves, for the
-adaptive strategy, what its decision layer saw: each block's outcome-head and river
-probabilities with the labels and the live prior, and each refit window after a
-promotion. ``replay`` re-runs the layer's test-then-train on that record under several
-ways of combining the two models and prints JSON: PR-AUC of p(purchase) pooled over the
-stream (the evaluation's measure), its mean within blocks, and G-mean of the decisions
-(warm-up blocks, which the layer learns from but the evaluation does not score, are
-recorded as ``warm``).
-Seconds instead of a 15-minute evaluation per idea; the record is the production code's
-own inputs (``TransformerStrategy._decide`` and ``_refit_decisions`` are wrapped, not
-copied).
+adaptive strategy, what its decisions saw: each scored block's outcome-head and river
+probabilities with the labels and the running prior at the block's start (``block``),
+and, for every promoted candidate, the gate's
+held-out window the trainer fits the version's decision layer on (``refit``: the
+candidate's head and the river fast path's probabilities, the labels, the stream's mix).
+``replay`` re-runs that layer — fitted on each promotion's window, predicting the blocks
+until the next — under several ways of combining the two models and prints JSON: PR-AUC
+of p(purchase) pooled over the stream (the evaluation's measure), its mean within blocks,
+and G-mean of the decisions. Seconds instead of a 15-minute evaluation per idea; the
+record is the production code's own inputs (``TransformerStrategy._decide`` and
+``routine.fit_decisions`` are wrapped, not copied).
 
     python bench/decision_layer.py record rec.pkl eval LOG --format taobao --strategies adaptive
     python bench/decision_layer.py replay rec.pkl
 
 Combinations (all then prior-corrected and decided with moved thresholds, as served):
-``stack`` (the production layer: a logistic regression over both models' log-probabilities,
-inputs chosen by out-of-fold log-loss, refit on every window), ``stack_both`` (always both
-inputs), ``head`` and ``river`` alone uncalibrated, ``log_pool`` (the equal-weight
+``head`` (what workers serve: a logistic regression over the head's log-probabilities),
+``stack`` (head and river stacked, inputs chosen by out-of-fold log-loss: it would need
+the river fast path's probabilities for every list candidate), ``stack_both`` (always
+both), ``head_raw`` and ``river`` alone uncalibrated, ``log_pool`` (the equal-weight
 logarithmic opinion pool of the two, Genest & Zidek 1986 — nothing fitted but the
 thresholds).
 """
@@ -43,42 +45,52 @@ def record(out: Path, argv: Sequence[str]) -> int:
     from tailstream.cli import main
     from tailstream.contract import CLASSES
     from tailstream.evaluation import transformer as t
+    from tailstream.models.imbalance.decisions import as_prior
+    from tailstream.models.training import routine
 
     calls: Record = []
-    on_block, on_window = t.TransformerStrategy._decide, t.TransformerStrategy._refit_decisions
-    on_warm = t.TransformerStrategy._warm_decisions
-    warming = [False]
+    on_block, on_fit, on_learn = (t.TransformerStrategy._decide, routine.fit_decisions,
+                                  t.TransformerStrategy.learn)
+    strategy: list[Any] = [None]
 
     def rows(items: Sequence[Any], online: Callable[[Any], dict[str, float]]) -> np.ndarray:
         return np.array([[online(x).get(c, 1.0 / len(CLASSES)) for c in CLASSES]
                          for x in items]).reshape(-1, len(CLASSES))
 
     def on_decide(self: Any, block: Any, head: np.ndarray) -> Any:
-        if self.decisions is not None:
+        if self.spec.adaptive:
             labels = np.array([CLASSES.index(it.sample.label) for it in block])
-            calls.append(("warm" if warming[0] else "block", head.copy(),
-                          rows(block, lambda it: it.online or {}), labels, self.prior.prior()))
+            calls.append(("block", head.copy(), rows(block, lambda it: it.online or {}),
+                          labels, self.prior.prior()))
         return on_block(self, block, head)
 
-    def on_warm_block(self: Any, block: Any) -> None:
-        warming[0] = True
-        try:
-            on_warm(self, block)
-        finally:
-            warming[0] = False
+    pending: list[Any] = []
 
-    def on_refit(self: Any, holdout: Any) -> None:
-        if self.decisions is not None and len(holdout) >= 50:
-            online = self._online_by_event()
-            calls.append(("refit", t.outcome_probs(self.scorer, holdout),
-                          rows(holdout, lambda x: online.get(x.event_id, {})),
-                          np.array([CLASSES.index(x.label) for x in holdout]),
-                          self.prior.prior()))
-        on_window(self, holdout)
+    def on_learning(self: Any, state: Any, block: int) -> Any:
+        strategy[0] = self if self.spec.adaptive else None
+        pending.clear()
+        try:
+            cand = on_learn(self, state, block)
+        finally:
+            strategy[0] = None
+        if cand is not None and cand.decision.promote and pending:
+            calls.append(pending[-1])  # the window of the candidate that went to the gate
+        return cand
+
+    def on_fitting(cand: Any, data: Any, gate: Any) -> Any:
+        fitted = on_fit(cand, data, gate)
+        self = strategy[0]
+        if fitted is not None and self is not None and cand.holdout_proba is not None:
+            online = {it.sample.event_id: it.online or {} for it in self.h.stream.interactions}
+            pending.append(("refit", cand.holdout_proba.copy(),
+                          rows(data.holdout, lambda x: online.get(x.event_id, {})),
+                          np.array([CLASSES.index(x.label) for x in data.holdout]),
+                          as_prior(data.stream_mix, CLASSES)))
+        return fitted
 
     t.TransformerStrategy._decide = on_decide  # type: ignore[method-assign]
-    t.TransformerStrategy._refit_decisions = on_refit  # type: ignore[method-assign]
-    t.TransformerStrategy._warm_decisions = on_warm_block  # type: ignore[method-assign]
+    t.TransformerStrategy.learn = on_learning  # type: ignore[method-assign]
+    routine.fit_decisions = on_fitting
     code = main(list(argv))
     out.write_bytes(pickle.dumps(calls))
     return code
@@ -107,27 +119,33 @@ def replay(calls: Record, combine: str) -> dict[str, float]:
             return np.asarray(models[0], dtype=float)
 
     def inputs(head: np.ndarray, river: np.ndarray) -> list[np.ndarray]:
-        return {"head": [head], "river": [river],
+        return {"head": [head], "head_raw": [head], "river": [river],
                 "log_pool": [log_pool([head, river])]}.get(combine, [head, river])
 
     stack, chooser = d.Stack, d.choose_inputs
     if combine != "stack":  # one input, or both always
         d.choose_inputs = lambda models, y: tuple(range(len(models)))
-    if not combine.startswith("stack"):
+    if combine not in ("head", "stack", "stack_both"):
         d.Stack = AsIs  # type: ignore[misc]
     ps, ys, preds, per_block = [], [], [], []
     try:
-        layer = d.DecisionLayer(4, "g_mean", (1, 2, 3))
+        # The record holds promoted candidates' windows only (after a rejection the
+        # served layer stays).
+        layer: d.DecisionLayer | None = None
         for kind, head, river, labels, prior in calls:
             models = inputs(head, river)
-            if kind == "block":
-                p, pred = layer.predict(models, prior)
+            if kind == "refit":
+                layer = d.DecisionLayer(4, "g_mean", (1, 2, 3)).fit(models, labels,
+                                                                    live_prior=prior)
+            elif kind == "block":
+                if layer is None:
+                    p, pred = models[0], models[0].argmax(axis=1)
+                else:
+                    p, pred = layer.predict(models, prior)
                 ps.append(p)
                 ys.append(labels)
                 preds.append(pred)
                 per_block.append(average_precision_score(labels == PURCHASE, p[:, PURCHASE]))
-            # A warm-up block is only learned from (the evaluation does not score it).
-            layer.add(models, labels, reset=kind == "refit", live_prior=prior)
     finally:
         d.Stack, d.choose_inputs = stack, chooser  # type: ignore[misc]
     p, y, pred = np.concatenate(ps), np.concatenate(ys), np.concatenate(preds)
@@ -144,7 +162,7 @@ def main(argv: Sequence[str]) -> int:
         warnings.filterwarnings("ignore")  # lbfgs convergence notes on tiny windows
         calls: Record = pickle.loads(Path(argv[1]).read_bytes())  # noqa: S301 - own file
         out = {c: replay(calls, c)
-               for c in ("stack", "stack_both", "head", "river", "log_pool")}
+               for c in ("head", "stack", "stack_both", "head_raw", "river", "log_pool")}
         print(json.dumps(out, indent=2))
         return 0
     print(__doc__, file=sys.stderr)

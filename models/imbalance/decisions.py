@@ -391,6 +391,23 @@ class RunningPrior:
         self.counts *= self.decay
         self.counts[label] += 1.0
 
+    def observe_many(self, labels: Sequence[int]) -> None:
+        """:meth:`observe` for each label in order, in one vectorised step (a worker's
+        batch): ``n ← n · d^m + Σ_j d^(m−1−j) e_(y_j)``.
+
+        >>> a, b = RunningPrior(3, 5.0), RunningPrior(3, 5.0)
+        >>> for y in [0, 2, 2, 1, 0]: a.observe(y)
+        >>> b.observe_many([0, 2, 2, 1, 0])
+        >>> bool(np.allclose(a.counts, b.counts))
+        True
+        """
+        y = np.asarray(labels, dtype=int)
+        if len(y) == 0:
+            return
+        m = len(y)
+        self.counts *= self.decay ** m
+        np.add.at(self.counts, y, self.decay ** np.arange(m - 1, -1, -1, dtype=float))
+
     def prior(self, floor: float = 1e-4) -> np.ndarray:
         total = self.counts.sum()
         p = self.counts / total if total > 0 else np.full(len(self.counts),
@@ -431,6 +448,9 @@ class DecisionLayer:
     stack: Stack = field(init=False)
     offsets: np.ndarray = field(init=False)
     window_prior: np.ndarray | None = None
+    fit_prior: np.ndarray | None = None
+    """The class prior the offsets were moved for (the live prior at the fit): what to
+    correct to while no live prior is known."""
     fitted_on: int = 0
     inputs: tuple[int, ...] = ()
     """The models the stack uses (:func:`choose_inputs`): all, or the one that predicts
@@ -476,8 +496,9 @@ class DecisionLayer:
         self.window_prior /= self.window_prior.sum()
         prior = self.window_prior
         if live_prior is not None:
-            prior = np.asarray(live_prior)
+            prior = np.asarray(live_prior, dtype=float)
             p = prior_correct(p, self.window_prior, prior)
+        self.fit_prior = prior
         self.offsets, self.rule = choose_offsets(p, y, prior, self.objective,
                                                  minority=self.minority,
                                                  precision_floor=self.precision_floor)
@@ -493,6 +514,52 @@ class DecisionLayer:
         if live_prior is not None and self.window_prior is not None:
             p = prior_correct(p, self.window_prior, np.asarray(live_prior))
         return p, decide_classes(p, self.offsets)
+
+    def to_dict(self) -> dict[str, object]:
+        """The fitted layer as plain JSON (a model version's manifest carries it: the
+        trainer fits it on the gate's held-out window, the workers serve with it)."""
+        return {"classes": self.classes, "objective": self.objective,
+                "minority": list(self.minority), "precision_floor": self.precision_floor,
+                "inputs": list(self.inputs), "rule": self.rule, "fitted_on": self.fitted_on,
+                "offsets": self.offsets.tolist(),
+                "window_prior": None if self.window_prior is None
+                else self.window_prior.tolist(),
+                "fit_prior": None if self.fit_prior is None else self.fit_prior.tolist(),
+                "coef": None if self.stack.coef is None else self.stack.coef.tolist(),
+                "intercept": None if self.stack.intercept is None
+                else self.stack.intercept.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> DecisionLayer:
+        """The layer :meth:`to_dict` wrote (it predicts the same; refitting starts a new
+        window).
+
+        >>> rng = np.random.default_rng(2)
+        >>> y = (rng.random(500) < 0.2).astype(int)
+        >>> head = np.stack([0.9 - 0.3 * y, 0.1 + 0.3 * y], 1)
+        >>> a = DecisionLayer(2).fit([head], y, live_prior=np.array([0.8, 0.2]))
+        >>> b = DecisionLayer.from_dict(a.to_dict())
+        >>> pa, pb = a.predict([head], [0.7, 0.3]), b.predict([head], [0.7, 0.3])
+        >>> bool(np.allclose(pa[0], pb[0]) and (pa[1] == pb[1]).all())
+        True
+        """
+        def arr(key: str) -> np.ndarray | None:
+            v = d.get(key)
+            return None if v is None else np.asarray(v, dtype=float)
+
+        layer = cls(int(d["classes"]), str(d.get("objective", "g_mean")),  # type: ignore[call-overload]
+                    tuple(int(c) for c in d.get("minority", ())),  # type: ignore[attr-defined]
+                    float(d.get("precision_floor", 0.0)))  # type: ignore[arg-type]
+        offsets, coef, intercept = arr("offsets"), arr("coef"), arr("intercept")
+        if offsets is not None:
+            layer.offsets = offsets
+        layer.window_prior, layer.fit_prior = arr("window_prior"), arr("fit_prior")
+        layer.inputs = tuple(int(k) for k in d.get("inputs", ()))  # type: ignore[attr-defined]
+        layer.rule = str(d.get("rule", "argmax"))
+        layer.fitted_on = int(d.get("fitted_on", 0))  # type: ignore[call-overload]
+        if coef is not None and intercept is not None:
+            layer.stack.coef, layer.stack.intercept = coef, intercept
+        return layer
 
     def report(self) -> dict[str, object]:
         return {"fitted_on": self.fitted_on, "inputs": list(self.inputs), "rule": self.rule,

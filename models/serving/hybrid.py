@@ -248,15 +248,16 @@ def _select(scorer: Scorer, cand: Candidates, key: np.ndarray, score: np.ndarray
     picked = select_positions([float(score[j]) for j in prefix], tiers, cats, k,
                               cfg.tail_share, cfg.tail_margin, cfg.max_per_category)
     head_row = {int(j): n for n, j in enumerate(top)}
-    purchase, cart = scorer.class_columns
+    scored = [pos for pos in picked if int(prefix[pos]) in head_row]
+    p_buy, p_cart, outcome = scorer.outcomes(
+        proba[[head_row[int(prefix[pos])] for pos in scored]])
+    decided = {pos: (p_buy[n], p_cart[n], outcome[n]) for n, pos in enumerate(scored)}
     out = []
     for pos in picked:
         j = int(prefix[pos])
-        p = proba[head_row[j]] if j in head_row else None
+        buy, cart, what = decided.get(pos, (0.0, 0.0, ""))
         out.append(Ranked(ids[pos], float(score[j]), tiers[pos], _reason(cand, j, cats[pos]),
-                          cats[pos],
-                          float(p[purchase]) if p is not None and purchase is not None else 0.0,
-                          float(p[cart]) if p is not None and cart is not None else 0.0))
+                          cats[pos], buy, cart, what))
     return out
 
 

@@ -38,10 +38,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from tailstream.configs import RankingConfig
 from tailstream.contract import display_text
+from tailstream.models.imbalance.decisions import DecisionLayer
 from tailstream.models.serving.index import ItemIndex
 from tailstream.models.towers.context import UserRequest, entry_codes
 from tailstream.models.towers.loading import ServedModel
@@ -61,11 +63,17 @@ class Ranked:
     category: str | None
     p_purchase: float
     p_cart: float
+    outcome: str = ""
+    """The decided outcome of showing this item (the version's decision layer at the live
+    class prior: :meth:`Scorer.outcomes`); empty where no head scored it."""
 
     def to_dict(self, rank: int) -> dict[str, Any]:
-        return {"item_id": self.item_id, "score": round(self.score, 6), "rank": rank,
-                "tier": self.tier, "reason": self.reason, "category": self.category,
-                "p_purchase": round(self.p_purchase, 6), "p_cart": round(self.p_cart, 6)}
+        out = {"item_id": self.item_id, "score": round(self.score, 6), "rank": rank,
+               "tier": self.tier, "reason": self.reason, "category": self.category,
+               "p_purchase": round(self.p_purchase, 6), "p_cart": round(self.p_cart, 6)}
+        if self.outcome:
+            out["outcome"] = self.outcome
+        return out
 
 
 ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[float]]]
@@ -109,6 +117,10 @@ class Scorer:
                                    device=device)
         self._purchase = classes.index("purchase") if "purchase" in classes else None
         self._cart = classes.index("cart") if "cart" in classes else None
+        self.live_prior: np.ndarray | None = None
+        """The stream's running class shares (the worker sets them after every batch)."""
+        self._decisions: DecisionLayer | None = None
+        self._decisions_of: ServedModel | None = None
 
     @property
     def version(self) -> str:
@@ -118,11 +130,6 @@ class Scorer:
     def value_weights(self) -> torch.Tensor:
         """Each class's value over the best class's (the expected-engagement weights)."""
         return self._value
-
-    @property
-    def class_columns(self) -> tuple[int | None, int | None]:
-        """Columns of purchase and cart in the head's output (None if absent)."""
-        return self._purchase, self._cart
 
     # ------------------------------------------------------------------ catalogue
     @torch.inference_mode()
@@ -281,8 +288,7 @@ class Scorer:
         prefix = min(c, 4 * k)
         score_l, order_l = score.tolist(), order.tolist()
         inv_l, best_val_l, best_ctx_l = inverse.tolist(), best_val.tolist(), best_ctx.tolist()
-        p_buy = proba[..., self._purchase].tolist() if self._purchase is not None else None
-        p_cart = proba[..., self._cart].tolist() if self._cart is not None else None
+        proba_np = proba.float().cpu().numpy()
         out: list[list[Ranked]] = []
         for i, req in enumerate(requests):
             ranked_rows = [j for j in order_l[i] if score_l[i][j] != float("-inf")]
@@ -300,16 +306,47 @@ class Scorer:
                                       [tiers[inv[j]] for j in chosen],
                                       [cats[inv[j]] for j in chosen], k, cfg.tail_share,
                                       cfg.tail_margin, cfg.max_per_category)
-            lst = []
-            for pos in picked:
-                j = chosen[pos]
-                lst.append(Ranked(uniq_ids[inv[j]], score_l[i][j], tiers[inv[j]],
-                                  self._reason(req, best_val_l[i][j], best_ctx_l[i][j],
-                                               cats[inv[j]]),
-                                  cats[inv[j]], p_buy[i][j] if p_buy is not None else 0.0,
-                                  p_cart[i][j] if p_cart is not None else 0.0))
-            out.append(lst)
+            cols = [chosen[pos] for pos in picked]
+            p_buy, p_cart, outcome = self.outcomes(proba_np[i, cols])
+            out.append([Ranked(uniq_ids[inv[j]], score_l[i][j], tiers[inv[j]],
+                               self._reason(req, best_val_l[i][j], best_ctx_l[i][j],
+                                            cats[inv[j]]),
+                               cats[inv[j]], p_buy[n], p_cart[n], outcome[n])
+                        for n, j in enumerate(cols)])
         return out
+
+    # ------------------------------------------------------------------ decisions
+    @property
+    def decisions(self) -> DecisionLayer | None:
+        """The served version's decision layer (its manifest's ``decisions``, fitted by
+        the trainer on the gate's held-out window; None for the base model)."""
+        served = self.served
+        if self._decisions_of is not served:
+            raw = served.manifest.get("decisions")
+            self._decisions = DecisionLayer.from_dict(raw) if raw else None
+            self._decisions_of = served
+        return self._decisions
+
+    def outcomes(self, proba: np.ndarray) -> tuple[list[float], list[float], list[str]]:
+        """p(purchase), p(cart) and the decided outcome for rows of the head's class
+        probabilities ``[N, K]``: the version's decision layer corrected to
+        :attr:`live_prior` (the worker's running class shares; the stream's mix at
+        training time until it has one) — so a sale that doubles purchases moves them at
+        the next list, without a fine-tune — or the head's own probabilities and argmax
+        when the version has no layer."""
+        classes = self.served.model.config.classes
+        if len(proba) == 0:
+            return [], [], []
+        layer = self.decisions
+        if layer is not None:
+            proba, decided = layer.predict([proba], self.live_prior if self.live_prior
+                                           is not None else layer.fit_prior)
+        else:
+            decided = proba.argmax(axis=1)
+        p_buy = (proba[:, self._purchase].tolist() if self._purchase is not None
+                 else [0.0] * len(proba))
+        p_cart = proba[:, self._cart].tolist() if self._cart is not None else [0.0] * len(proba)
+        return p_buy, p_cart, [classes[int(k)] for k in decided]
 
     def _reason(self, req: UserRequest, similarity: float, entry: int,
                 category: str | None) -> str:

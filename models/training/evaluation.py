@@ -43,7 +43,8 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
              samples: Sequence[Sample], stream_mix: Mapping[str, float], *,
              minority_classes: Sequence[str] = RARE_CLASSES,
              ks: Sequence[int] = (10, 20), chunk: int = 512, objective: str | None = None,
-             precision_floor: float = 0.0, move_to: str | None = None) -> dict[str, float]:
+             precision_floor: float = 0.0, move_to: str | None = None,
+             proba_out: list[np.ndarray] | None = None) -> dict[str, float]:
     """Held-out metrics of ``model``: outcome-head precision/recall/F1 per class (counts
     reweighted to the stream's class mix), ``macro_f1``, ``minority_macro_recall`` and
     next-item ranking (``hit_at_K``, ``ndcg_at_K``, ``mrr``) of each sample's item among
@@ -52,7 +53,8 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
     ``move_to`` (the serving decision objective) the head's decisions are made as the
     workers make them, with thresholds moved to that objective (cross-fitted on the window:
     :func:`~tailstream.models.imbalance.decisions.crossfit_decisions`); the argmax's
-    macro-F1 stays as ``argmax_macro_f1``."""
+    macro-F1 stays as ``argmax_macro_f1``. ``proba_out`` (a list) receives the head's
+    class probabilities ``[N, K]`` of the samples (the decision layer is fitted on them)."""
     model.eval()
     classes = list(model.config.classes)
     if not samples:
@@ -90,6 +92,8 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         # their items first (a base model would then look unbeatable to the gate).
         ties = (scores == own).sum(1) - 1
         ranks.extend(((scores > own).sum(1) + 1 + ties // 2).tolist())
+    if proba_out is not None and probs:
+        proba_out.append(np.concatenate(probs))
     truth = [s.label for s in samples]
     held_mix = Counter(truth)
     n = len(truth)

@@ -39,10 +39,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tailstream.configs import FineTuneConfig, GateConfig, Policy
 from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.decisions import DecisionLayer, as_prior
 from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.towers.adapters import configure_trainable
 from tailstream.models.towers.encoder import encoder_config
@@ -83,6 +85,11 @@ class Candidate:
     """The class weights it trained with."""
     trials: list[Trial] = field(default_factory=list)
     """Policy selection: every policy tried at this trigger, on the held-out window."""
+    holdout_proba: np.ndarray | None = None
+    """The head's class probabilities on the held-out window (gated runs)."""
+    decisions: dict[str, object] | None = None
+    """The decision layer fitted on the held-out window (:func:`fit_decisions`), which the
+    version's manifest carries to the workers (None without a gate or a usable window)."""
 
 
 def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
@@ -107,9 +114,10 @@ def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     cand.policy = cfg.policy
     if gate is None:
         return cand
-    cand.metrics = _evaluate(cand.model, cand.vectors, data, cfg, gate)
+    cand.metrics = _evaluate(cand.model, cand.vectors, data, cfg, gate, cand)
     cand.current = _evaluate(served.model, vectors, data, cfg, gate)
     cand.decision = _decide(cand.current, cand.metrics, gate)
+    cand.decisions = fit_decisions(cand, data, gate)
     return cand
 
 
@@ -143,10 +151,44 @@ def _train(served: ServedModel, vectors: TextVectors, data: TrainData, cfg: Fine
 
 
 def _evaluate(model: TwoTowerRecommender, vectors: TextVectors, data: TrainData,
-              cfg: FineTuneConfig, gate: GateConfig) -> dict[str, float]:
-    return evaluate(model, vectors.vectors, data.holdout, data.stream_mix,
-                    minority_classes=list(cfg.minority_classes), objective=gate.objective,
-                    precision_floor=gate.precision_floor, move_to=gate.move_to)
+              cfg: FineTuneConfig, gate: GateConfig, cand: Candidate | None = None
+              ) -> dict[str, float]:
+    """Held-out metrics; a ``cand``idate also keeps its head's held-out probabilities."""
+    proba: list[np.ndarray] = []
+    metrics = evaluate(model, vectors.vectors, data.holdout, data.stream_mix,
+                       minority_classes=list(cfg.minority_classes), objective=gate.objective,
+                       precision_floor=gate.precision_floor, move_to=gate.move_to,
+                       proba_out=proba if cand is not None else None)
+    if cand is not None and proba:
+        cand.holdout_proba = proba[0]
+    return metrics
+
+
+MIN_DECISION_WINDOW = 50
+"""Fewest held-out samples a decision layer is fitted on (fewer: none is shipped)."""
+
+
+def fit_decisions(cand: Candidate, data: TrainData, gate: GateConfig
+                  ) -> dict[str, object] | None:
+    """The decision layer the workers serve this candidate with
+    (:class:`~tailstream.models.imbalance.decisions.DecisionLayer`): the head's
+    probabilities on the held-out window — which the candidate never trained on — stacked
+    (calibrated), corrected from the window's class mix to the stream's, and thresholds
+    moved there to the decision objective (``gate.move_to``). The worker corrects it again
+    to its live class prior at every list, so a change in the mix moves decisions without
+    a fine-tune. None when there is nothing to fit (no moved decisions, a window under
+    :data:`MIN_DECISION_WINDOW` samples or with a single class)."""
+    proba, classes = cand.holdout_proba, list(cand.model.config.classes)
+    if gate.move_to is None or proba is None or len(data.holdout) < MIN_DECISION_WINDOW:
+        return None
+    labels = np.array([classes.index(s.label) for s in data.holdout])
+    if len(np.unique(labels)) < 2:
+        return None
+    minority = tuple(classes.index(c) for c in cand.cfg.minority_classes
+                     if c in classes) if cand.cfg is not None else ()
+    layer = DecisionLayer(len(classes), gate.move_to, minority, gate.move_precision_floor)
+    layer.fit([proba], labels, live_prior=as_prior(data.stream_mix, classes))
+    return layer.to_dict()
 
 
 def _decide(current: Mapping[str, float], candidate: Mapping[str, float], gate: GateConfig
@@ -194,7 +236,7 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
                 torch.cuda.empty_cache()
             continue
         cand.policy = arm
-        cand.metrics = _evaluate(cand.model, cand.vectors, data, arm_cfg, gate)
+        cand.metrics = _evaluate(cand.model, cand.vectors, data, arm_cfg, gate, cand)
         trials.append(Trial(arm, cand.metrics.get(key, 0.0), current.get(key, 0.0),
                             cand.run.steps, cand.run.seconds, cand.metrics,
                             se=cand.metrics.get(key + "_se", 0.0)))
@@ -205,7 +247,8 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     decision = _decide(current, best.metrics, gate)
     selector.record({t.policy: t.lift for t in trials},
                     best.policy if decision.promote else None)  # failed ones: −1
-    return dataclasses.replace(best, decision=decision, current=current, trials=trials)
+    return dataclasses.replace(best, decision=decision, current=current, trials=trials,
+                               decisions=fit_decisions(best, data, gate))
 
 
 def remember(memory: Sequence[Sample], trained_on: Sequence[Sample], capacity: int,

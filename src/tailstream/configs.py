@@ -282,6 +282,9 @@ class GateConfig:
     move_to: str | None = "g_mean"
     """Judge the head's decisions as the workers make them: thresholds moved to this
     decision objective (``TAILSTREAM_DECISION_OBJECTIVE``; None: the plain argmax)."""
+    move_precision_floor: float = 0.05
+    """``TAILSTREAM_DECISION_PRECISION_FLOOR``: the floor of ``move_to=minority_recall`` in
+    the decision layer the trainer fits for the workers."""
 
 
 @dataclass(frozen=True)
@@ -458,7 +461,8 @@ def gate_config(settings: Settings) -> GateConfig:
                       quality_tolerance=settings.gate_quality_tolerance,
                       objective=settings.selection_objective,
                       precision_floor=settings.selection_precision_floor,
-                      move_to=settings.decision_objective or None)
+                      move_to=settings.decision_objective or None,
+                      move_precision_floor=settings.decision_precision_floor)
 
 
 def selection_config(settings: Settings) -> SelectionConfig:

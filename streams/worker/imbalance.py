@@ -28,9 +28,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tailstream import configs
 from tailstream.contract import CLASSES, INTERACTION_KINDS, RARE_CLASSES, Event
 from tailstream.models.imbalance.buffer import MinorityBuffer, Sample
+from tailstream.models.imbalance.decisions import RunningPrior
 from tailstream.models.imbalance.features import Features, feature_vector, interaction_features
 from tailstream.models.imbalance.online import OnlineOutcomeModel
 from tailstream.models.imbalance.policies import class_weights
@@ -38,6 +41,8 @@ from tailstream.models.imbalance.rolling import DecayedCounts, HoppingWindowCoun
 from tailstream.models.imbalance.sketch import CountMinSketch, ItemFrequency
 from tailstream.models.imbalance.triggers import DriftMonitor, TriggerPolicy
 from tailstream.settings import Settings
+
+CLASS_INDEX = {c: k for k, c in enumerate(CLASSES)}
 
 
 @dataclass(slots=True)
@@ -103,6 +108,10 @@ class ImbalanceLoop:
         self.buffer_changes: list[tuple[str, int | None, Sample]] = []
         self.touched: set[int] = set()
         self.weights: dict[str, float] = dict.fromkeys(CLASSES, 1.0)
+        # The class shares the served decisions are corrected to (Saerens et al. 2002),
+        # decayed per interaction as the evaluation's adaptive strategy decays them.
+        self.prior = RunningPrior(len(CLASSES), settings.decision_prior_half_life)
+        self._prior_events = 0
         self.searches = 0
         self._tiers: dict[str, str] = {}  # snapshot, refreshed per batch (a sort of the HH)
         self._online_rng = random.Random(0)
@@ -131,6 +140,7 @@ class ImbalanceLoop:
         if event.kind not in INTERACTION_KINDS or event.item_id is None:
             self.searches += event.kind == "search"
             return None
+        self._observe_prior([event.kind])
         pc = self.partition(partition)
         pc.window.add(event.kind, event.ts)
         pc.decayed.add(event.kind, event.ts)
@@ -177,6 +187,18 @@ class ImbalanceLoop:
             self.buffer_changes.append((route, slot, sample))
         return sample
 
+    def _observe_prior(self, kinds: Sequence[str]) -> None:
+        self.prior.observe_many([CLASS_INDEX[k] for k in kinds if k in CLASS_INDEX])
+        self._prior_events += len(kinds)
+
+    def live_prior(self) -> np.ndarray | None:
+        """The running class shares of the interactions, once ``mix_warmup_events`` of
+        them were seen (before that — after a start or a restart — None: the served
+        decision layer keeps the mix it was fitted for)."""
+        if self._prior_events < self.settings.mix_warmup_events:
+            return None
+        return self.prior.prior()
+
     # ------------------------------------------------------------------ a batch at once
     def observe_batch(self, batch: Sequence[Observation]) -> int:
         """What :meth:`observe` does for each interaction, a batch at a time (the worker's
@@ -192,6 +214,7 @@ class ImbalanceLoop:
         * the buffer routes each event first and builds a sample (and its user text) only
           for the events it keeps.
         """
+        self._observe_prior([ob.event.kind for ob in batch])
         times: dict[tuple[int, str], list[float]] = {}
         for ob in batch:
             event = ob.event

@@ -421,6 +421,8 @@ class Pipeline:
                     await self.send_training_request(request)
                 except Exception:  # the trigger fires again; the batch's effects stand
                     log.exception("publishing a training request failed")
+        if self.scoring is not None:
+            self.scoring.set_live_prior(loop.live_prior())
         self.metrics.observe_imbalance(loop)
 
     async def publish_weights(self) -> None:

@@ -23,13 +23,13 @@ def test_the_record_holds_each_block_and_replays_under_every_combination(
     assert code == 0
     calls = pickle.loads(rec.read_bytes())
     blocks = [c for c in calls if c[0] == "block"]
-    assert len(blocks) == 2  # 3 blocks, the first only warms up the layer
-    assert [c[0] for c in calls][0] == "warm"
+    assert len(blocks) == 2  # 3 blocks, the first is not scored
+    assert {c[0] for c in calls} <= {"block", "refit"}
     for _, head, river, labels, prior in calls:
         assert head.shape == river.shape == (len(labels), 4)
         assert np.allclose(prior.sum(), 1.0)
     rows = sum(len(c[3]) for c in blocks)
-    for combine in ("stack", "head", "river", "log_pool"):
+    for combine in ("head", "stack", "head_raw", "river", "log_pool"):
         out = replay(calls, combine)
         assert out["rows"] == rows and 0.0 <= out["pr_auc_pooled"] <= 1.0, combine
 

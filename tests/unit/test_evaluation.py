@@ -51,10 +51,12 @@ def test_eval_runs_every_strategy_and_writes_the_report(
     assert gate and all(d["triggers"] and d["reason"] for d in gate)
     assert result["strategies"]["adaptive"]["finetunes"] == len(gate)
     assert result["strategies"]["adaptive"]["promotions"] == sum(d["promote"] for d in gate)
-    # Its decision layer learns from the warm-up block too (one fit per block, the first
-    # on the unscored one), so the first scored block is not decided by an unfitted layer.
-    fits = result["decisions"]["adaptive"]
-    assert len(fits) == result["blocks"] and fits[0]["fitted_on"] > 0
+    # Its decisions come from the served version's layer (fitted by the trainer on the
+    # gate's window): one record per scored block after the first promotion, none before.
+    first = min((d["block"] for d in gate if d["promote"]), default=result["blocks"])
+    fits = result["decisions"].get("adaptive", [])
+    assert len(fits) == max(0, result["blocks"] - 1 - first)
+    assert all(f["fitted_on"] > 0 for f in fits)
     report = (out / "report.md").read_text()
     assert "| adaptive |" in report and "promotion gate (adaptive)" in report
     # The first table ranks every strategy and peer by HitRate@20, with standard errors.

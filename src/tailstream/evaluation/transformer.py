@@ -39,7 +39,7 @@ from tailstream.evaluation.results import StrategyResult
 from tailstream.evaluation.specs import parse_variant
 from tailstream.evaluation.stream import BlockState, Interaction
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.imbalance.decisions import DecisionLayer, RunningPrior
+from tailstream.models.imbalance.decisions import RunningPrior
 from tailstream.models.imbalance.policies import class_weights
 from tailstream.models.serving.scorer import ItemInfo, Scorer
 from tailstream.models.towers.context import (
@@ -79,16 +79,14 @@ class TransformerStrategy:
         self.rng = random.Random(harness.cfg.seed)
         self.walk = HybridWalk(harness) if self.scorer.ranking.mode == "hybrid" else None
         # The production loop (adaptive) also selects policies at each trigger and decides
-        # outcomes through the decision layer; the fixed strategies take the head's argmax.
+        # outcomes with the served version's decision layer, as a worker does; the fixed
+        # strategies take the head's argmax.
         sel = configs.selection_config(self.settings)
         self.selector = (PolicySelector.from_config(sel)
                          if spec.adaptive and sel.enabled else None)
         dec = configs.decision_config(self.settings)
-        self.decisions = (DecisionLayer(len(CLASSES), dec.objective,
-                                        tuple(range(1, len(CLASSES))), dec.precision_floor)
-                          if spec.adaptive else None)
         self.prior = RunningPrior(len(CLASSES), dec.prior_half_life)
-        self._online: dict[str, dict[str, float]] | None = None
+        self._prior_events = 0
         self.result = StrategyResult(name)
 
     # ------------------------------------------------------------------ the walk
@@ -103,8 +101,8 @@ class TransformerStrategy:
         for b in range(stream.n_blocks):
             if b >= cfg.warm_blocks:
                 self._predict(by_block.get(b, []), b)
-            else:
-                self._warm_decisions(by_block.get(b, []))
+            else:  # not scored; the running prior counts it, as a worker's counts would
+                self._observe_prior([it.sample.label for it in by_block.get(b, [])])
             if b < cfg.warm_blocks and self.walk is not None:  # the sources learn too
                 self.walk.block(self.scorer, by_block.get(b, []), self._item_info(b, 1),
                                 predict=False)
@@ -160,7 +158,6 @@ class TransformerStrategy:
                              "triggers": sorted({str(r.get("reason")) for r in state.requests})})
         if cand.decision.promote:
             self._serve(cand, block)
-            self._refit_decisions(data.holdout)
             self.replay = remember(self.replay, cand.run.trained_on, cfg.replay_capacity,
                                    self.rng)
         return cand
@@ -171,7 +168,9 @@ class TransformerStrategy:
         cand.model.eval()
         fingerprint = (self.base.text_fingerprint if cand.layers == 0
                        else f"{self.name}-block{block}")
-        self.served = ServedModel(self.name, cand.model, self.base.tokenizer, fingerprint, {})
+        # The manifest carries the decision layer the trainer fitted, as a version does.
+        self.served = ServedModel(self.name, cand.model, self.base.tokenizer, fingerprint,
+                                  {"decisions": cand.decisions} if self.spec.adaptive else {})
         self.scorer.swap_model(self.served, self._texts)
         self.vectors = self.scorer.texts
         self.result.promotions += 1
@@ -215,21 +214,6 @@ class TransformerStrategy:
             for it, lst in zip(part, lists, strict=True):
                 self.h.add_list(res, it, [r.item_id for r in lst], [r.tier for r in lst])
 
-    @torch.inference_mode()
-    def _warm_decisions(self, block: Sequence[Interaction]) -> None:
-        """A warm-up block is not scored, but the decision layer learns from it, as a
-        worker's layer learns from the first labelled events of its stream: the base
-        model's and the fast path's predictions of these events are out of sample (the
-        model has not trained on them; river predicts before it learns). Without this the
-        first scored block would be decided by an unfitted layer (the argmax of the
-        averaged models: nearly all clicks), while a fixed strategy's first fine-tune
-        already moved its head's argmax."""
-        if self.decisions is None or not block:
-            for it in block:
-                self.prior.observe(CLASSES.index(it.sample.label))
-            return
-        self._decide(block, self._head([it.sample for it in block]))
-
     def _head(self, samples: Sequence[Sample]) -> np.ndarray:
         """The served head's class probabilities ``[N, K]`` for ``samples``, 1,024 at a
         time."""
@@ -238,47 +222,33 @@ class TransformerStrategy:
         return np.concatenate([outcome_probs(self.scorer, samples[i:i + 1024])
                                for i in range(0, len(samples), 1024)])
 
+    def _observe_prior(self, labels: Sequence[str]) -> None:
+        self.prior.observe_many([CLASSES.index(y) for y in labels])
+        self._prior_events += len(labels)
+
     def _decide(self, block: Sequence[Interaction], head: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and decisions for a block: the head's argmax (fixed strategies), or
-        the decision layer over the head and the river fast path, corrected to the live
-        prior as it was just before each interaction (adaptive); the layer is then refit on
-        this block's out-of-sample predictions for the next one (test-then-train)."""
-        labels = np.array([CLASSES.index(it.sample.label) for it in block], dtype=int)
-        if self.decisions is None:
-            for k in labels:
-                self.prior.observe(int(k))
-            return head, head.argmax(axis=1) if len(head) else labels
-        river = np.array([[(it.online or {}).get(c, 1.0 / len(CLASSES)) for c in CLASSES]
-                          for it in block]).reshape(-1, len(CLASSES))
+        """Probabilities and decisions for a block: the head's argmax (fixed strategies),
+        or — ``adaptive``, as a worker decides — the served version's decision layer
+        (fitted by the trainer on the gate's held-out window: none for the base model,
+        which takes the argmax) corrected to the running class prior as it was just
+        before each interaction (the mix it was fitted for until ``mix_warmup_events``
+        interactions were counted)."""
+        labels = [it.sample.label for it in block]
+        layer = self.scorer.decisions if self.spec.adaptive else None
+        if layer is None:
+            self._observe_prior(labels)
+            return head, head.argmax(axis=1)
+        warmup = self.settings.mix_warmup_events
         priors = np.empty((len(block), len(CLASSES)))
-        for n, k in enumerate(labels):
-            priors[n] = self.prior.prior()
-            self.prior.observe(int(k))
-        probs, preds = self.decisions.predict([head, river], priors)
-        self.decisions.add([head, river], labels, live_prior=self.prior.prior())
-        self.result.decisions.append(self.decisions.report())
+        for n, y in enumerate(labels):
+            priors[n] = (self.prior.prior() if self._prior_events >= warmup
+                         else layer.fit_prior if layer.fit_prior is not None
+                         else self.prior.prior())
+            self._observe_prior([y])
+        probs, preds = layer.predict([head], priors)
+        self.result.decisions.append(layer.report())
         return probs, preds
-
-    def _refit_decisions(self, holdout: Sequence[Sample]) -> None:
-        """After a promotion the layer was fitted on the old model's outputs: refit it on
-        the held-out window (which the new model never trained on) with the new model's
-        probabilities, so the next block is decided by a layer that knows it. The
-        window's skewed class mix is its ``window_prior``: the live prior corrects it."""
-        if self.decisions is None or len(holdout) < 50:
-            return
-        online = self._online_by_event()
-        head = outcome_probs(self.scorer, holdout)
-        river = np.array([[online.get(x.event_id, {}).get(c, 1.0 / len(CLASSES))
-                           for c in CLASSES] for x in holdout])
-        labels = np.array([CLASSES.index(x.label) for x in holdout])
-        self.decisions.add([head, river], labels, reset=True, live_prior=self.prior.prior())
-
-    def _online_by_event(self) -> dict[str, dict[str, float]]:
-        if self._online is None:
-            self._online = {it.sample.event_id: it.online or {}
-                            for it in self.h.stream.interactions}
-        return self._online
 
     def _item_info(self, b: int, n_items: int) -> ItemInfo:
         """Tiers, categories and smoothed log q of items as known before block ``b``
