@@ -89,7 +89,8 @@ class Candidate:
     """The head's class probabilities on the held-out window (gated runs)."""
     decisions: dict[str, object] | None = None
     """The decision layer fitted on the held-out window (:func:`fit_decisions`), which the
-    version's manifest carries to the workers (None without a gate or a usable window)."""
+    version's manifest carries to the workers (None without a gate, for a rejected
+    candidate, or without a usable window)."""
 
 
 def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
@@ -117,7 +118,8 @@ def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     cand.metrics = _evaluate(cand.model, cand.vectors, data, cfg, gate, cand)
     cand.current = _evaluate(served.model, vectors, data, cfg, gate)
     cand.decision = _decide(cand.current, cand.metrics, gate)
-    cand.decisions = fit_decisions(cand, data, gate)
+    if cand.decision.promote:
+        cand.decisions = fit_decisions(cand, data, gate)
     return cand
 
 
@@ -248,7 +250,8 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     selector.record({t.policy: t.lift for t in trials},
                     best.policy if decision.promote else None)  # failed ones: −1
     return dataclasses.replace(best, decision=decision, current=current, trials=trials,
-                               decisions=fit_decisions(best, data, gate))
+                               decisions=fit_decisions(best, data, gate)
+                               if decision.promote else None)
 
 
 def remember(memory: Sequence[Sample], trained_on: Sequence[Sample], capacity: int,

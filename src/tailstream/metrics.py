@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tailstream.contract import TIERS
+from tailstream.contract import CLASSES, TIERS
 
 # Event → Redis latency is tens of ms on a laptop, seconds when something backs up;
 # finer around the 250 ms budget, so a p99 near it reads true.
@@ -194,6 +194,12 @@ class Metrics:
             "tailstream_class_share_ratio",
             "Share of each event class in the decayed counts (the mix the weights use).",
             ["event_class"], registry=r)
+        self.decision_prior = Gauge(
+            "tailstream_decision_prior_ratio",
+            "The running class prior the served decisions are corrected to (shares of the "
+            "interactions decayed over TAILSTREAM_DECISION_PRIOR_HALF_LIFE interactions; "
+            "absent until TAILSTREAM_MIX_WARMUP_EVENTS were counted).",
+            ["event_class"], registry=r)
         self.class_window_events = Gauge(
             "tailstream_class_window_events",
             "Events of each class in the current hopping window.", ["event_class"], registry=r)
@@ -338,6 +344,10 @@ class Metrics:
         total = sum(decayed.values()) or 1.0
         for c, n in decayed.items():
             self.class_share.labels(c).set(n / total)
+        prior = loop.live_prior()
+        if prior is not None:
+            for c, share in zip(CLASSES, prior, strict=True):
+                self.decision_prior.labels(c).set(float(share))
         for c, n in loop.window_counts().items():
             self.class_window_events.labels(c).set(n)
         for c, w in snap_weights.items():

@@ -99,6 +99,13 @@ def test_a_better_candidate_is_promoted_and_announced(
     assert manifest["metrics"]["candidate"]["recall_purchase"] > \
         manifest["metrics"]["current"]["recall_purchase"]
     assert len(manifest["files"]["model.safetensors"]) == 64
+    # The decision layer the workers serve it with, fitted on the held-out window, and
+    # what a worker loads with the version.
+    assert manifest["decisions"]["fitted_on"] == manifest["data_window"]["holdout"]
+    from tailstream.configs import tower_config
+    from tailstream.models.towers.loading import load_served
+    served = load_served(store, "v00001", s.encoder_path, tower_config(s), torch.device("cpu"))
+    assert served.manifest["decisions"] == manifest["decisions"]
     assert sample_value(trainer.metrics, "tailstream_finetune_runs_total",
                         outcome="promoted") == 1
     assert sample_value(trainer.metrics, "tailstream_model_version_number") == 1

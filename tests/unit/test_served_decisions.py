@@ -1,0 +1,148 @@
+"""The decision layer as workers serve it: fitted by the trainer on the gate's held-out
+window, carried in the version's manifest, corrected to the worker's running class prior
+(models/training/routine.py ``fit_decisions``, models/serving/scorer.py ``outcomes``,
+streams/worker/imbalance.py ``live_prior``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tailstream.configs import GateConfig, RankingConfig, TowerConfig
+from tailstream.contract import CLASSES, Event
+from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.decisions import DecisionLayer, RunningPrior, as_prior
+from tailstream.models.serving.blend import OnlineBlender
+from tailstream.models.serving.hybrid import HybridRequest, hybrid_recommend
+from tailstream.models.serving.scorer import Scorer
+from tailstream.models.towers.context import ContextEntry, UserRequest
+from tailstream.models.towers.encoder import load_encoder
+from tailstream.models.towers.loading import ServedModel, build_model
+from tailstream.models.training.finetune import TrainData
+from tailstream.models.training.routine import ADOPTED, Candidate, fit_decisions
+
+CPU = torch.device("cpu")
+ITEMS = {f"i{n}": f"{['red', 'blue', 'green'][n % 3]} mug {n} | home/mug" for n in range(40)}
+PURCHASE = CLASSES.index("purchase")
+
+
+def weak_head(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A head whose p(purchase) is a little higher for purchases, labels at a 90/4/3/3 mix."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(4, size=n, p=[0.9, 0.04, 0.03, 0.03])
+    logits = rng.normal(0, 0.3, (n, 4)) + np.log([0.9, 0.04, 0.03, 0.03])
+    logits[np.arange(n), y] += 0.8
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True), y
+
+
+def served_scorer(tiny_encoder: Path, decisions: dict[str, object] | None) -> Scorer:
+    enc = load_encoder(tiny_encoder)
+    model = build_model(enc, TowerConfig(embed_dim=16, max_len=16)).eval()
+    served = ServedModel("v1", model, enc.tokenizer, enc.fingerprint,
+                         {"decisions": decisions} if decisions else {})
+    s = Scorer(served, device=CPU, max_len=16, cache_size=10_000,
+               ranking=RankingConfig(k=5, candidates=20, head_candidates=10, tail_share=0.0))
+    s.add_items(list(ITEMS), list(ITEMS.values()))
+    return s
+
+
+def layer_dict() -> dict[str, object]:
+    proba, y = weak_head(3000)
+    return DecisionLayer(4, "g_mean", (1, 2, 3)).fit(
+        [proba], y, live_prior=np.array([0.9, 0.04, 0.03, 0.03])).to_dict()
+
+
+def test_the_trainer_fits_the_layer_on_the_held_out_window_only(tiny_encoder: Path) -> None:
+    enc = load_encoder(tiny_encoder)
+    model = build_model(enc, TowerConfig(embed_dim=16, max_len=16))
+    proba, y = weak_head(400)
+    holdout = [Sample(f"e{n}", "u", "i", CLASSES[int(k)], float(n)) for n, k in enumerate(y)]
+    data = TrainData([], holdout, [], {"click": 0.9, "cart": 0.04, "fav": 0.03,
+                                       "purchase": 0.03})
+    cand = Candidate(model, None, 0, None, ADOPTED, holdout_proba=proba)  # type: ignore[arg-type]
+    fitted = fit_decisions(cand, data, GateConfig())
+    assert fitted is not None and fitted["fitted_on"] == 400
+    layer = DecisionLayer.from_dict(fitted)
+    assert layer.fit_prior is not None
+    assert np.allclose(layer.fit_prior, as_prior(data.stream_mix, CLASSES))
+    # Moved thresholds: rare classes get decided at all (the plain argmax hardly does).
+    _, pred = layer.predict([proba], layer.fit_prior)
+    assert (pred == PURCHASE).sum() > (proba.argmax(1) == PURCHASE).sum()
+    # Nothing to fit on: no moved decisions, or too small a window.
+    assert fit_decisions(cand, data, dataclasses.replace(GateConfig(), move_to=None)) is None
+    small = TrainData([], holdout[:20], [], data.stream_mix)
+    assert fit_decisions(dataclasses.replace(cand, holdout_proba=proba[:20]), small,
+                         GateConfig()) is None
+
+
+def test_a_sale_moves_served_decisions_without_a_fine_tune(tiny_encoder: Path) -> None:
+    s = served_scorer(tiny_encoder, layer_dict())
+    rows, _ = weak_head(500, seed=1)
+    buy, _, decided = s.outcomes(rows)  # no live prior yet: the mix it was fitted for
+    s.live_prior = np.array([0.81, 0.04, 0.03, 0.12])  # purchases × 4
+    buy_sale, _, decided_sale = s.outcomes(rows)
+    assert all(b2 > b1 for b1, b2 in zip(buy, buy_sale, strict=True))
+    assert decided_sale.count("purchase") > decided.count("purchase")
+    assert set(decided) <= set(CLASSES)
+
+
+def test_the_base_model_serves_the_heads_own_probabilities(tiny_encoder: Path) -> None:
+    s = served_scorer(tiny_encoder, None)
+    rows, _ = weak_head(50)
+    buy, cart, decided = s.outcomes(rows)
+    assert np.allclose(buy, rows[:, PURCHASE]) and np.allclose(cart, rows[:, 1])
+    assert decided == [CLASSES[int(k)] for k in rows.argmax(1)]
+
+
+def test_every_listed_item_carries_its_decided_outcome(tiny_encoder: Path) -> None:
+    s = served_scorer(tiny_encoder, layer_dict())
+    ctx = [ContextEntry("i", ITEMS["i1"], ITEMS["i1"], "i1")]
+    req = HybridRequest(UserRequest("u", ctx, {"i1"}), {"trending": ["i2", "i3"]},
+                        {"home/mug": 1.0})
+    [out] = hybrid_recommend(s, [req], lambda ids: (["head"] * len(ids),
+                                                    ["home/mug"] * len(ids),
+                                                    [-3.0] * len(ids)), OnlineBlender())
+    scored = [r for r in out.ranked if r.outcome]
+    assert scored and all(r.outcome in CLASSES for r in scored)
+    wire = scored[0].to_dict(1)
+    assert wire["outcome"] == scored[0].outcome and 0.0 <= wire["p_purchase"] <= 1.0
+    towers = s.recommend([req.request], lambda ids: (["head"] * len(ids),
+                                                  ["home/mug"] * len(ids),
+                                                  [-3.0] * len(ids)))
+    assert towers[0] and all(r.outcome in CLASSES for r in towers[0])
+
+
+def test_the_workers_running_prior_waits_for_the_mix_then_follows_it() -> None:
+    from tailstream.settings import Settings
+    from tailstream.streams.worker.imbalance import ImbalanceLoop, Observation
+
+    settings = Settings().replace(mix_warmup_events=100, decision_prior_half_life=50.0)
+    loop = ImbalanceLoop(settings)
+
+    def batch(kind: str, n: int, start: int) -> list[Observation]:
+        return [Observation(Event(kind, f"{kind}{start + k}", f"u{k % 7}", float(start + k),
+                                  item_id=f"i{k % 11}"), 0, {}, 0.0, False, "item",
+                            lambda: ("", ""))
+                for k in range(n)]
+
+    loop.observe_batch(batch("click", 60, 0))
+    assert loop.live_prior() is None  # under mix_warmup_events: the fitted mix stands
+    loop.observe_batch(batch("click", 60, 60))
+    before = loop.live_prior()
+    assert before is not None and before[CLASSES.index("click")] > 0.99
+    loop.observe_batch(batch("purchase", 50, 120))  # one half-life of purchases
+    after = loop.live_prior()
+    assert after is not None and 0.45 < after[PURCHASE] < 0.6
+    ref = RunningPrior(4, 50.0)
+    for k in [0] * 120 + [PURCHASE] * 50:
+        ref.observe(k)
+    assert np.allclose(after, ref.prior())
+    from tailstream.metrics import Metrics
+    metrics = Metrics()
+    metrics.observe_imbalance(loop)
+    assert metrics.registry.get_sample_value(
+        "tailstream_decision_prior_ratio", {"event_class": "purchase"}) == after[PURCHASE]
