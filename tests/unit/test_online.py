@@ -654,3 +654,25 @@ def test_the_demo_counts_canaries_from_the_decisions_it_lists(tmp_path: Path) ->
     out = canary_summary(None, ws)
     assert (out["started"], out["promoted"], out["rolled_back"]) == (2, 1, 1)
     assert [d["version"] for d in out["decisions"]] == ["v00002", "v00003"]
+
+
+def test_the_demo_summary_names_the_served_decision_layer_and_prior(tmp_path: Path) -> None:
+    import torch
+
+    from tailstream.stack.demo import model_summary
+
+    ws = Settings().replace(data_dir=tmp_path)
+    store = ModelStore(ws.model_store_dir)
+    layer = {"rule": "balanced", "objective": "g_mean", "fitted_on": 812,
+             "offsets": [0.0, 2.9, 3.5, 3.9], "coef": [[0.0]]}
+    version = store.save({"w": torch.zeros(1)}, {"decisions": layer})
+    store.promote(version, "better")
+    (store.root / "runs.jsonl").write_text(json.dumps(
+        {"version": version, "outcome": "promoted", "policy": "inverse"}) + "\n")
+    out = model_summary(ws, {"tailstream_decision_prior_ratio{event_class=purchase}": 0.03})
+    assert out["served_policy"] == "inverse" and out["promotions"] == 1
+    assert out["served_decisions"] == {k: layer[k] for k in
+                                       ("rule", "objective", "fitted_on", "offsets")}
+    assert out["decision_prior"] == {"purchase": 0.03}
+    base = model_summary(Settings().replace(data_dir=tmp_path / "empty"), {})
+    assert base["served_decisions"] is None and base["served_policy"] == "base (untrained)"

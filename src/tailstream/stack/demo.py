@@ -468,6 +468,18 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
     }
 
 
+def _served_decisions(store: Any, version: str) -> dict[str, Any] | None:
+    """The serving version's decision layer in brief (rule, window, offsets; None for the
+    base model or a version without one)."""
+    try:
+        layer = store.manifest(version).get("decisions") if version != "base" else None
+    except Exception:  # a summary must not fail on a store it cannot read
+        return None
+    if not layer:
+        return None
+    return {k: layer.get(k) for k in ("rule", "objective", "fitted_on", "offsets")}
+
+
 def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, Any]:
     """What the loop served and decided: the serving version and the policy it trained
     with, every gate decision (policy, promoted or not, why), the promotion count, the
@@ -487,8 +499,13 @@ def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, An
     current = store.current()
     served_policy = next((r.get("policy") for r in reversed(runs)
                           if r.get("version") == current), None)
+    layer = _served_decisions(store, current)
     return {
         "serving_version": current, "served_policy": served_policy or "base (untrained)",
+        "served_decisions": layer,
+        "decision_prior": {k.split("event_class=")[1].rstrip("}"): round(v, 4)
+                           for k, v in worker_metrics.items()
+                           if k.startswith("tailstream_decision_prior_ratio{")},
         "promotions": sum(promoted(r) for r in runs),
         "gate": [{"version": r.get("version"), "policy": r.get("policy"),
                   "promoted": promoted(r), "canary": r.get("outcome") == "canary",
