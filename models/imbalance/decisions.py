@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -515,7 +516,7 @@ class DecisionLayer:
             p = prior_correct(p, self.window_prior, np.asarray(live_prior))
         return p, decide_classes(p, self.offsets)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         """The fitted layer as plain JSON (a model version's manifest carries it: the
         trainer fits it on the gate's held-out window, the workers serve with it)."""
         return {"classes": self.classes, "objective": self.objective,
@@ -530,7 +531,7 @@ class DecisionLayer:
                 else self.stack.intercept.tolist()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, object]) -> DecisionLayer:
+    def from_dict(cls, d: Mapping[str, Any]) -> DecisionLayer:
         """The layer :meth:`to_dict` wrote (it predicts the same; refitting starts a new
         window).
 
@@ -547,16 +548,16 @@ class DecisionLayer:
             v = d.get(key)
             return None if v is None else np.asarray(v, dtype=float)
 
-        layer = cls(int(d["classes"]), str(d.get("objective", "g_mean")),  # type: ignore[call-overload]
-                    tuple(int(c) for c in d.get("minority", ())),  # type: ignore[attr-defined]
-                    float(d.get("precision_floor", 0.0)))  # type: ignore[arg-type]
+        layer = cls(int(d["classes"]), str(d.get("objective", "g_mean")),
+                    tuple(int(c) for c in d.get("minority", ())),
+                    float(d.get("precision_floor", 0.0)))
         offsets, coef, intercept = arr("offsets"), arr("coef"), arr("intercept")
         if offsets is not None:
             layer.offsets = offsets
         layer.window_prior, layer.fit_prior = arr("window_prior"), arr("fit_prior")
-        layer.inputs = tuple(int(k) for k in d.get("inputs", ()))  # type: ignore[attr-defined]
+        layer.inputs = tuple(int(k) for k in d.get("inputs", ()))
         layer.rule = str(d.get("rule", "argmax"))
-        layer.fitted_on = int(d.get("fitted_on", 0))  # type: ignore[call-overload]
+        layer.fitted_on = int(d.get("fitted_on", 0))
         if coef is not None and intercept is not None:
             layer.stack.coef, layer.stack.intercept = coef, intercept
         return layer
