@@ -192,6 +192,7 @@ class Scorer:
         other = Scorer(served, device=self.device, max_len=self.max_len,
                        cache_size=self.texts.cache_size, ranking=self.ranking,
                        shared=self.shared)
+        other.live_prior = self.live_prior  # the same stream: decided at the same prior
         ids = self.item_texts.ids
         if self.needs_reencode(served):
             if ids:

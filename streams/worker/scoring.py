@@ -91,7 +91,6 @@ class ScoringService:
         """The candidate being tried on ``canary_share`` of the users (None: no canary)."""
         self.canary_share = 0.0
         self.failed: str | None = None
-        self.live_prior: np.ndarray | None = None
         self._pending: dict[str, str] = {}  # item_id → text, waiting to be embedded
         self._removed: set[str] = set()  # deleted items still to take out of the index
         self.shared = shared_vectors(settings)
@@ -166,7 +165,6 @@ class ScoringService:
     def set_live_prior(self, prior: np.ndarray | None) -> None:
         """The stream's running class shares, which the served decisions are corrected to
         (one assignment per scorer: the scoring thread reads whichever it finds)."""
-        self.live_prior = prior
         for scorer in (self.scorer, self.canary):
             if scorer is not None:
                 scorer.live_prior = prior

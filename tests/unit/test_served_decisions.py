@@ -88,6 +88,9 @@ def test_a_sale_moves_served_decisions_without_a_fine_tune(tiny_encoder: Path) -
     assert all(b2 > b1 for b1, b2 in zip(buy, buy_sale, strict=True))
     assert decided_sale.count("purchase") > decided.count("purchase")
     assert set(decided) <= set(CLASSES)
+    # A canary's scorer decides at the same running prior as the serving one.
+    canary = s.sibling(s.served)
+    assert canary.outcomes(rows)[2] == decided_sale
 
 
 def test_the_base_model_serves_the_heads_own_probabilities(tiny_encoder: Path) -> None:
