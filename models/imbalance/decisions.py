@@ -516,6 +516,17 @@ class DecisionLayer:
             p = prior_correct(p, self.window_prior, np.asarray(live_prior))
         return p, decide_classes(p, self.offsets)
 
+    def serving_prior(self, live_prior: np.ndarray | None) -> np.ndarray | None:
+        """The prior to correct to: the live one, or — while none is known (a worker just
+        started) — the one the offsets were moved for.
+
+        >>> layer = DecisionLayer(2)
+        >>> layer.fit_prior = np.array([0.9, 0.1])
+        >>> layer.serving_prior(None).tolist(), layer.serving_prior(np.array([0.5, 0.5])).tolist()
+        ([0.9, 0.1], [0.5, 0.5])
+        """
+        return live_prior if live_prior is not None else self.fit_prior
+
     def to_dict(self) -> dict[str, Any]:
         """The fitted layer as plain JSON (a model version's manifest carries it: the
         trainer fits it on the gate's held-out window, the workers serve with it)."""

@@ -340,8 +340,7 @@ class Scorer:
             return [], [], []
         layer = self.decisions
         if layer is not None:
-            proba, decided = layer.predict([proba], self.live_prior if self.live_prior
-                                           is not None else layer.fit_prior)
+            proba, decided = layer.predict([proba], layer.serving_prior(self.live_prior))
         else:
             decided = proba.argmax(axis=1)
         p_buy = (proba[:, self._purchase].tolist() if self._purchase is not None

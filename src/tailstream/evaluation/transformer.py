@@ -242,9 +242,9 @@ class TransformerStrategy:
         warmup = self.settings.mix_warmup_events
         priors = np.empty((len(block), len(CLASSES)))
         for n, y in enumerate(labels):
-            priors[n] = (self.prior.prior() if self._prior_events >= warmup
-                         else layer.fit_prior if layer.fit_prior is not None
-                         else self.prior.prior())
+            live = self.prior.prior() if self._prior_events >= warmup else None
+            prior = layer.serving_prior(live)
+            priors[n] = prior if prior is not None else self.prior.prior()
             self._observe_prior([y])
         probs, preds = layer.predict([head], priors)
         self.result.decisions.append(layer.report())

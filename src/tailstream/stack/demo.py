@@ -23,10 +23,11 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from tailstream.configs import BASE_VERSION
 from tailstream.contract import CLASSES, EVENT_KINDS, RARE_CLASSES, TAIL
 from tailstream.kafka_io import TopicCounter, create_topics
 from tailstream.producers.records import ProducedRecord
@@ -43,6 +44,9 @@ from tailstream.stack.processes import (
     wait_ready,
     wait_trainer_ready,
 )
+
+if TYPE_CHECKING:
+    from tailstream.models.towers.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -468,11 +472,12 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
     }
 
 
-def _served_decisions(store: Any, version: str) -> dict[str, Any] | None:
+def _served_decisions(store: ModelStore, version: str) -> dict[str, Any] | None:
     """The serving version's decision layer in brief (rule, window, offsets; None for the
     base model or a version without one)."""
     try:
-        layer = store.manifest(version).get("decisions") if version != "base" else None
+        layer = (store.manifest(version).get("decisions") if version != BASE_VERSION
+                 else None)
     except Exception:  # a summary must not fail on a store it cannot read
         return None
     if not layer:
