@@ -181,6 +181,54 @@ def reader(settings: Settings, topics: Iterable[str], from_beginning: bool = Tru
     return consumer
 
 
+GONE = object()
+"""What :func:`values_at` gives for an offset at or past its partition's log end."""
+
+
+def values_at(settings: Settings, offsets: dict[tuple[str, int], int],
+              timeout: float = 5.0) -> dict[tuple[str, int], bytes | object]:
+    """The value of the record at each (topic, partition) → offset; :data:`GONE` where
+    the log now ends at or below that offset (a broker that lost its log). A partition
+    is left out where nobody can say: the offset is below the log's start (retention),
+    a gap (compaction), or no answer came within ``timeout`` seconds.
+
+    Used to ask whether the log a worker read is still the log the broker holds: the
+    same offset with another record means the broker started a new one.
+    """
+    if not offsets:
+        return {}
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                             enable_auto_commit=False, group_id=None,
+                             request_timeout_ms=int(timeout * 1000) + 1000,
+                             **kafka_python_options(settings))
+    found: dict[tuple[str, int], bytes | object] = {}
+    try:
+        parts = {TopicPartition(t, p): o for (t, p), o in offsets.items()}
+        consumer.assign(list(parts))
+        starts = consumer.beginning_offsets(list(parts), timeout_ms=int(timeout * 1000))
+        ends = consumer.end_offsets(list(parts), timeout_ms=int(timeout * 1000))
+        wanted = {}
+        for tp, offset in parts.items():
+            if offset >= ends[tp]:
+                found[(tp.topic, tp.partition)] = GONE
+            elif offset >= starts[tp]:
+                consumer.seek(tp, offset)
+                wanted[tp] = offset
+            else:
+                consumer.pause(tp)
+        deadline = time.monotonic() + timeout
+        while wanted and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                if tp not in wanted or not records:
+                    continue
+                if records[0].offset == wanted.pop(tp):
+                    found[(tp.topic, tp.partition)] = records[0].value or b""
+                consumer.pause(tp)
+    finally:
+        consumer.close()
+    return found
+
+
 def iter_messages(consumer: KafkaConsumer, stop: threading.Event | None = None,
                   poll_ms: int = 200, idle_timeout: float | None = None) -> Iterator[Any]:
     """Yield records until ``stop`` is set or nothing arrived for ``idle_timeout`` s."""

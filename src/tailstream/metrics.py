@@ -111,8 +111,9 @@ class Metrics:
             "the next retry), else 0.", registry=r)
         self.broker_resets = Counter(
             "tailstream_broker_resets_total",
-            "Times the broker came back without this worker's changelog topics (a "
-            "memory-storage broker restarted): offsets watermarks reset, inputs re-read.",
+            "Times the broker came back without its log (changelogs gone, or other "
+            "records at offsets read before: a memory-storage broker restarted): offset "
+            "watermarks reset, inputs re-read.",
             registry=r)
         self.input_rereads = Counter(
             "tailstream_input_rereads_total",

@@ -61,6 +61,15 @@ TIERS_EVERY_S = 0.5
 """The tier snapshot (a sort of the heavy hitters) is refreshed at most this often."""
 AUDIT_CHUNK = 5000
 """Event ids per audit record (about 200 KB: far under any producer's request limit)."""
+def record_digest(value: bytes | None) -> int:
+    """What identifies a record's value at an offset: its CRC-32.
+
+    >>> record_digest(b"") == record_digest(None)
+    True
+    """
+    return zlib.crc32(value or b"")
+
+
 DIGESTS_KEPT = 4096
 """Offsets per input partition whose record digests are kept to tell a seek from a new
 log (a seek back further than this falls back to the log's end)."""
@@ -194,6 +203,9 @@ class Pipeline:
         """CRC-32 of the values of the last :data:`DIGESTS_KEPT` offsets read per input
         partition: a record read again at the same offset is a replay, another one is a
         new log."""
+        self._anchors: dict[tuple[str, int], tuple[int, int]] = {}
+        """The first record (offset, digest) read per input partition in this assignment:
+        recovery asks the broker whether it still holds it (:meth:`anchors`)."""
         self._last_refresh = 0.0
         # Label lookups cost more than the increments: resolve each child once.
         kinds = [*self.kind_of_topic.values(), "unknown"]
@@ -231,6 +243,15 @@ class Pipeline:
         """The state was restored for a (re)assignment: reading positions may move."""
         self._read.clear()
         self._digests.clear()
+        self._anchors.clear()
+
+    def anchors(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(offset, digest) of the first record read from each input partition since the
+        last assignment. A consumer that resumes from its old position on a broker that
+        lost its log reads only offsets above every old one and never steps back; the
+        record at the anchor's offset is then another record (or gone), and that is how
+        recovery tells (:mod:`~tailstream.streams.worker.recovery`)."""
+        return dict(self._anchors)
 
     def _offsets_went_back(self, batch: list[RawMessage]) -> bool:
         """Whether a message sits at or below an offset this process already read from its
@@ -244,12 +265,14 @@ class Pipeline:
                 continue
             key = (msg.topic, msg.partition)
             last = self._read.get(key)
-            digest = zlib.crc32(msg.value or b"")
+            digest = record_digest(msg.value)
             back = last is not None and msg.offset <= last
             if back and last is not None and self._log_replaced(key, msg.offset, digest,
                                                                 last):
                 went_back = True
                 self._digests[key] = {}
+                self._anchors[key] = (msg.offset, digest)
+            self._anchors.setdefault(key, (msg.offset, digest))
             self._read[key] = msg.offset if last is None or back else max(last, msg.offset)
             self._remember(key, msg.offset, digest)
         return went_back

@@ -7,14 +7,18 @@ recover from a broker that lost its log.
   in-memory buffer is the newer copy (a batch in flight has added samples to it whose
   Redis writes may land after a reload would have read Redis).
 * **A broker reset.** Faust created the changelog topics at start; a broker without them
-  lost its log (a memory-storage broker restarted). Offsets restart at 0 there, so the
-  watermarks would take new messages for replays, and positions and offsets committed
-  since point past records never read. The worker re-creates the changelogs, writes its
-  whole state to them again, forgets the watermarks and reads every input partition from
-  its start; event_id de-duplication skips what was processed already. A worker whose
-  input offsets go back *within* an assignment (it read from the restarted broker before
-  any rebalance) drops the watermarks at once (:meth:`Pipeline.process`), and the
-  rebalance that follows does the rest.
+  lost its log (a memory-storage broker restarted). So did a broker that holds another
+  record at the offset of the first record this worker read from an input partition in
+  the last assignment (:meth:`Pipeline.anchors`): a table write can have the broker
+  auto-create the changelogs before the rebalance, and a consumer that resumed from its
+  old positions never steps back, so neither of the other signs shows. Offsets restart
+  at 0 there, so the watermarks would take new messages for replays, and positions and
+  offsets committed since point past records never read. The worker re-creates the
+  changelogs, writes its whole state to them again, forgets the watermarks and reads
+  every input partition from its start; event_id de-duplication skips what was processed
+  already. A worker whose input offsets go back *within* an assignment (it read from the
+  restarted broker before any rebalance) drops the watermarks at once
+  (:meth:`Pipeline.process`), and the rebalance that follows does the rest.
 
 Faust resumes the stream *before* the tables' ``on_recover`` callbacks run: a batch in that
 gap would be counted into empty partitions that the restore then overwrites. The agent
@@ -34,11 +38,11 @@ from typing import Any
 
 import faust
 
-from tailstream.kafka_io import admin
+from tailstream.kafka_io import GONE, admin, values_at
 from tailstream.metrics import Metrics
 from tailstream.settings import Settings
 from tailstream.streams.stores.buffer_store import RedisBufferStore
-from tailstream.streams.worker.pipeline import Pipeline
+from tailstream.streams.worker.pipeline import Pipeline, record_digest
 from tailstream.streams.worker.tables import WorkerTables
 from tailstream.streams.worker.transport import (
     count_rereads,
@@ -107,10 +111,11 @@ class Recovery:
         set_input_topics(consumer, frozenset(self.settings.consumed_topics))
         count_rereads(consumer, self.metrics.input_rereads.inc)
         missing = await asyncio.to_thread(self._missing_changelogs)
-        reset = bool(missing and (loop.partitions or len(self.tables.counts.data)))
+        replaced = set() if missing else await asyncio.to_thread(self._replaced_logs)
+        reset = bool((missing or replaced) and (loop.partitions or len(self.tables.counts.data)))
         self.pipeline.deduper.trust_seen = reset
         if reset:
-            await self._recreate(missing, consumer)
+            await self._recreate(missing, replaced, consumer)
         for partition, state in self.tables.counts_by_partition():
             loop.load_partition(partition, state)
         if reset:
@@ -133,12 +138,31 @@ class Recovery:
         finally:
             client.close()
 
-    async def _recreate(self, missing: set[str], consumer: Any) -> None:
+    def _replaced_logs(self) -> set[tuple[str, int]]:
+        """The input partitions whose first record read in the last assignment is no longer
+        at its offset: the broker holds a new log there. The changelogs alone cannot tell:
+        a table write after the reset can have the broker create them again (auto-create)
+        before this rebalance."""
+        anchors = self.pipeline.anchors()
+        try:
+            now = values_at(self.settings, {k: o for k, (o, _) in anchors.items()})
+        except Exception:  # noqa: BLE001 - no answer: the changelog check stands alone
+            log.warning("could not read the first records back to check the input logs",
+                        exc_info=True)
+            return set()
+        return {k for k, value in now.items()
+                if value is GONE or not isinstance(value, bytes)
+                or record_digest(value) != anchors[k][1]}
+
+    async def _recreate(self, missing: set[str], replaced: set[tuple[str, int]],
+                        consumer: Any) -> None:
         self.metrics.broker_resets.inc()
-        log.warning("the broker lost this worker's changelog topics %s (restarted without "
-                    "storage?): re-creating them and reading every input partition from "
-                    "its start; event_id de-duplication skips what was processed already",
-                    sorted(missing))
+        why = (f"lost this worker's changelog topics {sorted(missing)}" if missing else
+               f"holds other records than were read at the start of {len(replaced)} input "
+               f"partition(s), e.g. {min(replaced)}")
+        log.warning("the broker %s (restarted without storage?): re-creating the missing "
+                    "changelogs and reading every input partition from its start; event_id "
+                    "de-duplication skips what was processed already", why)
         changelogs = self.tables.changelogs()
         for name in missing:
             await changelogs[name].changelog_topic.declare()

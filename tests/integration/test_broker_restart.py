@@ -28,6 +28,14 @@ the audit topic (``audit_processed``):
 * wave 2 is sent after the worker rejoined the group on the new broker, above every old
   offset: all of it must be processed, by the same worker process, within a bound.
 
+The ``paused`` run takes the changelog sign away and the timing out: the worker is
+stopped (SIGSTOP) from before the broker comes back until all of wave 1 is on the new
+log, and the operator re-creates every topic the old broker had, the worker's changelogs
+included (a table write can have the broker auto-create them just as well: CI,
+2026-12-05, lost 101 of wave 1 as replays that way). The worker must then know the reset
+by the first record it read in the last assignment: the broker holds another one at that
+offset (``test_values_at_tells_a_new_log_by_its_first_records``).
+
 No event may be applied twice, whatever a fix does to get wave 1 back (re-reading the
 partitions from 0 re-delivers what was processed from the stale positions).
 
@@ -39,7 +47,9 @@ with the re-declaration a 7-minute exploratory run processed all 1,100 events it
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections import Counter
 from datetime import datetime
@@ -47,9 +57,10 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
 
 from tailstream.contract import encode, new_event_id
-from tailstream.kafka_io import admin, create_topics
+from tailstream.kafka_io import GONE, admin, create_topics, values_at
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
 from tailstream.stack.processes import start_worker, wait_ready
@@ -98,6 +109,18 @@ def produce(ws: Settings, n: int) -> dict[str, tuple[int, int]]:
         producer.close()
 
 
+def recreate_changelogs(ws: Settings) -> None:
+    """What an operator who re-creates every topic the old broker listed does: the
+    worker's changelogs come back too, empty (as a broker's auto-create makes them)."""
+    client = admin(ws)
+    try:
+        client.create_topics([NewTopic(f"{ws.app_id}-{table}-changelog", ws.partitions, 1,
+                                       topic_configs={"cleanup.policy": "compact"})
+                              for table in ("imbalance-counts", "user-profiles")])
+    finally:
+        client.close()
+
+
 def topics_on(ws: Settings) -> set[str]:
     client = admin(ws)
     try:
@@ -134,8 +157,9 @@ def rejoins_after(proc: ManagedProcess, wall: float) -> list[float]:
     return logged_after(proc, wall, "Executing _on_partitions_assigned")
 
 
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
 def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: str,
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, paused: bool) -> None:
     ws0 = own_settings(own_broker.address, redis_url, tmp_path, scorer="baseline",
                        audit_processed=True)
     create_topics(ws0)
@@ -166,10 +190,18 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: st
                 m_out = got
 
         # --- the broker comes back, empty, on the same port; wave 1 at once --------------
-        own_broker.start()
-        back_at, back_wall = time.monotonic(), time.time()
-        create_topics(ws)  # the operator's step for a memory-storage broker
-        wave1 = produce(ws, WAVE1)
+        if paused:  # the worker's first fetch on the new log comes after all of wave 1
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            own_broker.start()
+            back_at, back_wall = time.monotonic(), time.time()
+            create_topics(ws)  # the operator's step for a memory-storage broker
+            if paused:  # and every topic the old broker had, the worker's own included
+                recreate_changelogs(ws)
+            wave1 = produce(ws, WAVE1)
+        finally:
+            if paused:
+                os.kill(pid, signal.SIGCONT)
         first_new = None
         while not (joined := rejoins_after(proc, back_wall)):
             if first_new is None and processed(ws) > BEFORE:
@@ -258,3 +290,49 @@ def test_worker_rides_out_a_broker_restart(own_broker: OwnService, redis_url: st
             f"lost ({len(as_replay)} skipped as replays below the old offset watermarks "
             f"{watermark}, {len(lost) - len(as_replay)} never handed to the pipeline): the "
             f"worker did not recover from the broker losing its log (docs/reliability.md)")
+
+
+def test_values_at_tells_a_new_log_by_its_first_records(own_broker: OwnService,
+                                                        redis_url: str,
+                                                        tmp_path: Path) -> None:
+    """What recovery asks the broker after a rebalance: the record at the offset of the
+    first one read. The same broker gives the same record back; a broker that restarted
+    without its log gives another record there, or says the log ends before it."""
+    from tailstream.streams.worker.pipeline import record_digest
+    from tailstream.streams.worker.recovery import Recovery
+
+    ws = own_settings(own_broker.address, redis_url, tmp_path)
+    create_topics(ws)
+    old = produce(ws, 40)
+    first = {p: min(o for q, o in old.values() if q == p) for p, _ in old.values()}
+    topic = ws.topic_for("click")
+    read = values_at(ws, {(topic, p): o for p, o in first.items()})
+    assert set(read) == {(topic, p) for p in first}
+    sent_values = {}
+    consumer = KafkaConsumer(bootstrap_servers=ws.kafka_bootstrap, group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             consumer_timeout_ms=3000)
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in first])
+        for record in consumer:
+            if record.offset == first[record.partition]:
+                sent_values[record.partition] = record.value
+    finally:
+        consumer.close()
+    assert {p: read[(topic, p)] for p in first} == sent_values
+
+    class Anchored:  # the pipeline's side of the question: what it read first, per partition
+        def anchors(self) -> dict[tuple[str, int], tuple[int, int]]:
+            return {(topic, p): (o, record_digest(sent_values[p])) for p, o in first.items()}
+
+    recovery = Recovery.__new__(Recovery)
+    recovery.settings, recovery.pipeline = ws, Anchored()  # type: ignore[assignment]
+    assert recovery._replaced_logs() == set()  # the same broker: nothing replaced
+
+    own_broker.kill()
+    own_broker.start()
+    create_topics(ws)
+    produce(ws, 40)
+    assert recovery._replaced_logs() == {(topic, p) for p in first}
+    far = values_at(ws, {(topic, p): 10_000 for p in first})
+    assert all(v is GONE for v in far.values()) and len(far) == len(first)

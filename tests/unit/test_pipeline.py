@@ -29,7 +29,7 @@ from tailstream.streams.stores.deduper import Deduper
 from tailstream.streams.stores.publisher import ExposureWindow, RecList
 from tailstream.streams.worker.dead_letters import DeadLetter, dlq_headers
 from tailstream.streams.worker.imbalance import ImbalanceLoop
-from tailstream.streams.worker.pipeline import Pipeline, RawMessage
+from tailstream.streams.worker.pipeline import Pipeline, RawMessage, record_digest
 
 T = TypeVar("T")
 
@@ -490,6 +490,34 @@ def test_a_seek_back_within_an_assignment_is_a_replay_not_a_lost_log() -> None:
     assert h.value("tailstream_events_processed_total", kind="click") == 4.0
     assert h.pipeline.imbalance.totals()["click"] == 4
     assert not h.pipeline.deduper.trust_seen
+
+
+def test_anchors_keep_the_first_record_read_per_partition_until_the_next_assignment(
+) -> None:
+    """Recovery asks the broker for these records back: they must be the first ones read
+    since the assignment, not the newest (a consumer resuming from its old positions on a
+    new log reads only newer offsets, so the newest record proves nothing)."""
+
+    async def scenario() -> Harness:
+        h = make()
+        feed = Feed(h.settings)
+        first = [feed.msg("click", click(f"e{n}", "u1", f"i{n}")) for n in range(3)]
+        await h.pipeline.process(first)
+        anchors = h.pipeline.anchors()
+        await h.pipeline.process([feed.msg("click", click("e9", "u1", "i9"))])
+        assert h.pipeline.anchors() == anchors
+        key = (first[0].topic, first[0].partition)
+        assert anchors[key] == (first[0].offset, record_digest(first[0].value))
+        # A new log seen within the assignment: the anchor moves to it.
+        h.pipeline.log_end = lambda topic, partition: 1
+        reborn = Feed(h.settings).msg("click", click("n1", "u2", "i7"))
+        await h.pipeline.process([reborn])
+        assert h.pipeline.anchors()[key] == (reborn.offset, record_digest(reborn.value))
+        h.pipeline.new_assignment()
+        assert h.pipeline.anchors() == {}
+        return h
+
+    run(scenario())
 
 
 def test_replay_after_a_restart_uses_the_recovered_watermark() -> None:
