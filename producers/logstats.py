@@ -106,7 +106,9 @@ class ReplayStats:
         if self.backwards:
             out.append(f"{self.backwards:,} events are more than {self.tolerance_s:g} s "
                        f"earlier than an event before them (up to {self.max_backwards_s:,.0f} "
-                       "s back): the log is not in time order; sort it by time first")
+                       "s back): the log is not in time order (`eval` replays it sorted by "
+                       "time; `produce replay` and `demo --replay` send it in file order: "
+                       "sort it by time first for those)")
         if self.shared_text_warning:
             out.append(f"{self.shared_text:,} of {self.items:,} items "
                        f"({self.shared_text / self.items:.0%}) share their text with another "

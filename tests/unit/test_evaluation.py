@@ -196,6 +196,31 @@ def test_the_replay_numbers_items_as_they_become_known(future_harness: Harness) 
     assert [s.query for s in stream.searches][:2] == ["fancy kettle"] * 2
 
 
+def test_a_log_out_of_time_order_is_replayed_in_time_order() -> None:
+    """Real logs come sorted by user or session (the full Taobao file is): replayed in
+    file order, a test-then-train evaluation would train on the future of what it tests
+    next. The replay sorts by time, each catalogue record travelling with the event that
+    followed it in the file: the same stream as the log in time order."""
+    settings = Settings.from_env({})
+    records = future_log().records
+    units: list[list[ProducedRecord]] = [[]]  # each event with the records before it
+    for rec in records:
+        units[-1].append(rec)
+        if rec.kind != CATALOGUE:
+            units.append([])
+    by_user = sorted(units[:-1], key=lambda unit: unit[-1].key)  # stable: time within a user
+    shuffled = [rec for unit in by_user for rec in unit] + units[-1]
+    assert shuffled != records
+    want = collect(records, settings, blocks=3, rank_every=1)
+    got = collect(shuffled, settings, blocks=3, rank_every=1)
+    assert [it.sample.event_id for it in got.interactions] == \
+        [it.sample.event_id for it in want.interactions]
+    assert got.known_ids == want.known_ids
+    assert [(it.known, it.target_known, it.query) for it in got.interactions] == \
+        [(it.known, it.target_known, it.query) for it in want.interactions]
+    assert got.searches == want.searches
+
+
 def test_classes_the_log_lacks_are_none_and_shown_as_a_dash() -> None:
     from tailstream.evaluation.report import table
     from tailstream.evaluation.results import StrategyResult
