@@ -63,7 +63,11 @@ MAP_KEYS = ("user_id", "item_id", "kind", "ts", "session", "event_id", "query",
             "quantity", "source")
 """Contract fields a CSV column can be mapped to (``--map KEY=COLUMN``)."""
 REQUIRED_KEYS = ("item_id", "kind", "ts")
-"""Mapped always; ``user_id`` too, unless ``session`` stands in for the user."""
+"""Mapped always; ``user_id`` too, unless ``session`` stands in for the user; ``kind``
+not when ``--kinds`` gives a default (:data:`ANY_KIND`)."""
+ANY_KIND = "*"
+"""``--kinds '*=KIND'``: the kind of every row whose raw kind maps to none (or that has
+no kind column at all): click-only logs (views of sessions, a search log's clicks)."""
 DELIMITERS = (",", "\t", ";", "|")
 TEXT_HINTS = {
     "csv": "map a title column (--map title=COL) or more text (brand=COL, category=COL)",
@@ -198,7 +202,10 @@ class LogReader:
             return
         delimiter = max(DELIMITERS, key=header_line.count)
         rows = csv.reader(chain([header_line], fh), delimiter=delimiter)
-        index = self._header_index(next(rows), delimiter)
+        if positional(self.columns):  # no header: the first line is a row
+            index = {k: int(col) - 1 for k, col in self.columns.items()}
+        else:
+            index = self._header_index(next(rows), delimiter)
         fallback = index.pop("_category_id", None)
         while True:
             try:
@@ -355,6 +362,8 @@ class LogReader:
         kind = self.kind_map.get(raw) or self.kind_map.get(raw.lower()) or raw.lower()
         if kind in EVENT_KINDS or kind == CATALOGUE:
             return kind
+        if ANY_KIND in self.kind_map:  # --kinds '*=click': every other row (click-only logs)
+            return self.kind_map[ANY_KIND]
         self.stats.skip(f"kind {raw!r}" if raw else "missing_kind", line)
         return None
 
@@ -436,6 +445,15 @@ class LogReader:
         return f"{self.fmt}-{self._tag}-{line}"
 
 
+def positional(columns: Mapping[str, str]) -> bool:
+    """Whether a ``--map`` names columns by position (1, 2, …): a CSV without a header.
+
+    >>> positional({"user_id": "1", "item_id": "3"}), positional({"user_id": "uid"})
+    (True, False)
+    """
+    return bool(columns) and all(c.isdigit() and int(c) >= 1 for c in columns.values())
+
+
 def check_mapping(fmt: str, columns: Mapping[str, str] | None,
                   kind_map: Mapping[str, str] | None) -> dict[str, str]:
     """The column mapping a reader of ``fmt`` uses, or :class:`LogError` saying what is
@@ -464,12 +482,18 @@ def check_mapping(fmt: str, columns: Mapping[str, str] | None,
     unknown = [k for k in columns if k not in MAP_KEYS]
     if unknown:
         raise LogError(f"unknown --map key {unknown[0]!r}; the keys are: {', '.join(MAP_KEYS)}")
-    missing = [k for k in REQUIRED_KEYS if k not in columns]
+    missing = [k for k in REQUIRED_KEYS if k not in columns
+               and not (k == "kind" and ANY_KIND in (kind_map or {}))]
     if "user_id" not in columns and "session" not in columns:
         missing.insert(0, "user_id")
     if missing:
         raise LogError(f"--map lacks {', '.join(missing)} (needed: user_id or session, "
-                       f"{', '.join(REQUIRED_KEYS)})")
+                       f"{', '.join(REQUIRED_KEYS)}; a log without a kind column takes "
+                       f"--kinds '*=click')")
+    numbers = [c for c in columns.values() if c.isdigit()]
+    if numbers and not positional(columns):
+        raise LogError("--map names columns either all by header name or all by position "
+                       f"(1, 2, … for a CSV without a header), not both: {dict(columns)}")
     if SEARCH in (kind_map or {}).values() and "query" not in columns:
         raise LogError("--kinds maps rows to search, but --map has no query column "
                        "(query=COL): a search is replayed with its query")

@@ -575,10 +575,12 @@ def _log_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     g.add_argument("--map", action="append", default=None, metavar="KEY=COL,...",
                    help="--format csv: columns of the contract fields, e.g. user_id=uid,"
                         "item_id=sku,kind=event,ts=time[,query=q,title=name,category=cat,"
-                        "brand=b,price=p,session=s,event_id=id,...]")
+                        "brand=b,price=p,session=s,event_id=id,...]; numbers (user_id=1,"
+                        "item_id=3,...) for a CSV without a header")
     g.add_argument("--kinds", action="append", default=None, metavar="RAW=KIND,...",
                    help="raw kind values to kinds (click, cart, fav, purchase, search, "
-                        "item), e.g. view=click,buy=purchase,search=search")
+                        "item), e.g. view=click,buy=purchase,search=search; '*=click' for "
+                        "every other row (and a log without a kind column)")
     g.add_argument("--assume-utc", action="store_true",
                    help="read times without a zone as UTC (without it they are refused)")
 

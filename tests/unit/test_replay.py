@@ -330,6 +330,10 @@ def test_check_reads_only_the_first_rows(tmp_path: Path) -> None:
     (CSV_MAP, {"q": "search"}, "csv", "no query column"),
     (CSV_MAP, {"view": "clicks"}, "csv", "not a kind"),
     (CSV_MAP, None, "taobao", "--map is for --format csv"),
+    ({"user_id": "1", "item_id": "what", "kind": "3", "ts": "4"}, None, "csv",
+     "all by header name or all by position"),
+    ({"user_id": "who", "item_id": "what", "ts": "when"}, {"view": "click"}, "csv",
+     "takes --kinds '\\*=click'"),
     (None, None, "parquet", "unknown format"),
 ])
 def test_mappings_that_cannot_work_are_refused(columns: dict[str, str] | None,
@@ -337,6 +341,32 @@ def test_mappings_that_cannot_work_are_refused(columns: dict[str, str] | None,
                                                message: str, tmp_path: Path) -> None:
     with pytest.raises(LogError, match=message):
         LogSpec(tmp_path / "x.csv", fmt, columns=columns, kind_map=kinds)
+
+
+def test_a_click_only_log_without_header_or_kind_column(tmp_path: Path) -> None:
+    """Session logs as they are published (YooChoose's clicks: no header, no kind column,
+    ISO times): columns by position, and one kind for every row (``--kinds '*=click'``),
+    which also catches raw kinds the map does not list."""
+    f = tmp_path / "clicks.dat"
+    f.write_text("1,2014-04-07T10:51:09.277Z,214536502,0\n"
+                 "1,2014-04-07T10:54:09.868Z,214536500,0\n"
+                 "2,2014-04-07T13:56:37.614Z,214662742,S\n")
+    reader = LogReader(f, "csv", columns={"session": "1", "ts": "2", "item_id": "3",
+                                          "category": "4"}, kind_map={"*": "click"})
+    recs = list(reader)
+    assert_valid(recs)
+    clicks = values(recs, "click")
+    assert [(c["user_id"], c["item_id"]) for c in clicks] == [
+        ("1", "214536502"), ("1", "214536500"), ("2", "214662742")]
+    assert clicks[0]["ts"] == pytest.approx(1396867869.277)
+    assert reader.stats.rows == 3 and not reader.stats.skipped
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("who,what,action,when\nu,i,view,1704067200\nu,j,buy,1704067201\n"
+                     "u,k,wishlist,1704067202\n")
+    recs = list(LogReader(mixed, "csv", columns=CSV_MAP,
+                          kind_map={"buy": "purchase", "*": "click"}))
+    assert [(r.kind, json.loads(r.value)["item_id"]) for r in recs if r.kind != "item"] == [
+        ("click", "i"), ("purchase", "j"), ("click", "k")]
 
 
 def test_columns_missing_from_the_header_are_named(tmp_path: Path) -> None:
