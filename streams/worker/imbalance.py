@@ -114,6 +114,8 @@ class ImbalanceLoop:
         self._prior_events = 0
         self.searches = 0
         self._tiers: dict[str, str] = {}  # snapshot, refreshed per batch (a sort of the HH)
+        self.prices: dict[str, float] = {}
+        """Each item's price as known so far (:meth:`know_price`): the features' price."""
         self._online_rng = random.Random(0)
         self._shares: dict[str, float] = {}
         self._last_ts = 0.0
@@ -160,8 +162,7 @@ class ImbalanceLoop:
         # cost is saved where data is plentiful.
         rate = 1.0 if self._shares.get(event.kind, 0.0) < self.settings.minority_share \
             else self.settings.online_majority_rate
-        x = self._features(item, user_class_counts, tier, category_affinity, repeat,
-                           event.price)
+        x = self._features(item, user_class_counts, tier, category_affinity, repeat)
         if rate >= 1.0 or self._online_rng.random() < rate:
             seen_before = self.online.n > 0
             proba = self.online.predict_then_learn(x, event.kind, weight / rate,
@@ -173,6 +174,7 @@ class ImbalanceLoop:
         self.items.observe(item, 1.0, ts=event.ts)
         if event.kind != "click":
             self.item_classes.add(f"{event.kind}:{item}")
+        self.know_price(item, event.price)
 
         sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
                         weight=weight, user_text=user_text, item_text=item_text,
@@ -242,12 +244,27 @@ class ImbalanceLoop:
                 key = f"{ob.event.kind}:{ob.event.item_id}"
                 rare[key] = rare.get(key, 0.0) + 1.0
         self.item_classes.add_batch(rare)
+        for ob in batch:  # after the batch's features, as the counts are
+            self.know_price(ob.event.item_id or "", ob.event.price)
         return kept
 
+    def know_price(self, item: str, price: float | None) -> None:
+        """Remember ``item``'s price (a catalogue record's, or the price paid on a past
+        cart or purchase) for the features of its later events."""
+        if price is not None and item:
+            self.prices[item] = price
+
+    def forget_price(self, item: str) -> None:
+        self.prices.pop(item, None)
+
     def _features(self, item: str, user_class_counts: Mapping[str, float], tier: str,
-                  affinity: float, repeat: bool, price: float | None) -> Features:
+                  affinity: float, repeat: bool) -> Features:
         """The streaming count features of an interaction with ``item``, from the counts
-        as they stand (read them before counting the event)."""
+        as they stand (read them before counting the event). The price is the item's
+        price as known before the event (:meth:`know_price`), never the event's own:
+        only carts and purchases carry a price paid, so the event's price would tell the
+        model the class it is asked to predict."""
+        price = self.prices.get(item)
         return interaction_features(
             item_count=self.items.estimate(item),
             item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
@@ -271,7 +288,7 @@ class ImbalanceLoop:
             if rate >= 1.0 or rng.random() < rate:
                 item = event.item_id or ""
                 x = self._features(item, ob.user_class_counts, self._tiers.get(item, "tail"),
-                                   ob.category_affinity, ob.repeat, event.price)
+                                   ob.category_affinity, ob.repeat)
                 seen_before = self.online.n > 0
                 weight = self.weights.get(event.kind, 1.0)
                 proba = self.online.predict_then_learn(x, event.kind, weight / rate,
@@ -291,7 +308,7 @@ class ImbalanceLoop:
             if route is None:
                 continue
             x = self._features(item, ob.user_class_counts, tier, ob.category_affinity,
-                               ob.repeat, event.price)
+                               ob.repeat)
             user_text, user_kinds = ob.user_context()
             sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,
                             tier=tier, weight=self.weights.get(event.kind, 1.0),

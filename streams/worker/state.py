@@ -54,6 +54,7 @@ class StreamState:
         self.deleted.discard(item.item_id)
         self.popularity.set_category(item.item_id, item.category)
         self.query_index.add(item.title, item.category)
+        self.imbalance.know_price(item.item_id, item.price)
         text = item_text(item)
         self.item_text[item.item_id] = text
         if self.on_new_item is not None:
@@ -65,6 +66,7 @@ class StreamState:
         and (through ``on_removed_item``) the index; True if it was known."""
         known = self.item_text.pop(item_id, None) is not None
         self.popularity.forget(item_id)
+        self.imbalance.forget_price(item_id)
         self.deleted.add(item_id)
         if self.on_removed_item is not None:
             self.on_removed_item(item_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -208,3 +209,37 @@ def test_a_batch_s_samples_are_made_before_the_batch_is_counted() -> None:
                                     {}, 0.0, False, "new item", lambda: ("", ""))])
     x = _features(loop.buffer_changes[0][2])
     assert x["item_rate_purchase"] == pytest.approx(4 / 7, abs=0.01)
+
+
+def test_the_price_paid_never_tells_the_features_their_own_class() -> None:
+    """Only carts and purchases carry a price (the price paid): read from the event, a
+    non-zero price would tell the river path and the head that the event is one of them —
+    a leak that made the synthetic shop's p(purchase) near perfect. The features read the
+    item's price as known before the event: from the catalogue, or a past transaction."""
+    loop, _ = make_loop()
+    price_col = FEATURE_NAMES.index("log_price")
+    bought = loop.observe(Event("purchase", "e1", "u1", 1.7e9, item_id="a", price=40.0), 0,
+                          user_class_counts={}, category_affinity=0.0, repeat=False)
+    assert bought is not None and bought.features[price_col] == 0.0
+    later = loop.observe(Event("click", "e2", "u2", 1.7e9 + 1, item_id="a"), 0,
+                         user_class_counts={}, category_affinity=0.0, repeat=False)
+    assert later is not None and later.features[price_col] > 0.0  # known from e1 now
+    # The batch path: a batch's own prices reach the next batch only.
+    batch = [Observation(Event(kind, f"b{i}", f"u{i}", 1.7e9 + 2 + i, item_id="b",
+                               price=12.0 if kind != "click" else None), 0,
+                         {}, 0.0, False, "item b", lambda: ("", ""))
+             for i, kind in enumerate(["cart", "purchase", "click"])]
+    loop.buffer_changes.clear()
+    loop.observe_batch(batch)
+    assert [s.features[price_col] for _, _, s in loop.buffer_changes] == [0.0, 0.0, 0.0]
+    loop.buffer_changes.clear()
+    loop.observe_batch([Observation(Event("click", "b9", "u9", 1.7e9 + 9, item_id="b"), 0,
+                                    {}, 0.0, False, "item b", lambda: ("", ""))])
+    assert loop.buffer_changes[0][2].features[price_col] > 0.0
+    # A catalogue price is known from the record on, for every class alike.
+    loop.know_price("c", 99.0)
+    for i, kind in enumerate(["click", "purchase"]):
+        s = loop.observe(Event(kind, f"c{i}", "u1", 1.7e9 + 20 + i, item_id="c",
+                               price=99.0 if kind == "purchase" else None), 0,
+                         user_class_counts={}, category_affinity=0.0, repeat=False)
+        assert s is not None and s.features[price_col] == pytest.approx(math.log1p(99.0) / 10)
