@@ -464,6 +464,36 @@ def test_offsets_that_go_back_within_an_assignment_are_new_messages() -> None:
     assert h.pipeline.imbalance.totals()["click"] == 5
 
 
+def test_after_a_broker_reset_no_watermark_takes_a_new_record_for_a_replay() -> None:
+    """CI, 2026-12-05: after the reset, a batch fetched from the old positions before the
+    rewind came after it and set the watermarks above records not read yet; the rewound
+    records below them (new events of the new log) were skipped as replays. While the
+    worker de-duplicates by event_id alone (until the next restore) offsets mark no
+    replay."""
+
+    async def scenario() -> Harness:
+        h = make(audit=True)
+        feed = Feed(h.settings)
+        old = [feed.msg("click", click(f"e{n}", "u1", f"i{n}")) for n in range(5)]
+        await h.pipeline.process(old)
+        # The restore found the reset: watermarks forgotten, event_ids trusted.
+        h.pipeline.imbalance.forget_offsets()
+        h.pipeline.deduper.trust_seen = True
+        h.pipeline.new_assignment()
+        h.pipeline.log_end = lambda topic, partition: 8  # the new log is longer: a "seek"
+        reborn = Feed(h.settings)
+        new = [reborn.msg("click", click(f"n{n}", "u2", f"i{n}")) for n in range(8)]
+        await h.pipeline.process(new[5:])  # the stale fetch: offsets 5..7 of the new log
+        await h.pipeline.process(new)  # the rewind: 0..7, of which 5..7 seen already
+        return h
+
+    h = run(scenario())
+    assert h.value("tailstream_replayed_messages_total") == 0.0
+    assert h.value("tailstream_events_processed_total", kind="click") == 5.0 + 8.0
+    assert h.value("tailstream_duplicates_total") == 3.0
+    assert h.pipeline.imbalance.totals()["click"] == 13
+
+
 def test_a_seek_back_within_an_assignment_is_a_replay_not_a_lost_log() -> None:
     """After a restart Faust seeks to the committed offsets while a batch fetched before
     the seek was already handed over: the same records come again, with the log's end
