@@ -247,9 +247,14 @@ def test_prometheus_scrapes_a_running_worker(
     p50 = prometheus.wait("latency p50", lambda: finite(p50_expr))
     p99 = prometheus.wait("latency p99", lambda: finite(p99_expr))
     assert 0 < float(p50[0]["value"][1]) <= float(p99[0]["value"][1])
-    tiers = prometheus.wait(
-        "tail exposure share",
-        lambda: prometheus.values(panels["Tail exposure share"], "tier") or None)
+    def finite_shares() -> dict[str, float] | None:
+        # A ratio of rates reads NaN (0/0) while its series have fewer than two samples
+        # that differ in the window: wait for real shares (a fresh-clone suite once read
+        # NaN for every tier).
+        shares = prometheus.values(panels["Tail exposure share"], "tier")
+        return shares if shares and all(map(math.isfinite, shares.values())) else None
+
+    tiers = prometheus.wait("tail exposure share", finite_shares)
     assert sum(tiers.values()) == pytest.approx(1.0, abs=1e-6), tiers
 
     # The online attribution's series are scraped, and its panels have data.
