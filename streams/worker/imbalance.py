@@ -239,13 +239,13 @@ class ImbalanceLoop:
         self.items.observe_batch([ob.event.item_id or "" for ob in batch],
                                  [ob.event.ts for ob in batch])
         rare: dict[str, float] = {}
-        for ob in batch:
+        for ob in batch:  # after the batch's features: class counts and known prices
             if ob.event.kind != "click":
                 key = f"{ob.event.kind}:{ob.event.item_id}"
                 rare[key] = rare.get(key, 0.0) + 1.0
+            if ob.event.price is not None:
+                self.know_price(ob.event.item_id or "", ob.event.price)
         self.item_classes.add_batch(rare)
-        for ob in batch:  # after the batch's features, as the counts are
-            self.know_price(ob.event.item_id or "", ob.event.price)
         return kept
 
     def know_price(self, item: str, price: float | None) -> None:

@@ -272,7 +272,8 @@ class Pipeline:
                 went_back = True
                 self._digests[key] = {}
                 self._anchors[key] = (msg.offset, digest)
-            self._anchors.setdefault(key, (msg.offset, digest))
+            if key not in self._anchors:  # no tuple per message on the hot path
+                self._anchors[key] = (msg.offset, digest)
             self._read[key] = msg.offset if last is None or back else max(last, msg.offset)
             self._remember(key, msg.offset, digest)
         return went_back
