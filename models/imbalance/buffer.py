@@ -14,6 +14,9 @@ Routing of each offered :class:`Sample` (``offer``), in this order:
    replaces a uniformly chosen slot with probability ``capacity / n``, so at every moment
    each of the n samples is held with the same probability ``min(1, capacity / n)``.
 
+Routes 1 and 2 are the *rare* samples: ``new_since_last_take`` counts them for the
+``buffer`` trigger (:mod:`~tailstream.models.imbalance.triggers`).
+
 Memory is strictly bounded: at most ``2 · capacity_per_class`` samples per class plus
 ``tail_capacity``. The whole state, random generator included, round-trips through
 JSON-able dicts (``to_state`` / ``from_state``) for a Faust changelog table or Redis; a
@@ -86,8 +89,8 @@ class MinorityBuffer:
     ['p1', 'p2']
     >>> buf.offer(Sample("c0", "u", "i", "click", 3.0, tier="tail"), shares)
     True
-    >>> buf.sizes(), buf.new_since_last_take
-    ({'purchase': 2, 'tail': 1}, 3)
+    >>> buf.sizes(), buf.new_since_last_take     # three purchases and a tail click are new
+    ({'purchase': 2, 'tail': 1}, 4)
     """
 
     def __init__(self, capacity_per_class: int = 5000, minority_share: float = 0.10,
@@ -153,6 +156,11 @@ class MinorityBuffer:
             self.new_since_last_take += 1
         elif kind == "tail":
             self._tail.append(sample)
+            # A tail item's interaction is as rare for retrieval as a purchase is for the
+            # outcome head: it counts towards the next fine-tune too, so a stream whose
+            # news is in the tail (click-only ones included) is not left waiting for the
+            # interval.
+            self.new_since_last_take += 1
         else:
             assert slot is not None
             res = self._reservoir.setdefault(sample.label, [])
@@ -173,7 +181,7 @@ class MinorityBuffer:
         return None
 
     def mark_consumed(self) -> None:
-        """The trainer took a batch: restart the count of new minority samples."""
+        """The trainer took a batch: restart the count of new rare samples."""
         self.new_since_last_take = 0
 
     # -- reads -----------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""When to ask for a fine-tune: enough new minority samples, drift, or too long without one.
+"""When to ask for a fine-tune: enough new rare samples, drift, or too long without one.
 
-The interval needs no minority sample: checks run once per processed batch, so only while
-data arrives, and a click-only stream (whose events never enter the minority buffer) must
-still be fine-tuned now and then.
+Rare samples are the ones the buffer over-keeps: minority-class interactions and
+interactions with tail items (:class:`~tailstream.models.imbalance.buffer.MinorityBuffer`),
+so a click-only stream triggers on its tail clicks. The interval needs no sample at all:
+checks run once per processed batch, so only while data arrives, and a stream whose news
+is all in the head must still be fine-tuned now and then.
 
 Pure decision logic; the worker feeds it and publishes the requests it returns.
 

@@ -239,7 +239,8 @@ class Settings:
     heavy_hitters: int = 5000
     """Most frequent items tracked exactly enough to assign tiers."""
     trigger_min_samples: int = 1000
-    """New minority samples that trigger a fine-tune request."""
+    """New rare samples (minority-class or tail-item interactions) that trigger a fine-tune
+    request."""
     trigger_max_interval_s: float = 3600.0
     """A request fires at least this often while new data arrives."""
     trigger_cooldown_s: float = 20.0

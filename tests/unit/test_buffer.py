@@ -68,7 +68,7 @@ def test_tail_items_of_majority_class_kept_fifo_head_items_go_to_reservoir() -> 
     assert [s.event_id for s in buf.majority()] == ["e10", "e11"]
     assert buf.sizes() == {"click": 2, "tail": 4}
     assert buf.seen("click") == 2  # tail samples do not enter the reservoir's count
-    assert buf.new_since_last_take == 0
+    assert buf.new_since_last_take == 10  # the tail clicks are rare; head and torso not
 
 
 def test_minority_share_threshold_and_unknown_class() -> None:
@@ -80,16 +80,17 @@ def test_minority_share_threshold_and_unknown_class() -> None:
     assert [s.event_id for s in buf.majority()] == ["e1"]
 
 
-def test_new_since_last_take_counts_minority_only_and_resets() -> None:
+def test_new_since_last_take_counts_the_rare_only_and_resets() -> None:
     buf = MinorityBuffer(capacity_per_class=2)
     for n in range(5):
         buf.offer(sample(n, "purchase"), SHARES)  # counted even past capacity
-    buf.offer(sample(5, "click", tier="tail"), SHARES)
-    buf.offer(sample(6, "click", tier="head"), SHARES)
-    assert buf.new_since_last_take == 5
+    buf.offer(sample(5, "click", tier="tail"), SHARES)  # a tail item's click: rare
+    buf.offer(sample(6, "click", tier="head"), SHARES)  # the reservoir's: not
+    buf.offer(sample(7, "click", tier="torso"), SHARES)
+    assert buf.new_since_last_take == 6
     buf.mark_consumed()
     assert buf.new_since_last_take == 0
-    buf.offer(sample(7, "cart"), SHARES)
+    buf.offer(sample(8, "cart"), SHARES)
     assert buf.new_since_last_take == 1
 
 

@@ -951,11 +951,11 @@ def test_enough_new_minority_samples_send_a_training_request() -> None:
         feed = Feed(h.settings)
         sent = []
         # 19 clicks: the mix is unknown until the batch ends, so all are kept as rare.
-        await h.pipeline.process([feed.msg("click", click(f"a{n}", f"u{n}", f"i{n}"))
+        await h.pipeline.process([feed.msg("click", click(f"a{n}", f"u{n}", "hot"))
                                   for n in range(19)])
         sent.append(len(h.requests))
-        # Clicks are the majority now: they add no minority samples.
-        await h.pipeline.process([feed.msg("click", click(f"b{n}", f"u{n}", f"j{n}"))
+        # Clicks are the majority now, on a head item: nothing rare.
+        await h.pipeline.process([feed.msg("click", click(f"b{n}", f"u{n}", "hot"))
                                   for n in range(30)])
         sent.append(len(h.requests))
         # One purchase, a minority class: the 20th new minority sample.
@@ -972,6 +972,30 @@ def test_enough_new_minority_samples_send_a_training_request() -> None:
     assert h.store.consumed == 1
     assert h.pipeline.imbalance.buffer.new_since_last_take == 0
     assert h.value("tailstream_finetune_requests_total", reason="buffer") == 1.0
+
+
+def test_tail_item_clicks_count_towards_a_training_request() -> None:
+    """A click-only stream: clicks on the head item add nothing, clicks on tail items are
+    rare samples and fire the ``buffer`` trigger (before, only the interval would)."""
+    async def scenario() -> tuple[Harness, list[int]]:
+        h = make(trigger_min_samples=50, trigger_cooldown_s=0.0, mix_warmup_events=5)
+        feed = Feed(h.settings)
+        sent = []
+        for wave in range(2):  # 30 rare while the mix is unknown, then 30 on the head
+            await h.pipeline.process([feed.msg("click", click(f"h{wave}-{n}", f"u{n}", "hot"))
+                                      for n in range(30)])
+            sent.append(len(h.requests))
+        await h.pipeline.process([feed.msg("click", click(f"t{n}", f"u{n}", f"tail{n}"))
+                                  for n in range(20)])
+        sent.append(len(h.requests))
+        return h, sent
+
+    h, sent = run(scenario())
+    assert sent == [0, 0, 1]
+    (request,) = h.requests
+    assert request["reason"] == "buffer"
+    assert request["buffer_sizes"]["tail"] == 20
+    assert h.pipeline.imbalance.tiers.get("hot") == "head"
 
 
 # --------------------------------------------------------------------------- fault report

@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 DEMO_DEFAULTS: dict[str, Any] = {"trigger_min_samples": 1000, "trigger_cooldown_s": 20.0,
                                  "canary_window_s": 20.0, "canary_min_lists": 100}
 """Settings a one- or two-minute demo changes (unless set by env var or flag), so
-fine-tunes and a canary happen within it: production defaults wait for 2,000 new minority
-samples and a minute, and judge a canary after ten minutes and 200 judged lists."""
+fine-tunes and a canary happen within it: production defaults judge a canary after ten
+minutes and 200 judged lists (the trigger values are the production ones, kept here so a
+change of the defaults does not slow the demo down)."""
 
 
 @dataclass
