@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from tailstream.configs import FineTuneConfig
+from tailstream.contract import TAIL
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.adapters import encoder_trains
 from tailstream.models.towers.context import kind_codes, split_context
@@ -101,22 +102,29 @@ def prepare_data(samples: Sequence[Sample], stream_counts: Mapping[str, float],
     window, so the gate judges on events the candidate never trained on, and every class
     with at least two samples is represented there.
 
+    Within a class the split is stratified by the buffer's strata: tail-item samples and
+    the rest each give their own newest share. The buffer keeps a majority class's tail
+    items in a FIFO of recent ones and its other samples in a reservoir over all time, so
+    the newest share of the class as a whole would be mostly tail items: the candidate
+    would lose the newest of the interactions that teach it the tail, and the window
+    (which the decision layer is fitted on) would over-represent them.
+
     >>> s = [Sample(f"e{i}", "u", f"i{i}", "click" if i % 2 else "cart", float(i))
     ...      for i in range(10)]
     >>> d = prepare_data(s, {"click": 9, "cart": 1}, 0.2)
     >>> sorted(x.event_id for x in d.holdout), len(d.pool), d.stream_mix["cart"]
     (['e8', 'e9'], 8, 0.1)
     """
-    by_class: dict[str, list[Sample]] = defaultdict(list)
+    by_stratum: dict[tuple[str, bool], list[Sample]] = defaultdict(list)
     seen: set[str] = set()
     for s in samples:
         if s.event_id in seen:  # a sample can sit in two buffer routes (never twice here)
             continue
         seen.add(s.event_id)
-        by_class[s.label].append(s)
+        by_stratum[(s.label, s.tier == TAIL)].append(s)
     pool: list[Sample] = []
     holdout: list[Sample] = []
-    for group in by_class.values():
+    for group in by_stratum.values():
         group.sort(key=lambda s: (s.ts, s.event_id))
         n_hold = int(round(holdout_share * len(group)))
         if holdout_share > 0 and len(group) >= 2:

@@ -61,11 +61,27 @@ def test_holdout_is_the_newest_of_each_class(shop_samples: Callable[..., list[Sa
     data = prepare_data(samples, counts_of(samples), 0.2)
     assert not {s.event_id for s in data.pool} & {s.event_id for s in data.holdout}
     for c in {s.label for s in samples}:
-        pool = [s.ts for s in data.pool if s.label == c]
-        held = [s.ts for s in data.holdout if s.label == c]
-        if held and pool:
-            assert min(held) > max(pool)
-    assert len(data.holdout) == pytest.approx(100, abs=4)
+        for tail in (True, False):  # the newest of each stratum of the class
+            pool = [s.ts for s in data.pool if s.label == c and (s.tier == "tail") == tail]
+            held = [s.ts for s in data.holdout if s.label == c and (s.tier == "tail") == tail]
+            if held and pool:
+                assert min(held) > max(pool)
+    assert len(data.holdout) == pytest.approx(100, abs=6)
+
+
+def test_holdout_takes_its_share_of_the_tail_fifo_and_of_the_reservoir() -> None:
+    """A buffer's clicks: a reservoir over the whole stream (t 0–1,000) and a FIFO of the
+    recent tail-item clicks (t 900–1,000). The newest fifth of the clicks as a whole would
+    be tail clicks only, 40 % of them; stratified, the candidate keeps 80 % of each."""
+    reservoir = [Sample(f"r{i}", "u", f"h{i % 7}", "click", float(i * 10), tier="head")
+                 for i in range(100)]
+    fifo = [Sample(f"t{i}", "u", f"t{i}", "click", 900.0 + i * 2, tier="tail")
+            for i in range(50)]
+    data = prepare_data(reservoir + fifo, {"click": 1.0}, 0.2)
+    held = Counter(s.tier for s in data.holdout)
+    assert held == {"head": 20, "tail": 10}
+    assert {s.event_id for s in data.holdout if s.tier == "tail"} == {
+        f"t{i}" for i in range(40, 50)}
 
 
 def test_sampling_plan_reweights_the_buffer_back_to_the_stream() -> None:
