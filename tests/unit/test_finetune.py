@@ -71,8 +71,9 @@ def test_holdout_is_the_newest_of_each_class(shop_samples: Callable[..., list[Sa
 
 def test_holdout_takes_its_share_of_the_tail_fifo_and_of_the_reservoir() -> None:
     """A buffer's clicks: a reservoir over the whole stream (t 0–1,000) and a FIFO of the
-    recent tail-item clicks (t 900–1,000). The newest fifth of the clicks as a whole would
-    be tail clicks only, 40 % of them; stratified, the candidate keeps 80 % of each."""
+    recent tail-item clicks (t 900–1,000). The newest fifth of the clicks as a whole
+    would be 25 tail clicks (half the FIFO) and 5 others; stratified, the candidate keeps
+    80 % of each."""
     reservoir = [Sample(f"r{i}", "u", f"h{i % 7}", "click", float(i * 10), tier="head")
                  for i in range(100)]
     fifo = [Sample(f"t{i}", "u", f"t{i}", "click", 900.0 + i * 2, tier="tail")
