@@ -637,6 +637,15 @@ def test_the_demo_shop_waits_for_the_canary_of_the_run_going_at_the_end(
     state(3, 1, 0, 1)
     assert not late.up(61.0)
     assert late.up(60.0 + 120.0 + 30.0 + 60.0)  # bounded
+    rejected = demo.ShopClock(60.0, ts)
+    state(3, 1, 0, 1)
+    assert not rejected.up(61.0)  # a run is going at the end …
+    state(4, 1, 0, 1)
+    assert not rejected.up(90.0)  # … the gate rejected it, the queued one runs: wait
+    state(5, 0, 5, 2)
+    assert not rejected.up(120.0)  # that one started a canary: wait for its decision
+    state(5, 0, 0, 2)
+    assert rejected.up(140.0)  # decided
     assert demo.ShopClock(60.0, None).up(60.0)  # no trainer
 
 

@@ -289,9 +289,11 @@ def _online_row(m: dict[str, float], t: dict[str, float]) -> str:
 class ShopClock:
     """When the shop stops: after ``seconds`` — unless the loop is deciding then. A canary
     being served is judged on the users' interactions, and the fine-tune running then may
-    end in one; so the shop goes on until that canary, or that run and the canary it
-    starts, are decided (not later ones; at most a fine-tune's and three canary windows'
-    time more): the summary then shows a canary decided on traffic."""
+    end in one; so the shop goes on until that canary, or the first canary a run going
+    then or after it starts, is decided — a run the gate rejects is followed by the one
+    queued behind it, whose canary would otherwise be judged on no traffic at all (at most
+    a fine-tune's and three canary windows' time more): the summary then shows a canary
+    decided on traffic."""
 
     def __init__(self, seconds: float | None, ts: Settings | None) -> None:
         self.seconds = seconds
@@ -315,8 +317,10 @@ class ShopClock:
         then = self.then = self.then or now
         if now["canary"] and (now["canary"] == then["canary"] or (
                 then["running"] and now["started"] == then["started"] + 1)):
-            return False  # the canary of then, or the one the run of then started
-        return not (then["running"] and now["running"] and now["runs"] == then["runs"])
+            return False  # the canary of then, or the first one started since
+        # A run going then, or one after it while no canary has started since (the gate
+        # rejected the one before).
+        return not (then["running"] and now["running"] and now["started"] == then["started"])
 
 
 def wait_model(worker: ManagedProcess, ws: Settings, timeout: float = 120.0) -> None:
