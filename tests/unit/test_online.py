@@ -613,9 +613,11 @@ def test_the_demo_shop_waits_for_the_canary_of_the_run_going_at_the_end(
     monkeypatch.setattr(demo, "_scrape_or_empty", lambda url: dict(trainer))
     monkeypatch.setattr(demo, "trainer_metrics_url", lambda ts: "")
 
-    def state(runs: float, running: float, canary: float, started: float) -> None:
+    def state(runs: float, running: float, canary: float, started: float,
+              rejected: float = 0.0) -> None:
         trainer.clear()
         trainer.update({"tailstream_finetune_runs_total": runs,
+                        "tailstream_finetune_runs_total{outcome=rejected}": rejected,
                         "tailstream_finetune_running": running,
                         "tailstream_canary_running": 1.0 if canary else 0.0,
                         "tailstream_canary_model_version_number": canary,
@@ -638,14 +640,19 @@ def test_the_demo_shop_waits_for_the_canary_of_the_run_going_at_the_end(
     assert not late.up(61.0)
     assert late.up(60.0 + 120.0 + 30.0 + 60.0)  # bounded
     rejected = demo.ShopClock(60.0, ts)
-    state(3, 1, 0, 1)
+    state(3, 1, 0, 1, rejected=1)
     assert not rejected.up(61.0)  # a run is going at the end …
-    state(4, 1, 0, 1)
+    state(4, 1, 0, 1, rejected=2)
     assert not rejected.up(90.0)  # … the gate rejected it, the queued one runs: wait
-    state(5, 0, 5, 2)
+    state(5, 0, 5, 2, rejected=2)
     assert not rejected.up(120.0)  # that one started a canary: wait for its decision
-    state(5, 0, 0, 2)
+    state(5, 0, 0, 2, rejected=2)
     assert rejected.up(140.0)  # decided
+    promoted = demo.ShopClock(60.0, ts)  # no canaries (TAILSTREAM_CANARY_SHARE=0)
+    state(3, 1, 0, 1, rejected=1)
+    assert not promoted.up(61.0)
+    state(4, 1, 0, 1, rejected=1)
+    assert promoted.up(90.0)  # the run of then was promoted: the next is not waited for
     assert demo.ShopClock(60.0, None).up(60.0)  # no trainer
 
 

@@ -289,11 +289,11 @@ def _online_row(m: dict[str, float], t: dict[str, float]) -> str:
 class ShopClock:
     """When the shop stops: after ``seconds`` — unless the loop is deciding then. A canary
     being served is judged on the users' interactions, and the fine-tune running then may
-    end in one; so the shop goes on until that canary, or the first canary a run going
-    then or after it starts, is decided — a run the gate rejects is followed by the one
-    queued behind it, whose canary would otherwise be judged on no traffic at all (at most
-    a fine-tune's and three canary windows' time more): the summary then shows a canary
-    decided on traffic."""
+    end in one; so the shop goes on until that canary, or the first promotion or canary a
+    run going then or after it makes, is decided — a run the gate rejects is followed by
+    the one queued behind it, whose canary would otherwise be judged on no traffic at all
+    (at most a fine-tune's and three canary windows' time more): the summary then shows a
+    canary decided on traffic."""
 
     def __init__(self, seconds: float | None, ts: Settings | None) -> None:
         self.seconds = seconds
@@ -310,6 +310,8 @@ class ShopClock:
             return True
         t = _scrape_or_empty(trainer_metrics_url(ts))
         now = {"runs": t.get("tailstream_finetune_runs_total", 0.0),
+               "not_kept": sum(t.get(f"tailstream_finetune_runs_total{{outcome={o}}}", 0.0)
+                               for o in ("rejected", "failed", "skipped")),
                "running": t.get("tailstream_finetune_running", 0.0),
                "canary": t.get("tailstream_canary_running", 0.0)
                * t.get("tailstream_canary_model_version_number", 0.0),
@@ -318,9 +320,10 @@ class ShopClock:
         if now["canary"] and (now["canary"] == then["canary"] or (
                 then["running"] and now["started"] == then["started"] + 1)):
             return False  # the canary of then, or the first one started since
-        # A run going then, or one after it while no canary has started since (the gate
-        # rejected the one before).
-        return not (then["running"] and now["running"] and now["started"] == then["started"])
+        # The run going then, or one after it while every run decided since kept nothing
+        # (the gate rejected it): a promotion or a canary since ends the wait.
+        return not (then["running"] and now["running"] and now["started"] == then["started"]
+                    and now["runs"] - then["runs"] == now["not_kept"] - then["not_kept"])
 
 
 def wait_model(worker: ManagedProcess, ws: Settings, timeout: float = 120.0) -> None:
