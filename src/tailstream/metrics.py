@@ -443,6 +443,14 @@ class TrainerMetrics:
             "tailstream_trainer_pauses",
             "Pauses of fine-tunes between steps, by reason (latency, lag).", ["reason"],
             registry=r)
+        self.unhelpful_pauses = Counter(
+            "tailstream_trainer_unhelpful_pauses",
+            "Pauses that ran to TAILSTREAM_TRAINER_PAUSE_MAX_S with the workers still over "
+            "budget; each is followed by a run of steps (the duty floor).", registry=r)
+        self.duty_seconds = Counter(
+            "tailstream_trainer_duty_seconds",
+            "Seconds of training owed after unhelpful pauses (no pause is asked for during "
+            "them).", registry=r)
         self.paused = Gauge(
             "tailstream_trainer_paused",
             "1 while a fine-tune waits for the workers to get back under their budget.",

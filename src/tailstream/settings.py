@@ -379,6 +379,11 @@ class Settings:
     trainer_pause_max_s: float = 30.0
     """Longest single pause: a step then runs anyway, so a run under constant load still
     ends (``finetune_max_seconds`` counts the pauses)."""
+    trainer_min_duty: float = 0.5
+    """Share of the wall clock a fine-tune keeps for its steps when pausing does not help:
+    after a pause that ran to ``trainer_pause_max_s`` with the workers still over budget,
+    it trains ``pause × duty / (1 − duty)`` seconds before it asks again (0: pause again
+    at the next step, as before; must be below 1)."""
 
     # --- Supervision (tailstream up) ------------------------------------
     stack_port: int = 6068

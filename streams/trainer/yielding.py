@@ -10,10 +10,20 @@ and back-pressure between training steps.
   :meth:`Yielder.on_step` reads them (at most every ``check_s``) and, while a fresh report
   (under ``stale_s`` old) is over ``TAILSTREAM_LATENCY_BUDGET_MS`` or shows the lag
   growing, the trainer sleeps and asks again. A pause ends when the workers are back
-  under the budget, or after ``TAILSTREAM_TRAINER_PAUSE_MAX_S`` (so a run on a machine
-  that is always busy still ends). Pauses are metrics:
+  under the budget, or after ``TAILSTREAM_TRAINER_PAUSE_MAX_S``. Pauses are metrics:
   ``tailstream_trainer_paused_seconds_total``, ``tailstream_trainer_pauses_total{reason}``
   and ``tailstream_trainer_paused``.
+
+* **A duty floor.** A pause that runs to its bound with the workers still over budget
+  says the trainer, which held no CPU during it, is not what keeps them there (the
+  machine is too small for the stream, or something else is busy). Pausing again at the
+  next step would give the fine-tune one step per bound — on a machine that is always
+  over budget a run then never ends and the model never updates. So after such a pause
+  the trainer trains ``pause × duty / (1 − duty)`` seconds before it asks again
+  (``TAILSTREAM_TRAINER_MIN_DUTY``, 0.5: a 30 s pause buys 30 s of steps), still at the
+  lowest CPU priority. A pause that ends because the workers recovered owes nothing: the
+  next over-budget report pauses at once. Metrics: ``tailstream_trainer_unhelpful_pauses_total``
+  and ``tailstream_trainer_duty_seconds_total``.
 
 Why these signals: the p99 is what the stream promises (the budget); the lag catches a
 worker that keeps its latency only because it reads less. Both come from the workers
@@ -66,6 +76,19 @@ def lower_priority(settings: Settings, *, idle: bool = True) -> list[str]:
     return done
 
 
+def owed_steps_s(paused_s: float, duty: float) -> float:
+    """Seconds of training owed after a pause of ``paused_s`` that did not bring the
+    workers back under budget, so training keeps ``duty`` of the wall clock:
+    ``t / (paused_s + t) = duty``, i.e. ``t = paused_s · duty / (1 − duty)``.
+
+    >>> owed_steps_s(30.0, 0.5), owed_steps_s(30.0, 0.25), owed_steps_s(30.0, 0.0)
+    (30.0, 10.0, 0.0)
+    """
+    if not 0.0 <= duty < 1.0:
+        raise ValueError(f"TAILSTREAM_TRAINER_MIN_DUTY must be in [0, 1), got {duty}")
+    return paused_s * duty / (1.0 - duty)
+
+
 def over_budget(reports: Mapping[str, Mapping[str, Any]], previous: Mapping[str, float],
                 now: float, *, budget_s: float, stale_s: float = 5.0) -> str | None:
     """Why to pause now, or None: ``"latency"`` if a fresh report's p99 is over the budget,
@@ -99,18 +122,24 @@ class Yielder:
 
     def __init__(self, settings: Settings, redis: Any, metrics: TrainerMetrics, *,
                  check_s: float = 0.25, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.enabled = settings.trainer_backpressure
         self.budget_s = settings.latency_budget_ms / 1000.0
         self.pause_max_s = settings.trainer_pause_max_s
+        self.min_duty = settings.trainer_min_duty
+        owed_steps_s(0.0, self.min_duty)  # a bad duty fails at start, not mid-run
         self.redis = redis
         self.key = Keys(settings.redis_prefix).worker_health
         self.metrics = metrics
         self.check_s = check_s
         self.clock = clock
         self.sleep = sleep
+        self.monotonic = monotonic
         self.lags: dict[str, float] = {}
         self._checked = 0.0
+        self._train_until = 0.0
+        """Monotonic time before which no pause is asked (the duty floor)."""
         self.paused_s = 0.0
         """Seconds paused since this trainer started."""
 
@@ -140,27 +169,35 @@ class Yielder:
         """After each training step: pause while :meth:`reason` says so (bounded)."""
         if not self.enabled:
             return
-        now = time.monotonic()
-        if now - self._checked < self.check_s:
+        now = self.monotonic()
+        if now - self._checked < self.check_s or now < self._train_until:
             return
         self._checked = now
         why = self.reason()
         if why is None:
             return
-        started = time.monotonic()
+        started = self.monotonic()
         self.metrics.pauses.labels(why).inc()
         self.metrics.paused.set(1)
         log.info("fine-tune paused at step %d: the workers are over their budget (%s)",
                  step, why)
         try:
-            while why is not None and time.monotonic() - started < self.pause_max_s:
+            while why is not None and self.monotonic() - started < self.pause_max_s:
                 self.sleep(self.check_s)
                 why = self.reason()
         finally:
-            waited = time.monotonic() - started
+            waited = self.monotonic() - started
             self.paused_s += waited
             self.metrics.paused_seconds.inc(waited)
             self.metrics.paused.set(0)
-            self._checked = time.monotonic()
-        log.info("fine-tune resumed after %.1fs%s", waited,
-                 "" if why is None else " (the longest pause; the workers are still busy)")
+            self._checked = self.monotonic()
+        if why is None:
+            log.info("fine-tune resumed after %.1fs", waited)
+            return
+        owed = owed_steps_s(waited, self.min_duty)
+        self._train_until = self._checked + owed
+        self.metrics.unhelpful_pauses.inc()
+        self.metrics.duty_seconds.inc(owed)
+        log.info("fine-tune resumed after %.1fs, the longest pause: the workers are still "
+                 "over budget without it, so it trains %.1fs before it asks again",
+                 waited, owed)

@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from tailstream.metrics import TrainerMetrics
@@ -106,3 +107,85 @@ def test_lower_priority_caps_the_torch_threads() -> None:
         assert torch.get_num_threads() == 1 and "1 torch thread" in done
     finally:
         torch.set_num_threads(before)
+
+
+class Clock:
+    """A monotonic clock that only moves when the trainer sleeps or trains."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+class StampedRedis:
+    """One worker whose report is fresh at every reading: over budget (``p99``), or
+    under it from reading ``under_after`` on."""
+
+    def __init__(self, clock: Clock, p99: float, under_after: int | None = None) -> None:
+        self.clock, self.p99, self.under_after, self.calls = clock, p99, under_after, 0
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        self.calls += 1
+        p99 = self.p99 if self.under_after is None or self.calls <= self.under_after else 0.1
+        return {b"w": json.dumps({"p99_s": p99, "lag": 0, "at": self.clock.t}).encode()}
+
+
+def clocked(**overrides: Any) -> tuple[Yielder, Clock, TrainerMetrics]:
+    settings = Settings().replace(**{"latency_budget_ms": 250.0, "trainer_pause_max_s": 30.0,
+                                     **overrides})
+    clock = Clock()
+    metrics = TrainerMetrics(CollectorRegistry())
+    y = Yielder(settings, StampedRedis(clock, 0.9), metrics, check_s=1.0, clock=clock,
+                sleep=clock.sleep, monotonic=clock)
+    return y, clock, metrics
+
+
+def train(y: Yielder, clock: Clock, seconds: float, step_s: float = 1.0) -> tuple[float, float]:
+    """Steps of ``step_s`` for ``seconds`` of wall clock; returns (trained, paused) s."""
+    start, trained = clock.t, 0.0
+    step = 0
+    while clock.t - start < seconds:
+        clock.t += step_s
+        trained += step_s
+        y.on_step(step, 1.0)
+        step += 1
+    return trained, clock.t - start - trained
+
+
+def test_pauses_that_do_not_help_leave_the_fine_tune_its_duty_share() -> None:
+    """Workers over budget whatever the trainer does: before the duty floor the trainer
+    ran one step per 30 s pause (1/31 of the clock), so a run on a busy machine never
+    ended; with duty 0.5 it trains half the time, at most."""
+    y, clock, metrics = clocked(trainer_min_duty=0.5)
+    trained, paused = train(y, clock, 600.0)
+    assert 0.45 <= trained / (trained + paused) <= 0.55
+    assert value(metrics, "tailstream_trainer_unhelpful_pauses_total") >= 9
+    assert value(metrics, "tailstream_trainer_duty_seconds_total") == pytest.approx(
+        value(metrics, "tailstream_trainer_paused_seconds_total"), rel=0.05)
+    y0, clock0, _ = clocked(trainer_min_duty=0.0)  # the old rule: a step per pause
+    trained0, paused0 = train(y0, clock0, 600.0)
+    assert trained0 / (trained0 + paused0) < 0.05
+
+
+def test_a_pause_that_helps_owes_no_training_time() -> None:
+    """Workers back under budget during the pause: no duty run, so the next over-budget
+    report pauses again at once (the stream keeps its protection)."""
+    y, clock, metrics = clocked(trainer_min_duty=0.5)
+    y.redis = StampedRedis(clock, 0.9, under_after=3)  # over for 3 readings, then under
+    y.on_step(0, 1.0)
+    assert value(metrics, "tailstream_trainer_unhelpful_pauses_total") == 0
+    y.redis = StampedRedis(clock, 0.9)
+    clock.t += 1.0
+    y.on_step(1, 1.0)
+    assert value(metrics, "tailstream_trainer_pauses_total", reason="latency") == 2
+
+
+def test_a_duty_of_one_or_more_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="TAILSTREAM_TRAINER_MIN_DUTY"):
+        clocked(trainer_min_duty=1.0)
+
