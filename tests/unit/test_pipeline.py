@@ -932,6 +932,7 @@ def test_refresh_aged_respects_its_limit() -> None:
 def test_refresh_users_respects_the_refresh_rate() -> None:
     async def scenario() -> tuple[Harness, int, float]:
         h = make(refresh_rate=1000.0)
+        h.pipeline.refresh.sizer.per_user_s = 1e-5  # turns this cheap fit 100 users
         users = [f"u{n}" for n in range(200)]
         began = time.monotonic()
         n = await h.pipeline.refresh.refresh_users(users, "promotion", chunk=100)
@@ -942,6 +943,23 @@ def test_refresh_users_respects_the_refresh_rate() -> None:
     assert took >= 0.18  # two chunks of 100 at 1000 users/s: 0.2 s (lower bound only)
     assert [len(call) for call in h.sink.calls] == [100, 100]
     assert h.value("tailstream_refreshed_users_total", trigger="promotion") == 200.0
+
+
+def test_a_bulk_refresh_scores_chunks_that_fit_one_turn_of_the_budget() -> None:
+    """A promotion's refresh takes chunks of what one scoring turn fits in the latency
+    budget, not a fixed 100: a user who acts meanwhile waits for one chunk at most."""
+    async def scenario() -> tuple[Harness, int]:
+        h = make(refresh_rate=100_000.0, latency_budget_ms=250.0, scoring_turn_share=0.3)
+        sizer = h.pipeline.refresh.sizer
+        for n in (8, 16, 32):  # 10 ms + 5 ms a user: 0.075 s fits 13 users
+            sizer.observe(n, 0.01 + 0.005 * n)
+        return h, await h.pipeline.refresh.refresh_users([f"u{n}" for n in range(40)],
+                                                        "promotion", chunk=100)
+
+    h, n = run(scenario())
+    assert n == 40
+    assert [len(call) for call in h.sink.calls] == [13, 13, 13, 1]
+    assert h.value("tailstream_refresh_pending_users", trigger="promotion") == 0.0
 
 
 # --------------------------------------------------------------------------- training
