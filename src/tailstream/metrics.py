@@ -18,6 +18,7 @@ from tailstream.contract import CLASSES, TIERS
 # finer around the 250 ms budget, so a p99 near it reads true.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
                    0.75, 1.0, 2.5, 5.0, 10.0)
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
 
 
@@ -171,6 +172,15 @@ class Metrics:
             "timestamp → batch applied), queue (→ scoring turn began), turn (scoring), "
             "publish (Redis and Kafka writes; turn and publish once per turn).",
             ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Histogram(
+            "tailstream_event_loop_lag_seconds",
+            "How much later than asked a 50 ms sleep on the worker's event loop woke up "
+            "(streams/worker/loop_watch.py): 0 on a loop that keeps up, a stall's length.",
+            buckets=LAG_BUCKETS, registry=r)
+        self.loop_stalls = Counter(
+            "tailstream_event_loop_stalls",
+            "Times the event loop did not run for TAILSTREAM_LOOP_STALL_MS or longer (each "
+            "logged at WARNING with the stack that held it).", registry=r)
         self.batch_size = Histogram(
             "tailstream_batch_events",
             "Messages per processing batch.", buckets=BATCH_BUCKETS, registry=r)

@@ -426,6 +426,9 @@ class Settings:
     latency_budget_ms: float = 250.0
     """Event → Redis p99 target. Scoring turns are sized to finish within it, a user who
     waited longer is scored next, and the trainer pauses while a worker is over it."""
+    loop_stall_ms: float = 250.0
+    """The event loop not running this long is a stall: counted, and logged with the stack
+    that held it (streams/worker/loop_watch.py; 0: no watch)."""
     scorer_start_wait_s: float = 30.0
     """At its start a transformer worker waits this long at most for its model before it
     processes events, so the first lists come from the model, not the baseline."""

@@ -41,6 +41,7 @@ from tailstream.streams.stores.publisher import Publisher
 from tailstream.streams.worker.attribution import Attribution
 from tailstream.streams.worker.batch_send import BatchSender
 from tailstream.streams.worker.dead_letters import DeadLetter
+from tailstream.streams.worker.loop_watch import LoopWatch
 from tailstream.streams.worker.model_updates import add_model_tasks
 from tailstream.streams.worker.pages import add_pages
 from tailstream.streams.worker.pipeline import Pipeline, RawMessage
@@ -161,6 +162,12 @@ def create_app(settings: Settings) -> Worker:
     app.on_before_shutdown.connect(cast(Any, stop_sender))
 
     add_timers(app, settings, pipeline, metrics, recovery)
+    watch = LoopWatch(metrics, stall_s=settings.loop_stall_ms / 1000.0)
+
+    @app.task
+    async def watch_the_loop() -> None:
+        await watch.run()
+
     add_pages(app, settings, pipeline, metrics, redis)
     if scoring is not None:
         add_model_tasks(app, settings, scoring, pipeline)
