@@ -49,7 +49,7 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     s = json.loads(summary_path.read_text())
     for key in ("events_produced", "events_consumed", "dlq", "malformed_injected",
                 "recommendations_published", "users_with_recs_in_redis", "latency_ms_p50",
-                "latency_ms_p99"):
+                "latency_ms_p99", "event_loop_stalls", "finetune_unhelpful_pauses"):
         assert key in s, key
     assert s["events_produced"] >= 3000
     assert s["events_consumed"] == s["events_produced"]

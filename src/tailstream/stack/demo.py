@@ -462,6 +462,7 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
         "serving_model_version": int(m.get("tailstream_serving_model_version_number", 0)),
         "latency_ms_p50": _round(percentile(lat, 50)),
         "latency_ms_p99": _round(percentile(lat, 99)),
+        "event_loop_stalls": int(m.get("tailstream_event_loop_stalls_total", 0)),
         "events_per_s": round(int(m.get("tailstream_events_in_total", 0)) / max(elapsed, 1e-9), 1),
         "finetunes": {k: int(t.get(f"tailstream_finetune_runs_total{{outcome={k}}}", 0))
                       for k in ("promoted", "canary", "rejected", "failed", "skipped")}
@@ -633,6 +634,7 @@ def _freshness(watcher: RecsWatcher, promotions: UpdatesWatcher, view: LiveView
         "lists_during_finetune": len(during),
         "finetune_seconds": round(sum(b - a for a, b in view.spans), 1),
         "finetune_paused_s": view.paused_s,
+        "finetune_unhelpful_pauses": view.unhelpful_pauses,
         "model_update_s": max(firsts) if firsts else None,
         "model_updates": updates,
     }
@@ -669,6 +671,9 @@ class LiveView:
         """Wall-clock [from, to] while the trainer said a fine-tune was running (each
         sample that saw it running covers the time since the sample before)."""
         self.paused_s: float | None = None
+        self.unhelpful_pauses: int | None = None
+        """Pauses that ran to their bound with the worker still over budget (each bought
+        the fine-tune a run of steps: the trainer's duty floor)."""
         self._sampled_at: float | None = None
 
     def rates(self) -> tuple[float | None, float | None]:
@@ -737,6 +742,9 @@ class LiveView:
         paused = trainer.get("tailstream_trainer_paused_seconds_total")
         if paused is not None:
             self.paused_s = round(paused, 1)
+        unhelpful = trainer.get("tailstream_trainer_unhelpful_pauses_total")
+        if unhelpful is not None:
+            self.unhelpful_pauses = int(unhelpful)
 
     def close(self) -> None:
         """Nothing to release (kept for symmetry with the callers' try/finally)."""
