@@ -165,6 +165,13 @@ class Yielder:
         self.lags = {w: float(r.get("lag", 0.0)) for w, r in reports.items()}
         return why
 
+    def _count_pause(self, since: float) -> float:
+        """Add the pause's time since ``since`` to the totals; returns now."""
+        now = self.monotonic()
+        self.paused_s += now - since
+        self.metrics.paused_seconds.inc(now - since)
+        return now
+
     def on_step(self, step: int, loss: float) -> None:
         """After each training step: pause while :meth:`reason` says so (bounded)."""
         if not self.enabled:
@@ -181,14 +188,17 @@ class Yielder:
         self.metrics.paused.set(1)
         log.info("fine-tune paused at step %d: the workers are over their budget (%s)",
                  step, why)
+        counted = started
         try:
             while why is not None and self.monotonic() - started < self.pause_max_s:
                 self.sleep(self.check_s)
+                # Counted as it passes: a reader during a long pause (a benchmark's window
+                # ending mid-pause) sees it, not 0 until the pause ends.
+                counted = self._count_pause(counted)
                 why = self.reason()
         finally:
+            self._count_pause(counted)
             waited = self.monotonic() - started
-            self.paused_s += waited
-            self.metrics.paused_seconds.inc(waited)
             self.metrics.paused.set(0)
             self._checked = self.monotonic()
         if why is None:

@@ -189,3 +189,19 @@ def test_a_duty_of_one_or_more_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="TAILSTREAM_TRAINER_MIN_DUTY"):
         clocked(trainer_min_duty=1.0)
 
+
+
+def test_a_pause_is_counted_while_it_lasts_not_only_when_it_ends() -> None:
+    """A reader in the middle of a long pause (a benchmark's window that ends mid-pause)
+    sees the seconds paused so far: the total had stayed 0 until the pause ended."""
+    y, clock, metrics = clocked(trainer_min_duty=0.5)
+    seen: list[float] = []
+
+    def sleep_and_read(s: float) -> None:
+        clock.sleep(s)
+        seen.append(value(metrics, "tailstream_trainer_paused_seconds_total"))
+
+    y.sleep = sleep_and_read
+    y.on_step(0, 1.0)
+    assert seen[1] == 1.0 and seen[10] == 10.0  # check_s = 1 s: a second per reading
+    assert value(metrics, "tailstream_trainer_paused_seconds_total") == 30.0 == y.paused_s
