@@ -644,6 +644,13 @@ def test_the_demo_shop_waits_for_the_canary_of_the_run_going_at_the_end(
     assert not rejected.up(61.0)  # a run is going at the end …
     state(4, 1, 0, 1, rejected=2)
     assert not rejected.up(90.0)  # … the gate rejected it, the queued one runs: wait
+    assert not rejected.up(60.0 + 120.0 + 30.0 + 60.0 + 1.0)  # its own allowance …
+    assert rejected.up(60.0 + 240.0 + 30.0 + 60.0)  # … bounded too
+    rejected = demo.ShopClock(60.0, ts)
+    state(3, 1, 0, 1, rejected=1)
+    assert not rejected.up(61.0)
+    state(4, 1, 0, 1, rejected=2)
+    assert not rejected.up(90.0)
     state(5, 0, 5, 2, rejected=2)
     assert not rejected.up(120.0)  # that one started a canary: wait for its decision
     state(5, 0, 0, 2, rejected=2)

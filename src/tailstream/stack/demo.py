@@ -292,8 +292,11 @@ class ShopClock:
     end in one; so the shop goes on until that canary, or the first promotion or canary a
     run going then or after it makes, is decided — a run the gate rejects is followed by
     the one queued behind it, whose canary would otherwise be judged on no traffic at all
-    (at most a fine-tune's and three canary windows' time more): the summary then shows a
-    canary decided on traffic."""
+    (at most a fine-tune's and three canary windows' time more, and once a run has been
+    rejected since, a second fine-tune's: the queued run gets its own allowance; on a slow
+    machine a rejected run and its successor had outlasted one allowance, and the canary
+    started just after the shop closed): the summary then shows a canary decided on
+    traffic."""
 
     def __init__(self, seconds: float | None, ts: Settings | None) -> None:
         self.seconds = seconds
@@ -305,8 +308,10 @@ class ShopClock:
         if self.seconds is None or elapsed < self.seconds:
             return False
         ts = self.ts
-        if ts is None or elapsed >= self.seconds + ts.finetune_max_seconds + 30.0 + \
-                3 * ts.canary_window_s:
+        if ts is None:
+            return True
+        bound = self.seconds + ts.finetune_max_seconds + 30.0 + 3 * ts.canary_window_s
+        if elapsed >= bound + ts.finetune_max_seconds:
             return True
         t = _scrape_or_empty(trainer_metrics_url(ts))
         now = {"runs": t.get("tailstream_finetune_runs_total", 0.0),
@@ -317,6 +322,8 @@ class ShopClock:
                * t.get("tailstream_canary_model_version_number", 0.0),
                "started": t.get("tailstream_canaries_total{outcome=started}", 0.0)}
         then = self.then = self.then or now
+        if elapsed >= bound and now["not_kept"] == then["not_kept"]:
+            return True  # no run rejected since: one fine-tune's allowance
         if now["canary"] and (now["canary"] == then["canary"] or (
                 then["running"] and now["started"] == then["started"] + 1)):
             return False  # the canary of then, or the first one started since
