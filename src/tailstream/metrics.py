@@ -456,7 +456,8 @@ class TrainerMetrics:
         self.unhelpful_pauses = Counter(
             "tailstream_trainer_unhelpful_pauses",
             "Pauses that ran to TAILSTREAM_TRAINER_PAUSE_MAX_S with the workers still over "
-            "budget; each is followed by a run of steps (the duty floor).", registry=r)
+            "budget (with TAILSTREAM_TRAINER_MIN_DUTY > 0 each buys a run of steps).",
+            registry=r)
         self.duty_seconds = Counter(
             "tailstream_trainer_duty_seconds",
             "Seconds of training owed after unhelpful pauses (no pause is asked for during "

@@ -379,11 +379,13 @@ class Settings:
     trainer_pause_max_s: float = 30.0
     """Longest single pause: a step then runs anyway, so a run under constant load still
     ends (``finetune_max_seconds`` counts the pauses)."""
-    trainer_min_duty: float = 0.5
+    trainer_min_duty: float = 0.0
     """Share of the wall clock a fine-tune keeps for its steps when pausing does not help:
     after a pause that ran to ``trainer_pause_max_s`` with the workers still over budget,
-    it trains ``pause × duty / (1 − duty)`` seconds before it asks again (0: pause again
-    at the next step, as before; must be below 1)."""
+    it trains ``pause × duty / (1 − duty)`` seconds before it asks again (must be below
+    1). 0 (the default): the stream first — pause again at the next step; on a machine
+    too small for the stream a fine-tune then crawls (``tailstream_trainer_unhelpful_
+    pauses_total`` says so). 0.5 let the 2-core demo promote, at the workers' latency."""
 
     # --- Supervision (tailstream up) ------------------------------------
     stack_port: int = 6068
