@@ -385,7 +385,7 @@ class Settings:
     it trains ``pause × duty / (1 − duty)`` seconds before it asks again (must be below
     1). 0 (the default): the stream first — pause again at the next step; on a machine
     too small for the stream a fine-tune then crawls (``tailstream_trainer_unhelpful_
-    pauses_total`` says so). 0.5 let the 2-core demo promote, at the workers' latency."""
+    pauses_total`` says so); 0.5 let the 2-core demo promote in two runs of four."""
 
     # --- Supervision (tailstream up) ------------------------------------
     stack_port: int = 6068

@@ -23,9 +23,8 @@ and back-pressure between training steps.
   ``pause × duty / (1 − duty)`` seconds before it asks again (0.5: a 30 s pause buys
   30 s of steps), still at the lowest CPU priority. A pause that ends because the workers
   recovered owes nothing: the next over-budget report pauses at once. The default is 0
-  (the stream first): on the 2-core development machine the steps slowed the worker even
-  at ``SCHED_IDLE`` (a demo with six such runs read p99 3.0 s against 0.36–0.66 s with
-  one or none), so a model that must update on a saturated machine is an explicit choice.
+  (the stream first, as the back-pressure promises): a model that must update on a
+  saturated machine is an explicit choice (docs/benchmarks.md has the demos at 0 and 0.5).
   Metrics: ``tailstream_trainer_unhelpful_pauses_total`` (counted whatever the duty: a
   machine too small for the stream) and ``tailstream_trainer_duty_seconds_total``.
 
