@@ -14,6 +14,15 @@ not train on, :func:`~tailstream.models.training.finetune.evaluate`). The candid
 and at least one of them actually improved (a candidate equal to the current model is
 not worth a new version). Otherwise it is kept as *rejected*, with the reason.
 
+A quality metric that comes with its bootstrap standard error (``<metric>_se``, the
+decision objectives) is held to the larger of ``ε_q`` and ``z · √(se_cur² + se_cand²)``
+(``TAILSTREAM_GATE_NOISE_Z``, 2): a G-mean over a window of four purchases moves by
+a few tenths from one draw of events to the next (one class without a hit zeroes it), and
+a fall inside that noise is not evidence that the candidate is worse. The two standard
+errors are taken as independent although both models are scored on the same window, which
+overstates the noise of the difference; a candidate let through on noise still serves a
+canary share first and is judged online before it serves everyone.
+
 The routine adds the configured decision objective (``TAILSTREAM_SELECTION_OBJECTIVE``,
 held-out metric :func:`objective_metric`, e.g. ``objective_g_mean``) to the quality
 metrics: policy selection picks the candidate that is best on it, and the gate makes sure
@@ -50,11 +59,31 @@ class GateDecision:
     no_improvement."""
 
 
+def noise_tolerance(current: Mapping[str, float], candidate: Mapping[str, float], key: str,
+                    tolerance: float, z: float) -> float:
+    """The fall of ``key`` the gate allows: ``max(ε, z · √(se_cur² + se_cand²))`` where
+    both sides carry ``<key>_se`` (a normal-approximation test of the difference of two
+    estimates, independent errors assumed), else ``ε``.
+
+    >>> noise_tolerance({"g": 0.23, "g_se": 0.144}, {"g": 0.0, "g_se": 0.0}, "g", 0.02, 2.0)
+    0.288
+    >>> noise_tolerance({"h": 0.8}, {"h": 0.7}, "h", 0.02, 2.0)
+    0.02
+    """
+    se = f"{key}_se"
+    if z <= 0 or (se not in current and se not in candidate):
+        return tolerance
+    a, b = float(current.get(se, 0.0)), float(candidate.get(se, 0.0))
+    return max(tolerance, round(z * (a * a + b * b) ** 0.5, 6))
+
+
 def decide(current: Mapping[str, float], candidate: Mapping[str, float],
            gated_classes: Sequence[str] = TRANSACTION_CLASSES, *,
            recall_tolerance: float = 0.01, quality_tolerance: float = 0.02,
-           quality_metrics: Sequence[str] = QUALITY_METRICS) -> GateDecision:
-    """Promote or reject, with a reason that names the numbers.
+           quality_metrics: Sequence[str] = QUALITY_METRICS,
+           noise_z: float = 0.0) -> GateDecision:
+    """Promote or reject, with a reason that names the numbers. With ``noise_z`` > 0 a
+    metric with standard errors may fall by :func:`noise_tolerance`.
 
     >>> cur = {"recall_cart": 0.30, "recall_purchase": 0.20, "macro_f1": 0.40, "hit_at_10": 0.5,
     ...        "support_cart": 50, "support_purchase": 20}
@@ -63,6 +92,11 @@ def decide(current: Mapping[str, float], candidate: Mapping[str, float],
     >>> d = decide(cur, {**cur, "recall_purchase": 0.35, "macro_f1": 0.30})
     >>> d.promote, d.reason
     (False, 'rejected: macro_f1 fell 0.400 → 0.300 (tolerance 0.020)')
+    >>> noisy = {**cur, "objective_g_mean": 0.23, "objective_g_mean_se": 0.14}
+    >>> decide(noisy, {**noisy, "objective_g_mean": 0.0, "objective_g_mean_se": 0.0,
+    ...                "hit_at_10": 0.6}, noise_z=2.0,
+    ...        quality_metrics=("hit_at_10", "objective_g_mean")).promote
+    True
     """
     deltas: dict[str, float] = {}
     problems: list[str] = []
@@ -85,9 +119,11 @@ def decide(current: Mapping[str, float], candidate: Mapping[str, float],
             continue
         a, b = float(current.get(key, 0.0)), float(candidate.get(key, 0.0))
         deltas[key] = b - a
-        notes.append(f"{key} {a:.3f} → {b:.3f}")
-        if b < a - quality_tolerance:
-            problems.append(f"{key} fell {a:.3f} → {b:.3f} (tolerance {quality_tolerance:.3f})")
+        tolerance = noise_tolerance(current, candidate, key, quality_tolerance, noise_z)
+        noise = "" if tolerance == quality_tolerance else f", within noise {tolerance:.3f}"
+        notes.append(f"{key} {a:.3f} → {b:.3f}{noise if b < a else ''}")
+        if b < a - tolerance:
+            problems.append(f"{key} fell {a:.3f} → {b:.3f} (tolerance {tolerance:.3f})")
             codes.append("quality_fell")
         improved |= b > a + 1e-9
     if problems:

@@ -209,7 +209,7 @@ def _decide(current: Mapping[str, float], candidate: Mapping[str, float], gate: 
     return decide(current, candidate, () if gate.move_to else gate.classes,
                   recall_tolerance=gate.recall_tolerance,
                   quality_tolerance=gate.quality_tolerance,
-                  quality_metrics=tuple(dict.fromkeys(quality)))
+                  quality_metrics=tuple(dict.fromkeys(quality)), noise_z=gate.noise_z)
 
 
 def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,

@@ -274,6 +274,9 @@ class GateConfig:
     """Minority classes whose held-out recall must improve or hold."""
     recall_tolerance: float = 0.01
     quality_tolerance: float = 0.02
+    noise_z: float = 2.0
+    """A metric with a standard error may fall by ``z`` standard errors of the difference
+    (:func:`~tailstream.models.training.gate.noise_tolerance`); 0: the fixed tolerance."""
     objective: str = "g_mean"
     """The decision objective scored on the held-out window (``g_mean``, ``macro_f1``,
     ``minority_recall``): what picks the best candidate, and a gated quality metric."""
@@ -459,6 +462,7 @@ def gate_config(settings: Settings) -> GateConfig:
     return GateConfig(tuple(c.strip() for c in settings.gate_classes.split(",") if c.strip()),
                       recall_tolerance=settings.gate_recall_tolerance,
                       quality_tolerance=settings.gate_quality_tolerance,
+                      noise_z=settings.gate_noise_z,
                       objective=settings.selection_objective,
                       precision_floor=settings.selection_precision_floor,
                       move_to=settings.decision_objective or None,

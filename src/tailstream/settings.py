@@ -330,6 +330,10 @@ class Settings:
     gate_quality_tolerance: float = 0.02
     """Largest allowed drop of macro-F1, HitRate@10 and the selection objective for a
     promotion."""
+    gate_noise_z: float = 2.0
+    """``TAILSTREAM_GATE_NOISE_Z``: a gated metric with a bootstrap standard error (the
+    decision objectives) may fall by this many standard errors of the difference when that
+    is more than the tolerance: a fall inside the window's noise is no evidence (0: off)."""
     finetune_sampler: str = "smote"
     """``TAILSTREAM_FINETUNE_SAMPLER``: how synthetic minority pairs are made when
     ``TAILSTREAM_FINETUNE_SMOTE_SHARE`` > 0: smote or adasyn (imbalanced-learn, in the

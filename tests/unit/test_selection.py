@@ -19,6 +19,7 @@ from tailstream.configs import (
     GateConfig,
     SelectionConfig,
     TowerConfig,
+    gate_config,
     policy,
 )
 from tailstream.contract import CLASSES, Event
@@ -182,6 +183,26 @@ def test_the_gate_guards_the_objective_too() -> None:
                    quality_metrics=metrics)
     assert not worse.promote and "objective_g_mean fell 0.400 → 0.300" in worse.reason
     assert decide(cur, {**cur, "objective_g_mean": 0.45}, quality_metrics=metrics).promote
+
+
+def test_a_fall_inside_the_windows_noise_does_not_reject_but_a_clear_one_does() -> None:
+    """The first fine-tune of a fresh demo: a window of ~four purchases, the served G-mean
+    0.232 ± 0.144, the candidate's 0 (one class without a hit), its HitRate@10 up."""
+    metrics = ("hit_at_10", objective_metric("g_mean"))
+    cur = {"hit_at_10": 0.761, "objective_g_mean": 0.232, "objective_g_mean_se": 0.144}
+    thin = {"hit_at_10": 0.770, "objective_g_mean": 0.0, "objective_g_mean_se": 0.0}
+    let_through = decide(cur, thin, (), quality_metrics=metrics, noise_z=2.0)
+    assert let_through.promote and "within noise 0.288" in let_through.reason
+    assert not decide(cur, thin, (), quality_metrics=metrics, noise_z=0.0).promote
+    # The same fall measured on a window large enough to tell is a fall.
+    sure = {**cur, "objective_g_mean_se": 0.01}
+    clear = decide(sure, {**thin, "objective_g_mean_se": 0.01}, (), quality_metrics=metrics,
+                   noise_z=2.0)
+    assert not clear.promote and "objective_g_mean fell 0.232 → 0.000" in clear.reason
+    # HitRate carries no standard error: its tolerance stays the fixed one.
+    assert not decide(cur, {**thin, "hit_at_10": 0.70}, (), quality_metrics=metrics,
+                      noise_z=2.0).promote
+    assert gate_config(Settings().replace(gate_noise_z=0.0)).noise_z == 0.0
 
 
 # --------------------------------------------------------------------------- the routine
