@@ -62,8 +62,8 @@ class GateDecision:
 def noise_tolerance(current: Mapping[str, float], candidate: Mapping[str, float], key: str,
                     tolerance: float, z: float) -> float:
     """The fall of ``key`` the gate allows: ``max(ε, z · √(se_cur² + se_cand²))`` where
-    both sides carry ``<key>_se`` (a normal-approximation test of the difference of two
-    estimates, independent errors assumed), else ``ε``.
+    the metrics carry ``<key>_se`` (a normal-approximation test of the difference of two
+    estimates, independent errors assumed; a side without one counts 0), else ``ε``.
 
     >>> noise_tolerance({"g": 0.23, "g_se": 0.144}, {"g": 0.0, "g_se": 0.0}, "g", 0.02, 2.0)
     0.288
