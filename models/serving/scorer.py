@@ -33,8 +33,9 @@ For each user (a micro-batch of users at a time):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -327,6 +328,13 @@ class Scorer:
             self._decisions = DecisionLayer.from_dict(raw) if raw else None
             self._decisions_of = served
         return self._decisions
+
+    def set_decisions(self, raw: Mapping[str, Any] | None) -> None:
+        """Serve a refreshed decision layer (the trainer refitted the served version's
+        thresholds at a rejected trigger) with the same weights: one assignment, so the
+        scoring thread decides with the old layer or the new one, never a mix."""
+        self.served = dataclasses.replace(self.served,
+                                          manifest={**self.served.manifest, "decisions": raw})
 
     def outcomes(self, proba: np.ndarray) -> tuple[list[float], list[float], list[str]]:
         """p(purchase), p(cart) and the decided outcome for rows of the head's class

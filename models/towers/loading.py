@@ -76,8 +76,9 @@ def load_served(store: ModelStore, version: str, encoder_path: str | Path | None
         model = build_model(encoder, tower_default)
         return ServedModel(base_version_name(encoder.fingerprint), _ready(model, device),
                            encoder.tokenizer, encoder.fingerprint,
-                           {"version": BASE_VERSION, "encoder": {
-                               "base_fingerprint": encoder.fingerprint}})
+                           with_refreshed_decisions(store, BASE_VERSION, {
+                               "version": BASE_VERSION,
+                               "encoder": {"base_fingerprint": encoder.fingerprint}}))
     ckpt = store.load(version)
     info = ckpt.manifest.get("encoder", {})
     if info.get("base_fingerprint") != encoder.fingerprint:
@@ -100,7 +101,19 @@ def load_served(store: ModelStore, version: str, encoder_path: str | Path | None
     fingerprint = (info.get("fingerprint") or encoder.fingerprint) if info.get("included") \
         else encoder.fingerprint
     return ServedModel(version, _ready(model, device), encoder.tokenizer, str(fingerprint),
-                       ckpt.manifest)
+                       with_refreshed_decisions(store, version, ckpt.manifest))
+
+
+def with_refreshed_decisions(store: ModelStore, version: str, manifest: dict[str, Any]
+                             ) -> dict[str, Any]:
+    """``manifest`` with its decision layer replaced by the store's last refresh of it
+    (:meth:`~tailstream.models.towers.store.ModelStore.save_decisions`), if any: a worker
+    that starts later serves the thresholds the running ones were sent."""
+    refreshed = store.refreshed_decisions(version)
+    if refreshed is None:
+        return manifest
+    return {**manifest, "decisions": refreshed["decisions"],
+            "decisions_refreshed_at": refreshed.get("at")}
 
 
 def _ready(model: TwoTowerRecommender, device: torch.device) -> TwoTowerRecommender:

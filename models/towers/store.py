@@ -8,6 +8,10 @@ Layout under the store root (``TAILSTREAM_MODEL_DIR``, default ``{data_dir}/mode
                                         data window, metrics, files' sha256, encoder
     CURRENT                             the served version ("base" before any promotion)
     history.jsonl                       one line per promotion / rollback
+    decisions/v00001.json               the version's decision layer as last refreshed
+                                        (``base.json`` for the base model): a trigger
+                                        whose candidate was rejected refits the served
+                                        version's thresholds; its weights never change
 
 * **Safetensors only**: tensors load without unpickling anything, so a tampered file can
   corrupt numbers but never run code.
@@ -184,6 +188,33 @@ class ModelStore:
                 except StoreError:
                     continue
         return out
+
+    # ------------------------------------------------------------------ decisions
+    def _decisions_file(self, version: str) -> Path:
+        return self.root / "decisions" / f"{check_version(version)}.json"
+
+    def save_decisions(self, version: str, layer: Mapping[str, Any],
+                       info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Record a refreshed decision layer for ``version`` (which keeps its weights and
+        manifest): it replaces the manifest's ``decisions`` wherever the version is
+        loaded from now on (:func:`~tailstream.models.towers.loading.load_served`)."""
+        if version != BASE_VERSION:
+            self.manifest(version)  # a refresh is for a version that exists
+        entry = {**(info or {}), "version": version, "at": time.time(),
+                 "decisions": dict(layer)}
+        self._write_atomic(self._decisions_file(version),
+                           json.dumps(entry, default=_json_default).encode())
+        return entry
+
+    def refreshed_decisions(self, version: str) -> dict[str, Any] | None:
+        """The last refresh of ``version``'s decision layer (:meth:`save_decisions`), or
+        None; an unreadable file counts as none (the manifest's layer serves)."""
+        try:
+            entry = json.loads(self._decisions_file(version).read_text())
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry, dict) and isinstance(entry.get("decisions"),
+                                                               dict) else None
 
     # ------------------------------------------------------------------ serving pointer
     def current(self) -> str:

@@ -91,6 +91,13 @@ class Candidate:
     """The decision layer fitted on the held-out window (:func:`fit_decisions`), which the
     version's manifest carries to the workers (None without a gate, for a rejected
     candidate, or without a usable window)."""
+    served_decisions: dict[str, object] | None = None
+    """A rejected candidate's trigger still refreshes the *served* model's decisions
+    (``GateConfig.refresh_decisions``): the layer fitted on the served head's
+    probabilities on the same held-out window — the thresholds the gate judged it with —
+    so a stream whose candidates are rejected still decides at today's window rather
+    than at the last promotion's (or, for the base model, at the argmax). None when
+    promoted, switched off, or without a usable window."""
 
 
 def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
@@ -116,10 +123,13 @@ def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     if gate is None:
         return cand
     cand.metrics = _evaluate(cand.model, cand.vectors, data, cfg, gate, cand)
-    cand.current = _evaluate(served.model, vectors, data, cfg, gate)
+    served_proba: list[np.ndarray] = []
+    cand.current = _evaluate(served.model, vectors, data, cfg, gate, keep=served_proba)
     cand.decision = _decide(cand.current, cand.metrics, gate)
     if cand.decision.promote:
         cand.decisions = fit_decisions(cand, data, gate)
+    else:
+        cand.served_decisions = refresh_decisions(served_proba, cand, data, gate)
     return cand
 
 
@@ -153,16 +163,19 @@ def _train(served: ServedModel, vectors: TextVectors, data: TrainData, cfg: Fine
 
 
 def _evaluate(model: TwoTowerRecommender, vectors: TextVectors, data: TrainData,
-              cfg: FineTuneConfig, gate: GateConfig, cand: Candidate | None = None
-              ) -> dict[str, float]:
-    """Held-out metrics; a ``cand``idate also keeps its head's held-out probabilities."""
+              cfg: FineTuneConfig, gate: GateConfig, cand: Candidate | None = None,
+              keep: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Held-out metrics; a ``cand``idate also keeps its head's held-out probabilities
+    (and so does ``keep``, a list the probabilities are appended to)."""
     proba: list[np.ndarray] = []
     metrics = evaluate(model, vectors.vectors, data.holdout, data.stream_mix,
                        minority_classes=list(cfg.minority_classes), objective=gate.objective,
                        precision_floor=gate.precision_floor, move_to=gate.move_to,
-                       proba_out=proba if cand is not None else None)
+                       proba_out=proba if cand is not None or keep is not None else None)
     if cand is not None and proba:
         cand.holdout_proba = proba[0]
+    if keep is not None:
+        keep.extend(proba)
     return metrics
 
 
@@ -180,7 +193,25 @@ def fit_decisions(cand: Candidate, data: TrainData, gate: GateConfig
     to its live class prior at every list, so a change in the mix moves decisions without
     a fine-tune. None when there is nothing to fit (no moved decisions, a window under
     :data:`MIN_DECISION_WINDOW` samples or with a single class)."""
-    proba, classes = cand.holdout_proba, list(cand.model.config.classes)
+    return _fit_layer(cand.holdout_proba, cand, data, gate)
+
+
+def refresh_decisions(served_proba: Sequence[np.ndarray], cand: Candidate, data: TrainData,
+                      gate: GateConfig) -> dict[str, object] | None:
+    """The served model's decision layer refitted at a trigger whose candidate was
+    rejected (:attr:`Candidate.served_decisions`): as :func:`fit_decisions`, on the served
+    head's held-out probabilities ``served_proba`` — the newest window, which the gate
+    just scored the served model on with thresholds moved the same way (cross-fitted
+    there), so the workers then decide as the gate judged the model. None when
+    ``gate.refresh_decisions`` is off or nothing can be fitted."""
+    if not gate.refresh_decisions or not served_proba:
+        return None
+    return _fit_layer(served_proba[0], cand, data, gate)
+
+
+def _fit_layer(proba: np.ndarray | None, cand: Candidate, data: TrainData, gate: GateConfig
+               ) -> dict[str, object] | None:
+    classes = list(cand.model.config.classes)
     if gate.move_to is None or proba is None or len(data.holdout) < MIN_DECISION_WINDOW:
         return None
     labels = np.array([classes.index(s.label) for s in data.holdout])
@@ -218,7 +249,8 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
             policy: Policy, counts: Mapping[str, float]) -> Candidate:
     """Policy selection at one trigger (module docstring): train every planned policy,
     send the best on the held-out objective to the gate, let the selector learn."""
-    current = _evaluate(served.model, vectors, data, cfg, gate)
+    served_proba: list[np.ndarray] = []
+    current = _evaluate(served.model, vectors, data, cfg, gate, keep=served_proba)
     key = objective_metric(gate.objective)
     trials: list[Trial] = []
     best: Candidate | None = None
@@ -249,9 +281,11 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     decision = _decide(current, best.metrics, gate)
     selector.record({t.policy: t.lift for t in trials},
                     best.policy if decision.promote else None)  # failed ones: −1
-    return dataclasses.replace(best, decision=decision, current=current, trials=trials,
-                               decisions=fit_decisions(best, data, gate)
-                               if decision.promote else None)
+    return dataclasses.replace(
+        best, decision=decision, current=current, trials=trials,
+        decisions=fit_decisions(best, data, gate) if decision.promote else None,
+        served_decisions=(None if decision.promote
+                          else refresh_decisions(served_proba, best, data, gate)))
 
 
 def remember(memory: Sequence[Sample], trained_on: Sequence[Sample], capacity: int,

@@ -288,6 +288,9 @@ class GateConfig:
     move_precision_floor: float = 0.05
     """``TAILSTREAM_DECISION_PRECISION_FLOOR``: the floor of ``move_to=minority_recall`` in
     the decision layer the trainer fits for the workers."""
+    refresh_decisions: bool = True
+    """``TAILSTREAM_DECISION_REFRESH``: a trigger whose candidate is rejected refits the
+    served model's decision layer on the held-out window (no new weights)."""
 
 
 @dataclass(frozen=True)
@@ -466,7 +469,8 @@ def gate_config(settings: Settings) -> GateConfig:
                       objective=settings.selection_objective,
                       precision_floor=settings.selection_precision_floor,
                       move_to=settings.decision_objective or None,
-                      move_precision_floor=settings.decision_precision_floor)
+                      move_precision_floor=settings.decision_precision_floor,
+                      refresh_decisions=settings.decision_refresh)
 
 
 def selection_config(settings: Settings) -> SelectionConfig:

@@ -252,6 +252,10 @@ class Metrics:
             "tailstream_model_loads_total",
             "Model versions this worker tried to load, by outcome (loaded, failed).",
             ["outcome"], registry=r)
+        self.decision_refreshes = Counter(
+            "tailstream_decision_refreshes_total",
+            "Decision layers refitted by the trainer (at a rejected trigger) that this "
+            "worker started serving with the same weights.", registry=r)
         self.index_items = Gauge(
             "tailstream_index_items",
             "Catalogue items in this worker's item-vector index.", registry=r)
@@ -438,6 +442,10 @@ class TrainerMetrics:
             "tailstream_promotion_decisions_total",
             "Promotion gate decisions by decision and reason code.",
             ["decision", "reason"], registry=r)
+        self.decision_refreshes = Counter(
+            "tailstream_trainer_decision_refreshes_total",
+            "Rejected triggers whose window refitted the served version's decision "
+            "thresholds (sent to the workers; weights unchanged).", registry=r)
         self.gate_metric = Gauge(
             "tailstream_gate_metric_ratio",
             "Held-out metrics of the current and the candidate model at the last gate.",

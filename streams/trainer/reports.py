@@ -36,6 +36,9 @@ class RunReport:
     selection: dict[str, Any] = field(default_factory=dict)
     """Policy selection: the objective, each policy tried with its held-out value, the
     best, what was promoted, and the selector's statistics (empty without selection)."""
+    decisions_refreshed: str | None = None
+    """A rejected run: the served version whose decision thresholds it refitted on its
+    held-out window (None: none refitted)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

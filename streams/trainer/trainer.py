@@ -13,7 +13,10 @@ For each request (:meth:`Trainer.handle`):
    (:class:`~tailstream.models.training.selection.PolicySelector`) is kept in the model
    store (``selection.json``), and the run report and manifest say which policies were
    tried, their held-out objective values, the best and what was promoted;
-3. the candidate goes to the model store with its manifest; on promotion the store points
+3. the candidate goes to the model store with its manifest; a rejected one still leaves
+   the served version's decision thresholds refitted on the held-out window (the store's
+   ``decisions/``, and a ``decisions`` event on ``model-updates``;
+   ``TAILSTREAM_DECISION_REFRESH``); on promotion the store points
    at it and a ``model-updates`` event lets the workers swap without a restart. With a
    canary (``TAILSTREAM_CANARY_SHARE`` > 0, the default) a candidate the gate passed is
    not promoted yet: it serves a share of the users first, and the
@@ -56,7 +59,7 @@ from tailstream.models.towers.loading import (
     pick_device,
     tensors_fingerprint,
 )
-from tailstream.models.towers.store import CorruptCheckpoint, ModelStore
+from tailstream.models.towers.store import CorruptCheckpoint, ModelStore, StoreError
 from tailstream.models.towers.text_vectors import TextVectors, VectorStore
 from tailstream.models.training.finetune import NonFiniteLoss, TrainData, prepare_data
 from tailstream.models.training.gate import objective_metric
@@ -203,6 +206,8 @@ class Trainer:
                            policy=cand.policy or cfg.policy, selection=selection)
         if not decision.promote:
             self.store.reject(version, reason)
+            if self._refresh_decisions(parent, cand, version, request):
+                report.decisions_refreshed = parent
             return report
         if self.canary is not None and self.canary.enabled:
             report.outcome = "canary"
@@ -227,6 +232,25 @@ class Trainer:
         except RedisError as exc:
             log.warning("could not keep the promoted run's samples for replay (%s)", exc)
         return report
+
+    def _refresh_decisions(self, parent: str, cand: Candidate, rejected: str,
+                           request: Mapping[str, Any]) -> bool:
+        """A rejected trigger still refreshes the served version's decision layer
+        (:attr:`~tailstream.models.training.routine.Candidate.served_decisions`): kept in
+        the store for workers that start later, announced for the running ones."""
+        layer = cand.served_decisions
+        if layer is None:
+            return False
+        try:
+            entry = self.store.save_decisions(parent, layer, {"window_of": rejected})
+        except (OSError, StoreError) as exc:  # the served layer keeps serving
+            log.warning("could not keep %s's refitted decisions (%s)", parent, exc)
+            return False
+        self.metrics.decision_refreshes.inc()
+        self.publish_update({"version": parent, "action": "decisions", "decisions": layer,
+                             "refreshed_at": entry["at"], "window_of": rejected,
+                             "requested_at": request.get("requested_at")})
+        return True
 
     def _remember_promoted(self, version: str) -> None:
         """A canary promoted ``version``: keep the samples its run trained on for replay."""

@@ -12,7 +12,9 @@ refresh the active users' lists) without a restart.
 Updates by ``action``: ``promote`` and ``rollback`` (serve ``version``), ``canary`` (serve
 ``version`` to ``share`` of the users beside the serving version, and refresh their
 lists), ``canary_rollback`` (stop, and give those users the serving version's lists
-again). A worker that starts while a canary runs joins it from Redis
+again), ``decisions`` (the trainer refitted the serving ``version``'s decision layer at a
+rejected trigger: serve ``decisions`` with the same weights; lists are not recomputed,
+the next ones carry the new outcomes). A worker that starts while a canary runs joins it from Redis
 (``{prefix}:canary``), since it reads the topic from its end.
 """
 
@@ -143,6 +145,10 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
         log.info("model update: %s %s", action, version)
         if action in ("canary", "canary_rollback"):
             await on_canary_update(update, scoring, pipeline, item_texts)
+            return
+        if action == "decisions":
+            layer = update.get("decisions")
+            scoring.refresh_decisions(version, layer if isinstance(layer, dict) else None)
             return
         if await scoring.swap_to(version, item_texts):
             measure = asyncio.get_running_loop().create_task(

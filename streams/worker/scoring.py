@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -299,6 +299,19 @@ class ScoringService:
         self.metrics.model_loads.labels("loaded").inc()
         self.metrics.serving_version.set(version_number(version))
         log.info("now scoring with %s (%d items re-indexed)", version, len(scorer.index))
+        return True
+
+    def refresh_decisions(self, version: str, raw: Mapping[str, Any] | None) -> bool:
+        """Serve the decision layer the trainer refitted for ``version`` (a store version
+        name, ``base`` included) if that is the serving version; its weights and lists
+        stay. False when another version serves (the refresh is stale)."""
+        scorer = self.scorer
+        if scorer is None or not raw or \
+                scorer.served.manifest.get("version", scorer.version) != version:
+            return False
+        scorer.set_decisions(raw)
+        self.metrics.decision_refreshes.inc()
+        log.info("serving %s with decisions refitted on the trainer's latest window", version)
         return True
 
     # ------------------------------------------------------------------ the canary

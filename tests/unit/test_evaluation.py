@@ -52,8 +52,11 @@ def test_eval_runs_every_strategy_and_writes_the_report(
     assert result["strategies"]["adaptive"]["finetunes"] == len(gate)
     assert result["strategies"]["adaptive"]["promotions"] == sum(d["promote"] for d in gate)
     # Its decisions come from the served version's layer (fitted by the trainer on the
-    # gate's window): one record per scored block after the first promotion, none before.
-    first = min((d["block"] for d in gate if d["promote"]), default=result["blocks"])
+    # gate's window, or refitted for the served weights at a rejected trigger): one
+    # record per scored block after the first promotion or refresh, none before.
+    first = min((d["block"] for d in gate if d["promote"] or d["decisions_refreshed"]),
+                default=result["blocks"])
+    assert all(not (d["promote"] and d["decisions_refreshed"]) for d in gate)
     fits = result["decisions"].get("adaptive", [])
     assert len(fits) == max(0, result["blocks"] - 1 - first)
     assert all(f["fitted_on"] > 0 for f in fits)

@@ -694,8 +694,16 @@ def test_the_demo_summary_names_the_served_decision_layer_and_prior(tmp_path: Pa
         {"version": version, "outcome": "promoted", "policy": "inverse"}) + "\n")
     out = model_summary(ws, {"tailstream_decision_prior_ratio{event_class=purchase}": 0.03})
     assert out["served_policy"] == "inverse" and out["promotions"] == 1
-    assert out["served_decisions"] == {k: layer[k] for k in
-                                       ("rule", "objective", "fitted_on", "offsets")}
+    assert out["served_decisions"] == {**{k: layer[k] for k in
+                                          ("rule", "objective", "fitted_on", "offsets")},
+                                       "refreshed": False}
     assert out["decision_prior"] == {"purchase": 0.03}
-    base = model_summary(Settings().replace(data_dir=tmp_path / "empty"), {})
+    # A rejected trigger refitted the served version's layer: the summary shows that one.
+    store.save_decisions(version, {**layer, "fitted_on": 240})
+    again = model_summary(ws, {})["served_decisions"]
+    assert again["fitted_on"] == 240 and again["refreshed"] is True
+    empty = Settings().replace(data_dir=tmp_path / "empty")
+    base = model_summary(empty, {})
     assert base["served_decisions"] is None and base["served_policy"] == "base (untrained)"
+    ModelStore(empty.model_store_dir).save_decisions("base", layer)  # the base refreshed
+    assert model_summary(empty, {})["served_decisions"]["refreshed"] is True

@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tailstream.configs import GateConfig, RankingConfig, TowerConfig
@@ -22,7 +23,7 @@ from tailstream.models.towers.context import ContextEntry, UserRequest
 from tailstream.models.towers.encoder import load_encoder
 from tailstream.models.towers.loading import ServedModel, build_model
 from tailstream.models.training.finetune import TrainData
-from tailstream.models.training.routine import ADOPTED, Candidate, fit_decisions
+from tailstream.models.training.routine import ADOPTED, Candidate, fit_decisions, refresh_decisions
 
 CPU = torch.device("cpu")
 ITEMS = {f"i{n}": f"{['red', 'blue', 'green'][n % 3]} mug {n} | home/mug" for n in range(40)}
@@ -149,3 +150,85 @@ def test_the_workers_running_prior_waits_for_the_mix_then_follows_it() -> None:
     metrics.observe_imbalance(loop)
     assert metrics.registry.get_sample_value(
         "tailstream_decision_prior_ratio", {"event_class": "purchase"}) == after[PURCHASE]
+
+
+# --------------------------------------------------------------------------- refreshes
+def test_a_rejected_trigger_refits_the_served_models_thresholds_on_its_window(
+        tiny_encoder: Path) -> None:
+    """refresh_decisions fits on the *served* head's window probabilities (not the
+    candidate's), and only when the refresh is on and the window can carry a layer."""
+    enc = load_encoder(tiny_encoder)
+    model = build_model(enc, TowerConfig(embed_dim=16, max_len=16))
+    served_proba, y = weak_head(400, seed=4)
+    holdout = [Sample(f"e{n}", "u", "i", CLASSES[int(k)], float(n)) for n, k in enumerate(y)]
+    data = TrainData([], holdout, [], {"click": 0.9, "cart": 0.04, "fav": 0.03,
+                                       "purchase": 0.03})
+    # The rejected candidate's own probabilities say nothing (uniform): a layer fitted on
+    # them would differ from one fitted on the served head's.
+    cand = Candidate(model, None, 0, None, ADOPTED,  # type: ignore[arg-type]
+                     holdout_proba=np.full_like(served_proba, 0.25))
+    fitted = refresh_decisions([served_proba], cand, data, GateConfig())
+    assert fitted is not None and fitted["fitted_on"] == 400
+    expected = fit_decisions(dataclasses.replace(cand, holdout_proba=served_proba), data,
+                             GateConfig())
+    assert fitted == expected
+    assert fitted != fit_decisions(cand, data, GateConfig())
+    off = dataclasses.replace(GateConfig(), refresh_decisions=False)
+    assert refresh_decisions([served_proba], cand, data, off) is None
+    assert refresh_decisions([], cand, data, GateConfig()) is None
+
+
+def test_a_refreshed_layer_takes_over_from_the_argmax_in_one_assignment(
+        tiny_encoder: Path) -> None:
+    s = served_scorer(tiny_encoder, None)
+    rows, _ = weak_head(500, seed=1)
+    before = s.outcomes(rows)[2]
+    assert s.decisions is None and before == [CLASSES[int(k)] for k in rows.argmax(1)]
+    weights = s.served.model
+    s.set_decisions(layer_dict())
+    after = s.outcomes(rows)[2]
+    assert s.decisions is not None and s.served.model is weights  # same weights
+    assert after.count("purchase") > before.count("purchase")
+
+
+def test_the_store_keeps_refreshes_for_workers_that_start_later(
+        tiny_encoder: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from tailstream.metrics import Metrics
+    from tailstream.models.towers.loading import load_served
+    from tailstream.models.towers.store import ModelStore, StoreError
+    from tailstream.settings import Secret, Settings
+    from tailstream.streams.worker.scoring import ScoringService
+
+    store = ModelStore(tmp_path / "models")
+    assert store.refreshed_decisions("base") is None
+    tower = TowerConfig(embed_dim=16, max_len=16)
+    assert load_served(store, "base", tiny_encoder, tower, CPU).manifest.get("decisions") is None
+    layer = layer_dict()
+    store.save_decisions("base", layer, {"window_of": "v00001"})
+    loaded = load_served(store, "base", tiny_encoder, tower, CPU)
+    assert loaded.manifest["decisions"] == layer and loaded.manifest["decisions_refreshed_at"]
+    with pytest.raises(StoreError):
+        store.save_decisions("v00007", layer)  # no such version
+    (store.root / "decisions" / "base.json").write_text("{not json")
+    assert store.refreshed_decisions("base") is None  # unreadable: the manifest's serves
+    store.save_decisions("base", layer)
+
+    settings = Settings().replace(
+        kafka_bootstrap="127.0.0.1:1", redis_url=Secret("redis://127.0.0.1:1/0"),
+        data_dir=tmp_path, model_dir=store.root, encoder_path=str(tiny_encoder),
+        embed_dim=16, text_max_len=16, text_vectors_shared=False, device="cpu")
+    metrics = Metrics()
+    service = ScoringService(settings, metrics)
+    try:
+        asyncio.run(service.start())
+        assert service.scorer is not None and service.scorer.decisions is not None
+        other = dict(layer, fitted_on=1)
+        assert not service.refresh_decisions("v00003", other)  # another version: stale
+        assert service.refresh_decisions("base", other)
+        assert service.scorer.decisions is not None
+        assert service.scorer.decisions.fitted_on == 1
+    finally:
+        service.close()
+    assert metrics.registry.get_sample_value("tailstream_decision_refreshes_total") == 1

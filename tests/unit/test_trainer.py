@@ -201,9 +201,26 @@ def test_with_moved_decisions_a_candidate_trained_on_noise_is_rejected(
     rng.shuffle(labels)
     noisy = [dataclasses.replace(x, label=y) for x, y in zip(clean[:cut], labels, strict=True)]
     trainer.data = InMemorySource(noisy + clean[cut:], policy=policy(s))
-    report = trainer.handle({"reason": "drift"})
+    report = trainer.handle({"reason": "drift", "requested_at": 123.0})
     assert report.outcome == "rejected", report.reason
-    assert "fell" in report.reason and store.current() == "v00001" and len(updates) == 1
+    assert "fell" in report.reason and store.current() == "v00001"
+    # The rejected trigger still refits the served version's thresholds on its window:
+    # kept in the store (a worker that starts later loads them) and announced.
+    assert [u["action"] for u in updates] == ["promote", "decisions"]
+    refresh = updates[1]
+    assert refresh["version"] == "v00001" and refresh["window_of"] == report.version
+    assert refresh["decisions"]["fitted_on"] > 0 and refresh["requested_at"] == 123.0
+    kept = store.refreshed_decisions("v00001")
+    assert kept is not None and kept["decisions"] == refresh["decisions"]
+    assert refresh["decisions"] != store.manifest("v00001")["decisions"]  # a new window
+    served = load_served(store, "v00001", tiny_encoder, tower_config(s), CPU)
+    assert served.manifest["decisions"] == refresh["decisions"]
+    assert report.decisions_refreshed == "v00001"
+    assert sample_value(trainer.metrics, "tailstream_trainer_decision_refreshes_total") == 1
+    # Switched off, a rejection leaves the served layer alone.
+    trainer.settings = s.replace(decision_refresh=False)
+    assert trainer.handle({"reason": "drift"}).outcome == "rejected"
+    assert len(updates) == 2
 
 
 def test_rollback_walks_back_through_promotions(

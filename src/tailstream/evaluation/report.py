@@ -361,6 +361,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "",
         *(f"* promotion gate ({name}), after block {d['block']} "
           f"({', '.join(d.get('triggers', [])) or 'no trigger'}): {d['reason']}"
+          + ("; the served model's decision thresholds refitted on the window"
+             if d.get("decisions_refreshed") else "")
           for name, decisions in result.get("gate", {}).items() for d in decisions),
         "",
     ])

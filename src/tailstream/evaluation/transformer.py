@@ -155,7 +155,13 @@ class TransformerStrategy:
             res.gate.append({"block": block, "promote": cand.decision.promote,
                              "reason": cand.decision.reason, "policy": cand.policy,
                              "tried": [t.to_dict() for t in cand.trials],
-                             "triggers": sorted({str(r.get("reason")) for r in state.requests})})
+                             "triggers": sorted({str(r.get("reason")) for r in state.requests}),
+                             "decisions_refreshed": cand.served_decisions is not None})
+        if not cand.decision.promote and cand.served_decisions is not None:
+            # As the trainer does: the served weights stay, their thresholds are refitted
+            # on the window the gate just scored them on.
+            self.scorer.set_decisions(cand.served_decisions)
+            self.served = self.scorer.served
         if cand.decision.promote:
             self._serve(cand, block)
             self.replay = remember(self.replay, cand.run.trained_on, cfg.replay_capacity,

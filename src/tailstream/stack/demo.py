@@ -489,16 +489,20 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
 
 
 def _served_decisions(store: ModelStore, version: str) -> dict[str, Any] | None:
-    """The serving version's decision layer in brief (rule, window, offsets; None for the
-    base model or a version without one)."""
+    """The serving version's decision layer in brief (rule, window, offsets, and whether
+    a rejected trigger refitted it; None for a version without one — the base model
+    until a refresh)."""
     try:
-        layer = (store.manifest(version).get("decisions") if version != BASE_VERSION
+        refreshed = store.refreshed_decisions(version)
+        layer = (refreshed["decisions"] if refreshed is not None
+                 else store.manifest(version).get("decisions") if version != BASE_VERSION
                  else None)
     except Exception:  # a summary must not fail on a store it cannot read
         return None
     if not layer:
         return None
-    return {k: layer.get(k) for k in ("rule", "objective", "fitted_on", "offsets")}
+    return {**{k: layer.get(k) for k in ("rule", "objective", "fitted_on", "offsets")},
+            "refreshed": refreshed is not None}
 
 
 def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, Any]:
