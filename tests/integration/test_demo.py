@@ -34,18 +34,19 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     env["TAILSTREAM_DATA_DIR"] = str(tmp_path / "var")
     env["TAILSTREAM_WEB_PORT"] = "0"
     # A fine-tune running when the 15 s are up extends the shop until it and its canary
-    # are decided (at most finetune_max + 30 s + 3 canary windows, and another
-    # finetune_max once a run was rejected) and the summary waits for it to settle (at
-    # most finetune_max + 120 s + 3 windows); the trainer pauses while the worker is over
-    # its latency budget, so on a slow machine a run takes its whole allowance. A 30 s
-    # allowance bounds the demo at about 15 + 150 + 210 s plus the start and the
-    # catalogue; the timeout leaves room above that.
+    # are decided (at most a run's allowance + 30 s + 3 canary windows, and another
+    # allowance once a run was rejected; a run's allowance is finetune_max for each
+    # policy it trains: two with the default challenger) and the summary waits for it to
+    # settle (at most an allowance + 120 s + 3 windows); the trainer pauses while the
+    # worker is over its latency budget, so on a slow machine a run takes its whole
+    # allowance. 30 s per policy bounds the demo at about 15 + 210 + 240 s plus the start
+    # and the catalogue; the timeout leaves room above that.
     env["TAILSTREAM_FINETUNE_MAX_SECONDS"] = "30"
     done = subprocess.run(
         [sys.executable, "-m", "tailstream.cli", "demo", "--seconds", "15", "--rate", "300",
          "--users", "300", "--items", "2000", "--malformed-every", "200", "--no-ui",
          "--summary-json", str(summary_path)],
-        env=env, capture_output=True, text=True, timeout=480)
+        env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     s = json.loads(summary_path.read_text())
     for key in ("events_produced", "events_consumed", "dlq", "malformed_injected",

@@ -37,7 +37,7 @@ def test_buffered_minority_samples_become_a_promoted_model_in_the_lists(
     done = subprocess.run(
         [sys.executable, "-m", "tailstream.cli", "demo", "--seconds", "40", "--rate", "250",
          "--users", "400", "--items", "800", "--no-ui", "--summary-json", str(out)],
-        env=env, capture_output=True, text=True, timeout=400)
+        env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-4000:]
     s = json.loads(out.read_text())
     print("\nfinetunes", s["finetunes"], "lists by version", s["lists_by_model_version"],

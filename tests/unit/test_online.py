@@ -635,17 +635,25 @@ def test_the_demo_shop_waits_for_the_canary_of_the_run_going_at_the_end(
     idle = demo.ShopClock(60.0, ts)
     state(3, 0, 0, 1)
     assert idle.up(60.0)  # nothing going on at the end
+    # A run trains the current policy and one challenger (the default), each up to
+    # finetune_max_seconds: its allowance is two of them.
+    assert demo.run_allowance(ts) == 240.0
     late = demo.ShopClock(60.0, ts)
     state(3, 1, 0, 1)
     assert not late.up(61.0)
-    assert late.up(60.0 + 120.0 + 30.0 + 60.0)  # bounded
+    assert not late.up(60.0 + 120.0 + 30.0 + 60.0)  # one policy's time is not enough
+    assert late.up(60.0 + 240.0 + 30.0 + 60.0)  # bounded
     rejected = demo.ShopClock(60.0, ts)
     state(3, 1, 0, 1, rejected=1)
     assert not rejected.up(61.0)  # a run is going at the end …
     state(4, 1, 0, 1, rejected=2)
     assert not rejected.up(90.0)  # … the gate rejected it, the queued one runs: wait
-    assert not rejected.up(60.0 + 120.0 + 30.0 + 60.0 + 1.0)  # its own allowance …
-    assert rejected.up(60.0 + 240.0 + 30.0 + 60.0)  # … bounded too
+    assert not rejected.up(60.0 + 240.0 + 30.0 + 60.0 + 1.0)  # its own allowance …
+    assert rejected.up(60.0 + 480.0 + 30.0 + 60.0)  # … bounded too
+    single = demo.ShopClock(60.0, ts.replace(selection_challengers=0))
+    state(3, 1, 0, 1)
+    assert not single.up(61.0)
+    assert single.up(60.0 + 120.0 + 30.0 + 60.0)  # without selection: one policy's
     rejected = demo.ShopClock(60.0, ts)
     state(3, 1, 0, 1, rejected=1)
     assert not rejected.up(61.0)

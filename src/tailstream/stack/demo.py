@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from tailstream import configs
 from tailstream.configs import BASE_VERSION
 from tailstream.contract import CLASSES, EVENT_KINDS, RARE_CLASSES, TAIL
 from tailstream.kafka_io import TopicCounter, create_topics
@@ -286,17 +287,32 @@ def _online_row(m: dict[str, float], t: dict[str, float]) -> str:
             f"{m.get('tailstream_attributed_total', 0.0):,.0f}; {canary}")
 
 
+def run_allowance(ts: Settings) -> float:
+    """The longest a fine-tune run may take: each policy it trains — the current one and,
+    with policy selection, its challengers — may take ``finetune_max_seconds`` (pauses
+    included).
+
+    >>> run_allowance(Settings().replace(finetune_max_seconds=30.0))
+    60.0
+    >>> run_allowance(Settings().replace(finetune_max_seconds=30.0, selection_challengers=0))
+    30.0
+    """
+    selection = configs.selection_config(ts)
+    return (1 + (selection.challengers if selection.enabled else 0)) * ts.finetune_max_seconds
+
+
 class ShopClock:
     """When the shop stops: after ``seconds`` — unless the loop is deciding then. A canary
     being served is judged on the users' interactions, and the fine-tune running then may
     end in one; so the shop goes on until that canary, or the first promotion or canary a
     run going then or after it makes, is decided — a run the gate rejects is followed by
     the one queued behind it, whose canary would otherwise be judged on no traffic at all
-    (at most a fine-tune's and three canary windows' time more, and once a run has been
-    rejected since, a second fine-tune's: the queued run gets its own allowance; on a slow
-    machine a rejected run and its successor had outlasted one allowance, and the canary
-    started just after the shop closed): the summary then shows a canary decided on
-    traffic."""
+    (at most a run's allowance — :func:`run_allowance`, every policy it trains — and three
+    canary windows' time more, and once a run has been rejected since, a second run's:
+    the queued run gets its own allowance; on a slow machine a rejected run and its
+    successor had outlasted one allowance, and until 2026-12-06 the allowance was one
+    policy's while a selection run trains two, so the second run's canary started just
+    after the shop closed): the summary then shows a canary decided on traffic."""
 
     def __init__(self, seconds: float | None, ts: Settings | None) -> None:
         self.seconds = seconds
@@ -310,8 +326,9 @@ class ShopClock:
         ts = self.ts
         if ts is None:
             return True
-        bound = self.seconds + ts.finetune_max_seconds + 30.0 + 3 * ts.canary_window_s
-        if elapsed >= bound + ts.finetune_max_seconds:
+        allowance = run_allowance(ts)
+        bound = self.seconds + allowance + 30.0 + 3 * ts.canary_window_s
+        if elapsed >= bound + allowance:
             return True
         t = _scrape_or_empty(trainer_metrics_url(ts))
         now = {"runs": t.get("tailstream_finetune_runs_total", 0.0),
@@ -416,8 +433,7 @@ def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started:
 def _settle_finetunes(ws: Settings, ts: Settings, view: LiveView, started: float) -> None:
     """Let a fine-tune that is still running finish, and the worker swap to what it
     promoted and refresh active users, so the summary reports whole runs."""
-    deadline = time.monotonic() + ts.finetune_max_seconds + 120.0 + \
-        ts.canary_window_s * 3
+    deadline = time.monotonic() + run_allowance(ts) + 120.0 + ts.canary_window_s * 3
     while time.monotonic() < deadline:
         view.update(time.monotonic() - started)
         t = _scrape_or_empty(trainer_metrics_url(ts))
