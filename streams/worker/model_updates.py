@@ -140,27 +140,34 @@ def add_model_tasks(app: faust.App, settings: Settings, scoring: ScoringService,
                 await asyncio.sleep(0.1)
 
     async def on_model_update(update: dict[str, Any]) -> None:
-        version = str(update.get("version", ""))
-        action = update.get("action")
-        log.info("model update: %s %s", action, version)
-        if action in ("canary", "canary_rollback"):
-            await on_canary_update(update, scoring, pipeline, item_texts)
-            return
-        if action == "decisions":
-            layer = update.get("decisions")
-            scoring.refresh_decisions(version, layer if isinstance(layer, dict) else None)
-            return
-        if await scoring.swap_to(version, item_texts):
-            measure = asyncio.get_running_loop().create_task(
-                measure_model_update(update, pipeline))
-            n = await pipeline.refresh.refresh_active("promotion")
-            log.info("refreshed %d active users with %s", n, version)
-            await measure
+        await apply_model_update(update, scoring, pipeline, item_texts)
 
     @app.task
     async def follow_promotions() -> None:
         """Swap to each promoted version without a restart (every worker)."""
         await follow_model_updates(settings, on_model_update)
+
+
+async def apply_model_update(update: dict[str, Any], scoring: ScoringService,
+                             pipeline: Pipeline,
+                             item_texts: Callable[[Sequence[str]], list[str]]) -> None:
+    """One model-updates event (the module docstring lists the actions)."""
+    version = str(update.get("version", ""))
+    action = update.get("action")
+    log.info("model update: %s %s", action, version)
+    if action in ("canary", "canary_rollback"):
+        await on_canary_update(update, scoring, pipeline, item_texts)
+        return
+    if action == "decisions":
+        layer = update.get("decisions")
+        scoring.refresh_decisions(version, layer if isinstance(layer, dict) else None)
+        return
+    if await scoring.swap_to(version, item_texts):
+        measure = asyncio.get_running_loop().create_task(
+            measure_model_update(update, pipeline))
+        n = await pipeline.refresh.refresh_active("promotion")
+        log.info("refreshed %d active users with %s", n, version)
+        await measure
 
 
 async def on_canary_update(update: dict[str, Any], scoring: ScoringService,

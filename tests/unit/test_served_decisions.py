@@ -199,6 +199,7 @@ def test_the_store_keeps_refreshes_for_workers_that_start_later(
     from tailstream.models.towers.loading import load_served
     from tailstream.models.towers.store import ModelStore, StoreError
     from tailstream.settings import Secret, Settings
+    from tailstream.streams.worker.model_updates import apply_model_update
     from tailstream.streams.worker.scoring import ScoringService
 
     store = ModelStore(tmp_path / "models")
@@ -226,9 +227,13 @@ def test_the_store_keeps_refreshes_for_workers_that_start_later(
         assert service.scorer is not None and service.scorer.decisions is not None
         other = dict(layer, fitted_on=1)
         assert not service.refresh_decisions("v00003", other)  # another version: stale
-        assert service.refresh_decisions("base", other)
+        # As the worker's model-updates task applies it: no swap, no refresh of lists.
+        asyncio.run(apply_model_update({"action": "decisions", "version": "base",
+                                        "decisions": other}, service, None,  # type: ignore[arg-type]
+                                       lambda ids: []))
         assert service.scorer.decisions is not None
         assert service.scorer.decisions.fitted_on == 1
+        assert service.version.startswith("base")
     finally:
         service.close()
     assert metrics.registry.get_sample_value("tailstream_decision_refreshes_total") == 1
