@@ -27,6 +27,7 @@ def _service_pids() -> set[int]:
     return out
 
 
+@pytest.mark.timeout(660)  # the subprocess's own bound (600 s) decides, not the suite's 300
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     before = _service_pids()
     summary_path = tmp_path / "s.json"

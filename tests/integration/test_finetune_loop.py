@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(600)  # the subprocess's own bound (540 s) decides, not the suite's 300
 def test_buffered_minority_samples_become_a_promoted_model_in_the_lists(
         tmp_path: Path) -> None:
     out = tmp_path / "s.json"
