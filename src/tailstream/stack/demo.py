@@ -508,17 +508,18 @@ def _served_decisions(store: ModelStore, version: str) -> dict[str, Any] | None:
     """The serving version's decision layer in brief (rule, window, offsets, and whether
     a rejected trigger refitted it; None for a version without one — the base model
     until a refresh)."""
+    from tailstream.models.towers.loading import with_refreshed_decisions
+
     try:
-        refreshed = store.refreshed_decisions(version)
-        layer = (refreshed["decisions"] if refreshed is not None
-                 else store.manifest(version).get("decisions") if version != BASE_VERSION
-                 else None)
+        served = with_refreshed_decisions(
+            store, version, store.manifest(version) if version != BASE_VERSION else {})
     except Exception:  # a summary must not fail on a store it cannot read
         return None
+    layer = served.get("decisions")
     if not layer:
         return None
     return {**{k: layer.get(k) for k in ("rule", "objective", "fitted_on", "offsets")},
-            "refreshed": refreshed is not None}
+            "refreshed": "decisions_refreshed_at" in served}
 
 
 def model_summary(s: Settings, worker_metrics: dict[str, float]) -> dict[str, Any]:
