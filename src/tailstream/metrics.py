@@ -74,6 +74,11 @@ class Metrics:
             "tailstream_dlq_failures_total",
             "Refused messages whose dead-letter record could not be written even bare "
             "(the broker refused it): logged with their source offset.", registry=r)
+        self.changelog_unconfirmed = Counter(
+            "tailstream_changelog_unconfirmed_total",
+            "Batches acknowledged without the broker confirming their changelog records "
+            "(state writes) in time: a crash before they land loses those effects.",
+            registry=r)
         self.audit_failures = Counter(
             "tailstream_audit_failures_total",
             "Audit records (processed event ids) that could not be published.", registry=r)

@@ -20,6 +20,12 @@ recover from a broker that lost its log.
   restarted broker before any rebalance) drops the watermarks at once
   (:meth:`Pipeline.process`), and the rebalance that follows does the rest.
 
+With the memory store Faust re-reads, at every rebalance, the changelog of a partition
+that stays assigned and writes its records into the table: one of ours not delivered when
+it read the log's end leaves the table behind the loop. The restore keeps the loop's
+counts when they are newer (:meth:`ImbalanceLoop.restore_partition`) and writes them
+again.
+
 Faust resumes the stream *before* the tables' ``on_recover`` callbacks run: a batch in that
 gap would be counted into empty partitions that the restore then overwrites. The agent
 therefore waits for :meth:`Recovery.wait_restored`, and every revocation closes that gate
@@ -116,20 +122,34 @@ class Recovery:
         self.pipeline.deduper.trust_seen = reset
         if reset:
             await self._recreate(missing, replaced, consumer)
-        for partition, state in self.tables.counts_by_partition():
-            loop.load_partition(partition, state)
+        kept = self._load_counts()
+        if kept and not reset:  # the changelog's last record must be the newest again
+            self.tables.save_counts(loop.take_touched())
         if reset:
             loop.forget_offsets()  # after loading: the table holds the old ones
             # Make the state durable again: write it all to the new changelogs.
             self.tables.save_counts(loop.take_touched())
             for key, value in list(self.tables.profiles.data.items()):
-                self.tables.profiles.send_changelog(None, key, value)
+                self.tables.deliveries.append(
+                    self.tables.profiles.send_changelog(None, key, value))
         if not self._buffer_restored:
             await self._restore_buffer()
         log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),
                  loop.buffer.sizes())
         self.pipeline.new_assignment()
         self.restored.set()
+
+    def _load_counts(self) -> list[int]:
+        """The table's counts into the loop, but for partitions this process holds newer
+        counts of (:meth:`ImbalanceLoop.restore_partition`); returns those."""
+        loop = self.pipeline.imbalance
+        kept = [p for p, state in self.tables.counts_by_partition()
+                if loop.restore_partition(p, state)]
+        if kept:
+            log.info("the changelog of %d partition(s) %s ends behind the counts this "
+                     "worker holds (records not delivered at the rebalance): kept the "
+                     "newer counts and write them again", len(kept), sorted(kept))
+        return kept
 
     def _missing_changelogs(self) -> set[str]:
         client = admin(self.settings)

@@ -49,6 +49,10 @@ class WorkerTables:
     partitions: int
     """Partitions of the changelogs (``TAILSTREAM_PARTITIONS``)."""
     _warned: set[int] = field(default_factory=set)
+    deliveries: list[Any] = field(default_factory=list)
+    """Delivery futures of the changelog records sent through Faust (the counts; the
+    profiles written again after a broker reset) not yet waited for
+    (:meth:`take_deliveries`: the next batch settles them before it is acked)."""
 
     def save_counts(self, states: dict[int, dict[str, Any]]) -> None:
         """Write each source partition's counts to its own changelog partition. A source
@@ -67,7 +71,12 @@ class WorkerTables:
             key = f"p{partition}".encode()
             blob = json.dumps(state, separators=(",", ":")).encode()
             self.counts.data[key] = blob
-            self.counts.send_changelog(partition, key, blob)
+            self.deliveries.append(self.counts.send_changelog(partition, key, blob))
+
+    def take_deliveries(self) -> list[Any]:
+        """The counts records' delivery futures since the last call."""
+        out, self.deliveries = self.deliveries, []
+        return out
 
     def changelogs(self) -> dict[str, Any]:
         """Changelog topic name → its table."""

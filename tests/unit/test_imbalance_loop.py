@@ -243,3 +243,28 @@ def test_the_price_paid_never_tells_the_features_their_own_class() -> None:
                                price=99.0 if kind == "purchase" else None), 0,
                          user_class_counts={}, category_affinity=0.0, repeat=False)
         assert s is not None and s.features[price_col] == pytest.approx(math.log1p(99.0) / 10)
+
+
+def test_a_restore_keeps_counts_newer_than_the_table() -> None:
+    """A rebalance re-reads the changelog of a partition that stays assigned: when its last
+    record is not delivered yet, the table holds the state of a batch ago. Loading it would
+    drop that batch from the counts while the consumer reads on past it."""
+    loop = ImbalanceLoop(Settings())
+    feed(loop, 50, MIX, random.Random(1))
+    loop.mark_counted(0, "clicks", 20)
+    behind = loop.take_touched()[0]  # the last record the changelog holds
+    feed(loop, 50, MIX, random.Random(2))
+    loop.mark_counted(0, "clicks", 40)
+    loop.take_touched()  # sent, not delivered when the rebalance read the log's end
+    held = loop.totals()
+
+    assert loop.restore_partition(0, behind)  # kept, and written again with the next save
+    assert loop.totals() == held and loop.counted(0, "clicks", 40)
+    assert set(loop.take_touched()) == {0}
+
+    # Counts another worker moved further while the partition was away: loaded.
+    ahead = {**behind, "offsets": {"clicks": 60}, "totals": {"click": 1}}
+    assert not loop.restore_partition(0, ahead)
+    assert loop.partitions[0].totals["click"] == 1 and not loop.counted(0, "clicks", 61)
+    # A partition this process never held: loaded.
+    assert not loop.restore_partition(3, behind) and loop.counted(3, "clicks", 20)

@@ -5,16 +5,18 @@ and the transformer scoring service on a tiny random BERT."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from types import SimpleNamespace
+from typing import Any, NamedTuple, cast
 
 import pytest
 import torch
 
 from tailstream.configs import policy, tower_config
-from tailstream.contract import Rejection
+from tailstream.contract import Event, Rejection
 from tailstream.metrics import Metrics, TrainerMetrics
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.towers.context import ContextEntry, UserRequest
@@ -25,9 +27,11 @@ from tailstream.streams.trainer.sources import InMemorySource
 from tailstream.streams.trainer.trainer import Trainer
 from tailstream.streams.worker import recovery as recovery_module
 from tailstream.streams.worker.app import create_app, process_batch
+from tailstream.streams.worker.imbalance import ImbalanceLoop
 from tailstream.streams.worker.pipeline import RawMessage
 from tailstream.streams.worker.recovery import Recovery
 from tailstream.streams.worker.scoring import ScoringService
+from tailstream.streams.worker.tables import WorkerTables
 from tailstream.streams.worker.timers import AssignmentReport
 from tailstream.streams.worker.transport import read_offset, rewind_inputs, set_input_topics
 
@@ -197,6 +201,51 @@ def test_a_restore_waits_for_the_batch_in_flight(monkeypatch: pytest.MonkeyPatch
 
     asyncio.run(run())
     assert order == ["batch applies", "batch saves", "restore", "reported"]
+
+
+class FakeCountsTable:
+    """The ``imbalance-counts`` table's surface that recovery and :class:`WorkerTables`
+    use: its store (``data``), iteration, and changelog sends (recorded)."""
+
+    def __init__(self, data: dict[bytes, bytes]) -> None:
+        self.data = data
+        self.sent: list[tuple[int | None, bytes, bytes]] = []
+
+    def items(self) -> Any:
+        return self.data.items()
+
+    def send_changelog(self, partition: int | None, key: bytes, value: bytes) -> None:
+        self.sent.append((partition, key, value))
+
+
+def test_a_restore_keeps_and_rewrites_counts_the_changelog_is_behind_on(
+        tmp_path: Path) -> None:
+    """What ``kill -9`` under load found: a rebalance's table recovery had put a batch-old
+    state back in the table for a partition that stayed assigned; the restore loaded it
+    and the batch's events left the counts for good. Now the loop's newer counts stay and
+    go to the changelog again; a partition that moved here takes the table's."""
+    s = worker_settings(tmp_path)
+    loop = ImbalanceLoop(s)
+    for offset in range(30):
+        loop.observe(Event("click", f"e{offset}", "u1", 1.7e9 + offset, item_id="i1"), 0,
+                     user_class_counts={}, category_affinity=0.0, repeat=False)
+        loop.mark_counted(0, "clicks", offset)
+        if offset == 9:
+            behind = loop.take_touched()[0]
+    loop.take_touched()
+    moved = {**behind, "offsets": {"clicks": 5}}
+    table = FakeCountsTable({b"p0": json.dumps(behind).encode(),
+                             b"p1": json.dumps(moved).encode()})
+    rec = Recovery.__new__(Recovery)
+    rec.tables = WorkerTables(profiles=None, counts=table, partitions=s.partitions)
+    rec.pipeline = cast(Any, SimpleNamespace(imbalance=loop))
+
+    assert rec._load_counts() == [0]
+    assert loop.partitions[0].totals["click"] == 30 and loop.counted(0, "clicks", 29)
+    assert loop.counted(1, "clicks", 5) and not loop.counted(1, "clicks", 6)
+    rec.tables.save_counts(loop.take_touched())
+    assert [(p, k) for p, k, _ in table.sent] == [(0, b"p0")]
+    assert json.loads(table.data[b"p0"])["offsets"] == {"clicks": 29}
 
 
 # --------------------------------------------------------------------------- scoring
