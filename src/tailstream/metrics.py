@@ -76,8 +76,8 @@ class Metrics:
             "(the broker refused it): logged with their source offset.", registry=r)
         self.changelog_unconfirmed = Counter(
             "tailstream_changelog_unconfirmed_total",
-            "Batches acknowledged without the broker confirming their changelog records "
-            "(state writes) in time: a crash before they land loses those effects.",
+            "Changelog records (state writes) a commit went ahead without: failed, or not "
+            "confirmed within 10 s. A crash before they land loses those effects.",
             registry=r)
         self.audit_failures = Counter(
             "tailstream_audit_failures_total",

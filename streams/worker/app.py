@@ -48,6 +48,7 @@ from tailstream.streams.worker.pipeline import Pipeline, RawMessage
 from tailstream.streams.worker.recovery import Recovery
 from tailstream.streams.worker.scoring import ScoringService
 from tailstream.streams.worker.tables import (
+    Deliveries,
     StrKeyed,
     WorkerTables,
     WorkerTopics,
@@ -60,9 +61,10 @@ from tailstream.streams.worker.transport import app_class, log_end, set_producer
 log = logging.getLogger(__name__)
 
 CHANGELOG_WAIT_S = 10.0
-"""Longest a batch waits for the broker to confirm its changelog records (profiles and
-counts) before it is acked anyway (then counted in
-``tailstream_changelog_unconfirmed_total``)."""
+"""Longest a batch waits for the previous batch's profile records to be confirmed (then its
+own are kept and sent again with the next batch: a compacted changelog keeps the
+newest), and a commit for the changelog records sent before it (then it commits anyway,
+counted in ``tailstream_changelog_unconfirmed_total``)."""
 
 
 @dataclass
@@ -135,6 +137,7 @@ def create_app(settings: Settings) -> Worker:
     redis = aioredis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5,
                                     socket_connect_timeout=2, health_check_interval=10)
     topics, tables = declare_topics(app, settings), declare_tables(app, settings)
+    tables.deliveries = Deliveries(CHANGELOG_WAIT_S, metrics.changelog_unconfirmed.inc)
     buffer_store = RedisBufferStore(redis, settings.redis_prefix)
     sender = BatchSender(settings)
     pipeline = build_pipeline(settings, topics, tables, metrics, redis, buffer_store, scoring,
@@ -188,30 +191,18 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
     in_flight: list[asyncio.Future[Any]] = []
 
     async def send_changelog(topic: str, records: list[tuple[bytes, bytes]]) -> None:
-        in_flight.extend(await sender.send(topic, records))
-
-    async def settle() -> None:
-        # Faust commits a batch's offsets once the batch is acked, and its own flush
-        # before a commit gives up on a message not sent within 0.1 s: under load a
-        # commit got ahead of the counts' changelog, and a worker killed then lost those
-        # events for good (its successor restored the counts without them and read on
-        # from the commit). The batch's records are sent early in the batch (profiles
-        # after the state, counts before the buffer's Redis writes), so this mostly finds
-        # them confirmed.
-        pending = [*in_flight, *tables.take_deliveries()]
-        in_flight.clear()
-        if not pending:
-            return
-        try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*pending, return_exceptions=True), CHANGELOG_WAIT_S)
-            failed = [r for r in results if isinstance(r, BaseException)]
-        except TimeoutError as exc:
-            failed = [exc]
-        if failed:  # the batch's effects are applied already: it goes on, and says so
-            metrics.changelog_unconfirmed.inc()
-            log.warning("%d of %d changelog sends not confirmed (%r): the batch is acked "
-                        "anyway", len(failed), len(pending), failed[0])
+        # The previous batch's records are confirmed before this batch's go (and before
+        # this batch is acked); this batch's delivery overlaps the next batch's work
+        # instead of adding a produce round trip to every batch. The next commit waits
+        # for them too (tables.deliveries).
+        if in_flight:
+            try:
+                await asyncio.wait_for(asyncio.gather(*in_flight), CHANGELOG_WAIT_S)
+            finally:
+                in_flight.clear()
+        futures = await sender.send(topic, records)
+        in_flight.extend(futures)
+        tables.deliveries.add(futures)
 
     async def send_recs_many(lists: list[tuple[str, bytes]]) -> None:
         await sender.send(recs_topic, [(u.encode(), v) for u, v in lists])
@@ -251,7 +242,7 @@ def build_pipeline(settings: Settings, topics: WorkerTopics, tables: WorkerTable
         send_to_dlq=send_to_dlq, metrics=metrics, buffer_store=buffer_store,
         send_training_request=send_training_request, save_counts=tables.save_counts,
         scoring=scoring, send_audit=send_audit if settings.audit_processed else None,
-        settle=settle, attribution=attribution)
+        attribution=attribution)
 
 
 async def process_batch(pipeline: Pipeline, batch: list[RawMessage]) -> None:

@@ -93,8 +93,6 @@ T = TypeVar("T")
 SendToDlq = Callable[[DeadLetter], Awaitable[None]]
 SendRequest = Callable[[dict[str, Any]], Awaitable[None]]
 SaveCounts = Callable[[dict[int, dict[str, Any]]], None]
-Settle = Callable[[], Awaitable[None]]
-"""Waits until the broker holds the batch's state writes (the worker's: changelogs)."""
 SendAudit = Callable[[list[str], list[str]], Awaitable[None]]
 """(event_ids applied now, event_ids of replayed messages the state already held)."""
 
@@ -158,7 +156,6 @@ class Pipeline:
                  save_counts: SaveCounts | None = None,
                  scoring: ScoringService | None = None,
                  send_audit: SendAudit | None = None,
-                 settle: Settle | None = None,
                  attribution: Attribution | None = None,
                  refresh_every_s: float = 1.0) -> None:
         self.settings = settings
@@ -187,7 +184,6 @@ class Pipeline:
         self.item_text = self.state.item_text
         self.scoring = scoring
         self.send_audit = send_audit
-        self.settle = settle
         self.refresh = Refresher(settings, self.state, self.profiles, publisher, metrics,
                                  scoring)
         self.attribution = attribution or Attribution(configs.attribution_config(settings),
@@ -239,11 +235,6 @@ class Pipeline:
             await self._close_imbalance_batch()
         elif self.publisher.pending:
             await self.publisher.publish([])
-        if self.settle is not None:
-            # The batch is acked when this returns, and Faust commits acked offsets: a
-            # commit ahead of the changelog would leave a killed worker's successor to
-            # restore counts without events it never reads again.
-            await self.settle()
         if self.send_audit is not None and (applied or replayed):
             await self._audit(applied, replayed)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)

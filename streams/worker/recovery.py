@@ -53,6 +53,7 @@ from tailstream.streams.worker.tables import WorkerTables
 from tailstream.streams.worker.transport import (
     count_rereads,
     rewind_inputs,
+    set_before_commit,
     set_input_topics,
     wait_for_topic,
 )
@@ -115,6 +116,7 @@ class Recovery:
         loop = self.pipeline.imbalance
         consumer: Any = self.app.consumer
         set_input_topics(consumer, frozenset(self.settings.consumed_topics))
+        set_before_commit(consumer, self.tables.deliveries.settle)
         count_rereads(consumer, self.metrics.input_rereads.inc)
         missing = await asyncio.to_thread(self._missing_changelogs)
         replaced = set() if missing else await asyncio.to_thread(self._replaced_logs)
@@ -130,8 +132,8 @@ class Recovery:
             # Make the state durable again: write it all to the new changelogs.
             self.tables.save_counts(loop.take_touched())
             for key, value in list(self.tables.profiles.data.items()):
-                self.tables.deliveries.append(
-                    self.tables.profiles.send_changelog(None, key, value))
+                self.tables.deliveries.add(
+                    [self.tables.profiles.send_changelog(None, key, value)])
         if not self._buffer_restored:
             await self._restore_buffer()
         log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),

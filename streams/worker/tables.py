@@ -11,9 +11,10 @@ Keys and values are bytes we encode ourselves (JSON): see :data:`RAW_SCHEMA`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,67 @@ log = logging.getLogger(__name__)
 # bytes means raw on both paths.
 RAW_SCHEMA: faust.Schema[bytes, bytes] = faust.Schema(
     key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+
+class Deliveries:
+    """Changelog records sent and not yet confirmed, for the next commit to wait for
+    (:meth:`settle`, the consumer's ``before_commit``): offsets are committed only once
+    the changelog holds the effects of the messages they cover.
+
+    ``on_unconfirmed(n)`` is told how many deliveries failed or were still pending after
+    ``timeout_s`` (the commit then goes ahead: holding offsets back for ever would stop
+    the group).
+
+    >>> async def demo():
+    ...     d = Deliveries(timeout_s=0.05)
+    ...     loop = asyncio.get_running_loop()
+    ...     ok, slow = loop.create_future(), loop.create_future()
+    ...     ok.set_result(1)
+    ...     d.add([ok, slow])
+    ...     return await d.settle(), d.pending
+    >>> asyncio.run(demo())
+    (1, 0)
+    """
+
+    PRUNE_AT = 10_000
+    """Pending futures past which the confirmed ones are dropped (no commit for a while)."""
+
+    def __init__(self, timeout_s: float,
+                 on_unconfirmed: Callable[[int], object] | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.on_unconfirmed = on_unconfirmed
+        self._pending: list[asyncio.Future[Any]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, futures: Iterable[Any]) -> None:
+        self._pending.extend(futures)
+        if len(self._pending) > self.PRUNE_AT:
+            self._pending = [f for f in self._pending if not f.done() or _failed(f)]
+
+    async def settle(self) -> int:
+        """Wait for every delivery added before this call (at most ``timeout_s``); returns
+        how many were not confirmed."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return 0
+        done, late = await asyncio.wait(pending, timeout=self.timeout_s)
+        for fut in late:  # their outcome is read when it comes: never "never retrieved"
+            fut.add_done_callback(_failed)
+        unconfirmed = sum(1 for f in done if _failed(f)) + len(late)
+        if unconfirmed:
+            log.warning("%d of %d changelog records not confirmed (failed, or pending after "
+                        "%.0f s): committing anyway", unconfirmed, len(pending),
+                        self.timeout_s)
+            if self.on_unconfirmed is not None:
+                self.on_unconfirmed(unconfirmed)
+        return unconfirmed
+
+
+def _failed(fut: asyncio.Future[Any]) -> bool:
+    return fut.cancelled() or fut.exception() is not None
 
 
 @dataclass
@@ -49,10 +111,8 @@ class WorkerTables:
     partitions: int
     """Partitions of the changelogs (``TAILSTREAM_PARTITIONS``)."""
     _warned: set[int] = field(default_factory=set)
-    deliveries: list[Any] = field(default_factory=list)
-    """Delivery futures of the changelog records sent through Faust (the counts; the
-    profiles written again after a broker reset) not yet waited for
-    (:meth:`take_deliveries`: the next batch settles them before it is acked)."""
+    deliveries: Deliveries = field(default_factory=lambda: Deliveries(timeout_s=10.0))
+    """Changelog records sent and not confirmed yet: the next commit waits for them."""
 
     def save_counts(self, states: dict[int, dict[str, Any]]) -> None:
         """Write each source partition's counts to its own changelog partition. A source
@@ -71,12 +131,7 @@ class WorkerTables:
             key = f"p{partition}".encode()
             blob = json.dumps(state, separators=(",", ":")).encode()
             self.counts.data[key] = blob
-            self.deliveries.append(self.counts.send_changelog(partition, key, blob))
-
-    def take_deliveries(self) -> list[Any]:
-        """The counts records' delivery futures since the last call."""
-        out, self.deliveries = self.deliveries, []
-        return out
+            self.deliveries.add([self.counts.send_changelog(partition, key, blob)])
 
     def changelogs(self) -> dict[str, Any]:
         """Changelog topic name → its table."""

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, cast
 
 import pytest
 import torch
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from tailstream.configs import policy, tower_config
 from tailstream.contract import Event, Rejection
@@ -31,9 +32,15 @@ from tailstream.streams.worker.imbalance import ImbalanceLoop
 from tailstream.streams.worker.pipeline import RawMessage
 from tailstream.streams.worker.recovery import Recovery
 from tailstream.streams.worker.scoring import ScoringService
-from tailstream.streams.worker.tables import WorkerTables
+from tailstream.streams.worker.tables import Deliveries, WorkerTables
 from tailstream.streams.worker.timers import AssignmentReport
-from tailstream.streams.worker.transport import read_offset, rewind_inputs, set_input_topics
+from tailstream.streams.worker.transport import (
+    app_class,
+    read_offset,
+    rewind_inputs,
+    set_before_commit,
+    set_input_topics,
+)
 
 NOWHERE = dict(kafka_bootstrap="127.0.0.1:1", redis_url=Secret("redis://127.0.0.1:1/0"))
 
@@ -246,6 +253,51 @@ def test_a_restore_keeps_and_rewrites_counts_the_changelog_is_behind_on(
     rec.tables.save_counts(loop.take_touched())
     assert [(p, k) for p, k, _ in table.sent] == [(0, b"p0")]
     assert json.loads(table.data[b"p0"])["offsets"] == {"clicks": 29}
+
+
+def test_a_commit_waits_until_the_changelog_holds_what_it_covers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust's flush before a commit gives up on a buffered message not sent within 0.1 s;
+    under load a commit got ahead of the counts' changelog and a worker killed then lost
+    events for good (CI: 872). The consumer now awaits the worker's deliveries first: every
+    record sent before the commit, not the ones sent while it waits."""
+    order: list[str] = []
+
+    async def faust_commit(self: Any, offsets: Any, start_new_transaction: bool = True
+                           ) -> bool:
+        order.append(f"commit {offsets}")
+        return True
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "_commit_offsets", faust_commit)
+    consumer_class = app_class(0).consumer_class  # type: ignore[attr-defined]
+    consumer = consumer_class.__new__(consumer_class)
+    unconfirmed: list[int] = []
+    deliveries = Deliveries(timeout_s=0.2, on_unconfirmed=unconfirmed.append)
+    set_before_commit(consumer, deliveries.settle)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        counts, profiles, failing = (loop.create_future() for _ in range(3))
+        deliveries.add([counts, profiles, failing])
+
+        async def broker() -> None:
+            await asyncio.sleep(0.02)
+            order.append("counts confirmed")
+            counts.set_result(None)
+            deliveries.add([loop.create_future()])  # sent after the commit began
+            await asyncio.sleep(0.02)
+            order.append("profiles confirmed")
+            profiles.set_result(None)
+            failing.set_exception(OSError("broker gone"))
+
+        confirm = asyncio.create_task(broker())
+        assert await consumer._commit_offsets({"clicks/0": 41})
+        await confirm
+
+    asyncio.run(run())
+    assert order == ["counts confirmed", "profiles confirmed", "commit {'clicks/0': 41}"]
+    assert unconfirmed == [1]  # the failed send, said; the commit went ahead
+    assert deliveries.pending == 1  # the late send waits for the next commit
 
 
 # --------------------------------------------------------------------------- scoring
