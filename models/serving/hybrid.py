@@ -24,8 +24,9 @@ with the user's next interaction (:meth:`~tailstream.models.serving.blend.Online
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,14 @@ from tailstream.models.serving.blend import (
     OnlineBlender,
     union,
 )
-from tailstream.models.serving.scorer import ItemInfo, Ranked, Scorer, Users, select_positions
+from tailstream.models.serving.scorer import (
+    ItemInfo,
+    ListFeatures,
+    Ranked,
+    Scorer,
+    Users,
+    select_positions,
+)
 
 QUERY_PREFIX = "search: "
 """How a query is written for the encoder (as in the user's context)."""
@@ -53,8 +61,10 @@ class HybridList:
 
 @torch.inference_mode()
 def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: ItemInfo,
-                     blender: OnlineBlender) -> list[HybridList]:
-    """Lists (and candidates) for ``batch`` (see the module docstring)."""
+                     blender: OnlineBlender, features: ListFeatures | None = None
+                     ) -> list[HybridList]:
+    """Lists (and candidates) for ``batch`` (see the module docstring); ``features``:
+    the count features of the items shown, for the outcomes a list carries."""
     if not batch:
         return []
     cfg = scorer.ranking
@@ -75,12 +85,14 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
     tops = [_head_candidates(blender, cand, cfg.head_candidates) for cand in cands]
     probas = _engagement(scorer, users, cands, keys, tops, info)
     out: list[HybridList] = []
-    for cand, key, top, proba in zip(cands, keys, tops, probas, strict=True):
+    for h, cand, key, top, proba in zip(batch, cands, keys, tops, probas, strict=True):
         if top is None or proba is None:
             out.append(HybridList([], cand))
             continue
         score = blender.scores(cand.x)
-        out.append(HybridList(_select(scorer, cand, key, score, top, proba, info), cand))
+        ranked = _select(scorer, cand, key, score, top, proba, info,
+                         functools.partial(scorer.count_rows, features, h.request.user_id))
+        out.append(HybridList(ranked, cand))
     return out
 
 
@@ -233,7 +245,8 @@ def _engagement(scorer: Scorer, users: Users, cands: Sequence[Candidates],
 
 
 def _select(scorer: Scorer, cand: Candidates, key: np.ndarray, score: np.ndarray,
-            top: np.ndarray, proba: np.ndarray, info: Facts) -> list[Ranked]:
+            top: np.ndarray, proba: np.ndarray, info: Facts,
+            counts: Callable[[Sequence[str]], torch.Tensor | None]) -> list[Ranked]:
     cfg = scorer.ranking
     order = np.argsort(-score, kind="stable")
     k = cfg.k
@@ -250,7 +263,8 @@ def _select(scorer: Scorer, cand: Candidates, key: np.ndarray, score: np.ndarray
     head_row = {int(j): n for n, j in enumerate(top)}
     scored = [pos for pos in picked if int(prefix[pos]) in head_row]
     p_buy, p_cart, outcome = scorer.outcomes(
-        proba[[head_row[int(prefix[pos])] for pos in scored]])
+        proba[[head_row[int(prefix[pos])] for pos in scored]],
+        counts([ids[pos] for pos in scored]))
     decided = {pos: (p_buy[n], p_cart[n], outcome[n]) for n, pos in enumerate(scored)}
     out = []
     for pos in picked:

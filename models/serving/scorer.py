@@ -81,6 +81,10 @@ ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[flo
 """``item_ids → (tiers, categories, log q)``, supplied by the stream's popularity state."""
 OnlineProba = Callable[[str, Sequence[str]], torch.Tensor]
 """``(user_id, item_ids) → [N, K]`` class probabilities of the river fast path."""
+ListFeatures = Callable[[str, Sequence[str]], Sequence[Sequence[float]]]
+"""``(user_id, item_ids) → one row of streaming count features per item`` (the
+``feature_vector`` the head was trained on; an empty row: unknown), supplied by the
+stream's state for the items a list shows."""
 
 
 class Users(NamedTuple):
@@ -233,7 +237,8 @@ class Scorer:
     @torch.inference_mode()
     def recommend(self, requests: Sequence[UserRequest], item_info: ItemInfo,
                   online: OnlineProba | None = None,
-                  known: Sequence[int] | None = None) -> list[list[Ranked]]:
+                  known: Sequence[int] | None = None,
+                  features: ListFeatures | None = None) -> list[list[Ranked]]:
         """A ranked list per request (empty when the index is).
 
         Everything numeric is done for the whole micro-batch at once (one retrieval
@@ -243,6 +248,8 @@ class Scorer:
         ``known[b]`` (offline evaluation): only the first ``known[b]`` rows of the index
         may be retrieved for request b (the evaluation inserts items in the order they
         became known, so no list can hold an item from the request's future).
+        ``features``: the count features of the items a list shows, for the outcomes it
+        carries (:meth:`outcomes`).
         """
         cfg = self.ranking
         if not requests or len(self.index) == 0:
@@ -309,7 +316,9 @@ class Scorer:
                                       [cats[inv[j]] for j in chosen], k, cfg.tail_share,
                                       cfg.tail_margin, cfg.max_per_category)
             cols = [chosen[pos] for pos in picked]
-            p_buy, p_cart, outcome = self.outcomes(proba_np[i, cols])
+            p_buy, p_cart, outcome = self.outcomes(
+                proba_np[i, cols], self.count_rows(features, req.user_id,
+                                                   [uniq_ids[inv[j]] for j in cols]))
             out.append([Ranked(uniq_ids[inv[j]], score_l[i][j], tiers[inv[j]],
                                self._reason(req, best_val_l[i][j], best_ctx_l[i][j],
                                             cats[inv[j]]),
@@ -336,16 +345,36 @@ class Scorer:
         self.served = dataclasses.replace(self.served,
                                           manifest={**self.served.manifest, "decisions": raw})
 
-    def outcomes(self, proba: np.ndarray) -> tuple[list[float], list[float], list[str]]:
+    def count_rows(self, features: ListFeatures | None, user_id: str,
+                   item_ids: Sequence[str]) -> torch.Tensor | None:
+        """The count features of ``user_id`` with each item as the head reads them
+        ``[N, F]`` (None without ``features``)."""
+        if features is None or not item_ids:
+            return None
+        return self.served.model.count_rows(features(user_id, item_ids), self.device)
+
+    def outcomes(self, proba: np.ndarray, counts: torch.Tensor | None = None
+                 ) -> tuple[list[float], list[float], list[str]]:
         """p(purchase), p(cart) and the decided outcome for rows of the head's class
         probabilities ``[N, K]``: the version's decision layer corrected to
         :attr:`live_prior` (the worker's running class shares; the stream's mix at
         training time until it has one) — so a sale that doubles purchases moves them at
         the next list, without a fine-tune — or the head's own probabilities and argmax
-        when the version has no layer."""
+        when the version has no layer.
+
+        Candidates are ranked without the count features (the head runs on hundreds of
+        them per user); ``counts`` ``[N, F]`` for the rows shown put them back, as the
+        head was trained and its decision layer fitted: ``softmax(log p + W · std(x))``
+        (:meth:`TwoTowerRecommender.count_logits`; the softmax drops the per-row constant)."""
         classes = self.served.model.config.classes
         if len(proba) == 0:
             return [], [], []
+        if counts is not None:
+            delta = self.served.model.count_logits(counts).float().cpu().numpy()
+            logp = np.log(np.clip(proba, 1e-12, None)) + delta
+            logp -= logp.max(axis=1, keepdims=True)
+            proba = np.exp(logp)
+            proba /= proba.sum(axis=1, keepdims=True)
         layer = self.decisions
         if layer is not None:
             proba, decided = layer.predict([proba], layer.serving_prior(self.live_prior))

@@ -237,6 +237,16 @@ class TwoTowerRecommender(nn.Module):
         return (self.outcome_head(z[:, :-(f + t)]) + self.typed(z[:, -(f + t):-f])
                 + self.wide(z[:, -f:]))
 
+    def count_logits(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[B, K]``: what the count features add to the logits of pairs scored without
+        them. The wide part is linear in the standardised counts, and a pair scored
+        without counts has zeros there, so ``outcome_logits(..., counts)`` equals
+        ``outcome_logits(...) + count_logits(counts)`` (the bias is in both)."""
+        return self._standardised(counts) @ self.wide.weight.T
+
+    def _standardised(self, counts: torch.Tensor) -> torch.Tensor:
+        return (counts.float() - self.wide_mean) / (self.wide_var + 1e-6).sqrt()
+
     def count_rows(self, rows: Sequence[Sequence[float]], device: torch.device
                    ) -> torch.Tensor:
         """Feature vectors (``Sample.features``) as a ``[B, F]`` tensor; a row without
@@ -271,7 +281,7 @@ class TwoTowerRecommender(nn.Module):
         if counts is None:
             std = torch.zeros(user.shape[0], self.config.wide_features, device=user.device)
         else:
-            std = (counts.float() - self.wide_mean) / (self.wide_var + 1e-6).sqrt()
+            std = self._standardised(counts)
         sims = torch.einsum("bcd,bd->bc", ctx_items.float(), item.float())
         return torch.cat([self._deep_features(user, item, sims, ctx_mask),
                           self._typed_matches(sims, ctx_mask, ctx_kinds), std], dim=-1)

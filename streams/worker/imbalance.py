@@ -183,7 +183,7 @@ class ImbalanceLoop:
         # cost is saved where data is plentiful.
         rate = 1.0 if self._shares.get(event.kind, 0.0) < self.settings.minority_share \
             else self.settings.online_majority_rate
-        x = self._features(item, user_class_counts, tier, category_affinity, repeat)
+        x = self.features(item, user_class_counts, tier, category_affinity, repeat)
         if rate >= 1.0 or self._online_rng.random() < rate:
             seen_before = self.online.n > 0
             proba = self.online.predict_then_learn(x, event.kind, weight / rate,
@@ -278,8 +278,8 @@ class ImbalanceLoop:
     def forget_price(self, item: str) -> None:
         self.prices.pop(item, None)
 
-    def _features(self, item: str, user_class_counts: Mapping[str, float], tier: str,
-                  affinity: float, repeat: bool) -> Features:
+    def features(self, item: str, user_class_counts: Mapping[str, float], tier: str,
+                 affinity: float, repeat: bool) -> Features:
         """The streaming count features of an interaction with ``item``, from the counts
         as they stand (read them before counting the event). The price is the item's
         price as known before the event (:meth:`know_price`), never the event's own:
@@ -308,7 +308,7 @@ class ImbalanceLoop:
             error: bool | None = None
             if rate >= 1.0 or rng.random() < rate:
                 item = event.item_id or ""
-                x = self._features(item, ob.user_class_counts, self._tiers.get(item, "tail"),
+                x = self.features(item, ob.user_class_counts, self._tiers.get(item, "tail"),
                                    ob.category_affinity, ob.repeat)
                 seen_before = self.online.n > 0
                 weight = self.weights.get(event.kind, 1.0)
@@ -328,7 +328,7 @@ class ImbalanceLoop:
             route = buffer.route(event.kind, tier, shares)
             if route is None:
                 continue
-            x = self._features(item, ob.user_class_counts, tier, ob.category_affinity,
+            x = self.features(item, ob.user_class_counts, tier, ob.category_affinity,
                                ob.repeat)
             user_text, user_kinds = ob.user_context()
             sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,

@@ -273,11 +273,13 @@ class Refresher:
                                     query=signals.last_query(p, now))
                       for r, p in zip(requests, profiles, strict=True)]
             made = await self.scoring.recommend_hybrid(hybrid, self.item_info, self.blender,
-                                                       scorer=scorer)
+                                                       scorer=scorer,
+                                                       features=self.state.list_features)
             self._remember(users, made)
             return version, [[r.to_dict(i + 1) for i, r in enumerate(m.ranked)]
                              for m in made]
-        ranked = await self.scoring.recommend(requests, self.item_info, scorer=scorer)
+        ranked = await self.scoring.recommend(requests, self.item_info, scorer=scorer,
+                                              features=self.state.list_features)
         return version, [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
 
     async def _after_waiting_users(self, longest_s: float = 2.0) -> None:

@@ -23,6 +23,7 @@ reloaded); when it is rolled back it is dropped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -40,7 +41,7 @@ from tailstream.metrics import Metrics
 from tailstream.models.serving.blend import HybridRequest, OnlineBlender
 from tailstream.models.serving.canary import in_canary
 from tailstream.models.serving.hybrid import HybridList, hybrid_recommend
-from tailstream.models.serving.scorer import Ranked, Scorer
+from tailstream.models.serving.scorer import ListFeatures, Ranked, Scorer
 from tailstream.models.towers.context import UserRequest
 from tailstream.models.towers.loading import ServedModel, load_served, pick_device
 from tailstream.models.towers.store import ModelStore
@@ -245,22 +246,25 @@ class ScoringService:
 
     # ------------------------------------------------------------------ users
     async def recommend(self, requests: list[UserRequest], item_info: ItemInfo, *,
-                        scorer: Scorer | None = None) -> list[list[Ranked]]:
-        """Lists from ``scorer`` (default: the serving version's)."""
+                        scorer: Scorer | None = None,
+                        features: ListFeatures | None = None) -> list[list[Ranked]]:
+        """Lists from ``scorer`` (default: the serving version's); ``features``: the count
+        features of the items shown, for the outcomes a list carries."""
         scorer = scorer or self.scorer
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
             await self._sync_removals(scorer)
             before = scorer.texts.encoded
-            lists = await self._run(scorer.recommend, requests, item_info)
+            lists = await self._run(functools.partial(scorer.recommend, features=features),
+                                    requests, item_info)
         self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
         self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         return lists
 
     async def recommend_hybrid(self, requests: list[HybridRequest], item_info: ItemInfo,
-                               blender: OnlineBlender, *, scorer: Scorer | None = None
-                               ) -> list[HybridList]:
+                               blender: OnlineBlender, *, scorer: Scorer | None = None,
+                               features: ListFeatures | None = None) -> list[HybridList]:
         """Hybrid lists (the towers' candidates with the stateful sources, scored by the
         online blender), on the scoring thread, from ``scorer`` (default: serving)."""
         scorer = scorer or self.scorer
@@ -269,7 +273,8 @@ class ScoringService:
         async with self._lock:
             await self._sync_removals(scorer)
             before = scorer.texts.encoded
-            lists = await self._run(hybrid_recommend, scorer, requests, item_info, blender)
+            lists = await self._run(hybrid_recommend, scorer, requests, item_info, blender,
+                                    features)
         self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
         self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         return lists

@@ -16,6 +16,7 @@ from typing import Any
 
 from tailstream.contract import INTERACTION_KINDS, SEARCH, Event, Item
 from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.imbalance.features import feature_vector
 from tailstream.models.serving.baseline import QueryIndex, new_profile, update_profile
 from tailstream.models.serving.popularity import PopularityTracker
 from tailstream.models.serving.signals import Signals
@@ -99,13 +100,11 @@ class StreamState:
                     self.item_text[event.item_id] = text
                     if self.on_new_item is not None:
                         self.on_new_item(event.item_id, text)
-            cats = profile.get("cats", {})
-            top = max(cats.values(), default=0.0)
             user_text, user_kinds = self._user_context(profile)
+            affinity, repeat = user_item_context(profile, category, event.item_id)
             sample = self.imbalance.observe(
                 event, partition, user_class_counts=profile.get("n", {}),
-                category_affinity=cats.get(category, 0.0) / top if top else 0.0,
-                repeat=event.item_id in profile.get("items", ()),
+                category_affinity=affinity, repeat=repeat,
                 item_text=text, user_text=user_text, user_kinds=user_kinds)
         else:
             self.imbalance.observe(event, partition, user_class_counts={},
@@ -156,11 +155,8 @@ class StreamState:
         ob: Observation | None = None
         if item is not None and event.kind in INTERACTION_KINDS:
             text = self._item_text(event, category, deleted)
-            cats = before.get("cats", {})
-            top = max(cats.values(), default=0.0)
-            ob = Observation(event, partition, before.get("n", {}),
-                             cats.get(category, 0.0) / top if top else 0.0,
-                             item in before.get("items", ()), text,
+            affinity, repeat = user_item_context(before, category, item)
+            ob = Observation(event, partition, before.get("n", {}), affinity, repeat, text,
                              functools.partial(self._user_context, before))
         self.profiles[event.user_id] = update_profile(
             before, event, category, query_cats, keep=self.settings.recent_items)
@@ -194,6 +190,36 @@ class StreamState:
 
     def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
         return context_entries(profile, self.item_text, self.settings.max_context)
+
+    def list_features(self, user_id: str, item_ids: Sequence[str]) -> list[tuple[float, ...]]:
+        """The count features of ``user_id`` with each of ``item_ids`` as they stand (the
+        items a list shows): what an interaction with the item would be scored with
+        (:meth:`ImbalanceLoop.features`). Called on the scoring thread: it only reads
+        the profiles and the loop's counts."""
+        profile = self.profiles.get(user_id) or new_profile()
+        counts = profile.get("n", {})
+        tiers = self.imbalance.tiers
+        out = []
+        for item in item_ids:
+            affinity, repeat = user_item_context(profile, self.popularity.category(item), item)
+            out.append(feature_vector(self.imbalance.features(
+                item, counts, tiers.get(item, "tail"), affinity, repeat)))
+        return out
+
+
+def user_item_context(profile: dict[str, Any], category: str | None, item: str | None
+                      ) -> tuple[float, bool]:
+    """The user's affinity to the item's category (its share over the user's top
+    category's) and whether the user acted on the item before, from their profile.
+
+    >>> user_item_context({"cats": {"shoes": 4.0, "hats": 1.0}, "items": ["i1"]},
+    ...                   "hats", "i1")
+    (0.25, True)
+    """
+    cats = profile.get("cats", {})
+    top = max(cats.values(), default=0.0)
+    return (cats.get(category, 0.0) / top if top else 0.0,
+            item is not None and item in profile.get("items", ()))
 
 
 def item_text(item: Item) -> str:

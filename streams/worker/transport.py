@@ -180,6 +180,26 @@ class InOrder:
         return out
 
 
+class CommitsAfterChangelog:
+    """A Faust consumer mixin: each commit waits for ``before_commit`` (the worker's
+    :meth:`~tailstream.streams.worker.tables.Deliveries.settle`), so offsets are committed
+    only once the changelog holds the effects of what they cover. Faust flushes its
+    producer first, but that flush gives up on a buffered message not sent within 0.1 s:
+    under load a commit got ahead of the counts' changelog, and a worker killed then left
+    its successor counts without events it never read again (a CI run of the kill -9
+    test: 872 short)."""
+
+    before_commit: Callable[[], Awaitable[object]] | None = None
+
+    async def _commit_offsets(self, offsets: Any, start_new_transaction: bool = True
+                              ) -> bool:
+        if self.before_commit is not None:
+            await self.before_commit()
+        parent: Any = super()
+        return bool(await parent._commit_offsets(
+            offsets, start_new_transaction=start_new_transaction))
+
+
 def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
     """A ``faust.App`` subclass whose consumer waits at most ``fetch_max_wait_ms`` per fetch
     and steps over record batches it cannot decode (see :class:`_Guard`)."""
@@ -214,18 +234,15 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
                 if records or remaining <= 0 or fetcher._closed:
                     return records
                 waiter = fetcher._create_fetch_waiter()
-                done, pending = await asyncio.wait([waiter], timeout=remaining)
-                for fut in pending:
-                    fut.cancel()
+                done, _ = await asyncio.wait([waiter], timeout=remaining)
                 if not done:
+                    waiter.cancel()
                     return records
 
-    class FastFetchConsumer(faust_aiokafka.Consumer):
+    class FastFetchConsumer(CommitsAfterChangelog, faust_aiokafka.Consumer):
         #: input partitions to read from offset 0 at the next seek (set on a broker reset)
         rewind: set[Any] = set()
         input_topics: frozenset[str] = frozenset()
-        #: awaited before each commit (the worker's :meth:`Deliveries.settle`)
-        before_commit: Callable[[], Awaitable[object]] | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -259,18 +276,6 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
                 if tp.topic not in self.input_topics or admit(tp, message.offset):
                     yield tp, message
 
-        async def _commit_offsets(self, offsets: Any, start_new_transaction: bool = True
-                                  ) -> bool:
-            """Faust's commit, once the changelog holds the effects of what it covers.
-            Faust flushes its producer first, but that flush gives up on a buffered
-            message not sent within 0.1 s: under load a commit got ahead of the counts'
-            changelog, and a worker killed then left its successor counts without events
-            it never read again (a CI run of the kill -9 test: 872 short)."""
-            if self.before_commit is not None:
-                await self.before_commit()
-            return bool(await super()._commit_offsets(
-                offsets, start_new_transaction=start_new_transaction))
-
         def _new_consumer_thread(self) -> ConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -286,14 +291,13 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
                 await self.seek(tp, 0)
             self.rewind = set()
 
-    class Transport(faust_aiokafka.Transport):
-        Consumer = FastFetchConsumer
+    transport = type("Transport", (faust_aiokafka.Transport,), {"Consumer": FastFetchConsumer})
 
     class App(faust.App):  # noqa: D106
         consumer_class = FastFetchConsumer
 
         def _new_transport(self) -> Any:
-            return Transport(self.conf.broker_consumer, self)
+            return transport(self.conf.broker_consumer, self)
 
     return App
 

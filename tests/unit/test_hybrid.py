@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from tailstream.configs import RankingConfig, SignalsConfig, TowerConfig
@@ -164,3 +165,50 @@ def test_the_worker_teaches_its_blender_with_each_users_next_interaction() -> No
 
     restored = asyncio.run(round_trip())
     assert np.allclose(restored.w, refresh.blender.w) and restored.updates == 1
+
+
+@torch.inference_mode()
+def expected_purchase(s: Scorer, req: UserRequest, item: str,
+                      row: tuple[float, ...] | None) -> float:
+    """p(purchase) of the head for (user, item) scored with the count features ``row``."""
+    model = s.served.model
+    users = s.user_vectors([req])
+    v = s.index.matrix[torch.tensor(s.index.rows_of([item]))].float()
+    counts = model.count_rows([row], CPU) if row is not None else None
+    logits = model.outcome_logits(users.vectors, v, users.ctx_items, users.mask, counts,
+                                  ctx_kinds=users.kinds)
+    return float(torch.softmax(logits, -1)[0, model.config.classes.index("purchase")])
+
+
+def test_listed_outcomes_read_the_count_features_of_the_items_shown(
+        tiny_encoder: Path) -> None:
+    """Candidates are ranked without the count features; the outcomes a list carries are
+    the head's *with* them (as it was trained, and as its decision layer was fitted), for
+    the items shown only — in both list makers."""
+    s = scorer(tiny_encoder)
+    model = s.served.model
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.wide.weight.normal_(0, 2.0)
+        model.wide_mean.normal_(0, 0.1)
+    f = model.config.wide_features
+    asked: list[tuple[str, list[str]]] = []
+
+    def features(user: str, items: Any) -> list[tuple[float, ...]]:
+        asked.append((user, list(items)))
+        return [tuple(float((int(i[1:]) * (n + 1)) % 5) for n in range(f)) for i in items]
+
+    req = request("u", ["i1", "i2"], {"covisitation": ["i3", "i4"]})
+    [plain] = hybrid_recommend(s, [req], info, OnlineBlender())
+    [hybrid] = hybrid_recommend(s, [req], info, OnlineBlender(), features)
+    [towers] = s.recommend([req.request], info, features=features)
+    assert [r.item_id for r in hybrid.ranked] == [r.item_id for r in plain.ranked]  # ranking
+    assert asked[0] == ("u", [r.item_id for r in hybrid.ranked])  # k items, not candidates
+    for lst in (hybrid.ranked, towers):
+        for r in lst:
+            row = features("u", [r.item_id])[0]
+            assert r.p_purchase == pytest.approx(expected_purchase(s, req.request, r.item_id,
+                                                                   row), abs=1e-5)
+    moved = [abs(r.p_purchase - expected_purchase(s, req.request, r.item_id, None))
+             for r in hybrid.ranked]
+    assert max(moved) > 1e-3  # the features matter here: without them the test means nothing

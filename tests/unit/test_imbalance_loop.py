@@ -268,3 +268,22 @@ def test_a_restore_keeps_counts_newer_than_the_table() -> None:
     assert loop.partitions[0].totals["click"] == 1 and not loop.counted(0, "clicks", 61)
     # A partition this process never held: loaded.
     assert not loop.restore_partition(3, behind) and loop.counted(3, "clicks", 20)
+
+
+def test_a_lists_features_are_what_the_next_interaction_is_scored_with() -> None:
+    """The count features a list's outcomes read for (user, item) are the ones an
+    interaction with the item, happening now, gets in its training sample: one function,
+    the same counts, the same profile context."""
+    from tailstream.streams.worker.state import StreamState
+
+    state = StreamState(Settings(), {})
+    for n in range(30):
+        state.apply_event(Event("click", f"c{n}", f"u{n % 3}", 1.7e9 + n, item_id=f"i{n % 4}",
+                                category="home/mug" if n % 4 else "home/pan"))
+    state.apply_event(Event("cart", "k1", "u1", 1.7e9 + 40, item_id="i2",
+                            category="home/mug", price=9.0))
+    rows = state.list_features("u1", ["i2", "i0", "never-seen"])
+    sample = state.apply_event(Event("purchase", "p1", "u1", 1.7e9 + 50, item_id="i2",
+                                     category="home/mug"))
+    assert sample is not None and sample.features == rows[0]
+    assert len({rows[0], rows[1], rows[2]}) == 3  # the item, its category, the user's past

@@ -529,8 +529,8 @@ class StubScoring:
     def scorer_for(self, arm: str) -> StubScorer:
         return self.canary if arm == "canary" else self.serving
 
-    async def recommend(self, requests: list[Any], item_info: Any, *, scorer: StubScorer
-                        ) -> list[list[Any]]:
+    async def recommend(self, requests: list[Any], item_info: Any, *, scorer: StubScorer,
+                        features: Any = None) -> list[list[Any]]:
         from tailstream.models.serving.scorer import Ranked
 
         self.calls.append((scorer.version, [r.user_id for r in requests]))
