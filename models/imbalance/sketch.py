@@ -508,6 +508,11 @@ class ItemFrequency:
         """Decayed count of ``item_id`` at ``now`` (default: the latest event time)."""
         return self.sketch.estimate(item_id) * self._now_factor(now)
 
+    def estimate_many(self, item_ids: Sequence[str]) -> list[float]:
+        """:meth:`estimate` of many items at the latest event time (one gather), the same
+        floats."""
+        return (self.sketch.estimate_many(item_ids) * self._now_factor(None)).tolist()
+
     def total(self, now: float | None = None) -> float:
         """Decayed number of interactions ``N`` at ``now``."""
         return self.sketch.total * self._now_factor(now)

@@ -91,7 +91,7 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
             continue
         score = blender.scores(cand.x)
         ranked = _select(scorer, cand, key, score, top, proba, info,
-                         functools.partial(scorer.count_rows, features, h.request.user_id))
+                         functools.partial(scorer.count_logits, features, h.request.user_id))
         out.append(HybridList(ranked, cand))
     return out
 
@@ -246,7 +246,7 @@ def _engagement(scorer: Scorer, users: Users, cands: Sequence[Candidates],
 
 def _select(scorer: Scorer, cand: Candidates, key: np.ndarray, score: np.ndarray,
             top: np.ndarray, proba: np.ndarray, info: Facts,
-            counts: Callable[[Sequence[str]], torch.Tensor | None]) -> list[Ranked]:
+            counts: Callable[[Sequence[str]], np.ndarray | None]) -> list[Ranked]:
     cfg = scorer.ranking
     order = np.argsort(-score, kind="stable")
     k = cfg.k

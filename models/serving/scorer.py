@@ -126,6 +126,8 @@ class Scorer:
         """The stream's running class shares (the worker sets them after every batch)."""
         self._decisions: DecisionLayer | None = None
         self._decisions_of: ServedModel | None = None
+        self._wide: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._wide_of: ServedModel | None = None
 
     @property
     def version(self) -> str:
@@ -317,8 +319,8 @@ class Scorer:
                                       cfg.tail_margin, cfg.max_per_category)
             cols = [chosen[pos] for pos in picked]
             p_buy, p_cart, outcome = self.outcomes(
-                proba_np[i, cols], self.count_rows(features, req.user_id,
-                                                   [uniq_ids[inv[j]] for j in cols]))
+                proba_np[i, cols], self.count_logits(features, req.user_id,
+                                                     [uniq_ids[inv[j]] for j in cols]))
             out.append([Ranked(uniq_ids[inv[j]], score_l[i][j], tiers[inv[j]],
                                self._reason(req, best_val_l[i][j], best_ctx_l[i][j],
                                             cats[inv[j]]),
@@ -345,15 +347,31 @@ class Scorer:
         self.served = dataclasses.replace(self.served,
                                           manifest={**self.served.manifest, "decisions": raw})
 
-    def count_rows(self, features: ListFeatures | None, user_id: str,
-                   item_ids: Sequence[str]) -> torch.Tensor | None:
-        """The count features of ``user_id`` with each item as the head reads them
-        ``[N, F]`` (None without ``features``)."""
+    def count_logits(self, features: ListFeatures | None, user_id: str,
+                     item_ids: Sequence[str]) -> np.ndarray | None:
+        """``[N, K]``: what the count features of ``user_id`` with each item add to the
+        head's logits (:meth:`TwoTowerRecommender.count_logits`, in numpy: a handful of
+        rows per list, where torch's per-call overhead cost more than the arithmetic;
+        an unknown row adds nothing); None without ``features``."""
         if features is None or not item_ids:
             return None
-        return self.served.model.count_rows(features(user_id, item_ids), self.device)
+        if self._wide_of is not self.served:
+            model = self.served.model
+            self._wide = (model.wide_mean.detach().cpu().double().numpy(),
+                          (model.wide_var.detach().cpu().double() + 1e-6).rsqrt().numpy(),
+                          model.wide.weight.detach().cpu().double().numpy().T)
+            self._wide_of = self.served
+        assert self._wide is not None
+        mean, inv_std, weight_t = self._wide
+        rows = features(user_id, item_ids)
+        x = np.tile(mean, (len(rows), 1))
+        for n, row in enumerate(rows):
+            if len(row) == len(mean):
+                x[n] = row
+        delta: np.ndarray = ((x - mean) * inv_std) @ weight_t
+        return delta
 
-    def outcomes(self, proba: np.ndarray, counts: torch.Tensor | None = None
+    def outcomes(self, proba: np.ndarray, counts: np.ndarray | None = None
                  ) -> tuple[list[float], list[float], list[str]]:
         """p(purchase), p(cart) and the decided outcome for rows of the head's class
         probabilities ``[N, K]``: the version's decision layer corrected to
@@ -363,15 +381,15 @@ class Scorer:
         when the version has no layer.
 
         Candidates are ranked without the count features (the head runs on hundreds of
-        them per user); ``counts`` ``[N, F]`` for the rows shown put them back, as the
-        head was trained and its decision layer fitted: ``softmax(log p + W · std(x))``
-        (:meth:`TwoTowerRecommender.count_logits`; the softmax drops the per-row constant)."""
+        them per user); ``counts``, their logits ``[N, K]`` for the rows shown
+        (:meth:`count_logits`), put them back, as the head was trained and its decision
+        layer fitted: ``softmax(log p + W · std(x))`` (the softmax drops the per-row
+        constant)."""
         classes = self.served.model.config.classes
         if len(proba) == 0:
             return [], [], []
         if counts is not None:
-            delta = self.served.model.count_logits(counts).float().cpu().numpy()
-            logp = np.log(np.clip(proba, 1e-12, None)) + delta
+            logp = np.log(np.clip(proba, 1e-12, None)) + counts
             logp -= logp.max(axis=1, keepdims=True)
             proba = np.exp(logp)
             proba /= proba.sum(axis=1, keepdims=True)

@@ -293,6 +293,19 @@ class ImbalanceLoop:
             user_class_counts=user_class_counts, tier=tier, category_affinity=affinity,
             repeat=repeat, price=price)
 
+    def features_many(self, items: Sequence[str], user_class_counts: Mapping[str, float],
+                      tiers: Sequence[str], affinity: Sequence[float],
+                      repeat: Sequence[bool]) -> list[Features]:
+        """:meth:`features` of one user with many items (a list's), each sketch read once
+        for all of them: the same values."""
+        counts = self.items.estimate_many(items)
+        rates = {c: self.item_classes.estimate_many([f"{c}:{i}" for i in items]).tolist()
+                 for c in RARE_CLASSES}
+        return [interaction_features(
+            item_count=counts[n], item_class_counts={c: rates[c][n] for c in RARE_CLASSES},
+            user_class_counts=user_class_counts, tier=tiers[n], category_affinity=affinity[n],
+            repeat=repeat[n], price=self.prices.get(item)) for n, item in enumerate(items)]
+
     def _learn_batch(self, batch: Sequence[Observation]) -> None:
         """The river fast path and the drift detectors over a batch (see observe_batch)."""
         minority = self.settings.minority_share

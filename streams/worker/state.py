@@ -194,17 +194,14 @@ class StreamState:
     def list_features(self, user_id: str, item_ids: Sequence[str]) -> list[tuple[float, ...]]:
         """The count features of ``user_id`` with each of ``item_ids`` as they stand (the
         items a list shows): what an interaction with the item would be scored with
-        (:meth:`ImbalanceLoop.features`). Called on the scoring thread: it only reads
-        the profiles and the loop's counts."""
+        (:meth:`ImbalanceLoop.features_many`). Called on the scoring thread: it only
+        reads the profiles and the loop's counts."""
         profile = self.profiles.get(user_id) or new_profile()
-        counts = profile.get("n", {})
         tiers = self.imbalance.tiers
-        out = []
-        for item in item_ids:
-            affinity, repeat = user_item_context(profile, self.popularity.category(item), item)
-            out.append(feature_vector(self.imbalance.features(
-                item, counts, tiers.get(item, "tail"), affinity, repeat)))
-        return out
+        context = [user_item_context(profile, self.popularity.category(i), i) for i in item_ids]
+        return [feature_vector(x) for x in self.imbalance.features_many(
+            item_ids, profile.get("n", {}), [tiers.get(i, "tail") for i in item_ids],
+            [a for a, _ in context], [r for _, r in context])]
 
 
 def user_item_context(profile: dict[str, Any], category: str | None, item: str | None

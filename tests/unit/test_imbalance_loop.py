@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tailstream.contract import Event
-from tailstream.models.imbalance.features import FEATURE_NAMES
+from tailstream.models.imbalance.features import FEATURE_NAMES, feature_vector
 from tailstream.models.imbalance.triggers import DriftMonitor, TriggerPolicy
 from tailstream.settings import Settings
 from tailstream.streams.worker.imbalance import ImbalanceLoop, Observation
@@ -274,7 +274,7 @@ def test_a_lists_features_are_what_the_next_interaction_is_scored_with() -> None
     """The count features a list's outcomes read for (user, item) are the ones an
     interaction with the item, happening now, gets in its training sample: one function,
     the same counts, the same profile context."""
-    from tailstream.streams.worker.state import StreamState
+    from tailstream.streams.worker.state import StreamState, user_item_context
 
     state = StreamState(Settings(), {})
     for n in range(30):
@@ -283,6 +283,12 @@ def test_a_lists_features_are_what_the_next_interaction_is_scored_with() -> None
     state.apply_event(Event("cart", "k1", "u1", 1.7e9 + 40, item_id="i2",
                             category="home/mug", price=9.0))
     rows = state.list_features("u1", ["i2", "i0", "never-seen"])
+    profile = state.profiles["u1"]
+    one_by_one = [feature_vector(state.imbalance.features(
+        i, profile["n"], state.imbalance.tiers.get(i, "tail"),
+        *user_item_context(profile, state.popularity.category(i), i)))
+        for i in ["i2", "i0", "never-seen"]]
+    assert rows == one_by_one  # the list's sketches read once: the same floats
     sample = state.apply_event(Event("purchase", "p1", "u1", 1.7e9 + 50, item_id="i2",
                                      category="home/mug"))
     assert sample is not None and sample.features == rows[0]
