@@ -92,12 +92,15 @@ class Candidate:
     version's manifest carries to the workers (None without a gate, for a rejected
     candidate, or without a usable window)."""
     served_decisions: dict[str, object] | None = None
-    """A rejected candidate's trigger still refreshes the *served* model's decisions
+    """Every gated trigger also refits the *served* model's decisions
     (``GateConfig.refresh_decisions``): the layer fitted on the served head's
-    probabilities on the same held-out window — the thresholds the gate judged it with —
-    so a stream whose candidates are rejected still decides at today's window rather
-    than at the last promotion's (or, for the base model, at the argmax). None when
-    promoted, switched off, or without a usable window."""
+    probabilities on the same held-out window — the thresholds the gate judged it with.
+    A rejected candidate's trigger serves it at once; a candidate that goes to a canary
+    leaves it with the version that keeps serving the other users, and serving everyone
+    again if the canary is rolled back. So a stream whose candidates are rejected (offline
+    or online) still decides at today's window rather than at the last promotion's (or,
+    for the base model, at the argmax). None when switched off or without a usable
+    window."""
 
 
 def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
@@ -128,8 +131,7 @@ def fine_tune(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     cand.decision = _decide(cand.current, cand.metrics, gate)
     if cand.decision.promote:
         cand.decisions = fit_decisions(cand, data, gate)
-    else:
-        cand.served_decisions = refresh_decisions(served_proba, cand, data, gate)
+    cand.served_decisions = refresh_decisions(served_proba, cand, data, gate)
     return cand
 
 
@@ -198,8 +200,8 @@ def fit_decisions(cand: Candidate, data: TrainData, gate: GateConfig
 
 def refresh_decisions(served_proba: Sequence[np.ndarray], cand: Candidate, data: TrainData,
                       gate: GateConfig) -> dict[str, object] | None:
-    """The served model's decision layer refitted at a trigger whose candidate was
-    rejected (:attr:`Candidate.served_decisions`): as :func:`fit_decisions`, on the served
+    """The served model's decision layer refitted at a trigger
+    (:attr:`Candidate.served_decisions`): as :func:`fit_decisions`, on the served
     head's held-out probabilities ``served_proba`` — the newest window, which the gate
     just scored the served model on with thresholds moved the same way (cross-fitted
     there), so the workers then decide as the gate judged the model. None when
@@ -284,8 +286,7 @@ def _select(served: ServedModel, vectors: TextVectors, data: TrainData, *,
     return dataclasses.replace(
         best, decision=decision, current=current, trials=trials,
         decisions=fit_decisions(best, data, gate) if decision.promote else None,
-        served_decisions=(None if decision.promote
-                          else refresh_decisions(served_proba, best, data, gate)))
+        served_decisions=refresh_decisions(served_proba, best, data, gate))
 
 
 def remember(memory: Sequence[Sample], trained_on: Sequence[Sample], capacity: int,

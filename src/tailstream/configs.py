@@ -289,8 +289,9 @@ class GateConfig:
     """``TAILSTREAM_DECISION_PRECISION_FLOOR``: the floor of ``move_to=minority_recall`` in
     the decision layer the trainer fits for the workers."""
     refresh_decisions: bool = True
-    """``TAILSTREAM_DECISION_REFRESH``: a trigger whose candidate is rejected refits the
-    served model's decision layer on the held-out window (no new weights)."""
+    """``TAILSTREAM_DECISION_REFRESH``: a trigger whose candidate is not promoted outright
+    (rejected, or sent to a canary) refits the served model's decision layer on the
+    held-out window (no new weights)."""
 
 
 @dataclass(frozen=True)

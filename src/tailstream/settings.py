@@ -173,9 +173,10 @@ class Settings:
     decision_precision_floor: float = 0.05
     """Least precision of each minority class under ``decision_objective=minority_recall``."""
     decision_refresh: bool = True
-    """When the gate rejects a candidate, refit the *served* model's decision thresholds on
-    the same held-out window and send them to the workers (weights unchanged): decisions
-    follow the stream even while no candidate is promoted (the base model's too)."""
+    """When the gate rejects a candidate, or sends it to a canary that may be rolled back,
+    refit the *served* model's decision thresholds on the same held-out window and send
+    them to the workers (weights unchanged): decisions follow the stream even while no
+    candidate is promoted (the base model's too)."""
     decision_prior_half_life: float = 2000.0
     """Interactions after which an interaction counts half in the live class prior that
     corrects the probabilities (a sale's shift is followed within a few of these)."""

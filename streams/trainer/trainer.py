@@ -211,6 +211,10 @@ class Trainer:
             return report
         if self.canary is not None and self.canary.enabled:
             report.outcome = "canary"
+            # The served version keeps the other users, and all of them if the canary is
+            # rolled back: it decides at this window from now on either way.
+            if self._refresh_decisions(parent, cand, version, request):
+                report.decisions_refreshed = parent
             self._promising = {version: list(cand.run.trained_on)}
             self.canary.after_promotion = self._remember_promoted
             self.canary.start(version, parent, reason, {
@@ -235,7 +239,8 @@ class Trainer:
 
     def _refresh_decisions(self, parent: str, cand: Candidate, rejected: str,
                            request: Mapping[str, Any]) -> bool:
-        """A rejected trigger still refreshes the served version's decision layer
+        """A trigger whose candidate is rejected or sent to a canary refreshes the served
+        version's decision layer
         (:attr:`~tailstream.models.training.routine.Candidate.served_decisions`): kept in
         the store for workers that start later, announced for the running ones."""
         layer = cand.served_decisions

@@ -404,8 +404,10 @@ def test_online_gauges_by_role(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the trainer
-def test_a_candidate_the_gate_passes_serves_a_canary_before_any_promotion(
-        tiny_encoder: Path, tmp_path: Path, shop_samples: Any) -> None:
+def canary_trainer(tiny_encoder: Path, tmp_path: Path, shop_samples: Any, **overrides: Any
+                   ) -> tuple[Any, ModelStore, list[dict[str, Any]], TrainerMetrics, Any,
+                              FakeSyncRedis, Clock, Settings]:
+    """A trainer on a tiny encoder whose gate passes any candidate to a canary."""
     from tailstream.configs import policy
     from tailstream.streams.trainer.sources import InMemorySource
     from tailstream.streams.trainer.trainer import Trainer
@@ -414,7 +416,7 @@ def test_a_candidate_the_gate_passes_serves_a_canary_before_any_promotion(
         encoder_path=str(tiny_encoder), data_dir=tmp_path, embed_dim=32, text_max_len=32,
         finetune_max_steps=40, finetune_batch_size=128, finetune_lr=3e-3,
         finetune_min_samples=50, selection_challengers=0, gate_quality_tolerance=1.0,
-        gate_recall_tolerance=1.0, redis_prefix=PREFIX, canary_min_lists=100)
+        gate_recall_tolerance=1.0, redis_prefix=PREFIX, canary_min_lists=100, **overrides)
     store = ModelStore(s.model_store_dir)
     updates: list[dict[str, Any]] = []
     metrics = TrainerMetrics()
@@ -422,10 +424,21 @@ def test_a_candidate_the_gate_passes_serves_a_canary_before_any_promotion(
     trainer = Trainer(s, store, metrics, source, updates.append, device=torch.device("cpu"))
     redis, clock = FakeSyncRedis(), Clock()
     trainer.canary = CanaryController(s, store, metrics, redis, updates.append, clock=clock)
+    return trainer, store, updates, metrics, source, redis, clock, s
+
+
+def test_a_candidate_the_gate_passes_serves_a_canary_before_any_promotion(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Any) -> None:
+    trainer, store, updates, metrics, source, redis, clock, s = canary_trainer(
+        tiny_encoder, tmp_path, shop_samples)
     report = trainer.handle({"reason": "buffer", "requested_at": T0})
     assert report.outcome == "canary", report.reason
     assert store.current() == "base" and store.manifest("v00001")["status"] == "canary"
-    assert [u["action"] for u in updates] == ["canary"]
+    # The serving version's decisions are refitted on the trigger's window first: it keeps
+    # the users outside the canary (and all of them after a rollback).
+    assert [u["action"] for u in updates] == ["decisions", "canary"]
+    assert updates[0]["version"] == "base" and updates[0]["window_of"] == "v00001"
+    assert report.decisions_refreshed == "base"
     assert metrics.registry.get_sample_value("tailstream_finetune_runs_total",
                                              {"outcome": "canary"}) == 1
     # No run while the canary is served.
@@ -438,8 +451,38 @@ def test_a_candidate_the_gate_passes_serves_a_canary_before_any_promotion(
     verdict = trainer.canary.tick()
     assert verdict is not None and verdict.decision == "promote", verdict
     assert store.current() == "v00001"
-    assert [u["action"] for u in updates] == ["canary", "promote"]
+    assert [u["action"] for u in updates] == ["decisions", "canary", "promote"]
     assert source.memory  # the promoted run's samples kept for replay
+
+
+def test_a_canary_rolled_back_leaves_the_serving_version_deciding_at_its_window(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Any) -> None:
+    """A candidate the gate passes and the canary rolls back: the base model that goes on
+    serving decides with the layer refitted at that trigger, not with its argmax — and so
+    does a worker that starts later; switched off, nothing is refitted."""
+    from tailstream.configs import tower_config
+    from tailstream.models.towers.loading import load_served
+
+    trainer, store, updates, _, _, redis, clock, s = canary_trainer(
+        tiny_encoder, tmp_path, shop_samples)
+    assert trainer.handle({"reason": "buffer"}).outcome == "canary"
+    serve(redis, "v00001", hits=20, judged=200)
+    serve(redis, "base-53aa5117", hits=500, judged=1000)
+    clock.now += s.canary_window_s + 1
+    verdict = trainer.canary.tick()
+    assert verdict is not None and verdict.decision == "roll_back", verdict
+    assert [u["action"] for u in updates] == ["decisions", "canary", "canary_rollback"]
+    assert store.current() == "base"
+    layer = updates[0]["decisions"]
+    assert layer["fitted_on"] > 0
+    served = load_served(store, "base", tiny_encoder, tower_config(s), torch.device("cpu"))
+    assert served.manifest["decisions"] == layer
+
+    off_trainer, _, off_updates, *_ = canary_trainer(
+        tiny_encoder, tmp_path / "off", shop_samples, decision_refresh=False)
+    report = off_trainer.handle({"reason": "buffer"})
+    assert report.outcome == "canary" and report.decisions_refreshed is None
+    assert [u["action"] for u in off_updates] == ["canary"]
 
 
 # --------------------------------------------------------------------------- the worker

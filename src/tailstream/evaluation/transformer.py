@@ -156,7 +156,8 @@ class TransformerStrategy:
                              "reason": cand.decision.reason, "policy": cand.policy,
                              "tried": [t.to_dict() for t in cand.trials],
                              "triggers": sorted({str(r.get("reason")) for r in state.requests}),
-                             "decisions_refreshed": cand.served_decisions is not None})
+                             "decisions_refreshed": (not cand.decision.promote
+                                                     and cand.served_decisions is not None)})
         if not cand.decision.promote and cand.served_decisions is not None:
             # As the trainer does: the served weights stay, their thresholds are refitted
             # on the window the gate just scored them on.
