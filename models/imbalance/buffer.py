@@ -58,6 +58,10 @@ class Sample:
     features: tuple[float, ...] = ()
     """The streaming count features as known before the event
     (:func:`~tailstream.models.imbalance.features.feature_vector`; empty: unknown)."""
+    fast: tuple[float, ...] = ()
+    """The river fast path's class probabilities for the event, made before learning from
+    it (:data:`~tailstream.contract.CLASSES` order; empty: unknown): what the decision
+    layer may stack beside the head's."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +69,7 @@ class Sample:
             "label": self.label, "ts": self.ts, "tier": self.tier, "weight": self.weight,
             "user_text": self.user_text, "item_text": self.item_text,
             "user_kinds": self.user_kinds, "features": list(self.features),
+            "fast": list(self.fast),
         }
 
     @classmethod
@@ -75,6 +80,7 @@ class Sample:
             weight=float(d.get("weight", 1.0)), user_text=str(d.get("user_text", "")),
             item_text=str(d.get("item_text", "")), user_kinds=str(d.get("user_kinds", "")),
             features=tuple(float(v) for v in d.get("features") or ()),
+            fast=tuple(float(v) for v in d.get("fast") or ()),
         )
 
 

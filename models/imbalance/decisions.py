@@ -506,10 +506,25 @@ class DecisionLayer:
         self.fitted_on = len(y)
         return self
 
+    def reads(self, model: int) -> bool:
+        """Whether the fitted stack reads the ``model``-th input (:attr:`inputs`): a
+        caller computes a costly second model's probabilities only then.
+
+        >>> layer = DecisionLayer(2)
+        >>> layer.inputs = (1,)
+        >>> layer.reads(0), layer.reads(1)
+        (False, True)
+        """
+        return model in self.inputs
+
     def predict(self, models: Sequence[np.ndarray], live_prior: np.ndarray | None
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities ``[N, K]`` and decisions ``[N]`` (``live_prior``: one row per
-        sample, or one for all, or None to skip the correction)."""
+        sample, or one for all, or None to skip the correction). ``models`` in the order
+        the layer was fitted with; those it does not read may be left off the end."""
+        if self.stack.coef is not None and self.inputs and max(self.inputs) >= len(models):
+            raise ValueError(f"the layer stacks models {list(self.inputs)}: "
+                             f"{len(models)} given")
         p = self.stack.predict([models[k] for k in self.inputs]
                                if self.stack.coef is not None else models)
         if live_prior is not None and self.window_prior is not None:

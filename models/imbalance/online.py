@@ -20,14 +20,66 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from river import compose, imblearn, linear_model, metrics, multiclass, optim, preprocessing
 
 from tailstream.contract import CLASSES
-from tailstream.models.imbalance.features import Features, interaction_features
+from tailstream.models.imbalance.features import (
+    FEATURE_NAMES,
+    LOG_SCALE,
+    Features,
+    interaction_features,
+)
 
-__all__ = ["Features", "OnlineOutcomeModel", "PerClassRecall", "interaction_features"]
+__all__ = ["FastPathSnapshot", "Features", "OnlineOutcomeModel", "PerClassRecall",
+           "interaction_features"]
+
+_UNSCALE = np.array([LOG_SCALE if n.startswith("log_") else 1.0 for n in FEATURE_NAMES])
+"""Per column of a :func:`~tailstream.models.imbalance.features.feature_vector` row: what
+turns it back into the units river learns from."""
+
+
+@dataclass(frozen=True)
+class FastPathSnapshot:
+    """The river fast path's parameters at one moment, as arrays, to predict many rows in
+    one product: a list's items (the decision layer can stack river beside the head) or a
+    batch's buffered samples. Immutable, so the event loop can hand a new one to the
+    scoring thread with one assignment.
+
+    River's model (``StandardScaler`` → one-vs-rest logistic regression):
+    ``z = (x − μ) / σ`` (0 where ``σ = 0``), ``p_c = sigmoid(w_c · z + b_c)`` (0 below a
+    logit of −30, 1 above 30, as river's ``sigmoid``), normalised over the classes that
+    have a binary model; uniform before any learning.
+    """
+
+    classes: tuple[str, ...]
+    mean: np.ndarray
+    inv_std: np.ndarray
+    weight: np.ndarray
+    """``[K, F]``, :data:`FEATURE_NAMES` order."""
+    intercept: np.ndarray
+    known: np.ndarray
+    """``[K]``: the classes river has a binary model for."""
+    trained: bool
+
+    def proba(self, rows: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """``[N, K]`` probabilities of ``rows`` (``feature_vector`` rows), in
+        :attr:`classes` order."""
+        x = np.asarray(rows, dtype=float).reshape(-1, len(FEATURE_NAMES))
+        k = len(self.classes)
+        if not self.trained or not self.known.any():
+            return np.full((len(x), k), 1.0 / k)
+        logit = ((x * _UNSCALE - self.mean) * self.inv_std) @ self.weight.T + self.intercept
+        p = 1.0 / (1.0 + np.exp(-np.clip(logit, -30.0, 30.0)))
+        p[logit < -30.0] = 0.0
+        p[logit > 30.0] = 1.0
+        p[:, ~self.known] = 0.0
+        total = p.sum(axis=1, keepdims=True)
+        fallback = self.known / self.known.sum()  # river: uniform over its labels
+        return np.where(total > 0, p / np.where(total > 0, total, 1.0), fallback)
 
 
 class PerClassRecall:
@@ -76,6 +128,45 @@ class OnlineOutcomeModel:
         self.n = 0
         self.weighted_n = 0.0
         self.errors = 0.0
+        self._snapshot: FastPathSnapshot | None = None
+        self._snapshot_n = -1
+
+    def snapshot(self) -> FastPathSnapshot:
+        """The model's parameters now (:class:`FastPathSnapshot`; rebuilt only after it
+        learned). Read on the thread that trains it.
+
+        >>> m = OnlineOutcomeModel(seed=1)
+        >>> for n in range(40):
+        ...     x = interaction_features(item_count=n, item_class_counts={"cart": n % 3},
+        ...         user_class_counts={"purchase": n % 2}, tier="tail",
+        ...         category_affinity=0.5, repeat=n % 4 == 0, price=float(n))
+        ...     _ = m.predict_then_learn(x, ["click", "cart", "purchase"][n % 3])
+        >>> from tailstream.models.imbalance.features import feature_vector
+        >>> row = m.snapshot().proba([feature_vector(x)])[0]
+        >>> one = m.predict_proba(x)
+        >>> bool(np.allclose(row, [one[c] for c in m.classes]))
+        True
+        """
+        if self._snapshot is not None and self._snapshot_n == self.n:
+            return self._snapshot
+        f, k = len(FEATURE_NAMES), len(self.classes)
+        steps = list(self.model.steps.values())
+        scaler, core = steps[0], steps[-1]
+        ovr = core.classifier if isinstance(core, imblearn.RandomOverSampler) else core
+        mean = np.array([float(scaler.means.get(n, 0.0)) for n in FEATURE_NAMES])
+        var = np.array([float(scaler.vars.get(n, 0.0)) for n in FEATURE_NAMES])
+        inv_std = np.divide(1.0, np.sqrt(var), out=np.zeros(f), where=var > 0)
+        weight, intercept, known = np.zeros((k, f)), np.zeros(k), np.zeros(k, dtype=bool)
+        for c, clf in list(ovr.classifiers.items()):
+            if c in self.classes:
+                j = self.classes.index(c)
+                w = clf._weights  # river keeps no public accessor for these
+                weight[j] = [float(w.get(n, 0.0)) for n in FEATURE_NAMES]
+                intercept[j], known[j] = float(clf.intercept), True
+        self._snapshot = FastPathSnapshot(self.classes, mean, inv_std, weight, intercept,
+                                          known, self.n > 0)
+        self._snapshot_n = self.n
+        return self._snapshot
 
     def predict_proba(self, x: Features) -> dict[str, float]:
         proba = self.model.predict_proba_one(x) if self.n else {}

@@ -91,7 +91,7 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
             continue
         score = blender.scores(cand.x)
         ranked = _select(scorer, cand, key, score, top, proba, info,
-                         functools.partial(scorer.count_logits, features, h.request.user_id))
+                         functools.partial(scorer.list_inputs, features, h.request.user_id))
         out.append(HybridList(ranked, cand))
     return out
 
@@ -246,7 +246,8 @@ def _engagement(scorer: Scorer, users: Users, cands: Sequence[Candidates],
 
 def _select(scorer: Scorer, cand: Candidates, key: np.ndarray, score: np.ndarray,
             top: np.ndarray, proba: np.ndarray, info: Facts,
-            counts: Callable[[Sequence[str]], np.ndarray | None]) -> list[Ranked]:
+            inputs: Callable[[Sequence[str]], tuple[np.ndarray | None, np.ndarray | None]]
+            ) -> list[Ranked]:
     cfg = scorer.ranking
     order = np.argsort(-score, kind="stable")
     k = cfg.k
@@ -264,7 +265,7 @@ def _select(scorer: Scorer, cand: Candidates, key: np.ndarray, score: np.ndarray
     scored = [pos for pos in picked if int(prefix[pos]) in head_row]
     p_buy, p_cart, outcome = scorer.outcomes(
         proba[[head_row[int(prefix[pos])] for pos in scored]],
-        counts([ids[pos] for pos in scored]))
+        *inputs([ids[pos] for pos in scored]))
     decided = {pos: (p_buy[n], p_cart[n], outcome[n]) for n, pos in enumerate(scored)}
     out = []
     for pos in picked:

@@ -124,6 +124,9 @@ class Scorer:
         self._cart = classes.index("cart") if "cart" in classes else None
         self.live_prior: np.ndarray | None = None
         """The stream's running class shares (the worker sets them after every batch)."""
+        self.fast_path: Callable[[np.ndarray], np.ndarray] | None = None
+        """The river fast path's probabilities ``[N, K]`` for count-feature rows, as of
+        the last batch (the worker sets it; read only when the decision layer stacks it)."""
         self._decisions: DecisionLayer | None = None
         self._decisions_of: ServedModel | None = None
         self._wide: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -200,6 +203,7 @@ class Scorer:
                        cache_size=self.texts.cache_size, ranking=self.ranking,
                        shared=self.shared)
         other.live_prior = self.live_prior  # the same stream: decided at the same prior
+        other.fast_path = self.fast_path
         ids = self.item_texts.ids
         if self.needs_reencode(served):
             if ids:
@@ -319,7 +323,7 @@ class Scorer:
                                       cfg.tail_margin, cfg.max_per_category)
             cols = [chosen[pos] for pos in picked]
             p_buy, p_cart, outcome = self.outcomes(
-                proba_np[i, cols], self.count_logits(features, req.user_id,
+                proba_np[i, cols], *self.list_inputs(features, req.user_id,
                                                      [uniq_ids[inv[j]] for j in cols]))
             out.append([Ranked(uniq_ids[inv[j]], score_l[i][j], tiers[inv[j]],
                                self._reason(req, best_val_l[i][j], best_ctx_l[i][j],
@@ -347,14 +351,19 @@ class Scorer:
         self.served = dataclasses.replace(self.served,
                                           manifest={**self.served.manifest, "decisions": raw})
 
-    def count_logits(self, features: ListFeatures | None, user_id: str,
-                     item_ids: Sequence[str]) -> np.ndarray | None:
-        """``[N, K]``: what the count features of ``user_id`` with each item add to the
-        head's logits (:meth:`TwoTowerRecommender.count_logits`, in numpy: a handful of
-        rows per list, where torch's per-call overhead cost more than the arithmetic;
-        an unknown row adds nothing); None without ``features``."""
+    def list_inputs(self, features: ListFeatures | None, user_id: str,
+                    item_ids: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """What :meth:`outcomes` reads for the items a list shows, from the count features
+        of ``user_id`` with each (both None without ``features``):
+
+        * ``[N, K]``: what they add to the head's logits
+          (:meth:`TwoTowerRecommender.count_logits`, in numpy: a handful of rows per list,
+          where torch's per-call overhead cost more than the arithmetic; an unknown row
+          adds nothing);
+        * ``[N, K]``: the river fast path's probabilities (:attr:`fast_path`), only when
+          the decision layer stacks them (an unknown row: uniform); else None."""
         if features is None or not item_ids:
-            return None
+            return None, None
         if self._wide_of is not self.served:
             model = self.served.model
             self._wide = (model.wide_mean.detach().cpu().double().numpy(),
@@ -365,13 +374,20 @@ class Scorer:
         mean, inv_std, weight_t = self._wide
         rows = features(user_id, item_ids)
         x = np.tile(mean, (len(rows), 1))
+        known = np.array([len(row) == len(mean) for row in rows])
         for n, row in enumerate(rows):
-            if len(row) == len(mean):
+            if known[n]:
                 x[n] = row
         delta: np.ndarray = ((x - mean) * inv_std) @ weight_t
-        return delta
+        layer, fast_path = self.decisions, self.fast_path
+        if layer is None or not layer.reads(1) or fast_path is None:
+            return delta, None
+        fast = fast_path(x)
+        fast[~known] = 1.0 / fast.shape[1]
+        return delta, fast
 
-    def outcomes(self, proba: np.ndarray, counts: np.ndarray | None = None
+    def outcomes(self, proba: np.ndarray, counts: np.ndarray | None = None,
+                 fast: np.ndarray | None = None
                  ) -> tuple[list[float], list[float], list[str]]:
         """p(purchase), p(cart) and the decided outcome for rows of the head's class
         probabilities ``[N, K]``: the version's decision layer corrected to
@@ -384,7 +400,9 @@ class Scorer:
         them per user); ``counts``, their logits ``[N, K]`` for the rows shown
         (:meth:`count_logits`), put them back, as the head was trained and its decision
         layer fitted: ``softmax(log p + W · std(x))`` (the softmax drops the per-row
-        constant)."""
+        constant). ``fast``, the river fast path's probabilities for the same rows
+        (:meth:`list_inputs`), is what a layer that stacks it reads beside them (uniform
+        when not given: what river says before it has learned)."""
         classes = self.served.model.config.classes
         if len(proba) == 0:
             return [], [], []
@@ -395,7 +413,11 @@ class Scorer:
             proba /= proba.sum(axis=1, keepdims=True)
         layer = self.decisions
         if layer is not None:
-            proba, decided = layer.predict([proba], layer.serving_prior(self.live_prior))
+            models = [proba]
+            if layer.reads(1):
+                models.append(fast if fast is not None
+                              else np.full(proba.shape, 1.0 / proba.shape[1]))
+            proba, decided = layer.predict(models, layer.serving_prior(self.live_prior))
         else:
             decided = proba.argmax(axis=1)
         p_buy = (proba[:, self._purchase].tolist() if self._purchase is not None

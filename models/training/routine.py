@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from tailstream.configs import FineTuneConfig, GateConfig, Policy
+from tailstream.contract import CLASSES
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.imbalance.decisions import DecisionLayer, as_prior
 from tailstream.models.imbalance.policies import class_weights
@@ -222,8 +223,29 @@ def _fit_layer(proba: np.ndarray | None, cand: Candidate, data: TrainData, gate:
     minority = tuple(classes.index(c) for c in cand.cfg.minority_classes
                      if c in classes) if cand.cfg is not None else ()
     layer = DecisionLayer(len(classes), gate.move_to, minority, gate.move_precision_floor)
-    layer.fit([proba], labels, live_prior=as_prior(data.stream_mix, classes))
+    layer.fit([proba, *fast_inputs(data.holdout, classes)], labels,
+              live_prior=as_prior(data.stream_mix, classes))
     return layer.to_dict()
+
+
+def fast_inputs(samples: Sequence[Sample], classes: Sequence[str]) -> list[np.ndarray]:
+    """The river fast path's probabilities for ``samples`` (``[N, K]``, ``classes``
+    order), made by the workers before learning from each: a second model for the decision
+    layer to stack beside the head — which keeps it only if it helps out of fold
+    (:func:`~tailstream.models.imbalance.decisions.choose_inputs`). Empty when a sample
+    lacks them (written before they were kept, or by another class vocabulary).
+
+    >>> s = Sample("e", "u", "i", "cart", 1.0, fast=(0.7, 0.2, 0.06, 0.04))
+    >>> fast_inputs([s], ["click", "cart", "fav", "purchase"])[0].tolist()
+    [[0.7, 0.2, 0.06, 0.04]]
+    >>> fast_inputs([Sample("e", "u", "i", "cart", 1.0)], ["click", "cart"])
+    []
+    """
+    if not samples or any(c not in CLASSES for c in classes) or \
+            any(len(s.fast) != len(CLASSES) for s in samples):
+        return []
+    order = [CLASSES.index(c) for c in classes]
+    return [np.asarray([s.fast for s in samples], dtype=float)[:, order]]
 
 
 def _decide(current: Mapping[str, float], candidate: Mapping[str, float], gate: GateConfig

@@ -197,10 +197,11 @@ class ImbalanceLoop:
             self.item_classes.add(f"{event.kind}:{item}")
         self.know_price(item, event.price)
 
+        fast = self.last_proba or self.online.predict_proba(x)  # before learning from it
         sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
                         weight=weight, user_text=user_text, item_text=item_text,
-                        user_kinds=user_kinds,
-                        features=feature_vector(x))
+                        user_kinds=user_kinds, features=feature_vector(x),
+                        fast=tuple(fast[c] for c in self.online.classes))
         # Until the mix is known from enough events, keep everything as if it were rare:
         # topics are consumed in parallel, so an early batch can hold mostly carts and
         # make them look like a majority class.
@@ -252,11 +253,12 @@ class ImbalanceLoop:
         self._events += len(batch)
         if batch:
             self._last_ts = max(self._last_ts, max(ob.event.ts for ob in batch))
-        self._learn_batch(batch)
         # Samples are made before the batch is counted: their features, like the river
         # path's, must not include the event itself (its own class would leak into the
-        # item's purchase rate).
+        # item's purchase rate); and before the river path learns from it: their fast-path
+        # probabilities are its prediction, not its fit.
         kept = self._buffer_batch(batch)
+        self._learn_batch(batch)
         self.items.observe_batch([ob.event.item_id or "" for ob in batch],
                                  [ob.event.ts for ob in batch])
         rare: dict[str, float] = {}
@@ -334,6 +336,7 @@ class ImbalanceLoop:
     def _buffer_batch(self, batch: Sequence[Observation]) -> int:
         shares = self._shares if self._events > self.settings.mix_warmup_events else {}
         buffer, tiers, kept = self.buffer, self._tiers, 0
+        fast_path = self.online.snapshot()  # as of the batch's start
         for ob in batch:
             event = ob.event
             item = event.item_id or ""
@@ -341,14 +344,14 @@ class ImbalanceLoop:
             route = buffer.route(event.kind, tier, shares)
             if route is None:
                 continue
-            x = self.features(item, ob.user_class_counts, tier, ob.category_affinity,
-                               ob.repeat)
+            x = feature_vector(self.features(item, ob.user_class_counts, tier,
+                                             ob.category_affinity, ob.repeat))
             user_text, user_kinds = ob.user_context()
             sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,
                             tier=tier, weight=self.weights.get(event.kind, 1.0),
                             user_text=user_text, item_text=ob.item_text, user_kinds=user_kinds,
-                            features=feature_vector(x))
-            buffer.place(route, sample)
+                            features=x, fast=tuple(fast_path.proba([x])[0].tolist()))
+            buffer.place(route, sample)  # before the next route: a reservoir fills in order
             self.buffer_changes.append((route[0], route[1], sample))
             kept += 1
         return kept

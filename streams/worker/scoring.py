@@ -163,12 +163,16 @@ class ScoringService:
     def version(self) -> str:
         return self.scorer.version if self.scorer is not None else ""
 
-    def set_live_prior(self, prior: np.ndarray | None) -> None:
-        """The stream's running class shares, which the served decisions are corrected to
-        (one assignment per scorer: the scoring thread reads whichever it finds)."""
+    def set_live_prior(self, prior: np.ndarray | None,
+                       fast_path: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """The stream's running class shares, which the served decisions are corrected to,
+        and the river fast path as of the last batch, which they may stack beside the
+        head (one assignment each per scorer: the scoring thread reads whichever it
+        finds)."""
         for scorer in (self.scorer, self.canary):
             if scorer is not None:
                 scorer.live_prior = prior
+                scorer.fast_path = fast_path
 
     # ------------------------------------------------------------------ arms
     def arm(self, user_id: str) -> str:

@@ -293,3 +293,31 @@ def test_a_lists_features_are_what_the_next_interaction_is_scored_with() -> None
                                      category="home/mug"))
     assert sample is not None and sample.features == rows[0]
     assert len({rows[0], rows[1], rows[2]}) == 3  # the item, its category, the user's past
+
+
+def test_samples_carry_the_fast_paths_prediction_made_before_it_learns_from_them() -> None:
+    """A buffered sample's ``fast`` is the river fast path's prediction for its event
+    before learning from it (what the decision layer may stack beside the head): in a
+    batch, the model as of the batch's start; one event at a time, the prediction that
+    preceded the event's own learning step."""
+    rng = random.Random(4)
+    loop, _ = make_loop(online_batch_budget=0)
+    feed(loop, 1_000, MIX, rng)
+    loop.end_batch()
+    before = loop.online.snapshot()
+    learned = loop.online.n
+    batch = [Observation(Event(kind, f"b{i}", f"u{i}", 1.8e9 + i, item_id=f"i{i % 7}"), 0,
+                         {"click": float(i % 5)}, 0.3, False, "", lambda: ("", ""))
+             for i, kind in enumerate(["purchase", "cart", "fav", "purchase"] * 5)]
+    loop.buffer_changes.clear()
+    assert loop.observe_batch(batch) == len(batch)  # every one rare: all kept
+    assert loop.online.n > learned  # and the fast path learned from them after
+    for _, _, sample in loop.buffer_changes:
+        assert sample.fast == pytest.approx(tuple(before.proba([sample.features])[0]))
+    assert len({s.fast for _, _, s in loop.buffer_changes}) > 1  # not a constant
+    # One event at a time: the prediction made before learning from the event.
+    one = loop.observe(Event("purchase", "p1", "u1", 1.9e9, item_id="i3"), 0,
+                       user_class_counts={}, category_affinity=0.5, repeat=False)
+    assert one is not None and loop.last_proba is not None
+    assert one.fast == tuple(loop.last_proba[c] for c in loop.online.classes)
+    assert one.fast != tuple(loop.online.snapshot().proba([one.features])[0])

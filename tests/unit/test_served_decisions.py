@@ -237,3 +237,127 @@ def test_the_store_keeps_refreshes_for_workers_that_start_later(
     finally:
         service.close()
     assert metrics.registry.get_sample_value("tailstream_decision_refreshes_total") == 1
+
+
+def test_the_layer_stacks_the_fast_paths_probabilities_where_they_help(
+        tiny_encoder: Path) -> None:
+    """The held-out samples carry the river fast path's prediction: the trainer's layer
+    stacks it beside the head when it predicts better out of fold, and leaves it out
+    when it is noise."""
+    enc = load_encoder(tiny_encoder)
+    model = build_model(enc, TowerConfig(embed_dim=16, max_len=16))
+    proba, y = weak_head(1500)
+    rng = np.random.default_rng(7)
+    sharp = np.full((len(y), 4), 0.1)
+    sharp[np.arange(len(y)), y] = 0.7  # a fast path that knows the class well
+    noise = rng.dirichlet([1, 1, 1, 1], size=len(y))
+    mix = {"click": 0.9, "cart": 0.04, "fav": 0.03, "purchase": 0.03}
+    cand = Candidate(model, None, 0, None, ADOPTED, holdout_proba=proba)  # type: ignore[arg-type]
+    chosen = {}
+    for name, fast in (("sharp", sharp), ("noise", noise)):
+        holdout = [Sample(f"e{n}", "u", "i", CLASSES[int(k)], float(n), fast=tuple(fast[n]))
+                   for n, k in enumerate(y)]
+        fitted = fit_decisions(cand, TrainData([], holdout, [], mix), GateConfig())
+        assert fitted is not None
+        chosen[name] = DecisionLayer.from_dict(fitted)
+    assert chosen["sharp"].reads(1) and not chosen["noise"].reads(1)
+    assert chosen["noise"].inputs == (0,)
+    _, pred = chosen["sharp"].predict([proba, sharp], None)
+    assert (pred == y).mean() > 0.9
+
+
+def test_listed_outcomes_stack_the_fast_path_when_the_layer_does(tiny_encoder: Path) -> None:
+    """A served layer that stacks the fast path reads it for the items a list shows —
+    from the same count-feature rows, as of the last batch — in both list makers; a layer
+    that does not never asks for it."""
+    proba, y = weak_head(3000)
+    rng = np.random.default_rng(8)
+    other = np.full((len(y), 4), 0.2)
+    other[np.arange(len(y)), y] += rng.uniform(0.0, 0.4, len(y))
+    other /= other.sum(1, keepdims=True)
+    layer = DecisionLayer(4, "g_mean", (1, 2, 3)).fit(
+        [proba, other], y, live_prior=np.array([0.9, 0.04, 0.03, 0.03]))
+    assert layer.reads(0) and layer.reads(1)
+    s = served_scorer(tiny_encoder, layer.to_dict())
+    f = s.served.model.config.wide_features
+
+    def features(user: str, items: object) -> list[tuple[float, ...]]:
+        return [tuple(float((int(i[1:]) * (n + 1)) % 5) / 5 for n in range(f))
+                for i in items]  # type: ignore[attr-defined]
+
+    asked: list[np.ndarray] = []
+
+    def fast_path(rows: np.ndarray) -> np.ndarray:
+        asked.append(rows.copy())
+        z = np.exp(3.0 * rows[:, :4])
+        return z / z.sum(1, keepdims=True)
+
+    s.fast_path = fast_path
+    req = UserRequest("u", [ContextEntry("i", ITEMS["i1"], ITEMS["i1"], "i1")], {"i1"})
+    [towers] = s.recommend([req], lambda ids: (["head"] * len(ids), [None] * len(ids),
+                                                [-3.0] * len(ids)), features=features)
+    assert len(asked) == 1 and len(asked[0]) == len(towers)  # the items shown, once
+    counts, fast = s.list_inputs(features, "u", [r.item_id for r in towers])
+    assert fast is not None and np.allclose(fast, fast_path(np.array(
+        features("u", [r.item_id for r in towers]))))
+    users = s.user_vectors([req])
+    rows = s.index.rows_of([r.item_id for r in towers])
+    head = s.served.model.outcome_logits(
+        users.vectors.expand(len(rows), -1),
+        s.index.matrix[torch.tensor(rows)].float(), users.ctx_items.expand(len(rows), -1, -1),
+        users.mask.expand(len(rows), -1), None, ctx_kinds=users.kinds.expand(len(rows), -1))
+    plain = torch.softmax(head, -1).detach().numpy()
+    buy, _, decided = s.outcomes(plain, counts, fast)
+    assert [r.p_purchase for r in towers] == pytest.approx(buy, abs=1e-5)
+    assert [r.outcome for r in towers] == decided
+    without = s.outcomes(plain, counts, None)[0]  # uniform in its place
+    assert max(abs(a - b) for a, b in zip(buy, without, strict=True)) > 1e-3
+    [hybrid] = hybrid_recommend(s, [HybridRequest(req, {"covisitation": ["i3", "i4"]},
+                                                  {"home/mug": 1.0})],
+                                lambda ids: (["head"] * len(ids), ["home/mug"] * len(ids),
+                                             [-3.0] * len(ids)),
+                                OnlineBlender(), features)
+    assert len(asked) == 4  # list_inputs and the check above, then the hybrid list's
+    assert len(asked[-1]) == len([r for r in hybrid.ranked if r.outcome])  # items shown
+    # A layer of the head alone never computes the fast path.
+    s.set_decisions(layer_dict())
+    asked.clear()
+    s.recommend([req], lambda ids: (["head"] * len(ids), [None] * len(ids),
+                                    [-3.0] * len(ids)), features=features)
+    assert not asked and hybrid.ranked
+
+
+def test_the_evaluation_decides_with_the_fast_path_when_the_layer_stacks_it() -> None:
+    """``adaptive`` decides each interaction as a worker would: with the river fast
+    path's prediction made before that interaction beside the head's, when the served
+    layer stacks it (uniform where there was none)."""
+    from types import SimpleNamespace
+
+    from tailstream.evaluation.stream import Interaction
+    from tailstream.evaluation.transformer import TransformerStrategy
+
+    proba, y = weak_head(2000)
+    rng = np.random.default_rng(9)
+    fast = np.full((len(y), 4), 0.15)
+    fast[np.arange(len(y)), y] += 0.4
+    fast /= fast.sum(1, keepdims=True)
+    layer = DecisionLayer(4, "g_mean", (1, 2, 3)).fit([proba, fast], y)
+    assert layer.reads(1)
+    strategy = TransformerStrategy.__new__(TransformerStrategy)
+    strategy.scorer = SimpleNamespace(decisions=layer)  # type: ignore[assignment]
+    strategy.spec = SimpleNamespace(adaptive=True)  # type: ignore[assignment]
+    strategy.settings = SimpleNamespace(mix_warmup_events=10**9)  # type: ignore[assignment]
+    strategy.prior = RunningPrior(4)
+    strategy._prior_events = 0
+    strategy.result = SimpleNamespace(decisions=[])  # type: ignore[assignment]
+    picks = rng.choice(len(y), 200, replace=False)
+    block = [Interaction(Sample(f"e{n}", "u", "i", CLASSES[int(y[n])], float(n)), 1, "head",
+                         None, dict(zip(CLASSES, fast[n].tolist(), strict=True)) if n % 9
+                         else None, None, None, False) for n in picks]
+    probs, _ = strategy._decide(block, proba[picks])
+    given = fast[picks].copy()
+    given[[i for i, n in enumerate(picks) if n % 9 == 0]] = 0.25
+    expected, _ = layer.predict([proba[picks], given], layer.serving_prior(None))
+    assert np.allclose(probs, expected)
+    assert not np.allclose(probs, layer.predict([proba[picks], np.full((200, 4), 0.25)],
+                                                layer.serving_prior(None))[0])

@@ -238,9 +238,10 @@ class TransformerStrategy:
         """Probabilities and decisions for a block: the head's argmax (fixed strategies),
         or — ``adaptive``, as a worker decides — the served version's decision layer
         (fitted by the trainer on the gate's held-out window: none for the base model,
-        which takes the argmax) corrected to the running class prior as it was just
-        before each interaction (the mix it was fitted for until ``mix_warmup_events``
-        interactions were counted)."""
+        which takes the argmax; stacking the river fast path's prediction when it chose
+        to) corrected to the running class prior as it was just before each interaction
+        (the mix it was fitted for until ``mix_warmup_events`` interactions were
+        counted)."""
         labels = [it.sample.label for it in block]
         layer = self.scorer.decisions if self.spec.adaptive else None
         if layer is None:
@@ -253,7 +254,12 @@ class TransformerStrategy:
             prior = layer.serving_prior(live)
             priors[n] = prior if prior is not None else self.prior.prior()
             self._observe_prior([y])
-        probs, preds = layer.predict([head], priors)
+        models = [head]
+        if layer.reads(1):  # the river fast path's prediction before each interaction
+            k = len(CLASSES)
+            models.append(np.array([[it.online.get(c, 0.0) for c in CLASSES] if it.online
+                                    else [1.0 / k] * k for it in block]))
+        probs, preds = layer.predict(models, priors)
         self.result.decisions.append(layer.report())
         return probs, preds
 
