@@ -160,7 +160,7 @@ class OnlineOutcomeModel:
         for c, clf in list(ovr.classifiers.items()):
             if c in self.classes:
                 j = self.classes.index(c)
-                w = clf._weights  # river keeps no public accessor for these
+                w = clf.weights
                 weight[j] = [float(w.get(n, 0.0)) for n in FEATURE_NAMES]
                 intercept[j], known[j] = float(clf.intercept), True
         self._snapshot = FastPathSnapshot(self.classes, mean, inv_std, weight, intercept,
