@@ -336,7 +336,7 @@ class ImbalanceLoop:
     def _buffer_batch(self, batch: Sequence[Observation]) -> int:
         shares = self._shares if self._events > self.settings.mix_warmup_events else {}
         buffer, tiers, kept = self.buffer, self._tiers, 0
-        fast_path = self.online.snapshot()  # as of the batch's start
+        online, classes = self.online, self.online.classes
         for ob in batch:
             event = ob.event
             item = event.item_id or ""
@@ -344,13 +344,14 @@ class ImbalanceLoop:
             route = buffer.route(event.kind, tier, shares)
             if route is None:
                 continue
-            x = feature_vector(self.features(item, ob.user_class_counts, tier,
-                                             ob.category_affinity, ob.repeat))
+            x = self.features(item, ob.user_class_counts, tier, ob.category_affinity,
+                              ob.repeat)
+            fast = online.predict_proba(x)  # river as of the batch's start (it learns after)
             user_text, user_kinds = ob.user_context()
             sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,
                             tier=tier, weight=self.weights.get(event.kind, 1.0),
                             user_text=user_text, item_text=ob.item_text, user_kinds=user_kinds,
-                            features=x, fast=tuple(fast_path.proba([x])[0].tolist()))
+                            features=feature_vector(x), fast=tuple(fast[c] for c in classes))
             buffer.place(route, sample)  # before the next route: a reservoir fills in order
             self.buffer_changes.append((route[0], route[1], sample))
             kept += 1
