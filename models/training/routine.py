@@ -223,7 +223,8 @@ def _fit_layer(proba: np.ndarray | None, cand: Candidate, data: TrainData, gate:
     minority = tuple(classes.index(c) for c in cand.cfg.minority_classes
                      if c in classes) if cand.cfg is not None else ()
     layer = DecisionLayer(len(classes), gate.move_to, minority, gate.move_precision_floor)
-    layer.fit([proba, *fast_inputs(data.holdout, classes)], labels,
+    fast = fast_inputs(data.holdout, classes) if gate.stack_fast else []
+    layer.fit([proba, *fast], labels,
               live_prior=as_prior(data.stream_mix, classes))
     return layer.to_dict()
 

@@ -288,6 +288,9 @@ class GateConfig:
     move_precision_floor: float = 0.05
     """``TAILSTREAM_DECISION_PRECISION_FLOOR``: the floor of ``move_to=minority_recall`` in
     the decision layer the trainer fits for the workers."""
+    stack_fast: bool = False
+    """``TAILSTREAM_DECISION_STACK_FAST``: offer the samples' river fast-path probabilities
+    to the decision layer beside the head's."""
     refresh_decisions: bool = True
     """``TAILSTREAM_DECISION_REFRESH``: a trigger whose candidate is not promoted outright
     (rejected, or sent to a canary) refits the served model's decision layer on the
@@ -471,7 +474,8 @@ def gate_config(settings: Settings) -> GateConfig:
                       precision_floor=settings.selection_precision_floor,
                       move_to=settings.decision_objective or None,
                       move_precision_floor=settings.decision_precision_floor,
-                      refresh_decisions=settings.decision_refresh)
+                      refresh_decisions=settings.decision_refresh,
+                      stack_fast=settings.decision_stack_fast)
 
 
 def selection_config(settings: Settings) -> SelectionConfig:

@@ -451,7 +451,7 @@ class Pipeline:
                 except Exception:  # the trigger fires again; the batch's effects stand
                     log.exception("publishing a training request failed")
         if self.scoring is not None:
-            self.scoring.set_live_prior(loop.live_prior(), loop.online.snapshot().proba)
+            self.scoring.set_live_prior(loop.live_prior(), loop.online)
         self.metrics.observe_imbalance(loop)
 
     async def publish_weights(self) -> None:

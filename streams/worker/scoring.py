@@ -38,6 +38,7 @@ import torch
 
 from tailstream.configs import ranking_config, tower_config, version_number
 from tailstream.metrics import Metrics
+from tailstream.models.imbalance.online import OnlineOutcomeModel
 from tailstream.models.serving.blend import HybridRequest, OnlineBlender
 from tailstream.models.serving.canary import in_canary
 from tailstream.models.serving.hybrid import HybridList, hybrid_recommend
@@ -164,15 +165,18 @@ class ScoringService:
         return self.scorer.version if self.scorer is not None else ""
 
     def set_live_prior(self, prior: np.ndarray | None,
-                       fast_path: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                       online: OnlineOutcomeModel | None = None) -> None:
         """The stream's running class shares, which the served decisions are corrected to,
-        and the river fast path as of the last batch, which they may stack beside the
-        head (one assignment each per scorer: the scoring thread reads whichever it
-        finds)."""
+        and — for a decision layer that stacks it beside the head — the river fast path
+        as of the last batch (:meth:`OnlineOutcomeModel.snapshot`, taken here on the event
+        loop that trains it; one assignment each per scorer: the scoring thread reads
+        whichever it finds)."""
         for scorer in (self.scorer, self.canary):
             if scorer is not None:
                 scorer.live_prior = prior
-                scorer.fast_path = fast_path
+                layer = scorer.decisions
+                scorer.fast_path = (online.snapshot().proba if online is not None
+                                    and layer is not None and layer.reads(1) else None)
 
     # ------------------------------------------------------------------ arms
     def arm(self, user_id: str) -> str:

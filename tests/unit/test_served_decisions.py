@@ -16,6 +16,8 @@ from tailstream.configs import GateConfig, RankingConfig, TowerConfig
 from tailstream.contract import CLASSES, Event
 from tailstream.models.imbalance.buffer import Sample
 from tailstream.models.imbalance.decisions import DecisionLayer, RunningPrior, as_prior
+from tailstream.models.imbalance.features import FEATURE_NAMES
+from tailstream.models.imbalance.online import OnlineOutcomeModel
 from tailstream.models.serving.blend import OnlineBlender
 from tailstream.models.serving.hybrid import HybridRequest, hybrid_recommend
 from tailstream.models.serving.scorer import Scorer
@@ -234,16 +236,29 @@ def test_the_store_keeps_refreshes_for_workers_that_start_later(
         assert service.scorer.decisions is not None
         assert service.scorer.decisions.fitted_on == 1
         assert service.version.startswith("base")
+        # The river fast path reaches the scorer only for a layer that stacks it.
+        online = OnlineOutcomeModel()
+        service.set_live_prior(np.full(4, 0.25), online)
+        assert service.scorer.fast_path is None
+        proba, y = weak_head(2000)
+        other = np.full((len(y), 4), 0.2)
+        other[np.arange(len(y)), y] += np.random.default_rng(1).uniform(0.0, 0.4, len(y))
+        stacked = DecisionLayer(4).fit([proba, other / other.sum(1, keepdims=True)], y)
+        assert stacked.reads(1)
+        assert service.refresh_decisions("base", stacked.to_dict())
+        service.set_live_prior(np.full(4, 0.25), online)
+        assert service.scorer.fast_path is not None
+        assert np.allclose(service.scorer.fast_path(np.zeros((2, len(FEATURE_NAMES)))), 0.25)
     finally:
         service.close()
-    assert metrics.registry.get_sample_value("tailstream_decision_refreshes_total") == 1
+    assert metrics.registry.get_sample_value("tailstream_decision_refreshes_total") == 2
 
 
 def test_the_layer_stacks_the_fast_paths_probabilities_where_they_help(
         tiny_encoder: Path) -> None:
-    """The held-out samples carry the river fast path's prediction: the trainer's layer
-    stacks it beside the head when it predicts better out of fold, and leaves it out
-    when it is noise."""
+    """The held-out samples carry the river fast path's prediction: with
+    ``TAILSTREAM_DECISION_STACK_FAST`` the trainer's layer stacks it beside the head when it
+    predicts better out of fold, and leaves it out when it is noise; without, never."""
     enc = load_encoder(tiny_encoder)
     model = build_model(enc, TowerConfig(embed_dim=16, max_len=16))
     proba, y = weak_head(1500)
@@ -254,14 +269,17 @@ def test_the_layer_stacks_the_fast_paths_probabilities_where_they_help(
     mix = {"click": 0.9, "cart": 0.04, "fav": 0.03, "purchase": 0.03}
     cand = Candidate(model, None, 0, None, ADOPTED, holdout_proba=proba)  # type: ignore[arg-type]
     chosen = {}
-    for name, fast in (("sharp", sharp), ("noise", noise)):
+    for name, fast, gate in (("sharp", sharp, GateConfig(stack_fast=True)),
+                             ("noise", noise, GateConfig(stack_fast=True)),
+                             ("off", sharp, GateConfig())):
         holdout = [Sample(f"e{n}", "u", "i", CLASSES[int(k)], float(n), fast=tuple(fast[n]))
                    for n, k in enumerate(y)]
-        fitted = fit_decisions(cand, TrainData([], holdout, [], mix), GateConfig())
+        fitted = fit_decisions(cand, TrainData([], holdout, [], mix), gate)
         assert fitted is not None
         chosen[name] = DecisionLayer.from_dict(fitted)
     assert chosen["sharp"].reads(1) and not chosen["noise"].reads(1)
     assert chosen["noise"].inputs == (0,)
+    assert chosen["off"].inputs == (0,)  # TAILSTREAM_DECISION_STACK_FAST off: the head
     _, pred = chosen["sharp"].predict([proba, sharp], None)
     assert (pred == y).mean() > 0.9
 
