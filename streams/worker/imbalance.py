@@ -197,11 +197,14 @@ class ImbalanceLoop:
             self.item_classes.add(f"{event.kind}:{item}")
         self.know_price(item, event.price)
 
-        fast = self.last_proba or self.online.predict_proba(x)  # before learning from it
+        # River's prediction before learning from the event: free when it was just made,
+        # a prediction of its own only for the decision layer that may stack it.
+        fast = self.last_proba or (self.online.predict_proba(x)
+                                   if self.settings.decision_stack_fast else None)
         sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts, tier=tier,
                         weight=weight, user_text=user_text, item_text=item_text,
                         user_kinds=user_kinds, features=feature_vector(x),
-                        fast=tuple(fast[c] for c in self.online.classes))
+                        fast=tuple(fast[c] for c in self.online.classes) if fast else ())
         # Until the mix is known from enough events, keep everything as if it were rare:
         # topics are consumed in parallel, so an early batch can hold mostly carts and
         # make them look like a majority class.
@@ -337,6 +340,7 @@ class ImbalanceLoop:
         shares = self._shares if self._events > self.settings.mix_warmup_events else {}
         buffer, tiers, kept = self.buffer, self._tiers, 0
         online, classes = self.online, self.online.classes
+        stack = self.settings.decision_stack_fast  # else its 11 µs a kept sample go unused
         for ob in batch:
             event = ob.event
             item = event.item_id or ""
@@ -346,12 +350,14 @@ class ImbalanceLoop:
                 continue
             x = self.features(item, ob.user_class_counts, tier, ob.category_affinity,
                               ob.repeat)
-            fast = online.predict_proba(x)  # river as of the batch's start (it learns after)
+            # River as of the batch's start: it learns from the batch after.
+            fast = online.predict_proba(x) if stack else None
             user_text, user_kinds = ob.user_context()
             sample = Sample(event.event_id, event.user_id, item, event.kind, event.ts,
                             tier=tier, weight=self.weights.get(event.kind, 1.0),
                             user_text=user_text, item_text=ob.item_text, user_kinds=user_kinds,
-                            features=feature_vector(x), fast=tuple(fast[c] for c in classes))
+                            features=feature_vector(x),
+                            fast=tuple(fast[c] for c in classes) if fast else ())
             buffer.place(route, sample)  # before the next route: a reservoir fills in order
             self.buffer_changes.append((route[0], route[1], sample))
             kept += 1

@@ -297,11 +297,11 @@ def test_a_lists_features_are_what_the_next_interaction_is_scored_with() -> None
 
 def test_samples_carry_the_fast_paths_prediction_made_before_it_learns_from_them() -> None:
     """A buffered sample's ``fast`` is the river fast path's prediction for its event
-    before learning from it (what the decision layer may stack beside the head): in a
-    batch, the model as of the batch's start; one event at a time, the prediction that
-    preceded the event's own learning step."""
+    before learning from it (what the decision layer may stack beside the head, with
+    ``TAILSTREAM_DECISION_STACK_FAST``): in a batch, the model as of the batch's start;
+    one event at a time, the prediction that preceded the event's own learning step."""
     rng = random.Random(4)
-    loop, _ = make_loop(online_batch_budget=0)
+    loop, _ = make_loop(online_batch_budget=0, decision_stack_fast=True)
     feed(loop, 1_000, MIX, rng)
     loop.end_batch()
     before = loop.online.snapshot()
@@ -321,3 +321,14 @@ def test_samples_carry_the_fast_paths_prediction_made_before_it_learns_from_them
     assert one is not None and loop.last_proba is not None
     assert one.fast == tuple(loop.last_proba[c] for c in loop.online.classes)
     assert one.fast != tuple(loop.online.snapshot().proba([one.features])[0])
+    # Without TAILSTREAM_DECISION_STACK_FAST a worker's batch leaves them out (no trainer
+    # will read them); the prediction it made anyway is kept.
+    off, _ = make_loop(online_batch_budget=0)
+    feed(off, 1_000, MIX, random.Random(4))
+    off.end_batch()
+    off.buffer_changes.clear()
+    off.observe_batch(batch)
+    assert off.buffer_changes and all(s.fast == () for _, _, s in off.buffer_changes)
+    kept = off.observe(Event("purchase", "p2", "u1", 1.9e9, item_id="i3"), 0,
+                       user_class_counts={}, category_affinity=0.5, repeat=False)
+    assert kept is not None and kept.fast and off.last_proba is not None
