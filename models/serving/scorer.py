@@ -398,7 +398,7 @@ class Scorer:
 
         Candidates are ranked without the count features (the head runs on hundreds of
         them per user); ``counts``, their logits ``[N, K]`` for the rows shown
-        (:meth:`count_logits`), put them back, as the head was trained and its decision
+        (:meth:`list_inputs`), put them back, as the head was trained and its decision
         layer fitted: ``softmax(log p + W · std(x))`` (the softmax drops the per-row
         constant). ``fast``, the river fast path's probabilities for the same rows
         (:meth:`list_inputs`), is what a layer that stacks it reads beside them (uniform
