@@ -419,7 +419,8 @@ class TrainerMetrics:
             registry=r)
         self.runs = Counter(
             "tailstream_finetune_runs_total",
-            "Fine-tune runs by outcome: promoted, rejected, failed, skipped.",
+            "Fine-tune runs by outcome: promoted, canary (the gate passed it to a canary), "
+            "rejected, failed, skipped.",
             ["outcome"], registry=r)
         self.failures = Counter(
             "tailstream_finetune_failures_total",
@@ -471,6 +472,11 @@ class TrainerMetrics:
             "Pauses that ran to TAILSTREAM_TRAINER_PAUSE_MAX_S with the workers still over "
             "budget (with TAILSTREAM_TRAINER_MIN_DUTY > 0 each buys a run of steps).",
             registry=r)
+        self.floor = Gauge(
+            "tailstream_trainer_floor_seconds",
+            "The workers' p99 measured at the end of a pause that ran to its bound over "
+            "budget (their latency without the trainer): until TAILSTREAM_TRAINER_FLOOR_TTL_S "
+            "lapses the trainer pauses only over 1.2 x it (0: none standing).", registry=r)
         self.duty_seconds = Counter(
             "tailstream_trainer_duty_seconds",
             "Seconds of training owed after unhelpful pauses (no pause is asked for during "

@@ -393,9 +393,17 @@ class Settings:
     trainer_backpressure: bool = True
     """The trainer pauses between steps while a worker's recent p99 latency is over
     ``TAILSTREAM_LATENCY_BUDGET_MS`` or its consumer lag grows (read from Redis)."""
-    trainer_pause_max_s: float = 30.0
+    trainer_pause_max_s: float = 15.0
     """Longest single pause: a step then runs anyway, so a run under constant load still
-    ends (``finetune_max_seconds`` counts the pauses)."""
+    ends (``finetune_max_seconds`` counts the pauses). At least the workers' 10 s latency
+    window plus a few seconds, so a pause that runs to it has measured the workers'
+    p99 without the trainer (``trainer_floor_ttl_s``)."""
+    trainer_floor_ttl_s: float = 120.0
+    """How long the workers' p99 at the end of a pause that ran to its bound over budget
+    stands as their *trainer-free floor*: until then the trainer pauses only for a p99
+    over ``max(budget, floor × 1.2)`` — latency it may add, not what the stream costs
+    without it — and ignores lag growth if the pause ended on lag. 0: pause on the budget
+    alone, however often pausing does not help."""
     trainer_min_duty: float = 0.0
     """Share of the wall clock a fine-tune keeps for its steps when pausing does not help:
     after a pause that ran to ``trainer_pause_max_s`` with the workers still over budget,

@@ -161,13 +161,13 @@ def test_pauses_that_do_not_help_leave_the_fine_tune_its_duty_share() -> None:
     """Workers over budget whatever the trainer does: before the duty floor the trainer
     ran one step per 30 s pause (1/31 of the clock), so a run on a busy machine never
     ended; with duty 0.5 it trains half the time, at most."""
-    y, clock, metrics = clocked(trainer_min_duty=0.5)
+    y, clock, metrics = clocked(trainer_min_duty=0.5, trainer_floor_ttl_s=0.0)
     trained, paused = train(y, clock, 600.0)
     assert 0.45 <= trained / (trained + paused) <= 0.55
     assert value(metrics, "tailstream_trainer_unhelpful_pauses_total") >= 9
     assert value(metrics, "tailstream_trainer_duty_seconds_total") == pytest.approx(
         value(metrics, "tailstream_trainer_paused_seconds_total"), rel=0.05)
-    y0, clock0, _ = clocked(trainer_min_duty=0.0)  # the old rule: a step per pause
+    y0, clock0, _ = clocked(trainer_min_duty=0.0, trainer_floor_ttl_s=0.0)  # a step per pause
     trained0, paused0 = train(y0, clock0, 600.0)
     assert trained0 / (trained0 + paused0) < 0.05
 
@@ -175,7 +175,7 @@ def test_pauses_that_do_not_help_leave_the_fine_tune_its_duty_share() -> None:
 def test_a_pause_that_helps_owes_no_training_time() -> None:
     """Workers back under budget during the pause: no duty run, so the next over-budget
     report pauses again at once (the stream keeps its protection)."""
-    y, clock, metrics = clocked(trainer_min_duty=0.5)
+    y, clock, metrics = clocked(trainer_min_duty=0.5, trainer_floor_ttl_s=0.0)
     y.redis = StampedRedis(clock, 0.9, under_after=3)  # over for 3 readings, then under
     y.on_step(0, 1.0)
     assert value(metrics, "tailstream_trainer_unhelpful_pauses_total") == 0
@@ -205,3 +205,87 @@ def test_a_pause_is_counted_while_it_lasts_not_only_when_it_ends() -> None:
     y.on_step(0, 1.0)
     assert seen[1] == 1.0 and seen[10] == 10.0  # check_s = 1 s: a second per reading
     assert value(metrics, "tailstream_trainer_paused_seconds_total") == 30.0 == y.paused_s
+
+
+class ScriptedRedis:
+    """One worker whose fresh report at clock time t is ``script(t)`` → (p99 s, lag)."""
+
+    def __init__(self, clock: Clock, script: Any) -> None:
+        self.clock, self.script = clock, script
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        p99, lag = self.script(self.clock.t)
+        return {b"w": json.dumps({"p99_s": p99, "lag": lag, "at": self.clock.t}).encode()}
+
+
+def test_a_stream_over_budget_without_the_trainer_sets_a_floor_it_trains_under() -> None:
+    """The 2-core demo's case: the worker is over budget whether the trainer runs or not.
+    One pause to the 15 s bound measures its p99 without the trainer (0.9 s); for the
+    floor's 120 s the trainer pauses only over 1.2 × that, so it trains ~120 s of every
+    ~135 s instead of one step per pause (the rule before, still there with the floor
+    off)."""
+    y, clock, metrics = clocked(trainer_pause_max_s=15.0, trainer_floor_ttl_s=120.0)
+    trained, paused = train(y, clock, 600.0)
+    assert trained / (trained + paused) > 0.85
+    assert 4 <= value(metrics, "tailstream_trainer_unhelpful_pauses_total") <= 5
+    assert y.floor_s == 0.9 and value(metrics, "tailstream_trainer_floor_seconds") == 0.9
+    off, clock_off, _ = clocked(trainer_pause_max_s=15.0, trainer_floor_ttl_s=0.0)
+    trained_off, paused_off = train(off, clock_off, 600.0)
+    assert trained_off / (trained_off + paused_off) < 0.1
+
+
+def test_over_a_floor_the_trainer_still_pauses_for_the_latency_it_adds() -> None:
+    """Floor 0.9 s: a p99 of 1.0 s (under 1.08) trains on; 1.5 s (the trainer adding to
+    it) pauses, and the pause ends once the workers are back under 1.08 s."""
+    y, clock, metrics = clocked(trainer_pause_max_s=15.0, trainer_floor_ttl_s=120.0)
+    y.on_step(0, 1.0)  # 0.9 s throughout the pause: the floor
+    assert y.floor_s == 0.9
+    p99 = {"now": 1.0}
+    y.redis = ScriptedRedis(clock, lambda t: (p99["now"], 0))
+    before = value(metrics, "tailstream_trainer_pauses_total", reason="latency")
+    clock.t += 1.0
+    y.on_step(1, 1.0)
+    assert value(metrics, "tailstream_trainer_pauses_total", reason="latency") == before
+    started = clock.t
+    y.redis = ScriptedRedis(clock, lambda t: (1.5 if t < started + 4 else 1.0, 0))
+    clock.t += 1.0
+    y.on_step(2, 1.0)
+    assert value(metrics, "tailstream_trainer_pauses_total", reason="latency") == before + 1
+    assert clock.t - started < 8.0  # resumed when back under the floor's margin
+    assert y.floor_s == 0.9
+
+
+def test_a_floor_lapses_and_the_budget_decides_again() -> None:
+    y, clock, metrics = clocked(trainer_pause_max_s=15.0, trainer_floor_ttl_s=120.0)
+    y.on_step(0, 1.0)
+    assert y.floor_s == 0.9
+    y.redis = ScriptedRedis(clock, lambda t: (0.3, 0))  # over the budget, under the floor
+    clock.t += 60.0
+    y.on_step(1, 1.0)
+    assert y.floor_s == 0.9 and y.paused_s == 15.0  # the first pause only
+    clock.t += 61.0
+    y.on_step(2, 1.0)  # lapsed: 0.3 s is over the 0.25 s budget again, and stays so
+    assert y.floor_s == 0.3 and y.paused_s == 30.0
+    assert value(metrics, "tailstream_trainer_floor_seconds") == 0.3
+
+
+def test_a_pause_shorter_than_the_workers_window_measures_no_floor() -> None:
+    """A 5 s bound: the workers' 10 s window still holds lists the trainer competed with."""
+    y, clock, _ = clocked(trainer_pause_max_s=5.0, trainer_floor_ttl_s=120.0)
+    y.on_step(0, 1.0)
+    assert y.floor_s is None
+
+
+def test_a_lag_that_grows_without_the_trainer_is_ignored_until_the_floor_lapses() -> None:
+    y, clock, metrics = clocked(trainer_pause_max_s=15.0, trainer_floor_ttl_s=120.0)
+    y.redis = ScriptedRedis(clock, lambda t: (0.1, 1000.0 * t))  # under budget, lag growing
+    y.on_step(0, 1.0)  # first reading: nothing to compare with
+    clock.t += 1.0
+    y.on_step(1, 1.0)  # growing: pauses 15 s, still growing
+    assert value(metrics, "tailstream_trainer_pauses_total", reason="lag") == 1
+    assert value(metrics, "tailstream_trainer_unhelpful_pauses_total") == 1
+    trained, paused = train(y, clock, 100.0)
+    assert paused == 0.0
+    clock.t += 30.0
+    y.on_step(2, 1.0)  # lapsed: a growing lag pauses again
+    assert value(metrics, "tailstream_trainer_pauses_total", reason="lag") == 2
