@@ -151,6 +151,7 @@ def test_rendering_a_snapshot_shows_its_numbers() -> None:
     t = TrainerMetrics(CollectorRegistry())
     t.runs.labels("promoted").inc(2)
     t.runs.labels("rejected").inc(1)
+    t.runs.labels("canary").inc(1)  # passed the gate; the canary decides the promotion
     t.version.set(3)
     t.running.set(1)
     view = build_view(after, before, 10.0, trainer=parse_metrics(page(t)), title="test view",
@@ -167,7 +168,7 @@ def test_rendering_a_snapshot_shows_its_numbers() -> None:
     # p50: rank 50 of 98 in (25, 50 ms] → 37.8; p99: rank 99, 1 of 2 in (0.75, 1 s] → 875
     assert "since start p50 38 ms, p99 875 ms" in text
     assert "p50 — ms, p99 — ms recently" in text  # no lists in the last 10 s
-    assert "runs 3: promoted 2, rejected 1, failed 0, running now; 3 requested" in text
+    assert "runs 4: promoted 2, to canary 1, rejected 1, failed 0, running now; 3 requested" in text
     assert "serving v2, promoted v3" in text
     assert "5  (invalid_json 3, missing_field 2)" in text
     assert "12 messages on 5 partitions" in text

@@ -668,6 +668,23 @@ def _freshness(watcher: RecsWatcher, promotions: UpdatesWatcher, view: LiveView
     }
 
 
+def finetune_row(trainer: dict[str, float], running: bool, worker: dict[str, float]) -> str:
+    """The live line's fine-tune figures: runs by outcome and the version served. A run the
+    gate passes ends as ``canary`` when canaries are on (its promotion, if any, comes
+    from the canary: the online row counts those), so "promoted" alone would read 0
+    while a canary-promoted version serves.
+
+    >>> finetune_row({"tailstream_finetune_runs_total{outcome=canary}": 2.0}, False,
+    ...              {"tailstream_serving_model_version_number": 1.0})
+    'promoted 0, to canary 2, rejected 0, failed 0; serving v1'
+    """
+    runs = {k: int(trainer.get(f"tailstream_finetune_runs_total{{outcome={k}}}", 0))
+            for k in ("promoted", "canary", "rejected", "failed")}
+    return (("running, " if running else "")
+            + ", ".join(f"{'to canary' if k == 'canary' else k} {v}" for k, v in runs.items())
+            + f"; serving v{int(worker.get('tailstream_serving_model_version_number', 0))}")
+
+
 def fetch_json(url: str, timeout: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL
         return json.loads(resp.read())
@@ -726,8 +743,6 @@ class LiveView:
             bucket[1] += consumed - self._prev[1]
         self._prev = (elapsed, consumed)
         lat = self.watcher.latencies_ms[-5000:]
-        runs = {k: int(t.get(f"tailstream_finetune_runs_total{{outcome={k}}}", 0))
-                for k in ("promoted", "rejected", "failed")}
         rows = [
             ("source", self.source),
             ("elapsed", f"{elapsed:6.1f} s"),
@@ -741,9 +756,7 @@ class LiveView:
             ("buffer", ", ".join(
                 f"{k} {int(m.get(f'tailstream_buffer_samples{{bucket={k}}}', 0)):,}"
                 for k in (*RARE_CLASSES, TAIL))),
-            ("fine-tunes", ("running, " if running else "") + ", ".join(
-                f"{k} {v}" for k, v in runs.items())
-                + f"; serving v{int(m.get('tailstream_serving_model_version_number', 0))}"),
+            ("fine-tunes", finetune_row(t, running, m)),
             ("items indexed", f"{int(m.get('tailstream_index_items', 0)):,}"),
             ("dead-lettered", f"{self.dlq.count:,}"),
             ("duplicates skipped", f"{int(m.get('tailstream_duplicates_total', 0)):,}"),

@@ -425,6 +425,7 @@ def lines(view: View) -> list[tuple[str, str]]:
     if view.trainer:
         o = view.finetune_outcomes
         ft = (f"runs {view.finetune_runs:,.0f}: promoted {o.get('promoted', 0):,.0f}, "
+              f"to canary {o.get('canary', 0):,.0f}, "
               f"rejected {o.get('rejected', 0):,.0f}, failed {o.get('failed', 0):,.0f}"
               + (", running now" if view.finetune_running else ""))
     else:
