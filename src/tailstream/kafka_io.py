@@ -244,20 +244,46 @@ def iter_messages(consumer: KafkaConsumer, stop: threading.Event | None = None,
 
 
 class TopicCounter(threading.Thread):
-    """Counts (and optionally inspects) every record of some topics in the background."""
+    """Counts (and optionally inspects) every record of some topics in the background.
+
+    ``every_s`` > 0: read at most once per that many seconds (a poll drains what came
+    since). For a reader whose figures come from timestamps inside the records (the
+    demo's latency watcher), reading late changes nothing, and each fetch costs the
+    broker: the embedded Tansu lists every batch of a partition per fetch, so a reader
+    fetching as fast as lists arrive made it work harder the longer the demo ran."""
 
     def __init__(self, settings: Settings, topics: Iterable[str],
-                 on_record: Callable[[Any], None] | None = None) -> None:
+                 on_record: Callable[[Any], None] | None = None, *,
+                 every_s: float = 0.0) -> None:
         super().__init__(daemon=True, name="topic-counter")
         self.consumer = reader(settings, list(topics))
         self.on_record = on_record
+        self.every_s = every_s
         self.count = 0
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
+    def _records(self) -> Iterator[Any]:
+        if self.every_s <= 0:
+            yield from iter_messages(self.consumer, self.stop_event)
+            return
+        while not self.stop_event.wait(self.every_s):
+            yield from self._drain(0)
+        yield from self._drain(500)  # at stop: what the last rest had not read yet
+
+    def _drain(self, timeout_ms: int, limit_s: float = 5.0) -> Iterator[Any]:
+        """Poll until a poll returns nothing (at most ``limit_s``)."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            batch = self.consumer.poll(timeout_ms=timeout_ms)
+            for records in batch.values():
+                yield from records
+            if not batch:
+                return
+
     def run(self) -> None:
         try:
-            for record in iter_messages(self.consumer, self.stop_event):
+            for record in self._records():
                 self.count += 1
                 if self.on_record is not None:
                     self.on_record(record)
