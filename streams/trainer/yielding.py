@@ -29,16 +29,19 @@ and back-pressure between training steps.
   machine too small for the stream) and ``tailstream_trainer_duty_seconds_total``.
 
 * **A trainer-free floor.** A pause that runs to its bound (15 s: longer than the
-  workers' 10 s latency window) with the workers still over budget has *measured* their
-  p99 without the trainer. For ``TAILSTREAM_TRAINER_FLOOR_TTL_S`` (120 s) that p99 is
-  the floor: the trainer pauses only while a p99 is over ``max(budget, floor ×``
-  :data:`FLOOR_MARGIN` ``)`` — the latency it may add, not the latency the stream has
-  anyway — and, if the pause ended on lag, it ignores lag growth. Then the floor lapses
-  and the budget alone decides again, so a stream that recovered is protected at its
-  budget and a later pause measures afresh. Before the floor, a 2-core demo whose
-  worker ran over budget with or without the trainer paused eight times to the bound
-  and took 280 s from trigger to candidate for ~30 s of training. The trainer still
-  runs at ``SCHED_IDLE``: what it adds is what the kernel's idle class lets through.
+  workers' 10 s latency window) with the workers still over budget, and their p99 no
+  lower than when it began, has *measured* their p99 without the trainer (one that fell
+  was still draining a backlog the trainer left: no floor, the trainer pauses again).
+  For ``TAILSTREAM_TRAINER_FLOOR_TTL_S`` (120 s) that p99 is the floor: the trainer
+  pauses only while a p99 is over ``max(budget, floor ×`` :data:`FLOOR_MARGIN` ``)`` —
+  the latency it may add, not the latency the stream has anyway — and, if the pause
+  ended on lag, it ignores lag growth. A standing floor never rises. Then it lapses and
+  the budget alone decides again, so a stream that recovered is protected at its budget
+  and a later pause measures afresh. Before the floor, a 2-core demo whose worker ran
+  over budget with or without the trainer paused eight times to the bound and took
+  280 s from trigger to candidate for ~30 s of training. The trainer still runs at
+  ``SCHED_IDLE``, yet it is not free: where the worker waits on I/O the idle class
+  runs, and the worker's p99 rose ~20 % with it (demo, 2026-12-06).
 
 Why these signals: the p99 is what the stream promises (the budget); the lag catches a
 worker that keeps its latency only because it reads less. Both come from the workers
@@ -71,6 +74,10 @@ FLOOR_MARGIN = 1.2
 """Over a measured trainer-free floor, the p99 that pauses the trainer: 20 % above what
 the workers did without it (the p99 of a 10 s window moves by about that between
 windows under a steady load)."""
+
+HELPED = 0.9
+"""A pause that ends with the p99 below this share of where it began helped (the p99 of a
+10 s window moves by about a tenth between windows under a steady load)."""
 
 WINDOW_S = 10.0
 """The workers' latency window (:meth:`~tailstream.streams.stores.publisher.Publisher.
@@ -125,6 +132,18 @@ def pause_threshold_s(budget_s: float, floor_s: float | None) -> float:
     (0.25, 0.25, 1.2)
     """
     return budget_s if floor_s is None else max(budget_s, floor_s * FLOOR_MARGIN)
+
+
+def pause_helped(before_s: float | None, after_s: float) -> bool:
+    """Whether a pause lowered the workers' p99 by more than the window-to-window noise
+    (:data:`HELPED`): then they were still draining a backlog the trainer left, and what
+    they report is no trainer-free floor (a floor read then ratchets up: 293 → 768 ms in
+    a demo, and the trainer ran on while the worker fell behind).
+
+    >>> pause_helped(0.9, 0.77), pause_helped(0.3, 0.29), pause_helped(None, 0.3)
+    (True, False, False)
+    """
+    return before_s is not None and after_s < HELPED * before_s
 
 
 def fresh_p99_s(reports: Mapping[str, Mapping[str, Any]], now: float,
@@ -231,10 +250,11 @@ class Yielder:
         self.lags = {w: float(r.get("lag", 0.0)) for w, r in reports.items()}
         return why
 
-    def _measure_floor(self, why: str, waited_s: float) -> None:
+    def _measure_floor(self, why: str, waited_s: float, at_start: float | None) -> None:
         """After a pause that ran to its bound over budget: if it outlasted the workers'
-        window, what they report now is their trainer-free latency — it stands as the
-        floor for ``trainer_floor_ttl_s`` (module docstring)."""
+        window and did not lower their p99 (:func:`pause_helped`), what they report now is
+        their trainer-free latency — it stands as the floor for ``trainer_floor_ttl_s``
+        (module docstring)."""
         if self.floor_ttl_s <= 0 or waited_s < WINDOW_S + SETTLE_S:
             return
         now = self.monotonic()
@@ -246,10 +266,20 @@ class Yielder:
         p99 = fresh_p99_s(self._last_reports, self.clock())
         if p99 is None:
             return
-        self.floor_s, self._floor_until = p99, now + self.floor_ttl_s
+        if pause_helped(at_start, p99):
+            log.info("the workers' p99 fell from %.0f to %.0f ms while paused: still draining "
+                     "what the trainer left, no floor", 1000 * (at_start or 0.0), 1000 * p99)
+            return
+        if self.floor_s is not None:
+            # Over a standing floor the pause began because the trainer added latency:
+            # what is left at its end is no lower floor to train up to; keep the lower.
+            self.floor_s = min(self.floor_s, p99)
+        else:
+            self.floor_s, self._floor_until = p99, now + self.floor_ttl_s
+        p99 = self.floor_s
         self.metrics.floor.set(p99)
         log.info("the workers' p99 without the trainer is %.0f ms: for %.0fs it pauses only "
-                 "over %.0f ms", 1000 * p99, self.floor_ttl_s, 1000 * self.threshold_s())
+                 "over %.0f ms", 1000 * p99, self._floor_until - now, 1000 * self.threshold_s())
 
     def _count_pause(self, since: float) -> float:
         """Add the pause's time since ``since`` to the totals; returns now."""
@@ -270,6 +300,7 @@ class Yielder:
         if why is None:
             return
         started = self.monotonic()
+        at_start = fresh_p99_s(self._last_reports, self.clock())
         self.metrics.pauses.labels(why).inc()
         self.metrics.paused.set(1)
         log.info("fine-tune paused at step %d: the workers are over their budget (%s)",
@@ -290,7 +321,7 @@ class Yielder:
         if why is None:
             log.info("fine-tune resumed after %.1fs", waited)
             return
-        self._measure_floor(why, waited)
+        self._measure_floor(why, waited, at_start)
         owed = owed_steps_s(waited, self.min_duty)
         self._train_until = self._checked + owed
         self.metrics.unhelpful_pauses.inc()

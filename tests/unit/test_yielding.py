@@ -289,3 +289,31 @@ def test_a_lag_that_grows_without_the_trainer_is_ignored_until_the_floor_lapses(
     clock.t += 30.0
     y.on_step(2, 1.0)  # lapsed: a growing lag pauses again
     assert value(metrics, "tailstream_trainer_pauses_total", reason="lag") == 2
+
+
+def test_a_pause_that_lowered_the_p99_measures_no_floor() -> None:
+    """0.9 s when the pause began, 0.7 s at its bound: still over budget, but the workers
+    were draining what the trainer left — no floor (one read then had ratcheted a demo's
+    floor from 293 to 768 ms); the trainer pauses again at the next step."""
+    y, clock, metrics = clocked(trainer_pause_max_s=15.0, trainer_floor_ttl_s=120.0)
+    started = clock.t
+    y.redis = ScriptedRedis(clock, lambda t: (0.9 if t < started + 5 else 0.7, 0))
+    y.on_step(0, 1.0)
+    assert y.floor_s is None and y.paused_s == 15.0
+    clock.t += 1.0
+    y.on_step(1, 1.0)
+    assert value(metrics, "tailstream_trainer_pauses_total", reason="latency") == 2
+
+
+def test_a_standing_floor_never_rises() -> None:
+    """Floor 0.3 s; the trainer pushes the p99 to 0.55 s (over 0.36), a pause ends at
+    0.52 s, no better: the floor stays 0.3 s, so the trainer still pauses over 0.36 s."""
+    y, clock, _ = clocked(trainer_pause_max_s=15.0, trainer_floor_ttl_s=120.0)
+    y.redis = ScriptedRedis(clock, lambda t: (0.3, 0))
+    y.on_step(0, 1.0)
+    assert y.floor_s == 0.3
+    started = clock.t
+    y.redis = ScriptedRedis(clock, lambda t: (0.55 if t < started + 5 else 0.52, 0))
+    clock.t += 1.0
+    y.on_step(1, 1.0)
+    assert y.floor_s == 0.3 and y.threshold_s() == pytest.approx(0.36)
