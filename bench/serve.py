@@ -61,6 +61,7 @@ from tailstream.stack.embedded import ServiceStack
 from tailstream.stack.processes import (
     metrics_url,
     scrape,
+    stage_ms,
     start_trainer,
     start_worker,
     trainer_metrics_url,
@@ -333,14 +334,7 @@ def _worker_figures(m: dict[str, float]) -> dict[str, Any]:
         "queries_encoded": int(m.get("tailstream_texts_encoded_total{purpose=query}", 0)),
         # Where the freshness went, mean ms per stage (read and queue per list, turn and
         # publish per turn): tailstream_list_stage_seconds, docs/metrics.md.
-        "stage_ms": {stage: _stage_ms(m, stage) for stage in ("read", "queue", "turn",
-                                                               "publish")}}
-
-
-def _stage_ms(m: dict[str, float], stage: str) -> float:
-    name = "tailstream_list_stage_seconds"
-    total = m.get(f"{name}_sum{{stage={stage}}}", 0.0)
-    return round(1000 * total / max(m.get(f"{name}_count{{stage={stage}}}", 0.0), 1.0), 1)
+        "stage_ms": stage_ms(m)}
 
 
 class _WindowWatcher(RecsWatcher):

@@ -62,6 +62,8 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert s["catalogue_items_produced"] == 2000 and s["catalogue_indexed_s"] > 0
     assert s["users_with_recs_in_redis"] > 0
     assert 0 < s["latency_ms_p50"] <= s["latency_ms_p99"]
+    stages = s["latency_stages_ms"]  # where the freshness went, from the worker's histogram
+    assert set(stages) == {"read", "queue", "turn", "publish"} and stages["turn"] > 0
     # What the served lists did online, and the canaries (none may start in 15 s).
     online = s["online"]
     assert online["impressions"]["lists"] > 0

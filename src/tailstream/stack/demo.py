@@ -39,6 +39,7 @@ from tailstream.stack.embedded import ManagedProcess, ServiceStack
 from tailstream.stack.processes import (
     metrics_url,
     scrape,
+    stage_ms,
     start_trainer,
     start_worker,
     trainer_metrics_url,
@@ -488,6 +489,9 @@ def _summary(ws: Settings, ts: Settings | None, stats: SendStats, watcher: RecsW
         "serving_model_version": int(m.get("tailstream_serving_model_version_number", 0)),
         "latency_ms_p50": _round(percentile(lat, 50)),
         "latency_ms_p99": _round(percentile(lat, 99)),
+        # Where it went (means over the run): a read that grows with the run is the
+        # broker's fetches, a queue that grows is scoring falling behind.
+        "latency_stages_ms": stage_ms(m),
         "event_loop_stalls": int(m.get("tailstream_event_loop_stalls_total", 0)),
         "events_per_s": round(int(m.get("tailstream_events_in_total", 0)) / max(elapsed, 1e-9), 1),
         "finetunes": {k: int(t.get(f"tailstream_finetune_runs_total{{outcome={k}}}", 0))

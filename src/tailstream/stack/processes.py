@@ -102,6 +102,24 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
     return dict(out)
 
 
+LIST_STAGES = ("read", "queue", "turn", "publish")
+"""Where an event-triggered list's freshness goes (``tailstream_list_stage_seconds``)."""
+
+
+def stage_ms(m: dict[str, float]) -> dict[str, float]:
+    """Mean milliseconds per stage of a scraped worker page (read and queue per list, turn
+    and publish per turn; docs/metrics.md): where the event → Redis latency went.
+
+    >>> n = "tailstream_list_stage_seconds"
+    >>> stage_ms({f"{n}_sum{{stage=read}}": 0.5, f"{n}_count{{stage=read}}": 10.0})
+    {'read': 50.0, 'queue': 0.0, 'turn': 0.0, 'publish': 0.0}
+    """
+    name = "tailstream_list_stage_seconds"
+    return {stage: round(1000 * m.get(f"{name}_sum{{stage={stage}}}", 0.0)
+                         / max(m.get(f"{name}_count{{stage={stage}}}", 0.0), 1.0), 1)
+            for stage in LIST_STAGES}
+
+
 def wait_ready(proc: ManagedProcess, settings: Settings, timeout: float = 90.0,
                partitions: int = 1) -> None:
     """Until the worker serves /metrics and holds at least ``partitions`` input partitions
