@@ -47,13 +47,14 @@ class SendStats:
     """Records the client reported as not delivered (after its own retries)."""
 
 
-def make_producer(settings: Settings) -> KafkaProducer:
+def make_producer(settings: Settings, *, linger_ms: int = 5) -> KafkaProducer:
     """A kafka-python producer tuned for throughput with little added latency.
 
     ``acks=1`` and ``linger_ms=5``: the leader's ack is enough for generated or replayed
     traffic, and 5 ms of batching multiplies throughput without a visible delay.
     """
-    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks=1,
+    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=linger_ms,
+                         acks=1,
                          batch_size=64 * 1024, client_id="tailstream-producer",
                          max_request_size=max_message_bytes(settings),
                          **kafka_python_options(settings))
