@@ -51,7 +51,6 @@ from tailstream.producers.sender import SendStats, make_producer, send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.demo import (
-    SHOP_LINGER_MS,
     RecsWatcher,
     UpdatesWatcher,
     model_updates,
@@ -296,13 +295,9 @@ def _measure(s: Settings, sim: ShopSimulator, window: _Window, log: Any) -> dict
         window.watcher.window_from = start
         if window.driver is not None:
             window.driver.window_from = start
-        shop = make_producer(ws, linger_ms=SHOP_LINGER_MS)  # the demo shop's batching
-        try:
-            stats = window.stats = send_records(itertools.islice(sim.events(), 10**9), ws,
-                                                rate=window.rate, producer=shop,
-                                                duration_s=window.warmup_s + window.seconds)
-        finally:
-            shop.close(timeout=10)
+        stats = window.stats = send_records(itertools.islice(sim.events(), 10**9), ws,
+                                            rate=window.rate,
+                                            duration_s=window.warmup_s + window.seconds)
         window.watcher.window_to = time.time()
         if window.driver is not None:
             window.driver.window_to = window.watcher.window_to

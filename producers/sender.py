@@ -47,14 +47,15 @@ class SendStats:
     """Records the client reported as not delivered (after its own retries)."""
 
 
-def make_producer(settings: Settings, *, linger_ms: int = 5) -> KafkaProducer:
+def make_producer(settings: Settings) -> KafkaProducer:
     """A kafka-python producer tuned for throughput with little added latency.
 
-    ``acks=1`` and ``linger_ms=5``: the leader's ack is enough for generated or replayed
-    traffic, and 5 ms of batching multiplies throughput without a visible delay.
+    ``acks=1``: the leader's ack is enough for generated or replayed traffic;
+    ``TAILSTREAM_PRODUCER_LINGER_MS`` (25) of batching: fewer, fuller batches (the
+    embedded broker pays per batch on every fetch) for ~12 ms more on the mean event.
     """
-    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=linger_ms,
-                         acks=1,
+    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                         linger_ms=settings.producer_linger_ms, acks=1,
                          batch_size=64 * 1024, client_id="tailstream-producer",
                          max_request_size=max_message_bytes(settings),
                          **kafka_python_options(settings))

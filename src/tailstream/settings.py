@@ -77,6 +77,13 @@ class Settings:
     kafka_fetch_max_wait_ms: int = 25
     """Longest a worker's fetch waits on the broker (bounds added latency; 0: Faust's 1500).
     Tansu answers a fetch only at this bound, so it is part of every event's latency."""
+    producer_linger_ms: int = 25
+    """How long tailstream's producers (``tailstream produce``, the demo's shop, ``bench
+    serve``'s) gather records into a batch before sending; a record waits half of it on
+    average (inside the measured latency: its timestamp is taken at ``send()``). 25 ms
+    holds ~3 events a batch at ~70 events/s a partition. Tansu's memory storage lists
+    every batch of a partition on each fetch, so fewer batches keep the embedded broker's
+    fetches cheap (docs/architecture.md); against Apache Kafka 5 is plenty."""
     kafka_recovery_consistency_check: bool = True
     """Faust's check, at each assignment, that no changelog partition ends before what this
     worker already read of it (a crash if it does). Tansu reports a partition's log end as

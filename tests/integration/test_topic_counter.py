@@ -1,6 +1,7 @@
-"""The demo's topic readers (kafka_io.TopicCounter) against the real broker: a reader that
-reads once per interval counts every record, those sent just before it stops too, with
-far fewer polls (each a fetch the embedded broker pays for by listing the partition)."""
+"""The demo's topic readers (kafka_io.TopicCounter) and producers against the real
+broker: a reader that reads once per interval counts every record, those sent just before
+it stops too, with far fewer polls (each a fetch the embedded broker pays for by listing
+the partition), and the producers batch as the settings say."""
 
 from __future__ import annotations
 
@@ -54,3 +55,16 @@ def test_a_reader_that_rests_between_reads_misses_nothing_and_polls_less(
     assert eager.stop() == total
     assert lazy.stop() == total  # its last rest's records read at stop
     assert lazy_polls[0] * 2 < eager_polls[0], (lazy_polls, eager_polls)
+
+
+def test_the_producers_batch_as_the_settings_say(topics: Settings) -> None:
+    """`make_producer` (produce, the demo's shop, bench serve) lingers
+    TAILSTREAM_PRODUCER_LINGER_MS: fewer, fuller batches for the embedded broker."""
+    from tailstream.producers.sender import make_producer
+
+    assert topics.producer_linger_ms == 25
+    p = make_producer(topics.replace(producer_linger_ms=40))
+    try:
+        assert p.config["linger_ms"] == 40
+    finally:
+        p.close()

@@ -32,7 +32,7 @@ from tailstream.configs import BASE_VERSION
 from tailstream.contract import CLASSES, EVENT_KINDS, RARE_CLASSES, TAIL
 from tailstream.kafka_io import TopicCounter, create_topics
 from tailstream.producers.records import ProducedRecord
-from tailstream.producers.sender import SendStats, make_producer, send_records
+from tailstream.producers.sender import SendStats, send_records
 from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess, ServiceStack
@@ -58,12 +58,6 @@ DEMO_DEFAULTS: dict[str, Any] = {"trigger_min_samples": 1000, "trigger_cooldown_
 fine-tunes and a canary happen within it: production defaults judge a canary after ten
 minutes and 200 judged lists (the trigger values are the production ones, kept here so a
 change of the defaults does not slow the demo down)."""
-
-
-SHOP_LINGER_MS = 25
-"""The demo shop's producer batching (``make_producer``'s default is 5 ms): the mean
-event waits ~12 ms more before it is sent, and the embedded broker lists a partition of
-about a third as many batches on each fetch the worker makes (docs/benchmarks.md)."""
 
 
 @dataclass
@@ -227,15 +221,7 @@ def run_demo(settings: Settings, *, seconds: float | None, summary_json: Path | 
             result: dict[str, SendStats] = {}
 
             def produce() -> None:
-                # Fuller batches for the embedded broker: Tansu lists every batch of a
-                # partition on each fetch, so the worker's reads slow as batches pile up;
-                # at ~70 events/s a partition, 25 ms holds ~3 events a batch, not ~1.3.
-                shop = make_producer(s, linger_ms=SHOP_LINGER_MS)
-                try:
-                    result["stats"] = send_records(visits, s, rate=rate, stop=stop,
-                                                   producer=shop)
-                finally:
-                    shop.close(timeout=10)
+                result["stats"] = send_records(visits, s, rate=rate, stop=stop)
 
             producer = threading.Thread(target=produce, name="producer", daemon=True)
             started = time.monotonic()
