@@ -475,7 +475,8 @@ class TrainerMetrics:
         self.floor = Gauge(
             "tailstream_trainer_floor_seconds",
             "The workers' p99 measured at the end of a pause that ran to its bound over "
-            "budget (their latency without the trainer): until TAILSTREAM_TRAINER_FLOOR_TTL_S "
+            "budget without lowering it (their latency without the trainer): until "
+            "TAILSTREAM_TRAINER_FLOOR_TTL_S "
             "lapses the trainer pauses only over 1.2 x it (0: none standing).", registry=r)
         self.duty_seconds = Counter(
             "tailstream_trainer_duty_seconds",

@@ -406,8 +406,9 @@ class Settings:
     window plus a few seconds, so a pause that runs to it has measured the workers'
     p99 without the trainer (``trainer_floor_ttl_s``)."""
     trainer_floor_ttl_s: float = 120.0
-    """How long the workers' p99 at the end of a pause that ran to its bound over budget
-    stands as their *trainer-free floor*: until then the trainer pauses only for a p99
+    """How long the workers' p99 at the end of a pause that ran to its bound over budget,
+    and did not lower it by a tenth, stands as their *trainer-free floor* (a standing one
+    never rises): until then the trainer pauses only for a p99
     over ``max(budget, floor × 1.2)`` — latency it may add, not what the stream costs
     without it — and ignores lag growth if the pause ended on lag. 0: pause on the budget
     alone, however often pausing does not help."""
