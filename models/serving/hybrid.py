@@ -47,6 +47,7 @@ from tailstream.models.serving.scorer import (
     Users,
     select_positions,
 )
+from tailstream.models.towers.two_tower import context_sims
 
 QUERY_PREFIX = "search: "
 """How a query is written for the encoder (as in the user's context)."""
@@ -212,35 +213,30 @@ def _engagement(scorer: Scorer, users: Users, cands: Sequence[Candidates],
                 info: Facts) -> list[np.ndarray | None]:
     """The outcome head's class probabilities ``[len(top), K]`` for each user's chosen
     candidates (None for a user without any); their expected value goes into the
-    engagement feature. One head call for the whole micro-batch (it was one per user:
-    a fixed cost of module calls and small tensors each time); each row is computed as
-    before, so the probabilities are the same."""
-    matrix = scorer.index.matrix
-    rows: list[np.ndarray] = []
-    owner: list[int] = []
-    for b, (key, top) in enumerate(zip(keys, tops, strict=True)):
-        if top is not None:
-            rows.append(info.rows[key[top]])
-            owner.extend([b] * len(top))
-    if not rows:
+    engagement feature. One head call for the whole micro-batch, the users' candidates
+    padded to the longest (:meth:`~tailstream.models.towers.two_tower.TwoTower.grouped_logits`:
+    each user's context is used in place, never copied per candidate); each row is
+    computed as for the pair alone, so the probabilities are the same."""
+    live = [(b, top) for b, top in enumerate(tops) if top is not None]
+    if not live:
         return [None] * len(cands)
-    who = torch.tensor(owner, device=matrix.device)
-    v = matrix[torch.from_numpy(np.concatenate(rows)).to(matrix.device)].float()
-    logits = scorer.served.model.outcome_logits(users.vectors[who], v, users.ctx_items[who],
-                                                users.mask[who], ctx_kinds=users.kinds[who])
+    matrix = scorer.index.matrix
+    chosen = [info.rows[keys[b][top]] for b, top in live]
+    rows = np.zeros((len(live), max(len(r) for r in chosen)), dtype=np.int64)
+    for n, r in enumerate(chosen):
+        rows[n, :len(r)] = r  # the padding scores row 0, never read
+    at = torch.tensor([b for b, _ in live], device=matrix.device)
+    v = matrix[torch.from_numpy(rows).to(matrix.device)].float()
+    logits = scorer.served.model.grouped_logits(
+        users.vectors[at], v, context_sims(v, users.ctx_items[at]), users.mask[at],
+        ctx_kinds=users.kinds[at])
     proba = torch.softmax(logits, dim=-1)
     value = (proba @ scorer.value_weights).cpu().numpy()
     proba_np = proba.cpu().numpy()
-    out: list[np.ndarray | None] = []
-    start = 0
-    for cand, top in zip(cands, tops, strict=True):
-        if top is None:
-            out.append(None)
-            continue
-        end = start + len(top)
-        cand.x[top, _F["engagement"]] = value[start:end]
-        out.append(proba_np[start:end])
-        start = end
+    out: list[np.ndarray | None] = [None] * len(cands)
+    for n, ((b, top), r) in enumerate(zip(live, chosen, strict=True)):
+        cands[b].x[top, _F["engagement"]] = value[n, :len(r)]
+        out[b] = proba_np[n, :len(r)]
     return out
 
 

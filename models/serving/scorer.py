@@ -49,7 +49,7 @@ from tailstream.models.serving.index import ItemIndex
 from tailstream.models.towers.context import UserRequest, entry_codes
 from tailstream.models.towers.loading import ServedModel
 from tailstream.models.towers.text_vectors import TextVectors, VectorStore
-from tailstream.models.towers.two_tower import TextBatch, pack_contexts
+from tailstream.models.towers.two_tower import TextBatch, context_sims, pack_contexts
 
 CLASS_VALUE: dict[str, float] = {"click": 1.0, "fav": 2.0, "cart": 3.0, "purchase": 5.0}
 """Relative value of each outcome for the expected-engagement term."""
@@ -278,13 +278,9 @@ class Scorer:
         b, c = rows.shape
         valid = torch.isfinite(sim)
         v = self.index.matrix[rows.reshape(-1)].float().reshape(b, c, -1)
-        cx = ctx_items.shape[1]
-        logits = model.outcome_logits(
-            users[:, None, :].expand(b, c, -1).reshape(b * c, -1), v.reshape(b * c, -1),
-            ctx_items[:, None].expand(b, c, cx, -1).reshape(b * c, cx, -1),
-            ctx_mask[:, None, :].expand(b, c, cx).reshape(b * c, cx),
-            ctx_kinds=ctx_kinds[:, None, :].expand(b, c, cx).reshape(b * c, cx))
-        proba = torch.softmax(logits, dim=-1).reshape(b, c, -1)
+        sims = context_sims(v, ctx_items)  # [b, c, C]: the head's and the reasons'
+        proba = torch.softmax(model.grouped_logits(users, v, sims, ctx_mask,
+                                                   ctx_kinds=ctx_kinds), dim=-1)
         if online is not None and cfg.online_blend > 0:
             blended = []
             for i, req in enumerate(requests):
@@ -295,8 +291,7 @@ class Scorer:
         engagement = proba @ self._value
         score = (prior + cfg.engagement_weight * engagement).masked_fill(~valid, float("-inf"))
         # Which context entry explains each candidate best (for the reasons).
-        ctx_sim = torch.einsum("bcd,bxd->bcx", v, ctx_items).masked_fill(
-            ~ctx_mask[:, None, :], float("-inf"))
+        ctx_sim = sims.masked_fill(~ctx_mask[:, None, :], float("-inf"))
         best_val, best_ctx = ctx_sim.max(dim=2)
         order = torch.argsort(score, dim=1, descending=True)
         k = cfg.k

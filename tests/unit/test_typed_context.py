@@ -25,7 +25,7 @@ from tailstream.models.towers.context import (
 from tailstream.models.towers.encoder import load_encoder
 from tailstream.models.towers.loading import build_model
 from tailstream.models.towers.text_vectors import TextVectors
-from tailstream.models.towers.two_tower import TextBatch, pack_contexts
+from tailstream.models.towers.two_tower import TextBatch, context_sims, pack_contexts
 from tailstream.models.training.evaluation import evaluate
 from tailstream.models.training.finetune import FineTuner, prepare_data
 
@@ -112,6 +112,32 @@ def test_typed_matches_say_which_kind_of_entry_is_the_candidate(tiny_encoder: Pa
     hidden = torch.randn(1, 2, model.empty_context.shape[0])
     assert torch.equal(model.user_vectors(hidden, mask),
                        model.user_vectors(hidden, mask, torch.tensor([[cart, click]])))
+
+
+def test_grouped_logits_are_the_pairs_logits_without_copying_contexts(
+        tiny_encoder: Path) -> None:
+    """The serving path scores each user's candidates against the user's context in
+    place; every logit must be the one the pair gets alone (as trained)."""
+    model = build_model(load_encoder(tiny_encoder), TowerConfig(embed_dim=8))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a head that is not at its start, so every input matters
+        for p in model.head_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    b, c, cx, d = 3, 4, 5, 8
+    unit = lambda *shape: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(*shape, d, generator=gen), dim=-1)
+    users, items, ctx = unit(b), unit(b, c), unit(b, cx)
+    mask = torch.rand(b, cx, generator=gen) > 0.3
+    mask[2] = False  # a user without context
+    kinds = torch.randint(1, len(CONTEXT_KINDS) + 1, (b, cx), generator=gen)
+    grouped = model.grouped_logits(users, items, context_sims(items, ctx), mask, kinds)
+    assert grouped.shape[:2] == (b, c)
+    for u in range(b):
+        for j in range(c):
+            alone = model.outcome_logits(users[u:u + 1], items[u, j:j + 1], ctx[u:u + 1],
+                                         mask[u:u + 1], None, kinds[u:u + 1])
+            assert torch.allclose(grouped[u, j], alone[0], atol=1e-5)
+    assert not torch.allclose(grouped[0, 0], grouped[1, 0], atol=1e-3)
 
 
 def test_the_head_learns_what_only_the_context_kind_tells(tiny_encoder: Path) -> None:
