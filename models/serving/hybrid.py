@@ -24,9 +24,8 @@ with the user's next interaction (:meth:`~tailstream.models.serving.blend.Online
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +33,11 @@ import torch
 
 from tailstream.models.serving.blend import (
     FEATURES,
+    CandidatePool,
     Candidates,
     HybridRequest,
     OnlineBlender,
-    union,
+    union_many,
 )
 from tailstream.models.serving.scorer import (
     ItemInfo,
@@ -65,7 +65,11 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
                      blender: OnlineBlender, features: ListFeatures | None = None
                      ) -> list[HybridList]:
     """Lists (and candidates) for ``batch`` (see the module docstring); ``features``:
-    the count features of the items shown, for the outcomes a list carries."""
+    the count features of the items shown, for the outcomes a list carries.
+
+    Every step after the union works on the whole micro-batch's candidates at once
+    (:class:`~tailstream.models.serving.blend.CandidatePool`); per user, only plain
+    Python walks the best few to apply the category cap and the tail quota."""
     if not batch:
         return []
     cfg = scorer.ranking
@@ -75,35 +79,41 @@ def hybrid_recommend(scorer: Scorer, batch: Sequence[HybridRequest], item_info: 
     users = scorer.user_vectors(requests)
     neural = _search(scorer, users.vectors, cfg.candidates, [r.exclude for r in requests], limit)
     matched = _query_match(scorer, batch, limit)
-    cands: list[Candidates] = []
+    proposed: list[dict[str, list[str]]] = []
     for h, retrieved, by_query in zip(batch, neural, matched, strict=True):
         sources = {**h.sources, "retrieval": retrieved}
         if by_query:
             sources["query_match"] = by_query
-        cands.append(union(sources, depth=cfg.candidates, exclude=h.request.exclude))
-    info = _batch_info(scorer, cands, item_info)
-    keys = _facts(scorer, batch, users.vectors, cands, info)
-    tops = [_head_candidates(blender, cand, cfg.head_candidates) for cand in cands]
-    probas = _engagement(scorer, users, cands, keys, tops, info)
-    out: list[HybridList] = []
-    for h, cand, key, top, proba in zip(batch, cands, keys, tops, probas, strict=True):
-        if top is None or proba is None:
-            out.append(HybridList([], cand))
-            continue
-        score = blender.scores(cand.x)
-        ranked = _select(scorer, cand, key, score, top, proba, info,
-                         functools.partial(scorer.list_inputs, features, h.request.user_id))
-        out.append(HybridList(ranked, cand))
-    return out
+        proposed.append(sources)
+    pool = union_many(proposed, depth=cfg.candidates,
+                      excludes=[h.request.exclude for h in batch])
+    info = _batch_info(scorer, pool.ids, item_info)
+    key = _facts(scorer, batch, users.vectors, pool, info)
+    x = pool.x
+    first = blender.scores(x) - blender.weight("engagement") * x[:, _F["engagement"]]
+    tops = [None if len(o) == 0 else o[:cfg.head_candidates]
+            for o in _orders(first, pool.start)]
+    heads = _engagement(scorer, users, pool, key, tops, info)
+    ranked = _select(scorer, batch, pool, key, blender.scores(x), tops, heads, info, features)
+    return [HybridList(r, c) for r, c in zip(ranked, pool.candidates(), strict=True)]
 
 
-def _head_candidates(blender: OnlineBlender, cand: Candidates, n: int) -> np.ndarray | None:
-    """The best ``n`` candidates by the blender's score without engagement (the ones the
-    outcome head scores); None when there are none."""
-    if not cand.ids:
-        return None
-    first = blender.scores(cand.x) - blender.weight("engagement") * cand.x[:, _F["engagement"]]
-    return np.argsort(-first, kind="stable")[:n]
+def _orders(score: np.ndarray, start: np.ndarray) -> list[np.ndarray]:
+    """Each user's rows (positions within the user's) by descending score, stable — one
+    sort of a padded ``[B, max n]`` array for the whole batch.
+
+    >>> [o.tolist() for o in _orders(np.array([1.0, 3.0, 3.0, 2.0]), np.array([0, 3, 3, 4]))]
+    [[1, 2, 0], [], [0]]
+    """
+    counts = np.diff(start)
+    b = len(counts)
+    if b == 0 or len(score) == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(b)]
+    owner = np.repeat(np.arange(b), counts)
+    padded = np.full((b, int(counts.max())), np.inf)
+    padded[owner, np.arange(len(score)) - start[owner]] = -score
+    order = np.argsort(padded, axis=1, kind="stable")
+    return [order[u, :n] for u, n in enumerate(counts.tolist())]
 
 
 @dataclass
@@ -124,12 +134,13 @@ class Facts:
     cat_names: dict[str, int]
 
 
-def _batch_info(scorer: Scorer, cands: Sequence[Candidates], item_info: ItemInfo) -> Facts:
+def _batch_info(scorer: Scorer, ids_of: Sequence[Sequence[str]], item_info: ItemInfo
+                ) -> Facts:
     """Tier, category, log q and index row of every candidate of the micro-batch, in one
     ``item_info`` call: users' candidates overlap (trending is one list for everyone,
     categories are shared), and the selection reads the same items again — two calls per
     user had been a quarter of a worker's scoring thread (sketch gathers and lookups)."""
-    ids = list(dict.fromkeys(i for cand in cands for i in cand.ids))
+    ids = list(dict.fromkeys(i for user_ids in ids_of for i in user_ids))
     tiers, cats, log_q = item_info(ids)
     rows = scorer.index.rows_of(ids)
     names: dict[str, int] = {}
@@ -174,101 +185,146 @@ def _query_match(scorer: Scorer, batch: Sequence[HybridRequest],
 
 
 def _facts(scorer: Scorer, batch: Sequence[HybridRequest], users: torch.Tensor,
-           cands: Sequence[Candidates], info: Facts) -> list[np.ndarray]:
+           pool: CandidatePool, info: Facts) -> np.ndarray:
     """Fill cosine, category affinity, log popularity and tail for every candidate; drop
     candidates the index does not hold (they cannot be scored or explained). Returns each
-    user's candidates' positions in ``info``."""
-    matrix = scorer.index.search_matrix  # the retrieval score's item side (id memory)
-    keys: list[np.ndarray] = []
+    candidate row's position in ``info``."""
     at = info.at
-    for b, (h, cand) in enumerate(zip(batch, cands, strict=True)):
-        key = np.fromiter((at[i] for i in cand.ids), dtype=np.int64, count=len(cand.ids))
-        rows = info.rows[key]
-        held = rows >= 0
-        if not held.all():
-            kept = np.flatnonzero(held)
-            cand.ids = [cand.ids[k] for k in kept]
-            cand.x = cand.x[kept]
-            key, rows = key[kept], rows[kept]
-        keys.append(key)
-        if not cand.ids:
-            continue
-        vecs = matrix[torch.from_numpy(rows).to(matrix.device)].float()
-        cand.x[:, _F["cosine"]] = (vecs @ users[b].float()).cpu().numpy()
+    key = np.fromiter((at[i] for ids in pool.ids for i in ids), dtype=np.int64,
+                      count=int(pool.start[-1]))
+    rows = info.rows[key]
+    held = rows >= 0
+    if not held.all():
+        pool.keep(held)
+        key, rows = key[held], rows[held]
+    if len(key) == 0:
+        return key
+    owner = pool.owner
+    x = pool.x
+    x[:, _F["cosine"]] = _cosines(scorer.index.search_matrix, users, rows, owner)
+    affinity = np.zeros((len(batch), len(info.cat_names) + 1))
+    for b, h in enumerate(batch):
         top = max(h.affinity.values(), default=0.0)
         if top > 0:
-            affinity = np.zeros(len(info.cat_names) + 1)
             for cat, weight in h.affinity.items():
                 code = info.cat_names.get(cat)
                 if code is not None:
-                    affinity[code] = weight / top
-            cand.x[:, _F["category_affinity"]] = affinity[info.cat_code[key]]
-        cand.x[:, _F["log_popularity"]] = info.log_q[key]
-        cand.x[:, _F["tail"]] = info.tail[key]
-    return keys
+                    affinity[b, code] = weight / top
+    x[:, _F["category_affinity"]] = affinity[owner, info.cat_code[key]]
+    x[:, _F["log_popularity"]] = info.log_q[key]
+    x[:, _F["tail"]] = info.tail[key]
+    return key
 
 
-def _engagement(scorer: Scorer, users: Users, cands: Sequence[Candidates],
-                keys: Sequence[np.ndarray], tops: Sequence[np.ndarray | None],
-                info: Facts) -> list[np.ndarray | None]:
-    """The outcome head's class probabilities ``[len(top), K]`` for each user's chosen
-    candidates (None for a user without any); their expected value goes into the
-    engagement feature. One head call for the whole micro-batch, the users' candidates
-    padded to the longest (:meth:`~tailstream.models.towers.two_tower.TwoTower.grouped_logits`:
-    each user's context is used in place, never copied per candidate); each row is
-    computed as for the pair alone, so the probabilities are the same."""
+def _cosines(matrix: torch.Tensor, users: torch.Tensor, rows: np.ndarray,
+             owner: np.ndarray, chunk: int = 16_384) -> np.ndarray:
+    """``matrix[rows[n]] · users[owner[n]]`` for every candidate row (the retrieval
+    score's item side, id memory included), in chunks of ``chunk`` rows: a few torch
+    calls a turn, never a gather of every row at once."""
+    r = torch.from_numpy(rows).to(matrix.device)
+    o = torch.from_numpy(owner).to(matrix.device)
+    u = users.float()
+    out = torch.empty(len(rows), device=matrix.device)
+    for s in range(0, len(rows), chunk):
+        v = matrix[r[s:s + chunk]].float()
+        out[s:s + chunk] = torch.einsum("nd,nd->n", v, u[o[s:s + chunk]])
+    return out.cpu().numpy()
+
+
+@dataclass
+class Heads:
+    """The outcome head's class probabilities of every user's head candidates, one row
+    each: user ``b``'s ``n``-th is row ``first[b] + n`` (``first[b]`` −1: none)."""
+
+    proba: np.ndarray
+    first: list[int]
+
+
+def _engagement(scorer: Scorer, users: Users, pool: CandidatePool, key: np.ndarray,
+                tops: Sequence[np.ndarray | None], info: Facts) -> Heads:
+    """The outcome head's class probabilities for each user's chosen candidates; their
+    expected value goes into the engagement feature. One head call for the whole
+    micro-batch, the users' candidates padded to the longest
+    (:meth:`~tailstream.models.towers.two_tower.TwoTower.grouped_logits`: each user's
+    context is used in place, never copied per candidate); each row is computed as for
+    the pair alone, so the probabilities are the same."""
     live = [(b, top) for b, top in enumerate(tops) if top is not None]
+    first = [-1] * len(tops)
     if not live:
-        return [None] * len(cands)
+        return Heads(np.zeros((0, len(scorer.served.model.config.classes))), first)
+    lens = [len(top) for _, top in live]
+    flat = np.concatenate([pool.start[b] + top for b, top in live])  # rows in the pool
+    slot_row = np.repeat(np.arange(len(live)), lens)
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    slot_col = np.arange(len(flat)) - np.repeat(offsets, lens)
+    rows = np.zeros((len(live), max(lens)), dtype=np.int64)
+    rows[slot_row, slot_col] = info.rows[key[flat]]  # the padding scores row 0, never read
     matrix = scorer.index.matrix
-    chosen = [info.rows[keys[b][top]] for b, top in live]
-    rows = np.zeros((len(live), max(len(r) for r in chosen)), dtype=np.int64)
-    for n, r in enumerate(chosen):
-        rows[n, :len(r)] = r  # the padding scores row 0, never read
     at = torch.tensor([b for b, _ in live], device=matrix.device)
     v = matrix[torch.from_numpy(rows).to(matrix.device)].float()
     logits = scorer.served.model.grouped_logits(
         users.vectors[at], v, context_sims(v, users.ctx_items[at]), users.mask[at],
         ctx_kinds=users.kinds[at])
-    proba = torch.softmax(logits, dim=-1)
-    value = (proba @ scorer.value_weights).cpu().numpy()
-    proba_np = proba.cpu().numpy()
-    out: list[np.ndarray | None] = [None] * len(cands)
-    for n, ((b, top), r) in enumerate(zip(live, chosen, strict=True)):
-        cands[b].x[top, _F["engagement"]] = value[n, :len(r)]
-        out[b] = proba_np[n, :len(r)]
-    return out
+    proba = torch.softmax(logits, dim=-1)[torch.from_numpy(slot_row).to(matrix.device),
+                                          torch.from_numpy(slot_col).to(matrix.device)]
+    pool.x[flat, _F["engagement"]] = (proba @ scorer.value_weights).cpu().numpy()
+    for (b, _), o in zip(live, offsets.tolist(), strict=True):
+        first[b] = o
+    return Heads(proba.cpu().numpy(), first)
 
 
-def _select(scorer: Scorer, cand: Candidates, key: np.ndarray, score: np.ndarray,
-            top: np.ndarray, proba: np.ndarray, info: Facts,
-            inputs: Callable[[Sequence[str]], tuple[np.ndarray | None, np.ndarray | None]]
-            ) -> list[Ranked]:
+def _select(scorer: Scorer, batch: Sequence[HybridRequest], pool: CandidatePool,
+            key: np.ndarray, score: np.ndarray, tops: Sequence[np.ndarray | None],
+            heads: Heads, info: Facts, features: ListFeatures | None
+            ) -> list[list[Ranked]]:
+    """Each user's list from the final scores: the category cap and tail quota in plain
+    Python per user, then the outcomes of every list's head-scored items in one
+    :meth:`~tailstream.models.serving.scorer.Scorer.outcomes` call."""
     cfg = scorer.ranking
-    order = np.argsort(-score, kind="stable")
     k = cfg.k
-    kth = score[order[min(k, len(order)) - 1]]
-    tiers_all = cand.x[:, _F["tail"]] > 0.5
-    prefix = list(order[:4 * k]) + [int(j) for j in order[4 * k:]
-                                    if tiers_all[j] and score[j] >= kth - cfg.tail_margin]
-    ids = [cand.ids[int(j)] for j in prefix]
-    at = key[np.asarray(prefix, dtype=np.int64)].tolist()
-    tiers = [info.tiers[k] for k in at]
-    cats = [info.cats[k] for k in at]
-    picked = select_positions([float(score[j]) for j in prefix], tiers, cats, k,
-                              cfg.tail_share, cfg.tail_margin, cfg.max_per_category)
-    head_row = {int(j): n for n, j in enumerate(top)}
-    scored = [pos for pos in picked if int(prefix[pos]) in head_row]
+    score_l, key_l = score.tolist(), key.tolist()
+    tail_l = (pool.x[:, _F["tail"]] > 0.5).tolist()
+    plans: list[tuple[int, list[int], list[int], dict[int, int], list[str], list[str],
+                      list[str | None]]] = []
+    head_rows: list[int] = []
+    asks: list[tuple[str, list[str]]] = []
+    for b, (order_b, top) in enumerate(zip(_orders(score, pool.start), tops, strict=True)):
+        if top is None:
+            continue
+        s0 = int(pool.start[b])
+        order = order_b.tolist()
+        kth = score_l[s0 + order[min(k, len(order)) - 1]]
+        prefix = order[:4 * k] + [j for j in order[4 * k:] if tail_l[s0 + j]
+                                  and score_l[s0 + j] >= kth - cfg.tail_margin]
+        ids = [pool.ids[b][j] for j in prefix]
+        tiers = [info.tiers[key_l[s0 + j]] for j in prefix]
+        cats = [info.cats[key_l[s0 + j]] for j in prefix]
+        picked = select_positions([score_l[s0 + j] for j in prefix], tiers, cats, k,
+                                  cfg.tail_share, cfg.tail_margin, cfg.max_per_category)
+        head_row = {j: n for n, j in enumerate(top.tolist())}
+        scored = [pos for pos in picked if prefix[pos] in head_row]
+        head_rows.extend(heads.first[b] + head_row[prefix[pos]] for pos in scored)
+        asks.append((batch[b].request.user_id, [ids[pos] for pos in scored]))
+        plans.append((b, prefix, picked, head_row, ids, tiers, cats))
     p_buy, p_cart, outcome = scorer.outcomes(
-        proba[[head_row[int(prefix[pos])] for pos in scored]],
-        *inputs([ids[pos] for pos in scored]))
-    decided = {pos: (p_buy[n], p_cart[n], outcome[n]) for n, pos in enumerate(scored)}
-    out = []
-    for pos in picked:
-        j = int(prefix[pos])
-        buy, cart, what = decided.get(pos, (0.0, 0.0, ""))
-        out.append(Ranked(ids[pos], float(score[j]), tiers[pos], _reason(cand, j, cats[pos]),
-                          cats[pos], buy, cart, what))
+        heads.proba[np.asarray(head_rows, dtype=np.int64)],
+        *scorer.list_inputs_many(features, asks))
+    reasons = pool.x[:, _REASON_COLUMNS]
+    out: list[list[Ranked]] = [[] for _ in batch]
+    n = 0
+    for b, prefix, picked, head_row, ids, tiers, cats in plans:
+        s0 = int(pool.start[b])
+        ranked = []
+        for pos in picked:
+            j = prefix[pos]
+            buy, cart, what = 0.0, 0.0, ""
+            if j in head_row:
+                buy, cart, what = p_buy[n], p_cart[n], outcome[n]
+                n += 1
+            ranked.append(Ranked(ids[pos], score_l[s0 + j], tiers[pos],
+                                 _reason(reasons[s0 + j], cats[pos]), cats[pos], buy, cart,
+                                 what))
+        out[b] = ranked
     return out
 
 
@@ -283,11 +339,11 @@ _REASONS = (("rr_query_match", "matches your search"), ("rr_query_lookup",
 _REASON_COLUMNS = [_F[feature] for feature, _ in _REASONS]
 
 
-def _reason(cand: Candidates, j: int, category: str | None) -> str:
-    """The source that ranked the item highest, in words."""
+def _reason(row: np.ndarray, category: str | None) -> str:
+    """The source that ranked the item highest, in words (``row``: the candidate's
+    :data:`_REASON_COLUMNS`)."""
     best, text = 0.0, "popular right now"
-    # One row read (a numpy scalar per feature had been a third of the selection's time).
-    for v, (_, words) in zip(cand.x[j, _REASON_COLUMNS].tolist(), _REASONS, strict=True):
+    for v, (_, words) in zip(row.tolist(), _REASONS, strict=True):
         if v > best + 1e-9:
             best, text = v, words
     cat = (category or "its category")[:40]

@@ -357,7 +357,14 @@ class Scorer:
           adds nothing);
         * ``[N, K]``: the river fast path's probabilities (:attr:`fast_path`), only when
           the decision layer stacks them (an unknown row: uniform); else None."""
-        if features is None or not item_ids:
+        return self.list_inputs_many(features, [(user_id, item_ids)])
+
+    def list_inputs_many(self, features: ListFeatures | None,
+                         lists: Sequence[tuple[str, Sequence[str]]]
+                         ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """:meth:`list_inputs` of several lists (user, items shown), their rows one after
+        the other: the arithmetic once for a whole turn."""
+        if features is None or not any(ids for _, ids in lists):
             return None, None
         if self._wide_of is not self.served:
             model = self.served.model
@@ -367,12 +374,12 @@ class Scorer:
             self._wide_of = self.served
         assert self._wide is not None
         mean, inv_std, weight_t = self._wide
-        rows = features(user_id, item_ids)
-        x = np.tile(mean, (len(rows), 1))
+        rows = [row for user_id, ids in lists if ids for row in features(user_id, ids)]
         known = np.array([len(row) == len(mean) for row in rows])
-        for n, row in enumerate(rows):
-            if known[n]:
-                x[n] = row
+        unknown = mean.tolist()
+        x = np.array([row if ok else unknown for row, ok in zip(rows, known.tolist(),
+                                                                 strict=True)],
+                     dtype=np.float64)
         delta: np.ndarray = ((x - mean) * inv_std) @ weight_t
         layer, fast_path = self.decisions, self.fast_path
         if layer is None or not layer.reads(1) or fast_path is None:

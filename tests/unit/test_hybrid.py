@@ -29,8 +29,8 @@ def scorer(tiny_encoder: Path, **ranking: Any) -> Scorer:
     model = build_model(enc, TowerConfig(embed_dim=16, max_len=16)).eval()
     served = ServedModel("base", model, enc.tokenizer, enc.fingerprint, {})
     s = Scorer(served, device=CPU, max_len=16, cache_size=10_000,
-               ranking=RankingConfig(k=5, candidates=20, head_candidates=10, tail_share=0.0,
-                                     **ranking))
+               ranking=RankingConfig(**{"k": 5, "candidates": 20, "head_candidates": 10,
+                                        "tail_share": 0.0, **ranking}))
     ids = list(ITEMS)
     s.add_items(ids, [ITEMS[i] for i in ids])
     return s
@@ -212,3 +212,49 @@ def test_listed_outcomes_read_the_count_features_of_the_items_shown(
     moved = [abs(r.p_purchase - expected_purchase(s, req.request, r.item_id, None))
              for r in hybrid.ranked]
     assert max(moved) > 1e-3  # the features matter here: without them the test means nothing
+
+
+def test_a_batch_s_lists_are_each_user_s_lists_alone(tiny_encoder: Path) -> None:
+    """The micro-batch is scored as one pool of candidates (every column one array
+    operation): each user's list, reasons, outcomes and candidates must be what the user
+    gets alone — users of different sizes, an item the index does not hold, a search,
+    a user with no candidates at all, tail quota and category cap at work."""
+    s = scorer(tiny_encoder, tail_share=0.4, max_per_category=0.4)
+    model = s.served.model
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.wide.weight.normal_(0, 2.0)
+    f = model.config.wide_features
+
+    def varied(ids: Any) -> tuple[list[str], list[str | None], list[float]]:
+        n = [int(i[1:]) for i in ids]
+        return (["tail" if k % 3 == 0 else "head" for k in n],
+                [None if k % 7 == 0 else f"cat{k % 4}" for k in n], [-k / 10 for k in n])
+
+    def features(user: str, items: Any) -> list[tuple[float, ...]]:
+        return [tuple(float((int(i[1:]) + len(user) * n) % 5) for n in range(f))
+                if int(i[1:]) % 5 else () for i in items]
+
+    batch = [request("a", ["i1", "i2"], {"covisitation": ["i3", "i999", "i4"],
+                                         "trending": ["i9", "i12", "i15"]}),
+             request("bb", ["i20"], {"trending": ["i9", "i12"]}, query="red mug"),
+             request("ccc", [], {}, known=0),
+             request("dddd", ["i5", "i6", "i7", "i8"], {"history": ["i30", "i31"],
+                                                       "category": [f"i{n}" for n in
+                                                                    range(40, 59)]})]
+    batch[3].affinity = {"cat1": 2.0, "cat2": 0.5, "nope": 9.0}
+    blender = OnlineBlender()
+    together = hybrid_recommend(s, batch, varied, blender, features)
+    assert together[2].ranked == [] and together[2].candidates.ids == []
+    assert "i999" not in together[0].candidates.ids
+    assert {r.tier for r in together[3].ranked} == {"head", "tail"}
+    for req, got in zip(batch, together, strict=True):
+        [alone] = hybrid_recommend(s, [req], varied, blender, features)
+        assert got.candidates.ids == alone.candidates.ids
+        assert np.allclose(got.candidates.x, alone.candidates.x, atol=1e-5)
+        assert ([(r.item_id, r.tier, r.reason, r.category, r.outcome) for r in got.ranked]
+                == [(r.item_id, r.tier, r.reason, r.category, r.outcome)
+                    for r in alone.ranked])
+        for r, a in zip(got.ranked, alone.ranked, strict=True):
+            assert (r.score, r.p_purchase, r.p_cart) == pytest.approx(
+                (a.score, a.p_purchase, a.p_cart), abs=1e-5)
