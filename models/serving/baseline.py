@@ -182,10 +182,10 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
         # (Only when the profile has no reason of its own: a default argument is built
         # on every call, and display_text walks the text.)
         reason = why[cat] if cat in why else f"trending in {display_text(cat, 40)}"
-        items = [i for i in dict.fromkeys(pop.top_in(cat)[: 2 * k] + pop.tail_in(cat)[: 2 * k])
-                 if i not in seen and i not in candidates]
-        for item, r in zip(items, rel_of(items), strict=True):
-            candidates[item] = (rel * (0.5 + 0.5 * r), reason, cat)
+        items, rels = pop.ranked_in(cat, 2 * k)
+        for item, r in zip(items, rels, strict=True):
+            if item not in seen and item not in candidates:  # each item once in `items`
+                candidates[item] = (rel * (0.5 + 0.5 * r), reason, cat)
     if len(candidates) < k:  # cold or narrow user: fill from what is trending overall
         items = [i for i in dict.fromkeys(pop.global_top[: 2 * k] + pop.global_tail[:k])
                  if i not in seen and i not in candidates]

@@ -49,12 +49,18 @@ class PopularityTracker:
         self._global_top: list[str] = []
         self._global_tail: list[str] = []
         self._total_boosted = 0.0
+        self._version = 0
+        """Counts every change, so :meth:`ranked_in` knows when its memo is stale."""
+        self._memo: dict[tuple[str, int], tuple[list[str], list[float]]] = {}
+        self._memo_version = 0
 
     # -- updates ---------------------------------------------------------------
     def set_category(self, item_id: str, category: str) -> None:
+        self._version += 1
         self._category[item_id] = category
 
     def observe(self, item_id: str, category: str | None, weight: float, ts: float) -> None:
+        self._version += 1
         if self._t0 is None:
             self._t0 = ts
         exponent = (ts - self._t0) / self.half_life_s
@@ -76,6 +82,7 @@ class PopularityTracker:
         >>> p.global_top, p.top_in("shoes") + p.tail_in("shoes"), p.known_items
         (['b'], ['b'], 1)
         """
+        self._version += 1
         self._total_boosted -= self._boosted.pop(item_id, 0.0)
         self._category.pop(item_id, None)
         self._tier.pop(item_id, None)
@@ -95,6 +102,7 @@ class PopularityTracker:
 
     def refresh(self, now: float) -> None:
         """Recompute tiers and rankings (O(n log n); call at most every second or so)."""
+        self._version += 1
         ranked = sorted(self._boosted.items(), key=itemgetter(1), reverse=True)
         total = sum(v for _, v in ranked) or 1.0
         tier: dict[str, str] = {}
@@ -167,6 +175,28 @@ class PopularityTracker:
         boosted = self._boosted
         top = boosted.get(self._global_top[0], 0.0) or 1.0
         return [min(1.0, boosted.get(i, 0.0) / top) for i in item_ids]
+
+    def ranked_in(self, category: str, n: int) -> tuple[list[str], list[float]]:
+        """The category's first ``n`` head-or-torso items then its first ``n`` tail
+        items (each once), and their :meth:`relative` counts — the same for every user
+        until the counts next change, so a turn's users with a category in common
+        (and their turn is prepared between two batches) share one computation.
+
+        >>> p = PopularityTracker()
+        >>> p.observe("a", "shoes", 2.0, ts=0.0); p.observe("b", "shoes", 1.0, ts=0.0)
+        >>> p.refresh(now=0.0); p.ranked_in("shoes", 5)
+        (['a', 'b'], [1.0, 0.5])
+        >>> p.observe("b", "shoes", 0.5, ts=0.0); p.ranked_in("shoes", 5)  # fresh again
+        (['a', 'b'], [1.0, 0.75])
+        """
+        if self._memo_version != self._version:
+            self._memo = {}
+            self._memo_version = self._version
+        got = self._memo.get((category, n))
+        if got is None:
+            items = list(dict.fromkeys(self.top_in(category)[:n] + self.tail_in(category)[:n]))
+            got = self._memo[(category, n)] = (items, self.relative_many(items))
+        return got
 
     def top_in(self, category: str) -> list[str]:
         return self._top.get(category, [])

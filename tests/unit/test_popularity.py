@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import copy
+import random
+
 import pytest
 
+from tailstream.models.serving.baseline import recommend
 from tailstream.models.serving.popularity import PopularityTracker
 
 
@@ -50,3 +54,30 @@ def test_rebase_keeps_values_finite_over_long_runs() -> None:
 def test_bad_shares_are_refused() -> None:
     with pytest.raises(ValueError):
         PopularityTracker(head_share=0.0)
+
+
+def test_the_per_category_memo_is_never_stale() -> None:
+    """Users of a turn share one ranking per category (``ranked_in``); after any change
+    of the counts, categories or tiers, every read and every list must be what a fresh
+    computation gives."""
+    rng = random.Random(7)
+    pop = PopularityTracker(per_category=6)
+    items = [f"i{n}" for n in range(40)]
+    profile = {"cats": {"c0": 3.0, "c1": 1.0, "c2": 0.5}, "items": ["i1", "i2"]}
+    for step in range(400):
+        op = rng.random()
+        item = rng.choice(items)
+        if op < 0.6:
+            pop.observe(item, f"c{rng.randrange(3)}", rng.random() * 3, ts=step / 10)
+        elif op < 0.8:
+            pop.refresh(now=step / 10)
+        elif op < 0.9:
+            pop.set_category(item, f"c{rng.randrange(3)}")
+        else:
+            pop.forget(item)
+        for cat in ("c0", "c1", "c2"):
+            fresh = list(dict.fromkeys(pop.top_in(cat)[:4] + pop.tail_in(cat)[:4]))
+            assert pop.ranked_in(cat, 4) == (fresh, pop.relative_many(fresh))
+        unmemoised = copy.deepcopy(pop)
+        unmemoised._memo, unmemoised._memo_version = {}, -1
+        assert recommend(profile, pop, k=5) == recommend(profile, unmemoised, k=5)
