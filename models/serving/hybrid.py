@@ -245,9 +245,9 @@ def _engagement(scorer: Scorer, users: Users, pool: CandidatePool, key: np.ndarr
     """The outcome head's class probabilities for each user's chosen candidates; their
     expected value goes into the engagement feature. One head call for the whole
     micro-batch, the users' candidates padded to the longest
-    (:meth:`~tailstream.models.towers.two_tower.TwoTower.grouped_logits`: each user's
-    context is used in place, never copied per candidate); each row is computed as for
-    the pair alone, so the probabilities are the same."""
+    (:meth:`~tailstream.models.towers.two_tower.TwoTowerRecommender.grouped_logits`:
+    each user's context is used in place, never copied per candidate); each row is
+    computed as for the pair alone, so the probabilities are the same."""
     live = [(b, top) for b, top in enumerate(tops) if top is not None]
     first = [-1] * len(tops)
     if not live:
