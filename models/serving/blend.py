@@ -156,7 +156,7 @@ class CandidatePool:
             self.ids[b] = [i for i, k in zip(ids, kept[at:at + len(ids)], strict=True) if k]
             at += len(ids)
         self.x = self.x[rows]
-        self.start = np.concatenate([[0], np.cumsum([len(ids) for ids in self.ids])])
+        self.start = _starts(self.ids)
 
     def candidates(self) -> list[Candidates]:
         """Each user's :class:`Candidates`, with a copy of their rows (a list keeps its
@@ -209,8 +209,16 @@ def union_many(sources: Sequence[Mapping[str, Sequence[str]]], *, depth: int,
     if rows:
         x[rows, rr_cols] = rr_vals
         x[rows, bucket_cols] = 1.0
-    start = np.concatenate([[0], np.cumsum([len(ids) for ids in all_ids])]).astype(np.int64)
-    return CandidatePool(all_ids, x, start)
+    return CandidatePool(all_ids, x, _starts(all_ids))
+
+
+def _starts(ids: Sequence[Sequence[str]]) -> np.ndarray:
+    """``[B + 1]`` int64: where each user's rows begin in a pool, then its length.
+
+    >>> _starts([["a", "b"], [], ["c"]]).tolist(), _starts([]).dtype.name
+    ([0, 2, 2, 3], 'int64')
+    """
+    return np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
 
 
 _RANKS_KEPT = 1024
