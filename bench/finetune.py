@@ -13,6 +13,12 @@ length (texts are padded to exactly ``seq_len`` tokens, so the numbers mean what
   forward, mean pooling, a trivial loss, backward, AdamW. ``bare_encoder_seq_per_s``
   counts sequences; the trainer's overhead is ``1 − 2·pairs_per_s / bare_encoder_seq_per_s``.
 
+``frozen_encoder`` times the CPU default beside them: the same routine with the encoder
+frozen (towers and head training on cached text vectors, ``layers=0``), batches of 256
+samples shaped as the stream's (a Zipf catalogue, 1–20 typed context entries, count
+features): ``step_ms_median`` and ``run_of_200_steps_s``, one candidate's run at the
+default ``TAILSTREAM_FINETUNE_MAX_STEPS`` with the machine to itself.
+
 ``mfu`` is the model-FLOPs utilisation of the trainer: ``6·N + 12·L·H·T`` FLOPs per token
 for training (Kaplan et al. 2020; Chowdhery et al. 2022, appendix B; N = non-embedding
 parameters, L layers, H hidden size, T tokens) over the device's peak: the datasheet bf16
@@ -114,6 +120,62 @@ def bench_trainer(device: torch.device, seq_len: int, batch: int, steps: int, wa
     return steps * batch / (ends[-1] - ends[warmup - 1])
 
 
+def frozen_samples(n: int, items: int, max_context: int, rng: random.Random
+                   ) -> tuple[list[Sample], list[str]]:
+    """``n`` training samples shaped as the stream's: item texts of an ``items``-item
+    catalogue drawn by a Zipf popularity (``∝ 1/rank``), each with a context of 1 to
+    ``max_context`` entries (items drawn the same way, with their event kinds) and the
+    count features; the catalogue's texts come back too (to encode them first)."""
+    from tailstream.models.towers.context import CONTEXT_SEPARATOR
+
+    texts = [f"item{i} " + " ".join(rng.choice(WORDS) for _ in range(8)) + " | home"
+             for i in range(items)]
+    popularity = [1.0 / (rank + 1) for rank in range(items)]
+    labels = rng.choices(CLASSES, weights=[0.85, 0.07, 0.03, 0.05], k=n)
+    kinds = ("click", "cart", "fav", "purchase")
+    samples = []
+    for k in range(n):
+        context = rng.choices(range(items), weights=popularity, k=rng.randint(1, max_context))
+        item = rng.choices(range(items), weights=popularity)[0]
+        samples.append(Sample(
+            f"e{k}", f"u{k % (n // 4 + 1)}", f"i{item}", labels[k], float(k),
+            user_text=CONTEXT_SEPARATOR.join(texts[i] for i in context),
+            item_text=texts[item],
+            user_kinds=" ".join(rng.choice(kinds) for _ in context),
+            features=tuple(rng.random() for _ in range(TowerConfig().wide_features))))
+    return samples, texts
+
+
+def bench_frozen(device: torch.device, batch: int, steps: int, warmup: int,
+                 encoder_path: str | None, items: int = 2000) -> dict[str, Any]:
+    """The CPU default's path (``TAILSTREAM_FINETUNE_LAYERS=auto`` freezes the encoder
+    there): the same routine training the towers and the head on cached text vectors,
+    with the stream's 20-entry typed contexts and count features. The catalogue is
+    encoded first (a running system has its text vectors), so only steps are timed."""
+    enc = load_encoder(encoder_path)
+    tower = TowerConfig()
+    model = build_model(enc, tower).to(device)
+    served = ServedModel("base", model, enc.tokenizer, enc.fingerprint, {"version": "base"})
+    vectors = TextVectors(model, enc.tokenizer, device=device, max_len=tower.max_len,
+                          fingerprint=enc.fingerprint)
+    samples, texts = frozen_samples(batch * 4, items, tower.max_context, random.Random(2))
+    vectors.vectors(texts)
+    cfg = FineTuneConfig(policy="class_balanced", batch_size=batch, max_steps=steps + warmup,
+                         max_seconds=math.inf, holdout_share=0.0, layers="0")
+    data = prepare_data(samples, {"click": 85, "cart": 7, "fav": 3, "purchase": 5}, 0.0)
+    ends: list[float] = []
+    fine_tune(served, vectors, data, cfg=cfg, device=device, gate=None,
+              class_weight={"click": 0.5, "cart": 2.0, "fav": 3.0, "purchase": 4.0},
+              on_step=lambda step, loss: ends.append(time.perf_counter()))
+    gaps = sorted(b - a for a, b in zip(ends[warmup - 1:], ends[warmup:], strict=False))
+    seconds = ends[-1] - ends[warmup - 1]
+    return {"batch_pairs": batch, "max_context": tower.max_context, "steps": steps,
+            "catalogue_items": items, "steps_per_s": round(steps / seconds, 2),
+            "pairs_per_s": round(steps * batch / seconds, 1),
+            "step_ms_median": round(1000 * gaps[len(gaps) // 2], 1),
+            "run_of_200_steps_s": round(200 * seconds / steps, 1)}
+
+
 def bench_bare(device: torch.device, seq_len: int, sequences: int, steps: int, warmup: int,
                bf16: bool, encoder_path: str | None) -> float:
     from tailstream.models.towers.text_vectors import autocast_for
@@ -175,6 +237,7 @@ def run(device_setting: str = "auto", seq_lens: tuple[int, ...] = (64, 128),
         })
         if gpu:
             torch.cuda.empty_cache()
+    frozen = bench_frozen(device, 256, 40 if not gpu else 100, 3, encoder_path)
     first = results[0]
     name = (torch.cuda.get_device_name(device) if gpu
             else f"cpu ({torch.get_num_threads()} threads)")
@@ -187,4 +250,5 @@ def run(device_setting: str = "auto", seq_lens: tuple[int, ...] = (64, 128),
         "seq_len": first["seq_len"], "pairs_per_s": first["pairs_per_s"],
         "bare_encoder_seq_per_s": first["bare_encoder_seq_per_s"], "mfu": first["mfu"],
         "by_seq_len": results,
+        "frozen_encoder": frozen,
     }

@@ -234,11 +234,11 @@ class Scorer:
         contexts = [[e.text for e in r.context[:c]] for r in requests]
         batch = TextBatch([t for ctx in contexts for t in ctx])
         vecs = self.texts.vectors(batch.texts) if batch.texts else None
-        ctx_t, mask, kinds = pack_contexts(
+        ctx_t, mask, kinds, at = pack_contexts(
             contexts, vecs, batch, c, model.empty_context.shape[0], self.device,
             [entry_codes(r.context, c) for r in requests])
-        return Users(model.user_vectors(ctx_t, mask, kinds), model.context_items(ctx_t), mask,
-                     kinds)
+        return Users(model.user_vectors(ctx_t, mask, kinds), model.context_items_at(vecs, at),
+                     mask, kinds)
 
     @torch.inference_mode()
     def recommend(self, requests: Sequence[UserRequest], item_info: ItemInfo,

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -196,10 +196,16 @@ class TwoTowerRecommender(nn.Module):
         ``[B, C]`` mask of real positions (rows without any fall back to the learned
         empty-context vector) and the entries' kind codes ``[B, C]``
         (:func:`~tailstream.models.towers.context.kind_codes`; None: unknown)."""
+        # Each entry reads ``x + k`` (its text vector plus its kind's vector ``k``), and
+        # both the attention and the pooling are linear in it: ``w·(x + k) = w·x + w·k``
+        # and ``Σ a (x + k) = Σ a x + (Σ_{kind} a) k``. So the kinds enter as a score per
+        # kind and a [B, kinds] attention mass — never as a [B, C, hidden] sum, which
+        # had cost a fine-tune step as much as the rest of the user tower.
         context = context.float()
-        if kinds is not None:
-            context = context + self.context_kind(kinds)
         b, c, _ = context.shape
+        # Unknown (and padded) positions have kind 0, whose vector is zero; an empty row's
+        # first position below reads the learned empty vector alone, as it always did.
+        codes = kinds.masked_fill(~mask, 0) if kinds is not None else None
         empty = ~mask.any(dim=1)
         if empty.any():
             context = context.clone()
@@ -207,15 +213,36 @@ class TwoTowerRecommender(nn.Module):
             context[empty, 0] = self.empty_context
             mask[empty, 0] = True
         scores = self.context_attn(context).squeeze(-1) + self.recency_bias[:c]
+        kind_vecs = self.context_kind.weight
+        if codes is not None:
+            scores = scores + (kind_vecs @ self.context_attn.weight[0])[codes]
         scores = scores.masked_fill(~mask, float("-inf"))
         attn = torch.softmax(scores, dim=-1)
         pooled = torch.einsum("bc,bch->bh", attn, context)
+        if codes is not None:
+            mass = attn.new_zeros(b, kind_vecs.shape[0]).scatter_add(1, codes, attn)
+            pooled = pooled + mass @ kind_vecs.to(mass.dtype)
         return F.normalize(self.user_proj(pooled), dim=-1)
 
     def context_items(self, context: torch.Tensor) -> torch.Tensor:
         """Context texts in the item space, ``[B, C, d]`` unit vectors (for the head's
         target attention and for explaining recommendations)."""
         return F.normalize(self.item_proj(context.float()), dim=-1)
+
+    def context_items_at(self, vectors: torch.Tensor | None, rows: torch.Tensor
+                         ) -> torch.Tensor:
+        """:meth:`context_items` of packed contexts (:func:`pack_contexts`): each distinct
+        text of ``vectors [U, hidden]`` projected once, then each position's row
+        ``rows [B, C]`` read (``-1``, padding: the zero vector, as ``context_items`` of a
+        zero entry). A batch's contexts repeat texts (popular items, a user's several
+        samples), and a fine-tune step had projected every position."""
+        if vectors is None:  # no texts at all: every position is padding
+            return torch.zeros(*rows.shape, self.item_proj.out_features, device=rows.device)
+        if vectors.is_inference() and torch.is_grad_enabled():
+            vectors = vectors.clone()  # cached text vectors; training saves its input
+        projected = F.normalize(self.item_proj(vectors.float()), dim=-1)
+        padded = torch.cat([projected, projected.new_zeros(1, projected.shape[1])])
+        return padded[rows.to(padded.device)]  # row -1 is the zero row appended last
 
     def outcome_logits(self, user: torch.Tensor, item: torch.Tensor,
                        ctx_items: torch.Tensor, ctx_mask: torch.Tensor,
@@ -389,17 +416,37 @@ def _orthogonal_(t: torch.Tensor, gen: torch.Generator) -> None:
     nn.init.orthogonal_(t, generator=gen)
 
 
+class Packed(NamedTuple):
+    """A batch of contexts as the towers read them (:func:`pack_contexts`)."""
+
+    ctx: torch.Tensor
+    """Context vectors ``[B, C, hidden]`` (zero at padding)."""
+    mask: torch.Tensor
+    """``[B, C]``: True at real entries."""
+    kinds: torch.Tensor
+    """``[B, C]`` kind codes (0: unknown or padding)."""
+    rows: torch.Tensor
+    """``[B, C]``: each entry's row of the distinct text vectors (−1 at padding), for
+    :meth:`TwoTowerRecommender.context_items_at`."""
+
+
 def pack_contexts(contexts: Sequence[Sequence[str]], vectors: torch.Tensor | None,
                   texts: TextBatch, max_context: int, hidden: int, device: torch.device,
-                  kinds: Sequence[Sequence[int]] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Context vectors ``[B, C, hidden]``, mask ``[B, C]`` and kind codes ``[B, C]`` (0
-    where unknown) from each row's texts, whose vectors are rows of ``vectors`` as
-    numbered by ``texts``, and each row's kind codes."""
+                  kinds: Sequence[Sequence[int]] | None = None) -> Packed:
+    """Context vectors ``[B, C, hidden]``, mask ``[B, C]``, kind codes ``[B, C]`` (0
+    where unknown) and each entry's row of ``vectors`` from each row's texts, whose
+    vectors are rows of ``vectors`` as numbered by ``texts``, and each row's kind codes.
+
+    >>> p = pack_contexts([["b", "a"], []], torch.eye(2), TextBatch(["a", "b"]), 3, 2,
+    ...                   torch.device("cpu"))
+    >>> p.rows.tolist(), p.ctx[0, 0].tolist()
+    ([[1, 0, -1], [-1, -1, -1]], [0.0, 1.0])
+    """
     b_n = len(contexts)
     ctx = torch.zeros(b_n, max_context, hidden, device=device)
     mask = torch.zeros(b_n, max_context, dtype=torch.bool, device=device)
     codes = torch.zeros(b_n, max_context, dtype=torch.long)
+    at = torch.full((b_n, max_context), -1, dtype=torch.long)
     # One gather and one scatter for the whole batch (a row's parts are positions
     # 0..n-1 of that row), not one per row: 20 entries a row made the loop the cost.
     rows: list[int] = []
@@ -418,13 +465,14 @@ def pack_contexts(contexts: Sequence[Sequence[str]], vectors: torch.Tensor | Non
             k = list(kinds[b])[:n]
             found.extend(k + [0] * (n - len(k)))
     if rows and vectors is not None:
-        r, c = torch.tensor(rows), torch.tensor(cols)
-        ctx[r.to(device), c.to(device)] = vectors[torch.tensor(src, device=vectors.device)
-                                                  ].to(device, ctx.dtype)
+        r, c, where = torch.tensor(rows), torch.tensor(cols), torch.tensor(src)
+        ctx[r.to(device), c.to(device)] = vectors[where.to(vectors.device)].to(device,
+                                                                               ctx.dtype)
         mask[r.to(device), c.to(device)] = True
+        at[r, c] = where
         if kinds is not None:
             codes[r, c] = torch.tensor(found)
-    return ctx, mask, codes.to(device)
+    return Packed(ctx, mask, codes.to(device), at.to(device))
 
 
 class TextBatch:

@@ -74,15 +74,15 @@ def evaluate(model: TwoTowerRecommender, vectors: Callable[[Sequence[str]], torc
         contexts = [split_context(s.user_text, c) for s in part]
         flat = TextBatch([t for ctx in contexts for t in ctx])
         vecs = vectors(flat.texts) if flat.texts else None
-        ctx_t, mask, kinds = pack_contexts(contexts, vecs, flat, c,
-                                           model.empty_context.shape[0],
-                                           model.empty_context.device,
-                                           [kind_codes(s.user_kinds, c) for s in part])
+        ctx_t, mask, kinds, at = pack_contexts(contexts, vecs, flat, c,
+                                               model.empty_context.shape[0],
+                                               model.empty_context.device,
+                                               [kind_codes(s.user_kinds, c) for s in part])
         users = model.user_vectors(ctx_t, mask, kinds)
         idx = torch.tensor([col[s.item_id] for s in part], device=item_vecs.device)
         counts = model.count_rows([s.features for s in part], model.empty_context.device)
-        logits = model.outcome_logits(users, item_vecs[idx], model.context_items(ctx_t), mask,
-                                      counts, kinds)
+        logits = model.outcome_logits(users, item_vecs[idx], model.context_items_at(vecs, at),
+                                      mask, counts, kinds)
         preds.extend(classes[int(k)] for k in logits.argmax(-1))
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         scores = model.retrieval_scores(users, item_vecs, memory)

@@ -323,11 +323,12 @@ class FineTuner:
         item_text = {s.item_id: s.item_text or f"item {s.item_id}" for s in batch}
         texts = TextBatch([item_text[i] for i in items] + [t for ctx in contexts for t in ctx])
         vecs = self.text_matrix(texts.texts)
-        ctx, mask, kinds = pack_contexts(contexts, vecs, texts, c, vecs.shape[1], self.device,
-                                         [kind_codes(s.user_kinds, c) for s in batch])
+        ctx, mask, kinds, at = pack_contexts(contexts, vecs, texts, c, vecs.shape[1],
+                                             self.device,
+                                             [kind_codes(s.user_kinds, c) for s in batch])
         with autocast_for(self.device, self.cfg.bf16):
             users = self.model.user_vectors(ctx, mask, kinds)
-            ctx_items = self.model.context_items(ctx)
+            ctx_items = self.model.context_items_at(vecs, at)
             item_vecs = self.model.item_vectors(vecs[torch.tensor(
                 texts.rows([item_text[i] for i in items]), device=self.device)])
             memory = self.model.item_memory(items)
@@ -340,11 +341,14 @@ class FineTuner:
         """One optimisation step; returns the loss, per-sample outcome losses, targets and
         the number of synthetic (SMOTE / ADASYN) pairs used."""
         cfg = self.cfg
-        self.model.train()
-        if not self.encoder_trains:
-            # A frozen encoder feeds the text-vector cache (shared with the served model):
-            # with dropout on, a vector would depend on when its text was first encoded.
-            self.model.encoder.eval()
+        # Set once, not at every step: each switch walks the encoder's ~250 modules twice.
+        if not self.model.training or self.model.encoder.training != self.encoder_trains:
+            self.model.train()
+            if not self.encoder_trains:
+                # A frozen encoder feeds the text-vector cache (shared with the served
+                # model): with dropout on, a vector would depend on when its text was
+                # first encoded.
+                self.model.encoder.eval()
         users, items, cols, item_ids, ctx_items, mask, kinds, memory = self.forward_batch(batch)
         target = torch.tensor([self.class_index[s.label] for s in batch], device=self.device)
         weights = torch.tensor([plan.sample_weight.get(s.label, 0.0) for s in batch],

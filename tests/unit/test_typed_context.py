@@ -85,10 +85,78 @@ def test_samples_keep_their_context_kinds_through_the_buffer_s_dict() -> None:
 
 def test_pack_contexts_codes_each_row_s_kinds() -> None:
     texts = TextBatch(["a", "b"])
-    _, mask, kinds = pack_contexts([["a", "b"], []], torch.eye(2), texts, 3, 2, CPU,
-                                   [[3, 1], []])
+    _, mask, kinds, rows = pack_contexts([["a", "b"], []], torch.eye(2), texts, 3, 2, CPU,
+                                         [[3, 1], []])
     assert mask.tolist() == [[True, True, False], [False, False, False]]
     assert kinds.tolist() == [[3, 1, 0], [0, 0, 0]]
+    assert rows.tolist() == [[0, 1, -1], [-1, -1, -1]]
+
+
+def _trained(model: torch.nn.Module, seed: int) -> torch.Generator:
+    """Move every head parameter off its start (zeros there would hide a dropped term)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        model.context_kind.weight[0].zero_()  # the unknown kind's vector stays zero
+    return gen
+
+
+def test_the_user_tower_reads_kinds_as_if_added_to_each_entry(tiny_encoder: Path) -> None:
+    """The tower never builds ``text + kind`` per entry; the user vectors must be those of
+    the definition: attention over ``x + k`` pooled over ``x + k``."""
+    model = build_model(load_encoder(tiny_encoder), TowerConfig(embed_dim=8))
+    gen = _trained(model, 5)
+    b, c, h = 4, 5, model.empty_context.shape[0]
+    ctx = torch.randn(b, c, h, generator=gen)
+    mask = torch.rand(b, c, generator=gen) > 0.3
+    mask[0, 0] = True
+    mask[2] = False  # no context: the learned empty vector, whatever its kinds say
+    kinds = torch.randint(0, len(CONTEXT_KINDS) + 1, (b, c), generator=gen)
+    ctx = ctx * mask[..., None]
+
+    def reference(context: torch.Tensor, m: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        x = context + model.context_kind(k.masked_fill(~m, 0))
+        empty = ~m.any(dim=1)
+        x, m = x.clone(), m.clone()
+        x[empty, 0] = model.empty_context
+        m[empty, 0] = True
+        s = model.context_attn(x).squeeze(-1) + model.recency_bias[:c]
+        a = torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1)
+        return torch.nn.functional.normalize(
+            model.user_proj(torch.einsum("bc,bch->bh", a, x)), dim=-1)
+
+    with torch.no_grad():
+        got = model.user_vectors(ctx, mask, kinds)
+        assert torch.allclose(got, reference(ctx, mask, kinds), atol=1e-5)
+        # The kinds matter (so the check above can fail), and not where masked.
+        assert not torch.allclose(got, model.user_vectors(ctx, mask), atol=1e-3)
+        shuffled = torch.where(mask, kinds, (kinds + 1) % (len(CONTEXT_KINDS) + 1))
+        assert torch.equal(got, model.user_vectors(ctx, mask, shuffled))
+
+
+def test_context_items_of_distinct_texts_are_those_of_every_entry(tiny_encoder: Path
+                                                                   ) -> None:
+    """Projecting each distinct text once and reading it per entry gives each entry's
+    projection, zero at padding, and the same gradients."""
+    model = build_model(load_encoder(tiny_encoder), TowerConfig(embed_dim=8))
+    gen = _trained(model, 6)
+    h = model.empty_context.shape[0]
+    texts = TextBatch(["a", "b", "c"])
+    vecs = torch.randn(3, h, generator=gen)
+    contexts = [["b", "a", "b"], [], ["c"]]
+    ctx, _, _, rows = pack_contexts(contexts, vecs, texts, 4, h, CPU)
+    model.zero_grad()
+    at = model.context_items_at(vecs, rows)
+    at.pow(2).sum().backward()
+    grad_at = model.item_proj.weight.grad.clone()
+    model.zero_grad()
+    every = model.context_items(ctx)
+    every.pow(2).sum().backward()
+    assert torch.allclose(at, every, atol=1e-6)
+    assert torch.allclose(grad_at, model.item_proj.weight.grad, atol=1e-5)
+    assert at[1].abs().sum() == 0 and at[0, 3].abs().sum() == 0
+    assert torch.equal(model.context_items_at(None, rows[1:2]), torch.zeros(1, 4, 8))
 
 
 def test_typed_matches_say_which_kind_of_entry_is_the_candidate(tiny_encoder: Path) -> None:

@@ -287,10 +287,12 @@ def outcome_probs(scorer: Scorer, samples: Sequence[Sample]) -> np.ndarray:
     contexts = [split_context(s.user_text, c) for s in samples]
     flat = TextBatch([t for ctx in contexts for t in ctx] + [s.item_text for s in samples])
     vecs = scorer.texts.vectors(flat.texts)
-    ctx, mask, kinds = pack_contexts(contexts, vecs, flat, c, vecs.shape[1], scorer.device,
-                                     [kind_codes(s.user_kinds, c) for s in samples])
+    ctx, mask, kinds, at = pack_contexts(contexts, vecs, flat, c, vecs.shape[1],
+                                         scorer.device,
+                                         [kind_codes(s.user_kinds, c) for s in samples])
     users = model.user_vectors(ctx, mask, kinds)
     items = model.item_vectors(vecs[torch.tensor(flat.rows([s.item_text for s in samples]))])
     counts = model.count_rows([s.features for s in samples], scorer.device)
-    logits = model.outcome_logits(users, items, model.context_items(ctx), mask, counts, kinds)
+    logits = model.outcome_logits(users, items, model.context_items_at(vecs, at), mask, counts,
+                                  kinds)
     return torch.softmax(logits, dim=-1).cpu().numpy()
