@@ -758,3 +758,20 @@ def test_the_demo_summary_names_the_served_decision_layer_and_prior(tmp_path: Pa
     assert base["served_decisions"] is None and base["served_policy"] == "base (untrained)"
     ModelStore(empty.model_store_dir).save_decisions("base", layer)  # the base refreshed
     assert model_summary(empty, {})["served_decisions"]["refreshed"] is True
+
+
+def test_the_demo_compares_events_per_s_only_while_the_shop_sends() -> None:
+    """During and outside fine-tunes are both rates of an open shop: the drain after it
+    closes (no events to read) and the settling fine-tunes count in neither."""
+    from tailstream.stack.demo import LiveView
+
+    view = LiveView(Settings(), None, None, None, None, ui=False,  # type: ignore[arg-type]
+                    source="test")
+    samples = [  # elapsed s, events consumed, a fine-tune running, the shop open
+        (0.0, 0, False, True), (1.0, 300, False, True), (2.0, 600, True, True),
+        (3.0, 880, True, True), (4.0, 900, False, False), (9.0, 900, False, False),
+        (10.0, 900, True, False)]
+    rates = [view.note_rate(t, n, running, shop) for t, n, running, shop in samples]
+    assert rates == [0.0, 300.0, 300.0, 280.0, 20.0, 0.0, 0.0]
+    during, outside = view.rates()
+    assert during == pytest.approx(290.0) and outside == pytest.approx(300.0)

@@ -422,7 +422,7 @@ def _drain(ws: Settings, stats: SendStats, worker: Any, view: LiveView, started:
     last, last_change = -1.0, time.monotonic()
     while time.monotonic() < deadline and worker.alive():
         consumed = scrape(metrics_url(ws)).get("tailstream_events_in_total", 0.0)
-        view.update(time.monotonic() - started)
+        view.update(time.monotonic() - started, shop_open=False)
         if consumed >= stats.sent:
             time.sleep(1.0)  # let the last batch's lists reach the topic readers
             return
@@ -439,7 +439,7 @@ def _settle_finetunes(ws: Settings, ts: Settings, view: LiveView, started: float
     promoted and refresh active users, so the summary reports whole runs."""
     deadline = time.monotonic() + run_allowance(ts) + 120.0 + ts.canary_window_s * 3
     while time.monotonic() < deadline:
-        view.update(time.monotonic() - started)
+        view.update(time.monotonic() - started, shop_open=False)
         t = _scrape_or_empty(trainer_metrics_url(ts))
         w = _scrape_or_empty(metrics_url(ws))
         running = t.get("tailstream_finetune_running", 0.0) > 0 or \
@@ -706,7 +706,9 @@ class LiveView:
 
     It also samples the consumed-events counter together with the trainer's "running"
     gauge, so the summary can compare events/s during fine-tunes with events/s outside
-    them, measured in the same run.
+    them, measured in the same run — only while the shop sends (``shop_open``): after it
+    closes, the drain and the settling fine-tunes read no events, and counting those
+    seconds as "outside" made any rate during fine-tunes look ahead of them.
     """
 
     def __init__(self, ws: Settings, ts: Settings | None, watcher: RecsWatcher,
@@ -729,11 +731,25 @@ class LiveView:
         self._sampled_at: float | None = None
 
     def rates(self) -> tuple[float | None, float | None]:
-        """Events/s while a fine-tune was running, and while none was."""
+        """Events/s while a fine-tune was running, and while none was (the shop open)."""
         return tuple(  # type: ignore[return-value]
             (n / sec if sec > 0 else None) for sec, n in (self.during, self.outside))
 
-    def update(self, elapsed: float) -> None:
+    def note_rate(self, elapsed: float, consumed: float, running: bool, shop_open: bool
+                  ) -> float:
+        """Count the events consumed since the last sample into the fine-tune's bucket
+        or the other (only while the shop is open); returns the rate since then."""
+        rate = 0.0
+        if self._prev is not None and elapsed > self._prev[0]:
+            rate = (consumed - self._prev[1]) / (elapsed - self._prev[0])
+            if shop_open:
+                bucket = self.during if running else self.outside
+                bucket[0] += elapsed - self._prev[0]
+                bucket[1] += consumed - self._prev[1]
+        self._prev = (elapsed, consumed)
+        return rate
+
+    def update(self, elapsed: float, shop_open: bool = True) -> None:
         try:
             m = scrape(metrics_url(self.ws))
         except OSError:
@@ -742,13 +758,7 @@ class LiveView:
         running = t.get("tailstream_finetune_running", 0.0) > 0
         self._note_finetune(running, t)
         consumed = m.get("tailstream_events_in_total", 0.0)
-        rate = 0.0
-        if self._prev is not None and elapsed > self._prev[0]:
-            rate = (consumed - self._prev[1]) / (elapsed - self._prev[0])
-            bucket = self.during if running else self.outside
-            bucket[0] += elapsed - self._prev[0]
-            bucket[1] += consumed - self._prev[1]
-        self._prev = (elapsed, consumed)
+        rate = self.note_rate(elapsed, consumed, running, shop_open)
         lat = self.watcher.latencies_ms[-5000:]
         rows = [
             ("source", self.source),
