@@ -132,7 +132,6 @@ def frozen_samples(n: int, items: int, max_context: int, rng: random.Random
              for i in range(items)]
     popularity = [1.0 / (rank + 1) for rank in range(items)]
     labels = rng.choices(CLASSES, weights=[0.85, 0.07, 0.03, 0.05], k=n)
-    kinds = ("click", "cart", "fav", "purchase")
     samples = []
     for k in range(n):
         context = rng.choices(range(items), weights=popularity, k=rng.randint(1, max_context))
@@ -141,7 +140,7 @@ def frozen_samples(n: int, items: int, max_context: int, rng: random.Random
             f"e{k}", f"u{k % (n // 4 + 1)}", f"i{item}", labels[k], float(k),
             user_text=CONTEXT_SEPARATOR.join(texts[i] for i in context),
             item_text=texts[item],
-            user_kinds=" ".join(rng.choice(kinds) for _ in context),
+            user_kinds=" ".join(rng.choice(CLASSES) for _ in context),
             features=tuple(rng.random() for _ in range(TowerConfig().wide_features))))
     return samples, texts
 
