@@ -149,7 +149,7 @@ def bench_frozen(device: torch.device, batch: int, steps: int, warmup: int,
                  encoder_path: str | None, items: int = 2000) -> dict[str, Any]:
     """The CPU default's path (``TAILSTREAM_FINETUNE_LAYERS=auto`` freezes the encoder
     there): the same routine training the towers and the head on cached text vectors,
-    with the stream's 20-entry typed contexts and count features. The catalogue is
+    with the stream's typed contexts (1–20 entries) and count features. The catalogue is
     encoded first (a running system has its text vectors), so only steps are timed."""
     enc = load_encoder(encoder_path)
     tower = TowerConfig()
