@@ -300,6 +300,11 @@ class Metrics:
             "Users taken by the last scoring turn (sized so a turn fits the latency budget; "
             "doubling each turn up to TAILSTREAM_SCORING_BATCH while the queue is behind).",
             registry=r)
+        self.scoring_turns = Counter(
+            "tailstream_scoring_turns",
+            "Transformer scoring turns, by where they ran: loop (a turn that fits the "
+            "latency budget, on the event loop) or thread (a larger one, on the torch "
+            "thread; TAILSTREAM_SCORING_INLINE).", ["where"], registry=r)
         self.scoring_catchup_rest = Counter(
             "tailstream_scoring_catchup_rest_seconds",
             "Seconds the scoring task rested between turns so that the worker read a "

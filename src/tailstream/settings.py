@@ -127,6 +127,11 @@ class Settings:
     0 turns it off)."""
     scoring_catchup_duty: float = 0.25
     """Share of the wall clock scoring turns may take while the worker catches up."""
+    scoring_inline: bool = True
+    """Score a turn that fits its share of the latency budget on the event loop itself,
+    and only a larger one (the queue behind: catching up) on the torch thread, where
+    ingest reads on beside it (False: every turn on the thread). On the thread, a turn
+    waits for the interpreter after each of its array calls while the loop is busy."""
     scoring_nice: int = 0
     """How much nicer (lower CPU priority) the worker's scoring thread is than its event
     loop (0: the same). On a worker with cores of its own, 5 lets ingest go first under a

@@ -3,10 +3,12 @@ the bulk refreshes (after a promotion, of aged lists).
 
 * **Users who acted** wait in one queue, oldest first, *conflated*: a newer event
   replaces the older one's place and the list is made from the profile as it is when the
-  user's turn comes. A background task scores ``scoring_batch`` waiting users at a time
-  (the transformer on its own thread, :class:`~tailstream.streams.worker.scoring.
-  ScoringService`; the baseline on the event loop), so ingest never waits for scoring —
-  unless the queue outgrows ``scoring_max_waiting`` (back-pressure, bounded memory).
+  user's turn comes. A background task scores the oldest waiting users, as many as one
+  turn fits in its share of the latency budget (:class:`TurnSizer`), on the event loop
+  itself; a larger turn, while the queue is behind, runs on the torch thread
+  (:class:`~tailstream.streams.worker.scoring.ScoringService`) so ingest reads on beside
+  it. Ingest never waits for the queue unless it outgrows ``scoring_max_waiting``
+  (back-pressure, bounded memory).
 * **Bulk refreshes** (``trigger`` ``promotion`` or ``ttl``) republish lists at most
   ``refresh_rate`` users/s, so they never flood Redis or starve ingest.
 * **Active users** (acted within ``active_window_s``, newest last, bounded) are the ones a
@@ -157,9 +159,11 @@ class Refresher:
         applied = [self.applied_at.pop(user, turn_at) for user, _ in batch]
         self.metrics.scoring_waiting.set(len(self.waiting))
         self.metrics.scoring_turn_users.set(take)
+        # A turn the budget fits runs on the event loop; a catch-up turn on the thread.
+        inline = self.settings.scoring_inline and take <= self.sizer.fits()
         started = time.perf_counter()
         try:
-            versions, ranked, arms = await self.score([u for u, _ in batch])
+            versions, ranked, arms = await self.score([u for u, _ in batch], inline=inline)
             turn_s = time.perf_counter() - started
             self.sizer.observe(take, turn_s)
             now = time.time()
@@ -231,13 +235,13 @@ class Refresher:
             return "baseline"
         return "hybrid" if self.state.signals is not None else "towers"
 
-    async def score(self, users: Sequence[str]
+    async def score(self, users: Sequence[str], *, inline: bool = False
                     ) -> tuple[list[str], list[list[dict[str, Any]]], list[str]]:
         """Lists for users from their profiles: the transformer when it is ready (hybrid:
-        with the stateful sources and the blender), else the baseline. Returns, per user,
-        the version that made the list, the list, and its arm (``serving``, or
-        ``canary`` for the users a canary's candidate serves: scored in a call of their
-        own)."""
+        with the stateful sources and the blender; ``inline``: on the event loop, else on
+        the torch thread), else the baseline. Returns, per user, the version that made
+        the list, the list, and its arm (``serving``, or ``canary`` for the users a
+        canary's candidate serves: scored in a call of their own)."""
         profiles = [self.profiles.get(u) or new_profile() for u in users]
         scoring = self.scoring
         if scoring is None or not scoring.ready:
@@ -252,13 +256,13 @@ class Refresher:
         for arm in dict.fromkeys(arms):
             idx = [i for i, a in enumerate(arms) if a == arm]
             version, made = await self._score_with(
-                arm, [users[i] for i in idx], [profiles[i] for i in idx])
+                arm, [users[i] for i in idx], [profiles[i] for i in idx], inline)
             for i, lst in zip(idx, made, strict=True):
                 versions[i], lists[i] = version, lst
         return versions, lists, arms
 
-    async def _score_with(self, arm: str, users: Sequence[str], profiles: Sequence[Any]
-                          ) -> tuple[str, list[list[dict[str, Any]]]]:
+    async def _score_with(self, arm: str, users: Sequence[str], profiles: Sequence[Any],
+                          inline: bool) -> tuple[str, list[list[dict[str, Any]]]]:
         """The transformer's lists for ``users`` from the scorer of ``arm``, and its version."""
         assert self.scoring is not None
         scorer = self.scoring.scorer_for(arm)
@@ -274,12 +278,14 @@ class Refresher:
                       for r, p in zip(requests, profiles, strict=True)]
             made = await self.scoring.recommend_hybrid(hybrid, self.item_info, self.blender,
                                                        scorer=scorer,
-                                                       features=self.state.list_features)
+                                                       features=self.state.list_features,
+                                                       inline=inline)
             self._remember(users, made)
             return version, [[r.to_dict(i + 1) for i, r in enumerate(m.ranked)]
                              for m in made]
         ranked = await self.scoring.recommend(requests, self.item_info, scorer=scorer,
-                                              features=self.state.list_features)
+                                              features=self.state.list_features,
+                                              inline=inline)
         return version, [[r.to_dict(i + 1) for i, r in enumerate(lst)] for lst in ranked]
 
     async def _after_waiting_users(self, longest_s: float = 2.0) -> None:
@@ -345,7 +351,7 @@ class Refresher:
             await self._after_waiting_users()
             began = time.monotonic()
             part = users[done:done + min(chunk, self.sizer.fits())]
-            versions, items, arms = await self.score(part)
+            versions, items, arms = await self.score(part, inline=self.settings.scoring_inline)
             now = time.time()
             await self.publisher.publish([
                 RecList(user_id=u, items=its, model_version=version, trigger=trigger,

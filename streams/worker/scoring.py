@@ -1,10 +1,13 @@
-"""The worker's transformer scoring, off the event loop.
+"""The worker's transformer scoring: long torch work off the event loop, short turns on it.
 
-All torch work (loading a version, embedding catalogue items and queries, scoring users,
-re-projecting the catalogue after a promotion) runs on one dedicated thread, so Faust's
-event loop keeps fetching, heartbeating and committing while the CPU encodes. The
-pipeline awaits each scoring call, so the popularity state it reads is not being
-mutated at the same time.
+Loading a version, embedding catalogue items and re-projecting the catalogue after a
+promotion run on one dedicated torch thread, so Faust's event loop keeps fetching,
+heartbeating and committing while the CPU encodes. A scoring turn runs on that thread
+too when it is larger than the latency budget fits (the queue behind, catching up:
+ingest reads on beside it); a turn the budget fits runs on the event loop itself
+(``inline``, :meth:`ScoringService._turn`), where it never waits for the interpreter
+between its array calls. The pipeline awaits each scoring call, so the popularity state
+it reads is not being mutated at the same time.
 
 Until the first version is loaded (a few seconds at start) and while the item index is
 empty, :meth:`ScoringService.ready` is false and the pipeline publishes baseline lists.
@@ -102,6 +105,17 @@ class ScoringService:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _turn(self, inline: bool, fn: Callable[..., T], *args: Any) -> T:
+        """A scoring turn: on the calling thread (the event loop) when ``inline``, else on
+        the torch thread. Inline, a turn holds the loop for as long as it takes (the
+        caller keeps it within the latency budget) but never waits for the interpreter;
+        on the thread, ingest goes on beside it and every one of its array calls, which
+        give the interpreter up, waits up to a switch interval to take it back."""
+        self.metrics.scoring_turns.labels("loop" if inline else "thread").inc()
+        if inline:
+            return fn(*args)
+        return await self._run(fn, *args)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -254,35 +268,39 @@ class ScoringService:
 
     # ------------------------------------------------------------------ users
     async def recommend(self, requests: list[UserRequest], item_info: ItemInfo, *,
-                        scorer: Scorer | None = None,
-                        features: ListFeatures | None = None) -> list[list[Ranked]]:
+                        scorer: Scorer | None = None, features: ListFeatures | None = None,
+                        inline: bool = False) -> list[list[Ranked]]:
         """Lists from ``scorer`` (default: the serving version's); ``features``: the count
-        features of the items shown, for the outcomes a list carries."""
+        features of the items shown, for the outcomes a list carries; ``inline``: on the
+        event loop (:meth:`_turn`)."""
         scorer = scorer or self.scorer
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
             await self._sync_removals(scorer)
             before = scorer.texts.encoded
-            lists = await self._run(functools.partial(scorer.recommend, features=features),
-                                    requests, item_info)
+            lists = await self._turn(inline, functools.partial(scorer.recommend,
+                                                               features=features),
+                                     requests, item_info)
         self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
         self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         return lists
 
     async def recommend_hybrid(self, requests: list[HybridRequest], item_info: ItemInfo,
                                blender: OnlineBlender, *, scorer: Scorer | None = None,
-                               features: ListFeatures | None = None) -> list[HybridList]:
+                               features: ListFeatures | None = None,
+                               inline: bool = False) -> list[HybridList]:
         """Hybrid lists (the towers' candidates with the stateful sources, scored by the
-        online blender), on the scoring thread, from ``scorer`` (default: serving)."""
+        online blender) from ``scorer`` (default: serving), on the scoring thread or,
+        ``inline``, on the event loop (:meth:`_turn`)."""
         scorer = scorer or self.scorer
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
             await self._sync_removals(scorer)
             before = scorer.texts.encoded
-            lists = await self._run(hybrid_recommend, scorer, requests, item_info, blender,
-                                    features)
+            lists = await self._turn(inline, hybrid_recommend, scorer, requests, item_info,
+                                     blender, features)
         self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
         self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         return lists

@@ -565,6 +565,7 @@ class StubScoring:
         self.ready = True
         self.serving, self.canary = StubScorer("v00001"), StubScorer("v00002")
         self.calls: list[tuple[str, list[str]]] = []
+        self.inline: list[bool] = []
 
     def arm(self, user: str) -> str:
         return "canary" if user in {f"u{i}" for i in range(5)} else "serving"
@@ -573,10 +574,11 @@ class StubScoring:
         return self.canary if arm == "canary" else self.serving
 
     async def recommend(self, requests: list[Any], item_info: Any, *, scorer: StubScorer,
-                        features: Any = None) -> list[list[Any]]:
+                        features: Any = None, inline: bool = False) -> list[list[Any]]:
         from tailstream.models.serving.scorer import Ranked
 
         self.calls.append((scorer.version, [r.user_id for r in requests]))
+        self.inline.append(inline)
         return [[Ranked(f"{scorer.version}-i", 1.0, "tail", "", None, 0.0, 0.0)]
                 for _ in requests]
 
@@ -608,6 +610,62 @@ def test_canary_users_get_the_candidates_lists_in_a_call_of_their_own() -> None:
         ("v00001", "serving")}
     assert {rec.policy for rec in sink.published} == {"towers"}
     assert by_user["u0"].items[0]["item_id"] == "v00002-i"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_turn_the_budget_fits_runs_on_the_event_loop_and_a_catch_up_turn_on_the_thread(
+        enabled: bool) -> None:
+    from tailstream.streams.worker.refresh import Refresher
+    from tailstream.streams.worker.state import StreamState
+
+    from .test_pipeline import FakeListSink
+
+    s = Settings().replace(latency_budget_ms=250.0, scoring_batch=256, scoring_inline=enabled)
+    profiles: dict[str, Any] = {}
+    scoring = StubScoring()
+    scoring.arm = lambda user: "serving"  # type: ignore[method-assign]
+    refresher = Refresher(s, StreamState(s, profiles), profiles, FakeListSink(), Metrics(),
+                          scoring)  # type: ignore[arg-type]
+    for n in (10, 50, 100):  # 20 ms + 2 ms per user: 30 % of 250 ms fits 27 users
+        refresher.sizer.observe(n, 0.02 + 0.002 * n)
+
+    async def run() -> list[int]:
+        refresher._task = asyncio.get_running_loop().create_future()  # no scoring task
+        await refresher.enqueue({f"u{n}": (f"e{n}", T0) for n in range(100)})
+        sizes = [await refresher.score_next()]
+        for user in refresher.queued_at:  # the rest have waited past the budget
+            refresher.queued_at[user] -= 1.0
+        sizes.append(await refresher.score_next())
+        await refresher.refresh_users(["u0", "u1"], "promotion")
+        return sizes
+
+    sizes = asyncio.run(run())
+    assert sizes[0] == 27 and sizes[1] > 27
+    assert scoring.inline == [enabled, False, enabled]
+
+
+def test_an_inline_turn_runs_on_the_calling_thread_and_is_counted(tmp_path: Path) -> None:
+    import threading
+
+    from tailstream.streams.worker.scoring import ScoringService
+
+    metrics = Metrics()
+    service = ScoringService(Settings().replace(data_dir=tmp_path), metrics)
+
+    async def run() -> tuple[int, int, int]:
+        here = threading.get_ident()
+        inline = await service._turn(True, threading.get_ident)
+        threaded = await service._turn(False, threading.get_ident)
+        return here, inline, threaded
+
+    try:
+        here, inline, threaded = asyncio.run(run())
+    finally:
+        service.close()
+    assert inline == here and threaded != here
+    for where in ("loop", "thread"):
+        assert metrics.registry.get_sample_value("tailstream_scoring_turns_total",
+                                                 {"where": where}) == 1
 
 
 # --------------------------------------------------------------------------- the shop
