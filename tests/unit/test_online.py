@@ -641,7 +641,7 @@ def test_a_turn_the_budget_fits_runs_on_the_event_loop_and_a_catch_up_turn_on_th
 
     sizes = asyncio.run(run())
     assert sizes[0] == 27 and sizes[1] > 27
-    assert scoring.inline == [enabled, False, enabled]
+    assert scoring.inline == [enabled, False, False]  # a bulk refresh: on the thread
 
 
 def test_an_inline_turn_runs_on_the_calling_thread_and_is_counted(tmp_path: Path) -> None:
