@@ -118,7 +118,9 @@ def test_items_with_one_text_are_told_apart_by_their_ids(tiny_encoder: Path) -> 
     without, tok2 = model_of(tiny_encoder, TowerConfig(embed_dim=32))
     train(without, tok2, samples)
     with torch.no_grad():
-        assert abs(twin_gap(without, tok2)) < 1e-6  # same text, same score: a coin flip
+        # Same text, same score up to float32 rounding (two equal rows of one product:
+        # 1.9e-6 apart in one run): a coin flip.
+        assert abs(twin_gap(without, tok2)) < 1e-5
         assert twin_gap(with_ids, tok) > 0.5  # the coffee twin first for a coffee drinker
 
 
