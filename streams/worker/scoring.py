@@ -44,7 +44,7 @@ from tailstream.metrics import Metrics
 from tailstream.models.imbalance.online import OnlineOutcomeModel
 from tailstream.models.serving.blend import HybridRequest, OnlineBlender
 from tailstream.models.serving.canary import in_canary
-from tailstream.models.serving.hybrid import HybridList, hybrid_recommend
+from tailstream.models.serving.hybrid import QUERY_PREFIX, HybridList, hybrid_recommend
 from tailstream.models.serving.scorer import ListFeatures, Ranked, Scorer
 from tailstream.models.towers.context import UserRequest
 from tailstream.models.towers.loading import ServedModel, load_served, pick_device
@@ -57,6 +57,23 @@ T = TypeVar("T")
 SERVING, CANARY = "serving", "canary"
 """The arms a list is made by: the serving version, or the canary's candidate."""
 ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[float]]]
+INLINE_NEW_TEXTS = 8
+"""The most texts a turn on the event loop may have to encode (context entries and
+queries its scorer has no vector for): all-MiniLM-L6-v2 encodes ~100 short texts/s on a
+CPU core, so 8 is ~80 ms. A turn that must encode more — items the catalogue has not
+embedded yet, a burst of new queries — runs on the torch thread: on the loop, a first
+turn over an unembedded catalogue held it for seconds and its /metrics page timed out."""
+
+
+def new_texts(scorer: Scorer, requests: Sequence[UserRequest],
+              queries: Sequence[str | None] = ()) -> int:
+    """How many distinct texts scoring ``requests`` (and matching ``queries``) would
+    encode: the context entries the user tower reads and the queries, not in the
+    scorer's text-vector cache."""
+    c = scorer.served.model.config.max_context
+    texts = {e.text for r in requests for e in r.context[:c]}
+    texts.update(QUERY_PREFIX + q for q in queries if q)
+    return sum(not scorer.texts.cached(t) for t in texts)
 
 
 def lower_thread_priority(increment: int) -> None:
@@ -272,13 +289,15 @@ class ScoringService:
                         inline: bool = False) -> list[list[Ranked]]:
         """Lists from ``scorer`` (default: the serving version's); ``features``: the count
         features of the items shown, for the outcomes a list carries; ``inline``: on the
-        event loop (:meth:`_turn`)."""
+        event loop (:meth:`_turn`) unless the turn must encode more than
+        :data:`INLINE_NEW_TEXTS` texts."""
         scorer = scorer or self.scorer
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
             await self._sync_removals(scorer)
             before = scorer.texts.encoded
+            inline = inline and new_texts(scorer, requests) <= INLINE_NEW_TEXTS
             lists = await self._turn(inline, functools.partial(scorer.recommend,
                                                                features=features),
                                      requests, item_info)
@@ -292,13 +311,16 @@ class ScoringService:
                                inline: bool = False) -> list[HybridList]:
         """Hybrid lists (the towers' candidates with the stateful sources, scored by the
         online blender) from ``scorer`` (default: serving), on the scoring thread or,
-        ``inline``, on the event loop (:meth:`_turn`)."""
+        ``inline``, on the event loop (:meth:`_turn`) unless the turn must encode more
+        than :data:`INLINE_NEW_TEXTS` texts."""
         scorer = scorer or self.scorer
         assert scorer is not None
         started = time.perf_counter()
         async with self._lock:
             await self._sync_removals(scorer)
             before = scorer.texts.encoded
+            inline = inline and new_texts(scorer, [h.request for h in requests],
+                                          [h.query for h in requests]) <= INLINE_NEW_TEXTS
             lists = await self._turn(inline, hybrid_recommend, scorer, requests, item_info,
                                      blender, features)
         self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)

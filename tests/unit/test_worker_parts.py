@@ -417,6 +417,54 @@ def test_a_deleted_item_leaves_the_transformer_index_before_the_next_list(
     assert service.scorer is not None and len(service.scorer.index) == len(texts) - 2
 
 
+def test_a_turn_that_must_encode_many_texts_leaves_the_event_loop_for_the_thread(
+        tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
+    from tailstream.models.serving.hybrid import QUERY_PREFIX
+    from tailstream.streams.worker.scoring import INLINE_NEW_TEXTS, new_texts
+
+    s = worker_settings(tmp_path, encoder_path=str(tiny_encoder), embed_dim=32,
+                        text_max_len=32, text_vectors_shared=False, recs_k=5, device="cpu")
+    metrics = Metrics()
+    service = ScoringService(s, metrics)
+    samples = shop_samples(200)
+    texts = {x.item_id: x.item_text for x in samples}
+
+    def item_info(ids: Any) -> tuple[list[str], list[str | None], list[float]]:
+        return (["tail"] * len(ids), [None] * len(ids), [0.0] * len(ids))
+
+    def user(n: int, entries: list[str]) -> UserRequest:
+        return UserRequest(f"u{n}", [ContextEntry("i", t, "click", None) for t in entries],
+                           set())
+
+    unseen = [f"a text nobody has seen {n}" for n in range(INLINE_NEW_TEXTS + 1)]
+
+    async def run() -> tuple[int, int, int, int]:
+        await service.start()
+        for item, text in texts.items():
+            service.queue_item(item, text)
+        while await service.embed_pending(64):
+            pass
+        scorer = service.scorer
+        assert scorer is not None
+        known = user(0, list(texts.values())[:5])
+        before = (new_texts(scorer, [known]), new_texts(scorer, [user(1, unseen)]),
+                  new_texts(scorer, [known], ["blue mug", None]))
+        await service.recommend([known], item_info, inline=True)  # on the loop
+        await service.recommend([user(1, unseen)], item_info, inline=True)  # to the thread
+        after = new_texts(scorer, [user(1, unseen)])  # encoded by that turn
+        scorer.texts.vectors([QUERY_PREFIX + "blue mug"])
+        return *before, after + new_texts(scorer, [known], ["blue mug"])
+
+    try:
+        cached, many, query, after = asyncio.run(run())
+    finally:
+        service.close()
+    assert (cached, many, query, after) == (0, INLINE_NEW_TEXTS + 1, 1, 0)
+    get = metrics.registry.get_sample_value
+    assert get("tailstream_scoring_turns_total", {"where": "loop"}) == 1
+    assert get("tailstream_scoring_turns_total", {"where": "thread"}) == 1
+
+
 def test_batched_records_land_on_the_partition_faust_would_choose() -> None:
     """Profiles written a batch at a time keep the changelog partition of their user's
     input partition: the partition of aiokafka's default partitioner (Faust's)."""
