@@ -303,7 +303,8 @@ class Metrics:
         self.scoring_turns = Counter(
             "tailstream_scoring_turns",
             "Transformer scoring turns, by where they ran: loop (a turn that fits the "
-            "latency budget, on the event loop) or thread (a larger one, on the torch "
+            "latency budget and encodes few new texts, on the event loop) or thread (a "
+            "larger one, a bulk refresh's, or one with many new texts, on the torch "
             "thread; TAILSTREAM_SCORING_INLINE).", ["where"], registry=r)
         self.scoring_catchup_rest = Counter(
             "tailstream_scoring_catchup_rest_seconds",

@@ -61,8 +61,9 @@ INLINE_NEW_TEXTS = 8
 """The most texts a turn on the event loop may have to encode (context entries and
 queries its scorer has no vector for): all-MiniLM-L6-v2 encodes ~100 short texts/s on a
 CPU core, so 8 is ~80 ms. A turn that must encode more — items the catalogue has not
-embedded yet, a burst of new queries — runs on the torch thread: on the loop, a first
-turn over an unembedded catalogue held it for seconds and its /metrics page timed out."""
+embedded yet, a burst of new queries — runs on the torch thread: on the loop it could
+hold it for seconds (a fresh-clone test run without this bound timed out a 2 s /metrics
+scrape in the kill -9 test, which passed alone with and without it)."""
 
 
 def new_texts(scorer: Scorer, requests: Sequence[UserRequest],
