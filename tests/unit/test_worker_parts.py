@@ -301,6 +301,20 @@ def test_a_commit_waits_until_the_changelog_holds_what_it_covers(
 
 
 # --------------------------------------------------------------------------- scoring
+async def start_indexed(service: ScoringService, texts: dict[str, str]) -> None:
+    """Start ``service`` and embed the catalogue ``texts`` (item → text) into its index."""
+    await service.start()
+    for item, text in texts.items():
+        service.queue_item(item, text)
+    while await service.embed_pending(64):
+        pass
+
+
+def tail_info(ids: Any) -> tuple[list[str], list[str | None], list[float]]:
+    """Item facts for a scorer without a stream: every item tail, no category."""
+    return (["tail"] * len(ids), [None] * len(ids), [0.0] * len(ids))
+
+
 def test_the_scoring_service_serves_the_base_then_swaps_to_a_promoted_version(
         tiny_encoder: Path, tmp_path: Path, shop_samples: Callable[..., list[Sample]]) -> None:
     s = worker_settings(tmp_path, encoder_path=str(tiny_encoder), embed_dim=32,
@@ -391,11 +405,7 @@ def test_a_deleted_item_leaves_the_transformer_index_before_the_next_list(
         return (["head"] * len(ids), [None] * len(ids), [0.0] * len(ids))
 
     async def run() -> tuple[set[str], set[str], set[str]]:
-        await service.start()
-        for item, text in texts.items():
-            service.queue_item(item, text)
-        while await service.embed_pending(64):
-            pass
+        await start_indexed(service, texts)
         request = UserRequest("u1", [], set())
         before = {r.item_id for r in (await service.recommend([request], item_info))[0]}
         gone = sorted(before)[:3]
@@ -426,11 +436,7 @@ def test_a_turn_that_must_encode_many_texts_leaves_the_event_loop_for_the_thread
                         text_max_len=32, text_vectors_shared=False, recs_k=5, device="cpu")
     metrics = Metrics()
     service = ScoringService(s, metrics)
-    samples = shop_samples(200)
-    texts = {x.item_id: x.item_text for x in samples}
-
-    def item_info(ids: Any) -> tuple[list[str], list[str | None], list[float]]:
-        return (["tail"] * len(ids), [None] * len(ids), [0.0] * len(ids))
+    texts = {x.item_id: x.item_text for x in shop_samples(200)}
 
     def user(n: int, entries: list[str]) -> UserRequest:
         return UserRequest(f"u{n}", [ContextEntry("i", t, "click", None) for t in entries],
@@ -439,18 +445,14 @@ def test_a_turn_that_must_encode_many_texts_leaves_the_event_loop_for_the_thread
     unseen = [f"a text nobody has seen {n}" for n in range(INLINE_NEW_TEXTS + 1)]
 
     async def run() -> tuple[int, int, int, int]:
-        await service.start()
-        for item, text in texts.items():
-            service.queue_item(item, text)
-        while await service.embed_pending(64):
-            pass
+        await start_indexed(service, texts)
         scorer = service.scorer
         assert scorer is not None
         known = user(0, list(texts.values())[:5])
         before = (new_texts(scorer, [known]), new_texts(scorer, [user(1, unseen)]),
                   new_texts(scorer, [known], ["blue mug", None]))
-        await service.recommend([known], item_info, inline=True)  # on the loop
-        await service.recommend([user(1, unseen)], item_info, inline=True)  # to the thread
+        await service.recommend([known], tail_info, inline=True)  # on the loop
+        await service.recommend([user(1, unseen)], tail_info, inline=True)  # to the thread
         after = new_texts(scorer, [user(1, unseen)])  # encoded by that turn
         scorer.texts.vectors([QUERY_PREFIX + "blue mug"])
         return *before, after + new_texts(scorer, [known], ["blue mug"])
