@@ -15,6 +15,7 @@ product reuses :class:`Trending` as the fallback list and the evaluation as a pe
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Collection, Iterable
 from itertools import islice
@@ -25,6 +26,13 @@ class TopSet:
 
     A key outside the set can overtake a member only when its own value grows, which is
     exactly when :meth:`offer` is called with it, so the set is always the true top.
+
+    Once full, the smallest member (the *floor*, which a newcomer must beat) is read from
+    a lazy min-heap of ``(value, entry, key)``: an offer pushes one entry, and entries
+    whose member grew or left since are dropped when they reach the top. A rescan of
+    every member at each change of the floor cost ``O(size)``, and under forward decay
+    (newer events weigh more) the floor changes at most offers. Ties go to the member
+    that entered first, as a scan in insertion order would.
 
     >>> t = TopSet(2)
     >>> for key, value in [("a", 1.0), ("b", 3.0), ("c", 2.0), ("a", 5.0)]:
@@ -40,7 +48,9 @@ class TopSet:
         self.values: dict[str, float] = {}
         """Members and their values (read-only outside this class: :meth:`best` caches
         the ranking until :meth:`offer` or :meth:`rescale` changes them)."""
-        self._floor_key: str | None = None  # the smallest member, once full
+        self._entered: dict[str, int] = {}  # when each member entered (ties: first in)
+        self._count = 0
+        self._heap: list[tuple[float, int, str]] = []  # built once full
         self._ranked: list[str] | None = None  # members best first, until a change
 
     def offer(self, key: str, value: float) -> None:
@@ -49,21 +59,43 @@ class TopSet:
         if key in values:
             values[key] = value
             self._ranked = None
-            if key == self._floor_key:
-                self._floor_key = min(values, key=values.__getitem__)
+            if self._heap:
+                self._push(value, self._entered[key], key)
             return
         if len(values) < self.size:
-            values[key] = value
-            self._ranked = None
+            self._enter(key, value)
             if len(values) == self.size:
-                self._floor_key = min(values, key=values.__getitem__)
+                self._heap = [(v, self._entered[k], k) for k, v in values.items()]
+                heapq.heapify(self._heap)
             return
-        assert self._floor_key is not None
-        if value > values[self._floor_key]:
-            del values[self._floor_key]
-            values[key] = value
-            self._ranked = None
-            self._floor_key = min(values, key=values.__getitem__)
+        floor = self._floor()
+        if value > values[floor]:
+            heapq.heappop(self._heap)
+            del values[floor], self._entered[floor]
+            self._enter(key, value)
+            self._push(value, self._entered[key], key)
+
+    def _enter(self, key: str, value: float) -> None:
+        self.values[key] = value
+        self._entered[key] = self._count
+        self._count += 1
+        self._ranked = None
+
+    def _push(self, value: float, entered: int, key: str) -> None:
+        heap = self._heap
+        heapq.heappush(heap, (value, entered, key))
+        if len(heap) > 4 * self.size:  # mostly stale entries: rebuild from the members
+            self._heap = [(v, self._entered[k], k) for k, v in self.values.items()]
+            heapq.heapify(self._heap)
+
+    def _floor(self) -> str:
+        """The smallest member (the first to enter among equals); drops stale entries."""
+        heap, values, entered = self._heap, self.values, self._entered
+        while True:
+            value, at, key = heap[0]
+            if entered.get(key) == at and values[key] == value:
+                return key
+            heapq.heappop(heap)
 
     def best(self, exclude: Collection[str] = (), k: int | None = None) -> list[str]:
         """Members, largest value first (ties by key), without ``exclude``, at most ``k``.
@@ -84,6 +116,9 @@ class TopSet:
         for key in self.values:
             self.values[key] *= factor
         self._ranked = None
+        if self._heap:
+            self._heap = [(v, self._entered[k], k) for k, v in self.values.items()]
+            heapq.heapify(self._heap)
 
 
 class ForwardDecay:

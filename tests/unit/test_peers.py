@@ -74,6 +74,41 @@ def test_the_top_set_is_the_true_top_for_growing_values() -> None:
         assert top.best() == best
 
 
+class ScanTop:
+    """The top set as a scan in insertion order finds it (the reference for the heap)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.values = size, {}  # type: ignore[var-annotated]
+
+    def offer(self, key: str, value: float) -> None:
+        if key in self.values or len(self.values) < self.size:
+            self.values[key] = value
+            return
+        floor = min(self.values, key=self.values.__getitem__)  # first in among equals
+        if value > self.values[floor]:
+            del self.values[floor]
+            self.values[key] = value
+
+
+def test_the_top_set_evicts_what_a_scan_would_ties_included() -> None:
+    """Integer steps make many equal values: the member evicted is the one that entered
+    first among the smallest, after rescales too (the heap must not change any list)."""
+    rng = random.Random(7)
+    for size in (1, 3, 8):
+        top, ref = TopSet(size), ScanTop(size)
+        values: dict[str, float] = {}
+        for step in range(3000):
+            key = f"k{rng.randrange(40)}"
+            values[key] = values.get(key, 0.0) + rng.choice((0.0, 1.0, 2.0))
+            top.offer(key, values[key])
+            ref.offer(key, values[key])
+            if step % 500 == 499:
+                values = {k: v * 0.5 for k, v in values.items()}
+                top.rescale(0.5)
+                ref.values = {k: v * 0.5 for k, v in ref.values.items()}
+            assert list(top.values.items()) == list(ref.values.items()), (size, step)
+
+
 def test_trending_follows_the_window() -> None:
     """Old favourite ``a`` (30 events long ago) against new ``b`` (10 recent events)."""
     for half_life, first in ((5.0, "b"), (10_000.0, "a")):
