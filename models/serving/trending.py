@@ -28,11 +28,12 @@ class TopSet:
     exactly when :meth:`offer` is called with it, so the set is always the true top.
 
     Once full, the smallest member (the *floor*, which a newcomer must beat) is read from
-    a lazy min-heap of ``(value, entry, key)``: an offer pushes one entry, and entries
-    whose member grew or left since are dropped when they reach the top. A rescan of
-    every member at each change of the floor cost ``O(size)``, and under forward decay
-    (newer events weigh more) the floor changes at most offers. Ties go to the member
-    that entered first, as a scan in insertion order would.
+    a min-heap of ``(value, entered, key)`` with one entry per member, a lower bound of
+    its value (values only grow): a member's offer leaves the heap alone, and an entry
+    found behind its member's value at the top is raised to it then. A rescan of every
+    member at each change of the floor cost ``O(size)``, and under forward decay (newer
+    events weigh more) the floor changes at most offers. Ties go to the member that
+    entered first, as a scan in insertion order would.
 
     >>> t = TopSet(2)
     >>> for key, value in [("a", 1.0), ("b", 3.0), ("c", 2.0), ("a", 5.0)]:
@@ -50,7 +51,7 @@ class TopSet:
         the ranking until :meth:`offer` or :meth:`rescale` changes them)."""
         self._entered: dict[str, int] = {}  # when each member entered (ties: first in)
         self._count = 0
-        self._heap: list[tuple[float, int, str]] = []  # built once full
+        self._heap: list[tuple[float, int, str]] = []  # one per member, once full
         self._ranked: list[str] | None = None  # members best first, until a change
 
     def offer(self, key: str, value: float) -> None:
@@ -59,21 +60,17 @@ class TopSet:
         if key in values:
             values[key] = value
             self._ranked = None
-            if self._heap:
-                self._push(value, self._entered[key], key)
             return
         if len(values) < self.size:
             self._enter(key, value)
             if len(values) == self.size:
-                self._heap = [(v, self._entered[k], k) for k, v in values.items()]
-                heapq.heapify(self._heap)
+                self._rebuild()
             return
         floor = self._floor()
         if value > values[floor]:
-            heapq.heappop(self._heap)
             del values[floor], self._entered[floor]
             self._enter(key, value)
-            self._push(value, self._entered[key], key)
+            heapq.heapreplace(self._heap, (value, self._entered[key], key))
 
     def _enter(self, key: str, value: float) -> None:
         self.values[key] = value
@@ -81,21 +78,20 @@ class TopSet:
         self._count += 1
         self._ranked = None
 
-    def _push(self, value: float, entered: int, key: str) -> None:
-        heap = self._heap
-        heapq.heappush(heap, (value, entered, key))
-        if len(heap) > 4 * self.size:  # mostly stale entries: rebuild from the members
-            self._heap = [(v, self._entered[k], k) for k, v in self.values.items()]
-            heapq.heapify(self._heap)
+    def _rebuild(self) -> None:
+        self._heap = [(v, self._entered[k], k) for k, v in self.values.items()]
+        heapq.heapify(self._heap)
 
     def _floor(self) -> str:
-        """The smallest member (the first to enter among equals); drops stale entries."""
-        heap, values, entered = self._heap, self.values, self._entered
+        """The smallest member, the first to enter among equals (at the heap's top once
+        the top entry is its member's value)."""
+        heap, values = self._heap, self.values
         while True:
-            value, at, key = heap[0]
-            if entered.get(key) == at and values[key] == value:
+            value, entered, key = heap[0]
+            now = values[key]
+            if now == value:
                 return key
-            heapq.heappop(heap)
+            heapq.heapreplace(heap, (now, entered, key))
 
     def best(self, exclude: Collection[str] = (), k: int | None = None) -> list[str]:
         """Members, largest value first (ties by key), without ``exclude``, at most ``k``.
@@ -117,8 +113,7 @@ class TopSet:
             self.values[key] *= factor
         self._ranked = None
         if self._heap:
-            self._heap = [(v, self._entered[k], k) for k, v in self.values.items()]
-            heapq.heapify(self._heap)
+            self._rebuild()
 
 
 class ForwardDecay:
