@@ -59,22 +59,24 @@ class Covisitation:
         """One interaction (times non-decreasing across calls)."""
         if self.decay.needs_rebase(t):
             self._rebase(t)
-        boost = weight * self.decay.boost(t)
-        recent = self._recent.setdefault(user_id, deque(maxlen=self.window))
-        for d, prev in enumerate(recent, 1):
-            if prev == item_id:
-                continue
-            self._add(prev, item_id, boost / d)
-            if self.backward > 0:
-                self._add(item_id, prev, self.backward * boost / d)
-        if item_id in recent:
-            recent.remove(item_id)
+        boost = weight * self.decay.boost(t)  # every event: the first sets the origin
+        recent = self._recent.get(user_id)
+        if recent is None:
+            recent = self._recent[user_id] = deque(maxlen=self.window)
+        elif recent:
+            add, backward = self._add, self.backward
+            for d, prev in enumerate(recent, 1):
+                if prev != item_id:
+                    add(prev, item_id, boost / d)
+                    if backward > 0:
+                        add(item_id, prev, backward * boost / d)
+            if item_id in recent:
+                recent.remove(item_id)
         recent.appendleft(item_id)
 
     def _add(self, src: str, dst: str, value: float) -> None:
         row = self._weights[src]
-        total = row.get(dst, 0.0) + value
-        row[dst] = total
+        total = row[dst] = row.get(dst, 0.0) + value
         self._totals[src] += value
         top = self._top.get(src)
         if top is None:
