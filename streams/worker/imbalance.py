@@ -44,6 +44,9 @@ from tailstream.settings import Settings
 
 CLASS_INDEX = {c: k for k, c in enumerate(CLASSES)}
 
+ItemCounts = tuple[float, dict[str, float]]
+"""An item's decayed count and its count per rare class (:meth:`ImbalanceLoop.item_counts`)."""
+
 
 @dataclass(slots=True)
 class Observation:
@@ -260,8 +263,9 @@ class ImbalanceLoop:
         # path's, must not include the event itself (its own class would leak into the
         # item's purchase rate); and before the river path learns from it: their fast-path
         # probabilities are its prediction, not its fit.
-        kept = self._buffer_batch(batch)
-        self._learn_batch(batch)
+        counts = self.item_counts([ob.event.item_id or "" for ob in batch])
+        kept = self._buffer_batch(batch, counts)
+        self._learn_batch(batch, counts)
         self.items.observe_batch([ob.event.item_id or "" for ob in batch],
                                  [ob.event.ts for ob in batch])
         rare: dict[str, float] = {}
@@ -284,19 +288,33 @@ class ImbalanceLoop:
         self.prices.pop(item, None)
 
     def features(self, item: str, user_class_counts: Mapping[str, float], tier: str,
-                 affinity: float, repeat: bool) -> Features:
+                 affinity: float, repeat: bool, counts: ItemCounts | None = None
+                 ) -> Features:
         """The streaming count features of an interaction with ``item``, from the counts
-        as they stand (read them before counting the event). The price is the item's
-        price as known before the event (:meth:`know_price`), never the event's own:
-        only carts and purchases carry a price paid, so the event's price would tell the
-        model the class it is asked to predict."""
-        price = self.prices.get(item)
+        as they stand (read them before counting the event; ``counts``: the item's, read
+        already by :meth:`item_counts`). The price is the item's price as known before
+        the event (:meth:`know_price`), never the event's own: only carts and purchases
+        carry a price paid, so the event's price would tell the model the class it is
+        asked to predict."""
+        if counts is None:
+            counts = (self.items.estimate(item),
+                      {c: self.item_classes.estimate(f"{c}:{item}") for c in RARE_CLASSES})
         return interaction_features(
-            item_count=self.items.estimate(item),
-            item_class_counts={c: self.item_classes.estimate(f"{c}:{item}")
-                               for c in RARE_CLASSES},
+            item_count=counts[0], item_class_counts=counts[1],
             user_class_counts=user_class_counts, tier=tier, category_affinity=affinity,
-            repeat=repeat, price=price)
+            repeat=repeat, price=self.prices.get(item))
+
+    def item_counts(self, items: Sequence[str]) -> dict[str, ItemCounts]:
+        """Each distinct item's count and rare-class counts as they stand, every sketch
+        read once for all of them (:meth:`CountMinSketch.estimate_many`: the same floats
+        as :meth:`features` reads one item at a time). A batch's features are all read
+        before the batch is counted, so one read serves the whole batch."""
+        uniq = list(dict.fromkeys(items))
+        totals = self.items.estimate_many(uniq)
+        rates = {c: self.item_classes.estimate_many([f"{c}:{i}" for i in uniq]).tolist()
+                 for c in RARE_CLASSES}
+        return {item: (totals[n], {c: rates[c][n] for c in RARE_CLASSES})
+                for n, item in enumerate(uniq)}
 
     def features_many(self, items: Sequence[str], user_class_counts: Mapping[str, float],
                       tiers: Sequence[str], affinity: Sequence[float],
@@ -311,7 +329,8 @@ class ImbalanceLoop:
             user_class_counts=user_class_counts, tier=tiers[n], category_affinity=affinity[n],
             repeat=repeat[n], price=self.prices.get(item)) for n, item in enumerate(items)]
 
-    def _learn_batch(self, batch: Sequence[Observation]) -> None:
+    def _learn_batch(self, batch: Sequence[Observation],
+                     counts: Mapping[str, ItemCounts]) -> None:
         """The river fast path and the drift detectors over a batch (see observe_batch)."""
         minority = self.settings.minority_share
         base = {c: 1.0 if self._shares.get(c, 0.0) < minority
@@ -327,7 +346,7 @@ class ImbalanceLoop:
             if rate >= 1.0 or rng.random() < rate:
                 item = event.item_id or ""
                 x = self.features(item, ob.user_class_counts, self._tiers.get(item, "tail"),
-                                   ob.category_affinity, ob.repeat)
+                                   ob.category_affinity, ob.repeat, counts[item])
                 seen_before = self.online.n > 0
                 weight = self.weights.get(event.kind, 1.0)
                 proba = self.online.predict_then_learn(x, event.kind, weight / rate,
@@ -336,7 +355,8 @@ class ImbalanceLoop:
                     error = max(proba, key=lambda c: proba[c]) != event.kind
             self.drift.update(event.kind, error)
 
-    def _buffer_batch(self, batch: Sequence[Observation]) -> int:
+    def _buffer_batch(self, batch: Sequence[Observation],
+                      counts: Mapping[str, ItemCounts]) -> int:
         shares = self._shares if self._events > self.settings.mix_warmup_events else {}
         buffer, tiers, kept = self.buffer, self._tiers, 0
         online, classes = self.online, self.online.classes
@@ -349,7 +369,7 @@ class ImbalanceLoop:
             if route is None:
                 continue
             x = self.features(item, ob.user_class_counts, tier, ob.category_affinity,
-                              ob.repeat)
+                              ob.repeat, counts[item])
             # River as of the batch's start: it learns from the batch after.
             fast = online.predict_proba(x) if stack else None
             user_text, user_kinds = ob.user_context()

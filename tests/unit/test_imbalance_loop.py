@@ -211,6 +211,27 @@ def test_a_batch_s_samples_are_made_before_the_batch_is_counted() -> None:
     assert x["item_rate_purchase"] == pytest.approx(4 / 7, abs=0.01)
 
 
+def test_a_batch_reads_each_item_s_counts_once_with_the_same_floats() -> None:
+    """The batch path reads every sketch once for the batch's distinct items
+    (:meth:`ImbalanceLoop.item_counts`); its samples' features are the floats that
+    :meth:`ImbalanceLoop.features` reads one item at a time before the batch."""
+    loop, _ = make_loop()
+    for n in range(200):  # history: counts, rare-class counts and decay for many items
+        loop.observe(Event(("click", "cart", "purchase")[n % 3], f"h{n}", f"u{n % 7}",
+                           1.7e9 + n * 37.0, item_id=f"i{n % 11}"), 0,
+                     user_class_counts={}, category_affinity=0.0, repeat=False)
+    items = [f"i{n % 13}" for n in range(40)]  # some repeat, two never seen
+    expected = [feature_vector(loop.features(i, {"click": 2.0}, loop.tiers.get(i, "tail"),
+                                             0.5, False)) for i in items]
+    loop.buffer_changes.clear()
+    loop.observe_batch([Observation(Event("purchase", f"b{n}", f"v{n}", 1.7e9 + 9000 + n,
+                                          item_id=i), 0, {"click": 2.0}, 0.5, False,
+                                    f"item {i}", lambda: ("", ""))
+                        for n, i in enumerate(items)])
+    assert len(loop.buffer_changes) == len(items)
+    assert [s.features for _, _, s in loop.buffer_changes] == expected
+
+
 def test_the_price_paid_never_tells_the_features_their_own_class() -> None:
     """Only carts and purchases carry a price (the price paid): read from the event, a
     non-zero price would tell the river path and the head that the event is one of them —
