@@ -31,6 +31,9 @@ class CatchUp:
     0.3
     >>> c.rest_s(turn_s=0.1, now=112.5)              # no batch for 2.5 s: nothing to read
     0.0
+    >>> c.reading = True                             # unless a long batch is being read
+    >>> round(c.rest_s(turn_s=0.1, now=112.5), 3)
+    0.3
     """
 
     def __init__(self, behind_s: float, duty: float, *, fresh_for_s: float = 1.0) -> None:
@@ -42,6 +45,9 @@ class CatchUp:
         self.age_s = 0.0
         """Age of the newest event of the latest batch, when it was read."""
         self.seen_at = float("-inf")
+        self.reading = False
+        """A batch is being applied now (set by the pipeline): a batch of envelopes holds
+        tens of thousands of events and takes seconds, longer than ``fresh_for_s``."""
 
     def observe(self, newest_ts: float | None, now: float) -> None:
         """A batch was read whose newest event was created at ``newest_ts`` (seconds)."""
@@ -51,9 +57,10 @@ class CatchUp:
         self.seen_at = now
 
     def catching_up(self, now: float) -> bool:
-        """Reading a backlog: the latest batch (read within ``fresh_for_s``) was old."""
+        """Reading a backlog: the latest batch (being read, or read within
+        ``fresh_for_s``) was old."""
         return (self.behind_s > 0 and self.age_s > self.behind_s
-                and now - self.seen_at <= self.fresh_for_s)
+                and (self.reading or now - self.seen_at <= self.fresh_for_s))
 
     def rest_s(self, turn_s: float, now: float) -> float:
         """Seconds the scoring task rests after a turn of ``turn_s`` seconds."""

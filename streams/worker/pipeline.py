@@ -227,7 +227,11 @@ class Pipeline:
         if self._offsets_went_back(batch):
             self._lost_log()
         events, replayed = await self._ingest(batch)
-        applied = await self._apply(events) if events else []
+        self.refresh.catchup.reading = True  # scoring turns may run while it applies
+        try:
+            applied = await self._apply(events) if events else []
+        finally:
+            self.refresh.catchup.reading = False
         for msg in batch:
             if msg.topic != self.items_topic:
                 self.imbalance.mark_counted(msg.partition, msg.topic, msg.offset)

@@ -1336,6 +1336,36 @@ def test_scoring_rests_between_turns_while_the_worker_reads_a_backlog() -> None:
     assert sum(fresh_turns) == 5
 
 
+def test_a_batch_being_applied_counts_as_reading_the_backlog() -> None:
+    """A batch of envelopes takes seconds to apply, longer than ``fresh_for_s``: while it
+    is applied, scoring turns that end must still rest (the worker is reading), and once
+    it is done (or failed) the flag is down again."""
+
+    class WatchingDeduper(Deduper):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.reading: list[bool] = []
+            self.pipeline: Pipeline | None = None
+
+        async def first_seen(self, event_ids: list[str],
+                             sources: list[str] | None = None) -> list[bool]:
+            assert self.pipeline is not None
+            self.reading.append(self.pipeline.refresh.catchup.reading)
+            if "boom" in event_ids:
+                raise RuntimeError("redis went away")
+            return await super().first_seen(event_ids, sources)
+
+    deduper = WatchingDeduper()
+    h = make(deduper=deduper)
+    deduper.pipeline = h.pipeline
+    feed = Feed(h.settings)
+    run(h.pipeline.process([feed.msg("click", click("e1", "u1"))]))
+    assert deduper.reading == [True] and not h.pipeline.refresh.catchup.reading
+    with pytest.raises(RuntimeError):
+        run(h.pipeline.process([feed.msg("click", click("boom", "u2"))]))
+    assert deduper.reading == [True, True] and not h.pipeline.refresh.catchup.reading
+
+
 def test_catch_up_is_off_at_zero_and_needs_a_duty_in_range() -> None:
     from tailstream.streams.worker.catchup import CatchUp
 
