@@ -2,10 +2,11 @@
 
 * every half second: dead-letter the offsets the consumer stepped over because their
   record batch cannot be decoded (:mod:`~tailstream.streams.worker.transport`);
-* every second: publish the loss weights if they changed; retry lists a Redis outage held
-  back; add the online figures of served lists to their versions' Redis hashes; report
-  catalogue coverage and the tail's share of exposure; report the assigned
-  input partitions and each one's consumer lag (and log when the assignment changes);
+* every second: publish the loss weights and copy the imbalance gauges if they changed;
+  retry lists a Redis outage held back; add the online figures of served lists to their
+  versions' Redis hashes; report catalogue coverage and the tail's share of exposure;
+  report the assigned input partitions and each one's consumer lag (and log when the
+  assignment changes);
 * every ``refresh_check_s``: refresh lists older than ``list_max_age_s`` of users still
   active;
 * every ``stuck_partition_s / 5``: the stuck-partition watch (:mod:`~tailstream.streams.
@@ -53,6 +54,7 @@ def add_timers(app: faust.App, settings: Settings, pipeline: Pipeline, metrics: 
     @app.timer(interval=1.0)
     async def publish_loss_weights() -> None:
         await pipeline.publish_weights()
+        pipeline.report_gauges()
 
     @app.timer(interval=1.0)
     async def flush_waiting_lists() -> None:

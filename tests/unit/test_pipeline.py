@@ -191,7 +191,8 @@ def make(*, table: RecordingTable | None = None, deduper: Deduper | None = None,
         publisher=h.sink, send_to_dlq=h.dlq, metrics=metrics, imbalance=imbalance,
         buffer_store=h.store, send_training_request=send_training_request,
         save_counts=save_counts, send_audit=send_audit if audit else None,
-        refresh_every_s=0.0)  # refresh popularity every batch: lists see the last events
+        refresh_every_s=0.0,  # refresh popularity every batch: lists see the last events
+        gauges_every_s=0.0)  # and the gauges
     return h
 
 
@@ -686,6 +687,25 @@ def test_buffer_sink_gets_the_changes_and_the_policy_weights() -> None:
     assert live.counts == loop.decayed_counts()
     assert set(live.counts) == set(CLASSES)
     assert live.counts["purchase"] > 0 and live.counts["fav"] == 0.0
+
+
+def test_the_imbalance_gauges_are_copied_at_most_once_a_second_and_by_the_timer() -> None:
+    """A serve worker's batches are small and many: the gauges (the river path's report
+    among them) are copied after a batch at most every ``gauges_every_s``; the timer's
+    :meth:`Pipeline.report_gauges` catches up with the batches in between."""
+    h = make()
+    h.pipeline.gauges_every_s = 3600.0
+    feed = Feed(h.settings)
+
+    def clicks_in_window() -> float:
+        return h.value("tailstream_class_window_events", event_class="click")
+
+    run(h.pipeline.process([feed.msg("click", click("e1", "u1"))]))
+    assert clicks_in_window() == 1.0  # the first batch's copy
+    run(h.pipeline.process([feed.msg("click", click("e2", "u2"))]))
+    assert clicks_in_window() == 1.0  # within the interval: not copied yet
+    h.pipeline.report_gauges()
+    assert clicks_in_window() == 2.0  # the timer's copy
 
 
 def test_catalogue_records_update_item_texts() -> None:
