@@ -25,7 +25,7 @@ A user with recent items ``r_1, r_2, …`` (most recent first) gets
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Collection, Sequence
 
 from tailstream.models.serving.trending import ForwardDecay, TopSet
@@ -50,9 +50,7 @@ class Covisitation:
         self.window = window
         self.backward = backward
         self.neighbours = neighbours
-        self._weights: dict[str, dict[str, float]] = defaultdict(dict)
-        self._totals: dict[str, float] = defaultdict(float)
-        self._top: dict[str, TopSet] = {}
+        self._rows: dict[str, _Row] = {}
         self._recent: dict[str, deque[str]] = {}
 
     def observe(self, user_id: str, item_id: str, t: float, weight: float = 1.0) -> None:
@@ -64,34 +62,33 @@ class Covisitation:
         if recent is None:
             recent = self._recent[user_id] = deque(maxlen=self.window)
         elif recent:
-            add, backward = self._add, self.backward
+            row_of, backward = self._row, self.backward
+            mine: _Row | None = None  # the item's own row, looked up once for its pairs
             for d, prev in enumerate(recent, 1):
                 if prev != item_id:
-                    add(prev, item_id, boost / d)
+                    row_of(prev).add(item_id, boost / d)
                     if backward > 0:
-                        add(item_id, prev, backward * boost / d)
+                        if mine is None:
+                            mine = row_of(item_id)
+                        mine.add(prev, backward * boost / d)
             if item_id in recent:
                 recent.remove(item_id)
         recent.appendleft(item_id)
 
-    def _add(self, src: str, dst: str, value: float) -> None:
-        row = self._weights[src]
-        total = row[dst] = row.get(dst, 0.0) + value
-        self._totals[src] += value
-        top = self._top.get(src)
-        if top is None:
-            top = self._top[src] = TopSet(self.neighbours)
-        top.offer(dst, total)
+    def _row(self, src: str) -> _Row:
+        row = self._rows.get(src)
+        if row is None:
+            row = self._rows[src] = _Row(TopSet(self.neighbours))
+        return row
 
     def _rebase(self, t: float) -> None:
         factor = self.decay.rebase(t)
-        for row in self._weights.values():
-            for key in row:
-                row[key] *= factor
-        for src in self._totals:
-            self._totals[src] *= factor
-        for top in self._top.values():
-            top.rescale(factor)
+        for row in self._rows.values():
+            weights = row.weights
+            for key in weights:
+                weights[key] *= factor
+            row.total *= factor
+            row.top.rescale(factor)
 
     def recent(self, user_id: str) -> list[str]:
         """The user's recent distinct items as this model saw them, most recent first."""
@@ -105,11 +102,11 @@ class Covisitation:
         >>> cv.neighbours_of("a", 3), cv.neighbours_of("b", 3)
         ([('b', 1.0)], [])
         """
-        top = self._top.get(item_id)
-        if top is None:
+        row = self._rows.get(item_id)
+        if row is None:
             return []
-        total = self._totals[item_id] or 1.0
-        return [(j, top.values[j] / total) for j in top.best(k=k)]
+        total = row.total or 1.0
+        return [(j, row.top.values[j] / total) for j in row.top.best(k=k)]
 
     def recommend(self, recent: Sequence[str], k: int,
                   exclude: Collection[str] = ()) -> list[tuple[str, float]]:
@@ -123,3 +120,21 @@ class Covisitation:
                     scores[j] = scores.get(j, 0.0) + share / pos
         ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
         return ranked[:k]
+
+
+class _Row:
+    """What followed (and preceded) one item: ``w(i → j)`` for every ``j`` seen, their sum
+    ``W(i)`` and the best ``neighbours`` of them."""
+
+    __slots__ = ("weights", "total", "top")
+
+    def __init__(self, top: TopSet) -> None:
+        self.weights: dict[str, float] = {}
+        self.total = 0.0
+        self.top = top
+
+    def add(self, dst: str, value: float) -> None:
+        weights = self.weights
+        weight = weights[dst] = weights.get(dst, 0.0) + value
+        self.total += value
+        self.top.offer(dst, weight)
