@@ -93,27 +93,34 @@ def update_profile(profile: dict[str, Any], event: Event, category: str | None,
     [['i', 'i1', 'cart']]
     """
     last = event.ts if profile.get("ts") is None else float(profile["ts"])
-    decay = math.pow(2.0, -max(0.0, event.ts - last) / half_life_s)
+    gap = event.ts - last
+    decay = math.pow(2.0, -gap / half_life_s) if gap > 0 else 1.0
     cats = {c: v for c, w in profile.get("cats", {}).items() if (v := w * decay) > 0.01}
-    why = dict(profile.get("why", {}))
     items = list(profile.get("items", []))
     queries = list(profile.get("queries", []))
     weight = EVENT_WEIGHT.get(event.kind, 1.0)
     ctx = _context(profile.get("ctx", []), event, weight, keep)
+    reasons: dict[str, str] = {}
     if event.kind == "search" and event.query is not None:
         queries = ([event.query] + [q for q in queries if q != event.query])[:keep]
-        for rank, cat in enumerate(query_categories):
-            cats[cat] = cats.get(cat, 0.0) + weight / (rank + 1)
-            why[cat] = f"matches your search '{display_text(event.query, 40)}'"
+        if query_categories:  # one display text for all of them (it walks every character)
+            reason = f"matches your search '{display_text(event.query, 40)}'"
+            for rank, cat in enumerate(query_categories):
+                cats[cat] = cats.get(cat, 0.0) + weight / (rank + 1)
+                reasons[cat] = reason
     elif event.item_id is not None:
         items = ([event.item_id] + [i for i in items if i != event.item_id])[:keep]
         if category is not None:
             cats[category] = cats.get(category, 0.0) + weight
-            why[category] = _viewed(event.item_id)
+            reasons[category] = _viewed(event.item_id)
     # Bound the profile: keep the strongest categories only.
     if len(cats) > keep:
         cats = dict(sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:keep])
-    why = {c: r for c, r in why.items() if c in cats}
+    # The kept categories' reasons, the old ones in their places and new ones after.
+    why = {c: r for c, r in profile.get("why", {}).items() if c in cats}
+    for c, r in reasons.items():
+        if c in cats:
+            why[c] = r
     n = dict(profile.get("n", {}))
     n[event.kind] = n.get(event.kind, 0) + 1
     return {"cats": cats, "why": why, "items": items, "queries": queries, "ctx": ctx,
