@@ -59,6 +59,29 @@ YIELD_EVERY = 2000
 """Events applied between two yields to the event loop."""
 TIERS_EVERY_S = 0.5
 """The tier snapshot (a sort of the heavy hitters) is refreshed at most this often."""
+RECOMPUTE_SHARE = 0.02
+"""The most of the wall clock that each whole-state recomputation (the popularity
+rankings, a sort of every item with events; the tier snapshot) may keep: one that took
+``c`` seconds is next due ``max(interval, c / share)`` later (:func:`next_due`). At a
+fixed interval its cost grew with the catalogue — 40 ms a second of a serve worker's loop
+at 50k items, all of it at a million."""
+
+
+def next_due(now: float, every_s: float, cost_s: float, share: float | None) -> float:
+    """When a periodic recomputation that took ``cost_s`` is due again: ``every_s`` after
+    ``now``, or later so that it keeps at most ``share`` of the wall clock
+    (``now + max(every_s, cost_s / share)``; ``share`` None: no bound).
+
+    >>> next_due(10.0, every_s=1.0, cost_s=0.005, share=0.02)   # 5 ms: every second
+    11.0
+    >>> next_due(10.0, every_s=1.0, cost_s=0.08, share=0.02)    # 80 ms: every 4 s
+    14.0
+    """
+    if share is None:
+        return now + every_s
+    return now + max(every_s, cost_s / share)
+
+
 GAUGES_EVERY_S = 1.0
 """The imbalance loop's gauges are copied at most this often (and by a timer): the river
 path's report (its ROC AUC over thresholds) cost ~2 % of a serve worker when copied at
@@ -162,7 +185,8 @@ class Pipeline:
                  send_audit: SendAudit | None = None,
                  attribution: Attribution | None = None,
                  refresh_every_s: float = 1.0,
-                 gauges_every_s: float = GAUGES_EVERY_S) -> None:
+                 gauges_every_s: float = GAUGES_EVERY_S,
+                 recompute_share: float | None = RECOMPUTE_SHARE) -> None:
         self.settings = settings
         self.limits = configs.limits(settings)
         self.kind_of_topic = {settings.topic_for(k): k for k in EVENT_KINDS}
@@ -197,8 +221,9 @@ class Pipeline:
         self._pseudonym_key = settings.pseudonymize_key.reveal()
         self._weights_written = 0.0
         self._weights_dirty = False
-        self._tiers_at = 0.0
+        self._tiers_due = 0.0
         self.refresh_every_s = refresh_every_s
+        self.recompute_share = recompute_share
         self.gauges_every_s = gauges_every_s
         self._gauges_at = float("-inf")
         self._gauges_dirty = False
@@ -214,7 +239,7 @@ class Pipeline:
         self._anchors: dict[tuple[str, int], tuple[int, int]] = {}
         """The first record (offset, digest) read per input partition in this assignment:
         recovery asks the broker whether it still holds it (:meth:`anchors`)."""
-        self._last_refresh = 0.0
+        self._refresh_due = 0.0
         # Label lookups cost more than the increments: resolve each child once.
         kinds = [*self.kind_of_topic.values(), "unknown"]
         self._events_in = {k: metrics.events_in.labels(k) for k in kinds}
@@ -438,10 +463,11 @@ class Pipeline:
         """Weights, triggers, persistence and metrics of the imbalance loop, once per batch."""
         loop = self.imbalance
         now = time.monotonic()
-        refresh_tiers = now - self._tiers_at >= TIERS_EVERY_S
-        if refresh_tiers:
-            self._tiers_at = now
+        refresh_tiers = now >= self._tiers_due
         request = loop.end_batch(refresh_tiers=refresh_tiers)
+        if refresh_tiers:
+            self._tiers_due = next_due(now, TIERS_EVERY_S, time.monotonic() - now,
+                                       self.recompute_share)
         if self.save_counts is not None:
             self.save_counts(loop.take_touched())
         changes = loop.take_buffer_changes()
@@ -531,10 +557,11 @@ class Pipeline:
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
-        if now - self._last_refresh >= self.refresh_every_s:
+        if now >= self._refresh_due:
             self.popularity.refresh(time.time())
-            self._last_refresh = now
             self.metrics.catalogue_size.set(self.popularity.known_items)
+            self._refresh_due = next_due(now, self.refresh_every_s, time.monotonic() - now,
+                                         self.recompute_share)
 
     async def dead_letter(self, msg: RawMessage, why: Rejection, *, element: Any = None,
                           index: int | None = None, events: int | None = None) -> None:

@@ -34,6 +34,7 @@ from test_pipeline import Feed, make  # type: ignore[import-not-found]  # noqa: 
 from tailstream import configs  # noqa: E402
 from tailstream.models.serving.signals import Signals  # noqa: E402
 from tailstream.producers.synthetic import ShopSimulator  # noqa: E402
+from tailstream.streams.worker import pipeline as pipeline_module  # noqa: E402
 from tailstream.streams.worker.app import GC_THRESHOLDS  # noqa: E402
 from tailstream.streams.worker.pipeline import RawMessage  # noqa: E402
 
@@ -65,6 +66,7 @@ def once(events: int, envelope: int, batch: int) -> dict[str, Any]:
     pipeline = h.pipeline
     pipeline.refresh_every_s = 1.0  # the worker's intervals, not the unit tests' zeros
     pipeline.gauges_every_s = 1.0
+    pipeline.recompute_share = getattr(pipeline_module, "RECOMPUTE_SHARE", None)
     # A transformer worker feeds the hybrid lists' sources with every event.
     pipeline.state.signals = Signals(configs.signals_config(h.settings),
                                      pipeline.state.popularity)

@@ -192,7 +192,8 @@ def make(*, table: RecordingTable | None = None, deduper: Deduper | None = None,
         buffer_store=h.store, send_training_request=send_training_request,
         save_counts=save_counts, send_audit=send_audit if audit else None,
         refresh_every_s=0.0,  # refresh popularity every batch: lists see the last events
-        gauges_every_s=0.0)  # and the gauges
+        gauges_every_s=0.0,  # and the gauges
+        recompute_share=None)  # whatever the refresh cost
     return h
 
 
@@ -706,6 +707,26 @@ def test_the_imbalance_gauges_are_copied_at_most_once_a_second_and_by_the_timer(
     assert clicks_in_window() == 1.0  # within the interval: not copied yet
     h.pipeline.report_gauges()
     assert clicks_in_window() == 2.0  # the timer's copy
+
+
+def test_a_costly_recomputation_keeps_its_share_of_the_clock() -> None:
+    """The popularity rankings are a sort of every item with events: one that took 20 ms
+    is not run again for 20 ms / 2 % = 1 s, however often batches come; without a bound
+    (the unit tests' setting) every batch runs it."""
+    for share, expected in ((0.02, 1), (None, 2)):
+        h = make()
+        h.pipeline.recompute_share = share
+        calls: list[float] = []
+
+        def slow_refresh(now: float, calls: list[float] = calls) -> None:
+            calls.append(now)
+            time.sleep(0.02)
+
+        h.pipeline.popularity.refresh = slow_refresh  # type: ignore[method-assign]
+        feed = Feed(h.settings)
+        run(h.pipeline.process([feed.msg("click", click("e1", "u1"))]))
+        run(h.pipeline.process([feed.msg("click", click("e2", "u2"))]))
+        assert len(calls) == expected, share
 
 
 def test_catalogue_records_update_item_texts() -> None:
