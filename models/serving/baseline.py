@@ -46,22 +46,33 @@ class QueryIndex:
 
     def __init__(self) -> None:
         self._cats: dict[str, Counter[str]] = defaultdict(Counter)
+        self._by_prefix: dict[str, str] = {}
+        """The first token seen with each 4-character prefix: an unknown query token's
+        stand-in, found in one look-up (a scan of every known token, as before, cost a
+        search event ~1 µs per token of the catalogue's vocabulary)."""
 
     def add(self, title: str, category: str) -> None:
         for tok in set(tokens(title)) | set(tokens(category)):
             self._cats[tok][category] += 1
+            if len(tok) >= 4:
+                self._by_prefix.setdefault(tok[:4], tok)
 
     def categories(self, query: str, n: int = 3) -> list[str]:
-        """Most likely categories for a query (prefix match tolerates short typos)."""
+        """Most likely categories for a query (prefix match tolerates short typos: an
+        unknown token of 4+ characters reads the first known token with its first 4).
+
+        >>> index = QueryIndex()
+        >>> index.add("Wireless earbuds", "audio"); index.add("Wired mouse", "computers")
+        >>> index.categories("wirelss earbds"), index.categories("wirexx")
+        (['audio'], ['audio'])
+        """
         scores: Counter[str] = Counter()
         for tok in tokens(query):
             hits = self._cats.get(tok)
             if hits is None and len(tok) >= 4:
-                prefix = tok[:4]
-                for known, cats in self._cats.items():
-                    if known.startswith(prefix):
-                        hits = cats
-                        break
+                first = self._by_prefix.get(tok[:4])
+                if first is not None:
+                    hits = self._cats[first]
             if hits:
                 total = sum(hits.values())
                 for cat, c in hits.items():

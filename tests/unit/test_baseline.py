@@ -6,6 +6,7 @@ from tailstream.models.serving.baseline import (
     Recommendation,
     new_profile,
     recommend,
+    tokens,
     update_profile,
     with_tail_share,
 )
@@ -71,6 +72,35 @@ def test_search_reads_intent_from_the_query() -> None:
     recs = recommend(p, _shop(), k=10, tail_share=0.3)
     assert all(r.category == "hats" for r in recs)
     assert recs[0].reason == "matches your search 'wool hat'"
+
+
+def test_an_unknown_query_token_reads_the_first_known_token_with_its_prefix() -> None:
+    """The prefix look-up answers what a scan of every known token, in the order they
+    were first seen, would: the first token sharing the unknown one's 4 characters."""
+    import random
+    from collections import Counter
+
+    def scanned(index: QueryIndex, query: str) -> list[str]:
+        scores: Counter[str] = Counter()
+        for tok in tokens(query):
+            hits = index._cats.get(tok)
+            if hits is None and len(tok) >= 4:
+                hits = next((c for known, c in index._cats.items()
+                             if known.startswith(tok[:4])), None)
+            for cat, c in (hits or {}).items():
+                scores[cat] += round(1000 * c / sum(hits.values()))  # type: ignore[union-attr]
+        return [c for c, _ in scores.most_common(3)]
+
+    rng = random.Random(3)
+    words = ["".join(rng.choice("abcdef") for _ in range(rng.randrange(3, 8)))
+             for _ in range(400)]
+    index = QueryIndex()
+    for n in range(600):
+        index.add(" ".join(rng.sample(words, 3)), f"cat{n % 17}")
+    queries = [" ".join(w if rng.random() < 0.5 else w[:-1] + "z" for w in rng.sample(words, 2))
+               for _ in range(500)]
+    assert [index.categories(q) for q in queries] == [scanned(index, q) for q in queries]
+    assert sum(1 for q in queries if index.categories(q)) > 400  # typos found their words
 
 
 def test_tail_quota_never_exceeded_when_tail_is_worse() -> None:
