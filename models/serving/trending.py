@@ -15,7 +15,6 @@ product reuses :class:`Trending` as the fallback list and the evaluation as a pe
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Collection, Iterable
 from itertools import islice
@@ -26,14 +25,6 @@ class TopSet:
 
     A key outside the set can overtake a member only when its own value grows, which is
     exactly when :meth:`offer` is called with it, so the set is always the true top.
-
-    Once full, the smallest member (the *floor*, which a newcomer must beat) is read from
-    a min-heap of ``(value, entered, key)`` with one entry per member, a lower bound of
-    its value (values only grow): a member's offer leaves the heap alone, and an entry
-    found behind its member's value at the top is raised to it then. A rescan of every
-    member at each change of the floor cost ``O(size)``, and under forward decay (newer
-    events weigh more) the floor changes at most offers. Ties go to the member that
-    entered first, as a scan in insertion order would.
 
     >>> t = TopSet(2)
     >>> for key, value in [("a", 1.0), ("b", 3.0), ("c", 2.0), ("a", 5.0)]:
@@ -49,9 +40,7 @@ class TopSet:
         self.values: dict[str, float] = {}
         """Members and their values (read-only outside this class: :meth:`best` caches
         the ranking until :meth:`offer` or :meth:`rescale` changes them)."""
-        self._entered: dict[str, int] = {}  # when each member entered (ties: first in)
-        self._count = 0
-        self._heap: list[tuple[float, int, str]] = []  # one per member, once full
+        self._floor_key: str | None = None  # the smallest member, once full
         self._ranked: list[str] | None = None  # members best first, until a change
 
     def offer(self, key: str, value: float) -> None:
@@ -60,38 +49,21 @@ class TopSet:
         if key in values:
             values[key] = value
             self._ranked = None
+            if key == self._floor_key:
+                self._floor_key = min(values, key=values.__getitem__)
             return
         if len(values) < self.size:
-            self._enter(key, value)
+            values[key] = value
+            self._ranked = None
             if len(values) == self.size:
-                self._rebuild()
+                self._floor_key = min(values, key=values.__getitem__)
             return
-        floor = self._floor()
-        if value > values[floor]:
-            del values[floor], self._entered[floor]
-            self._enter(key, value)
-            heapq.heapreplace(self._heap, (value, self._entered[key], key))
-
-    def _enter(self, key: str, value: float) -> None:
-        self.values[key] = value
-        self._entered[key] = self._count
-        self._count += 1
-        self._ranked = None
-
-    def _rebuild(self) -> None:
-        self._heap = [(v, self._entered[k], k) for k, v in self.values.items()]
-        heapq.heapify(self._heap)
-
-    def _floor(self) -> str:
-        """The smallest member, the first to enter among equals (at the heap's top once
-        the top entry is its member's value)."""
-        heap, values = self._heap, self.values
-        while True:
-            value, entered, key = heap[0]
-            now = values[key]
-            if now == value:
-                return key
-            heapq.heapreplace(heap, (now, entered, key))
+        assert self._floor_key is not None
+        if value > values[self._floor_key]:
+            del values[self._floor_key]
+            values[key] = value
+            self._ranked = None
+            self._floor_key = min(values, key=values.__getitem__)
 
     def best(self, exclude: Collection[str] = (), k: int | None = None) -> list[str]:
         """Members, largest value first (ties by key), without ``exclude``, at most ``k``.
@@ -112,8 +84,6 @@ class TopSet:
         for key in self.values:
             self.values[key] *= factor
         self._ranked = None
-        if self._heap:
-            self._rebuild()
 
 
 class ForwardDecay:
