@@ -263,11 +263,11 @@ class ImbalanceLoop:
         # path's, must not include the event itself (its own class would leak into the
         # item's purchase rate); and before the river path learns from it: their fast-path
         # probabilities are its prediction, not its fit.
-        counts = self.item_counts([ob.event.item_id or "" for ob in batch])
+        items = [ob.event.item_id or "" for ob in batch]
+        counts = self.item_counts(items)
         kept = self._buffer_batch(batch, counts)
         self._learn_batch(batch, counts)
-        self.items.observe_batch([ob.event.item_id or "" for ob in batch],
-                                 [ob.event.ts for ob in batch])
+        self.items.observe_batch(items, [ob.event.ts for ob in batch])
         rare: dict[str, float] = {}
         for ob in batch:  # after the batch's features: class counts and known prices
             if ob.event.kind != "click":
@@ -320,14 +320,10 @@ class ImbalanceLoop:
                       tiers: Sequence[str], affinity: Sequence[float],
                       repeat: Sequence[bool]) -> list[Features]:
         """:meth:`features` of one user with many items (a list's), each sketch read once
-        for all of them: the same values."""
-        counts = self.items.estimate_many(items)
-        rates = {c: self.item_classes.estimate_many([f"{c}:{i}" for i in items]).tolist()
-                 for c in RARE_CLASSES}
-        return [interaction_features(
-            item_count=counts[n], item_class_counts={c: rates[c][n] for c in RARE_CLASSES},
-            user_class_counts=user_class_counts, tier=tiers[n], category_affinity=affinity[n],
-            repeat=repeat[n], price=self.prices.get(item)) for n, item in enumerate(items)]
+        for all of them (:meth:`item_counts`): the same values."""
+        counts = self.item_counts(items)
+        return [self.features(item, user_class_counts, tiers[n], affinity[n], repeat[n],
+                              counts[item]) for n, item in enumerate(items)]
 
     def _learn_batch(self, batch: Sequence[Observation],
                      counts: Mapping[str, ItemCounts]) -> None:
