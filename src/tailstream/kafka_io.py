@@ -126,7 +126,7 @@ def create_topics(settings: Settings, replication: int = 1, timeout: float = 30.
     the contract's envelopes (``max.message.bytes``)."""
     wanted = {t: settings.partitions for t in settings.all_topics}
     compacted = {settings.topic_for("item"), settings.topic(settings.topic_impressions)}
-    inputs = set(settings.consumed_topics)
+    inputs = {*settings.consumed_topics, settings.topic_for("item")}
     sized = {"max.message.bytes": str(max_message_bytes(settings))}
     deadline = time.monotonic() + timeout
     while True:

@@ -132,6 +132,12 @@ class Keys:
         """Set: the versions that have online figures (what readers list, not SCAN)."""
         return f"{self.prefix}:online-versions"
 
+    def letter(self, source: str) -> str:
+        """String: a malformed record's dead letter was claimed (``source``: topic,
+        partition, offset, element, CRC-32), so the workers that each read it — the
+        catalogue is read whole by every worker — write it once."""
+        return f"{self.prefix}:letter:{source}"
+
     @property
     def canary(self) -> str:
         """Hash: the canary in progress (version, share, when it ends); absent when none."""

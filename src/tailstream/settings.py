@@ -572,8 +572,9 @@ class Settings:
 
     @property
     def consumed_topics(self) -> list[str]:
-        """What a worker subscribes to: the event topics and the catalogue."""
-        return [*self.input_topics, self.topic_for("item")]
+        """What a worker's consumer group shares out: the event topics. The catalogue is
+        read whole by every worker, outside the group (streams/worker/catalogue.py)."""
+        return list(self.input_topics)
 
     @property
     def input_partitions(self) -> int:

@@ -40,6 +40,7 @@ from tailstream.streams.stores.impressions import OnlineCounters
 from tailstream.streams.stores.publisher import Publisher
 from tailstream.streams.worker.attribution import Attribution
 from tailstream.streams.worker.batch_send import BatchSender
+from tailstream.streams.worker.catalogue import LetterClaims, follow_catalogue
 from tailstream.streams.worker.dead_letters import DeadLetter
 from tailstream.streams.worker.loop_watch import LoopWatch
 from tailstream.streams.worker.model_updates import add_model_tasks
@@ -145,6 +146,16 @@ def create_app(settings: Settings) -> Worker:
     pipeline.log_end = lambda topic, partition: log_end(app.consumer, topic, partition)
     recovery = Recovery(app, settings, tables, pipeline, buffer_store, metrics)
     recovery.install()
+    pipeline.claim_letter = LetterClaims(redis, settings.redis_prefix)
+
+    @app.task
+    async def read_catalogue() -> None:
+        """Every partition of the items topic, in every worker (catalogue.py)."""
+        async def apply(records: list[RawMessage]) -> None:
+            async with recovery.turn:
+                await pipeline.apply_catalogue(records)
+
+        await follow_catalogue(settings, apply)
 
     @app.agent(topics.inputs)
     async def process_events(stream: faust.StreamT[bytes]) -> None:

@@ -20,7 +20,7 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -160,6 +160,15 @@ def _event_ids(value: bytes | None, limits: Limits) -> list[str]:
             if isinstance(v, dict) and isinstance(v.get("event_id"), str)]
 
 
+ClaimLetter = Callable[[RawMessage, int | None], Awaitable[bool]]
+"""(record, element index or None) → whether this worker is the first to dead-letter it."""
+
+
+async def _first_claim(msg: RawMessage, index: int | None) -> bool:
+    """A worker alone (unit tests): every claim is the first."""
+    return True
+
+
 def _sources(events: list[tuple[Event, RawMessage]]) -> list[str]:
     """``topic/partition/offset`` of each event's message (once per message: an envelope's
     events share it)."""
@@ -230,6 +239,9 @@ class Pipeline:
         self._read: dict[tuple[str, int], int] = {}
         """The highest offset read per input (topic, partition) in this assignment."""
         self.log_end: Callable[[str, int], int | None] | None = None
+        self.claim_letter: ClaimLetter = _first_claim
+        """Whether this worker dead-letters a malformed catalogue record (element
+        ``index`` of an envelope): the first of the workers that read it to ask."""
         """Where a partition's log ends now (the consumer's high watermark; None when
         unknown): tells a broker that lost its log from a consumer that seeks back."""
         self._digests: dict[tuple[str, int], dict[int, int]] = {}
@@ -521,15 +533,19 @@ class Pipeline:
             log.exception("writing the loss weights to redis failed")
 
     async def _valid(self, msg: RawMessage, validate: Callable[[Any], T],
-                     counted: Counter[str] | None = None, kind: str = "") -> list[T]:
+                     counted: Counter[str] | None = None, kind: str = "",
+                     claimed: bool = False) -> list[T]:
         """The valid values of a message (one, or several in an envelope); the rest are
-        dead-lettered, one DLQ record per rejected value. ``counted[kind]`` is increased
-        by the number of events the message carried (1 if it is unreadable)."""
+        dead-lettered, one DLQ record per rejected value (with ``claimed``, only those
+        this worker is the first to claim: :meth:`apply_catalogue`). ``counted[kind]``
+        is increased by the number of events the message carried (1 if it is
+        unreadable)."""
         decoded = decode_payload(msg.value, self.limits)
         if counted is not None:
             counted[kind] += 1 if isinstance(decoded, Rejection) else len(decoded)
         if isinstance(decoded, Rejection):
-            await self.dead_letter(msg, decoded)
+            if not claimed or await self.claim_letter(msg, None):
+                await self.dead_letter(msg, decoded)
             return []
         envelope = len(decoded) > 1 or (msg.value or b"").lstrip()[:1] == b"["
         out: list[T] = []
@@ -538,6 +554,8 @@ class Pipeline:
                 out.append(validate(value))
             except InvalidEvent as exc:
                 why = Rejection(exc.reason, exc.detail)
+                if claimed and not await self.claim_letter(msg, index if envelope else None):
+                    continue
                 if envelope:  # the element alone: its neighbours are applied
                     await self.dead_letter(msg, why, element=value, index=index,
                                            events=len(decoded))
@@ -545,13 +563,28 @@ class Pipeline:
                     await self.dead_letter(msg, why)
         return out
 
-    async def _apply_item(self, msg: RawMessage) -> None:
+    async def apply_catalogue(self, batch: Sequence[RawMessage]) -> None:
+        """Catalogue records (and tombstones) from the items topic, which every worker
+        reads whole (:mod:`~tailstream.streams.worker.catalogue`): items are not keyed
+        like users, and a list may hold any of them. Since every worker — and a
+        restarted one, from the topic's start — reads each record, a malformed one is
+        dead-lettered by whoever claims it first (``claim_letter``), once."""
+        for msg in batch:
+            try:
+                await self._apply_item(msg, claimed=True)
+            except Exception as exc:  # one record's bug: the others are applied
+                log.exception("reading %s/%d/%d failed", msg.topic, msg.partition, msg.offset)
+                if await self.claim_letter(msg, None):
+                    await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
+
+    async def _apply_item(self, msg: RawMessage, claimed: bool = False) -> None:
         if msg.value is None and msg.key:  # a tombstone on the compacted items topic
             item_id = msg.key.decode("utf-8", "replace")
             self.state.remove_item(item_id)
             self.metrics.items_deleted.inc()
             return
-        for item in await self._valid(msg, lambda v: validate_item(v, self.limits)):
+        for item in await self._valid(msg, lambda v: validate_item(v, self.limits),
+                                      claimed=claimed):
             self.state.apply_item(item)
             self.metrics.items_in.inc()
 

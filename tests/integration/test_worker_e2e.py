@@ -19,6 +19,7 @@ from tailstream.kafka_io import reader
 from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
+from tailstream.stack.processes import start_worker, wait_ready
 
 from .conftest import click, metric, poll, producer, send
 
@@ -120,6 +121,38 @@ def test_malformed_events_go_to_the_dlq_with_reason(
     assert any(m.value == b"this is not json" for m in dead)  # the original bytes
     poll(lambda: metric(ws, "tailstream_events_processed_total") == 30, what="good events")
     assert metric(ws, "tailstream_dlq_total") == 5
+
+
+def test_every_worker_reads_the_whole_catalogue_and_again_after_a_restart(
+        worker: tuple[ManagedProcess, Settings]) -> None:
+    """Events are shared out by the group; items are not (any list may hold any item).
+    Read through the group, a second worker held half the catalogue, and a restarted one
+    none of what came before its last commit."""
+    first, ws = worker
+    second, ws2 = start_worker(ws, index=1)
+    try:
+        wait_ready(second, ws2)
+        p = producer(ws)
+        for i in range(40):  # keyed by item: both partitions of the items topic
+            send(p, ws, "item", f"i{i}", Item(f"i{i}", f"lamp {i}", "home", "acme", 5.0)
+                 .to_dict())
+        send(p, ws, "item", "broken", b'{"item_id": "broken", "title": ')
+        p.flush()
+        p.close()
+        for s in (ws, ws2):
+            poll(lambda s=s: metric(s, "tailstream_catalogue_updates_total") >= 40,
+                 what="the whole catalogue in each worker")
+        second.stop()
+        second, ws2 = start_worker(ws, index=1)
+        wait_ready(second, ws2)
+        poll(lambda: metric(ws2, "tailstream_catalogue_updates_total") >= 40,
+             what="the whole catalogue in the restarted worker")
+        # Three reads of the malformed record (two workers, one restart): one dead letter.
+        dead = read_all(ws, ws.topic(ws.topic_dlq), expect=2, timeout=5.0)
+        assert [dict(m.headers)["tailstream-reason"] for m in dead] == [b"not_json"]
+    finally:
+        second.stop()
+    assert first.alive()
 
 
 def test_duplicate_event_ids_are_processed_once(

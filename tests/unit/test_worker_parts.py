@@ -58,7 +58,11 @@ def test_the_app_has_one_agent_its_tables_timers_and_pages(tmp_path: Path) -> No
     timers = {f.__name__ for f in app._app_tasks}
     assert timers == {"publish_loss_weights", "flush_waiting_lists", "refresh_aged_lists",
                       "report_assignment", "rejoin_if_partitions_stuck",
-                      "dead_letter_undecodable_batches", "publish_health", "watch_the_loop"}
+                      "dead_letter_undecodable_batches", "publish_health", "watch_the_loop",
+                      "read_catalogue"}
+    # The group shares out the events; the catalogue is read whole, outside it.
+    agent = next(iter(app.agents.values()))
+    assert set(agent.channel.topics) == set(worker_settings(tmp_path).input_topics)
     assert set(app.web.views) == {"/metrics", "/imbalance", "/recommendations/{user_id}"}
     assert app.producer.buffer.max_messages == 20 * 300
     assert w.scoring is None
