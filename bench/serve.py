@@ -182,12 +182,12 @@ def _scrape_or_empty(url: str) -> dict[str, float]:
 def run(settings: Settings, *, rate: float = 1000.0, items: int = 50_000, users: int = 5000,
         seconds: float = 30.0, warmup_s: float = 10.0, device_setting: str = "auto",
         topk_items: int | None = None, topk_users: int = 1000, finetune: bool = True,
-        log: Any = print) -> dict[str, Any]:
+        workers: int = 1, log: Any = print) -> dict[str, Any]:
     device = pick_device(device_setting)
     topk_n = topk_items or (1_000_000 if device.type == "cuda" else 100_000)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "target_rate_eps": rate, "catalogue_items": items,
+        "target_rate_eps": rate, "catalogue_items": items, "workers": workers,
     }
     log(f"top-{100} over {topk_n:,} items for {topk_users} users on {device} …")
     result.update(topk_ms=round(topk_ms(device, topk_n, topk_users), 2), topk_items=topk_n,
@@ -198,7 +198,8 @@ def run(settings: Settings, *, rate: float = 1000.0, items: int = 50_000, users:
     with ServiceStack(settings) as s:
         create_topics(s)
         result.update(_index_build(s, device, [item_text(it) for it in sim.items], log))
-        window = _Window(rate=rate, seconds=seconds, warmup_s=warmup_s, finetune=finetune)
+        window = _Window(rate=rate, seconds=seconds, warmup_s=warmup_s, finetune=finetune,
+                         workers=workers)
         result.update(_measure(s, sim, window, log))
         result["index_bytes_per_item"] = _index_bytes_per_item(s, device)
     result.update(window.latency_keys())
@@ -227,8 +228,9 @@ class _Window:
     """The measured window: what was sent, the lists seen, the fine-tunes beside it."""
 
     def __init__(self, *, rate: float, seconds: float, warmup_s: float,
-                 finetune: bool) -> None:
+                 finetune: bool, workers: int = 1) -> None:
         self.rate, self.seconds, self.warmup_s, self.finetune = rate, seconds, warmup_s, finetune
+        self.workers = workers
         self.watcher = _WindowWatcher()
         self.updates = UpdatesWatcher()
         self.driver: FinetuneDriver | None = None
@@ -270,8 +272,12 @@ class _Window:
 
 
 def _measure(s: Settings, sim: ShopSimulator, window: _Window, log: Any) -> dict[str, Any]:
-    """The worker (and the trainer) under a steady rate; returns the worker's figures."""
-    worker, ws = start_worker(s)
+    """The workers (and the trainer) under a steady rate; returns the workers' figures:
+    the first worker's as ``worker``, and with several (one consumer group, the event
+    partitions shared, every worker holding the whole catalogue) each one's under
+    ``workers_figures``."""
+    started = [start_worker(s, index=i) for i in range(window.workers)]
+    ws = started[0][1]
     trainer = start_trainer(ws) if window.finetune else None
     # As in the demo: the latencies come from the timestamps inside the lists, so one
     # read a second costs the embedded broker less and measures the same.
@@ -280,15 +286,21 @@ def _measure(s: Settings, sim: ShopSimulator, window: _Window, log: Any) -> dict
     updates = TopicCounter(s, [s.topic(s.topic_model_updates)], on_record=window.updates)
     recs.start()
     updates.start()
+
+    def consumed() -> int:
+        return int(sum(_metric(w_s, "tailstream_events_in_total") for _, w_s in started))
+
     try:
-        wait_ready(worker, ws)
+        for worker, w_s in started:
+            wait_ready(worker, w_s)
         if trainer is not None:
             wait_trainer_ready(*trainer)
             window.driver = FinetuneDriver(ws, trainer[1])
             window.driver.start()
         send_records(sim.catalogue(), ws)
-        log("waiting for the worker to index the catalogue …")
-        _wait_indexed(worker, ws, len(sim.items))
+        log("waiting for the worker(s) to index the catalogue …")
+        for worker, w_s in started:
+            _wait_indexed(worker, w_s, len(sim.items))
         log(f"sending {window.rate:,.0f} events/s for {window.warmup_s + window.seconds:.0f} s"
             + (", fine-tuning beside it from the end of the warm-up" if trainer else "") + " …")
         start = time.time() + window.warmup_s
@@ -302,12 +314,13 @@ def _measure(s: Settings, sim: ShopSimulator, window: _Window, log: Any) -> dict
         if window.driver is not None:
             window.driver.window_to = window.watcher.window_to
         deadline = time.monotonic() + 120
-        while _metric(ws, "tailstream_events_in_total") < stats.sent \
-                and time.monotonic() < deadline:
+        while consumed() < stats.sent and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(2.0)
-        window.consumed = int(_metric(ws, "tailstream_events_in_total"))
-        return {"worker": _worker_figures(scrape(metrics_url(ws)))}
+        window.consumed = consumed()
+        figures = [_worker_figures(scrape(metrics_url(w_s))) for _, w_s in started]
+        return {"worker": figures[0], **({"workers_figures": figures} if len(figures) > 1
+                                         else {})}
     finally:
         if window.driver is not None:
             window.driver.stop()
@@ -315,7 +328,8 @@ def _measure(s: Settings, sim: ShopSimulator, window: _Window, log: Any) -> dict
         updates.stop()
         if trainer is not None:
             trainer[0].stop()
-        worker.stop()
+        for worker, _ in started:
+            worker.stop()
 
 
 def _wait_indexed(worker: Any, ws: Settings, items: int, timeout: float = 600) -> None:

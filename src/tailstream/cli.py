@@ -242,7 +242,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = serve.run(settings, rate=args.rate, items=args.items, users=args.users,
                            seconds=args.seconds, warmup_s=args.warmup,
                            device_setting=settings.device, topk_items=args.topk_items,
-                           topk_users=args.topk_users, finetune=args.finetune, log=say)
+                           topk_users=args.topk_users, finetune=args.finetune,
+                           workers=args.workers, log=say)
     elif args.scaling:
         from tailstream.bench import ingest
 
@@ -514,6 +515,8 @@ def _add_bench(sub: Sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the trainer fine-tuning beside the worker through the window "
                         "(latency_ms_p99_during_finetune, finetune_paused_s)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="worker processes (one consumer group; each holds the catalogue)")
     g = p.add_argument_group("ingest")
     g.add_argument("--events", type=int, default=100_000, help="backlog of events")
     g.add_argument("--bench-partitions", dest="partitions_bench", type=int, default=4,
