@@ -23,14 +23,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from tailstream.contract import CATALOGUE
 from tailstream.kafka_io import aiokafka_options
 from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.streams.worker.pipeline import RawMessage, record_digest
-from tailstream.streams.worker.transport import refresh_metadata
+from tailstream.streams.worker.transport import assign_every_partition
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,7 @@ async def _read(settings: Settings, apply: Callable[[list[RawMessage]], Awaitabl
         auto_offset_reset="earliest", **aiokafka_options(settings))
     await consumer.start()
     try:
-        parts: set[int] | None = None
-        while not parts:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await asyncio.sleep(1.0)
-                await refresh_metadata(consumer)  # the topic was made after the start
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
+        tps = await assign_every_partition(consumer, topic)
         await consumer.seek_to_beginning(*tps)
         log.info("reading the catalogue: %s, %d partitions, from the start", topic, len(tps))
         while True:

@@ -29,14 +29,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from tailstream.kafka_io import aiokafka_options
 from tailstream.redis_io import Keys
 from tailstream.settings import Settings
 from tailstream.streams.worker.pipeline import Pipeline
 from tailstream.streams.worker.scoring import ScoringService
-from tailstream.streams.worker.transport import refresh_metadata
+from tailstream.streams.worker.transport import assign_every_partition
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,7 @@ async def follow_model_updates(settings: Settings,
                                 enable_auto_commit=False, **aiokafka_options(settings))
     await consumer.start()
     try:
-        parts: set[int] | None = None
-        while not parts:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await asyncio.sleep(1.0)
-                await refresh_metadata(consumer)  # the topic was made after the start
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
+        tps = await assign_every_partition(consumer, topic)
         await consumer.seek_to_end(*tps)
         while True:
             batches = await consumer.getmany(timeout_ms=1000)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 log = logging.getLogger(__name__)
@@ -380,3 +381,17 @@ async def refresh_metadata(consumer: Any) -> None:
     """Ask a plain aiokafka consumer to fetch cluster metadata now (a topic made after it
     started)."""
     await consumer._client.force_metadata_update()
+
+
+async def assign_every_partition(consumer: Any, topic: str) -> list[Any]:
+    """Assign every partition of ``topic`` to a group-less aiokafka consumer (a broadcast
+    every worker reads whole), waiting for the topic to exist; returns them."""
+    parts: set[int] | None = None
+    while not parts:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await asyncio.sleep(1.0)
+            await refresh_metadata(consumer)  # the topic was made after the start
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    return tps
