@@ -239,11 +239,11 @@ class Pipeline:
         self._read: dict[tuple[str, int], int] = {}
         """The highest offset read per input (topic, partition) in this assignment."""
         self.log_end: Callable[[str, int], int | None] | None = None
+        """Where a partition's log ends now (the consumer's high watermark; None when
+        unknown): tells a broker that lost its log from a consumer that seeks back."""
         self.claim_letter: ClaimLetter = _first_claim
         """Whether this worker dead-letters a malformed catalogue record (element
         ``index`` of an envelope): the first of the workers that read it to ask."""
-        """Where a partition's log ends now (the consumer's high watermark; None when
-        unknown): tells a broker that lost its log from a consumer that seeks back."""
         self._digests: dict[tuple[str, int], dict[int, int]] = {}
         """CRC-32 of the values of the last :data:`DIGESTS_KEPT` offsets read per input
         partition: a record read again at the same offset is a replay, another one is a
