@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from tailstream import configs
 from tailstream.contract import (
-    CATALOGUE,
     EVENT_KINDS,
     INTERACTION_KINDS,
     Event,
@@ -199,7 +198,6 @@ class Pipeline:
         self.settings = settings
         self.limits = configs.limits(settings)
         self.kind_of_topic = {settings.topic_for(k): k for k in EVENT_KINDS}
-        self.items_topic = settings.topic_for(CATALOGUE)
         # Profiles are written back once per user per batch: a table write is a changelog
         # message, and a user often has several events in one batch.
         self.profiles = WriteBehind(profiles)
@@ -278,8 +276,7 @@ class Pipeline:
         finally:
             self.refresh.catchup.reading = False
         for msg in batch:
-            if msg.topic != self.items_topic:
-                self.imbalance.mark_counted(msg.partition, msg.topic, msg.offset)
+            self.imbalance.mark_counted(msg.partition, msg.topic, msg.offset)
         if events or self.imbalance.touched:
             await self._close_imbalance_batch()
         elif self.publisher.pending:
@@ -310,8 +307,6 @@ class Pipeline:
         round (seconds later, or never when the group rejoins before the broker notices)."""
         went_back = False
         for msg in batch:
-            if msg.topic == self.items_topic:  # no watermark: nothing to mistake for a replay
-                continue
             key = (msg.topic, msg.partition)
             last = self._read.get(key)
             digest = record_digest(msg.value)
@@ -382,9 +377,6 @@ class Pipeline:
         validators = {k: functools.partial(validate, k) for k in self._events_in}
         for msg in batch:
             try:
-                if msg.topic == self.items_topic:
-                    await self._apply_item(msg)
-                    continue
                 if counted(msg.partition, msg.topic, msg.offset):
                     self.metrics.replays_skipped.inc()
                     if self.send_audit is not None:

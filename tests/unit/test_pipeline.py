@@ -733,7 +733,7 @@ def test_catalogue_records_update_item_texts() -> None:
     async def scenario() -> Harness:
         h = make()
         feed = Feed(h.settings)
-        await h.pipeline.process([
+        await h.pipeline.apply_catalogue([
             feed.msg("item", {"item_id": "i1", "title": "Red tee", "category": "fashion/tee",
                               "brand": "acme", "price": 18.0}),
             feed.msg("item", {"item_id": "i2", "category": "fashion/tee"}),
@@ -857,7 +857,7 @@ def test_background_scoring_publishes_a_list_from_the_catalogue() -> None:
     async def scenario() -> Harness:
         h = make()
         feed = Feed(h.settings)
-        await h.pipeline.process([
+        await h.pipeline.apply_catalogue([
             feed.msg("item", {"item_id": f"i{n}", "title": f"Kettle {n}",
                               "category": "home/kettle"}) for n in range(6)])
         await h.pipeline.process([feed.msg("click", click("e1", "u1", "i0"))])
@@ -893,8 +893,7 @@ def test_a_batch_without_new_events_retries_held_back_lists() -> None:
         h = make()
         feed = Feed(h.settings)
         h.sink.held_back = 2
-        await h.pipeline.process([feed.msg("item", {"item_id": "i1", "title": "Lamp",
-                                                    "category": "home/lamp"})])
+        await h.pipeline.process([])  # nothing new (the catalogue no longer comes this way)
         assert h.sink.calls == [[]]
         await h.pipeline.process([feed.msg("click", click("e1", "u1"))])
         await h.pipeline.refresh.score_next()
@@ -1176,19 +1175,20 @@ def test_a_tombstone_deletes_the_item_from_the_catalogue_and_every_later_list() 
     async def scenario() -> tuple[Harness, list[str], list[str], list[str]]:
         h = make()
         feed = Feed(h.settings)
-        await h.pipeline.process([
+        await h.pipeline.apply_catalogue([
             feed.msg("item", {"item_id": f"i-{n}", "title": f"Kettle {n}",
                               "category": "home/kettle"}) for n in range(6)])
         await h.pipeline.process([feed.msg("click", click(f"e{n}", f"u{n}", f"i-{n % 4}"))
                                   for n in range(12)])
         before = [it["item_id"] for it in (await h.pipeline.refresh.score(["new"]))[1][0]]
-        await h.pipeline.process([RawMessage(h.settings.topic_for("item"), 0, 99, b"i-3", None,
-                                             KAFKA_TS)])
+        await h.pipeline.apply_catalogue([RawMessage(h.settings.topic_for("item"), 0, 99,
+                                                     b"i-3", None, KAFKA_TS)])
         # A stale client still clicks it: counted, never recommended again.
         await h.pipeline.process([feed.msg("click", click("late", "u9", "i-3"))])
         after = [it["item_id"] for it in (await h.pipeline.refresh.score(["new"]))[1][0]]
-        await h.pipeline.process([feed.msg("item", {"item_id": "i-3", "title": "Kettle 3",
-                                                    "category": "home/kettle"})])
+        await h.pipeline.apply_catalogue([feed.msg("item", {"item_id": "i-3",
+                                                            "title": "Kettle 3",
+                                                            "category": "home/kettle"})])
         await h.pipeline.process([feed.msg("click", click("back", "u8", "i-3"))])
         revived = [it["item_id"] for it in (await h.pipeline.refresh.score(["new"]))[1][0]]
         return h, before, after, revived
