@@ -5,7 +5,8 @@ ingest (decode, validate, dead-letter) → de-duplicate → state (user profiles
 popularity, catalogue, the imbalance loop) → attribute interactions to the lists their
 users were served (:mod:`~tailstream.streams.worker.attribution`) → queue the users who
 acted for a fresh list (:mod:`~tailstream.streams.worker.refresh`) → once per batch:
-weights, triggers and the buffer's persistence.
+weights, triggers and the buffer's persistence. Catalogue records come another way,
+:meth:`Pipeline.apply_catalogue` (every worker reads the whole items topic).
 
 Nothing here raises into the stream: a message that cannot be processed is
 dead-lettered with its reason, never dropped.
@@ -359,8 +360,8 @@ class Pipeline:
 
     async def _ingest(self, batch: list[RawMessage]
                       ) -> tuple[list[tuple[Event, RawMessage]], list[str]]:
-        """Decode and validate each message (catalogue records are applied here); returns
-        the valid events and the event_ids of replays the state already holds."""
+        """Decode and validate each message; returns the valid events and the event_ids
+        of replays the state already holds."""
         events: list[tuple[Event, RawMessage]] = []
         replayed: list[str] = []
         # After a broker reset (until the next restore) no offset marks a replay: the
