@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -30,6 +30,9 @@ from tailstream.streams.stores.publisher import ExposureWindow, RecList
 from tailstream.streams.worker.dead_letters import DeadLetter, dlq_headers
 from tailstream.streams.worker.imbalance import ImbalanceLoop
 from tailstream.streams.worker.pipeline import Pipeline, RawMessage, record_digest
+
+if TYPE_CHECKING:
+    from tailstream.streams.worker.scoring import ScoringService
 
 T = TypeVar("T")
 
@@ -169,7 +172,7 @@ class Harness:
 
 def make(*, table: RecordingTable | None = None, deduper: Deduper | None = None,
          imbalance: ImbalanceLoop | None = None, audit: bool = False,
-         **overrides: Any) -> Harness:
+         scoring: ScoringService | None = None, **overrides: Any) -> Harness:
     settings = Settings().replace(**{**BASE, **overrides})
     metrics = Metrics()
     h = Harness(settings=settings, pipeline=None,  # type: ignore[arg-type]
@@ -191,6 +194,7 @@ def make(*, table: RecordingTable | None = None, deduper: Deduper | None = None,
         publisher=h.sink, send_to_dlq=h.dlq, metrics=metrics, imbalance=imbalance,
         buffer_store=h.store, send_training_request=send_training_request,
         save_counts=save_counts, send_audit=send_audit if audit else None,
+        scoring=scoring,
         refresh_every_s=0.0,  # refresh popularity every batch: lists see the last events
         gauges_every_s=0.0,  # and the gauges
         recompute_share=None)  # whatever the refresh cost
