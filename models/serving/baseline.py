@@ -178,6 +178,58 @@ class Recommendation:
                 "tier": self.tier, "reason": self.reason, "category": self.category}
 
 
+Scored = dict[str, tuple[float, str | None, bool]]
+"""item → (score, its category, whether it came from the overall fill)."""
+
+
+def _scored(profile: dict[str, Any], pop: PopularityTracker, k: int) -> Scored:
+    """The candidates of a profile and their scores (the module docstring's formula):
+    the best ``2k`` head-or-torso and ``2k`` tail items of each of the user's five
+    strongest categories, and, for a cold or narrow user with fewer than ``k``, what is
+    trending overall at a tenth of the weight. The user's last five items are left out."""
+    cats: dict[str, float] = profile.get("cats", {})
+    seen = set(profile.get("items", [])[:5])  # do not echo what the user just looked at
+    # Plain tuples while ranking (hundreds of candidates per user, on the ingest path);
+    # reasons and Recommendation objects only for the k chosen.
+    candidates: Scored = {}
+    top_aff = max(cats.values(), default=0.0)
+    for cat, aff in sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:5]:
+        rel = aff / top_aff if top_aff else 0.0
+        items, rels = pop.ranked_in(cat, 2 * k)
+        for item, r in zip(items, rels, strict=True):
+            if item not in seen and item not in candidates:  # each item once in `items`
+                candidates[item] = (rel * (0.5 + 0.5 * r), cat, False)
+    if len(candidates) < k:  # cold or narrow user: fill from what is trending overall
+        items = [i for i in dict.fromkeys(pop.global_top[: 2 * k] + pop.global_tail[:k])
+                 if i not in seen and i not in candidates]
+        category = pop.category
+        for item, r in zip(items, pop.relative_many(items), strict=True):
+            candidates[item] = (0.1 * (0.5 + 0.5 * r), category(item), True)
+    return candidates
+
+
+def _order(candidates: Scored) -> list[str]:
+    """Candidates by descending score, ties by id — the same keys as
+    ``key=lambda i: (-score, i)``, sorted as plain tuples: no Python call per candidate."""
+    return [i for _, i in sorted([(-v[0], i) for i, v in candidates.items()])]
+
+
+def ranked_by_affinity(profile: dict[str, Any], pop: PopularityTracker, k: int
+                       ) -> list[str]:
+    """The ids of :func:`recommend`'s list without a tail quota (``tail_share=0``): the
+    first ``k`` candidates by score. What the hybrid lists' ``category`` source reads for
+    every user of a turn — without a reason, a tier or an object per item.
+
+    >>> p = PopularityTracker()
+    >>> for item, w in [("a", 3.0), ("b", 1.0), ("c", 2.0)]:
+    ...     p.observe(item, "shoes", w, ts=0.0)
+    >>> p.refresh(now=0.0)
+    >>> ranked_by_affinity({"cats": {"shoes": 1.0}, "items": ["c"]}, p, k=2)
+    ['a', 'b']
+    """
+    return _order(_scored(profile, pop, k))[:k]
+
+
 def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
               tail_share: float = 0.3) -> list[Recommendation]:
     """Top-``k`` list for a profile, at least ``ceil(tail_share·k)`` tail items when
@@ -187,53 +239,39 @@ def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,
     the best items overall, so a clearly better head item is never displaced by
     more than the tail quota.
     """
-    cats: dict[str, float] = profile.get("cats", {})
-    why: dict[str, str] = profile.get("why", {})
-    seen = set(profile.get("items", [])[:5])  # do not echo what the user just looked at
-    # Plain tuples while ranking (hundreds of candidates per user, on the ingest path);
-    # Recommendation objects only for the k chosen.
-    candidates: dict[str, tuple[float, str, str | None]] = {}  # item → (score, reason, cat)
-    rel_of = pop.relative_many
-    top_aff = max(cats.values(), default=0.0)
-    for cat, aff in sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:5]:
-        rel = aff / top_aff if top_aff else 0.0
-        # (Only when the profile has no reason of its own: a default argument is built
-        # on every call, and display_text walks the text.)
-        reason = why[cat] if cat in why else f"trending in {display_text(cat, 40)}"
-        items, rels = pop.ranked_in(cat, 2 * k)
-        for item, r in zip(items, rels, strict=True):
-            if item not in seen and item not in candidates:  # each item once in `items`
-                candidates[item] = (rel * (0.5 + 0.5 * r), reason, cat)
-    if len(candidates) < k:  # cold or narrow user: fill from what is trending overall
-        items = [i for i in dict.fromkeys(pop.global_top[: 2 * k] + pop.global_tail[:k])
-                 if i not in seen and i not in candidates]
-        reasons: dict[str | None, str] = {}  # per category: display_text walks the text
-        for item, r in zip(items, rel_of(items), strict=True):
-            item_cat = pop.category(item)
-            if item_cat not in reasons:
-                reasons[item_cat] = (f"trending in {display_text(item_cat, 40)}" if item_cat
-                                     else "trending")
-            candidates[item] = (0.1 * (0.5 + 0.5 * r), reasons[item_cat], item_cat)
-    # The same keys as ``key=lambda i: (-score, i)``, sorted as plain tuples: no Python
-    # call per candidate.
-    order = [i for _, i in sorted([(-v[0], i) for i, v in candidates.items()])]
+    candidates = _scored(profile, pop, k)
+    order = _order(candidates)
     quota = math.ceil(tail_share * k)
     tier = pop.tier
-    # Walk only as far as needed (hybrid lists ask for 100 of ~1,000 candidates with no
-    # quota: the tier of every candidate had been looked up to take none of them).
+    # Walk only as far as needed: the tier of every candidate had been looked up to take
+    # a few of them.
     tail = list(islice((i for i in order if tier(i) == "tail"), quota)) if quota > 0 else []
     chosen = set(tail)
     rest = (i for i in order if i not in chosen)
     room = k - len(tail)
     picked = set(tail + (list(islice(rest, room)) if room >= 0 else list(rest)[:room]))
+    why: dict[str, str] = profile.get("why", {})
+    reasons: dict[tuple[str | None, bool], str] = {}  # display_text walks the text
     out: list[Recommendation] = []
     for i in order:
         if len(out) == len(picked):
             break
         if i in picked:
-            score, reason, category = candidates[i]
+            score, category, filled = candidates[i]
+            reason = reasons.get((category, filled))
+            if reason is None:
+                reason = reasons[(category, filled)] = _reason(category, filled, why)
             out.append(Recommendation(i, score, tier(i), reason, category))
     return out
+
+
+def _reason(category: str | None, filled: bool, why: dict[str, str]) -> str:
+    """Why an item of ``category`` is in a baseline list: the profile's own reason for a
+    category of the user's, else what is trending (``filled``: the overall fill)."""
+    if not filled:  # a category of the user's, never None
+        return why[category] if category in why else \
+            f"trending in {display_text(category or '', 40)}"
+    return f"trending in {display_text(category, 40)}" if category else "trending"
 
 
 def with_tail_share(ranked: list[Recommendation], k: int,

@@ -118,8 +118,10 @@ class Covisitation:
             for j, share in self.neighbours_of(src, self.neighbours):
                 if j not in skip:
                     scores[j] = scores.get(j, 0.0) + share / pos
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-        return ranked[:k]
+        # (−score, id) tuples sort as ``key=lambda kv: (-kv[1], kv[0])`` without a Python
+        # call per neighbour; negating a float twice gives it back exactly.
+        ranked = sorted([(-v, j) for j, v in scores.items()])[:k]
+        return [(j, -v) for v, j in ranked]
 
 
 class _Row:

@@ -81,10 +81,11 @@ ItemInfo = Callable[[Sequence[str]], tuple[list[str], list[str | None], list[flo
 """``item_ids → (tiers, categories, log q)``, supplied by the stream's popularity state."""
 OnlineProba = Callable[[str, Sequence[str]], torch.Tensor]
 """``(user_id, item_ids) → [N, K]`` class probabilities of the river fast path."""
-ListFeatures = Callable[[str, Sequence[str]], Sequence[Sequence[float]]]
-"""``(user_id, item_ids) → one row of streaming count features per item`` (the
-``feature_vector`` the head was trained on; an empty row: unknown), supplied by the
-stream's state for the items a list shows."""
+ListFeatures = Callable[[Sequence[tuple[str, Sequence[str]]]], Sequence[Sequence[float]]]
+"""``[(user_id, item_ids), …] → one row of streaming count features per (user, item)``,
+the lists' rows one after the other (the ``feature_vector`` the head was trained on; an
+empty row: unknown), supplied by the stream's state for the items lists show — a
+whole turn's lists in one call."""
 
 
 class Users(NamedTuple):
@@ -374,7 +375,7 @@ class Scorer:
             self._wide_of = self.served
         assert self._wide is not None
         mean, inv_std, weight_t = self._wide
-        rows = [row for user_id, ids in lists if ids for row in features(user_id, ids)]
+        rows = features([(user_id, ids) for user_id, ids in lists if ids])
         known = np.array([len(row) == len(mean) for row in rows])
         unknown = mean.tolist()
         x = np.array([row if ok else unknown for row, ok in zip(rows, known.tolist(),

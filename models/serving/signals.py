@@ -20,7 +20,7 @@ from typing import Any
 
 from tailstream.configs import SignalsConfig
 from tailstream.contract import SEARCH, Event
-from tailstream.models.serving.baseline import EVENT_WEIGHT, recommend
+from tailstream.models.serving.baseline import EVENT_WEIGHT, ranked_by_affinity
 from tailstream.models.serving.covisitation import Covisitation
 from tailstream.models.serving.popularity import PopularityTracker
 from tailstream.models.serving.query_lookup import QueryLookup
@@ -94,8 +94,8 @@ class Signals:
             "history": older[:depth],
         }
         if self.popularity is not None and profile.get("cats"):
-            ranked = recommend(dict(profile), self.popularity, k=depth, tail_share=0.0)
-            out["category"] = [r.item_id for r in ranked if r.item_id not in exclude]
+            out["category"] = [i for i in ranked_by_affinity(dict(profile), self.popularity,
+                                                             depth) if i not in exclude]
         query = self.last_query(profile, now)
         if query is not None:
             out["query_lookup"] = [i for i, _ in self.queries.recommend(query, depth,

@@ -318,10 +318,12 @@ class ImbalanceLoop:
 
     def features_many(self, items: Sequence[str], user_class_counts: Mapping[str, float],
                       tiers: Sequence[str], affinity: Sequence[float],
-                      repeat: Sequence[bool]) -> list[Features]:
+                      repeat: Sequence[bool], counts: Mapping[str, ItemCounts] | None = None
+                      ) -> list[Features]:
         """:meth:`features` of one user with many items (a list's), each sketch read once
-        for all of them (:meth:`item_counts`): the same values."""
-        counts = self.item_counts(items)
+        for all of them (:meth:`item_counts`; ``counts``: read already, for several
+        users' lists at once): the same values."""
+        counts = self.item_counts(items) if counts is None else counts
         return [self.features(item, user_class_counts, tiers[n], affinity[n], repeat[n],
                               counts[item]) for n, item in enumerate(items)]
 

@@ -191,17 +191,25 @@ class StreamState:
     def context(self, profile: dict[str, Any]) -> list[ContextEntry]:
         return context_entries(profile, self.item_text, self.settings.max_context)
 
-    def list_features(self, user_id: str, item_ids: Sequence[str]) -> list[tuple[float, ...]]:
-        """The count features of ``user_id`` with each of ``item_ids`` as they stand (the
-        items a list shows): what an interaction with the item would be scored with
-        (:meth:`ImbalanceLoop.features_many`). Called on the scoring thread: it only
-        reads the profiles and the loop's counts."""
-        profile = self.profiles.get(user_id) or new_profile()
-        tiers = self.imbalance.tiers
-        context = [user_item_context(profile, self.popularity.category(i), i) for i in item_ids]
-        return [feature_vector(x) for x in self.imbalance.features_many(
-            item_ids, profile.get("n", {}), [tiers.get(i, "tail") for i in item_ids],
-            [a for a, _ in context], [r for _, r in context])]
+    def list_features(self, lists: Sequence[tuple[str, Sequence[str]]]
+                      ) -> list[tuple[float, ...]]:
+        """The count features of each user with each of the items their list shows
+        (``lists``: (user, items shown)), one row per pair, the lists one after the
+        other, as they stand: what an interaction with the item would be scored with
+        (:meth:`ImbalanceLoop.features_many`). The sketches are read once for a whole
+        turn's lists (three reads per user had been most of it). Called on the scoring
+        thread: it only reads the profiles and the loop's counts."""
+        loop = self.imbalance
+        counts = loop.item_counts([i for _, ids in lists for i in ids])
+        tiers, category = loop.tiers, self.popularity.category
+        rows: list[tuple[float, ...]] = []
+        for user_id, item_ids in lists:
+            profile = self.profiles.get(user_id) or new_profile()
+            context = [user_item_context(profile, category(i), i) for i in item_ids]
+            rows.extend(feature_vector(x) for x in loop.features_many(
+                item_ids, profile.get("n", {}), [tiers.get(i, "tail") for i in item_ids],
+                [a for a, _ in context], [r for _, r in context], counts))
+        return rows
 
 
 def user_item_context(profile: dict[str, Any], category: str | None, item: str | None

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import random
+
 from tailstream.contract import Event
 from tailstream.models.serving.baseline import (
     QueryIndex,
     Recommendation,
     new_profile,
+    ranked_by_affinity,
     recommend,
     tokens,
     update_profile,
@@ -109,3 +112,29 @@ def test_tail_quota_never_exceeded_when_tail_is_worse() -> None:
     out = with_tail_share(ranked, 10, 0.2)
     assert [r.item_id for r in out][:8] == [str(i) for i in range(8)]
     assert sum(r.tier == "tail" for r in out) == 2
+
+
+def test_the_category_source_ranks_as_the_baseline_list_without_a_quota() -> None:
+    """``ranked_by_affinity`` (the hybrid lists' category source) is ``recommend``'s
+    ranking with ``tail_share=0``, ids only: users with no, one or many categories
+    (ties in score included), cold users filled from what is trending overall, items
+    without a category, the user's last five items left out."""
+    rng = random.Random(0)
+    checked = filled = 0
+    for _ in range(40):
+        p = PopularityTracker(half_life_s=1e9, per_category=rng.choice([5, 50]))
+        cats = ["", "shoes", "hats", "bags", "toys", "pens", "cups"][:rng.randint(2, 7)]
+        for n in range(rng.randint(0, 300)):
+            cat = rng.choice(cats) if rng.random() < 0.9 else None
+            p.observe(f"i{n}", cat, rng.choice([0.5, 1.0, 1.0, 2.0]), ts=0.0)
+        p.refresh(now=0.0)
+        for _ in range(5):
+            profile = {"cats": {c: rng.choice([1.0, 2.0, rng.random()])
+                                for c in rng.sample(cats, rng.randint(0, len(cats)))},
+                       "items": [f"i{rng.randint(0, 300)}" for _ in range(6)]}
+            for k in (3, 20, 100):
+                want = [r.item_id for r in recommend(profile, p, k=k, tail_share=0.0)]
+                assert ranked_by_affinity(profile, p, k) == want
+                checked += 1
+                filled += len(want) < k or not profile["cats"]
+    assert checked == 600 and filled > 0

@@ -194,9 +194,10 @@ def test_listed_outcomes_read_the_count_features_of_the_items_shown(
     f = model.config.wide_features
     asked: list[tuple[str, list[str]]] = []
 
-    def features(user: str, items: Any) -> list[tuple[float, ...]]:
-        asked.append((user, list(items)))
-        return [tuple(float((int(i[1:]) * (n + 1)) % 5) for n in range(f)) for i in items]
+    def features(lists: Any) -> list[tuple[float, ...]]:
+        asked.extend((user, list(items)) for user, items in lists)
+        return [tuple(float((int(i[1:]) * (n + 1)) % 5) for n in range(f))
+                for _, items in lists for i in items]
 
     req = request("u", ["i1", "i2"], {"covisitation": ["i3", "i4"]})
     [plain] = hybrid_recommend(s, [req], info, OnlineBlender())
@@ -206,7 +207,7 @@ def test_listed_outcomes_read_the_count_features_of_the_items_shown(
     assert asked[0] == ("u", [r.item_id for r in hybrid.ranked])  # k items, not candidates
     for lst in (hybrid.ranked, towers):
         for r in lst:
-            row = features("u", [r.item_id])[0]
+            row = features([("u", [r.item_id])])[0]
             assert r.p_purchase == pytest.approx(expected_purchase(s, req.request, r.item_id,
                                                                    row), abs=1e-5)
     moved = [abs(r.p_purchase - expected_purchase(s, req.request, r.item_id, None))
@@ -231,9 +232,9 @@ def test_a_batch_s_lists_are_each_user_s_lists_alone(tiny_encoder: Path) -> None
         return (["tail" if k % 3 == 0 else "head" for k in n],
                 [None if k % 7 == 0 else f"cat{k % 4}" for k in n], [-k / 10 for k in n])
 
-    def features(user: str, items: Any) -> list[tuple[float, ...]]:
+    def features(lists: Any) -> list[tuple[float, ...]]:
         return [tuple(float((int(i[1:]) + len(user) * n) % 5) for n in range(f))
-                if int(i[1:]) % 5 else () for i in items]
+                if int(i[1:]) % 5 else () for user, items in lists for i in items]
 
     batch = [request("a", ["i1", "i2"], {"covisitation": ["i3", "i999", "i4"],
                                          "trending": ["i9", "i12", "i15"]}),

@@ -303,7 +303,7 @@ def test_a_lists_features_are_what_the_next_interaction_is_scored_with() -> None
                                 category="home/mug" if n % 4 else "home/pan"))
     state.apply_event(Event("cart", "k1", "u1", 1.7e9 + 40, item_id="i2",
                             category="home/mug", price=9.0))
-    rows = state.list_features("u1", ["i2", "i0", "never-seen"])
+    rows = state.list_features([("u1", ["i2", "i0", "never-seen"])])
     profile = state.profiles["u1"]
     one_by_one = [feature_vector(state.imbalance.features(
         i, profile["n"], state.imbalance.tiers.get(i, "tail"),
@@ -314,6 +314,25 @@ def test_a_lists_features_are_what_the_next_interaction_is_scored_with() -> None
                                      category="home/mug"))
     assert sample is not None and sample.features == rows[0]
     assert len({rows[0], rows[1], rows[2]}) == 3  # the item, its category, the user's past
+
+
+def test_a_turns_lists_read_the_sketches_once_with_each_lists_own_features() -> None:
+    """A whole turn's lists in one call (the sketches read once for all of them) give
+    each user the rows their list alone gets: their own profile, items shared between
+    users, an empty list and an unknown user included."""
+    from tailstream.streams.worker.state import StreamState
+
+    state = StreamState(Settings(), {})
+    for n in range(40):
+        state.apply_event(Event(["click", "cart", "purchase"][n % 3], f"e{n}", f"u{n % 4}",
+                                1.7e9 + n, item_id=f"i{n % 6}", category=f"c{n % 2}",
+                                price=float(n)))
+    lists = [("u1", ["i2", "i0", "never-seen"]), ("u2", ["i0", "i5"]), ("u3", []),
+             ("nobody", ["i1", "i2"]), ("u1", ["i4"])]
+    together = state.list_features(lists)
+    alone = [row for one in lists for row in state.list_features([one])]
+    assert together == alone and len(together) == 8
+    assert together[1] != together[3]  # i0 for u1 and for u2: each user's own counts
 
 
 def test_samples_carry_the_fast_paths_prediction_made_before_it_learns_from_them() -> None:

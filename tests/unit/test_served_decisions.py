@@ -6,6 +6,7 @@ streams/worker/imbalance.py ``live_prior``)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -299,9 +300,9 @@ def test_listed_outcomes_stack_the_fast_path_when_the_layer_does(tiny_encoder: P
     s = served_scorer(tiny_encoder, layer.to_dict())
     f = s.served.model.config.wide_features
 
-    def features(user: str, items: object) -> list[tuple[float, ...]]:
+    def features(lists: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[float, ...]]:
         return [tuple(float((int(i[1:]) * (n + 1)) % 5) / 5 for n in range(f))
-                for i in items]  # type: ignore[attr-defined]
+                for _, items in lists for i in items]
 
     asked: list[np.ndarray] = []
 
@@ -317,7 +318,7 @@ def test_listed_outcomes_stack_the_fast_path_when_the_layer_does(tiny_encoder: P
     assert len(asked) == 1 and len(asked[0]) == len(towers)  # the items shown, once
     counts, fast = s.list_inputs(features, "u", [r.item_id for r in towers])
     assert fast is not None and np.allclose(fast, fast_path(np.array(
-        features("u", [r.item_id for r in towers]))))
+        features([("u", [r.item_id for r in towers])]))))
     users = s.user_vectors([req])
     rows = s.index.rows_of([r.item_id for r in towers])
     head = s.served.model.outcome_logits(
