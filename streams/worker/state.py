@@ -197,7 +197,7 @@ class StreamState:
         (``lists``: (user, items shown)), one row per pair, the lists one after the
         other, as they stand: what an interaction with the item would be scored with
         (:meth:`ImbalanceLoop.features_many`). The sketches are read once for a whole
-        turn's lists (three reads per user had been most of it). Called on the scoring
+        turn's lists (three reads per user had been half of it). Called on the scoring
         thread: it only reads the profiles and the loop's counts."""
         loop = self.imbalance
         counts = loop.item_counts([i for _, ids in lists for i in ids])
