@@ -329,7 +329,17 @@ def test_a_turns_lists_read_the_sketches_once_with_each_lists_own_features() -> 
                                 price=float(n)))
     lists = [("u1", ["i2", "i0", "never-seen"]), ("u2", ["i0", "i5"]), ("u3", []),
              ("nobody", ["i1", "i2"]), ("u1", ["i4"])]
+    reads = 0
+    item_counts = state.imbalance.item_counts
+
+    def counted(items: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return item_counts(items)
+
+    state.imbalance.item_counts = counted  # type: ignore[method-assign]
     together = state.list_features(lists)
+    assert reads == 1
     alone = [row for one in lists for row in state.list_features([one])]
     assert together == alone and len(together) == 8
     assert together[1] != together[3]  # i0 for u1 and for u2: each user's own counts
