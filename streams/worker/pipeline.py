@@ -564,20 +564,20 @@ class Pipeline:
         dead-lettered by whoever claims it first (``claim_letter``), once."""
         for msg in batch:
             try:
-                await self._apply_item(msg, claimed=True)
+                await self._apply_item(msg)
             except Exception as exc:  # one record's bug: the others are applied
                 log.exception("reading %s/%d/%d failed", msg.topic, msg.partition, msg.offset)
                 if await self.claim_letter(msg, None):
                     await self.dead_letter(msg, Rejection("processing_error", repr(exc)[:200]))
 
-    async def _apply_item(self, msg: RawMessage, claimed: bool = False) -> None:
+    async def _apply_item(self, msg: RawMessage) -> None:
         if msg.value is None and msg.key:  # a tombstone on the compacted items topic
             item_id = msg.key.decode("utf-8", "replace")
             self.state.remove_item(item_id)
             self.metrics.items_deleted.inc()
             return
         for item in await self._valid(msg, lambda v: validate_item(v, self.limits),
-                                      claimed=claimed):
+                                      claimed=True):
             self.state.apply_item(item)
             self.metrics.items_in.inc()
 
