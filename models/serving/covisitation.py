@@ -62,11 +62,11 @@ class Covisitation:
         if recent is None:
             recent = self._recent[user_id] = deque(maxlen=self.window)
         elif recent:
-            row_of, backward = self._row, self.backward
+            rows, row_of, backward = self._rows, self._row, self.backward
             mine: _Row | None = None  # the item's own row, looked up once for its pairs
             for d, prev in enumerate(recent, 1):
                 if prev != item_id:
-                    row_of(prev).add(item_id, boost / d)
+                    (rows.get(prev) or row_of(prev)).add(item_id, boost / d)
                     if backward > 0:
                         if mine is None:
                             mine = row_of(item_id)
@@ -106,7 +106,8 @@ class Covisitation:
         if row is None:
             return []
         total = row.total or 1.0
-        return [(j, row.top.values[j] / total) for j in row.top.best(k=k)]
+        best, values = row.top.best(k=k), row.top.values
+        return [(j, values[j] / total) for j in best]
 
     def recommend(self, recent: Sequence[str], k: int,
                   exclude: Collection[str] = ()) -> list[tuple[str, float]]:

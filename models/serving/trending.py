@@ -21,49 +21,54 @@ from itertools import islice
 
 
 class TopSet:
-    """The ``size`` keys with the largest values, for values that only ever grow.
+    """The ``size`` keys with the largest values, ties to the smaller key, for values that
+    only ever grow.
 
-    A key outside the set can overtake a member only when its own value grows, which is
-    exactly when :meth:`offer` is called with it, so the set is always the true top.
+    An offer is written down, not sorted in: the set is brought up to date when it is read
+    (:meth:`best`, :attr:`values`) or when ``size`` offers of keys outside it are waiting.
+    That is exact: ranked by (−value, key), a key not offered since the last update can
+    only have lost rank to the members (theirs only grew), so the new top is among the
+    members and the keys offered since. A worker offers several times per event (each
+    co-visitation pair) and reads a row only when a list is made from it; an eager set
+    scanned its members for the new floor at nearly every offer, since forward-decayed
+    values make each new key the largest.
 
     >>> t = TopSet(2)
     >>> for key, value in [("a", 1.0), ("b", 3.0), ("c", 2.0), ("a", 5.0)]:
     ...     t.offer(key, value)
-    >>> t.best()
+    >>> t.best(), t.values
+    (['a', 'b'], {'a': 5.0, 'b': 3.0})
+    >>> t.offer("c", 3.0); t.best()      # ties go to the smaller key
     ['a', 'b']
     """
+
+    __slots__ = ("size", "_members", "_pending", "_floor", "_ranked")
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
         self.size = size
-        self.values: dict[str, float] = {}
-        """Members and their values (read-only outside this class: :meth:`best` caches
-        the ranking until :meth:`offer` or :meth:`rescale` changes them)."""
-        self._floor_key: str | None = None  # the smallest member, once full
-        self._ranked: list[str] | None = None  # members best first, until a change
+        self._members: dict[str, float] = {}
+        self._pending: dict[str, float] = {}
+        self._floor = -math.inf
+        """The smallest member's value while the set is full: an offer below it can never
+        enter (members only grow), so it is not written down."""
+        self._ranked: list[str] = []  # the members best first, as of the last update
 
     def offer(self, key: str, value: float) -> None:
         """``key`` now has ``value`` (never less than before)."""
-        values = self.values
-        if key in values:
-            values[key] = value
-            self._ranked = None
-            if key == self._floor_key:
-                self._floor_key = min(values, key=values.__getitem__)
+        if value < self._floor:
             return
-        if len(values) < self.size:
-            values[key] = value
-            self._ranked = None
-            if len(values) == self.size:
-                self._floor_key = min(values, key=values.__getitem__)
-            return
-        assert self._floor_key is not None
-        if value > values[self._floor_key]:
-            del values[self._floor_key]
-            values[key] = value
-            self._ranked = None
-            self._floor_key = min(values, key=values.__getitem__)
+        pending = self._pending
+        pending[key] = value
+        if len(pending) > self.size:
+            self._settle()
+
+    @property
+    def values(self) -> dict[str, float]:
+        """The members and their values (do not change it)."""
+        self._settle()
+        return self._members
 
     def best(self, exclude: Collection[str] = (), k: int | None = None) -> list[str]:
         """Members, largest value first (ties by key), without ``exclude``, at most ``k``.
@@ -71,19 +76,33 @@ class TopSet:
         The ranking is sorted once per change, not per call: a worker asks every user's
         list for the same trending set (and popular items' neighbours) many times between
         two events that change it."""
+        self._settle()
         ranked = self._ranked
-        if ranked is None:
-            values = self.values
-            ranked = self._ranked = sorted(values, key=lambda key: (-values[key], key))
         if k is None:
             return [key for key in ranked if key not in exclude]
         return list(islice((key for key in ranked if key not in exclude), k))
 
     def rescale(self, factor: float) -> None:
         """Multiply every value by ``factor > 0`` (order unchanged)."""
-        for key in self.values:
-            self.values[key] *= factor
-        self._ranked = None
+        for values in (self._members, self._pending):
+            for key in values:
+                values[key] *= factor
+        self._floor *= factor
+
+    def _settle(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        members = self._members
+        members.update(pending)
+        pending.clear()
+        ranked = sorted(members, key=lambda key: (-members[key], key))
+        if len(ranked) >= self.size:
+            ranked = ranked[:self.size]
+            if len(members) > self.size:
+                self._members = {key: members[key] for key in ranked}
+            self._floor = members[ranked[-1]]
+        self._ranked = ranked
 
 
 class ForwardDecay:
