@@ -18,8 +18,9 @@ A user with recent items ``r_1, r_2, …`` (most recent first) gets
     score(j) = Σ_l  w(r_l → j) / W(r_l) / l ,   W(i) = Σ_j w(i → j)
 
 (each recent item's neighbours as a distribution, nearer items first). Only the best
-``neighbours`` of each item are read when scoring (kept exactly per event by a
-:class:`~tailstream.models.serving.trending.TopSet`, as weights only grow), so a list costs
+``neighbours`` of each item are read when scoring (kept exactly by a
+:class:`~tailstream.models.serving.trending.TopSet`, as weights only grow; ties to the
+smaller id), so a list costs
 ``window × neighbours`` look-ups whatever the catalogue size. Torch-free.
 """
 

@@ -25,7 +25,7 @@ class TopSet:
     only ever grow.
 
     An offer is written down, not sorted in: the set is brought up to date when it is read
-    (:meth:`best`, :attr:`values`) or when ``size`` offers of keys outside it are waiting.
+    (:meth:`best`, :attr:`values`) or when more than ``size`` keys wait (members too).
     That is exact: ranked by (−value, key), a key not offered since the last update can
     only have lost rank to the members (theirs only grew), so the new top is among the
     members and the keys offered since. A worker offers several times per event (each
@@ -83,7 +83,8 @@ class TopSet:
         return list(islice((key for key in ranked if key not in exclude), k))
 
     def rescale(self, factor: float) -> None:
-        """Multiply every value by ``factor > 0`` (order unchanged)."""
+        """Multiply every value by ``factor > 0`` (the order kept: two values that the
+        rounding makes equal keep the order they had)."""
         for values in (self._members, self._pending):
             for key in values:
                 values[key] *= factor
