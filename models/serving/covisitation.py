@@ -116,10 +116,17 @@ class Covisitation:
         and ``exclude``, best first (ties by id); fewer when the neighbours run out."""
         scores: dict[str, float] = {}
         skip = set(exclude) | set(recent)
+        rows = self._rows
         for pos, src in enumerate(recent[: self.window], 1):
-            for j, share in self.neighbours_of(src, self.neighbours):
+            row = rows.get(src)
+            if row is None:
+                continue
+            # neighbours_of's shares, without a (neighbour, share) tuple each: the same floats
+            total = row.total or 1.0
+            best, values = row.top.best(k=self.neighbours), row.top.values
+            for j in best:
                 if j not in skip:
-                    scores[j] = scores.get(j, 0.0) + share / pos
+                    scores[j] = scores.get(j, 0.0) + values[j] / total / pos
         # (−score, id) tuples sort as ``key=lambda kv: (-kv[1], kv[0])`` without a Python
         # call per neighbour; negating a float twice gives it back exactly.
         ranked = sorted([(-v, j) for j, v in scores.items()])[:k]

@@ -78,6 +78,8 @@ class TopSet:
         two events that change it."""
         self._settle()
         ranked = self._ranked
+        if not exclude:  # a row's neighbours: no generator step per key
+            return ranked[:k] if k is not None else list(ranked)
         if k is None:
             return [key for key in ranked if key not in exclude]
         return list(islice((key for key in ranked if key not in exclude), k))
