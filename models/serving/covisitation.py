@@ -103,12 +103,16 @@ class Covisitation:
         >>> cv.neighbours_of("a", 3), cv.neighbours_of("b", 3)
         ([('b', 1.0)], [])
         """
+        best, values, total = self._top(item_id, k)
+        return [(j, values[j] / total) for j in best]
+
+    def _top(self, item_id: str, k: int) -> tuple[list[str], dict[str, float], float]:
+        """The item's best ``k`` neighbours, their weights and the row's total ``W(i)``
+        (1 for an empty row): a neighbour's share is its weight over the total."""
         row = self._rows.get(item_id)
         if row is None:
-            return []
-        total = row.total or 1.0
-        best, values = row.top.best(k=k), row.top.values
-        return [(j, values[j] / total) for j in best]
+            return [], {}, 1.0
+        return row.top.best(k=k), row.top.values, row.total or 1.0
 
     def recommend(self, recent: Sequence[str], k: int,
                   exclude: Collection[str] = ()) -> list[tuple[str, float]]:
@@ -116,14 +120,9 @@ class Covisitation:
         and ``exclude``, best first (ties by id); fewer when the neighbours run out."""
         scores: dict[str, float] = {}
         skip = set(exclude) | set(recent)
-        rows = self._rows
         for pos, src in enumerate(recent[: self.window], 1):
-            row = rows.get(src)
-            if row is None:
-                continue
             # neighbours_of's shares, without a (neighbour, share) tuple each: the same floats
-            total = row.total or 1.0
-            best, values = row.top.best(k=self.neighbours), row.top.values
+            best, values, total = self._top(src, self.neighbours)
             for j in best:
                 if j not in skip:
                     scores[j] = scores.get(j, 0.0) + values[j] / total / pos
