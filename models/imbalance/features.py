@@ -82,3 +82,59 @@ def feature_vector(x: Mapping[str, float]) -> tuple[float, ...]:
 
 _SCALES = tuple((n, LOG_SCALE if n.startswith("log_") else 1.0) for n in FEATURE_NAMES)
 
+
+
+ItemColumns = tuple[float, ...]
+"""An item's part of a :func:`feature_vector` row (:func:`item_columns`)."""
+UserColumns = tuple[float, ...]
+"""A user's part of a :func:`feature_vector` row (:func:`user_columns`)."""
+
+
+def item_columns(item_count: float, item_class_counts: Mapping[str, float], tier: str,
+                 price: float | None) -> ItemColumns:
+    """The item's columns of :func:`feature_vector` (count, tier, price and the item's
+    rates), computed as :func:`interaction_features` does and scaled as
+    :func:`feature_vector` does — once per item when a turn's lists show it to many
+    users (:func:`joined_vector` adds the user's and the pair's).
+
+    >>> [round(v, 4) for v in item_columns(9.0, {"purchase": 2.0}, "head", None)[:3]]
+    [0.2303, 1.0, 0.0]
+    """
+    items = max(item_count, 0.0) + len(CLASSES)
+    return (math.log1p(max(item_count, 0.0)) / LOG_SCALE, float(tier == "head"),
+            float(tier == "tail"),
+            (math.log1p(price) if price is not None and price > 0 else 0.0) / LOG_SCALE,
+            *[(item_class_counts.get(c, 0.0) + 1) / items for c in RARE_CLASSES])
+
+
+def user_columns(user_class_counts: Mapping[str, float]) -> UserColumns:
+    """The user's columns of :func:`feature_vector` (event count and the user's rates),
+    as :func:`interaction_features` computes them — once per user of a turn.
+
+    >>> user_columns({})[0], len(user_columns({})) == 1 + len(RARE_CLASSES)
+    (0.0, True)
+    """
+    user_total = sum(user_class_counts.values())
+    users = user_total + len(CLASSES)
+    return (math.log1p(user_total) / LOG_SCALE,
+            *[(user_class_counts.get(c, 0.0) + 1) / users for c in RARE_CLASSES])
+
+
+def joined_vector(item: ItemColumns, user: UserColumns, affinity: float, repeat: bool
+                  ) -> tuple[float, ...]:
+    """``feature_vector(interaction_features(...))`` from the item's and the user's
+    columns and the pair's affinity and repeat flag: the same floats, in
+    :data:`FEATURE_NAMES` order, without a dict per pair.
+
+    >>> kw = dict(item_count=9.0, item_class_counts={"purchase": 2.0}, tier="tail",
+    ...           price=12.5, user_class_counts={"click": 4.0, "cart": 1.0})
+    >>> joined = joined_vector(item_columns(9.0, {"purchase": 2.0}, "tail", 12.5),
+    ...                        user_columns({"click": 4.0, "cart": 1.0}), 0.5, True)
+    >>> joined == feature_vector(interaction_features(category_affinity=0.5, repeat=True,
+    ...                                               **kw))
+    True
+    """
+    row = [item[0], item[1], item[2], float(affinity), float(repeat), item[3], user[0]]
+    for item_rate, user_rate in zip(item[4:], user[1:], strict=True):
+        row += (item_rate, user_rate)
+    return tuple(row)

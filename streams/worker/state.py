@@ -16,7 +16,7 @@ from typing import Any
 
 from tailstream.contract import INTERACTION_KINDS, SEARCH, Event, Item
 from tailstream.models.imbalance.buffer import Sample
-from tailstream.models.imbalance.features import feature_vector
+from tailstream.models.imbalance.features import item_columns, joined_vector, user_columns
 from tailstream.models.serving.baseline import QueryIndex, new_profile, update_profile
 from tailstream.models.serving.popularity import PopularityTracker
 from tailstream.models.serving.signals import Signals
@@ -196,19 +196,25 @@ class StreamState:
         """The count features of each user with each of the items their list shows
         (``lists``: (user, items shown)), one row per pair, the lists one after the
         other, as they stand: what an interaction with the item would be scored with
-        (:meth:`ImbalanceLoop.features_many`). The sketches are read once for a whole
-        turn's lists (three reads per user had been half of it). Called on the scoring
-        thread: it only reads the profiles and the loop's counts."""
+        (:meth:`ImbalanceLoop.features`, the same floats). The sketches are read once for
+        a whole turn's lists (three reads per user had been half of it), each item's
+        columns made once and each user's once (a dict per pair had been most of the
+        rest). Called on the scoring thread: it only reads the profiles and the loop's
+        counts."""
         loop = self.imbalance
         counts = loop.item_counts([i for _, ids in lists for i in ids])
-        tiers, category = loop.tiers, self.popularity.category
+        tiers, prices, category = loop.tiers, loop.prices, self.popularity.category
+        items = {i: item_columns(n, rates, tiers.get(i, "tail"), prices.get(i))
+                 for i, (n, rates) in counts.items()}
         rows: list[tuple[float, ...]] = []
         for user_id, item_ids in lists:
+            if not item_ids:
+                continue
             profile = self.profiles.get(user_id) or new_profile()
-            context = [user_item_context(profile, category(i), i) for i in item_ids]
-            rows.extend(feature_vector(x) for x in loop.features_many(
-                item_ids, profile.get("n", {}), [tiers.get(i, "tail") for i in item_ids],
-                [a for a, _ in context], [r for _, r in context], counts))
+            user = user_columns(profile.get("n", {}))
+            for i in item_ids:
+                affinity, repeat = user_item_context(profile, category(i), i)
+                rows.append(joined_vector(items[i], user, affinity, repeat))
         return rows
 
 
