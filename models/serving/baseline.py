@@ -182,11 +182,21 @@ Scored = dict[str, tuple[float, str | None, bool]]
 """item → (score, its category, whether it came from the overall fill)."""
 
 
-def _scored(profile: dict[str, Any], pop: PopularityTracker, k: int) -> Scored:
+def _scored(profile: dict[str, Any], pop: PopularityTracker, k: int,
+            best_only: bool = False) -> Scored:
     """The candidates of a profile and their scores (the module docstring's formula):
     the best ``2k`` head-or-torso and ``2k`` tail items of each of the user's five
     strongest categories, and, for a cold or narrow user with fewer than ``k``, what is
-    trending overall at a tenth of the weight. The user's last five items are left out."""
+    trending overall at a tenth of the weight. The user's last five items are left out.
+
+    ``best_only``: only candidates that can be among the best ``k`` by (−score, id).
+    A category's items are read by descending count (:meth:`~PopularityTracker.
+    ranked_in_by_count`), along which the score never rises (``rel ≥ 0`` times a
+    non-decreasing function of the count, rounding included), so once ``k`` of its
+    items are in, a later one with a lower score has ``k`` better ones and is skipped;
+    equal scores are kept for the id order. Categories share no item (each item is
+    ranked in its one category at a refresh), and the fill is needed exactly when no
+    category reached ``k``, so the best ``k`` and the fill are what the whole set gives."""
     cats: dict[str, float] = profile.get("cats", {})
     seen = set(profile.get("items", [])[:5])  # do not echo what the user just looked at
     # Plain tuples while ranking (hundreds of candidates per user, on the ingest path);
@@ -195,17 +205,34 @@ def _scored(profile: dict[str, Any], pop: PopularityTracker, k: int) -> Scored:
     top_aff = max(cats.values(), default=0.0)
     for cat, aff in sorted(cats.items(), key=lambda kv: kv[1], reverse=True)[:5]:
         rel = aff / top_aff if top_aff else 0.0
+        if best_only and rel >= 0:
+            _best_of(candidates, seen, cat, rel, *pop.ranked_in_by_count(cat, 2 * k), k)
+            continue
         items, rels = pop.ranked_in(cat, 2 * k)
         for item, r in zip(items, rels, strict=True):
             if item not in seen and item not in candidates:  # each item once in `items`
                 candidates[item] = (rel * (0.5 + 0.5 * r), cat, False)
     if len(candidates) < k:  # cold or narrow user: fill from what is trending overall
-        items = [i for i in dict.fromkeys(pop.global_top[: 2 * k] + pop.global_tail[:k])
-                 if i not in seen and i not in candidates]
-        category = pop.category
-        for item, r in zip(items, pop.relative_many(items), strict=True):
-            candidates[item] = (0.1 * (0.5 + 0.5 * r), category(item), True)
+        for item, r, category in zip(*pop.overall_fill(k), strict=True):
+            if item not in seen and item not in candidates:
+                candidates[item] = (0.1 * (0.5 + 0.5 * r), category, True)
     return candidates
+
+
+def _best_of(candidates: Scored, seen: set[str], cat: str, rel: float, items: list[str],
+             rels: list[float], k: int) -> None:
+    """Add the category's candidates that can be among the best ``k`` (see
+    :func:`_scored`): its first ``k`` unseen items by count, and those after them that
+    tie the ``k``-th's score."""
+    taken, last = 0, 0.0
+    for item, r in zip(items, rels, strict=True):
+        if item in seen or item in candidates:
+            continue
+        score = rel * (0.5 + 0.5 * r)
+        if taken >= k and score < last:
+            return
+        candidates[item] = (score, cat, False)
+        taken, last = taken + 1, score
 
 
 def _order(candidates: Scored) -> list[str]:
@@ -227,7 +254,7 @@ def ranked_by_affinity(profile: dict[str, Any], pop: PopularityTracker, k: int
     >>> ranked_by_affinity({"cats": {"shoes": 1.0}, "items": ["c"]}, p, k=2)
     ['a', 'b']
     """
-    return _order(_scored(profile, pop, k))[:k]
+    return _order(_scored(profile, pop, k, best_only=True))[:k]
 
 
 def recommend(profile: dict[str, Any], pop: PopularityTracker, k: int = 20,

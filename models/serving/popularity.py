@@ -52,6 +52,8 @@ class PopularityTracker:
         self._version = 0
         """Counts every change, so :meth:`ranked_in` knows when its memo is stale."""
         self._memo: dict[tuple[str, int], tuple[list[str], list[float]]] = {}
+        self._by_count_memo: dict[tuple[str, int], tuple[list[str], list[float]]] = {}
+        self._fill_memo: dict[int, tuple[list[str], list[float], list[str | None]]] = {}
         self._memo_version = 0
 
     # -- updates ---------------------------------------------------------------
@@ -189,14 +191,52 @@ class PopularityTracker:
         >>> p.observe("b", "shoes", 0.5, ts=0.0); p.ranked_in("shoes", 5)  # fresh again
         (['a', 'b'], [1.0, 0.75])
         """
-        if self._memo_version != self._version:
-            self._memo = {}
-            self._memo_version = self._version
+        self._check_memo()
         got = self._memo.get((category, n))
         if got is None:
             items = list(dict.fromkeys(self.top_in(category)[:n] + self.tail_in(category)[:n]))
             got = self._memo[(category, n)] = (items, self.relative_many(items))
         return got
+
+    def ranked_in_by_count(self, category: str, n: int) -> tuple[list[str], list[float]]:
+        """:meth:`ranked_in`'s items and relative counts ordered by (−relative count,
+        id): a score that grows with the count then falls along it, so a reader that
+        needs only the best few can stop early. Shared by a turn's users as
+        :meth:`ranked_in` is.
+
+        >>> p = PopularityTracker()
+        >>> for item, w in [("a", 1.0), ("b", 3.0), ("c", 1.0)]:
+        ...     p.observe(item, "shoes", w, ts=0.0)
+        >>> p.refresh(now=0.0); p.observe("c", "shoes", 3.0, ts=0.0)
+        >>> p.ranked_in("shoes", 5)[0], p.ranked_in_by_count("shoes", 5)[0]
+        (['b', 'a', 'c'], ['b', 'c', 'a'])
+        """
+        self._check_memo()
+        got = self._by_count_memo.get((category, n))
+        if got is None:
+            items, rels = self.ranked_in(category, n)
+            pairs = sorted([(-r, i) for i, r in zip(items, rels, strict=True)])
+            got = self._by_count_memo[(category, n)] = ([i for _, i in pairs],
+                                                         [-r for r, _ in pairs])
+        return got
+
+    def overall_fill(self, n: int) -> tuple[list[str], list[float], list[str | None]]:
+        """The first ``2n`` overall items then the first ``n`` overall tail items (each
+        once), their relative counts and categories: what a cold user's list is filled
+        from, the same for every user until the counts next change."""
+        self._check_memo()
+        got = self._fill_memo.get(n)
+        if got is None:
+            items = list(dict.fromkeys(self._global_top[:2 * n] + self._global_tail[:n]))
+            category = self._category.get
+            got = self._fill_memo[n] = (items, self.relative_many(items),
+                                        [category(i) for i in items])
+        return got
+
+    def _check_memo(self) -> None:
+        if self._memo_version != self._version:
+            self._memo, self._by_count_memo, self._fill_memo = {}, {}, {}
+            self._memo_version = self._version
 
     def top_in(self, category: str) -> list[str]:
         return self._top.get(category, [])

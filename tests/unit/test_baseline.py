@@ -138,3 +138,37 @@ def test_the_category_source_ranks_as_the_baseline_list_without_a_quota() -> Non
                 checked += 1
                 filled += len(want) < k or not profile["cats"]
     assert checked == 600 and filled > 0
+
+
+def test_the_category_source_reads_only_the_best_and_misses_none() -> None:
+    """The category source stops reading a category once it holds ``k`` of its items
+    (by descending count): the same ids as the whole ranking, also when counts, categories
+    and deletions changed since the last refresh (the refresh's order is then not the
+    counts' order) and when many scores tie."""
+    rng = random.Random(3)
+    pruned = 0
+    for _ in range(30):
+        p = PopularityTracker(half_life_s=1e9, per_category=rng.choice([5, 40]))
+        cats = ["shoes", "hats", "bags", "toys", "pens", "cups", "mugs"][:rng.randint(1, 7)]
+        for n in range(rng.randint(0, 400)):
+            p.observe(f"i{n % 150}", rng.choice(cats), rng.choice([1.0, 1.0, 2.0]), ts=0.0)
+        p.refresh(now=0.0)
+        for _ in range(30):
+            item = f"i{rng.randrange(160)}"
+            op = rng.random()
+            if op < 0.7:
+                p.observe(item, rng.choice(cats), rng.choice([1.0, 3.0]), ts=0.0)
+            elif op < 0.85:
+                p.set_category(item, rng.choice(cats))
+            elif op < 0.95:
+                p.forget(item)
+            else:
+                p.refresh(now=0.0)
+            profile = {"cats": {c: rng.choice([1.0, 2.0, rng.random()])
+                                for c in rng.sample(cats, rng.randint(0, len(cats)))},
+                       "items": [f"i{rng.randrange(160)}" for _ in range(6)]}
+            for k in (1, 3, 10):
+                want = [r.item_id for r in recommend(profile, p, k=k, tail_share=0.0)]
+                assert ranked_by_affinity(profile, p, k) == want
+                pruned += any(len(p.ranked_in(c, 2 * k)[0]) > k + 5 for c in profile["cats"])
+    assert pruned > 100  # categories longer than what the source needed to read
