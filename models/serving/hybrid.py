@@ -24,7 +24,6 @@ with the user's next interaction (:meth:`~tailstream.models.serving.blend.Online
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -309,7 +308,12 @@ def _select(scorer: Scorer, batch: Sequence[HybridRequest], pool: CandidatePool,
     p_buy, p_cart, outcome = scorer.outcomes(
         heads.proba[np.asarray(head_rows, dtype=np.int64)],
         *scorer.list_inputs_many(features, asks))
-    reasons = pool.x[:, _REASON_COLUMNS]
+    shown: list[int] = []  # every list's rows in the pool, and their categories
+    shown_cats: list[str | None] = []
+    for b, prefix, picked, *_, cats in plans:
+        shown.extend(int(pool.start[b]) + prefix[pos] for pos in picked)
+        shown_cats.extend(cats[pos] for pos in picked)
+    reasons = iter(_reasons(pool.x[shown][:, _REASON_COLUMNS], shown_cats))
     out: list[list[Ranked]] = [[] for _ in batch]
     n = 0
     for b, prefix, picked, head_row, ids, tiers, cats in plans:
@@ -321,9 +325,8 @@ def _select(scorer: Scorer, batch: Sequence[HybridRequest], pool: CandidatePool,
             if j in head_row:
                 buy, cart, what = p_buy[n], p_cart[n], outcome[n]
                 n += 1
-            ranked.append(Ranked(ids[pos], score_l[s0 + j], tiers[pos],
-                                 _reason(reasons[s0 + j], cats[pos]), cats[pos], buy, cart,
-                                 what))
+            ranked.append(Ranked(ids[pos], score_l[s0 + j], tiers[pos], next(reasons),
+                                 cats[pos], buy, cart, what))
         out[b] = ranked
     return out
 
@@ -339,12 +342,24 @@ _REASONS = (("rr_query_match", "matches your search"), ("rr_query_lookup",
 _REASON_COLUMNS = [_F[feature] for feature, _ in _REASONS]
 
 
-def _reason(row: np.ndarray, category: str | None) -> str:
-    """The source that ranked the item highest, in words (``row``: the candidate's
-    :data:`_REASON_COLUMNS`)."""
-    best, text = 0.0, "popular right now"
-    for v, (_, words) in zip(row.tolist(), _REASONS, strict=True):
-        if v > best + 1e-9:
-            best, text = v, words
-    cat = (category or "its category")[:40]
-    return text.format(cat=cat) if not math.isnan(best) else text
+def _reasons(rows: np.ndarray, categories: Sequence[str | None]) -> list[str]:
+    """For each shown candidate (``rows``: its :data:`_REASON_COLUMNS`), the source that
+    ranked it highest, in words: the first column, in :data:`_REASONS`' order, above every
+    earlier one by more than 1e-9 ("popular right now" when none is above 0) — a few
+    array operations for a whole turn, not a Python loop per item.
+
+    >>> x = np.zeros((3, len(_REASONS)))
+    >>> x[0, 2], x[1, 4], x[1, 6] = 0.5, 1.0, 1.0
+    >>> _reasons(x, [None, "home/mug", None])
+    ['often viewed after what you just viewed', 'popular in home/mug', 'popular right now']
+    """
+    values = np.asarray(rows, dtype=np.float64)
+    best = np.zeros(len(values))
+    which = np.full(len(values), -1)
+    for c in range(values.shape[1]):
+        up = values[:, c] > best + 1e-9
+        best = np.where(up, values[:, c], best)
+        which = np.where(up, c, which)
+    return [_REASONS[w][1].format(cat=(category or "its category")[:40]) if w >= 0
+            else "popular right now"
+            for w, category in zip(which.tolist(), categories, strict=True)]

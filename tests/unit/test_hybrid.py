@@ -259,3 +259,30 @@ def test_a_batch_s_lists_are_each_user_s_lists_alone(tiny_encoder: Path) -> None
         for r, a in zip(got.ranked, alone.ranked, strict=True):
             assert (r.score, r.p_purchase, r.p_cart) == pytest.approx(
                 (a.score, a.p_purchase, a.p_cart), abs=1e-5)
+
+
+def test_a_turns_reasons_are_each_items_own_strongest_source() -> None:
+    """The reasons of a turn's shown items, made with array operations over all of them,
+    are what a walk over each item's source columns gives: the first source above every
+    earlier one by more than 1e-9, near-ties, exact ties and no source at all included."""
+    import random
+
+    from tailstream.models.serving.hybrid import _REASONS, _reasons
+
+    def one(row: list[float], category: str | None) -> str:  # the walk, item by item
+        best, text = 0.0, "popular right now"
+        for v, (_, words) in zip(row, _REASONS, strict=True):
+            if v > best + 1e-9:
+                best, text = v, words
+        return text.format(cat=(category or "its category")[:40])
+
+    rng = random.Random(5)
+    values = [0.0, 0.0, 1.0, 0.5, 1 / 3, 1 / 3 + 5e-10, 1 / 3 + 2e-9, 0.25, 1e-10]
+    rows = np.array([[rng.choice(values) for _ in _REASONS] for _ in range(3000)],
+                    dtype=np.float32)
+    cats = [rng.choice([None, "", "home/mug", "x" * 60]) for _ in range(len(rows))]
+    want = [one(row, c) for row, c in zip(rows.tolist(), cats, strict=True)]
+    assert _reasons(rows, cats) == want
+    sources = {"popular in" if w.startswith("popular in ") else w for w in want}
+    assert len(sources) == len(_REASONS) + 1  # every source, and none
+    assert _reasons(rows[:0], []) == []
