@@ -83,7 +83,6 @@ def feature_vector(x: Mapping[str, float]) -> tuple[float, ...]:
 _SCALES = tuple((n, LOG_SCALE if n.startswith("log_") else 1.0) for n in FEATURE_NAMES)
 
 
-
 ItemColumns = tuple[float, ...]
 """An item's part of a :func:`feature_vector` row (:func:`item_columns`)."""
 UserColumns = tuple[float, ...]
@@ -95,7 +94,9 @@ def item_columns(item_count: float, item_class_counts: Mapping[str, float], tier
     """The item's columns of :func:`feature_vector` (count, tier, price and the item's
     rates), computed as :func:`interaction_features` does and scaled as
     :func:`feature_vector` does — once per item when a turn's lists show it to many
-    users (:func:`joined_vector` adds the user's and the pair's).
+    users (:func:`joined_vector` adds the user's and the pair's). The dict stays for
+    river, which reads features by name; a property test holds the two to the same
+    floats (``tests/unit/test_feature_columns.py``).
 
     >>> [round(v, 4) for v in item_columns(9.0, {"purchase": 2.0}, "head", None)[:3]]
     [0.2303, 1.0, 0.0]

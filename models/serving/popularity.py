@@ -200,9 +200,9 @@ class PopularityTracker:
 
     def ranked_in_by_count(self, category: str, n: int) -> tuple[list[str], list[float]]:
         """:meth:`ranked_in`'s items and relative counts ordered by (−relative count,
-        id): a score that grows with the count then falls along it, so a reader that
-        needs only the best few can stop early. Shared by a turn's users as
-        :meth:`ranked_in` is.
+        id) — the refresh's order is not the live counts' — so that a score which grows
+        with the count never rises along it and a reader that needs only the best few can
+        stop early. Shared by a turn's users as :meth:`ranked_in` is.
 
         >>> p = PopularityTracker()
         >>> for item, w in [("a", 1.0), ("b", 3.0), ("c", 1.0)]:

@@ -316,17 +316,6 @@ class ImbalanceLoop:
         return {item: (totals[n], {c: rates[c][n] for c in RARE_CLASSES})
                 for n, item in enumerate(uniq)}
 
-    def features_many(self, items: Sequence[str], user_class_counts: Mapping[str, float],
-                      tiers: Sequence[str], affinity: Sequence[float],
-                      repeat: Sequence[bool], counts: Mapping[str, ItemCounts] | None = None
-                      ) -> list[Features]:
-        """:meth:`features` of one user with many items (a list's), each sketch read once
-        for all of them (:meth:`item_counts`; ``counts``: read already, for several
-        users' lists at once): the same values."""
-        counts = self.item_counts(items) if counts is None else counts
-        return [self.features(item, user_class_counts, tiers[n], affinity[n], repeat[n],
-                              counts[item]) for n, item in enumerate(items)]
-
     def _learn_batch(self, batch: Sequence[Observation],
                      counts: Mapping[str, ItemCounts]) -> None:
         """The river fast path and the drift detectors over a batch (see observe_batch)."""
