@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from tailstream.contract import Event
 from tailstream.models.serving.baseline import (
@@ -114,6 +115,18 @@ def test_tail_quota_never_exceeded_when_tail_is_worse() -> None:
     assert sum(r.tier == "tail" for r in out) == 2
 
 
+def _random_profile(rng: random.Random, cats: list[str], items: int) -> dict[str, Any]:
+    """Some of ``cats`` with affinities that often tie, and six recent items."""
+    return {"cats": {c: rng.choice([1.0, 2.0, rng.random()])
+                     for c in rng.sample(cats, rng.randint(0, len(cats)))},
+            "items": [f"i{rng.randrange(items)}" for _ in range(6)]}
+
+
+def _whole_ranking(profile: dict[str, Any], p: PopularityTracker, k: int) -> list[str]:
+    """The baseline list without a tail quota: every candidate scored, then the best k."""
+    return [r.item_id for r in recommend(profile, p, k=k, tail_share=0.0)]
+
+
 def test_the_category_source_ranks_as_the_baseline_list_without_a_quota() -> None:
     """``ranked_by_affinity`` (the hybrid lists' category source) is ``recommend``'s
     ranking with ``tail_share=0``, ids only: users with no, one or many categories
@@ -129,11 +142,9 @@ def test_the_category_source_ranks_as_the_baseline_list_without_a_quota() -> Non
             p.observe(f"i{n}", cat, rng.choice([0.5, 1.0, 1.0, 2.0]), ts=0.0)
         p.refresh(now=0.0)
         for _ in range(5):
-            profile = {"cats": {c: rng.choice([1.0, 2.0, rng.random()])
-                                for c in rng.sample(cats, rng.randint(0, len(cats)))},
-                       "items": [f"i{rng.randint(0, 300)}" for _ in range(6)]}
+            profile = _random_profile(rng, cats, 301)
             for k in (3, 20, 100):
-                want = [r.item_id for r in recommend(profile, p, k=k, tail_share=0.0)]
+                want = _whole_ranking(profile, p, k)
                 assert ranked_by_affinity(profile, p, k) == want
                 checked += 1
                 filled += len(want) < k or not profile["cats"]
@@ -164,11 +175,8 @@ def test_the_category_source_reads_only_the_best_and_misses_none() -> None:
                 p.forget(item)
             else:
                 p.refresh(now=0.0)
-            profile = {"cats": {c: rng.choice([1.0, 2.0, rng.random()])
-                                for c in rng.sample(cats, rng.randint(0, len(cats)))},
-                       "items": [f"i{rng.randrange(160)}" for _ in range(6)]}
+            profile = _random_profile(rng, cats, 160)
             for k in (1, 3, 10):
-                want = [r.item_id for r in recommend(profile, p, k=k, tail_share=0.0)]
-                assert ranked_by_affinity(profile, p, k) == want
+                assert ranked_by_affinity(profile, p, k) == _whole_ranking(profile, p, k)
                 pruned += any(len(p.ranked_in(c, 2 * k)[0]) > k + 5 for c in profile["cats"])
     assert pruned > 100  # categories longer than what the source needed to read
