@@ -4,6 +4,8 @@ samples' features, float for float (:func:`joined_vector` against
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,6 +40,33 @@ def test_joined_columns_are_the_samples_features(
     got = joined_vector(item_columns(item_count, item_classes, tier, price),
                         user_columns(user_classes), affinity, repeat)
     assert got == expected and len(got) == len(FEATURE_NAMES)
+
+
+@given(item_count=counts, item_classes=class_counts, user_classes=user_counts,
+       tier=st.sampled_from(["head", "torso", "tail"]),
+       price=st.none() | st.floats(min_value=-1.0, max_value=1e6, allow_nan=False),
+       affinity=st.floats(min_value=0.0, max_value=1.0), repeat=st.booleans())
+def test_the_features_are_the_formulas_written_out(
+        item_count: float, item_classes: dict[str, float], user_classes: dict[str, float],
+        tier: str, price: float | None, affinity: float, repeat: bool) -> None:
+    """``interaction_features`` gives the floats of its formulas written out one by one,
+    key for key in order (the columns are held to it above): it stays a flat dict build,
+    not a join of the columns, because it runs for most events on the ingest path and
+    the join costs 1.3 µs more a call."""
+    k = len(CLASSES)
+    total = sum(user_classes.values())
+    want = {"log_item_count": math.log1p(max(item_count, 0.0)),
+            "tier_head": float(tier == "head"), "tier_tail": float(tier == "tail"),
+            "affinity": affinity, "repeat": float(repeat),
+            "log_price": math.log1p(price) if price is not None and price > 0 else 0.0,
+            "log_user_events": math.log1p(total)}
+    for c in CLASSES[1:]:
+        want[f"item_rate_{c}"] = (item_classes.get(c, 0.0) + 1) / (max(item_count, 0.0) + k)
+        want[f"user_rate_{c}"] = (user_classes.get(c, 0.0) + 1) / (total + k)
+    got = interaction_features(item_count=item_count, item_class_counts=item_classes,
+                               user_class_counts=user_classes, tier=tier,
+                               category_affinity=affinity, repeat=repeat, price=price)
+    assert got == want and list(got) == list(want)
 
 
 def test_a_user_or_an_item_changes_only_its_own_columns() -> None:
