@@ -176,6 +176,7 @@ class Scorer:
             fresh = TextVectors(served.model, served.tokenizer, device=self.device,
                                 max_len=self.max_len, fingerprint=served.text_fingerprint,
                                 cache_size=self.texts.cache_size, shared=self.shared)
+            fresh.remote = self.texts.remote  # used only while the fingerprints agree
             text_vecs = fresh.vectors(item_texts(ids)) if ids else None
             new_texts = ItemIndex(self.item_texts.dim, self.device, torch.float16)
             if text_vecs is not None:

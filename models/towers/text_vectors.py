@@ -30,6 +30,12 @@ def autocast_for(device: torch.device, bf16: bool) -> Any:
     return nullcontext()
 
 
+REMOTE_MAX = 256
+"""The most texts one call sends to the encoder process (a turn's new queries and
+context items, a chunk of new catalogue items); re-encoding a whole catalogue for a
+version that changed the encoder stays in the worker's own torch threads."""
+
+
 class VectorStore(Protocol):
     """A shared text → vector map for one encoder fingerprint (a cache: may forget)."""
 
@@ -55,6 +61,9 @@ class TextVectors:
         self.shared = shared
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0  # texts run through the encoder (cache misses)
+        self.remote: Any = None
+        """An :class:`~tailstream.models.towers.encoder_process.EncoderProcess` for small
+        encodes while this cache's fingerprint is the child's (None: none)."""
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -82,9 +91,12 @@ class TextVectors:
             for t, v in found.items():
                 self._cache[t] = v.to(self.device, torch.float32)
             missing = [t for t in missing if t not in found]
+        remote = self.remote if (self.remote is not None and len(missing) <= REMOTE_MAX
+                                 and self.remote.alive
+                                 and self.remote.fingerprint == self.fingerprint) else None
         for start in range(0, len(missing), self.chunk):
             part = missing[start:start + self.chunk]
-            out = self.encode(part)
+            out = self._encode_remote(remote, part) if remote is not None else self.encode(part)
             for t, v in zip(part, out, strict=True):
                 self._cache[t] = v
             if self.shared is not None:
@@ -98,6 +110,14 @@ class TextVectors:
         if not rows:
             return torch.empty(0, self.model.item_proj.in_features, device=self.device)
         return torch.stack(rows)
+
+    def _encode_remote(self, remote: Any, texts: Sequence[str]) -> torch.Tensor:
+        try:
+            out = torch.from_numpy(remote.encode(texts)).to(self.device, torch.float32)
+        except RuntimeError:
+            return self.encode(texts)
+        self.encoded += len(texts)
+        return out
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Run the encoder on ``texts`` (gradients flow if the caller enables them)."""

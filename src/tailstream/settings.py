@@ -312,6 +312,12 @@ class Settings:
     topic_model_updates: str = "model-updates"
     torch_threads: int = 1
     """Torch intra-op threads per worker/trainer process (0: torch's default, one per core)."""
+    encoder_process: bool = True
+    """A CPU worker with the transformer scorer encodes a scoring turn's new texts (queries,
+    context items not embedded yet) in a child process of its own while the encoder is the
+    shipped one: the turn waits once instead of after each of the encoder's operations
+    (the worker's torch thread shares one interpreter with its event loop). Costs a second
+    copy of torch and the encoder (~490 MB RSS); off: the worker encodes them itself."""
 
     # --- Fine-tuning (trainer) ------------------------------------------
     finetune_layers: str = "auto"

@@ -47,6 +47,7 @@ from tailstream.models.serving.canary import in_canary
 from tailstream.models.serving.hybrid import QUERY_PREFIX, HybridList, hybrid_recommend
 from tailstream.models.serving.scorer import ListFeatures, Ranked, Scorer
 from tailstream.models.towers.context import UserRequest
+from tailstream.models.towers.encoder_process import EncoderProcess
 from tailstream.models.towers.loading import ServedModel, load_served, pick_device
 from tailstream.models.towers.store import ModelStore
 from tailstream.settings import Settings
@@ -117,6 +118,8 @@ class ScoringService:
         self._pending: dict[str, str] = {}  # item_id → text, waiting to be embedded
         self._removed: set[str] = set()  # deleted items still to take out of the index
         self.shared = shared_vectors(settings)
+        self.encoder_process: EncoderProcess | None = None
+        self._child_start: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
         self.loaded = asyncio.Event()
         """Set once :meth:`start` is done (a version loaded, or none could be)."""
@@ -168,6 +171,34 @@ class ScoringService:
         self.metrics.model_loads.labels("loaded").inc()
         self.metrics.serving_version.set(version_number(self.scorer.version))
         log.info("scoring with %s on %s", self.scorer.version, self.device)
+        if self.settings.encoder_process and self.device.type == "cpu":
+            # Not awaited: the catalogue's embedding starts while the child loads.
+            self._child_start = asyncio.ensure_future(self._start_encoder_process())
+
+    async def _start_encoder_process(self) -> None:
+        """The child that encodes turn-time texts (``TAILSTREAM_ENCODER_PROCESS``); until it
+        is ready, or if it cannot start, the worker encodes them itself."""
+        remote = EncoderProcess(self.settings.encoder_path or None, self.settings.text_max_len)
+        self.encoder_process = remote  # closed with the service, ready or not
+        if await asyncio.to_thread(remote.wait_ready) and self.scorer is not None:
+            self.scorer.texts.remote = remote  # a version swapped in later inherits it
+            self.metrics.encoder_process.set(1)
+            log.info("turn-time encodes in the encoder process (encoder %s)", remote.fingerprint)
+        else:
+            remote.close()
+            log.warning("no encoder process (%s): the worker encodes its texts", remote.failed)
+
+    def _count_encodes(self, scorer: Scorer, before: int, child_before: int) -> None:
+        """A turn's texts encoded, and those the encoder process did."""
+        self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
+        child = self.encoder_process
+        if child is not None:
+            self.metrics.encoder_process_texts.inc(child.texts - child_before)
+            self.metrics.encoder_process.set(1 if child.alive else 0)
+
+    @property
+    def _child_texts(self) -> int:
+        return self.encoder_process.texts if self.encoder_process is not None else 0
 
     async def wait_loaded(self, timeout_s: float) -> None:
         """Until :meth:`start` is done, at most ``timeout_s`` (then the baseline serves
@@ -187,6 +218,8 @@ class ScoringService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.encoder_process is not None:
+            self.encoder_process.close()
 
     @property
     def ready(self) -> bool:
@@ -297,12 +330,12 @@ class ScoringService:
         started = time.perf_counter()
         async with self._lock:
             await self._sync_removals(scorer)
-            before = scorer.texts.encoded
+            before, child_before = scorer.texts.encoded, self._child_texts
             inline = inline and new_texts(scorer, requests) <= INLINE_NEW_TEXTS
             lists = await self._turn(inline, functools.partial(scorer.recommend,
                                                                features=features),
                                      requests, item_info)
-        self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
+        self._count_encodes(scorer, before, child_before)
         self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         return lists
 
@@ -319,12 +352,12 @@ class ScoringService:
         started = time.perf_counter()
         async with self._lock:
             await self._sync_removals(scorer)
-            before = scorer.texts.encoded
+            before, child_before = scorer.texts.encoded, self._child_texts
             inline = inline and new_texts(scorer, [h.request for h in requests],
                                           [h.query for h in requests]) <= INLINE_NEW_TEXTS
             lists = await self._turn(inline, hybrid_recommend, scorer, requests, item_info,
                                      blender, features)
-        self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
+        self._count_encodes(scorer, before, child_before)
         self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         return lists
 

@@ -80,6 +80,9 @@ def test_a_user_with_only_a_search_gets_lists_about_the_query(
         worker: tuple[ManagedProcess, Settings]) -> None:
     _, ws = worker
     sim = indexed_shop(ws)
+    # The worker's turns encode new texts (the queries) in its encoder process.
+    poll(lambda: metric(ws, "tailstream_encoder_process") == 1, 60, "the encoder process")
+    child_before = metric(ws, "tailstream_encoder_process_texts_total")
     r = redis.Redis.from_url(ws.redis_url.reveal())
     p = KafkaProducer(bootstrap_servers=ws.kafka_bootstrap, linger_ms=2)
     shares = []
@@ -106,6 +109,7 @@ def test_a_user_with_only_a_search_gets_lists_about_the_query(
         p.close()
         r.close()
     assert sim.items
+    assert metric(ws, "tailstream_encoder_process_texts_total") >= child_before + 3
 
 
 def test_readers_never_see_a_partial_list(redis_url: str) -> None:

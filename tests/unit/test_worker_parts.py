@@ -46,7 +46,10 @@ NOWHERE = dict(kafka_bootstrap="127.0.0.1:1", redis_url=Secret("redis://127.0.0.
 
 
 def worker_settings(tmp: Path, **overrides: Any) -> Settings:
-    return Settings().replace(**NOWHERE, data_dir=tmp, **overrides)
+    # The encoder process has its own tests (test_encoder_process.py); here the service
+    # encodes in-process, so a start does not wait for a child to load.
+    return Settings().replace(**{"encoder_process": False, **NOWHERE, "data_dir": tmp,
+                                 **overrides})
 
 
 # --------------------------------------------------------------------------- the app
