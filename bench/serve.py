@@ -349,6 +349,7 @@ def _worker_figures(m: dict[str, float]) -> dict[str, Any]:
         "scoring_ms": 1000 * _ratio(m, "tailstream_scoring_duration_seconds"),
         "scoring_turn_users": int(m.get("tailstream_scoring_turn_users", 0)),
         "queries_encoded": int(m.get("tailstream_texts_encoded_total{purpose=query}", 0)),
+        "texts_encoded_by_child": int(m.get("tailstream_encoder_process_texts_total", 0)),
         # Where the freshness went, mean ms per stage (read and queue per list, turn and
         # publish per turn): tailstream_list_stage_seconds, docs/metrics.md.
         "stage_ms": stage_ms(m)}
