@@ -206,6 +206,7 @@ class Scorer:
                        shared=self.shared)
         other.live_prior = self.live_prior  # the same stream: decided at the same prior
         other.fast_path = self.fast_path
+        other.texts.remote = self.texts.remote  # used only while the fingerprints agree
         ids = self.item_texts.ids
         if self.needs_reencode(served):
             if ids:

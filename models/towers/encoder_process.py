@@ -46,12 +46,12 @@ class EncoderProcess:
         """Until the child has loaded the encoder; its fingerprint, or None if it failed."""
         if self.fingerprint is not None:
             return True
-        if not self._conn.poll(timeout_s):
-            self.failed = "the encoder process did not start in time"
-            return False
         try:
+            if not self._conn.poll(timeout_s):
+                self.failed = "the encoder process did not start in time"
+                return False
             kind, value = self._conn.recv()
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError) as exc:  # the child died, or the worker closed it
             self.failed = repr(exc)
             return False
         if kind != "ready":
@@ -72,9 +72,10 @@ class EncoderProcess:
                 self._conn.send(list(texts))
                 kind, value = self._conn.recv()
             except (EOFError, OSError) as exc:
+                if self.failed is None:
+                    log.warning("the encoder process is gone (%r): the worker encodes its "
+                                "texts itself from now on", exc)
                 self.failed = repr(exc)
-                log.warning("the encoder process is gone (%r): the worker encodes its "
-                            "turns' texts itself from now on", exc)
                 raise RuntimeError(f"the encoder process is gone: {exc!r}") from exc
         if kind != "vectors":
             raise RuntimeError(f"the encoder process failed: {value}")

@@ -326,13 +326,13 @@ class Metrics:
             ["purpose"], registry=r)
         self.encoder_process = Gauge(
             "tailstream_encoder_process",
-            "1 while a child process encodes the scoring turns' new texts "
-            "(TAILSTREAM_ENCODER_PROCESS), 0 while the worker encodes them itself.",
-            registry=r)
+            "1 while a child process encodes the scoring turns' new texts and the "
+            "catalogue's chunks (TAILSTREAM_ENCODER_PROCESS), 0 while the worker encodes "
+            "them itself.", registry=r)
         self.encoder_process_texts = Counter(
             "tailstream_encoder_process_texts_total",
-            "Texts of scoring turns encoded in the encoder process (part of "
-            "tailstream_texts_encoded_total).", registry=r)
+            "Texts the encoder process encoded (part of tailstream_texts_encoded_total).",
+            registry=r)
 
     def _online(self, r: CollectorRegistry) -> None:
         """Online attribution of served lists, and the canary this worker serves."""

@@ -188,9 +188,11 @@ class ScoringService:
             remote.close()
             log.warning("no encoder process (%s): the worker encodes its texts", remote.failed)
 
-    def _count_encodes(self, scorer: Scorer, before: int, child_before: int) -> None:
-        """A turn's texts encoded, and those the encoder process did."""
-        self.metrics.texts_encoded.labels("query").inc(scorer.texts.encoded - before)
+    def _count_encodes(self, scorer: Scorer, before: int, child_before: int,
+                       purpose: str = "query") -> None:
+        """Texts encoded for a turn (or a chunk of the catalogue), and those the encoder
+        process did."""
+        self.metrics.texts_encoded.labels(purpose).inc(scorer.texts.encoded - before)
         child = self.encoder_process
         if child is not None:
             self.metrics.encoder_process_texts.inc(child.texts - child_before)
@@ -294,14 +296,14 @@ class ScoringService:
         ids = list(self._pending)[:max_items]
         texts = [self._pending.pop(i) for i in ids]
         async with self._lock:
-            before = scorer.texts.encoded
+            before, child_before = scorer.texts.encoded, self._child_texts
             await self._run(scorer.add_items, ids, texts)
             canary = self.canary
             if canary is not None:  # the shared text vectors are cached: a projection
                 await self._run(canary.add_items, ids, texts)
             # A tombstone that came while these waited wins over their embedding.
             await self._sync_removals(scorer)
-        self.metrics.texts_encoded.labels("item").inc(scorer.texts.encoded - before)
+        self._count_encodes(scorer, before, child_before, "item")
         self.metrics.index_pending.set(len(self._pending))
         self._index_metrics(scorer)
         return len(ids)

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from tailstream.configs import RankingConfig, TowerConfig
 from tailstream.metrics import Metrics
 from tailstream.models.imbalance.buffer import Sample
+from tailstream.models.serving.scorer import Scorer
 from tailstream.models.towers.context import ContextEntry, UserRequest
 from tailstream.models.towers.encoder import load_encoder
 from tailstream.models.towers.encoder_process import EncoderProcess
+from tailstream.models.towers.loading import ServedModel, build_model
 from tailstream.models.towers.text_vectors import REMOTE_MAX, TextVectors
 from tailstream.models.towers.two_tower import mean_pool, tokenize
 from tailstream.settings import Secret, Settings
@@ -79,9 +82,6 @@ class _Remote:
 @pytest.mark.parametrize("case", ["used", "other encoder", "bulk", "gone"])
 def test_text_vectors_send_small_encodes_to_the_child_of_their_encoder(
         tiny_encoder: Path, case: str) -> None:
-    from tailstream.configs import TowerConfig
-    from tailstream.models.towers.loading import build_model
-
     enc = load_encoder(tiny_encoder)
     model = build_model(enc, TowerConfig())
     texts = TextVectors(model, enc.tokenizer, device=torch.device("cpu"), max_len=32,
@@ -143,5 +143,34 @@ def test_a_worker_with_the_encoder_process_serves_the_lists_it_serves_without(
     assert child_texts >= len(catalogue) + 12  # the catalogue's chunks and the contexts
     value = m_on.registry.get_sample_value
     assert value("tailstream_encoder_process") == 1
-    assert value("tailstream_encoder_process_texts_total") >= 12
+    assert value("tailstream_encoder_process_texts_total") == child_texts
     assert m_off.registry.get_sample_value("tailstream_encoder_process") == 0
+
+
+def test_the_child_follows_the_serving_scorer_through_swaps_and_canaries(
+        tiny_encoder: Path) -> None:
+    """A canary, a promotion and a swap to another encoder keep the child attached; only
+    a cache whose fingerprint is the child's sends it texts."""
+    enc = load_encoder(tiny_encoder)
+    base = ServedModel("v1", build_model(enc, TowerConfig(embed_dim=16)).eval(),
+                       enc.tokenizer, enc.fingerprint, {})
+    scorer = Scorer(base, device=torch.device("cpu"), max_len=16, cache_size=1_000,
+                    ranking=RankingConfig(k=5, candidates=20, head_candidates=10))
+    remote = _Remote(enc.fingerprint)
+    scorer.texts.remote = remote
+    items = {f"i{k}": f"item text {k}" for k in range(10)}
+
+    def texts_of(ids: Sequence[str]) -> list[str]:
+        return [items[i] for i in ids]
+
+    scorer.add_items(list(items), list(items.values()))
+    assert remote.calls == [10]
+    retrained = ServedModel("v2", build_model(enc, TowerConfig(embed_dim=16)).eval(),
+                            enc.tokenizer, "trained-encoder", {})
+    for canary in (scorer.sibling(base), scorer.sibling(retrained, texts_of)):
+        assert canary.texts.remote is remote
+    assert remote.calls == [10]  # the other encoder's catalogue was encoded here
+    scorer.swap_model(retrained, texts_of)
+    assert scorer.texts.remote is remote and scorer.texts.fingerprint == "trained-encoder"
+    scorer.texts.vectors(["a new query"])
+    assert remote.calls == [10]
