@@ -24,12 +24,14 @@ class_counts = st.dictionaries(st.sampled_from(CLASSES), counts, max_size=len(CL
 # A user's decayed class counts are never negative (log1p of a total below −1 is no number).
 user_counts = st.dictionaries(st.sampled_from(CLASSES),
                               st.floats(min_value=0.0, max_value=1e7), max_size=len(CLASSES))
+# One (item, user, pair) of a list or a training sample: both tests draw the same inputs.
+INPUTS = dict(item_count=counts, item_classes=class_counts, user_classes=user_counts,
+              tier=st.sampled_from(["head", "torso", "tail"]),
+              price=st.none() | st.floats(min_value=-1.0, max_value=1e6, allow_nan=False),
+              affinity=st.floats(min_value=0.0, max_value=1.0), repeat=st.booleans())
 
 
-@given(item_count=counts, item_classes=class_counts, user_classes=user_counts,
-       tier=st.sampled_from(["head", "torso", "tail"]),
-       price=st.none() | st.floats(min_value=-1.0, max_value=1e6, allow_nan=False),
-       affinity=st.floats(min_value=0.0, max_value=1.0), repeat=st.booleans())
+@given(**INPUTS)
 def test_joined_columns_are_the_samples_features(
         item_count: float, item_classes: dict[str, float], user_classes: dict[str, float],
         tier: str, price: float | None, affinity: float, repeat: bool) -> None:
@@ -42,10 +44,7 @@ def test_joined_columns_are_the_samples_features(
     assert got == expected and len(got) == len(FEATURE_NAMES)
 
 
-@given(item_count=counts, item_classes=class_counts, user_classes=user_counts,
-       tier=st.sampled_from(["head", "torso", "tail"]),
-       price=st.none() | st.floats(min_value=-1.0, max_value=1e6, allow_nan=False),
-       affinity=st.floats(min_value=0.0, max_value=1.0), repeat=st.booleans())
+@given(**INPUTS)
 def test_the_features_are_the_formulas_written_out(
         item_count: float, item_classes: dict[str, float], user_classes: dict[str, float],
         tier: str, price: float | None, affinity: float, repeat: bool) -> None:
