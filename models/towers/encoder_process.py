@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 class EncoderProcess:
     """``encode(texts)`` → ``[N, hidden]`` float32, computed in a child process."""
 
-    def __init__(self, encoder_path: str | None, max_len: int, threads: int = 1) -> None:
+    def __init__(self, encoder_path: str | None, max_len: int) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, encoder_path, max_len, threads),
+        self._proc = ctx.Process(target=_serve, args=(child, encoder_path, max_len),
                                  daemon=True, name="tailstream-encoder")
         self._proc.start()
         child.close()
@@ -43,7 +43,8 @@ class EncoderProcess:
         """Texts this child has encoded (for the worker's metrics)."""
 
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
-        """Until the child has loaded the encoder; its fingerprint, or None if it failed."""
+        """Until the child has loaded the encoder (its fingerprint in :attr:`fingerprint`);
+        False if it failed or did not answer in time (why in :attr:`failed`)."""
         if self.fingerprint is not None:
             return True
         try:
@@ -92,13 +93,13 @@ class EncoderProcess:
                 self._proc.kill()
 
 
-def _serve(conn: Connection, encoder_path: str | None, max_len: int, threads: int) -> None:
+def _serve(conn: Connection, encoder_path: str | None, max_len: int) -> None:
     import torch
 
     from tailstream.models.towers.encoder import load_encoder
-    from tailstream.models.towers.two_tower import mean_pool, tokenize
+    from tailstream.models.towers.two_tower import pooled_text, tokenize
 
-    torch.set_num_threads(max(threads, 1))
+    torch.set_num_threads(1)  # small batches, one core beside the worker
     try:
         enc = load_encoder(encoder_path)
     except Exception as exc:  # reported to the worker, which encodes in-process
@@ -114,8 +115,7 @@ def _serve(conn: Connection, encoder_path: str | None, max_len: int, threads: in
         try:
             with torch.inference_mode():
                 t = tokenize(enc.tokenizer, texts, max_len)
-                out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
-                vecs = mean_pool(out.last_hidden_state.float(), t["attention_mask"])
+                vecs = pooled_text(model, t["input_ids"], t["attention_mask"])
             conn.send(("vectors", vecs.numpy()))
         except Exception as exc:
             conn.send(("failed", repr(exc)))

@@ -16,11 +16,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from tailstream.models.towers.two_tower import TwoTowerRecommender, tokenize
+
+if TYPE_CHECKING:  # the child process is started by the worker, not imported here
+    from tailstream.models.towers.encoder_process import EncoderProcess
 
 
 def autocast_for(device: torch.device, bf16: bool) -> Any:
@@ -61,7 +64,7 @@ class TextVectors:
         self.shared = shared
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0  # texts run through the encoder (cache misses)
-        self.remote: Any = None
+        self.remote: EncoderProcess | None = None
         """An :class:`~tailstream.models.towers.encoder_process.EncoderProcess` for small
         encodes while this cache's fingerprint is the child's (None: none)."""
 
@@ -91,8 +94,8 @@ class TextVectors:
             for t, v in found.items():
                 self._cache[t] = v.to(self.device, torch.float32)
             missing = [t for t in missing if t not in found]
-        remote = self.remote if (self.remote is not None and len(missing) <= REMOTE_MAX
-                                 and self.remote.alive
+        remote = self.remote if (missing and self.remote is not None
+                                 and len(missing) <= REMOTE_MAX and self.remote.alive
                                  and self.remote.fingerprint == self.fingerprint) else None
         for start in range(0, len(missing), self.chunk):
             part = missing[start:start + self.chunk]
@@ -111,7 +114,7 @@ class TextVectors:
             return torch.empty(0, self.model.item_proj.in_features, device=self.device)
         return torch.stack(rows)
 
-    def _encode_remote(self, remote: Any, texts: Sequence[str]) -> torch.Tensor:
+    def _encode_remote(self, remote: EncoderProcess, texts: Sequence[str]) -> torch.Tensor:
         try:
             out = torch.from_numpy(remote.encode(texts)).to(self.device, torch.float32)
         except RuntimeError:

@@ -76,6 +76,14 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def pooled_text(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor:
+    """A text's vector: the encoder's last hidden states mean-pooled, ``[N, hidden]``
+    float32 — what the towers, the worker's encoder process and the caches all key on."""
+    out = encoder(input_ids=input_ids, attention_mask=attention_mask)
+    return mean_pool(out.last_hidden_state.float(), attention_mask)
+
+
 class TwoTowerRecommender(nn.Module):
     wide_mean: torch.Tensor
     wide_var: torch.Tensor
@@ -147,9 +155,8 @@ class TwoTowerRecommender(nn.Module):
     # ------------------------------------------------------------------ encoder
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       ) -> torch.Tensor:
-        """Mean-pooled encoder output, ``[N, hidden]`` (float32)."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return mean_pool(out.last_hidden_state.float(), attention_mask)
+        """Mean-pooled encoder output, ``[N, hidden]`` (float32): :func:`pooled_text`."""
+        return pooled_text(self.encoder, input_ids, attention_mask)
 
     # ------------------------------------------------------------------ towers
     def item_vectors(self, text_vectors: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from tailstream.models.towers.encoder import load_encoder
 from tailstream.models.towers.encoder_process import EncoderProcess
-from tailstream.models.towers.two_tower import mean_pool, tokenize
+from tailstream.models.towers.two_tower import pooled_text, tokenize
 from tailstream.streams.worker.app import SWITCH_INTERVAL_S
 
 WORDS = "red blue shoe mug lamp cotton shirt acme phone case steel bottle kids toy".split()
@@ -89,9 +89,7 @@ def main() -> None:
     def here(batch: Sequence[str]) -> np.ndarray:
         with torch.inference_mode():
             t = tokenize(enc.tokenizer, batch, 64)
-            out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
-            vecs: np.ndarray = mean_pool(out.last_hidden_state.float(),
-                                         t["attention_mask"]).numpy()
+            vecs: np.ndarray = pooled_text(model, t["input_ids"], t["attention_mask"]).numpy()
             return vecs
 
     ways: dict[str, Callable[[Sequence[str]], Any]] = {"worker": here, "child": child.encode}
