@@ -126,6 +126,11 @@ class Metrics:
             "Input partitions sought back because their records came out of order "
             "(around a seek): the records between are read again, not skipped.",
             registry=r)
+        self.behind_commit = Counter(
+            "tailstream_inputs_behind_commit_total",
+            "Input partitions read again from where the restored counts end because the "
+            "offset committed was past it (a commit that went ahead of the counts' "
+            "changelog record): those messages are counted, not skipped.", registry=r)
         self.stuck_partitions = Gauge(
             "tailstream_stuck_partitions",
             "Input partitions held by another group member whose committed offset has not "

@@ -111,6 +111,25 @@ def watermarks_ahead(held: Mapping[str, int], stored: Mapping[str, Any]) -> bool
     return any(o > int(stored.get(t, -1)) for t, o in held.items())
 
 
+def resume_offset(watermarks: Mapping[str, int] | None, topic: str) -> int:
+    """The first offset of ``topic`` that a partition's counts do not hold: its watermark
+    (the last offset counted) + 1, or 0 when none of the topic's messages is counted (or
+    the partition has no counts: ``watermarks`` None).
+
+    Reading must resume there for the counts to miss nothing, whatever offset the group
+    committed: a commit is only as good as the changelog record it waited for, and a
+    worker killed after a commit that went ahead of its counts (their record not confirmed
+    in time) leaves its successor a committed offset past messages its counts never held.
+    The watermark travels in the same record as the counts, so it is never ahead of them.
+
+    >>> resume_offset({"clicks": 41}, "clicks"), resume_offset({"clicks": 41}, "carts")
+    (42, 0)
+    >>> resume_offset(None, "clicks")
+    0
+    """
+    return (watermarks or {}).get(topic, -1) + 1
+
+
 class ImbalanceLoop:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -451,6 +470,12 @@ class ImbalanceLoop:
         if offset > pc.offsets.get(topic, -1):
             pc.offsets[topic] = offset
             self.touched.add(partition)
+
+    def resume_at(self, topics: list[str]) -> dict[tuple[str, int], int]:
+        """(topic, partition) → where reading must resume (:func:`resume_offset`), for
+        every partition whose counts this worker holds."""
+        return {(t, p): resume_offset(pc.offsets, t)
+                for p, pc in self.partitions.items() for t in topics}
 
     def forget_offsets(self) -> None:
         """The broker lost its log (offsets restart at 0): no message is a replay now."""

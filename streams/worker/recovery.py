@@ -3,6 +3,10 @@ recover from a broker that lost its log.
 
 * **Counts** come back from the ``imbalance-counts`` changelog (per source partition,
   with the offset watermarks that make replays count once).
+* **Where reading resumes**: where the restored counts end, for any input partition whose
+  committed offset is past that (a commit that went ahead of the counts' changelog
+  record, then a crash): those messages are counted, not skipped
+  (:func:`~tailstream.streams.worker.transport.resume_from_counts`).
 * **The minority buffer** comes back from Redis, once per process: on later rebalances the
   in-memory buffer is the newer copy (a batch in flight has added samples to it whose
   Redis writes may land after a reload would have read Redis).
@@ -52,6 +56,7 @@ from tailstream.streams.worker.pipeline import Pipeline, record_digest
 from tailstream.streams.worker.tables import WorkerTables
 from tailstream.streams.worker.transport import (
     count_rereads,
+    resume_from_counts,
     rewind_inputs,
     set_before_commit,
     set_input_topics,
@@ -65,6 +70,11 @@ RESTORE_WAIT_S = 60.0
 
 
 class Recovery:
+    unguarded = False
+    """Batches ran before the restore now due (the wait for it gave up): the counts this
+    worker holds may then lack what the changelog holds, so the restore loads the
+    changelog's over all of them, and reading resumes where those end."""
+
     def __init__(self, app: faust.App, settings: Settings, tables: WorkerTables,
                  pipeline: Pipeline, buffer_store: RedisBufferStore, metrics: Metrics) -> None:
         self.app = app
@@ -102,6 +112,7 @@ class Recovery:
         except TimeoutError:
             log.warning("imbalance state not restored after %.0f s; processing anyway",
                         RESTORE_WAIT_S)
+            self.unguarded = True
             self.restored.set()
 
     async def restore(self) -> None:
@@ -134,6 +145,9 @@ class Recovery:
             for key, value in list(self.tables.profiles.data.items()):
                 self.tables.deliveries.add(
                     [self.tables.profiles.send_changelog(None, key, value)])
+        # (After a reset every input is read from 0 anyway.)
+        resume_from_counts(consumer, {} if reset else self._resume_at(),
+                           self.metrics.behind_commit.inc)
         if not self._buffer_restored:
             await self._restore_buffer()
         log.info("imbalance state restored: counts %s, buffer %s", loop.totals(),
@@ -145,6 +159,11 @@ class Recovery:
         """The table's counts into the loop, but for partitions this process holds newer
         counts of (:meth:`ImbalanceLoop.restore_partition`); returns those."""
         loop = self.pipeline.imbalance
+        if self.unguarded:  # counts begun before the restore: not newer, only different
+            log.warning("batches ran before this restore: the counts held (%s) give way "
+                        "to the changelog's", loop.totals())
+            loop.partitions.clear()
+            self.unguarded = False
         kept = [p for p, state in self.tables.counts_by_partition()
                 if loop.restore_partition(p, state)]
         if kept:
@@ -152,6 +171,14 @@ class Recovery:
                      "worker holds (records not delivered at the rebalance): kept the "
                      "newer counts and write them again", len(kept), sorted(kept))
         return kept
+
+    def _resume_at(self) -> dict[tuple[str, int], int]:
+        """Where reading each input partition must resume for the counts to miss nothing:
+        where the counts held end, and 0 for a partition the changelog holds no counts of
+        (:meth:`ImbalanceLoop.resume_at`)."""
+        topics = self.settings.consumed_topics
+        none_yet = {(t, p): 0 for p in range(self.tables.partitions) for t in topics}
+        return {**none_yet, **self.pipeline.imbalance.resume_at(topics)}
 
     def _missing_changelogs(self) -> set[str]:
         client = admin(self.settings)

@@ -7,8 +7,9 @@ mode's or aiokafka's private attributes.
   event's latency: we measured a p50 of ~500 ms at 50 events/s.
   ``TAILSTREAM_KAFKA_FETCH_MAX_WAIT_MS`` bounds it (:func:`app_class`).
 * **Seeks.** With no committed offset, read from the start (faust-streaming#216), and
-  rewind every input after a broker lost its log (:meth:`perform_seek`). Each input
-  partition is delivered in offset order without holes (:class:`InOrder`).
+  rewind every input after a broker lost its log, and read again from where the restored
+  counts end any input committed past it (:meth:`perform_seek`). Each input partition is
+  delivered in offset order without holes (:class:`InOrder`).
 * **Small private accesses** the worker needs (rejoin the group, the last offset read, a
   topic's metadata, the producer buffer's bound), each behind one function here, so an
   upgrade of those libraries has one file to check.
@@ -201,6 +202,60 @@ class CommitsAfterChangelog:
             offsets, start_new_transaction=start_new_transaction))
 
 
+class SeeksWhereStateEnds:
+    """A Faust consumer mixin: after Faust's seek to the committed offsets, read the input
+    partitions from where the worker's state needs them (:meth:`perform_seek`)."""
+
+    #: input partitions to read from offset 0 at the next seek (set on a broker reset)
+    rewind: set[Any] = set()
+    input_topics: frozenset[str] = frozenset()
+    #: (topic, partition) → the first offset the restored counts do not hold, for the next
+    #: seek (set at each restore: :meth:`_seek_to_counts`)
+    resume_at: dict[tuple[str, int], int] | None = None
+    #: told how many input partitions were sought back to their counts (a metric)
+    on_behind_commit: Callable[[int], object] | None = None
+
+    async def perform_seek(self) -> None:
+        """Faust seeks to committed offsets; with none committed it leaves the position
+        where the fetcher got to while partitions were resumed, and the records fetched
+        in that window were dropped (faust-streaming#216). Read those from the start,
+        as auto_offset_reset=earliest promises, and all of a reset broker's inputs."""
+        this: Any = self
+        parent: Any = super()
+        await parent.perform_seek()
+        assigned = set(this.assignment())
+        uncommitted = {tp for tp in assigned if tp.topic in self.input_topics
+                       and this._committed_offset.get(tp) is None}
+        from_start = uncommitted | (self.rewind & assigned)
+        for tp in from_start:
+            await this.seek(tp, 0)
+        self.rewind = set()
+        await self._seek_to_counts(from_start)
+
+    async def _seek_to_counts(self, from_start: set[Any]) -> None:
+        """Read again from where the restored counts end any input partition whose
+        committed offset is past it (a commit that went ahead of the counts' changelog
+        record): those messages are not replays, and skipping them loses their counts."""
+        this: Any = self
+        resume_at, self.resume_at = self.resume_at, None
+        if resume_at is None:
+            return
+        behind = 0
+        for tp in this.assignment():
+            committed = this._committed_offset.get(tp)
+            if tp.topic not in self.input_topics or tp in from_start or committed is None:
+                continue
+            offset = resume_at.get((tp.topic, tp.partition))
+            if offset is not None and offset < committed:
+                log.warning("%s: the offset committed (%d) is past the restored counts, "
+                            "which end before %d: reading from %d", tp, committed, offset,
+                            offset)
+                await this.seek(tp, offset)
+                behind += 1
+        if behind and self.on_behind_commit is not None:
+            self.on_behind_commit(behind)
+
+
 def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
     """A ``faust.App`` subclass whose consumer waits at most ``fetch_max_wait_ms`` per fetch
     and steps over record batches it cannot decode (see :class:`_Guard`)."""
@@ -240,11 +295,8 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
                     waiter.cancel()
                     return records
 
-    class FastFetchConsumer(CommitsAfterChangelog, faust_aiokafka.Consumer):
-        #: input partitions to read from offset 0 at the next seek (set on a broker reset)
-        rewind: set[Any] = set()
-        input_topics: frozenset[str] = frozenset()
-
+    class FastFetchConsumer(CommitsAfterChangelog, SeeksWhereStateEnds,
+                            faust_aiokafka.Consumer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             #: offsets stepped over as undecodable, waiting to be dead-lettered (appended in
@@ -279,18 +331,6 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
 
         def _new_consumer_thread(self) -> ConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-        async def perform_seek(self) -> None:
-            """Faust seeks to committed offsets; with none committed it leaves the position
-            where the fetcher got to while partitions were resumed, and the records fetched
-            in that window were dropped (faust-streaming#216). Read those from the start,
-            as auto_offset_reset=earliest promises, and all of a reset broker's inputs."""
-            await super().perform_seek()
-            uncommitted = {tp for tp in self.assignment() if tp.topic in self.input_topics
-                           and self._committed_offset.get(tp) is None}
-            for tp in uncommitted | (self.rewind & set(self.assignment())):
-                await self.seek(tp, 0)
-            self.rewind = set()
 
     transport = type("Transport", (faust_aiokafka.Transport,), {"Consumer": FastFetchConsumer})
 
@@ -345,6 +385,16 @@ def set_input_topics(consumer: Any, topics: frozenset[str]) -> None:
 def set_before_commit(consumer: Any, hook: Callable[[], Awaitable[object]]) -> None:
     """What :class:`FastFetchConsumer` awaits before each commit."""
     consumer.before_commit = hook
+
+
+def resume_from_counts(consumer: Any, resume_at: dict[tuple[str, int], int],
+                       on_behind: Callable[[int], object]) -> None:
+    """At the next seek, read each assigned input partition from ``resume_at[(topic,
+    partition)]`` when that is before the committed offset
+    (:class:`FastFetchConsumer`); ``on_behind`` is told how many were. A snapshot taken at
+    the restore: a batch processed before the seek advances the watermarks, not this."""
+    consumer.resume_at = resume_at
+    consumer.on_behind_commit = on_behind
 
 
 def rewind_inputs(consumer: Any) -> None:

@@ -8,13 +8,23 @@ import json
 import pytest
 
 from tailstream.contract import INTERACTION_KINDS
+from tailstream.kafka_io import iter_messages, reader
 from tailstream.producers.sender import send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
 from tailstream.stack.processes import start_worker, wait_ready
 
-from .conftest import imbalance, metrics, poll, read_until, wait_committed, wait_metric
+from .conftest import (
+    imbalance,
+    metric,
+    metrics,
+    poll,
+    producer,
+    read_until,
+    wait_committed,
+    wait_metric,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +101,61 @@ def test_weights_are_readable_by_the_trainer_from_redis(
     assert json.loads(stored["policy"])["policy"] == ws.weight_policy
     assert weights["purchase"] > weights["click"]
     assert set(json.loads(stored["counts"])) == {"click", "cart", "fav", "purchase"}
+
+
+def last_counts_records(ws: Settings) -> dict[int, tuple[bytes, bytes]]:
+    """The newest record of each partition of the counts' changelog."""
+    consumer = reader(ws, [f"{ws.app_id}-imbalance-counts-changelog"])
+    try:
+        return {m.partition: (m.key, m.value)
+                for m in iter_messages(consumer, idle_timeout=1.5)}
+    finally:
+        consumer.close()
+
+
+def append_counts_records(ws: Settings, records: dict[int, tuple[bytes, bytes]]) -> None:
+    out = producer(ws)
+    try:
+        for partition, (key, value) in records.items():
+            out.send(f"{ws.app_id}-imbalance-counts-changelog", key=key, value=value,
+                     partition=partition)
+        out.flush()
+    finally:
+        out.close()
+
+
+def test_counts_resume_where_they_end_when_the_commit_is_ahead(
+        worker: tuple[ManagedProcess, Settings]) -> None:
+    """The group's committed offsets are past messages the recovered counts do not hold
+    (the changelog's last record of the counts behind the commit: a commit that did not
+    wait for it, then a crash): the restarted worker reads again from where the counts
+    end and counts every message once — not from the committed offset."""
+    proc, ws = worker
+    sim = ShopSimulator(n_users=200, n_items=300, seed=12)
+    first = send_records(itertools.islice(sim.events(), 1500), ws)
+    wait_processed(ws, first.sent)
+    wait_committed(ws)
+    older = last_counts_records(ws)
+    assert older, "no counts in the changelog"
+    more = send_records(itertools.islice(sim.events(), 800), ws)
+    wait_processed(ws, first.sent + more.sent)
+    wait_committed(ws)
+    counted = sum(imbalance(ws)["class_counts"].values())
+    proc.stop()
+    # The changelog's newest counts are the older ones again: its records of the last
+    # 800 events never arrived, while the offsets committed cover them.
+    append_counts_records(ws, older)
+
+    again, ws2 = start_worker(ws)
+    try:
+        wait_ready(again, ws2)
+
+        def total() -> int:
+            return int(sum(imbalance(ws2)["class_counts"].values()))
+
+        poll(lambda: total() >= counted, 60, f"class counts to reach {counted}",
+             detail=lambda: f"class counts {imbalance(ws2)['class_counts']}")
+        assert total() == counted
+        assert metric(ws2, "tailstream_inputs_behind_commit_total") >= 1
+    finally:
+        again.stop()

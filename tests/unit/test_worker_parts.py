@@ -37,6 +37,7 @@ from tailstream.streams.worker.timers import AssignmentReport
 from tailstream.streams.worker.transport import (
     app_class,
     read_offset,
+    resume_from_counts,
     rewind_inputs,
     set_before_commit,
     set_input_topics,
@@ -185,6 +186,7 @@ def test_the_agent_waits_for_the_restore_and_gives_up_after_the_bound(
 
     asyncio.run(run())
     assert "not restored" in caplog.text
+    assert rec.unguarded  # the restore to come must not keep the counts begun meanwhile
 
 
 def test_a_restore_waits_for_the_batch_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,6 +264,34 @@ def test_a_restore_keeps_and_rewrites_counts_the_changelog_is_behind_on(
     assert json.loads(table.data[b"p0"])["offsets"] == {"clicks": 29}
 
 
+def test_counts_begun_before_a_late_restore_give_way_to_the_changelog(
+        tmp_path: Path) -> None:
+    """The agent gave up waiting for a restore and applied a batch into counts begun from
+    nothing: their watermarks are ahead of the table's, but they lack its history. Kept,
+    the history would be gone and its replays skipped; the table's counts are loaded
+    instead (reading then resumes where they end: the batch is applied again)."""
+    s = worker_settings(tmp_path)
+    stored = ImbalanceLoop(s)
+    for offset in range(20):
+        stored.observe(Event("click", f"e{offset}", "u1", 1.7e9 + offset, item_id="i1"), 0,
+                       user_class_counts={}, category_affinity=0.0, repeat=False)
+        stored.mark_counted(0, "clicks", offset)
+    table = FakeCountsTable({b"p0": json.dumps(stored.take_touched()[0]).encode()})
+    early = ImbalanceLoop(s)  # a batch of offsets 20..24, before the restore
+    for offset in range(20, 25):
+        early.observe(Event("click", f"e{offset}", "u1", 1.7e9 + offset, item_id="i1"), 0,
+                      user_class_counts={}, category_affinity=0.0, repeat=False)
+        early.mark_counted(0, "clicks", offset)
+    rec = Recovery.__new__(Recovery)
+    rec.tables = WorkerTables(profiles=None, counts=table, partitions=s.partitions)
+    rec.pipeline = cast(Any, SimpleNamespace(imbalance=early))
+    rec.unguarded = True
+
+    assert rec._load_counts() == []
+    assert early.partitions[0].totals["click"] == 20 and not early.counted(0, "clicks", 20)
+    assert not rec.unguarded
+
+
 def test_a_commit_waits_until_the_changelog_holds_what_it_covers(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Faust's flush before a commit gives up on a buffered message not sent within 0.1 s;
@@ -305,6 +335,51 @@ def test_a_commit_waits_until_the_changelog_holds_what_it_covers(
     assert order == ["counts confirmed", "profiles confirmed", "commit {'clicks/0': 41}"]
     assert unconfirmed == [1]  # the failed send, said; the commit went ahead
     assert deliveries.pending == 1  # the late send waits for the next commit
+
+
+def test_reading_resumes_where_the_counts_end_when_the_commit_is_past_them() -> None:
+    """A committed offset past the restored counts' watermark (a commit that went ahead of
+    the counts' changelog record, then a crash): the seek goes back to the first offset
+    the counts do not hold, so those messages are counted rather than never read. Where
+    the commit is at or before it, or the partition is read from 0 anyway, no seek."""
+    clicks0, clicks1, clicks2, carts0, items0, fresh = (
+        tp("clicks", 0), tp("clicks", 1), tp("clicks", 2), tp("carts", 0), tp("items", 0),
+        tp("clicks", 3))
+    consumer_class = app_class(0).consumer_class  # type: ignore[attr-defined]
+    consumer = consumer_class.__new__(consumer_class)
+    sought: list[tuple[TP, int]] = []
+
+    async def seek(partition: TP, offset: int) -> None:
+        sought.append((partition, offset))
+
+    consumer.seek = seek
+    consumer.assignment = lambda: [clicks0, clicks1, clicks2, carts0, items0, fresh]
+    consumer._committed_offset = {clicks0: 50, clicks1: 30, carts0: None, items0: 99,
+                                  fresh: 12, clicks2: 7}
+    consumer.input_topics = frozenset({"clicks", "carts"})
+    behind: list[int] = []
+    resume_from_counts(consumer, {("clicks", 0): 42, ("clicks", 1): 31, ("carts", 0): 0,
+                                  ("items", 0): 0, ("clicks", 3): 0}, behind.append)
+
+    asyncio.run(consumer._seek_to_counts(from_start={fresh}))
+    assert sought == [(clicks0, 42)] and behind == [1]
+    asyncio.run(consumer._seek_to_counts(from_start=set()))  # the snapshot is used once
+    assert sought == [(clicks0, 42)]
+
+
+def test_the_restore_resumes_partitions_without_counts_from_their_start(
+        tmp_path: Path) -> None:
+    s = worker_settings(tmp_path).replace(partitions=2)
+    loop = ImbalanceLoop(s)
+    loop.mark_counted(1, s.topic_for("click"), 41)
+    rec = Recovery.__new__(Recovery)
+    rec.settings = s
+    rec.tables = WorkerTables(profiles=None, counts=None, partitions=2)
+    rec.pipeline = cast(Any, SimpleNamespace(imbalance=loop))
+    at = rec._resume_at()
+    assert at[(s.topic_for("click"), 1)] == 42 and at[(s.topic_for("cart"), 1)] == 0
+    assert at[(s.topic_for("click"), 0)] == 0
+    assert set(at) == {(t, p) for t in s.consumed_topics for p in (0, 1)}
 
 
 # --------------------------------------------------------------------------- scoring
