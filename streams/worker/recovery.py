@@ -157,7 +157,9 @@ class Recovery:
 
     def _load_counts(self) -> list[int]:
         """The table's counts into the loop, but for partitions this process holds newer
-        counts of (:meth:`ImbalanceLoop.restore_partition`); returns those."""
+        counts of (:meth:`ImbalanceLoop.restore_partition`); returns those. Counts held
+        after the wait for a restore gave up (:attr:`unguarded`) are never newer: the
+        table's replace them all."""
         loop = self.pipeline.imbalance
         if self.unguarded:  # counts begun before the restore: not newer, only different
             log.warning("batches ran before this restore: the counts held (%s) give way "

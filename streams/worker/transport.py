@@ -248,8 +248,8 @@ class SeeksWhereStateEnds:
             offset = resume_at.get((tp.topic, tp.partition))
             if offset is not None and offset < committed:
                 log.warning("%s: the offset committed (%d) is past the restored counts, "
-                            "which end before %d: reading from %d", tp, committed, offset,
-                            offset)
+                            "which hold the offsets below %d only: reading from there",
+                            tp, committed, offset)
                 await this.seek(tp, offset)
                 behind += 1
         if behind and self.on_behind_commit is not None:
