@@ -9,7 +9,7 @@ import pytest
 
 from tailstream.contract import INTERACTION_KINDS
 from tailstream.kafka_io import iter_messages, reader
-from tailstream.producers.sender import send_records
+from tailstream.producers.sender import SendStats, send_records
 from tailstream.producers.synthetic import ShopSimulator
 from tailstream.settings import Settings
 from tailstream.stack.embedded import ManagedProcess
@@ -33,15 +33,20 @@ def wait_processed(ws: Settings, n: int, timeout: float = 90) -> None:
     wait_metric(ws, "tailstream_events_in_total", n, timeout, f"the worker to read {n} events")
 
 
+def send_settled(ws: Settings, sim: ShopSimulator, n: int, read_before: int = 0) -> SendStats:
+    """Send ``n`` events and wait until the worker read them and committed their offsets
+    (Faust flushes the changelog first: a restart recovers all of it)."""
+    stats = send_records(itertools.islice(sim.events(), n), ws)
+    wait_processed(ws, read_before + stats.sent)
+    wait_committed(ws)
+    return stats
+
+
 def test_counts_and_buffer_recovered_after_kill_9(
         worker: tuple[ManagedProcess, Settings]) -> None:
     proc, ws = worker
     sim = ShopSimulator(n_users=300, n_items=500, seed=11)
-    stats = send_records(itertools.islice(sim.events(), 4000), ws)
-    wait_processed(ws, stats.sent)
-    # Every event applied and its offset committed (Faust flushes the changelog first):
-    # a restart recovers all of it.
-    wait_committed(ws)
+    send_settled(ws, sim, 4000)
     before = imbalance(ws)
     assert sum(before["class_counts"].values()) > 3000
     assert before["buffer_sizes"]["purchase"] > 0
@@ -132,14 +137,10 @@ def test_counts_resume_where_they_end_when_the_commit_is_ahead(
     end and counts every message once — not from the committed offset."""
     proc, ws = worker
     sim = ShopSimulator(n_users=200, n_items=300, seed=12)
-    first = send_records(itertools.islice(sim.events(), 1500), ws)
-    wait_processed(ws, first.sent)
-    wait_committed(ws)
+    first = send_settled(ws, sim, 1500)
     older = last_counts_records(ws)
     assert older, "no counts in the changelog"
-    more = send_records(itertools.islice(sim.events(), 800), ws)
-    wait_processed(ws, first.sent + more.sent)
-    wait_committed(ws)
+    send_settled(ws, sim, 800, read_before=first.sent)
     counted = sum(imbalance(ws)["class_counts"].values())
     proc.stop()
     # The changelog's newest counts are the older ones again: its records of the last

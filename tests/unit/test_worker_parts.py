@@ -219,6 +219,14 @@ def test_a_restore_waits_for_the_batch_in_flight(monkeypatch: pytest.MonkeyPatch
     assert order == ["batch applies", "batch saves", "restore", "reported"]
 
 
+def count_clicks(loop: ImbalanceLoop, offsets: range) -> None:
+    """A click counted at each offset of ``clicks``/0, as the pipeline counts them."""
+    for offset in offsets:
+        loop.observe(Event("click", f"e{offset}", "u1", 1.7e9 + offset, item_id="i1"), 0,
+                     user_class_counts={}, category_affinity=0.0, repeat=False)
+        loop.mark_counted(0, "clicks", offset)
+
+
 class FakeCountsTable:
     """The ``imbalance-counts`` table's surface that recovery and :class:`WorkerTables`
     use: its store (``data``), iteration, and changelog sends (recorded)."""
@@ -242,12 +250,9 @@ def test_a_restore_keeps_and_rewrites_counts_the_changelog_is_behind_on(
     go to the changelog again; a partition that moved here takes the table's."""
     s = worker_settings(tmp_path)
     loop = ImbalanceLoop(s)
-    for offset in range(30):
-        loop.observe(Event("click", f"e{offset}", "u1", 1.7e9 + offset, item_id="i1"), 0,
-                     user_class_counts={}, category_affinity=0.0, repeat=False)
-        loop.mark_counted(0, "clicks", offset)
-        if offset == 9:
-            behind = loop.take_touched()[0]
+    count_clicks(loop, range(10))
+    behind = loop.take_touched()[0]
+    count_clicks(loop, range(10, 30))
     loop.take_touched()
     moved = {**behind, "offsets": {"clicks": 5}}
     table = FakeCountsTable({b"p0": json.dumps(behind).encode(),
@@ -272,16 +277,10 @@ def test_counts_begun_before_a_late_restore_give_way_to_the_changelog(
     instead (reading then resumes where they end: the batch is applied again)."""
     s = worker_settings(tmp_path)
     stored = ImbalanceLoop(s)
-    for offset in range(20):
-        stored.observe(Event("click", f"e{offset}", "u1", 1.7e9 + offset, item_id="i1"), 0,
-                       user_class_counts={}, category_affinity=0.0, repeat=False)
-        stored.mark_counted(0, "clicks", offset)
+    count_clicks(stored, range(20))
     table = FakeCountsTable({b"p0": json.dumps(stored.take_touched()[0]).encode()})
-    early = ImbalanceLoop(s)  # a batch of offsets 20..24, before the restore
-    for offset in range(20, 25):
-        early.observe(Event("click", f"e{offset}", "u1", 1.7e9 + offset, item_id="i1"), 0,
-                      user_class_counts={}, category_affinity=0.0, repeat=False)
-        early.mark_counted(0, "clicks", offset)
+    early = ImbalanceLoop(s)
+    count_clicks(early, range(20, 25))  # a batch before the restore
     rec = Recovery.__new__(Recovery)
     rec.tables = WorkerTables(profiles=None, counts=table, partitions=s.partitions)
     rec.pipeline = cast(Any, SimpleNamespace(imbalance=early))
