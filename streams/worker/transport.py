@@ -323,10 +323,24 @@ def app_class(fetch_max_wait_ms: int) -> type[faust.App]:
             return await super()._getmany(active_partitions, timeout)
 
         async def getmany(self, timeout: float) -> Any:
-            """Faust's delivery, inputs in offset order without holes (:class:`InOrder`)."""
+            """Faust's delivery, inputs in offset order without holes (:class:`InOrder`).
+
+            Faust then drops a record below the read offset it set last, and it sets that
+            *after* a record's hand-over to the stream returns: a record fetched before a
+            seek back, whose hand-over waited on a full stream buffer while the seek ran,
+            puts the read offset back above the offsets sought, and the records read again
+            would be dropped unapplied. A record admitted here is the next one of its
+            partition, so Faust's read offset is brought down to it first (its hand-over
+            loop takes the next record only after setting the last one's offset)."""
             admit = self.in_order.admit  # (input_topics is read per record: set at restore)
+            read = self._read_offset
             async for tp, message in super().getmany(timeout):
-                if tp.topic not in self.input_topics or admit(tp, message.offset):
+                if tp.topic not in self.input_topics:
+                    yield tp, message
+                elif admit(tp, message.offset):
+                    last = read.get(tp)
+                    if last is not None and message.offset < last:
+                        read[tp] = message.offset
                     yield tp, message
 
         def _new_consumer_thread(self) -> ConsumerThread:

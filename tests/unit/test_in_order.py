@@ -47,6 +47,7 @@ def test_the_consumer_holds_back_stale_records_and_reads_from_the_seek(
                                     ).transport.Consumer
     consumer: Any = object.__new__(consumer_class)
     consumer.in_order = InOrder()
+    consumer._read_offset = {}  # Faust's, made by its __init__
     rereads: list[int] = []
     count_rereads(consumer, rereads.append)
     consumer.input_topics = frozenset()  # set by the first restore, while a fetch is out

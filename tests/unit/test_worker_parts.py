@@ -35,6 +35,7 @@ from tailstream.streams.worker.scoring import ScoringService
 from tailstream.streams.worker.tables import Deliveries, WorkerTables
 from tailstream.streams.worker.timers import AssignmentReport
 from tailstream.streams.worker.transport import (
+    InOrder,
     app_class,
     read_offset,
     resume_from_counts,
@@ -364,6 +365,33 @@ def test_reading_resumes_where_the_counts_end_when_the_commit_is_past_them() -> 
     assert sought == [(clicks0, 42)] and behind == [1]
     asyncio.run(consumer._seek_to_counts(from_start=set()))  # the snapshot is used once
     assert sought == [(clicks0, 42)]
+
+
+def test_records_read_again_are_not_dropped_by_a_read_offset_set_late(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust drops a record below its read offset, which it sets after a record's hand-over
+    returns: a hand-over of offset 9 fetched before a seek back to 5, waiting while the seek
+    ran, left the read offset at 9, and 5..8 read again would have been dropped. The
+    records the in-order gate admits bring the read offset down to them."""
+    clicks = tp("clicks", 0)
+
+    async def faust_getmany(self: Any, timeout: float) -> Any:
+        for offset in (5, 6, 4):
+            yield clicks, SimpleNamespace(offset=offset)
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "getmany", faust_getmany)
+    consumer_class = app_class(0).consumer_class  # type: ignore[attr-defined]
+    consumer = consumer_class.__new__(consumer_class)
+    consumer.input_topics = frozenset({"clicks"})
+    consumer.in_order = InOrder()
+    consumer.in_order.sought(clicks, 5)
+    consumer._read_offset = {clicks: 9}
+
+    async def delivered() -> list[int]:
+        return [m.offset async for _, m in consumer.getmany(0.0)]
+
+    assert asyncio.run(delivered()) == [5, 6]  # 4: delivered before the seek already
+    assert consumer._read_offset[clicks] == 5  # Faust sets 5, then 6, once each is handed
 
 
 def test_the_restore_resumes_partitions_without_counts_from_their_start(
